@@ -1,0 +1,477 @@
+package subproc
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/fbbf71ac/subproc/internal/frame"
+)
+
+// This file holds the goroutines that move messages: the writeLoop that both
+// sides run to encode frames onto their pipe, and the parent's readLoop that
+// decodes the child's frames and hands each to the stream it belongs to.
+
+// pipeBufferSize is the size of the buffers in front of each pipe.
+const pipeBufferSize = 64 << 10
+
+// An outFrame is a frame waiting for the writeLoop.
+type outFrame struct {
+	kind  uint8
+	flags uint8
+	id    uint64
+	msg   any     // if non-nil, gob-encoded as the payload
+	data  []byte  // the payload otherwise
+	buf   *[]byte // the pooled chunk holding data, released once written
+}
+
+// errConnClosed reports a send on a connection whose writeLoop has stopped.
+var errConnClosed = errors.New("connection closed")
+
+// A conn is one side's end of the pipes between parent and child.
+type conn struct {
+	out      chan outFrame // frames for writeLoop
+	quit     chan struct{} // closed by stopWriting: writeLoop drains out, flushes and returns
+	quitOnce sync.Once
+	wdone    chan struct{} // closed when writeLoop has returned
+	werr     error         // why writeLoop returned; read only after wdone is closed
+
+	wc  io.Closer     // the pipe writeLoop writes; closed by writeLoop when it returns
+	fw  *frame.Writer // owned by writeLoop
+	enc *encoder      // owned by writeLoop
+
+	fr  *frame.Reader // owned by the reading goroutine
+	dec *decoder      // owned by the reading goroutine
+}
+
+func newConn(r io.Reader, w io.WriteCloser) *conn {
+	return &conn{
+		out:   make(chan outFrame, 256),
+		quit:  make(chan struct{}),
+		wdone: make(chan struct{}),
+		wc:    w,
+		fw:    frame.NewWriter(w, pipeBufferSize),
+		enc:   newEncoder(),
+		fr:    frame.NewReader(r, pipeBufferSize),
+		dec:   newDecoder(),
+	}
+}
+
+// send queues f for writeLoop. It fails only when writeLoop has stopped, in
+// which case f's chunk is released.
+// send queues f for writeLoop, waiting while the queue is full. It fails,
+// and releases f's chunk, if writeLoop has stopped or cancel is closed first.
+func (c *conn) send(f outFrame, cancel <-chan struct{}) error {
+	select {
+	case c.out <- f:
+		return nil
+	case <-c.wdone:
+		putChunk(f.buf)
+		return errConnClosed
+	case <-cancel:
+		putChunk(f.buf)
+		return errCanceled
+	}
+}
+
+// sendWindowUpdate queues a window update of n bytes for stream id.
+func (c *conn) sendWindowUpdate(id uint64, n int, cancel <-chan struct{}) error {
+	var b [4]byte
+	return c.send(outFrame{kind: kindWindow, id: id, data: windowPayload(&b, n)}, cancel)
+}
+
+// stopWriting makes writeLoop write what is queued and return.
+func (c *conn) stopWriting() {
+	c.quitOnce.Do(func() { close(c.quit) })
+}
+
+// writeLoop writes the preamble and then every queued frame, flushing
+// whenever the queue runs dry, so a lone message goes out at once and a
+// burst goes out in few writes.
+func (c *conn) writeLoop() {
+	err := c.writeFrames()
+	c.werr = err
+	c.wc.Close()
+	close(c.wdone)
+}
+
+func (c *conn) writeFrames() error {
+	if err := frame.WritePreamble(c.fw.Buffered(), protocolVersion); err != nil {
+		return err
+	}
+	if err := c.fw.Flush(); err != nil {
+		return err
+	}
+	for {
+		select {
+		case f := <-c.out:
+			if err := c.write(f); err != nil {
+				return err
+			}
+		case <-c.quit:
+			for {
+				select {
+				case f := <-c.out:
+					if err := c.write(f); err != nil {
+						return err
+					}
+				default:
+					return c.fw.Flush()
+				}
+			}
+		}
+	batch:
+		for {
+			select {
+			case f := <-c.out:
+				if err := c.write(f); err != nil {
+					return err
+				}
+			default:
+				break batch
+			}
+		}
+		if err := c.fw.Flush(); err != nil {
+			return err
+		}
+	}
+}
+
+func (c *conn) write(f outFrame) error {
+	if f.msg != nil {
+		p, err := c.enc.encode(f.msg)
+		if err != nil {
+			return fmt.Errorf("encoding %T: %w", f.msg, err)
+		}
+		return c.fw.WriteFrame(f.kind, f.flags, f.id, p)
+	}
+	err := c.fw.WriteFrame(f.kind, f.flags, f.id, f.data)
+	putChunk(f.buf)
+	return err
+}
+
+// readMessage reads a payload of n bytes into scratch and decodes it into v.
+func (c *conn) readMessage(n uint32, scratch *[]byte, v any) error {
+	if cap(*scratch) < int(n) {
+		*scratch = make([]byte, n)
+	}
+	p := (*scratch)[:n]
+	if err := c.fr.ReadPayload(p); err != nil {
+		return err
+	}
+	if err := c.dec.decode(p, v); err != nil {
+		return &protocolError{fmt.Sprintf("bad %T message: %v", v, err)}
+	}
+	return nil
+}
+
+// A protocolError reports a child that broke the protocol. The parent kills
+// such a child.
+type protocolError struct {
+	reason string
+}
+
+func (e *protocolError) Error() string { return "protocol error: " + e.reason }
+
+// A child is the parent's view of one child process: one incarnation of a
+// module.
+type child struct {
+	h           *Handle       // fixed
+	incarnation int           // fixed
+	proc        process       // fixed
+	pipes       *childPipes   // fixed
+	*conn                     // the pipes to the child
+	served      atomic.Bool   // the child has answered a request or a health check
+	unhealthy   atomic.Bool   // the child was killed for failing health checks
+	ready       chan error    // receives the handshake's outcome once, from readLoop
+	done        chan struct{} // closed when readLoop returns: the child answers nothing more
+	exited      chan struct{} // closed when waitLoop has reaped the process
+	exitErr     error         // the process's exit status; read only after exited is closed
+	logs        sync.WaitGroup
+
+	mu      sync.Mutex // guards the fields below
+	pending map[uint64]*stream
+	nextID  uint64                   // the last stream id issued
+	pings   map[uint64]chan struct{} // ping sequence → closed on pong
+	nextSeq uint64                   // the last ping sequence issued
+	err     error                    // why the child can take no more requests; nil while it can
+	pid     int                      // from the child's ready message
+}
+
+// open registers a new stream for r and sends its head. It fails without
+// sending anything if the child can take no more requests.
+func (c *child) open(r *http.Request, head *requestHead) (*stream, error) {
+	credit := window
+	if headerHasToken(r.Header["Expect"], "100-continue") {
+		credit = 0 // the child grants the window when its handler first reads
+	}
+	var flags uint8
+	if r.Body == nil || r.Body == http.NoBody || r.ContentLength == 0 && len(r.TransferEncoding) == 0 {
+		flags = flagNoBody
+	}
+	c.mu.Lock()
+	if c.err != nil {
+		err := c.err
+		c.mu.Unlock()
+		return nil, err
+	}
+	c.nextID++
+	s := newStream(c.nextID, credit)
+	c.pending[s.id] = s
+	c.mu.Unlock()
+	if err := c.send(outFrame{kind: kindRequest, flags: flags, id: s.id, msg: head}, nil); err != nil {
+		c.mu.Lock()
+		delete(c.pending, s.id)
+		c.mu.Unlock()
+		return nil, err
+	}
+	return s, nil
+}
+
+// ping sends one ping and waits for its pong.
+func (c *child) ping(timeout <-chan struct{}) (time.Duration, error) {
+	pong := make(chan struct{})
+	c.mu.Lock()
+	if c.err != nil {
+		err := c.err
+		c.mu.Unlock()
+		return 0, err
+	}
+	c.nextSeq++
+	seq := c.nextSeq
+	c.pings[seq] = pong
+	c.mu.Unlock()
+	defer func() {
+		c.mu.Lock()
+		delete(c.pings, seq)
+		c.mu.Unlock()
+	}()
+	start := time.Now()
+	if err := c.send(outFrame{kind: kindPing, id: seq}, timeout); err != nil {
+		if err == errCanceled {
+			err = errPingTimeout
+		}
+		return 0, err
+	}
+	select {
+	case <-pong:
+		return time.Since(start), nil
+	case <-c.done:
+		return 0, c.doneErr()
+	case <-timeout:
+		return 0, errPingTimeout
+	}
+}
+
+var errPingTimeout = errors.New("no answer to a health check in time")
+
+// doneErr returns why the child stopped answering; call it after done is
+// closed.
+func (c *child) doneErr() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.err
+}
+
+// readLoop reads the child's handshake and then its frames until the pipe
+// fails, then fails every request still pending.
+func (c *child) readLoop() {
+	err := c.handshake()
+	c.ready <- err
+	if err == nil {
+		err = c.readFrames()
+	}
+	var pe *protocolError
+	if errors.As(err, &pe) {
+		c.h.logf("module %q (pid %d): %v; killing the child", c.h.name, c.proc.Pid(), err)
+		c.proc.Kill()
+	}
+	c.fail(err)
+	close(c.done)
+}
+
+// handshake reads the preamble and the ready message.
+func (c *child) handshake() error {
+	if err := frame.ReadPreamble(c.fr.Buffered(), protocolVersion); err != nil {
+		return err
+	}
+	hdr, err := c.fr.ReadHeader()
+	if err != nil {
+		return err
+	}
+	if hdr.Kind != kindReady || hdr.ID != 0 {
+		return &protocolError{fmt.Sprintf("first message is of kind %d, want ready", hdr.Kind)}
+	}
+	var scratch []byte
+	var rd ready
+	if err := c.readMessage(hdr.Len, &scratch, &rd); err != nil {
+		return err
+	}
+	if rd.Err != "" {
+		return &initError{msg: rd.Err}
+	}
+	c.mu.Lock()
+	c.pid = rd.Pid
+	c.mu.Unlock()
+	return nil
+}
+
+// An initError carries a ModuleFunc's error across the pipe.
+type initError struct{ msg string }
+
+func (e *initError) Error() string { return e.msg }
+
+// readFrames dispatches the child's frames until the pipe ends or the child
+// breaks the protocol.
+func (c *child) readFrames() error {
+	var scratch []byte
+	for {
+		hdr, err := c.fr.ReadHeader()
+		if err != nil {
+			var fe *frame.FormatError
+			if errors.As(err, &fe) {
+				return &protocolError{fe.Error()}
+			}
+			return err
+		}
+		if err := c.dispatch(hdr, &scratch); err != nil {
+			return err
+		}
+	}
+}
+
+// dispatch handles one frame whose header has been read.
+func (c *child) dispatch(hdr frame.Header, scratch *[]byte) error {
+	switch hdr.Kind {
+	case kindPong:
+		if hdr.Len != 0 {
+			return &protocolError{"pong with a payload"}
+		}
+		c.mu.Lock()
+		pong, ok := c.pings[hdr.ID]
+		if ok {
+			delete(c.pings, hdr.ID)
+		}
+		late := hdr.ID <= c.nextSeq
+		c.mu.Unlock()
+		if ok {
+			close(pong)
+		} else if !late {
+			return &protocolError{fmt.Sprintf("pong for ping %d, which was never sent", hdr.ID)}
+		}
+		return nil
+
+	case kindWindow:
+		if hdr.Len != 4 {
+			return &protocolError{"window update of the wrong size"}
+		}
+		var b [4]byte
+		if err := c.fr.ReadPayload(b[:]); err != nil {
+			return err
+		}
+		s, err := c.lookup(hdr.ID, true)
+		if s == nil || err != nil {
+			return err
+		}
+		if err := s.win.add(int(binary.BigEndian.Uint32(b[:]))); err != nil {
+			return &protocolError{err.Error()}
+		}
+		return nil
+
+	case kindResponse, kindData, kindEnd, kindAbort:
+		s, err := c.lookup(hdr.ID, false)
+		if err != nil {
+			return err
+		}
+		ev := event{kind: hdr.Kind, flags: hdr.Flags}
+		switch hdr.Kind {
+		case kindResponse:
+			ev.head = new(responseHead)
+			if err := c.readMessage(hdr.Len, scratch, ev.head); err != nil {
+				return err
+			}
+		case kindData:
+			if hdr.Len > chunkSize {
+				return &protocolError{fmt.Sprintf("body chunk of %d bytes exceeds %d", hdr.Len, chunkSize)}
+			}
+			ev.buf, ev.n = getChunk(), int(hdr.Len)
+			if err := c.fr.ReadPayload((*ev.buf)[:ev.n]); err != nil {
+				putChunk(ev.buf)
+				return err
+			}
+		case kindEnd:
+			if hdr.Len > 0 {
+				var end bodyEnd
+				if err := c.readMessage(hdr.Len, scratch, &end); err != nil {
+					return err
+				}
+				ev.trailer = end.Trailer
+			}
+		case kindAbort:
+			if hdr.Len != 0 {
+				return &protocolError{"abort with a payload"}
+			}
+		}
+		if err := s.push(ev); err != nil {
+			return &protocolError{fmt.Sprintf("request %d: %v", hdr.ID, err)}
+		}
+		if hdr.Kind == kindEnd || hdr.Kind == kindAbort {
+			c.served.Store(true)
+			c.mu.Lock()
+			delete(c.pending, hdr.ID)
+			c.mu.Unlock()
+		}
+		return nil
+	}
+	return &protocolError{fmt.Sprintf("unknown message kind %d", hdr.Kind)}
+}
+
+// lookup returns the pending stream with the given id. A message for an id
+// that was never issued is a protocol error; so is one for a finished
+// stream, unless finishedOK, in which case lookup returns nil.
+func (c *child) lookup(id uint64, finishedOK bool) (*stream, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if s, ok := c.pending[id]; ok {
+		return s, nil
+	}
+	if id == 0 || id > c.nextID {
+		return nil, &protocolError{fmt.Sprintf("message for request %d, which was never sent", id)}
+	}
+	if finishedOK {
+		return nil, nil
+	}
+	return nil, &protocolError{fmt.Sprintf("message for request %d, which has finished", id)}
+}
+
+// fail records why the child can take no more requests and fails every
+// pending request and ping with it.
+func (c *child) fail(err error) {
+	if err == nil || err == io.EOF || err == io.ErrUnexpectedEOF {
+		err = errChildExited
+	}
+	c.mu.Lock()
+	if c.err == nil {
+		c.err = err
+	}
+	pending := c.pending
+	c.pending = map[uint64]*stream{}
+	c.mu.Unlock()
+	for _, s := range pending {
+		s.fail(err)
+	}
+}
+
+// errChildExited reports a child whose pipe ended: it exited or closed it.
+var errChildExited = errors.New("the child exited")
+
+// waitLoop reaps the process and records its exit status.
+func (c *child) waitLoop() {
+	c.exitErr = c.proc.Wait()
+	close(c.exited)
+}

@@ -1,0 +1,273 @@
+// Package logcapture copies a module's output streams (its structured log,
+// its stdout and its stderr) from the child's pipes to their destinations in
+// the parent: size-rotated files in a log directory, or the parent's stderr
+// with every line prefixed by the module's name.
+//
+// The capture lives in the parent so that a child that crashes loses nothing
+// it wrote, such as the Go runtime's panic trace on stderr. Every incarnation
+// of a module appends to the same destinations, and the last lines are kept
+// in memory for explaining why a module was found unhealthy.
+package logcapture
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+)
+
+// maxLine is the longest line Copy handles whole, and the size of its read
+// buffer; a longer line is written in pieces of maxLine bytes.
+const maxLine = 64 << 10
+
+// defaultTailLines is the number of lines Tail keeps when
+// Options.TailLines is 0.
+const defaultTailLines = 20
+
+// ErrClosed is returned by Copy when the Capture has been closed.
+var ErrClosed = errors.New("logcapture: capture closed")
+
+// Stream names one of a module's output streams.
+type Stream int
+
+const (
+	Log Stream = iota // Env.Logger's records: <Dir>/<Name>.log
+	Out               // the module's stdout:  <Dir>/<Name>.out
+	Err               // the module's stderr:  <Dir>/<Name>.err
+)
+
+var streamNames = [...]string{Log: "log", Out: "out", Err: "err"}
+
+// String returns "log", "out" or "err", which is also the stream's file
+// extension.
+func (s Stream) String() string {
+	if s < 0 || int(s) >= len(streamNames) {
+		return "Stream(" + strconv.Itoa(int(s)) + ")"
+	}
+	return streamNames[s]
+}
+
+// Options configures a Capture. The zero value of each field but Name has
+// the meaning documented on it.
+type Options struct {
+	// Name is the module's name: the base name of its files in Dir, and the
+	// line prefix "[<Name>] " when Dir is empty. It must not be empty and,
+	// when Dir is set, must not contain a path separator.
+	Name string
+
+	// Dir is the directory of the module's files, created if missing. If
+	// empty, the streams are written to Stderr instead, each line prefixed
+	// with "[<Name>] ".
+	Dir string
+
+	// Stderr is the destination when Dir is empty; nil means os.Stderr.
+	// Writes to it are serialized across all Captures, so it need not be
+	// safe for concurrent use.
+	Stderr io.Writer
+
+	// MaxSize is the size in megabytes at which a file rotates; 0 means 100.
+	// MaxBackups is the number of rotated files kept per stream; 0 means all.
+	// Both apply to a file path from the first Capture for it in the process
+	// on; later Captures for the same path share its settings.
+	MaxSize    int
+	MaxBackups int
+
+	// TailLines is the number of lines Tail keeps; 0 means 20.
+	TailLines int
+}
+
+// A Capture copies one module's streams to their destinations, across all
+// of the module's incarnations. Its methods are safe for concurrent use.
+// Close must be called once the Capture is no longer needed.
+type Capture struct {
+	name   string         // fixed
+	prefix string         // fixed; "[<name>] " in prefix mode
+	stderr io.Writer      // fixed; the destination in prefix mode, nil in file mode
+	files  [3]*sharedFile // fixed; by Stream in file mode, nil in prefix mode
+
+	mu     sync.RWMutex // held for reading by each write, for writing by Close
+	closed bool         // guarded by mu
+
+	tailMu sync.Mutex // guards the fields below
+	tail   []string   // the last lines, a ring of cap(tail) entries
+	next   int        // once tail is full, the index of its oldest line
+}
+
+// stderrMu serializes the writes of all Captures in prefix mode, so that
+// Captures sharing a writer never interleave their lines.
+var stderrMu sync.Mutex
+
+// New returns a Capture for the module opts.Name. In file mode (opts.Dir
+// set) it creates the directory and opens the three files, so that an
+// unusable directory fails here rather than on the first line.
+func New(opts Options) (*Capture, error) {
+	if opts.Name == "" {
+		return nil, errors.New("logcapture: empty module name")
+	}
+	if opts.MaxSize < 0 || opts.MaxBackups < 0 || opts.TailLines < 0 {
+		return nil, fmt.Errorf("logcapture: module %q: MaxSize, MaxBackups and TailLines must not be negative", opts.Name)
+	}
+	tailLines := opts.TailLines
+	if tailLines == 0 {
+		tailLines = defaultTailLines
+	}
+	c := &Capture{name: opts.Name, tail: make([]string, 0, tailLines)}
+
+	if opts.Dir == "" {
+		c.prefix = "[" + opts.Name + "] "
+		c.stderr = opts.Stderr
+		if c.stderr == nil {
+			c.stderr = os.Stderr
+		}
+		return c, nil
+	}
+
+	if filepath.Base(opts.Name) != opts.Name {
+		return nil, fmt.Errorf("logcapture: module %q: the name cannot be used as a file name in %q; choose a name without %q", opts.Name, opts.Dir, filepath.Separator)
+	}
+	dir, err := filepath.Abs(opts.Dir)
+	if err == nil {
+		err = os.MkdirAll(dir, 0o755)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("logcapture: module %q: cannot create log directory %q: %w", opts.Name, opts.Dir, err)
+	}
+	for s := range c.files {
+		path := filepath.Join(dir, opts.Name+"."+Stream(s).String())
+		c.files[s] = acquireFile(path, opts.MaxSize, opts.MaxBackups)
+		// An empty write opens (or creates) the file.
+		if _, err := c.files[s].lj.Write(nil); err != nil {
+			c.releaseFiles()
+			return nil, fmt.Errorf("logcapture: module %q: cannot open log file in %q: %w", opts.Name, opts.Dir, err)
+		}
+	}
+	return c, nil
+}
+
+// Copy copies r to stream s's destination, line by line, until r returns
+// an error. At io.EOF it returns nil, or the first write error if a write
+// failed; another read error it returns wrapped. Copy may be called
+// concurrently for several streams and for several incarnations of the
+// same stream.
+//
+// Copy buffers at most one line of 64 KiB per call; a longer line is copied
+// in pieces of 64 KiB. In file mode the file receives r's bytes unchanged,
+// each line or piece in one write, so concurrent calls for the same file
+// interleave whole lines only (a piece, or a final line without newline, may
+// be followed by another call's line). In prefix mode each line or piece
+// becomes one prefixed line, a newline added where it lacks one.
+//
+// Copy keeps reading after a failed write, so that the child never blocks on
+// a full pipe. After Close, Copy returns ErrClosed at the first line it
+// reads. Every line read, written or not, is remembered for Tail.
+func (c *Capture) Copy(s Stream, r io.Reader) error {
+	if s < Log || s > Err {
+		return fmt.Errorf("logcapture: module %q: Copy of invalid %v", c.name, s)
+	}
+	br := bufio.NewReaderSize(r, maxLine)
+	var buf []byte // prefix mode: the prefixed line being written
+	var werr error // the first write error
+	for {
+		line, err := br.ReadSlice('\n')
+		if len(line) > 0 {
+			c.remember(s, line)
+			e := c.write(s, line, &buf)
+			if e == ErrClosed {
+				return e
+			}
+			if e != nil && werr == nil {
+				werr = fmt.Errorf("logcapture: module %q: writing %v: %w", c.name, s, e)
+			}
+		}
+		switch {
+		case err == nil || err == bufio.ErrBufferFull:
+			continue
+		case err == io.EOF:
+			return werr
+		default:
+			return errors.Join(werr, fmt.Errorf("logcapture: module %q: reading %v: %w", c.name, s, err))
+		}
+	}
+}
+
+// write writes one line, or piece of a line, to s's destination, using buf
+// as scratch space in prefix mode.
+func (c *Capture) write(s Stream, line []byte, buf *[]byte) error {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	if c.closed {
+		return ErrClosed
+	}
+	if c.stderr == nil {
+		_, err := c.files[s].lj.Write(line)
+		return err
+	}
+	b := append(append((*buf)[:0], c.prefix...), line...)
+	if b[len(b)-1] != '\n' {
+		b = append(b, '\n')
+	}
+	*buf = b
+	stderrMu.Lock()
+	defer stderrMu.Unlock()
+	_, err := c.stderr.Write(b)
+	return err
+}
+
+// remember records line as the newest line for Tail.
+func (c *Capture) remember(s Stream, line []byte) {
+	text := s.String() + ": " + string(bytes.TrimSuffix(line, []byte("\n")))
+	c.tailMu.Lock()
+	defer c.tailMu.Unlock()
+	if len(c.tail) < cap(c.tail) {
+		c.tail = append(c.tail, text)
+		return
+	}
+	c.tail[c.next] = text
+	c.next = (c.next + 1) % len(c.tail)
+}
+
+// Tail returns the last Options.TailLines lines Copy read from any stream,
+// oldest first, each without its newline and prefixed with its stream, as in
+// "err: panic: boom". A piece of a long line counts as a line.
+func (c *Capture) Tail() []string {
+	c.tailMu.Lock()
+	defer c.tailMu.Unlock()
+	lines := make([]string, 0, len(c.tail))
+	lines = append(lines, c.tail[c.next:]...)
+	return append(lines, c.tail[:c.next]...)
+}
+
+// Close closes the Capture's files; a file shared with another live Capture
+// for the same path stays open until that one closes too. Close waits for a
+// line being written, not for Copy calls to return: a Copy still running
+// returns ErrClosed at its next line. Tail remains usable. Closing a closed
+// Capture does nothing.
+func (c *Capture) Close() error {
+	c.mu.Lock()
+	closed := c.closed
+	c.closed = true
+	c.mu.Unlock()
+	if closed {
+		return nil
+	}
+	if err := c.releaseFiles(); err != nil {
+		return fmt.Errorf("logcapture: module %q: %w", c.name, err)
+	}
+	return nil
+}
+
+// releaseFiles releases the files New acquired.
+func (c *Capture) releaseFiles() error {
+	var errs []error
+	for _, f := range c.files {
+		if f != nil {
+			errs = append(errs, releaseFile(f))
+		}
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,410 @@
+package subproc
+
+import (
+	"bytes"
+	"crypto/tls"
+	"encoding/gob"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/url"
+	"strings"
+)
+
+// protocolVersion is written in the preamble of both directions. Bump it
+// whenever a message or a frame kind changes meaning.
+const protocolVersion = 1
+
+// Frame kinds. Every frame carries a request id; kinds marked "id 0" are not
+// about a request. Payloads are gob-encoded messages, raw body bytes, or
+// nothing, as noted.
+//
+// A stream is one request's exchange. The parent opens it with kindRequest;
+// the child ends it with exactly one kindEnd or kindAbort, after which it sends
+// nothing more for that id except kindWindow. The parent ends its side with
+// kindEnd (request body complete) or kindCancel (the client went away).
+const (
+	kindHello    uint8 = iota + 1 // parent → child, id 0: hello
+	kindReady                     // child → parent, id 0: ready
+	kindRequest                   // parent → child: requestHead; opens the stream
+	kindResponse                  // child → parent: responseHead; 1xx heads may precede the final one
+	kindData                      // both: raw body bytes, counted against the window
+	kindEnd                       // both: end of body; bodyEnd when there are trailers, else empty
+	kindWindow                    // both: 4-byte big-endian window increment
+	kindCancel                    // parent → child: the request is gone; cancel its context
+	kindAbort                     // child → parent: the response cannot be completed; abort it
+	kindPing                      // parent → child, id = sequence number
+	kindPong                      // child → parent, id = the ping's sequence number
+	kindStop                      // parent → child, id 0: finish in-flight requests and exit
+	kindLast                      // not a kind: one past the last
+)
+
+// Frame flags.
+const (
+	flagFlush     uint8 = 1 << 0 // kindData from the child: the handler flushed
+	flagNoBody    uint8 = 1 << 1 // kindRequest: the request has no body; no kindData or kindEnd follows
+	flagBodyError uint8 = 1 << 2 // kindEnd from the parent: reading the client's body failed
+)
+
+// Sizes of the flow control, in bytes.
+const (
+	// chunkSize is the largest payload of a kindData frame, and the size of
+	// the pooled buffers that carry bodies.
+	chunkSize = 32 << 10
+
+	// window is how many body bytes of one stream, in each direction, may be
+	// sent and not yet consumed by the receiver. It bounds what parent and
+	// child buffer per request.
+	window = 8 * chunkSize
+
+	// maxQueuedEvents bounds the messages other than body bytes (response
+	// heads, empty flushes) that the parent queues for one stream.
+	maxQueuedEvents = 64
+)
+
+// hello is the parent's first message to a new child.
+type hello struct {
+	Name        string
+	Incarnation int
+	Config      []byte
+	LogDir      string
+}
+
+// ready is the child's answer to hello: it is sent once the ModuleFunc has
+// returned. Err is the ModuleFunc's error, if it failed.
+type ready struct {
+	Pid int
+	Err string
+}
+
+// requestHead carries an *http.Request without its body. The URL is flattened
+// because url.Userinfo cannot be gob-encoded.
+type requestHead struct {
+	Method     string
+	Scheme     string
+	Opaque     string
+	User       string // url.Userinfo.String(), "" for none
+	URLHost    string
+	Path       string
+	RawPath    string
+	RawQuery   string
+	Fragment   string
+	ForceQuery bool
+	OmitHost   bool
+
+	Proto         string
+	ProtoMajor    int
+	ProtoMinor    int
+	Header        http.Header
+	Host          string
+	ContentLength int64
+	Close         bool
+	Trailer       []string // declared trailer keys; values come with kindEnd
+	RemoteAddr    string
+	RequestURI    string
+	TLS           *tlsState
+}
+
+// tlsState is the part of tls.ConnectionState that can cross a pipe.
+type tlsState struct {
+	Version            uint16
+	CipherSuite        uint16
+	ServerName         string
+	NegotiatedProtocol string
+	DidResume          bool
+}
+
+// responseHead carries a response's status and header.
+type responseHead struct {
+	Status  int
+	Header  http.Header
+	Trailer []string // declared trailer keys (the "Trailer" header, which is hop-by-hop)
+}
+
+// bodyEnd carries trailers at the end of a body.
+type bodyEnd struct {
+	Trailer http.Header
+}
+
+// hopHeaders are the hop-by-hop headers that httputil.ReverseProxy removes
+// in both directions.
+var hopHeaders = []string{
+	"Connection",
+	"Proxy-Connection",
+	"Keep-Alive",
+	"Proxy-Authenticate",
+	"Proxy-Authorization",
+	"Te",
+	"Trailer",
+	"Transfer-Encoding",
+	"Upgrade",
+}
+
+// removeHopByHop removes hop-by-hop headers from h, as
+// httputil.ReverseProxy does: those listed above, and those named by
+// Connection.
+func removeHopByHop(h http.Header) {
+	for _, f := range h["Connection"] {
+		for sf := range strings.SplitSeq(f, ",") {
+			if sf = strings.TrimSpace(sf); sf != "" {
+				h.Del(sf)
+			}
+		}
+	}
+	for _, f := range hopHeaders {
+		h.Del(f)
+	}
+}
+
+// headerHasToken reports whether a comma-separated header value lists token.
+func headerHasToken(values []string, token string) bool {
+	for _, v := range values {
+		for t := range strings.SplitSeq(v, ",") {
+			if strings.EqualFold(strings.TrimSpace(t), token) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// newRequestHead describes r for the child. The request's header is cloned
+// and its hop-by-hop headers removed; "Te: trailers" survives, as it does
+// through httputil.ReverseProxy.
+func newRequestHead(r *http.Request) *requestHead {
+	h := &requestHead{
+		Method:        r.Method,
+		Proto:         r.Proto,
+		ProtoMajor:    r.ProtoMajor,
+		ProtoMinor:    r.ProtoMinor,
+		Header:        r.Header.Clone(),
+		Host:          r.Host,
+		ContentLength: r.ContentLength,
+		Close:         r.Close,
+		RemoteAddr:    r.RemoteAddr,
+		RequestURI:    r.RequestURI,
+	}
+	if h.Header == nil {
+		h.Header = http.Header{}
+	}
+	if u := r.URL; u != nil {
+		h.Scheme, h.Opaque, h.URLHost = u.Scheme, u.Opaque, u.Host
+		h.Path, h.RawPath, h.RawQuery, h.Fragment = u.Path, u.RawPath, u.RawQuery, u.Fragment
+		h.ForceQuery, h.OmitHost = u.ForceQuery, u.OmitHost
+		if u.User != nil {
+			h.User = u.User.String()
+		}
+	}
+	teTrailers := headerHasToken(r.Header["Te"], "trailers")
+	removeHopByHop(h.Header)
+	if teTrailers {
+		h.Header.Set("Te", "trailers")
+	}
+	for k := range r.Trailer {
+		h.Trailer = append(h.Trailer, k)
+	}
+	if s := r.TLS; s != nil {
+		h.TLS = &tlsState{
+			Version:            s.Version,
+			CipherSuite:        s.CipherSuite,
+			ServerName:         s.ServerName,
+			NegotiatedProtocol: s.NegotiatedProtocol,
+			DidResume:          s.DidResume,
+		}
+	}
+	return h
+}
+
+// request rebuilds the *http.Request that h describes. The caller sets its
+// body and context.
+func (h *requestHead) request() (*http.Request, error) {
+	u := &url.URL{
+		Scheme:     h.Scheme,
+		Opaque:     h.Opaque,
+		Host:       h.URLHost,
+		Path:       h.Path,
+		RawPath:    h.RawPath,
+		RawQuery:   h.RawQuery,
+		Fragment:   h.Fragment,
+		ForceQuery: h.ForceQuery,
+		OmitHost:   h.OmitHost,
+	}
+	if h.User != "" {
+		pu, err := url.Parse("//" + h.User + "@x")
+		if err != nil || pu.User == nil {
+			return nil, fmt.Errorf("bad user info in request URL")
+		}
+		u.User = pu.User
+	}
+	if h.Header == nil {
+		h.Header = http.Header{}
+	}
+	r := &http.Request{
+		Method:        h.Method,
+		URL:           u,
+		Proto:         h.Proto,
+		ProtoMajor:    h.ProtoMajor,
+		ProtoMinor:    h.ProtoMinor,
+		Header:        h.Header,
+		Host:          h.Host,
+		ContentLength: h.ContentLength,
+		Close:         h.Close,
+		RemoteAddr:    h.RemoteAddr,
+		RequestURI:    h.RequestURI,
+	}
+	if len(h.Trailer) > 0 {
+		r.Trailer = make(http.Header, len(h.Trailer))
+		for _, k := range h.Trailer {
+			r.Trailer[k] = nil
+		}
+	}
+	if s := h.TLS; s != nil {
+		r.TLS = &tls.ConnectionState{
+			Version:            s.Version,
+			HandshakeComplete:  true,
+			DidResume:          s.DidResume,
+			CipherSuite:        s.CipherSuite,
+			ServerName:         s.ServerName,
+			NegotiatedProtocol: s.NegotiatedProtocol,
+		}
+	}
+	return r, nil
+}
+
+// declaredTrailers returns the keys announced by a "Trailer" header.
+func declaredTrailers(h http.Header) []string {
+	var keys []string
+	for _, v := range h["Trailer"] {
+		for k := range strings.SplitSeq(v, ",") {
+			if k = http.CanonicalHeaderKey(strings.TrimSpace(k)); k != "" {
+				keys = append(keys, k)
+			}
+		}
+	}
+	return keys
+}
+
+// An encoder gob-encodes messages into frame payloads. One gob stream spans
+// all the frames of a connection, so a type is described only the first time
+// it is sent. It is owned by the writing goroutine.
+type encoder struct {
+	buf bytes.Buffer
+	enc *gob.Encoder
+}
+
+func newEncoder() *encoder {
+	e := new(encoder)
+	e.enc = gob.NewEncoder(&e.buf)
+	return e
+}
+
+// encode returns the payload for v, valid until the next call.
+func (e *encoder) encode(v any) ([]byte, error) {
+	e.buf.Reset()
+	if err := e.enc.Encode(v); err != nil {
+		return nil, err
+	}
+	return e.buf.Bytes(), nil
+}
+
+// A decoder decodes the messages that an encoder wrote, one frame payload at
+// a time. It is owned by the reading goroutine.
+type decoder struct {
+	src payloadReader
+	dec *gob.Decoder
+}
+
+func newDecoder() *decoder {
+	d := new(decoder)
+	d.dec = gob.NewDecoder(&d.src)
+	return d
+}
+
+// errGobFraming reports a payload whose gob message lengths do not add up.
+var errGobFraming = errors.New("gob message lengths do not match the frame")
+
+// decode decodes payload p into v, which must point to a zero value. The
+// payload must hold exactly the gob messages for one value: the lengths are
+// checked before gob sees them, so a corrupt length never makes gob allocate
+// more than the frame's size.
+func (d *decoder) decode(p []byte, v any) error {
+	if err := checkGobFraming(p); err != nil {
+		return err
+	}
+	d.src.p = p
+	err := d.dec.Decode(v)
+	rest := len(d.src.p)
+	d.src.p = nil
+	if err != nil {
+		return err
+	}
+	if rest != 0 {
+		return fmt.Errorf("%d bytes left over after a message", rest)
+	}
+	return nil
+}
+
+// checkGobFraming checks that p is a sequence of gob messages, each an
+// unsigned length followed by that many bytes.
+func checkGobFraming(p []byte) error {
+	if len(p) == 0 {
+		return errGobFraming
+	}
+	for len(p) > 0 {
+		n, w := gobUint(p)
+		if w == 0 || n > uint64(len(p)-w) {
+			return errGobFraming
+		}
+		p = p[w+int(n):]
+	}
+	return nil
+}
+
+// gobUint decodes an unsigned integer in gob's encoding: one byte below
+// 0x80, or a negated byte count followed by that many big-endian bytes. It
+// returns the bytes used, 0 if p is too short or malformed.
+func gobUint(p []byte) (uint64, int) {
+	if len(p) == 0 {
+		return 0, 0
+	}
+	b := p[0]
+	if b < 0x80 {
+		return uint64(b), 1
+	}
+	n := -int(int8(b))
+	if n > 8 || n > len(p)-1 {
+		return 0, 0
+	}
+	var x uint64
+	for _, c := range p[1 : 1+n] {
+		x = x<<8 | uint64(c)
+	}
+	return x, 1 + n
+}
+
+// payloadReader serves one frame payload to a gob.Decoder. It implements
+// io.ByteReader so that the decoder reads from it directly, never past the
+// payload.
+type payloadReader struct {
+	p []byte
+}
+
+func (r *payloadReader) Read(b []byte) (int, error) {
+	if len(r.p) == 0 {
+		return 0, errShortPayload
+	}
+	n := copy(b, r.p)
+	r.p = r.p[n:]
+	return n, nil
+}
+
+func (r *payloadReader) ReadByte() (byte, error) {
+	if len(r.p) == 0 {
+		return 0, errShortPayload
+	}
+	b := r.p[0]
+	r.p = r.p[1:]
+	return b, nil
+}
+
+var errShortPayload = errors.New("message ends before its frame")

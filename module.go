@@ -1,0 +1,231 @@
+package subproc
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"os"
+	"runtime/debug"
+	"sync"
+	"syscall"
+
+	"github.com/fbbf71ac/subproc/internal/frame"
+)
+
+// Env is what a module is given in its child process.
+type Env struct {
+	Name        string       // the name the module was registered under
+	Incarnation int          // 0 for the first child, +1 for each restart
+	Config      []byte       // Options.Config, exactly as given to Start
+	LogDir      string       // Options.LogDir
+	Logger      *slog.Logger // the module's own log: <LogDir>/<Name>.log, with time, level, source and message
+}
+
+// A ModuleFunc runs in the child. It initialises the module and returns the
+// handler that serves every request the parent forwards. The child reports
+// ready only after it returns; an error fails the start. ctx is cancelled
+// when the child is told to stop.
+type ModuleFunc func(ctx context.Context, env *Env) (http.Handler, error)
+
+// registry holds the registered modules.
+var registry struct {
+	mu sync.Mutex // guards m
+	m  map[string]ModuleFunc
+}
+
+// Register declares a module. Call it from init() or from main() before Main,
+// in the binary that starts the module: the child is a re-exec of that same
+// binary and finds the module by name. It panics on an empty or duplicate name,
+// or a nil fn.
+func Register(name string, fn ModuleFunc) {
+	if name == "" {
+		panic("subproc: Register with an empty module name")
+	}
+	if fn == nil {
+		panic(fmt.Sprintf("subproc: Register(%q) with a nil ModuleFunc", name))
+	}
+	registry.mu.Lock()
+	defer registry.mu.Unlock()
+	if _, dup := registry.m[name]; dup {
+		panic(fmt.Sprintf("subproc: Register called twice for module %q", name))
+	}
+	if registry.m == nil {
+		registry.m = make(map[string]ModuleFunc)
+	}
+	registry.m[name] = fn
+}
+
+// lookup returns the ModuleFunc registered under name, or nil.
+func lookup(name string) ModuleFunc {
+	registry.mu.Lock()
+	defer registry.mu.Unlock()
+	return registry.m[name]
+}
+
+// Main must be the first statement of main() (and of TestMain). In a process
+// started by Start it runs the module and exits, never returning; in any
+// other process it returns at once.
+//
+// In a child, Main takes the protocol pipes (stdin and stdout) for itself
+// before any module code runs, then points file descriptors 1 and 2 at the
+// module's log capture and 0 at /dev/null, so that whatever the module prints,
+// through os.Stdout, fmt.Println or a raw write to fd 1, can never corrupt the
+// protocol. A binary run by hand with SUBPROC_MODULE set prints an error that
+// says so and exits with status 2.
+func Main() {
+	name, ok := os.LookupEnv(envModule)
+	if !ok {
+		return
+	}
+	os.Unsetenv(envModule)
+	os.Exit(runChild(name))
+}
+
+// Exit statuses of a child.
+const (
+	exitOK       = 0
+	exitFailed   = 1 // the module failed to initialise, or the parent broke the protocol
+	exitMisused  = 2 // not started by Start
+	exitOrphaned = 3 // the parent went away without saying stop
+)
+
+// runChild runs module name for the parent and returns the exit status.
+func runChild(name string) int {
+	in, out, logw, err := takeOverFDs()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "subproc: this process was started with %s=%s set, but not by subproc.Start (%v), so it has no parent to serve.\n"+
+			"Unset %s to run the program normally.\n", envModule, name, err, envModule)
+		return exitMisused
+	}
+	c := newConn(in, out)
+	if err := frame.ReadPreamble(c.fr.Buffered(), protocolVersion); err != nil {
+		var ve *frame.VersionError
+		if errors.As(err, &ve) {
+			fmt.Fprintf(os.Stderr, "subproc: module %q: the parent speaks protocol version %d and this binary %d: the parent must start its own binary\n", name, ve.Got, ve.Want)
+		} else {
+			fmt.Fprintf(os.Stderr, "subproc: module %q: no subproc handshake on stdin (%v); this program was not started by subproc.Start: unset %s to run it normally\n", name, err, envModule)
+		}
+		return exitMisused
+	}
+	var hi hello
+	hdr, err := c.fr.ReadHeader()
+	if err == nil && (hdr.Kind != kindHello || hdr.ID != 0) {
+		err = fmt.Errorf("first message is of kind %d, want hello", hdr.Kind)
+	}
+	if err == nil {
+		var scratch []byte
+		err = c.readMessage(hdr.Len, &scratch, &hi)
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "subproc: module %q: bad hello from the parent: %v\n", name, err)
+		return exitMisused
+	}
+
+	go c.writeLoop()
+	srv := &server{conn: c, streams: make(map[uint64]*serverStream)}
+	var cancel context.CancelFunc
+	srv.ctx, cancel = context.WithCancel(context.Background())
+	defer cancel()
+	readErr := make(chan error, 1)
+	go func() { readErr <- srv.readLoop() }()
+
+	env := &Env{
+		Name:        hi.Name,
+		Incarnation: hi.Incarnation,
+		Config:      hi.Config,
+		LogDir:      hi.LogDir,
+		Logger:      slog.New(slog.NewTextHandler(logw, &slog.HandlerOptions{AddSource: true})),
+	}
+	h, err := initModule(srv.ctx, name, env)
+	if err != nil {
+		c.send(outFrame{kind: kindReady, msg: &ready{Pid: os.Getpid(), Err: err.Error()}}, nil)
+		c.stopWriting()
+		<-c.wdone
+		return exitFailed
+	}
+	srv.setHandler(h)
+	c.send(outFrame{kind: kindReady, msg: &ready{Pid: os.Getpid()}}, nil)
+
+	err = <-readErr
+	cancel() // the module's context
+	switch {
+	case errors.Is(err, errStop):
+		// The parent has drained its requests; finish what runs and go.
+		srv.active.Wait()
+		c.stopWriting()
+		<-c.wdone
+		return exitOK
+	case err == io.EOF:
+		return exitOrphaned
+	default:
+		fmt.Fprintf(os.Stderr, "subproc: module %q: reading from the parent: %v\n", name, err)
+		return exitFailed
+	}
+}
+
+// initModule runs the module's ModuleFunc, turning a panic into an error.
+func initModule(ctx context.Context, name string, env *Env) (h http.Handler, err error) {
+	fn := lookup(name)
+	if fn == nil {
+		return nil, fmt.Errorf("module %q is not registered in the child: register it in an init function, so that the re-executed binary sees it too", name)
+	}
+	defer func() {
+		if v := recover(); v != nil {
+			fmt.Fprintf(os.Stderr, "subproc: module %q: panic in its ModuleFunc: %v\n%s", name, v, debug.Stack())
+			h, err = nil, fmt.Errorf("panic: %v", v)
+		}
+	}()
+	h, err = fn(ctx, env)
+	if err == nil && h == nil {
+		err = errors.New("ModuleFunc returned a nil handler and no error")
+	}
+	return h, err
+}
+
+// takeOverFDs moves the protocol off fds 0 and 1 and the log captures onto
+// fds 1 and 2. It returns the protocol's ends and Env.Logger's pipe. It fails,
+// touching nothing, if the fds Start sets up are missing.
+func takeOverFDs() (in, out, logw *os.File, err error) {
+	var st syscall.Stat_t
+	for _, fd := range []int{0, 1, 2, fdStdout, fdLog} {
+		if err := syscall.Fstat(fd, &st); err != nil {
+			return nil, nil, nil, fmt.Errorf("file descriptor %d: %v", fd, err)
+		}
+		if fd == 0 && st.Mode&syscall.S_IFMT != syscall.S_IFIFO {
+			return nil, nil, nil, errors.New("stdin is not a pipe")
+		}
+	}
+	dupe := func(fd int) (*os.File, error) {
+		syscall.ForkLock.RLock()
+		defer syscall.ForkLock.RUnlock()
+		nfd, err := syscall.Dup(fd)
+		if err != nil {
+			return nil, err
+		}
+		syscall.CloseOnExec(nfd)
+		return os.NewFile(uintptr(nfd), fmt.Sprintf("subproc-%d", fd)), nil
+	}
+	if in, err = dupe(0); err != nil {
+		return nil, nil, nil, err
+	}
+	if out, err = dupe(1); err != nil {
+		return nil, nil, nil, err
+	}
+	null, err := os.Open(os.DevNull)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	defer null.Close()
+	if err := dup2(int(null.Fd()), 0); err != nil {
+		return nil, nil, nil, err
+	}
+	if err := dup2(fdStdout, 1); err != nil {
+		return nil, nil, nil, err
+	}
+	syscall.Close(fdStdout)
+	syscall.CloseOnExec(fdLog)
+	return in, out, os.NewFile(fdLog, "subproc-log"), nil
+}

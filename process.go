@@ -1,0 +1,164 @@
+package subproc
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"runtime"
+	"sync"
+	"syscall"
+)
+
+// This file starts child processes. The child is a re-execution of the
+// running binary with envModule set; Main, in the child, recognises it.
+
+// Environment variable that tells Main it runs in a child, and which module
+// to run. Main removes it from the child's environment before module code
+// runs, so that processes the module starts do not inherit it.
+const envModule = "SUBPROC_MODULE"
+
+// File descriptors of the child, besides stdin and stdout (the protocol) and
+// stderr (captured as the module's stderr).
+const (
+	fdStdout = 3 // captured as the module's stdout; Main moves it to fd 1
+	fdLog    = 4 // Env.Logger's records
+)
+
+// A process is a started child process.
+type process interface {
+	Pid() int
+	// Wait waits for the process to exit and reaps it. It is called once.
+	Wait() error
+	// Kill kills the process and its process group with SIGKILL, which also
+	// ends a stopped process. It is safe to call at any time, any number of
+	// times.
+	Kill()
+}
+
+// childPipes are the parent's ends of a new child's pipes.
+type childPipes struct {
+	toChild   *os.File // the child's stdin
+	fromChild *os.File // the child's stdout
+	stdout    *os.File // what the module writes to fd 1
+	stderr    *os.File // what the module writes to fd 2
+	log       *os.File // Env.Logger's records
+}
+
+func (p *childPipes) closeReaders() {
+	for _, f := range []*os.File{p.fromChild, p.stdout, p.stderr, p.log} {
+		f.Close()
+	}
+}
+
+// execProcess is a process started by os/exec.
+type execProcess struct {
+	cmd *exec.Cmd // fixed
+
+	mu     sync.Mutex // guards reaped
+	reaped bool
+}
+
+func (p *execProcess) Pid() int { return p.cmd.Process.Pid }
+
+func (p *execProcess) Wait() error {
+	err := p.cmd.Wait()
+	p.mu.Lock()
+	p.reaped = true
+	p.mu.Unlock()
+	return err
+}
+
+func (p *execProcess) Kill() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.reaped {
+		return
+	}
+	// The child leads its own process group (Setpgid), so this also ends
+	// processes the module started. The pid cannot have been reused: the
+	// child is not reaped yet.
+	syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
+	p.cmd.Process.Kill()
+}
+
+// executable returns the path that re-executes the running binary.
+func executable() (string, error) {
+	if _, err := os.Stat("/proc/self/exe"); err == nil {
+		return "/proc/self/exe", nil
+	}
+	return os.Executable()
+}
+
+// spawnRequest asks spawnLoop to start a child.
+type spawnRequest struct {
+	cmd  *exec.Cmd
+	errc chan error
+}
+
+// spawnLoop starts the handle's children from one locked OS thread. On
+// Linux each child is started with a parent-death signal, which the kernel
+// sends when the thread that started the child exits; starting every child
+// from a thread that lives as long as the handle makes that signal mean
+// "the parent process died", so that even a stopped or wedged child cannot
+// outlive a parent killed by SIGKILL. (A running child also sees its stdin
+// close and exits by itself.) spawnLoop returns when spawns is closed, after
+// the last child has been reaped.
+func (h *Handle) spawnLoop() {
+	runtime.LockOSThread()
+	// The thread is never unlocked: it ends with this goroutine.
+	defer close(h.spawnDone)
+	for req := range h.spawns {
+		req.errc <- req.cmd.Start()
+	}
+}
+
+// spawn starts a child process for the module, with its pipes.
+func (h *Handle) spawn() (process, *childPipes, error) {
+	exe, err := executable()
+	if err != nil {
+		return nil, nil, fmt.Errorf("finding the executable to re-run: %w", err)
+	}
+	var parent, child []*os.File // parent's ends, child's ends
+	defer func() {
+		for _, f := range child {
+			f.Close()
+		}
+	}()
+	pipe := func(parentReads bool) error {
+		r, w, err := os.Pipe()
+		if err != nil {
+			return err
+		}
+		if parentReads {
+			parent, child = append(parent, r), append(child, w)
+		} else {
+			parent, child = append(parent, w), append(child, r)
+		}
+		return nil
+	}
+	for _, parentReads := range []bool{false, true, true, true, true} {
+		if err := pipe(parentReads); err != nil {
+			for _, f := range parent {
+				f.Close()
+			}
+			return nil, nil, fmt.Errorf("creating pipes: %w", err)
+		}
+	}
+	p := &childPipes{toChild: parent[0], fromChild: parent[1], stdout: parent[2], stderr: parent[3], log: parent[4]}
+
+	cmd := exec.Command(exe)
+	cmd.Args = []string{os.Args[0]}
+	cmd.Env = append(os.Environ(), envModule+"="+h.name)
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = child[0], child[1], child[3]
+	cmd.ExtraFiles = []*os.File{child[2], child[4]} // fdStdout, fdLog
+	cmd.SysProcAttr = sysProcAttr()
+
+	req := spawnRequest{cmd: cmd, errc: make(chan error, 1)}
+	h.spawns <- req
+	if err := <-req.errc; err != nil {
+		p.toChild.Close()
+		p.closeReaders()
+		return nil, nil, fmt.Errorf("starting %s: %w", exe, err)
+	}
+	return &execProcess{cmd: cmd}, p, nil
+}

@@ -1,0 +1,16 @@
+//go:build unix && !linux
+
+package subproc
+
+import "syscall"
+
+// sysProcAttr puts the child in its own process group, so that a terminal's
+// Ctrl-C reaches only the parent.
+func sysProcAttr() *syscall.SysProcAttr {
+	return &syscall.SysProcAttr{Setpgid: true}
+}
+
+// dup2 duplicates oldfd onto newfd.
+func dup2(oldfd, newfd int) error {
+	return syscall.Dup2(oldfd, newfd)
+}

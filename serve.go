@@ -1,0 +1,467 @@
+package subproc
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"runtime/debug"
+	"strconv"
+	"strings"
+	"sync"
+
+	"github.com/fbbf71ac/subproc/internal/frame"
+)
+
+// This file is the child's side of the protocol: its readLoop, which turns
+// the parent's messages into requests for the module's handler, and the
+// http.ResponseWriter that turns the handler's answer into messages.
+
+// errStop is readLoop's result when the parent sent kindStop.
+var errStop = errors.New("stop")
+
+// A server serves the parent's requests in the child.
+type server struct {
+	*conn
+	ctx    context.Context // fixed; canceled when the child stops
+	active sync.WaitGroup  // handlers running
+
+	mu      sync.Mutex // guards the fields below
+	handler http.Handler
+	streams map[uint64]*serverStream
+}
+
+// A serverStream is one request being served in the child.
+type serverStream struct {
+	cancel context.CancelFunc // cancels the request's context
+	body   *bodyReader        // nil for a request without a body
+	rw     *responseWriter
+}
+
+func (s *server) setHandler(h http.Handler) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.handler = h
+}
+
+func (s *server) stream(id uint64) *serverStream {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.streams[id]
+}
+
+// readLoop reads the parent's messages until the pipe ends (io.EOF), the
+// parent says stop (errStop), or a message is malformed. Messages for a
+// request that has finished are dropped: they cross the handler's end on
+// the pipe.
+func (s *server) readLoop() error {
+	var scratch []byte
+	for {
+		hdr, err := s.fr.ReadHeader()
+		if err != nil {
+			return err
+		}
+		if err := s.dispatch(hdr, &scratch); err != nil {
+			return err
+		}
+	}
+}
+
+func (s *server) dispatch(hdr frame.Header, scratch *[]byte) error {
+	switch hdr.Kind {
+	case kindRequest:
+		var head requestHead
+		if err := s.readMessage(hdr.Len, scratch, &head); err != nil {
+			return err
+		}
+		return s.open(hdr.ID, hdr.Flags, &head)
+
+	case kindData:
+		if hdr.Len > chunkSize {
+			return &protocolError{fmt.Sprintf("body chunk of %d bytes exceeds %d", hdr.Len, chunkSize)}
+		}
+		buf := getChunk()
+		if err := s.fr.ReadPayload((*buf)[:hdr.Len]); err != nil {
+			putChunk(buf)
+			return err
+		}
+		st := s.stream(hdr.ID)
+		if st == nil || st.body == nil {
+			putChunk(buf)
+			return nil
+		}
+		if err := st.body.push(buf, int(hdr.Len)); err != nil {
+			return &protocolError{err.Error()}
+		}
+		return nil
+
+	case kindEnd:
+		var end bodyEnd
+		if hdr.Len > 0 {
+			if err := s.readMessage(hdr.Len, scratch, &end); err != nil {
+				return err
+			}
+		}
+		if st := s.stream(hdr.ID); st != nil && st.body != nil {
+			err := io.EOF
+			if hdr.Flags&flagBodyError != 0 {
+				err = io.ErrUnexpectedEOF
+			}
+			st.body.end(err, end.Trailer)
+		}
+		return nil
+
+	case kindWindow:
+		if hdr.Len != 4 {
+			return &protocolError{"window update of the wrong size"}
+		}
+		var b [4]byte
+		if err := s.fr.ReadPayload(b[:]); err != nil {
+			return err
+		}
+		if st := s.stream(hdr.ID); st != nil {
+			if err := st.rw.win.add(int(binary.BigEndian.Uint32(b[:]))); err != nil {
+				return &protocolError{err.Error()}
+			}
+		}
+		return nil
+
+	case kindCancel:
+		if st := s.stream(hdr.ID); st != nil {
+			st.cancel()
+			if st.body != nil {
+				st.body.end(errClientGone, nil)
+			}
+		}
+		return s.fr.Discard(int(hdr.Len))
+
+	case kindPing:
+		s.send(outFrame{kind: kindPong, id: hdr.ID}, nil)
+		return s.fr.Discard(int(hdr.Len))
+
+	case kindStop:
+		return errStop
+	}
+	return &protocolError{fmt.Sprintf("unknown message kind %d", hdr.Kind)}
+}
+
+// errClientGone is what a handler's body read returns once the client has
+// gone away.
+var errClientGone = errors.New("subproc: client disconnected")
+
+// open starts serving a request.
+func (s *server) open(id uint64, flags uint8, head *requestHead) error {
+	req, err := head.request()
+	if err != nil {
+		return &protocolError{err.Error()}
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.handler == nil {
+		return &protocolError{"request before ready"}
+	}
+	if _, dup := s.streams[id]; dup {
+		return &protocolError{fmt.Sprintf("request id %d reused", id)}
+	}
+	ctx, cancel := context.WithCancel(s.ctx)
+	st := &serverStream{cancel: cancel}
+	if flags&flagNoBody != 0 {
+		req.Body = http.NoBody
+	} else {
+		expect := headerHasToken(req.Header["Expect"], "100-continue")
+		st.body = newBodyReader(func(n int) { s.sendWindowUpdate(id, n, ctx.Done()) }, req.Trailer, expect)
+		req.Body = st.body
+	}
+	req = req.WithContext(ctx)
+	st.rw = newResponseWriter(s.conn, id, req)
+	s.streams[id] = st
+	s.active.Add(1)
+	go s.serve(id, st, req, s.handler)
+	return nil
+}
+
+// serve runs the handler for one request and ends its stream.
+func (s *server) serve(id uint64, st *serverStream, req *http.Request, h http.Handler) {
+	defer s.active.Done()
+	defer func() {
+		if v := recover(); v != nil {
+			if v != http.ErrAbortHandler {
+				fmt.Fprintf(os.Stderr, "http: panic serving %s %s: %v\n%s", req.Method, req.URL.Path, v, debug.Stack())
+			}
+			st.rw.abort()
+		}
+		s.mu.Lock()
+		delete(s.streams, id)
+		s.mu.Unlock()
+		st.cancel()
+		if st.body != nil {
+			st.body.Close()
+		}
+	}()
+	h.ServeHTTP(st.rw, req)
+	st.rw.finish()
+}
+
+// errAfterHandler is returned by writes after the handler returned.
+var errAfterHandler = errors.New("subproc: write after the handler returned")
+
+// A responseWriter is the http.ResponseWriter a module's handler writes to.
+// It buffers up to a chunk of body, sends the response head with the first
+// chunk or at the first flush, and holds no more than a window of body in
+// flight. Like net/http's, it is not safe for concurrent use by handlers;
+// its mutex only orders it against its own teardown.
+type responseWriter struct {
+	c      *conn         // fixed
+	id     uint64        // fixed
+	req    *http.Request // fixed
+	win    *sendWindow   // credit granted by the parent; fixed
+	header http.Header   // the handler's header map; fixed
+
+	mu          sync.Mutex  // guards the fields below
+	wroteHeader bool        // the final status is chosen
+	status      int         // the final status
+	sent        http.Header // the header as it was at WriteHeader
+	trailers    []string    // declared trailer keys
+	clen        int64       // the declared Content-Length, -1 for none
+	written     int64       // body bytes written by the handler
+	headSent    bool        // the final head has gone to the parent
+	unflushed   bool        // something went to the parent since the last flush
+	buf         *[]byte     // pending body bytes
+	n           int         // bytes in buf
+	done        bool        // the handler has returned, or panicked
+	err         error       // a failure to send; writes return it
+}
+
+func newResponseWriter(c *conn, id uint64, req *http.Request) *responseWriter {
+	return &responseWriter{c: c, id: id, req: req, win: newSendWindow(window), header: make(http.Header), clen: -1}
+}
+
+// Header returns the header map that WriteHeader sends, as net/http's does.
+func (w *responseWriter) Header() http.Header { return w.header }
+
+// WriteHeader sends a response header with the status code. 1xx codes other
+// than 101 are sent at once and may be followed by others; the first other
+// code is final.
+func (w *responseWriter) WriteHeader(code int) {
+	if code < 100 || code > 999 {
+		panic(fmt.Sprintf("invalid WriteHeader code %v", code))
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.done {
+		return
+	}
+	if w.wroteHeader {
+		fmt.Fprintf(os.Stderr, "http: superfluous response.WriteHeader call with %d for %s %s\n", code, w.req.Method, w.req.URL.Path)
+		return
+	}
+	if code < 200 && code != http.StatusSwitchingProtocols {
+		w.sendLocked(outFrame{kind: kindResponse, id: w.id, msg: &responseHead{Status: code, Header: w.header.Clone()}})
+		return
+	}
+	w.writeHeaderLocked(code)
+}
+
+func (w *responseWriter) writeHeaderLocked(code int) {
+	w.wroteHeader = true
+	w.status = code
+	w.sent = w.header.Clone()
+	w.trailers = declaredTrailers(w.sent)
+	if cl := w.sent.Get("Content-Length"); cl != "" {
+		if v, err := strconv.ParseInt(cl, 10, 64); err == nil && v >= 0 {
+			w.clen = v
+		}
+	}
+}
+
+// bodyAllowed reports whether the status permits a body, as net/http's.
+func bodyAllowed(status int) bool {
+	return (status < 100 || status > 199) && status != http.StatusNoContent && status != http.StatusNotModified
+}
+
+// Write adds to the response body, sending the head first if needed.
+func (w *responseWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.done {
+		return 0, errAfterHandler
+	}
+	if !w.wroteHeader {
+		w.writeHeaderLocked(http.StatusOK)
+	}
+	if !bodyAllowed(w.status) {
+		return 0, http.ErrBodyNotAllowed
+	}
+	if w.clen >= 0 && w.written+int64(len(p)) > w.clen {
+		return 0, http.ErrContentLength
+	}
+	if w.err != nil {
+		return 0, w.err
+	}
+	if err := w.req.Context().Err(); err != nil {
+		return 0, err
+	}
+	n := 0
+	for n < len(p) {
+		if w.buf == nil {
+			w.buf = getChunk()
+		}
+		k := copy((*w.buf)[w.n:], p[n:])
+		w.n += k
+		n += k
+		w.written += int64(k)
+		if w.n == chunkSize {
+			if err := w.sendBodyLocked(0); err != nil {
+				return n, err
+			}
+		}
+	}
+	return n, nil
+}
+
+// WriteString is Write for a string, without an allocation.
+func (w *responseWriter) WriteString(s string) (int, error) {
+	return w.Write([]byte(s)) // the compiler avoids the copy for a non-escaping conversion
+}
+
+// Flush sends what the handler has written so far, and has the parent
+// flush it to the client.
+func (w *responseWriter) Flush() { w.FlushError() }
+
+// FlushError is Flush, reporting a failure; http.ResponseController uses it.
+func (w *responseWriter) FlushError() error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.done {
+		return errAfterHandler
+	}
+	if !w.wroteHeader {
+		w.writeHeaderLocked(http.StatusOK)
+	}
+	if w.n == 0 && w.headSent && !w.unflushed {
+		return w.err
+	}
+	return w.sendBodyLocked(flagFlush)
+}
+
+// EnableFullDuplex lets http.ResponseController report success: a handler
+// here may always read its body while writing.
+func (w *responseWriter) EnableFullDuplex() error { return nil }
+
+// sendBodyLocked sends the head if it has not gone yet, then the pending
+// body bytes, waiting for window credit.
+func (w *responseWriter) sendBodyLocked(flags uint8) error {
+	if w.err != nil {
+		return w.err
+	}
+	if !w.headSent {
+		w.headSent = true
+		w.sendLocked(outFrame{kind: kindResponse, id: w.id, msg: &responseHead{Status: w.status, Header: w.sent, Trailer: w.trailers}})
+	}
+	if w.n == 0 && flags == 0 {
+		return w.err
+	}
+	n := w.n
+	if n > 0 {
+		if _, err := w.win.take(n, n, w.req.Context().Done()); err != nil {
+			w.fail(err)
+			return w.err
+		}
+	}
+	w.sendLocked(outFrame{kind: kindData, flags: flags, id: w.id, data: (*w.buf)[:n], buf: w.buf})
+	w.buf, w.n = nil, 0
+	w.unflushed = flags&flagFlush == 0
+	return w.err
+}
+
+// sendLocked queues a frame; a failure is remembered for later writes.
+func (w *responseWriter) sendLocked(f outFrame) {
+	if w.err != nil {
+		putChunk(f.buf)
+		return
+	}
+	if err := w.c.send(f, w.req.Context().Done()); err != nil {
+		w.fail(err)
+	}
+}
+
+func (w *responseWriter) fail(err error) {
+	if w.err == nil {
+		if ctxErr := w.req.Context().Err(); ctxErr != nil {
+			err = ctxErr
+		}
+		w.err = err
+	}
+}
+
+// finish completes the response after the handler returned: the rest of the
+// body, then the trailers.
+func (w *responseWriter) finish() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !w.wroteHeader {
+		w.writeHeaderLocked(http.StatusOK)
+	}
+	w.sendBodyLocked(0)
+	w.done = true
+	end := outFrame{kind: kindEnd, id: w.id}
+	if t := w.trailerLocked(); len(t) > 0 {
+		end.msg = &bodyEnd{Trailer: t}
+	}
+	w.err = nil // the end goes out even after a failure, to release the stream
+	w.c.send(end, nil)
+	putChunk(w.buf)
+	w.buf = nil
+}
+
+// trailerLocked collects the trailers: the declared keys' values, and keys
+// set with http.TrailerPrefix.
+func (w *responseWriter) trailerLocked() http.Header {
+	var t http.Header
+	for _, k := range w.trailers {
+		if v, ok := w.header[k]; ok {
+			if t == nil {
+				t = make(http.Header)
+			}
+			t[k] = v
+		}
+	}
+	for k, v := range w.header {
+		if name, ok := strings.CutPrefix(k, http.TrailerPrefix); ok {
+			if t == nil {
+				t = make(http.Header)
+			}
+			t[http.CanonicalHeaderKey(name)] = v
+		}
+	}
+	return t
+}
+
+// abort ends the response of a handler that panicked: with 500 Internal
+// Server Error if it had written nothing, else by aborting the client's
+// connection.
+func (w *responseWriter) abort() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.done {
+		return
+	}
+	w.done = true
+	putChunk(w.buf)
+	w.buf, w.n = nil, 0
+	w.err = nil
+	if w.wroteHeader || w.headSent {
+		w.c.send(outFrame{kind: kindAbort, id: w.id}, nil)
+		return
+	}
+	h := http.Header{}
+	h.Set("Content-Type", "text/plain; charset=utf-8")
+	h.Set("X-Content-Type-Options", "nosniff")
+	body := []byte(http.StatusText(http.StatusInternalServerError) + "\n")
+	w.c.send(outFrame{kind: kindResponse, id: w.id, msg: &responseHead{Status: http.StatusInternalServerError, Header: h}}, nil)
+	w.c.send(outFrame{kind: kindData, id: w.id, data: body}, nil)
+	w.c.send(outFrame{kind: kindEnd, id: w.id}, nil)
+}
