@@ -3,7 +3,8 @@ module github.com/fbbf71ac/subproc
 go 1.26
 
 require (
-	github.com/stretchr/testify v1.12.1 // indirect
-	go.uber.org/goleak v1.3.0 // indirect
-	gopkg.in/natefinch/lumberjack.v2 v2.2.1 // indirect
+	go.uber.org/goleak v1.3.0
+	gopkg.in/natefinch/lumberjack.v2 v2.2.1
 )
+
+require github.com/stretchr/testify v1.12.1 // indirect

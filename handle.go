@@ -225,6 +225,7 @@ type Handle struct {
 	state    string
 	retryAt  time.Time // while restarting: when the next start is due
 	restarts int
+	pids     []int // the last maxPidsKept children started, for tests
 	lastRTT  time.Duration
 	lastExit string
 	isClosed bool
@@ -288,6 +289,13 @@ func Start(ctx context.Context, name string, opts Options) (*Handle, error) {
 	h.install(c)
 	go h.superviseLoop(c)
 	return h, nil
+}
+
+// pidsStarted returns the pids of the last maxPidsKept children started.
+func (h *Handle) pidsStarted() []int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return append([]int(nil), h.pids...)
 }
 
 // install makes c the child that takes new requests.

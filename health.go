@@ -22,6 +22,9 @@ import (
 // module started and that outlived it can hold them open that long.
 const drainTimeout = time.Second
 
+// maxPidsKept bounds the pids a Handle remembers (see pidsStarted).
+const maxPidsKept = 256
+
 // Restart backoff: see Options.MaxRestartDelay.
 const minRestartDelay = 100 * time.Millisecond
 
@@ -45,6 +48,12 @@ func (h *Handle) startChild(ctx context.Context) (*child, error) {
 		pings:       make(map[uint64]chan struct{}),
 	}
 	h.incarnation++
+	h.mu.Lock()
+	if len(h.pids) == maxPidsKept {
+		h.pids = append(h.pids[:0], h.pids[1:]...)
+	}
+	h.pids = append(h.pids, proc.Pid())
+	h.mu.Unlock()
 	c.logs.Add(3)
 	go h.copyLog(c, logcapture.Log, pipes.log)
 	go h.copyLog(c, logcapture.Out, pipes.stdout)

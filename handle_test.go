@@ -1,0 +1,98 @@
+package subproc
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"syscall"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+)
+
+// TestMain is the helper-process pattern: in a child started by Start, Main
+// runs the module and never returns.
+func TestMain(m *testing.M) {
+	Main()
+	// A binary built with -race sleeps a second at exit by default; the
+	// children are such binaries too, and would make every stop slow.
+	if os.Getenv("GORACE") == "" {
+		os.Setenv("GORACE", "atexit_sleep_ms=0")
+	}
+	goleak.VerifyTestMain(m, goleak.IgnoreTopFunction("gopkg.in/natefinch/lumberjack%2ev2.(*Logger).millRun"))
+}
+
+// testLogger discards the parent's records unless the test runs verbosely.
+func testOptions(t *testing.T, opts Options) Options {
+	t.Helper()
+	if opts.Stderr == nil {
+		opts.Stderr = testWriter{t}
+	}
+	return opts
+}
+
+// testWriter sends module output to the test log.
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Logf("%s", p)
+	return len(p), nil
+}
+
+// startModule starts a module for a test and stops it when the test ends,
+// checking that every child it started has been reaped.
+func startModule(t *testing.T, name string, opts Options) *Handle {
+	t.Helper()
+	h, err := Start(context.Background(), name, testOptions(t, opts))
+	if err != nil {
+		t.Fatalf("Start(%q): %v", name, err)
+	}
+	t.Cleanup(func() {
+		pids := h.pidsStarted()
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if err := h.Shutdown(ctx); err != nil {
+			t.Errorf("Shutdown: %v", err)
+		}
+		for _, pid := range pids {
+			assertReaped(t, pid)
+		}
+	})
+	return h
+}
+
+// assertReaped fails the test if a process with the pid still exists, even
+// as a zombie.
+func assertReaped(t *testing.T, pid int) {
+	t.Helper()
+	if err := syscall.Kill(pid, 0); !errors.Is(err, syscall.ESRCH) {
+		t.Errorf("child pid %d still exists after Shutdown (kill 0: %v)", pid, err)
+	}
+}
+
+// serve starts an HTTP server for h and closes it when the test ends.
+func serve(t *testing.T, h http.Handler) *httptest.Server {
+	t.Helper()
+	srv := httptest.NewServer(h)
+	t.Cleanup(srv.Close)
+	return srv
+}
+
+// get fetches url and returns the status and body.
+func get(t *testing.T, url string) (int, string) {
+	t.Helper()
+	res, err := http.Get(url)
+	if err != nil {
+		t.Fatalf("GET %s: %v", url, err)
+	}
+	defer res.Body.Close()
+	b, err := io.ReadAll(res.Body)
+	if err != nil {
+		t.Fatalf("GET %s: reading body: %v", url, err)
+	}
+	return res.StatusCode, string(b)
+}
