@@ -211,7 +211,7 @@ func (c *child) open(r *http.Request, head *requestHead) (*stream, error) {
 		credit = 0 // the child grants the window when its handler first reads
 	}
 	var flags uint8
-	if r.Body == nil || r.Body == http.NoBody || r.ContentLength == 0 && len(r.TransferEncoding) == 0 {
+	if !hasBody(r) {
 		flags = flagNoBody
 	}
 	c.mu.Lock()
@@ -231,6 +231,18 @@ func (c *child) open(r *http.Request, head *requestHead) (*stream, error) {
 		return nil, err
 	}
 	return s, nil
+}
+
+// hasBody reports whether r has a body to send to the child.
+func hasBody(r *http.Request) bool {
+	return r.Body != nil && r.Body != http.NoBody && (r.ContentLength != 0 || len(r.TransferEncoding) > 0)
+}
+
+// usable reports whether the child can take new requests.
+func (c *child) usable() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.err == nil
 }
 
 // ping sends one ping and waits for its pong.

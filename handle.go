@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/fbbf71ac/subproc/internal/logcapture"
@@ -333,7 +334,7 @@ func (h *Handle) acquire(ctx context.Context, deadline *time.Timer) (*child, err
 			h.mu.Unlock()
 			return nil, ErrClosed
 		}
-		if c := h.cur; c != nil {
+		if c := h.cur; c != nil && c.usable() {
 			h.inFlight++
 			h.mu.Unlock()
 			return c, nil
@@ -427,21 +428,22 @@ func (h *Handle) proxy(w http.ResponseWriter, r *http.Request, c *child, s *stre
 
 	stopBody := make(chan struct{})
 	bodyDone := make(chan struct{})
-	if r.Body != nil && r.Body != http.NoBody && (r.ContentLength != 0 || len(r.TransferEncoding) > 0) {
-		go s.sendBody(c, r, stopBody, bodyDone)
+	var reading atomic.Bool // sendBody is in, or about to enter, r.Body.Read
+	if hasBody(r) {
+		go s.sendBody(c, r, &reading, stopBody, bodyDone)
 	} else {
 		close(bodyDone)
 	}
 	defer func() {
 		close(stopBody)
-		select {
-		case <-bodyDone:
-		default:
-			// sendBody is blocked reading the client's body; a read
-			// deadline in the past wakes it.
+		if reading.Load() {
+			// sendBody may be blocked reading the client's body, which
+			// nobody needs any more: a read deadline in the past wakes it.
+			// (Only then: on a connection whose body was read through, it
+			// would also break the connection's next request.)
 			rc.SetReadDeadline(time.Now())
-			<-bodyDone
 		}
+		<-bodyDone
 	}()
 
 	var declared map[string]bool // trailers announced in the response head
@@ -518,15 +520,28 @@ func (h *Handle) proxy(w http.ResponseWriter, r *http.Request, c *child, s *stre
 
 // sendBody copies the request body to the child, within the window the
 // child grants, until the body ends or stop is closed.
-func (s *stream) sendBody(c *child, r *http.Request, stop <-chan struct{}, done chan<- struct{}) {
+//
+// reading is set while sendBody reads r.Body; it checks stop after setting
+// it, so a caller that closes stop and then finds reading clear knows that
+// no read is under way or will start.
+func (s *stream) sendBody(c *child, r *http.Request, reading *atomic.Bool, stop <-chan struct{}, done chan<- struct{}) {
 	defer close(done)
 	for {
 		n, err := s.win.take(1, chunkSize, stop)
 		if err != nil {
 			return
 		}
+		reading.Store(true)
+		select {
+		case <-stop:
+			reading.Store(false)
+			s.win.add(n)
+			return
+		default:
+		}
 		buf := getChunk()
 		m, rerr := r.Body.Read((*buf)[:n])
+		reading.Store(false)
 		if m < n {
 			s.win.add(n - m)
 		}

@@ -222,19 +222,10 @@ func (h *Handle) watch(c *child) (shutdown bool) {
 			return true
 		case <-tick.C:
 		}
-		timeout := time.NewTimer(h.opts.HealthTimeout)
-		stop := make(chan struct{})
-		go func() {
-			select {
-			case <-timeout.C:
-				close(stop)
-			case <-h.closing:
-				close(stop)
-			case <-c.done:
-			}
-		}()
-		rtt, err := c.ping(stop)
-		timeout.Stop()
+		timeout := make(chan struct{})
+		t := time.AfterFunc(h.opts.HealthTimeout, func() { close(timeout) })
+		rtt, err := c.ping(timeout)
+		t.Stop()
 		if err == nil {
 			failed = 0
 			c.served.Store(true)

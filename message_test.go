@@ -1,0 +1,246 @@
+package subproc
+
+import (
+	"bytes"
+	"errors"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"reflect"
+	"strings"
+	"testing"
+
+	"github.com/fbbf71ac/subproc/internal/frame"
+)
+
+func TestRequestHeadRoundTrip(t *testing.T) {
+	r := httptest.NewRequest("PATCH", "http://example.com/a%2Fb/c?x=1&x=2&y", strings.NewReader("body"))
+	r.Header.Add("X-Multi", "one")
+	r.Header.Add("X-Multi", "two")
+	r.Header.Set("Connection", "X-Private, keep-alive")
+	r.Header.Set("X-Private", "secret")
+	r.Header.Set("Keep-Alive", "timeout=5")
+	r.Header.Set("Proxy-Authorization", "Basic x")
+	r.Header.Set("Te", "gzip, trailers")
+	r.Header.Set("Upgrade", "websocket")
+	r.Trailer = http.Header{"X-Sum": nil}
+	r.RemoteAddr = "10.1.2.3:4567"
+
+	enc, dec := newEncoder(), newDecoder()
+	p, err := enc.encode(newRequestHead(r))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var head requestHead
+	if err := dec.decode(p, &head); err != nil {
+		t.Fatal(err)
+	}
+	got, err := head.request()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Method != "PATCH" || got.URL.Path != "/a/b/c" || got.URL.RawPath != "/a%2Fb/c" || got.URL.RawQuery != "x=1&x=2&y" {
+		t.Errorf("URL: %s %q raw %q query %q", got.Method, got.URL.Path, got.URL.RawPath, got.URL.RawQuery)
+	}
+	if got.Host != "example.com" || got.RemoteAddr != r.RemoteAddr || got.RequestURI != r.RequestURI || got.ContentLength != 4 {
+		t.Errorf("host %q remote %q uri %q length %d", got.Host, got.RemoteAddr, got.RequestURI, got.ContentLength)
+	}
+	if v := got.Header["X-Multi"]; !reflect.DeepEqual(v, []string{"one", "two"}) {
+		t.Errorf("X-Multi = %q", v)
+	}
+	for _, k := range []string{"Connection", "X-Private", "Keep-Alive", "Proxy-Authorization", "Upgrade"} {
+		if v, ok := got.Header[k]; ok {
+			t.Errorf("hop-by-hop header %s = %q reached the child", k, v)
+		}
+	}
+	if v := got.Header.Get("Te"); v != "trailers" {
+		t.Errorf("Te = %q, want trailers", v)
+	}
+	if _, ok := got.Trailer["X-Sum"]; !ok || len(got.Trailer) != 1 {
+		t.Errorf("Trailer = %v, want the declared X-Sum", got.Trailer)
+	}
+
+	// A second message of the same type reuses the gob type description.
+	p2, err := enc.encode(&requestHead{Method: "GET", Path: "/"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(p2) >= len(p) {
+		t.Errorf("second message is %d bytes, first %d: type info sent twice?", len(p2), len(p))
+	}
+	var head2 requestHead
+	if err := dec.decode(p2, &head2); err != nil || head2.Method != "GET" || head2.Header != nil {
+		t.Fatalf("second message: %+v, %v", head2, err)
+	}
+}
+
+func TestDecodeRejectsBadFraming(t *testing.T) {
+	enc := newEncoder()
+	p, err := enc.encode(&responseHead{Status: 200, Header: http.Header{"A": {"b"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	good := append([]byte(nil), p...)
+	tests := []struct {
+		name string
+		p    []byte
+	}{
+		{"empty", nil},
+		{"truncated", good[:len(good)-1]},
+		{"trailing garbage", append(append([]byte(nil), good...), 1, 2, 3)},
+		{"huge length", []byte{0xF8, 0x7F, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF}},
+		{"random", []byte("this is not gob at all")},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var v responseHead
+			if err := newDecoder().decode(tt.p, &v); err == nil {
+				t.Fatalf("decode accepted %q as %+v", tt.p, v)
+			}
+		})
+	}
+}
+
+// testChild returns a parent-side child whose pipe from the child carries
+// input, already past the handshake.
+func testChild(input []byte) *child {
+	return &child{
+		h:       &Handle{name: "garbage", opts: Options{Logger: discardLogger()}.withDefaults()},
+		proc:    &fakeProcess{exited: make(chan struct{})},
+		conn:    newConn(bytes.NewReader(input), nopWriteCloser{io.Discard}),
+		ready:   make(chan error, 1),
+		done:    make(chan struct{}),
+		exited:  make(chan struct{}),
+		pending: make(map[uint64]*stream),
+		pings:   make(map[uint64]chan struct{}),
+	}
+}
+
+type nopWriteCloser struct{ io.Writer }
+
+func (nopWriteCloser) Close() error { return nil }
+
+// frames builds a byte stream of frames.
+func frames(fs ...outFrame) []byte {
+	var b bytes.Buffer
+	w := frame.NewWriter(&b, 1024)
+	enc := newEncoder()
+	for _, f := range fs {
+		if f.msg != nil {
+			p, err := enc.encode(f.msg)
+			if err != nil {
+				panic(err)
+			}
+			f.data = p
+		}
+		w.WriteFrame(f.kind, f.flags, f.id, f.data)
+	}
+	w.Flush()
+	return b.Bytes()
+}
+
+// Bad input from a child is a protocol error that fails the pending request,
+// never a panic or a wrong answer.
+func TestReadLoopRejectsBadInput(t *testing.T) {
+	head := &responseHead{Status: 200}
+	tests := []struct {
+		name      string
+		input     []byte
+		completes bool // the request's response was complete before the bad input
+	}{
+		{"unknown kind", frames(outFrame{kind: 200, id: 1}), false},
+		{"unknown request id", frames(outFrame{kind: kindResponse, id: 99, msg: head}), false},
+		{"id zero", frames(outFrame{kind: kindResponse, id: 0, msg: head}), false},
+		{"body before head", frames(outFrame{kind: kindData, id: 1, data: []byte("x")}), false},
+		{"second final head", frames(outFrame{kind: kindResponse, id: 1, msg: head}, outFrame{kind: kindResponse, id: 1, msg: head}), false},
+		{"status out of range", frames(outFrame{kind: kindResponse, id: 1, msg: &responseHead{Status: 42}}), false},
+		{"message after end", frames(outFrame{kind: kindResponse, id: 1, msg: head}, outFrame{kind: kindEnd, id: 1}, outFrame{kind: kindData, id: 1, data: []byte("x")}), true},
+		{"oversized chunk", frames(outFrame{kind: kindResponse, id: 1, msg: head}, outFrame{kind: kindData, id: 1, data: make([]byte, chunkSize+1)}), false},
+		{"window overrun", frames(append([]outFrame{{kind: kindResponse, id: 1, msg: head}}, repeatFrame(outFrame{kind: kindData, id: 1, data: make([]byte, chunkSize)}, window/chunkSize+1)...)...), false},
+		{"bad gob", frames(outFrame{kind: kindResponse, id: 1, data: []byte{3, 1, 2, 3}}), false},
+		{"window of the wrong size", frames(outFrame{kind: kindWindow, id: 1, data: []byte{1}}), false},
+		{"pong never pinged", frames(outFrame{kind: kindPong, id: 5}), false},
+		{"random bytes", []byte("\x00\x00\x00\x05garbage and more garbage"), false},
+		{"reserved bits", append([]byte{0, 0, 0, 0, kindEnd, 0, 1, 0}, make([]byte, 8)...), false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := testChild(tt.input)
+			c.nextID = 1
+			s := newStream(1, window)
+			c.pending[1] = s
+			err := c.readFrames()
+			var pe *protocolError
+			if !errors.As(err, &pe) {
+				t.Fatalf("readFrames: %v, want a protocol error", err)
+			}
+			c.fail(err)
+			for {
+				ev, err := s.next(nil)
+				if err != nil {
+					if !errors.As(err, &pe) {
+						t.Fatalf("pending request failed with %v, want the protocol error", err)
+					}
+					break
+				}
+				putChunk(ev.buf)
+				if ev.kind == kindEnd {
+					if !tt.completes {
+						t.Fatal("the pending request completed")
+					}
+					break
+				}
+			}
+		})
+	}
+}
+
+func repeatFrame(f outFrame, n int) []outFrame {
+	fs := make([]outFrame, n)
+	for i := range fs {
+		fs[i] = f
+	}
+	return fs
+}
+
+// Truncated input ends the read loop with an error that is not a success.
+func TestReadLoopTruncated(t *testing.T) {
+	full := frames(outFrame{kind: kindResponse, id: 1, msg: &responseHead{Status: 200}})
+	for n := 1; n < len(full); n++ {
+		c := testChild(full[:n])
+		c.nextID = 1
+		c.pending[1] = newStream(1, window)
+		if err := c.readFrames(); err == nil || err == io.EOF {
+			t.Fatalf("truncated at %d: readFrames returned %v", n, err)
+		}
+	}
+}
+
+// FuzzReadFrames feeds arbitrary bytes to the parent's reader: it must
+// never panic, and whatever it accepts must keep the stream consistent.
+func FuzzReadFrames(f *testing.F) {
+	head := &responseHead{Status: 200, Header: http.Header{"A": {"b"}}, Trailer: []string{"X"}}
+	f.Add(frames(outFrame{kind: kindResponse, id: 1, msg: head}, outFrame{kind: kindData, id: 1, data: []byte("hi")}, outFrame{kind: kindEnd, id: 1, msg: &bodyEnd{Trailer: http.Header{"X": {"y"}}}}))
+	f.Add(frames(outFrame{kind: kindWindow, id: 1, data: []byte{0, 0, 1, 0}}, outFrame{kind: kindPong, id: 1}, outFrame{kind: kindAbort, id: 1}))
+	f.Add(frames(outFrame{kind: kindResponse, id: 1, msg: &responseHead{Status: 103}}, outFrame{kind: kindResponse, id: 1, msg: head}))
+	f.Add([]byte("garbage"))
+	f.Fuzz(func(t *testing.T, input []byte) {
+		c := testChild(input)
+		c.nextID = 2
+		c.nextSeq = 1
+		c.pings[1] = make(chan struct{})
+		s := newStream(1, window)
+		c.pending[1] = s
+		c.pending[2] = newStream(2, window)
+		err := c.readFrames()
+		if err == nil {
+			t.Fatal("readFrames returned nil at the end of input")
+		}
+		c.fail(err)
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		if s.queued > window {
+			t.Fatalf("stream holds %d bytes", s.queued)
+		}
+	})
+}

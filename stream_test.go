@@ -1,0 +1,268 @@
+package subproc
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/fbbf71ac/subproc/internal/frame"
+)
+
+// fakeProcess stands in for a child process in tests that run both sides of
+// the protocol in one process.
+type fakeProcess struct {
+	exited chan struct{}
+	once   sync.Once
+}
+
+func (p *fakeProcess) Pid() int    { return 1 }
+func (p *fakeProcess) Wait() error { <-p.exited; return nil }
+func (p *fakeProcess) Kill()       { p.once.Do(func() { close(p.exited) }) }
+
+// pipePair is a parent's child and a child's server joined by in-memory
+// pipes.
+type pipePair struct {
+	c   *child
+	srv *server
+}
+
+// newPipePair connects a parent-side child to a server running handler, over
+// io.Pipes, and tears both down when the test ends.
+func newPipePair(t *testing.T, handler http.Handler) *pipePair {
+	t.Helper()
+	p2cR, p2cW := io.Pipe()
+	c2pR, c2pW := io.Pipe()
+	h := &Handle{name: "pipe", opts: Options{Logger: discardLogger()}.withDefaults()}
+	c := &child{
+		h:       h,
+		proc:    &fakeProcess{exited: make(chan struct{})},
+		conn:    newConn(c2pR, p2cW),
+		ready:   make(chan error, 1),
+		done:    make(chan struct{}),
+		exited:  make(chan struct{}),
+		pending: make(map[uint64]*stream),
+		pings:   make(map[uint64]chan struct{}),
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	srv := &server{conn: newConn(p2cR, c2pW), ctx: ctx, streams: make(map[uint64]*serverStream), handler: handler}
+	srvDone := make(chan error, 1)
+	go c.writeLoop()
+	go srv.writeLoop()
+	go func() {
+		if err := frame.ReadPreamble(srv.fr.Buffered(), protocolVersion); err != nil {
+			srvDone <- err
+			return
+		}
+		srv.send(outFrame{kind: kindReady, msg: &ready{Pid: 1}}, nil)
+		srvDone <- srv.readLoop()
+	}()
+	go c.readLoop()
+	if err := <-c.ready; err != nil {
+		t.Fatalf("handshake: %v", err)
+	}
+	t.Cleanup(func() {
+		cancel()
+		c.stopWriting()
+		<-c.wdone // closes p2cW: the server's readLoop sees EOF
+		<-srvDone
+		srv.active.Wait()
+		srv.stopWriting()
+		<-srv.wdone // closes c2pW: the parent's readLoop sees EOF
+		<-c.done
+	})
+	return &pipePair{c: c, srv: srv}
+}
+
+// waitQueued waits until the stream holds want body bytes, or fails the
+// test. Nobody else may consume the stream's events meanwhile.
+func waitQueued(t *testing.T, s *stream, want int) {
+	t.Helper()
+	deadline := time.After(10 * time.Second)
+	for {
+		s.mu.Lock()
+		q := s.queued
+		s.mu.Unlock()
+		if q >= want {
+			if q > want {
+				t.Fatalf("stream holds %d body bytes, more than %d", q, want)
+			}
+			return
+		}
+		select {
+		case <-s.wake:
+		case <-deadline:
+			t.Fatalf("stream holds %d body bytes, want %d", q, want)
+		}
+	}
+}
+
+func discardLogger() *slog.Logger { return slog.New(slog.DiscardHandler) }
+
+// readAll consumes a stream as proxy does and returns the body.
+func readAll(t *testing.T, c *child, s *stream) (status int, body []byte) {
+	t.Helper()
+	for {
+		ev, err := s.next(nil)
+		if err != nil {
+			t.Fatalf("stream %d: %v", s.id, err)
+		}
+		switch ev.kind {
+		case kindResponse:
+			status = ev.head.Status
+		case kindData:
+			body = append(body, (*ev.buf)[:ev.n]...)
+			putChunk(ev.buf)
+			c.sendWindowUpdate(s.id, ev.n, nil)
+		case kindEnd:
+			return status, body
+		case kindAbort:
+			t.Fatalf("stream %d aborted", s.id)
+		}
+	}
+}
+
+func openRequest(t *testing.T, c *child, r *http.Request) *stream {
+	t.Helper()
+	s, err := c.open(r, newRequestHead(r))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// A response nobody reads stalls its handler after a window of bytes, and
+// other requests on the same pipe go on.
+func TestResponseFlowControlBoundsBuffering(t *testing.T) {
+	const total = 4 << 20
+	var written atomic.Int64
+	mux := http.NewServeMux()
+	mux.HandleFunc("/big", func(w http.ResponseWriter, r *http.Request) {
+		p := bytes.Repeat([]byte("x"), 4096)
+		for written.Load() < total {
+			n, err := w.Write(p)
+			written.Add(int64(n))
+			if err != nil {
+				return
+			}
+		}
+	})
+	mux.HandleFunc("/small", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "small") })
+	pp := newPipePair(t, mux)
+
+	big := openRequest(t, pp.c, httptest.NewRequest("GET", "/big", nil))
+	// Take the head, then read nothing: the child may send a window.
+	if ev, err := big.next(nil); err != nil || ev.kind != kindResponse {
+		t.Fatalf("first event: %+v, %v", ev, err)
+	}
+	waitQueued(t, big, window)
+
+	small := openRequest(t, pp.c, httptest.NewRequest("GET", "/small", nil))
+	if st, body := readAll(t, pp.c, small); st != 200 || string(body) != "small" {
+		t.Fatalf("small request: %d %q", st, body)
+	}
+	// The handler is stalled: it wrote at most the window plus what its
+	// buffer and one Write hold.
+	if w := written.Load(); w > window+chunkSize+4096 {
+		t.Fatalf("handler wrote %d bytes with nothing read; window is %d", w, window)
+	}
+	big.mu.Lock()
+	q := big.queued
+	big.mu.Unlock()
+	if q != window {
+		t.Fatalf("parent holds %d bytes of the stalled response, want %d", q, window)
+	}
+
+	_, rest := readAll(t, pp.c, big)
+	if got := len(rest); got != total {
+		t.Fatalf("big response: %d bytes, want %d", got, total)
+	}
+}
+
+// A request body the handler does not read stalls the parent's sender after
+// a window of bytes, and other requests go on.
+func TestRequestFlowControlBoundsBuffering(t *testing.T) {
+	release := make(chan struct{})
+	mux := http.NewServeMux()
+	mux.HandleFunc("/upload", func(w http.ResponseWriter, r *http.Request) {
+		<-release
+		n, _ := io.Copy(io.Discard, r.Body)
+		fmt.Fprint(w, n)
+	})
+	mux.HandleFunc("/small", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "small") })
+	pp := newPipePair(t, mux)
+
+	const total = 2 << 20
+	var read atomic.Int64
+	req := httptest.NewRequest("POST", "/upload", countingReader{strings.NewReader(strings.Repeat("y", total)), &read})
+	req.ContentLength = total
+	s := openRequest(t, pp.c, req)
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	var reading atomic.Bool
+	go s.sendBody(pp.c, req, &reading, stop, done)
+	defer func() { close(stop); <-done }()
+
+	// The child receives a window of body and no more: its handler reads
+	// nothing yet.
+	var body *bodyReader
+	deadline := time.After(10 * time.Second)
+	for body == nil {
+		if st := pp.srv.stream(s.id); st != nil {
+			body = st.body
+			break
+		}
+		select {
+		case <-deadline:
+			t.Fatal("the child never opened the request")
+		case <-time.After(time.Millisecond): // the stream map has no event to wait on
+		}
+	}
+	for {
+		body.mu.Lock()
+		q := body.queued
+		body.mu.Unlock()
+		if q > window {
+			t.Fatalf("child holds %d body bytes, more than the window %d", q, window)
+		}
+		if q == window {
+			break
+		}
+		select {
+		case <-body.wake:
+		case <-deadline:
+			t.Fatalf("child holds %d body bytes, want %d", q, window)
+		}
+	}
+	if r := read.Load(); r != window {
+		t.Fatalf("parent read %d bytes of the client's body with a window of %d", r, window)
+	}
+
+	small := openRequest(t, pp.c, httptest.NewRequest("GET", "/small", nil))
+	if st, b := readAll(t, pp.c, small); st != 200 || string(b) != "small" {
+		t.Fatalf("small request: %d %q", st, b)
+	}
+	close(release)
+	if st, b := readAll(t, pp.c, s); st != 200 || string(b) != fmt.Sprint(total) {
+		t.Fatalf("upload: %d %q, want 200 %d", st, b, total)
+	}
+}
+
+type countingReader struct {
+	r io.Reader
+	n *atomic.Int64
+}
+
+func (c countingReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.n.Add(int64(n))
+	return n, err
+}
