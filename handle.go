@@ -234,7 +234,7 @@ type Handle struct {
 
 // logf logs a message about the module at warning level.
 func (h *Handle) logf(format string, args ...any) {
-	h.opts.Logger.Warn(fmt.Sprintf(format, args...), "module", h.name)
+	h.opts.Logger.Warn(fmt.Sprintf("subproc: module %q: ", h.name) + fmt.Sprintf(format, args...))
 }
 
 // Start spawns the child process of the module registered under name and

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -26,11 +27,15 @@ func TestMain(m *testing.M) {
 	goleak.VerifyTestMain(m, goleak.IgnoreTopFunction("gopkg.in/natefinch/lumberjack%2ev2.(*Logger).millRun"))
 }
 
-// testLogger discards the parent's records unless the test runs verbosely.
+// testOptions sends the module's output and the parent's records about it
+// to the test's log, unless the test chose otherwise.
 func testOptions(t *testing.T, opts Options) Options {
 	t.Helper()
 	if opts.Stderr == nil {
 		opts.Stderr = testWriter{t}
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.NewTextHandler(testWriter{t}, nil))
 	}
 	return opts
 }

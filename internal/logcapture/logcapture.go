@@ -156,11 +156,12 @@ func New(opts Options) (*Capture, error) {
 // same stream.
 //
 // Copy buffers at most one line of 64 KiB per call; a longer line is copied
-// in pieces of 64 KiB. In file mode the file receives r's bytes unchanged,
-// each line or piece in one write, so concurrent calls for the same file
-// interleave whole lines only (a piece, or a final line without newline, may
-// be followed by another call's line). In prefix mode each line or piece
-// becomes one prefixed line, a newline added where it lacks one.
+// in pieces of 64 KiB. In file mode the file receives r's bytes, each line or
+// piece in one write, so concurrent calls for the same file interleave whole
+// lines only (a piece of a long line may be followed by another call's
+// line); a final line without a newline gets one at EOF, so that the next
+// incarnation's output starts on a line of its own. In prefix mode each line
+// or piece becomes one prefixed line, a newline added where it lacks one.
 //
 // Copy keeps reading after a failed write, so that the child never blocks on
 // a full pipe. After Close, Copy returns ErrClosed at the first line it
@@ -172,9 +173,11 @@ func (c *Capture) Copy(s Stream, r io.Reader) error {
 	br := bufio.NewReaderSize(r, maxLine)
 	var buf []byte // prefix mode: the prefixed line being written
 	var werr error // the first write error
+	open := false  // the last bytes written end inside a line
 	for {
 		line, err := br.ReadSlice('\n')
 		if len(line) > 0 {
+			open = line[len(line)-1] != '\n'
 			c.remember(s, line)
 			e := c.write(s, line, &buf)
 			if e == ErrClosed {
@@ -188,6 +191,13 @@ func (c *Capture) Copy(s Stream, r io.Reader) error {
 		case err == nil || err == bufio.ErrBufferFull:
 			continue
 		case err == io.EOF:
+			if open && c.stderr == nil {
+				// End the last line, so the next incarnation's output
+				// starts on a line of its own.
+				if e := c.write(s, []byte("\n"), &buf); e != nil && werr == nil {
+					werr = fmt.Errorf("logcapture: module %q: writing %v: %w", c.name, s, e)
+				}
+			}
 			return werr
 		default:
 			return errors.Join(werr, fmt.Errorf("logcapture: module %q: reading %v: %w", c.name, s, err))

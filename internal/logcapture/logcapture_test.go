@@ -131,7 +131,7 @@ func TestCopyFile(t *testing.T) {
 		{"one line", []string{"a\n"}, "a\n"},
 		{"lines", []string{"a\nb\n\nc\n"}, "a\nb\n\nc\n"},
 		{"incarnations append", []string{"a\nb\n", "c\n"}, "a\nb\nc\n"},
-		{"final line as is", []string{"a\nb"}, "a\nb"},
+		{"final line ended", []string{"a\nb"}, "a\nb\n"},
 		{"empty", []string{"", ""}, ""},
 	}
 	for _, tt := range tests {
@@ -211,8 +211,8 @@ func TestCopyLongLine(t *testing.T) {
 		dir := t.TempDir()
 		c := newCapture(t, Options{Name: "m", Dir: dir})
 		copyString(t, c, Err, in)
-		if got := readFile(t, filepath.Join(dir, "m.err")); got != in {
-			t.Errorf("m.err holds %d bytes, want the %d bytes copied", len(got), len(in))
+		if got := readFile(t, filepath.Join(dir, "m.err")); got != in+"\n" {
+			t.Errorf("m.err holds %d bytes, want the %d bytes copied and a newline", len(got), len(in))
 		}
 	})
 	t.Run("prefix", func(t *testing.T) {
