@@ -371,7 +371,11 @@ func (w *responseWriter) sendBodyLocked(flags uint8) error {
 			return w.err
 		}
 	}
-	w.sendLocked(outFrame{kind: kindData, flags: flags, id: w.id, data: (*w.buf)[:n], buf: w.buf})
+	f := outFrame{kind: kindData, flags: flags, id: w.id}
+	if w.buf != nil {
+		f.data, f.buf = (*w.buf)[:n], w.buf
+	}
+	w.sendLocked(f)
 	w.buf, w.n = nil, 0
 	w.unflushed = flags&flagFlush == 0
 	return w.err
