@@ -218,18 +218,19 @@ type Handle struct {
 
 	incarnation int // owned by superviseLoop (and by Start before it)
 
-	mu       sync.Mutex    // guards the fields below
-	cur      *child        // the child that takes new requests; nil while there is none
-	changed  chan struct{} // closed, and replaced, whenever cur changes or closing begins
-	inFlight int           // requests in ServeHTTP
-	drained  chan struct{} // closed when closing and inFlight reaches zero
-	state    string
-	retryAt  time.Time // while restarting: when the next start is due
-	restarts int
-	pids     []int // the last maxPidsKept children started, for tests
-	lastRTT  time.Duration
-	lastExit string
-	isClosed bool
+	mu              sync.Mutex    // guards the fields below
+	cur             *child        // the child that takes new requests; nil while there is none
+	changed         chan struct{} // closed, and replaced, whenever cur changes or closing begins
+	inFlight        int           // requests in ServeHTTP
+	drained         chan struct{} // closed when closing and inFlight reaches zero
+	state           string
+	retryAt         time.Time // while restarting: when the next start is due
+	restarts        int
+	lastIncarnation int   // the incarnation of the last child installed
+	pids            []int // the last maxPidsKept children started, for tests
+	lastRTT         time.Duration
+	lastExit        string
+	isClosed        bool
 }
 
 // logf logs a message about the module at warning level.
@@ -304,6 +305,7 @@ func (h *Handle) install(c *child) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	h.cur = c
+	h.lastIncarnation = c.incarnation
 	h.state = "running"
 	h.retryAt = time.Time{}
 	h.notifyLocked()
@@ -691,5 +693,5 @@ func (h *Handle) incarnationLocked() int {
 	if h.cur != nil {
 		return h.cur.incarnation
 	}
-	return h.restarts
+	return h.lastIncarnation
 }

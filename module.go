@@ -130,7 +130,16 @@ func runChild(name string) int {
 	srv.ctx, cancel = context.WithCancel(context.Background())
 	defer cancel()
 	readErr := make(chan error, 1)
-	go func() { readErr <- srv.readLoop() }()
+	go func() {
+		err := srv.readLoop()
+		if err == io.EOF {
+			// The parent is gone without saying stop: nobody is left to
+			// answer, and the module may be stuck in its ModuleFunc or in
+			// handlers. Leave now.
+			os.Exit(exitOrphaned)
+		}
+		readErr <- err
+	}()
 
 	env := &Env{
 		Name:        hi.Name,
@@ -158,8 +167,6 @@ func runChild(name string) int {
 		c.stopWriting()
 		<-c.wdone
 		return exitOK
-	case err == io.EOF:
-		return exitOrphaned
 	default:
 		fmt.Fprintf(os.Stderr, "subproc: module %q: reading from the parent: %v\n", name, err)
 		return exitFailed
