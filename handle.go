@@ -467,6 +467,12 @@ func (h *Handle) proxy(w http.ResponseWriter, r *http.Request, c *child, s *stre
 		}
 		switch ev.kind {
 		case kindResponse:
+			if ev.head.FullDuplex {
+				// Else net/http, at the first write of an HTTP/1 response,
+				// discards what is left of the request body, as it would
+				// for the handler in-process.
+				rc.EnableFullDuplex()
+			}
 			dst := w.Header()
 			if ev.head.Status < 200 && ev.head.Status != http.StatusSwitchingProtocols {
 				for k, v := range ev.head.Header {

@@ -48,6 +48,7 @@ func (h *Handle) startChild(ctx context.Context) (*child, error) {
 		pings:       make(map[uint64]chan struct{}),
 	}
 	h.incarnation++
+	h.capture.ResetTail() // the tail now speaks of this incarnation only
 	h.mu.Lock()
 	if len(h.pids) == maxPidsKept {
 		h.pids = append(h.pids[:0], h.pids[1:]...)

@@ -116,9 +116,10 @@ type tlsState struct {
 
 // responseHead carries a response's status and header.
 type responseHead struct {
-	Status  int
-	Header  http.Header
-	Trailer []string // declared trailer keys (the "Trailer" header, which is hop-by-hop)
+	Status     int
+	Header     http.Header
+	Trailer    []string // declared trailer keys (the "Trailer" header, which is hop-by-hop)
+	FullDuplex bool     // the handler called EnableFullDuplex
 }
 
 // bodyEnd carries trailers at the end of a body.

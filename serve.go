@@ -231,6 +231,7 @@ type responseWriter struct {
 	unflushed   bool        // something went to the parent since the last flush
 	buf         *[]byte     // pending body bytes
 	n           int         // bytes in buf
+	fullDuplex  bool        // the handler called EnableFullDuplex
 	done        bool        // the handler has returned, or panicked
 	err         error       // a failure to send; writes return it
 }
@@ -259,7 +260,7 @@ func (w *responseWriter) WriteHeader(code int) {
 		return
 	}
 	if code < 200 && code != http.StatusSwitchingProtocols {
-		w.sendLocked(outFrame{kind: kindResponse, id: w.id, msg: &responseHead{Status: code, Header: w.header.Clone()}})
+		w.sendLocked(outFrame{kind: kindResponse, id: w.id, msg: &responseHead{Status: code, Header: w.header.Clone(), FullDuplex: w.fullDuplex}})
 		return
 	}
 	w.writeHeaderLocked(code)
@@ -347,9 +348,15 @@ func (w *responseWriter) FlushError() error {
 	return w.sendBodyLocked(flagFlush)
 }
 
-// EnableFullDuplex lets http.ResponseController report success: a handler
-// here may always read its body while writing.
-func (w *responseWriter) EnableFullDuplex() error { return nil }
+// EnableFullDuplex asks, as net/http's does, that the handler may go on
+// reading the request body after it has started writing the response. The
+// parent applies it to its own response when the head arrives.
+func (w *responseWriter) EnableFullDuplex() error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.fullDuplex = true
+	return nil
+}
 
 // sendBodyLocked sends the head if it has not gone yet, then the pending
 // body bytes, waiting for window credit.
@@ -359,7 +366,7 @@ func (w *responseWriter) sendBodyLocked(flags uint8) error {
 	}
 	if !w.headSent {
 		w.headSent = true
-		w.sendLocked(outFrame{kind: kindResponse, id: w.id, msg: &responseHead{Status: w.status, Header: w.sent, Trailer: w.trailers}})
+		w.sendLocked(outFrame{kind: kindResponse, id: w.id, msg: &responseHead{Status: w.status, Header: w.sent, Trailer: w.trailers, FullDuplex: w.fullDuplex}})
 	}
 	if w.n == 0 && flags == 0 {
 		return w.err

@@ -252,6 +252,15 @@ func (c *Capture) Tail() []string {
 	return append(lines, c.tail[:c.next]...)
 }
 
+// ResetTail forgets the lines remembered for Tail, so that Tail reports
+// only what is read afterwards: call it when a new incarnation starts.
+func (c *Capture) ResetTail() {
+	c.tailMu.Lock()
+	defer c.tailMu.Unlock()
+	c.tail = c.tail[:0]
+	c.next = 0
+}
+
 // Close closes the Capture's files; a file shared with another live Capture
 // for the same path stays open until that one closes too. Close waits for a
 // line being written, not for Copy calls to return: a Copy still running

@@ -571,3 +571,17 @@ func TestPrefixWritesSerialized(t *testing.T) {
 		}
 	}
 }
+
+// TestResetTail checks that Tail reports only lines read after ResetTail.
+func TestResetTail(t *testing.T) {
+	c := newCapture(t, Options{Name: "m", Stderr: io.Discard, TailLines: 3})
+	copyString(t, c, Err, "a\nb\nc\nd\n")
+	c.ResetTail()
+	if got := c.Tail(); len(got) != 0 {
+		t.Fatalf("Tail after ResetTail = %q, want nothing", got)
+	}
+	copyString(t, c, Out, "e\n")
+	if got := c.Tail(); len(got) != 1 || got[0] != "out: e" {
+		t.Fatalf("Tail = %q, want [out: e]", got)
+	}
+}
