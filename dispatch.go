@@ -34,16 +34,28 @@ type outFrame struct {
 var errConnClosed = errors.New("connection closed")
 
 // A conn is one side's end of the pipes between parent and child.
+//
+// Frames reach the pipe in one of two ways. A sender that finds the writer
+// idle, with nothing queued, writes and flushes its frame itself: a lone
+// request or answer then costs no goroutine hand-off, which is most of a
+// round trip's latency. Otherwise it queues the frame for writeLoop, which
+// writes whatever is queued and flushes once, so that under load many frames
+// share a write. Either way frames reach the pipe in the order they were
+// sent: a frame is counted in queued from before it is queued until it is
+// written, and the direct path is taken only when queued is zero.
 type conn struct {
 	out      chan outFrame // frames for writeLoop
+	queued   atomic.Int64  // frames sent to out and not yet written
 	quit     chan struct{} // closed by stopWriting: writeLoop drains out, flushes and returns
 	quitOnce sync.Once
 	wdone    chan struct{} // closed when writeLoop has returned
-	werr     error         // why writeLoop returned; read only after wdone is closed
 
-	wc  io.Closer     // the pipe writeLoop writes; closed by writeLoop when it returns
-	fw  *frame.Writer // owned by writeLoop
-	enc *encoder      // owned by writeLoop
+	wmu     sync.Mutex    // guards the fields below, and the pipe's write end
+	wc      io.Closer     // the pipe's write end; closed by writeLoop when it returns
+	fw      *frame.Writer // the buffered writer on wc
+	enc     *encoder
+	started bool  // the preamble has been written
+	werr    error // once set, nothing more is written: the pipe failed or is closed
 
 	fr  *frame.Reader // owned by the reading goroutine
 	dec *decoder      // owned by the reading goroutine
@@ -62,24 +74,83 @@ func newConn(r io.Reader, w io.WriteCloser) *conn {
 	}
 }
 
-// send queues f for writeLoop. It fails only when writeLoop has stopped, in
-// which case f's chunk is released.
-// send queues f for writeLoop, waiting while the queue is full. It fails,
-// and releases f's chunk, if writeLoop has stopped or cancel is closed first.
+// send writes f, or queues it for writeLoop, waiting while the queue is
+// full. It fails, and releases f's chunk, if the pipe has failed, writeLoop
+// has stopped, or cancel is closed first.
 func (c *conn) send(f outFrame, cancel <-chan struct{}) error {
+	if c.wmu.TryLock() {
+		if c.started && c.werr == nil && c.queued.Load() == 0 {
+			err := c.write(f)
+			if err == nil {
+				err = c.fw.Flush()
+			}
+			if err != nil {
+				c.werr = err
+			}
+			c.wmu.Unlock()
+			return err
+		}
+		c.wmu.Unlock()
+	}
+	c.queued.Add(1)
 	select {
 	case c.out <- f:
 		return nil
 	case <-c.wdone:
+		c.queued.Add(-1)
 		putChunk(f.buf)
 		return errConnClosed
 	case <-cancel:
+		c.queued.Add(-1)
 		putChunk(f.buf)
 		return errCanceled
 	}
 }
 
-// sendWindowUpdate queues a window update of n bytes for stream id.
+// sendSync writes f, after any frames queued before it, and returns once f
+// has been written to the pipe (or failed).
+func (c *conn) sendSync(f outFrame) error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if c.werr != nil {
+		putChunk(f.buf)
+		return c.werr
+	}
+	if !c.started {
+		// writeLoop has not written the preamble yet; nothing can be
+		// queued before it either.
+		err := frame.WritePreamble(c.fw.Buffered(), protocolVersion)
+		if err != nil {
+			c.werr = err
+			return err
+		}
+		c.started = true
+	}
+	for {
+		select {
+		case q := <-c.out:
+			err := c.write(q)
+			c.queued.Add(-1)
+			if err != nil {
+				c.werr = err
+				return err
+			}
+			continue
+		default:
+		}
+		break
+	}
+	err := c.write(f)
+	if err == nil {
+		err = c.fw.Flush()
+	}
+	if err != nil {
+		c.werr = err
+	}
+	return err
+}
+
+// sendWindowUpdate sends a window update of n bytes for stream id.
 func (c *conn) sendWindowUpdate(id uint64, n int, cancel <-chan struct{}) error {
 	var b [4]byte
 	return c.send(outFrame{kind: kindWindow, id: id, data: windowPayload(&b, n)}, cancel)
@@ -91,57 +162,86 @@ func (c *conn) stopWriting() {
 }
 
 // writeLoop writes the preamble and then every queued frame, flushing
-// whenever the queue runs dry, so a lone message goes out at once and a
-// burst goes out in few writes.
+// whenever the queue runs dry, so that a burst goes out in few writes. When
+// it returns, it closes the pipe.
 func (c *conn) writeLoop() {
 	err := c.writeFrames()
-	c.werr = err
+	c.wmu.Lock()
+	if c.werr == nil {
+		c.werr = err
+		if err == nil {
+			c.werr = errConnClosed
+		}
+	}
 	c.wc.Close()
+	c.wmu.Unlock()
 	close(c.wdone)
 }
 
 func (c *conn) writeFrames() error {
-	if err := frame.WritePreamble(c.fw.Buffered(), protocolVersion); err != nil {
-		return err
+	c.wmu.Lock()
+	var err error
+	if !c.started {
+		err = frame.WritePreamble(c.fw.Buffered(), protocolVersion)
+		if err == nil {
+			err = c.fw.Flush()
+		}
+		c.started = err == nil
 	}
-	if err := c.fw.Flush(); err != nil {
+	c.wmu.Unlock()
+	if err != nil {
 		return err
 	}
 	for {
+		var f outFrame
+		quit := false
 		select {
-		case f := <-c.out:
-			if err := c.write(f); err != nil {
-				return err
-			}
+		case f = <-c.out:
 		case <-c.quit:
-			for {
-				select {
-				case f := <-c.out:
-					if err := c.write(f); err != nil {
-						return err
-					}
-				default:
-					return c.fw.Flush()
-				}
-			}
+			quit = true
 		}
-	batch:
-		for {
-			select {
-			case f := <-c.out:
-				if err := c.write(f); err != nil {
-					return err
-				}
-			default:
-				break batch
-			}
-		}
-		if err := c.fw.Flush(); err != nil {
+		if err := c.writeQueued(f, quit); err != nil || quit {
 			return err
 		}
 	}
 }
 
+// writeQueued writes f, unless quit, and then whatever else is queued, and
+// flushes.
+func (c *conn) writeQueued(f outFrame, quit bool) error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if c.werr != nil {
+		return c.werr
+	}
+	if !quit {
+		err := c.write(f)
+		c.queued.Add(-1)
+		if err != nil {
+			c.werr = err
+			return err
+		}
+	}
+	for {
+		select {
+		case f := <-c.out:
+			err := c.write(f)
+			c.queued.Add(-1)
+			if err != nil {
+				c.werr = err
+				return err
+			}
+		default:
+			if err := c.fw.Flush(); err != nil {
+				c.werr = err
+				return err
+			}
+			return nil
+		}
+	}
+}
+
+// write writes one frame into the buffer; the caller holds wmu.
 func (c *conn) write(f outFrame) error {
 	if f.msg != nil {
 		p, err := c.enc.encode(f.msg)
@@ -194,13 +294,14 @@ type child struct {
 	exitErr     error         // the process's exit status; read only after exited is closed
 	logs        sync.WaitGroup
 
-	mu      sync.Mutex // guards the fields below
-	pending map[uint64]*stream
-	nextID  uint64                   // the last stream id issued
-	pings   map[uint64]chan struct{} // ping sequence → closed on pong
-	nextSeq uint64                   // the last ping sequence issued
-	err     error                    // why the child can take no more requests; nil while it can
-	pid     int                      // from the child's ready message
+	mu       sync.Mutex // guards the fields below
+	pending  map[uint64]*stream
+	nextID   uint64                   // the last stream id issued
+	accepted uint64                   // the child has read every request up to this id
+	pings    map[uint64]chan struct{} // ping sequence → closed on pong
+	nextSeq  uint64                   // the last ping sequence issued
+	err      error                    // why the child can take no more requests; nil while it can
+	pid      int                      // from the child's ready message
 }
 
 // open registers a new stream for r and sends its head. It fails without
@@ -360,6 +461,18 @@ func (c *child) readFrames() error {
 // dispatch handles one frame whose header has been read.
 func (c *child) dispatch(hdr frame.Header, scratch *[]byte) error {
 	switch hdr.Kind {
+	case kindAccept:
+		if hdr.Len != 0 {
+			return &protocolError{"accept with a payload"}
+		}
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		if hdr.ID > c.nextID {
+			return &protocolError{fmt.Sprintf("accept of request %d, which was never sent", hdr.ID)}
+		}
+		c.accepted = max(c.accepted, hdr.ID)
+		return nil
+
 	case kindPong:
 		if hdr.Len != 0 {
 			return &protocolError{"pong with a payload"}
@@ -462,7 +575,8 @@ func (c *child) lookup(id uint64, finishedOK bool) (*stream, error) {
 }
 
 // fail records why the child can take no more requests and fails every
-// pending request and ping with it.
+// pending request and ping with it. Requests the child had not accepted fail
+// with a *notDeliveredError.
 func (c *child) fail(err error) {
 	if err == nil || err == io.EOF || err == io.ErrUnexpectedEOF {
 		err = errChildExited
@@ -473,11 +587,23 @@ func (c *child) fail(err error) {
 	}
 	pending := c.pending
 	c.pending = map[uint64]*stream{}
+	accepted := c.accepted
 	c.mu.Unlock()
 	for _, s := range pending {
-		s.fail(err)
+		if s.id > accepted {
+			s.fail(&notDeliveredError{err})
+		} else {
+			s.fail(err)
+		}
 	}
 }
+
+// A notDeliveredError fails a request that its child never read: the module
+// did not see it, so another child may take it.
+type notDeliveredError struct{ err error }
+
+func (e *notDeliveredError) Error() string { return e.err.Error() + " before it read the request" }
+func (e *notDeliveredError) Unwrap() error { return e.err }
 
 // errChildExited reports a child whose pipe ended: it exited or closed it.
 var errChildExited = errors.New("the child exited")

@@ -396,11 +396,15 @@ func (h *Handle) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			h.release()
 			continue
 		}
-		func() {
+		// The same holds if the child dies before it accepts the
+		// request: then proxy asks for a retry.
+		retry := func() bool {
 			defer h.release()
-			h.proxy(w, r, c, s)
+			return h.proxy(w, r, c, s)
 		}()
-		return
+		if !retry {
+			return
+		}
 	}
 }
 
@@ -424,19 +428,23 @@ func (h *Handle) unavailable(w http.ResponseWriter, err error) {
 }
 
 // proxy copies the request body to the child and the child's response to w.
-func (h *Handle) proxy(w http.ResponseWriter, r *http.Request, c *child, s *stream) {
+// It returns true, having written nothing, if the child died without reading
+// the request and before any of the request's body was consumed: then the
+// request may go to the next child.
+func (h *Handle) proxy(w http.ResponseWriter, r *http.Request, c *child, s *stream) (retry bool) {
 	ctx := r.Context()
 	rc := http.NewResponseController(w)
 
 	stopBody := make(chan struct{})
 	bodyDone := make(chan struct{})
 	var reading atomic.Bool // sendBody is in, or about to enter, r.Body.Read
-	if hasBody(r) {
+	withBody := hasBody(r)
+	if withBody {
 		go s.sendBody(c, r, &reading, stopBody, bodyDone)
 	} else {
 		close(bodyDone)
 	}
-	defer func() {
+	stopSending := sync.OnceFunc(func() {
 		close(stopBody)
 		if reading.Load() {
 			// sendBody may be blocked reading the client's body, which
@@ -446,7 +454,8 @@ func (h *Handle) proxy(w http.ResponseWriter, r *http.Request, c *child, s *stre
 			rc.SetReadDeadline(time.Now())
 		}
 		<-bodyDone
-	}()
+	})
+	defer stopSending()
 
 	var declared map[string]bool // trailers announced in the response head
 	started := false             // the final response head was written to w
@@ -455,13 +464,20 @@ func (h *Handle) proxy(w http.ResponseWriter, r *http.Request, c *child, s *stre
 		if err == errCanceled {
 			s.abandon()
 			c.send(outFrame{kind: kindCancel, id: s.id}, nil)
-			return
+			return false
 		}
 		if err != nil {
 			s.abandon()
+			var nd *notDeliveredError
+			if errors.As(err, &nd) && !started {
+				stopSending()
+				if !s.bodyTouched.Load() {
+					return true
+				}
+			}
 			if !started {
 				http.Error(w, fmt.Sprintf("subproc: module %q failed before it answered: %v; it is being restarted", h.name, err), http.StatusBadGateway)
-				return
+				return false
 			}
 			panic(http.ErrAbortHandler)
 		}
@@ -504,7 +520,7 @@ func (h *Handle) proxy(w http.ResponseWriter, r *http.Request, c *child, s *stre
 				// The client is gone.
 				s.abandon()
 				c.send(outFrame{kind: kindCancel, id: s.id}, nil)
-				return
+				return false
 			}
 			c.sendWindowUpdate(s.id, ev.n, ctx.Done())
 			if ev.flags&flagFlush != 0 {
@@ -519,7 +535,7 @@ func (h *Handle) proxy(w http.ResponseWriter, r *http.Request, c *child, s *stre
 					dst[http.TrailerPrefix+k] = v
 				}
 			}
-			return
+			return false
 		case kindAbort:
 			panic(http.ErrAbortHandler)
 		}
@@ -548,6 +564,7 @@ func (s *stream) sendBody(c *child, r *http.Request, reading *atomic.Bool, stop 
 		default:
 		}
 		buf := getChunk()
+		s.bodyTouched.Store(true)
 		m, rerr := r.Body.Read((*buf)[:n])
 		reading.Store(false)
 		if m < n {

@@ -20,9 +20,12 @@ const protocolVersion = 1
 // nothing, as noted.
 //
 // A stream is one request's exchange. The parent opens it with kindRequest;
-// the child ends it with exactly one kindEnd or kindAbort, after which it sends
-// nothing more for that id except kindWindow. The parent ends its side with
-// kindEnd (request body complete) or kindCancel (the client went away).
+// the child acknowledges it with kindAccept before the handler runs, and ends
+// it with exactly one kindEnd or kindAbort, after which it sends nothing more
+// for that id except kindWindow. The parent ends its side with kindEnd
+// (request body complete) or kindCancel (the client went away). A request
+// that the child never accepted never reached the module: if the child dies,
+// the parent may give the request to the next child.
 const (
 	kindHello    uint8 = iota + 1 // parent → child, id 0: hello
 	kindReady                     // child → parent, id 0: ready
@@ -36,7 +39,7 @@ const (
 	kindPing                      // parent → child, id = sequence number
 	kindPong                      // child → parent, id = the ping's sequence number
 	kindStop                      // parent → child, id 0: finish in-flight requests and exit
-	kindLast                      // not a kind: one past the last
+	kindAccept                    // child → parent: every request up to id has been read; none of their handlers ran before this was written
 )
 
 // Frame flags.

@@ -29,9 +29,19 @@ type server struct {
 	ctx    context.Context // fixed; canceled when the child stops
 	active sync.WaitGroup  // handlers running
 
+	starting []startingRequest // read, not yet accepted; owned by readLoop
+
 	mu      sync.Mutex // guards the fields below
 	handler http.Handler
 	streams map[uint64]*serverStream
+}
+
+// A startingRequest is a request whose handler has not started.
+type startingRequest struct {
+	id  uint64
+	st  *serverStream
+	req *http.Request
+	h   http.Handler
 }
 
 // A serverStream is one request being served in the child.
@@ -57,6 +67,11 @@ func (s *server) stream(id uint64) *serverStream {
 // parent says stop (errStop), or a message is malformed. Messages for a
 // request that has finished are dropped: they cross the handler's end on
 // the pipe.
+//
+// New requests are accepted in batches: once readLoop has dispatched every
+// frame its buffer holds, it writes one kindAccept for the requests read so
+// far, and only then starts their handlers. A request the parent sees no
+// accept for never ran, so the parent may give it to another child.
 func (s *server) readLoop() error {
 	var scratch []byte
 	for {
@@ -67,7 +82,27 @@ func (s *server) readLoop() error {
 		if err := s.dispatch(hdr, &scratch); err != nil {
 			return err
 		}
+		if len(s.starting) > 0 && s.fr.Buffered().Buffered() == 0 {
+			if err := s.startHandlers(); err != nil {
+				return err
+			}
+		}
 	}
+}
+
+// startHandlers accepts the requests read since the last call and starts
+// their handlers.
+func (s *server) startHandlers() error {
+	last := s.starting[len(s.starting)-1]
+	if err := s.sendSync(outFrame{kind: kindAccept, id: last.id}); err != nil {
+		return err
+	}
+	for i, r := range s.starting {
+		go s.serve(r.id, r.st, r.req, r.h)
+		s.starting[i] = startingRequest{}
+	}
+	s.starting = s.starting[:0]
+	return nil
 }
 
 func (s *server) dispatch(hdr frame.Header, scratch *[]byte) error {
@@ -143,6 +178,11 @@ func (s *server) dispatch(hdr frame.Header, scratch *[]byte) error {
 		return s.fr.Discard(int(hdr.Len))
 
 	case kindStop:
+		if len(s.starting) > 0 {
+			if err := s.startHandlers(); err != nil {
+				return err
+			}
+		}
 		return errStop
 	}
 	return &protocolError{fmt.Sprintf("unknown message kind %d", hdr.Kind)}
@@ -179,7 +219,7 @@ func (s *server) open(id uint64, flags uint8, head *requestHead) error {
 	st.rw = newResponseWriter(s.conn, id, req)
 	s.streams[id] = st
 	s.active.Add(1)
-	go s.serve(id, st, req, s.handler)
+	s.starting = append(s.starting, startingRequest{id: id, st: st, req: req, h: s.handler})
 	return nil
 }
 

@@ -6,6 +6,7 @@ import (
 	"io"
 	"net/http"
 	"sync"
+	"sync/atomic"
 )
 
 // This file holds the flow control shared by parent and child: the pooled
@@ -257,9 +258,10 @@ var _ io.ReadCloser = (*bodyReader)(nil)
 // response messages the child's readLoop delivers, queued for the request's
 // goroutine, and the credit for sending the request body.
 type stream struct {
-	id   uint64        // fixed
-	win  *sendWindow   // request-body credit granted by the child; fixed
-	wake chan struct{} // capacity 1; signalled on every push and on failure
+	id          uint64        // fixed
+	bodyTouched atomic.Bool   // the request body has been read from
+	win         *sendWindow   // request-body credit granted by the child; fixed
+	wake        chan struct{} // capacity 1; signalled on every push and on failure
 
 	mu        sync.Mutex // guards the fields below
 	events    []event

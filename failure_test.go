@@ -1,0 +1,1202 @@
+package subproc
+
+// End-to-end tests of failure handling: crashes, kills, hangs, restarts with
+// backoff, shutdown, orphans, process groups and failed starts. They run real
+// children (re-execs of the test binary) of the fail- modules registered
+// below.
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+)
+
+// failConfig is what the fail- modules read from Env.Config.
+type failConfig struct {
+	Dir              string        // where the module records its starts and its pid; "" for nowhere
+	RestartInitSleep time.Duration // a restarted incarnation (≥ 1) sleeps this long in its ModuleFunc
+	RestartInitFail  bool          // a restarted incarnation's ModuleFunc fails
+}
+
+// Errors and output of the modules that fail to start, asserted on in the
+// parent.
+const (
+	failInitErrorText  = "cannot open the frobnicator database"
+	failInitPanicText  = "the flux capacitor is empty"
+	failInitExitText   = "fail-init-exit: giving up with status 5"
+	failInitStdoutText = "fail-init-stdout: a stray line on stdout"
+)
+
+func init() {
+	Register("fail-mod", failModule)
+	Register("fail-twin-a", failModule)
+	Register("fail-twin-b", failModule)
+	Register("fail-init-error", func(ctx context.Context, env *Env) (http.Handler, error) {
+		failRecordPid(env)
+		return nil, errors.New(failInitErrorText)
+	})
+	Register("fail-init-panic", func(ctx context.Context, env *Env) (http.Handler, error) {
+		failRecordPid(env)
+		panic(failInitPanicText)
+	})
+	Register("fail-init-exit", func(ctx context.Context, env *Env) (http.Handler, error) {
+		failRecordPid(env)
+		fmt.Fprintln(os.Stderr, failInitExitText)
+		os.Exit(5)
+		return nil, nil
+	})
+	Register("fail-init-hang", func(ctx context.Context, env *Env) (http.Handler, error) {
+		failRecordPid(env)
+		for {
+			time.Sleep(time.Hour) // a ModuleFunc that never returns
+		}
+	})
+	Register("fail-init-stdout", func(ctx context.Context, env *Env) (http.Handler, error) {
+		fmt.Println(failInitStdoutText + " (fmt.Println)")
+		os.Stdout.WriteString(failInitStdoutText + " (os.Stdout)\n")
+		syscall.Write(1, []byte(failInitStdoutText+" (fd 1)\n"))
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			io.WriteString(w, "ok")
+		}), nil
+	})
+}
+
+// failReadConfig decodes env.Config; an empty Config is the zero failConfig.
+func failReadConfig(env *Env) (failConfig, error) {
+	var cfg failConfig
+	if len(env.Config) == 0 {
+		return cfg, nil
+	}
+	err := json.Unmarshal(env.Config, &cfg)
+	return cfg, err
+}
+
+// failRecordPid writes the child's pid to <Dir>/pid, so that the test can
+// check the child is gone after a failed start.
+func failRecordPid(env *Env) {
+	cfg, err := failReadConfig(env)
+	if err != nil || cfg.Dir == "" {
+		return
+	}
+	os.WriteFile(filepath.Join(cfg.Dir, "pid"), []byte(strconv.Itoa(os.Getpid())), 0o644)
+}
+
+// failModule is a module whose endpoints misbehave on request.
+func failModule(ctx context.Context, env *Env) (http.Handler, error) {
+	cfg, err := failReadConfig(env)
+	if err != nil {
+		return nil, err
+	}
+	if cfg.Dir != "" {
+		// One line per incarnation: "<incarnation> <pid> <unix nanoseconds>".
+		f, err := os.OpenFile(filepath.Join(cfg.Dir, "starts"), os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
+		if err != nil {
+			return nil, err
+		}
+		fmt.Fprintf(f, "%d %d %d\n", env.Incarnation, os.Getpid(), time.Now().UnixNano())
+		f.Close()
+	}
+	if env.Incarnation > 0 {
+		time.Sleep(cfg.RestartInitSleep)
+		if cfg.RestartInitFail {
+			return nil, fmt.Errorf("fail-mod: incarnation %d refuses to start", env.Incarnation)
+		}
+	}
+	// touch creates <Dir>/name: the test polls for it to learn that a
+	// request reached the module.
+	touch := func(name string) {
+		if cfg.Dir != "" {
+			os.WriteFile(filepath.Join(cfg.Dir, name), nil, 0o644)
+		}
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/inc", func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, "inc=%d pid=%d", env.Incarnation, os.Getpid())
+	})
+	mux.HandleFunc("/echo", func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, "inc=%d id=%s", env.Incarnation, r.URL.Query().Get("id"))
+	})
+	mux.HandleFunc("/exit", func(w http.ResponseWriter, r *http.Request) {
+		os.Exit(3)
+	})
+	// /block answers nothing until the request is canceled.
+	mux.HandleFunc("/block", func(w http.ResponseWriter, r *http.Request) {
+		touch("block")
+		<-r.Context().Done()
+	})
+	// /stream starts its response, then waits for the request's end.
+	mux.HandleFunc("/stream", func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "partial\n")
+		w.(http.Flusher).Flush()
+		<-r.Context().Done()
+	})
+	// /drip streams numbered lines until the request ends.
+	mux.HandleFunc("/drip", func(w http.ResponseWriter, r *http.Request) {
+		for i := 0; ; i++ {
+			if _, err := fmt.Fprintf(w, "inc%d-%d\n", env.Incarnation, i); err != nil {
+				return
+			}
+			w.(http.Flusher).Flush()
+			select {
+			case <-r.Context().Done():
+				return
+			case <-time.After(5 * time.Millisecond):
+			}
+		}
+	})
+	// /hold?file=x sends "part1\n", waits for <Dir>/x to exist, then
+	// sends "part2\n".
+	mux.HandleFunc("/hold", func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "part1\n")
+		w.(http.Flusher).Flush()
+		name := filepath.Join(cfg.Dir, r.URL.Query().Get("file"))
+		for {
+			if _, err := os.Stat(name); err == nil {
+				break
+			}
+			select {
+			case <-r.Context().Done():
+				return
+			case <-time.After(10 * time.Millisecond):
+			}
+		}
+		io.WriteString(w, "part2\n")
+	})
+	// /forever starts its response and never returns, whatever happens.
+	mux.HandleFunc("/forever", func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "started\n")
+		w.(http.Flusher).Flush()
+		for {
+			time.Sleep(time.Hour)
+		}
+	})
+	// /stop?mark=m logs m, then stops the whole child with SIGSTOP.
+	mux.HandleFunc("/stop", func(w http.ResponseWriter, r *http.Request) {
+		mark := r.URL.Query().Get("mark")
+		env.Logger.Info("stopping myself", "mark", mark)
+		fmt.Fprintf(os.Stderr, "stderr before SIGSTOP: %s\n", mark)
+		syscall.Kill(os.Getpid(), syscall.SIGSTOP)
+		<-r.Context().Done()
+	})
+	return mux, nil
+}
+
+// failOpts returns opts for a test, with cfg as its Config and the parent's
+// log in the test log unless opts has a Logger.
+func failOpts(t *testing.T, cfg failConfig, opts Options) Options {
+	t.Helper()
+	b, err := json.Marshal(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	opts.Config = b
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.NewTextHandler(testWriter{t}, nil))
+	}
+	return opts
+}
+
+// failLog is a log destination that tests can read and wait on.
+type failLog struct {
+	wrote chan struct{} // capacity 1; signalled on every write
+
+	mu  sync.Mutex // guards buf
+	buf bytes.Buffer
+}
+
+func newFailLog() *failLog { return &failLog{wrote: make(chan struct{}, 1)} }
+
+func (l *failLog) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	l.buf.Write(p)
+	l.mu.Unlock()
+	select {
+	case l.wrote <- struct{}{}:
+	default:
+	}
+	return len(p), nil
+}
+
+func (l *failLog) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.String()
+}
+
+// await waits until the log contains s, and reports whether it did within
+// timeout.
+func (l *failLog) await(s string, timeout time.Duration) bool {
+	timer := time.NewTimer(timeout)
+	defer timer.Stop()
+	for !strings.Contains(l.String(), s) {
+		select {
+		case <-l.wrote:
+		case <-timer.C:
+			return strings.Contains(l.String(), s)
+		}
+	}
+	return true
+}
+
+// failWaitUntil polls cond until it holds, failing the test after timeout.
+// Use it only for what another process does, or for state that only Stats
+// shows.
+func failWaitUntil(t *testing.T, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", timeout, what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// failFileExists reports whether path exists.
+func failFileExists(path string) func() bool {
+	return func() bool {
+		_, err := os.Stat(path)
+		return err == nil
+	}
+}
+
+// failFetch GETs url within timeout and returns the response, whose body
+// has been read into body and closed.
+func failFetch(url string, timeout time.Duration) (res *http.Response, body string, err error) {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return nil, "", err
+	}
+	res, err = http.DefaultClient.Do(req)
+	if err != nil {
+		return nil, "", err
+	}
+	defer res.Body.Close()
+	b, err := io.ReadAll(res.Body)
+	return res, string(b), err
+}
+
+// failMustFetch is failFetch on the test goroutine, failing on a transport
+// error.
+func failMustFetch(t *testing.T, url string) (*http.Response, string) {
+	t.Helper()
+	res, body, err := failFetch(url, 30*time.Second)
+	if err != nil {
+		t.Fatalf("GET %s: %v", url, err)
+	}
+	return res, body
+}
+
+// failOpen GETs url, checks that the response is a 200 whose body starts
+// with first, and returns it with the rest of the body unread. The body is
+// closed when the test ends.
+func failOpen(t *testing.T, url, first string) *http.Response {
+	t.Helper()
+	res, err := http.Get(url)
+	if err != nil {
+		t.Fatalf("GET %s: %v", url, err)
+	}
+	t.Cleanup(func() { res.Body.Close() })
+	if res.StatusCode != http.StatusOK {
+		t.Fatalf("GET %s: status %d, want 200", url, res.StatusCode)
+	}
+	buf := make([]byte, len(first))
+	if _, err := io.ReadFull(res.Body, buf); err != nil || string(buf) != first {
+		t.Fatalf("GET %s: body starts %q (%v), want %q", url, buf, err, first)
+	}
+	return res
+}
+
+// failBody is what reading the rest of a response body gave.
+type failBody struct {
+	data []byte
+	err  error
+}
+
+// failReadAll reads what is left of body in a goroutine and delivers the
+// outcome on the returned channel.
+func failReadAll(body io.Reader) <-chan failBody {
+	c := make(chan failBody, 1)
+	go func() {
+		b, err := io.ReadAll(body)
+		c <- failBody{b, err}
+	}()
+	return c
+}
+
+// failAwaitBody waits for a failReadAll outcome.
+func failAwaitBody(t *testing.T, c <-chan failBody, what string) failBody {
+	t.Helper()
+	select {
+	case b := <-c:
+		return b
+	case <-time.After(30 * time.Second):
+		t.Fatalf("%s: the body neither ended nor was aborted within 30s", what)
+		return failBody{}
+	}
+}
+
+// failRunning returns a condition: the handle runs incarnation n.
+func failRunning(h *Handle, n int) func() bool {
+	return func() bool {
+		st := h.Stats()
+		return st.Incarnation == n && st.State == "running" && st.Pid != 0
+	}
+}
+
+func TestFailCrashNoticedAtOnce(t *testing.T) {
+	// Health checks are an hour apart: only noticing the exit itself can
+	// fail the requests and restart the module within the test.
+	h := startModule(t, "fail-mod", failOpts(t, failConfig{}, Options{HealthInterval: time.Hour}))
+	srv := serve(t, h)
+	pid0 := h.Stats().Pid
+
+	// A request whose response has started when the child dies.
+	started := failOpen(t, srv.URL+"/stream", "partial\n")
+	rest := failReadAll(started.Body)
+
+	res, body, err := failFetch(srv.URL+"/exit", 30*time.Second)
+	if err != nil {
+		t.Fatalf("GET /exit: %v (the child's exit was not noticed)", err)
+	}
+	if res.StatusCode != http.StatusBadGateway {
+		t.Errorf("GET /exit: status %d, want 502 (body %q)", res.StatusCode, body)
+	}
+	if b := failAwaitBody(t, rest, "GET /stream"); b.err == nil {
+		t.Errorf("GET /stream: body ended cleanly with %q after the child died; want an aborted body", b.data)
+	}
+
+	res, body = failMustFetch(t, srv.URL+"/inc")
+	if res.StatusCode != http.StatusOK || !strings.HasPrefix(body, "inc=1 ") {
+		t.Errorf("GET /inc after the crash: %d %q, want 200 from incarnation 1", res.StatusCode, body)
+	}
+	st := h.Stats()
+	if st.Incarnation != 1 || st.Pid == 0 || st.Pid == pid0 {
+		t.Errorf("after the crash: Stats = %+v, want incarnation 1 with a new pid (old %d)", st, pid0)
+	}
+	if body != fmt.Sprintf("inc=1 pid=%d", st.Pid) {
+		t.Errorf("GET /inc answered %q, not by the new child pid %d", body, st.Pid)
+	}
+	if !strings.Contains(st.LastExit, "exit status 3") {
+		t.Errorf("Stats().LastExit = %q, want it to mention exit status 3", st.LastExit)
+	}
+	assertReaped(t, pid0)
+}
+
+func TestFailSIGKILLDuringRequest(t *testing.T) {
+	dir := t.TempDir()
+	h := startModule(t, "fail-mod", failOpts(t, failConfig{Dir: dir}, Options{HealthInterval: time.Hour}))
+	srv := serve(t, h)
+	pid0 := h.Stats().Pid
+
+	type result struct {
+		code int
+		body string
+		err  error
+	}
+	done := make(chan result, 1)
+	go func() {
+		res, body, err := failFetch(srv.URL+"/block", 30*time.Second)
+		if err != nil {
+			done <- result{err: err}
+			return
+		}
+		done <- result{res.StatusCode, body, nil}
+	}()
+	failWaitUntil(t, 10*time.Second, "the request to reach the module", failFileExists(filepath.Join(dir, "block")))
+	if err := syscall.Kill(pid0, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	r := <-done
+	switch {
+	case r.err != nil:
+		t.Errorf("GET /block: %v, want a 502 (its response had not started)", r.err)
+	case r.code != http.StatusBadGateway:
+		t.Errorf("GET /block: %d %q, want 502", r.code, r.body)
+	}
+
+	res, body := failMustFetch(t, srv.URL+"/inc")
+	if res.StatusCode != http.StatusOK || !strings.HasPrefix(body, "inc=1 ") {
+		t.Errorf("GET /inc after SIGKILL: %d %q, want 200 from incarnation 1", res.StatusCode, body)
+	}
+	if st := h.Stats(); st.Incarnation != 1 || st.Pid == pid0 || st.Restarts != 1 {
+		t.Errorf("after SIGKILL: Stats = %+v, want incarnation 1, one restart, a new pid (old %d)", st, pid0)
+	}
+	assertReaped(t, pid0)
+}
+
+func TestFailRequestDuringRestartWaits(t *testing.T) {
+	// A restarted child takes a second to initialise: a request that
+	// arrives meanwhile must wait for it.
+	h := startModule(t, "fail-mod", failOpts(t, failConfig{RestartInitSleep: time.Second}, Options{HealthInterval: time.Hour}))
+	srv := serve(t, h)
+	pid0 := h.Stats().Pid
+	if err := syscall.Kill(pid0, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	failWaitUntil(t, 10*time.Second, "the parent to notice the kill", func() bool { return h.Stats().Pid != pid0 })
+	if st := h.Stats(); st.State != "restarting" {
+		t.Fatalf("Stats right after the kill was noticed: %+v, want state restarting (the restart takes a second)", st)
+	}
+	res, body := failMustFetch(t, srv.URL+"/inc")
+	if res.StatusCode != http.StatusOK || !strings.HasPrefix(body, "inc=1 ") {
+		t.Errorf("GET /inc during the restart: %d %q, want 200 from incarnation 1", res.StatusCode, body)
+	}
+}
+
+func TestFailRequestRightAfterKillWaits(t *testing.T) {
+	// A request sent right after the child was killed, before the parent
+	// has necessarily noticed, never reached any module: it must wait for
+	// the new child like any request that arrives during the restart, not
+	// fail with 502. A few rounds make a race with the parent's noticing
+	// show.
+	h := startModule(t, "fail-mod", failOpts(t, failConfig{RestartInitSleep: 300 * time.Millisecond}, Options{HealthInterval: time.Hour}))
+	srv := serve(t, h)
+	for round := 1; round <= 5; round++ {
+		if err := syscall.Kill(h.Stats().Pid, syscall.SIGKILL); err != nil {
+			t.Fatal(err)
+		}
+		res, body := failMustFetch(t, srv.URL+"/inc")
+		want := fmt.Sprintf("inc=%d ", round)
+		if res.StatusCode != http.StatusOK || !strings.HasPrefix(body, want) {
+			t.Errorf("round %d: GET /inc sent right after the kill: %d %q, want 200 from incarnation %d", round, res.StatusCode, body, round)
+			// Let the new child answer, so that the next kill restarts
+			// it at once.
+			if res, body := failMustFetch(t, srv.URL+"/inc"); res.StatusCode != http.StatusOK || !strings.HasPrefix(body, want) {
+				t.Fatalf("round %d: GET /inc after the restart: %d %q", round, res.StatusCode, body)
+			}
+		}
+	}
+}
+
+func TestFailRestartWaitBounded(t *testing.T) {
+	// A restarted child takes far longer than RestartWait to initialise.
+	const restartWait = 100 * time.Millisecond
+	h := startModule(t, "fail-mod", failOpts(t, failConfig{RestartInitSleep: time.Minute},
+		Options{HealthInterval: time.Hour, RestartWait: restartWait}))
+	srv := serve(t, h)
+	pid0 := h.Stats().Pid
+	if err := syscall.Kill(pid0, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	failWaitUntil(t, 10*time.Second, "the parent to notice the kill", func() bool { return h.Stats().State == "restarting" })
+
+	start := time.Now()
+	res, body := failMustFetch(t, srv.URL+"/inc")
+	took := time.Since(start)
+	if res.StatusCode != http.StatusServiceUnavailable {
+		t.Fatalf("GET /inc while the restart takes a minute: %d %q, want 503", res.StatusCode, body)
+	}
+	ra := res.Header.Get("Retry-After")
+	if n, err := strconv.Atoi(ra); err != nil || n <= 0 {
+		t.Errorf("Retry-After = %q, want a positive number of seconds", ra)
+	}
+	if took < restartWait {
+		t.Errorf("the 503 came after %v, before RestartWait (%v) had passed", took, restartWait)
+	}
+	if took > 20*time.Second {
+		t.Errorf("the 503 came after %v; RestartWait is %v", took, restartWait)
+	}
+	t.Logf("503 after %v, Retry-After %s", took, ra)
+}
+
+// failStart is one line of the starts file failModule writes.
+type failStart struct {
+	incarnation, pid int
+	at               time.Time
+}
+
+func failReadStarts(t *testing.T, dir string) []failStart {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(dir, "starts"))
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		t.Fatal(err)
+	}
+	var starts []failStart
+	for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		if line == "" {
+			continue
+		}
+		var s failStart
+		var ns int64
+		if _, err := fmt.Sscanf(line, "%d %d %d", &s.incarnation, &s.pid, &ns); err != nil {
+			t.Fatalf("bad line %q in starts: %v", line, err)
+		}
+		s.at = time.Unix(0, ns)
+		starts = append(starts, s)
+	}
+	return starts
+}
+
+func TestFailRestartBackoff(t *testing.T) {
+	// Every incarnation after the first fails in its ModuleFunc; each
+	// records when it started. The gaps between starts must follow the
+	// backoff: 100ms, doubling, capped at MaxRestartDelay.
+	const maxDelay = 400 * time.Millisecond
+	const slack = 3 * time.Second // for a loaded machine, on upper bounds only
+	dir := t.TempDir()
+	h := startModule(t, "fail-mod", failOpts(t, failConfig{Dir: dir, RestartInitFail: true},
+		Options{HealthInterval: time.Hour, MaxRestartDelay: maxDelay}))
+	srv := serve(t, h)
+	// Incarnation 0 answers a request, so its death restarts at once.
+	if res, body := failMustFetch(t, srv.URL+"/inc"); res.StatusCode != http.StatusOK {
+		t.Fatalf("GET /inc: %d %q", res.StatusCode, body)
+	}
+	if err := syscall.Kill(h.Stats().Pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	const n = 9 // incarnations 0 to 8
+	failWaitUntil(t, 30*time.Second, fmt.Sprintf("%d starts", n), func() bool { return len(failReadStarts(t, dir)) >= n })
+	starts := failReadStarts(t, dir)[:n]
+	for i, s := range starts {
+		if s.incarnation != i {
+			t.Fatalf("start %d was of incarnation %d", i, s.incarnation)
+		}
+	}
+	// The delay before incarnation i+1, after incarnation i failed.
+	wantDelay := func(i int) time.Duration {
+		d := 100 * time.Millisecond
+		for k := 1; k < i && d < maxDelay; k++ {
+			d *= 2
+		}
+		return min(d, maxDelay)
+	}
+	for i := 1; i+1 < n; i++ {
+		gap := starts[i+1].at.Sub(starts[i].at)
+		want := wantDelay(i)
+		t.Logf("incarnation %d → %d: %v (backoff %v)", i, i+1, gap.Round(time.Millisecond), want)
+		if gap < want-5*time.Millisecond {
+			t.Errorf("incarnation %d started %v after incarnation %d failed its start; the backoff is %v", i+1, gap, i, want)
+		}
+		if gap > maxDelay+slack {
+			t.Errorf("incarnation %d started %v after incarnation %d; MaxRestartDelay is %v", i+1, gap, i, maxDelay)
+		}
+	}
+	st := h.Stats()
+	if st.Restarts < n-2 || st.State != "restarting" {
+		t.Errorf("Stats = %+v, want state restarting with at least %d restarts", st, n-2)
+	}
+	if !strings.Contains(st.LastExit, "refuses to start") {
+		t.Errorf("Stats().LastExit = %q, want the module's init error", st.LastExit)
+	}
+}
+
+func TestFailHangDetected(t *testing.T) {
+	const mark = "fail-hang-marker-7f3a"
+	logs := newFailLog()
+	h := startModule(t, "fail-mod", failOpts(t, failConfig{}, Options{
+		HealthInterval: 50 * time.Millisecond,
+		HealthTimeout:  100 * time.Millisecond,
+		HealthFailures: 3,
+		Logger:         slog.New(slog.NewTextHandler(logs, nil)),
+	}))
+	srv := serve(t, h)
+	pid0 := h.Stats().Pid
+
+	res, body, err := failFetch(srv.URL+"/stop?mark="+mark, 30*time.Second)
+	if err != nil {
+		t.Fatalf("GET /stop: %v; want 502 once the stopped child is killed", err)
+	}
+	if res.StatusCode != http.StatusBadGateway {
+		t.Errorf("GET /stop: %d %q, want 502", res.StatusCode, body)
+	}
+	failWaitUntil(t, 20*time.Second, "incarnation 1", failRunning(h, 1))
+	assertReaped(t, pid0)
+	if st := h.Stats(); st.Pid == pid0 || !strings.Contains(st.LastExit, "health") {
+		t.Errorf("Stats = %+v, want a new pid (old %d) and a LastExit that names the failed health checks", st, pid0)
+	}
+	// The record that says the child is unhealthy carries the module's
+	// last lines (a text record is one line; the message's newlines are
+	// quoted).
+	log := logs.String()
+	var record string
+	for _, l := range strings.Split(log, "\n") {
+		if strings.Contains(l, "unhealthy") {
+			record = l
+			break
+		}
+	}
+	if record == "" {
+		t.Errorf("the parent's log does not say the child was unhealthy:\n%s", log)
+	} else if !strings.Contains(record, mark) {
+		t.Errorf("the parent's record of the unhealthy child lacks the module's last line %q:\n%s", mark, record)
+	}
+	if res, body := failMustFetch(t, srv.URL+"/inc"); res.StatusCode != http.StatusOK || !strings.HasPrefix(body, "inc=1 ") {
+		t.Errorf("GET /inc after the restart: %d %q, want 200 from incarnation 1", res.StatusCode, body)
+	}
+}
+
+func TestFailOldIncarnationMessagesDropped(t *testing.T) {
+	h := startModule(t, "fail-mod", failOpts(t, failConfig{}, Options{HealthInterval: time.Hour}))
+	srv := serve(t, h)
+	pid0 := h.Stats().Pid
+
+	drip := failOpen(t, srv.URL+"/drip", "inc0-0\n")
+	dripped := failReadAll(drip.Body)
+	if err := syscall.Kill(pid0, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	failWaitUntil(t, 10*time.Second, "the parent to notice the kill", func() bool { return h.Stats().Pid != pid0 })
+
+	// Requests to the next incarnation, sent while it starts.
+	const n = 20
+	type result struct {
+		id   int
+		code int
+		body string
+		err  error
+	}
+	results := make(chan result, n)
+	for i := range n {
+		go func() {
+			res, body, err := failFetch(fmt.Sprintf("%s/echo?id=%d", srv.URL, i), 30*time.Second)
+			r := result{id: i, body: body, err: err}
+			if res != nil {
+				r.code = res.StatusCode
+			}
+			results <- r
+		}()
+	}
+	for range n {
+		r := <-results
+		want := fmt.Sprintf("inc=1 id=%d", r.id)
+		if r.err != nil || r.code != http.StatusOK || r.body != want {
+			t.Errorf("request %d: %d %q (%v), want 200 %q", r.id, r.code, r.body, r.err, want)
+		}
+	}
+
+	b := failAwaitBody(t, dripped, "GET /drip")
+	if b.err == nil {
+		t.Errorf("GET /drip: body ended cleanly after its child was killed; want it aborted")
+	}
+	// Every line is incarnation 0's; an abort may cut the last one short.
+	line := regexp.MustCompile(`^inc0-\d+$`)
+	lines := strings.Split(string(b.data), "\n")
+	if cut := lines[len(lines)-1]; cut != "" && !strings.HasPrefix("inc0-", cut) && !regexp.MustCompile(`^inc0-\d*$`).MatchString(cut) {
+		t.Errorf("GET /drip to incarnation 0 received %q", cut)
+	}
+	for _, l := range lines[:len(lines)-1] {
+		if !line.MatchString(l) {
+			t.Errorf("GET /drip to incarnation 0 received %q", l)
+		}
+	}
+}
+
+func TestFailShutdownGraceful(t *testing.T) {
+	dir := t.TempDir()
+	h := startModule(t, "fail-mod", failOpts(t, failConfig{Dir: dir}, Options{HealthInterval: time.Hour}))
+	srv := serve(t, h)
+	pid := h.Stats().Pid
+
+	held := failOpen(t, srv.URL+"/hold?file=release", "part1\n")
+	shutdown := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		shutdown <- h.Shutdown(ctx)
+	}()
+	failWaitUntil(t, 10*time.Second, "Shutdown to begin", func() bool { return h.Stats().State != "running" })
+
+	res, body := failMustFetch(t, srv.URL+"/inc")
+	if res.StatusCode != http.StatusServiceUnavailable {
+		t.Errorf("GET /inc during Shutdown: %d %q, want 503", res.StatusCode, body)
+	}
+	select {
+	case err := <-shutdown:
+		t.Fatalf("Shutdown returned (%v) while a request was in flight", err)
+	default:
+	}
+	if err := os.WriteFile(filepath.Join(dir, "release"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	rest := failAwaitBody(t, failReadAll(held.Body), "GET /hold")
+	if rest.err != nil || string(rest.data) != "part2\n" {
+		t.Errorf("GET /hold during Shutdown: rest of body %q (%v), want %q", rest.data, rest.err, "part2\n")
+	}
+	select {
+	case err := <-shutdown:
+		if err != nil {
+			t.Errorf("Shutdown: %v, want nil", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("Shutdown did not return after the last request finished")
+	}
+	assertReaped(t, pid)
+	if st := h.Stats(); st.State != "stopped" || st.Pid != 0 {
+		t.Errorf("after Shutdown: Stats = %+v, want stopped", st)
+	}
+}
+
+func TestFailShutdownForced(t *testing.T) {
+	h := startModule(t, "fail-mod", failOpts(t, failConfig{}, Options{HealthInterval: time.Hour}))
+	srv := serve(t, h)
+	pid := h.Stats().Pid
+
+	stuck := failOpen(t, srv.URL+"/forever", "started\n")
+	rest := failReadAll(stuck.Body)
+
+	const grace = 200 * time.Millisecond
+	ctx, cancel := context.WithTimeout(context.Background(), grace)
+	defer cancel()
+	start := time.Now()
+	err := h.Shutdown(ctx)
+	took := time.Since(start)
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("Shutdown with a handler that never returns: %v, want an error wrapping context.DeadlineExceeded", err)
+	}
+	if err != nil && !strings.Contains(err.Error(), "fail-mod") {
+		t.Errorf("Shutdown's error %q does not name the module", err)
+	}
+	if took < grace {
+		t.Errorf("Shutdown returned after %v, before its context ended (%v)", took, grace)
+	}
+	if took > 20*time.Second {
+		t.Errorf("Shutdown returned %v after its context ended", took-grace)
+	}
+	assertReaped(t, pid)
+	if b := failAwaitBody(t, rest, "GET /forever"); b.err == nil {
+		t.Errorf("GET /forever: body ended cleanly (%q) although the child was killed", b.data)
+	}
+}
+
+func TestFailCloseConcurrent(t *testing.T) {
+	h := startModule(t, "fail-mod", failOpts(t, failConfig{}, Options{HealthInterval: time.Hour}))
+	pid := h.Stats().Pid
+
+	errs := make(chan error, 3)
+	go func() { errs <- h.Close() }()
+	go func() { errs <- h.Shutdown(context.Background()) }()
+	go func() { errs <- h.Close() }()
+	for range 3 {
+		if err := <-errs; err != nil {
+			t.Errorf("concurrent Close/Shutdown: %v", err)
+		}
+	}
+	if err := h.Close(); err != nil {
+		t.Errorf("second Close: %v", err)
+	}
+	if err := h.Shutdown(context.Background()); err != nil {
+		t.Errorf("Shutdown after Close: %v", err)
+	}
+	assertReaped(t, pid)
+	if st := h.Stats(); st.State != "stopped" || st.Pid != 0 {
+		t.Errorf("after Close: Stats = %+v, want stopped", st)
+	}
+}
+
+func TestFailHealthCheck(t *testing.T) {
+	h := startModule(t, "fail-mod", failOpts(t, failConfig{}, Options{HealthInterval: time.Hour}))
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	d, err := h.HealthCheck(ctx)
+	if err != nil || d <= 0 {
+		t.Errorf("HealthCheck on a live handle: %v, %v; want a positive round trip", d, err)
+	}
+	if err := h.Close(); err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	_, err = h.HealthCheck(ctx)
+	if !errors.Is(err, ErrClosed) {
+		t.Errorf("HealthCheck after Close: %v, want ErrClosed", err)
+	}
+	if err != nil && !strings.Contains(err.Error(), "fail-mod") {
+		t.Errorf("HealthCheck's error %q does not name the module", err)
+	}
+}
+
+// failHelperParentEnv makes TestHelperParent act as a parent process for
+// TestFailOrphan.
+const failHelperParentEnv = "SUBPROC_FAIL_HELPER_PARENT"
+
+// TestHelperParent is not a test: TestFailOrphan runs it in a second copy of
+// the test binary, to have a parent it can kill. It starts fail-mod, prints
+// the child's pid and waits for its stdin to end.
+func TestHelperParent(t *testing.T) {
+	if os.Getenv(failHelperParentEnv) != "1" {
+		t.Skip("a helper process for TestFailOrphan")
+	}
+	h, err := Start(context.Background(), "fail-mod", Options{HealthInterval: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	fmt.Printf("child-pid %d\n", h.Stats().Pid)
+	io.Copy(io.Discard, os.Stdin) // until TestFailOrphan kills this process, or goes away
+	h.Close()
+}
+
+// failProcState returns the state letter of a process in /proc, or "" if
+// it cannot be read.
+func failProcState(pid int) string {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return ""
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "State:"); ok {
+			return strings.TrimSpace(v)[:1]
+		}
+	}
+	return ""
+}
+
+// failGone reports whether a process that is not ours has exited: it no
+// longer exists, or is a zombie waiting for whoever inherited it.
+func failGone(pid int) bool {
+	if err := syscall.Kill(pid, 0); errors.Is(err, syscall.ESRCH) {
+		return true
+	}
+	return failProcState(pid) == "Z"
+}
+
+func TestFailOrphan(t *testing.T) {
+	for _, stopped := range []bool{false, true} {
+		name := "running child"
+		if stopped {
+			name = "stopped child"
+		}
+		t.Run(name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+			defer cancel()
+			cmd := exec.CommandContext(ctx, os.Args[0], "-test.run=^TestHelperParent$", "-test.count=1", "-test.timeout=60s")
+			cmd.Env = append(os.Environ(), failHelperParentEnv+"=1")
+			stderr := newFailLog()
+			cmd.Stderr = stderr
+			cmd.WaitDelay = 10 * time.Second
+			stdin, err := cmd.StdinPipe()
+			if err != nil {
+				t.Fatal(err)
+			}
+			stdout, err := cmd.StdoutPipe()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			pids := make(chan int, 1)
+			readDone := make(chan struct{})
+			go func() {
+				defer close(readDone)
+				sc := bufio.NewScanner(stdout)
+				for sc.Scan() {
+					if v, ok := strings.CutPrefix(sc.Text(), "child-pid "); ok {
+						if pid, err := strconv.Atoi(v); err == nil {
+							pids <- pid
+						}
+					}
+				}
+			}()
+			waited := false
+			t.Cleanup(func() {
+				stdin.Close()
+				if !waited {
+					cmd.Process.Kill()
+					<-readDone
+					cmd.Wait()
+				}
+			})
+
+			var pid int
+			select {
+			case pid = <-pids:
+			case <-readDone:
+				t.Fatalf("the helper parent ended without starting its child; its stderr:\n%s", stderr)
+			case <-time.After(30 * time.Second):
+				t.Fatalf("the helper parent printed no child pid in 30s; its stderr:\n%s", stderr)
+			}
+			t.Cleanup(func() {
+				if !failGone(pid) {
+					syscall.Kill(pid, syscall.SIGKILL) // the test failed: leave nothing behind
+				}
+			})
+			if stopped {
+				// When the parent dies, the kernel sends SIGHUP and SIGCONT to
+				// a process group that becomes orphaned with a stopped member,
+				// which would end the child without the parent-death signal.
+				// A process of ours in the child's group keeps the group from
+				// being orphaned, so that only the parent-death signal can end
+				// the stopped child.
+				anchor := exec.Command("sleep", "60")
+				anchor.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pgid: pid}
+				if err := anchor.Start(); err != nil {
+					t.Fatalf("starting a process in the child's process group: %v", err)
+				}
+				t.Cleanup(func() {
+					anchor.Process.Kill()
+					anchor.Wait()
+				})
+				if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
+					t.Fatal(err)
+				}
+				failWaitUntil(t, 10*time.Second, "the child to stop", func() bool { return failProcState(pid) == "T" })
+			}
+
+			killed := time.Now()
+			if err := cmd.Process.Signal(syscall.SIGKILL); err != nil {
+				t.Fatal(err)
+			}
+			<-readDone
+			waited = true
+			if err := cmd.Wait(); err == nil || !strings.Contains(err.Error(), "killed") {
+				t.Errorf("the helper parent ended with %v, want killed", err)
+			}
+			deadline := time.Now().Add(5 * time.Second)
+			for !failGone(pid) {
+				if time.Now().After(deadline) {
+					t.Fatalf("child pid %d still runs 5s after its parent was killed (state %s)", pid, failProcState(pid))
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
+			t.Logf("the child exited %v after its parent was killed", time.Since(killed))
+		})
+	}
+}
+
+func TestFailChildOwnProcessGroup(t *testing.T) {
+	h := startModule(t, "fail-mod", failOpts(t, failConfig{}, Options{HealthInterval: time.Hour}))
+	pid := h.Stats().Pid
+	pgid, err := syscall.Getpgid(pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if own := syscall.Getpgrp(); pgid == own {
+		t.Errorf("the child (pid %d) is in the parent's process group %d", pid, own)
+	}
+	if pgid != pid {
+		t.Errorf("the child (pid %d) is in process group %d, want its own", pid, pgid)
+	}
+}
+
+func TestFailStartErrors(t *testing.T) {
+	tests := []struct {
+		name          string
+		module        string
+		startTimeout  time.Duration
+		cancelInInit  bool     // cancel Start's context once the ModuleFunc runs
+		wantIs        error    // nil: not checked
+		wantIn        []string // besides the module's name
+		wantChild     bool     // a child was started and must be gone
+		wantWithin    time.Duration
+		wantAtLeastIn time.Duration
+	}{
+		{
+			name:   "unregistered",
+			module: "fail-never-registered",
+			wantIs: ErrNotRegistered,
+			wantIn: []string{"not registered", "Register"},
+		},
+		{
+			name:      "init error",
+			module:    "fail-init-error",
+			wantIn:    []string{failInitErrorText},
+			wantChild: true,
+		},
+		{
+			name:      "init panic",
+			module:    "fail-init-panic",
+			wantIn:    []string{"panic", failInitPanicText},
+			wantChild: true,
+		},
+		{
+			name:      "init exits",
+			module:    "fail-init-exit",
+			wantIn:    []string{"exit status 5", failInitExitText},
+			wantChild: true,
+		},
+		{
+			name:          "init hangs",
+			module:        "fail-init-hang",
+			startTimeout:  300 * time.Millisecond,
+			wantIs:        ErrStartTimeout,
+			wantIn:        []string{"StartTimeout"},
+			wantChild:     true,
+			wantWithin:    20 * time.Second,
+			wantAtLeastIn: 300 * time.Millisecond,
+		},
+		{
+			name:         "context canceled during init",
+			module:       "fail-init-hang",
+			cancelInInit: true,
+			wantIs:       context.Canceled,
+			wantChild:    true,
+			wantWithin:   20 * time.Second, // StartTimeout is the default 30s
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := t.TempDir()
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			pidFile := filepath.Join(dir, "pid")
+			if tt.cancelInInit {
+				stop := make(chan struct{})
+				watched := make(chan struct{})
+				defer func() { close(stop); <-watched }()
+				go func() {
+					defer close(watched)
+					for !failFileExists(pidFile)() {
+						select {
+						case <-stop:
+							return
+						case <-time.After(5 * time.Millisecond):
+						}
+					}
+					cancel()
+				}()
+			}
+			before := goleak.IgnoreCurrent()
+			start := time.Now()
+			h, err := Start(ctx, tt.module, testOptions(t, failOpts(t, failConfig{Dir: dir}, Options{StartTimeout: tt.startTimeout})))
+			took := time.Since(start)
+			if err == nil {
+				h.Close()
+				t.Fatalf("Start(%q) succeeded, want an error", tt.module)
+			}
+			if h != nil {
+				t.Errorf("Start(%q) returned a Handle with its error", tt.module)
+			}
+			t.Logf("Start(%q) after %v: %v", tt.module, took.Round(time.Millisecond), err)
+			var se *StartError
+			if !errors.As(err, &se) || se.Module != tt.module {
+				t.Errorf("Start's error is %T %+v, want a *StartError for %q", err, err, tt.module)
+			}
+			if tt.wantIs != nil && !errors.Is(err, tt.wantIs) {
+				t.Errorf("Start's error does not match %v: %v", tt.wantIs, err)
+			}
+			for _, s := range append([]string{`"` + tt.module + `"`}, tt.wantIn...) {
+				if !strings.Contains(err.Error(), s) {
+					t.Errorf("Start's error does not say %q:\n%v", s, err)
+				}
+			}
+			if tt.wantWithin > 0 && took > tt.wantWithin {
+				t.Errorf("Start returned after %v, want within %v", took, tt.wantWithin)
+			}
+			if took < tt.wantAtLeastIn {
+				t.Errorf("Start returned after %v, before StartTimeout %v", took, tt.wantAtLeastIn)
+			}
+			if tt.wantChild {
+				b, err := os.ReadFile(pidFile)
+				if err != nil {
+					t.Fatalf("the module did not record its pid: %v", err)
+				}
+				pid, err := strconv.Atoi(string(b))
+				if err != nil {
+					t.Fatal(err)
+				}
+				assertReaped(t, pid)
+			}
+			goleak.VerifyNone(t, before, goleak.IgnoreTopFunction("gopkg.in/natefinch/lumberjack%2ev2.(*Logger).millRun"))
+		})
+	}
+}
+
+func TestFailStartInitWritesStdout(t *testing.T) {
+	out := newFailLog()
+	h := startModule(t, "fail-init-stdout", failOpts(t, failConfig{}, Options{Stderr: out, HealthInterval: time.Hour}))
+	srv := serve(t, h)
+	if res, body := failMustFetch(t, srv.URL+"/"); res.StatusCode != http.StatusOK || body != "ok" {
+		t.Errorf("GET / of a module that printed to stdout in init: %d %q, want 200 ok", res.StatusCode, body)
+	}
+	for _, how := range []string{"fmt.Println", "os.Stdout", "fd 1"} {
+		line := "[fail-init-stdout] " + failInitStdoutText + " (" + how + ")"
+		if !out.await(line, 10*time.Second) {
+			t.Errorf("the module's stdout line %q did not reach its log; got:\n%s", line, out)
+		}
+	}
+}
+
+func TestFailChildModeByHand(t *testing.T) {
+	devNull, err := os.Open(os.DevNull)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer devNull.Close()
+	tests := []struct {
+		name  string
+		stdin io.Reader
+		extra []*os.File
+	}{
+		{"stdin from /dev/null", nil, nil},
+		{"stdin a pipe", strings.NewReader("hello\n"), nil},
+		{"garbage on stdin, all descriptors", strings.NewReader("GET / HTTP/1.1\r\n\r\n"), []*os.File{devNull, devNull}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			cmd := exec.CommandContext(ctx, os.Args[0])
+			cmd.Env = append(os.Environ(), envModule+"=fail-mod")
+			cmd.Stdin = tt.stdin
+			cmd.ExtraFiles = tt.extra
+			var stderr bytes.Buffer
+			cmd.Stderr = &stderr
+			cmd.WaitDelay = 5 * time.Second
+			err := cmd.Run()
+			var ee *exec.ExitError
+			if !errors.As(err, &ee) || ee.ExitCode() != 2 {
+				t.Errorf("the binary run by hand in child mode ended with %v, want exit status 2", err)
+			}
+			msg := stderr.String()
+			if !strings.Contains(msg, "not started by subproc.Start") && !strings.Contains(msg, "not by subproc.Start") {
+				t.Errorf("stderr does not say the process was not started by subproc.Start:\n%s", msg)
+			}
+			if !strings.Contains(strings.ToLower(msg), "unset "+strings.ToLower(envModule)) {
+				t.Errorf("stderr does not say to unset %s:\n%s", envModule, msg)
+			}
+		})
+	}
+}
+
+func TestFailModulesIndependent(t *testing.T) {
+	dir := t.TempDir()
+	a := startModule(t, "fail-twin-a", failOpts(t, failConfig{}, Options{HealthInterval: time.Hour}))
+	b := startModule(t, "fail-twin-b", failOpts(t, failConfig{Dir: dir}, Options{HealthInterval: time.Hour}))
+	sa, sb := serve(t, a), serve(t, b)
+	pa, pb := a.Stats().Pid, b.Stats().Pid
+	if pa == 0 || pb == 0 || pa == pb {
+		t.Fatalf("child pids %d and %d, want two distinct children", pa, pb)
+	}
+
+	held := failOpen(t, sb.URL+"/hold?file=release", "part1\n")
+	if err := syscall.Kill(pa, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	failWaitUntil(t, 20*time.Second, "fail-twin-a's incarnation 1", failRunning(a, 1))
+	if res, body := failMustFetch(t, sa.URL+"/inc"); res.StatusCode != http.StatusOK || !strings.HasPrefix(body, "inc=1 ") {
+		t.Errorf("fail-twin-a after its kill: %d %q, want 200 from incarnation 1", res.StatusCode, body)
+	}
+
+	if st := b.Stats(); st.Pid != pb || st.Incarnation != 0 || st.Restarts != 0 || st.State != "running" {
+		t.Errorf("fail-twin-b after fail-twin-a's kill: Stats = %+v, want its first child pid %d still running", st, pb)
+	}
+	want := fmt.Sprintf("inc=0 pid=%d", pb)
+	if res, body := failMustFetch(t, sb.URL+"/inc"); res.StatusCode != http.StatusOK || body != want {
+		t.Errorf("fail-twin-b after fail-twin-a's kill: %d %q, want 200 %q", res.StatusCode, body, want)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "release"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if rest := failAwaitBody(t, failReadAll(held.Body), "fail-twin-b GET /hold"); rest.err != nil || string(rest.data) != "part2\n" {
+		t.Errorf("fail-twin-b's request in flight across fail-twin-a's kill: rest %q (%v), want %q", rest.data, rest.err, "part2\n")
+	}
+}
