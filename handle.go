@@ -500,6 +500,7 @@ func (h *Handle) proxy(w http.ResponseWriter, r *http.Request, c *child, s *stre
 				}
 				continue
 			}
+			announced := ev.head.Header["Trailer"] // hop-by-hop, but announces the trailers
 			removeHopByHop(ev.head.Header)
 			for k, v := range ev.head.Header {
 				dst[k] = append(dst[k], v...)
@@ -509,7 +510,7 @@ func (h *Handle) proxy(w http.ResponseWriter, r *http.Request, c *child, s *stre
 				for _, k := range ev.head.Trailer {
 					declared[k] = true
 				}
-				dst["Trailer"] = []string{strings.Join(ev.head.Trailer, ", ")}
+				dst["Trailer"] = announced
 			}
 			w.WriteHeader(ev.head.Status)
 			started = true
@@ -522,7 +523,7 @@ func (h *Handle) proxy(w http.ResponseWriter, r *http.Request, c *child, s *stre
 				c.send(outFrame{kind: kindCancel, id: s.id}, nil)
 				return false
 			}
-			c.sendWindowUpdate(s.id, ev.n, ctx.Done())
+			c.sendWindowUpdate(s.id, frameCost(ev.n), ctx.Done())
 			if ev.flags&flagFlush != 0 {
 				rc.Flush()
 			}
@@ -551,15 +552,16 @@ func (h *Handle) proxy(w http.ResponseWriter, r *http.Request, c *child, s *stre
 func (s *stream) sendBody(c *child, r *http.Request, reading *atomic.Bool, stop <-chan struct{}, done chan<- struct{}) {
 	defer close(done)
 	for {
-		n, err := s.win.take(1, chunkSize, stop)
+		credit, err := s.win.take(frameCost(1), frameCost(chunkSize), stop)
 		if err != nil {
 			return
 		}
+		n := credit - frameOverhead
 		reading.Store(true)
 		select {
 		case <-stop:
 			reading.Store(false)
-			s.win.add(n)
+			s.win.add(credit)
 			return
 		default:
 		}
@@ -567,7 +569,10 @@ func (s *stream) sendBody(c *child, r *http.Request, reading *atomic.Bool, stop 
 		s.bodyTouched.Store(true)
 		m, rerr := r.Body.Read((*buf)[:n])
 		reading.Store(false)
-		if m < n {
+		switch {
+		case m == 0:
+			s.win.add(credit) // no frame is sent
+		case m < n:
 			s.win.add(n - m)
 		}
 		if m > 0 {

@@ -60,10 +60,18 @@ const (
 	// child buffer per request.
 	window = 8 * chunkSize
 
-	// maxQueuedEvents bounds the messages other than body bytes (response
-	// heads, empty flushes) that the parent queues for one stream.
-	maxQueuedEvents = 64
+	// frameOverhead is what a kindData frame costs against a window on top
+	// of its bytes, so that a window bounds the number of queued frames (a
+	// handler may flush tiny chunks) as well as their bytes.
+	frameOverhead = 256
+
+	// maxInformational bounds the 1xx responses of one request. The child
+	// drops those beyond it; the parent treats more as a protocol error.
+	maxInformational = 32
 )
+
+// frameCost is what a kindData frame carrying n bytes costs against a window.
+func frameCost(n int) int { return n + frameOverhead }
 
 // hello is the parent's first message to a new child.
 type hello struct {
@@ -95,17 +103,18 @@ type requestHead struct {
 	ForceQuery bool
 	OmitHost   bool
 
-	Proto         string
-	ProtoMajor    int
-	ProtoMinor    int
-	Header        http.Header
-	Host          string
-	ContentLength int64
-	Close         bool
-	Trailer       []string // declared trailer keys; values come with kindEnd
-	RemoteAddr    string
-	RequestURI    string
-	TLS           *tlsState
+	Proto            string
+	ProtoMajor       int
+	ProtoMinor       int
+	Header           http.Header
+	Host             string
+	ContentLength    int64
+	TransferEncoding []string
+	Close            bool
+	Trailer          []string // declared trailer keys; values come with kindEnd
+	RemoteAddr       string
+	RequestURI       string
+	TLS              *tlsState
 }
 
 // tlsState is the part of tls.ConnectionState that can cross a pipe.
@@ -177,16 +186,17 @@ func headerHasToken(values []string, token string) bool {
 // through httputil.ReverseProxy.
 func newRequestHead(r *http.Request) *requestHead {
 	h := &requestHead{
-		Method:        r.Method,
-		Proto:         r.Proto,
-		ProtoMajor:    r.ProtoMajor,
-		ProtoMinor:    r.ProtoMinor,
-		Header:        r.Header.Clone(),
-		Host:          r.Host,
-		ContentLength: r.ContentLength,
-		Close:         r.Close,
-		RemoteAddr:    r.RemoteAddr,
-		RequestURI:    r.RequestURI,
+		Method:           r.Method,
+		Proto:            r.Proto,
+		ProtoMajor:       r.ProtoMajor,
+		ProtoMinor:       r.ProtoMinor,
+		Header:           r.Header.Clone(),
+		Host:             r.Host,
+		ContentLength:    r.ContentLength,
+		TransferEncoding: r.TransferEncoding,
+		Close:            r.Close,
+		RemoteAddr:       r.RemoteAddr,
+		RequestURI:       r.RequestURI,
 	}
 	if h.Header == nil {
 		h.Header = http.Header{}
@@ -244,17 +254,18 @@ func (h *requestHead) request() (*http.Request, error) {
 		h.Header = http.Header{}
 	}
 	r := &http.Request{
-		Method:        h.Method,
-		URL:           u,
-		Proto:         h.Proto,
-		ProtoMajor:    h.ProtoMajor,
-		ProtoMinor:    h.ProtoMinor,
-		Header:        h.Header,
-		Host:          h.Host,
-		ContentLength: h.ContentLength,
-		Close:         h.Close,
-		RemoteAddr:    h.RemoteAddr,
-		RequestURI:    h.RequestURI,
+		Method:           h.Method,
+		URL:              u,
+		Proto:            h.Proto,
+		ProtoMajor:       h.ProtoMajor,
+		ProtoMinor:       h.ProtoMinor,
+		Header:           h.Header,
+		Host:             h.Host,
+		ContentLength:    h.ContentLength,
+		TransferEncoding: h.TransferEncoding,
+		Close:            h.Close,
+		RemoteAddr:       h.RemoteAddr,
+		RequestURI:       h.RequestURI,
 	}
 	if len(h.Trailer) > 0 {
 		r.Trailer = make(http.Header, len(h.Trailer))

@@ -260,20 +260,21 @@ type responseWriter struct {
 	win    *sendWindow   // credit granted by the parent; fixed
 	header http.Header   // the handler's header map; fixed
 
-	mu          sync.Mutex  // guards the fields below
-	wroteHeader bool        // the final status is chosen
-	status      int         // the final status
-	sent        http.Header // the header as it was at WriteHeader
-	trailers    []string    // declared trailer keys
-	clen        int64       // the declared Content-Length, -1 for none
-	written     int64       // body bytes written by the handler
-	headSent    bool        // the final head has gone to the parent
-	unflushed   bool        // something went to the parent since the last flush
-	buf         *[]byte     // pending body bytes
-	n           int         // bytes in buf
-	fullDuplex  bool        // the handler called EnableFullDuplex
-	done        bool        // the handler has returned, or panicked
-	err         error       // a failure to send; writes return it
+	mu            sync.Mutex  // guards the fields below
+	wroteHeader   bool        // the final status is chosen
+	status        int         // the final status
+	sent          http.Header // the header as it was at WriteHeader
+	trailers      []string    // declared trailer keys
+	clen          int64       // the declared Content-Length, -1 for none
+	written       int64       // body bytes written by the handler
+	headSent      bool        // the final head has gone to the parent
+	unflushed     bool        // something went to the parent since the last flush
+	buf           *[]byte     // pending body bytes
+	n             int         // bytes in buf
+	fullDuplex    bool        // the handler called EnableFullDuplex
+	informational int         // 1xx heads sent
+	done          bool        // the handler has returned, or panicked
+	err           error       // a failure to send; writes return it
 }
 
 func newResponseWriter(c *conn, id uint64, req *http.Request) *responseWriter {
@@ -300,6 +301,9 @@ func (w *responseWriter) WriteHeader(code int) {
 		return
 	}
 	if code < 200 && code != http.StatusSwitchingProtocols {
+		if w.informational++; w.informational > maxInformational {
+			return // the parent would take more for a broken child
+		}
 		w.sendLocked(outFrame{kind: kindResponse, id: w.id, msg: &responseHead{Status: code, Header: w.header.Clone(), FullDuplex: w.fullDuplex}})
 		return
 	}
@@ -412,11 +416,9 @@ func (w *responseWriter) sendBodyLocked(flags uint8) error {
 		return w.err
 	}
 	n := w.n
-	if n > 0 {
-		if _, err := w.win.take(n, n, w.req.Context().Done()); err != nil {
-			w.fail(err)
-			return w.err
-		}
+	if _, err := w.win.take(frameCost(n), frameCost(n), w.req.Context().Done()); err != nil {
+		w.fail(err)
+		return w.err
 	}
 	f := outFrame{kind: kindData, flags: flags, id: w.id}
 	if w.buf != nil {

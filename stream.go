@@ -132,11 +132,11 @@ type bodyReader struct {
 	chunks   []*[]byte  // queued chunks; the first is read from off
 	lens     []int      // bytes in each queued chunk
 	off      int
-	queued   int   // bytes queued
+	queued   int   // what the queued chunks cost against the window
 	err      error // returned once the queue is empty: io.EOF at the end
 	closed   bool  // the handler closed the body, or returned
 	expect   bool  // the parent waits for a first read before sending (Expect: 100-continue)
-	consumed int   // bytes read and not yet granted back
+	consumed int   // the cost of chunks read and not yet granted back
 }
 
 func newBodyReader(grant func(int), trailer http.Header, expectContinue bool) *bodyReader {
@@ -154,13 +154,13 @@ func (b *bodyReader) push(buf *[]byte, n int) error {
 		putChunk(buf)
 		return nil
 	}
-	if b.queued+n > window {
+	if b.queued+frameCost(n) > window {
 		putChunk(buf)
 		return errBodyWindow
 	}
 	b.chunks = append(b.chunks, buf)
 	b.lens = append(b.lens, n)
-	b.queued += n
+	b.queued += frameCost(n)
 	b.signal()
 	return nil
 }
@@ -221,13 +221,13 @@ func (b *bodyReader) Read(p []byte) (int, error) {
 		n += k
 		b.off += k
 		if b.off == b.lens[0] {
-			b.consumed += b.lens[0]
+			b.queued -= frameCost(b.lens[0])
+			b.consumed += frameCost(b.lens[0])
 			putChunk(b.chunks[0])
 			b.chunks[0] = nil
 			b.chunks, b.lens, b.off = b.chunks[1:], b.lens[1:], 0
 		}
 	}
-	b.queued -= n
 	grant := 0
 	if b.consumed >= chunkSize || (len(b.chunks) == 0 && b.consumed > 0) {
 		grant, b.consumed = b.consumed, 0
@@ -265,7 +265,8 @@ type stream struct {
 
 	mu        sync.Mutex // guards the fields below
 	events    []event
-	queued    int   // body bytes in events
+	queued    int   // what the kindData events cost against the window
+	informal  int   // 1xx response heads received
 	final     bool  // the final (non-1xx) response head has arrived
 	ended     bool  // kindEnd or kindAbort has arrived: the child is done with the stream
 	err       error // the stream failed: the child can no longer answer
@@ -299,7 +300,9 @@ func (s *stream) push(ev event) error {
 		return err
 	}
 	s.events = append(s.events, ev)
-	s.queued += ev.n
+	if ev.kind == kindData {
+		s.queued += frameCost(ev.n)
+	}
 	s.signal()
 	return nil
 }
@@ -307,11 +310,8 @@ func (s *stream) push(ev event) error {
 // checkLocked checks that ev may follow what the stream has received, and
 // records it.
 func (s *stream) checkLocked(ev event) error {
-	switch {
-	case s.ended:
+	if s.ended {
 		return errors.New("message after the end of the response")
-	case len(s.events) >= maxQueuedEvents:
-		return errors.New("too many queued messages")
 	}
 	switch ev.kind {
 	case kindResponse:
@@ -323,12 +323,17 @@ func (s *stream) checkLocked(ev event) error {
 			return errors.New("response status out of range")
 		case st >= 200 || st == http.StatusSwitchingProtocols:
 			s.final = true
+		default:
+			s.informal++
+			if s.informal > maxInformational {
+				return errors.New("too many 1xx responses")
+			}
 		}
 	case kindData:
 		if !s.final {
 			return errors.New("response body before the response head")
 		}
-		if s.queued+ev.n > window {
+		if s.queued+frameCost(ev.n) > window {
 			return errors.New("response body exceeds the flow-control window")
 		}
 	case kindEnd:
@@ -383,7 +388,9 @@ func (s *stream) next(cancel <-chan struct{}) (event, error) {
 			ev := s.events[0]
 			s.events[0] = event{}
 			s.events = s.events[1:]
-			s.queued -= ev.n
+			if ev.kind == kindData {
+				s.queued -= frameCost(ev.n)
+			}
 			s.mu.Unlock()
 			return ev, nil
 		}
