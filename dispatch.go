@@ -107,8 +107,10 @@ func (c *conn) send(f outFrame, cancel <-chan struct{}) error {
 	}
 }
 
-// sendSync writes f, after any frames queued before it, and returns once f
-// has been written to the pipe (or failed).
+// sendSync writes f at once and returns when it is in the pipe (or
+// failed). Frames that other goroutines have queued may follow it: sendSync
+// only keeps the order of its caller's frames if the caller has none queued,
+// which holds for the child's readLoop, its one user.
 func (c *conn) sendSync(f outFrame) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
@@ -116,31 +118,10 @@ func (c *conn) sendSync(f outFrame) error {
 		putChunk(f.buf)
 		return c.werr
 	}
-	if !c.started {
-		// writeLoop has not written the preamble yet; nothing can be
-		// queued before it either.
-		err := frame.WritePreamble(c.fw.Buffered(), protocolVersion)
-		if err != nil {
-			c.werr = err
-			return err
-		}
-		c.started = true
+	err := c.writePreambleLocked()
+	if err == nil {
+		err = c.write(f)
 	}
-	for {
-		select {
-		case q := <-c.out:
-			err := c.write(q)
-			c.queued.Add(-1)
-			if err != nil {
-				c.werr = err
-				return err
-			}
-			continue
-		default:
-		}
-		break
-	}
-	err := c.write(f)
 	if err == nil {
 		err = c.fw.Flush()
 	}
@@ -148,6 +129,18 @@ func (c *conn) sendSync(f outFrame) error {
 		c.werr = err
 	}
 	return err
+}
+
+// writePreambleLocked writes the preamble unless it has been written.
+func (c *conn) writePreambleLocked() error {
+	if c.started {
+		return nil
+	}
+	if err := frame.WritePreamble(c.fw.Buffered(), protocolVersion); err != nil {
+		return err
+	}
+	c.started = true
+	return nil
 }
 
 // sendWindowUpdate sends a window update of n bytes for stream id.
@@ -180,13 +173,9 @@ func (c *conn) writeLoop() {
 
 func (c *conn) writeFrames() error {
 	c.wmu.Lock()
-	var err error
-	if !c.started {
-		err = frame.WritePreamble(c.fw.Buffered(), protocolVersion)
-		if err == nil {
-			err = c.fw.Flush()
-		}
-		c.started = err == nil
+	err := c.writePreambleLocked()
+	if err == nil {
+		err = c.fw.Flush()
 	}
 	c.wmu.Unlock()
 	if err != nil {
