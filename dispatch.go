@@ -78,9 +78,22 @@ func newConn(r io.Reader, w io.WriteCloser) *conn {
 // full. It fails, and releases f's chunk, if the pipe has failed, writeLoop
 // has stopped, or cancel is closed first.
 func (c *conn) send(f outFrame, cancel <-chan struct{}) error {
+	fs := [1]outFrame{f}
+	return c.sendFrames(fs[:], cancel)
+}
+
+// sendFrames sends frames in order, in one write when the pipe is idle.
+// On failure it releases the chunks of the frames it did not send.
+func (c *conn) sendFrames(fs []outFrame, cancel <-chan struct{}) error {
 	if c.wmu.TryLock() {
 		if c.started && c.werr == nil && c.queued.Load() == 0 {
-			err := c.write(f)
+			var err error
+			for i, f := range fs {
+				if err = c.write(f); err != nil {
+					releaseFrames(fs[i+1:])
+					break
+				}
+			}
 			if err == nil {
 				err = c.fw.Flush()
 			}
@@ -92,18 +105,27 @@ func (c *conn) send(f outFrame, cancel <-chan struct{}) error {
 		}
 		c.wmu.Unlock()
 	}
-	c.queued.Add(1)
-	select {
-	case c.out <- f:
-		return nil
-	case <-c.wdone:
-		c.queued.Add(-1)
+	for i, f := range fs {
+		c.queued.Add(1)
+		select {
+		case c.out <- f:
+			continue
+		case <-c.wdone:
+			c.queued.Add(-1)
+			releaseFrames(fs[i:])
+			return errConnClosed
+		case <-cancel:
+			c.queued.Add(-1)
+			releaseFrames(fs[i:])
+			return errCanceled
+		}
+	}
+	return nil
+}
+
+func releaseFrames(fs []outFrame) {
+	for _, f := range fs {
 		putChunk(f.buf)
-		return errConnClosed
-	case <-cancel:
-		c.queued.Add(-1)
-		putChunk(f.buf)
-		return errCanceled
 	}
 }
 

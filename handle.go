@@ -459,6 +459,7 @@ func (h *Handle) proxy(w http.ResponseWriter, r *http.Request, c *child, s *stre
 
 	var declared map[string]bool // trailers announced in the response head
 	started := false             // the final response head was written to w
+	owed := 0                    // window credit consumed and not yet returned to the child
 	for {
 		ev, err := s.next(ctx.Done())
 		if err == errCanceled {
@@ -523,7 +524,13 @@ func (h *Handle) proxy(w http.ResponseWriter, r *http.Request, c *child, s *stre
 				c.send(outFrame{kind: kindCancel, id: s.id}, nil)
 				return false
 			}
-			c.sendWindowUpdate(s.id, frameCost(ev.n), ctx.Done())
+			// Credit goes back a chunk's worth at a time: a small
+			// response then costs no window update at all, and the
+			// child still has most of the window (see grantThreshold).
+			if owed += frameCost(ev.n); owed >= grantThreshold {
+				c.sendWindowUpdate(s.id, owed, ctx.Done())
+				owed = 0
+			}
 			if ev.flags&flagFlush != 0 {
 				rc.Flush()
 			}

@@ -70,6 +70,13 @@ const (
 	maxInformational = 32
 )
 
+// grantThreshold is how much credit a receiver lets accumulate before it
+// returns it in a kindWindow frame. A sender then always has at least
+// window-grantThreshold of credit once the receiver has drained its queue,
+// which exceeds a full chunk's cost, so it never waits for credit that is
+// held back.
+const grantThreshold = chunkSize
+
 // frameCost is what a kindData frame carrying n bytes costs against a window.
 func frameCost(n int) int { return n + frameOverhead }
 

@@ -359,7 +359,7 @@ func (w *responseWriter) Write(p []byte) (int, error) {
 		n += k
 		w.written += int64(k)
 		if w.n == chunkSize {
-			if err := w.sendBodyLocked(0); err != nil {
+			if err := w.sendBodyLocked(0, nil); err != nil {
 				return n, err
 			}
 		}
@@ -389,7 +389,7 @@ func (w *responseWriter) FlushError() error {
 	if w.n == 0 && w.headSent && !w.unflushed {
 		return w.err
 	}
-	return w.sendBodyLocked(flagFlush)
+	return w.sendBodyLocked(flagFlush, nil)
 }
 
 // EnableFullDuplex asks, as net/http's does, that the handler may go on
@@ -403,34 +403,53 @@ func (w *responseWriter) EnableFullDuplex() error {
 }
 
 // sendBodyLocked sends the head if it has not gone yet, then the pending
-// body bytes, waiting for window credit.
-func (w *responseWriter) sendBodyLocked(flags uint8) error {
-	if w.err != nil {
-		return w.err
-	}
-	if !w.headSent {
+// body bytes (if any, or if flags ask for a flush), waiting for window
+// credit, then end if it is not nil: all of it in one write when the pipe is
+// idle, so that a small response costs the parent one wake-up.
+func (w *responseWriter) sendBodyLocked(flags uint8, end *outFrame) error {
+	var batch [3]outFrame
+	fs := batch[:0]
+	if w.err == nil && !w.headSent {
 		w.headSent = true
-		w.sendLocked(outFrame{kind: kindResponse, id: w.id, msg: &responseHead{Status: w.status, Header: w.sent, Trailer: w.trailers, FullDuplex: w.fullDuplex}})
+		fs = append(fs, outFrame{kind: kindResponse, id: w.id, msg: &responseHead{Status: w.status, Header: w.sent, Trailer: w.trailers, FullDuplex: w.fullDuplex}})
 	}
-	if w.n == 0 && flags == 0 {
+	if w.err == nil && (w.n > 0 || flags != 0) {
+		n := w.n
+		if _, err := w.win.take(frameCost(n), frameCost(n), w.req.Context().Done()); err != nil {
+			w.fail(err)
+		} else {
+			f := outFrame{kind: kindData, flags: flags, id: w.id}
+			if w.buf != nil {
+				f.data, f.buf = (*w.buf)[:n], w.buf
+			}
+			fs = append(fs, f)
+			w.buf, w.n = nil, 0
+			w.unflushed = flags&flagFlush == 0
+		}
+	}
+	if w.err != nil {
+		for _, f := range fs {
+			putChunk(f.buf)
+		}
+		fs = fs[:0]
+	}
+	if end != nil {
+		fs = append(fs, *end) // the end goes out even after a failure, to release the stream
+	}
+	if len(fs) == 0 {
 		return w.err
 	}
-	n := w.n
-	if _, err := w.win.take(frameCost(n), frameCost(n), w.req.Context().Done()); err != nil {
+	cancel := w.req.Context().Done()
+	if end != nil {
+		cancel = nil // the end must go out
+	}
+	if err := w.c.sendFrames(fs, cancel); err != nil && end == nil {
 		w.fail(err)
-		return w.err
 	}
-	f := outFrame{kind: kindData, flags: flags, id: w.id}
-	if w.buf != nil {
-		f.data, f.buf = (*w.buf)[:n], w.buf
-	}
-	w.sendLocked(f)
-	w.buf, w.n = nil, 0
-	w.unflushed = flags&flagFlush == 0
 	return w.err
 }
 
-// sendLocked queues a frame; a failure is remembered for later writes.
+// sendLocked sends a frame; a failure is remembered for later writes.
 func (w *responseWriter) sendLocked(f outFrame) {
 	if w.err != nil {
 		putChunk(f.buf)
@@ -458,14 +477,12 @@ func (w *responseWriter) finish() {
 	if !w.wroteHeader {
 		w.writeHeaderLocked(http.StatusOK)
 	}
-	w.sendBodyLocked(0)
 	w.done = true
 	end := outFrame{kind: kindEnd, id: w.id}
 	if t := w.trailerLocked(); len(t) > 0 {
 		end.msg = &bodyEnd{Trailer: t}
 	}
-	w.err = nil // the end goes out even after a failure, to release the stream
-	w.c.send(end, nil)
+	w.sendBodyLocked(0, &end)
 	putChunk(w.buf)
 	w.buf = nil
 }

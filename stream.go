@@ -229,7 +229,7 @@ func (b *bodyReader) Read(p []byte) (int, error) {
 		}
 	}
 	grant := 0
-	if b.consumed >= chunkSize || (len(b.chunks) == 0 && b.consumed > 0) {
+	if b.consumed >= grantThreshold {
 		grant, b.consumed = b.consumed, 0
 	}
 	b.mu.Unlock()
