@@ -164,3 +164,17 @@ func BenchmarkHTTP(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkStartClose measures starting a module's child until it is
+// ready, and shutting it down.
+func BenchmarkStartClose(b *testing.B) {
+	for b.Loop() {
+		h, err := Start(context.Background(), "bench", Options{Logger: discardLogger()})
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := h.Close(); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
