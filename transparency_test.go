@@ -1465,30 +1465,12 @@ func TestTransparencyEnv(t *testing.T) {
 	}
 }
 
-// trSyncBuffer is a bytes.Buffer safe for concurrent use.
-type trSyncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *trSyncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *trSyncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
-}
-
 // TestTransparencyNoisyModule checks that a module that writes to its
 // stdout and stderr every way it can, garbage included, while serving,
 // cannot corrupt the protocol: every response is right, the child is never
 // restarted, and what it wrote ends up in its output.
 func TestTransparencyNoisyModule(t *testing.T) {
-	var out trSyncBuffer
+	var out syncBuffer
 	h := startModule(t, "tr-noisy", Options{Stderr: &out})
 	pid := h.Stats().Pid
 	srv := serve(t, h)
