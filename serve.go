@@ -439,11 +439,10 @@ func (w *responseWriter) sendBodyLocked(flags uint8, end *outFrame) error {
 	if len(fs) == 0 {
 		return w.err
 	}
-	cancel := w.req.Context().Done()
-	if end != nil {
-		cancel = nil // the end must go out
-	}
-	if err := w.c.sendFrames(fs, cancel); err != nil && end == nil {
+	// No cancel: once chosen, the frames must all go out, or the parent
+	// could see an end without its head. Only a full queue makes this
+	// wait, and the parent always drains the pipe.
+	if err := w.c.sendFrames(fs, nil); err != nil && end == nil {
 		w.fail(err)
 	}
 	return w.err
