@@ -412,7 +412,7 @@ func (c *child) readLoop() {
 	}
 	var pe *protocolError
 	if errors.As(err, &pe) {
-		c.h.logf("module %q (pid %d): %v; killing the child", c.h.name, c.proc.Pid(), err)
+		c.h.logf("child pid %d: %v; killing it (the module will restart)", c.proc.Pid(), err)
 		c.proc.Kill()
 	}
 	c.fail(err)

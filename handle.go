@@ -643,9 +643,9 @@ func (h *Handle) HealthCheck(ctx context.Context) (time.Duration, error) {
 	h.mu.Unlock()
 	switch {
 	case closed:
-		return 0, fmt.Errorf("module %q: %w", h.name, ErrClosed)
+		return 0, fmt.Errorf("%w: module %q was shut down; start it again to check its health", ErrClosed, h.name)
 	case c == nil:
-		return 0, fmt.Errorf("module %q: %w", h.name, ErrUnavailable)
+		return 0, fmt.Errorf("%w: module %q is restarting; retry later", ErrUnavailable, h.name)
 	}
 	rtt, err := c.ping(ctx.Done())
 	if err != nil {

@@ -57,8 +57,10 @@ func TestKillStormNoWrongAnswers(t *testing.T) {
 					errs.Add(1)
 				case i%2 == 0 && !bytes.Equal(b, body):
 					wrong.Add(1)
+					t.Logf("echo: got %d bytes, want %d; header %v", len(b), len(body), res.Header)
 				case i%2 == 1 && len(b) != 300000:
 					wrong.Add(1)
+					t.Logf("stream: got %d bytes; header %v", len(b), res.Header)
 				default:
 					ok.Add(1)
 				}
