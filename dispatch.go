@@ -319,7 +319,8 @@ type child struct {
 // sending anything if the child can take no more requests.
 func (c *child) open(r *http.Request, head *requestHead) (*stream, error) {
 	credit := window
-	if headerHasToken(r.Header["Expect"], "100-continue") {
+	// The child decides from the header it is sent, so decide from that.
+	if headerHasToken(head.Header["Expect"], "100-continue") {
 		credit = 0 // the child grants the window when its handler first reads
 	}
 	var flags uint8

@@ -473,6 +473,8 @@ func (h *Handle) proxy(w http.ResponseWriter, r *http.Request, c *child, s *stre
 			if errors.As(err, &nd) && !started {
 				stopSending()
 				if !s.bodyTouched.Load() {
+					// Undo a read deadline stopSending may have set.
+					rc.SetReadDeadline(time.Time{})
 					return true
 				}
 			}

@@ -231,7 +231,7 @@ func (s *server) serve(id uint64, st *serverStream, req *http.Request, h http.Ha
 			if v != http.ErrAbortHandler {
 				fmt.Fprintf(os.Stderr, "http: panic serving %s %s: %v\n%s", req.Method, req.URL.Path, v, debug.Stack())
 			}
-			st.rw.abort()
+			st.rw.abort(v == http.ErrAbortHandler)
 		}
 		s.mu.Lock()
 		delete(s.streams, id)
@@ -512,7 +512,9 @@ func (w *responseWriter) trailerLocked() http.Header {
 // abort ends the response of a handler that panicked: with 500 Internal
 // Server Error if it had written nothing, else by aborting the client's
 // connection.
-func (w *responseWriter) abort() {
+//
+// A panic with http.ErrAbortHandler always aborts, as in net/http.
+func (w *responseWriter) abort(always bool) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if w.done {
@@ -522,7 +524,7 @@ func (w *responseWriter) abort() {
 	putChunk(w.buf)
 	w.buf, w.n = nil, 0
 	w.err = nil
-	if w.wroteHeader || w.headSent {
+	if always || w.wroteHeader || w.headSent {
 		w.c.send(outFrame{kind: kindAbort, id: w.id}, nil)
 		return
 	}
