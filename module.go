@@ -11,6 +11,7 @@ import (
 	"runtime/debug"
 	"sync"
 	"syscall"
+	"time"
 
 	"github.com/fbbf71ac/subproc/internal/frame"
 )
@@ -163,7 +164,9 @@ func runChild(name string) int {
 	switch {
 	case errors.Is(err, errStop):
 		// The parent has drained its requests; finish what runs and go.
-		srv.active.Wait()
+		// Their contexts are canceled; handlers that ignore that get
+		// stopGrace, as no request waits for them any more.
+		waitTimeout(&srv.active, stopGrace)
 		c.stopWriting()
 		<-c.wdone
 		return exitOK
@@ -235,4 +238,23 @@ func takeOverFDs() (in, out, logw *os.File, err error) {
 	syscall.Close(fdStdout)
 	syscall.CloseOnExec(fdLog)
 	return in, out, os.NewFile(fdLog, "subproc-log"), nil
+}
+
+// stopGrace bounds how long a child told to stop waits for handlers whose
+// requests the parent has given up on.
+const stopGrace = time.Second
+
+// waitTimeout waits for wg, or for d, whichever comes first.
+func waitTimeout(wg *sync.WaitGroup, d time.Duration) {
+	done := make(chan struct{})
+	go func() {
+		wg.Wait()
+		close(done)
+	}()
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-done:
+	case <-t.C:
+	}
 }
