@@ -454,7 +454,9 @@ func (w *responseWriter) sendLocked(f outFrame) {
 		putChunk(f.buf)
 		return
 	}
-	if err := w.c.send(f, w.req.Context().Done()); err != nil {
+	// No cancel: a failure here would hold back the final head, and an
+	// end without a head is a protocol error for the parent.
+	if err := w.c.send(f, nil); err != nil {
 		w.fail(err)
 	}
 }
