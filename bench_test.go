@@ -19,6 +19,10 @@ func init() {
 			w.Write(small)
 		})
 		mux.HandleFunc("POST /echo", func(w http.ResponseWriter, r *http.Request) {
+			// Without full duplex, net/http (in-process as through
+			// subproc) discards the unread rest of an HTTP/1 body when
+			// the response starts, and the echo comes back short.
+			http.NewResponseController(w).EnableFullDuplex()
 			io.Copy(w, r.Body)
 		})
 		mux.HandleFunc("GET /stream", func(w http.ResponseWriter, r *http.Request) {

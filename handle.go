@@ -446,14 +446,18 @@ func (h *Handle) proxy(w http.ResponseWriter, r *http.Request, c *child, s *stre
 	}
 	stopSending := sync.OnceFunc(func() {
 		close(stopBody)
-		if reading.Load() {
-			// sendBody may be blocked reading the client's body, which
-			// nobody needs any more: a read deadline in the past wakes it.
-			// (Only then: on a connection whose body was read through, it
-			// would also break the connection's next request.)
-			rc.SetReadDeadline(time.Now())
+		if !reading.Load() {
+			<-bodyDone
+			return
 		}
+		// sendBody may be blocked reading the client's body, which
+		// nobody needs any more: a read deadline in the past wakes it.
+		rc.SetReadDeadline(time.Now())
 		<-bodyDone
+		// Then lift it: net/http reads what is left of the body after
+		// the handler returns, and a failed read there would cancel the
+		// context of the connection's next request.
+		rc.SetReadDeadline(time.Time{})
 	})
 	defer stopSending()
 
@@ -465,6 +469,12 @@ func (h *Handle) proxy(w http.ResponseWriter, r *http.Request, c *child, s *stre
 		if err == errCanceled {
 			s.abandon()
 			c.send(outFrame{kind: kindCancel, id: s.id}, nil)
+			if !started {
+				// Usually nobody reads this. But if the context ended
+				// with the client still there, it must not see an empty
+				// 200 that looks like the module's answer.
+				http.Error(w, fmt.Sprintf("subproc: module %q: request canceled: %v", h.name, context.Cause(ctx)), http.StatusServiceUnavailable)
+			}
 			return false
 		}
 		if err != nil {
@@ -473,8 +483,6 @@ func (h *Handle) proxy(w http.ResponseWriter, r *http.Request, c *child, s *stre
 			if errors.As(err, &nd) && !started {
 				stopSending()
 				if !s.bodyTouched.Load() {
-					// Undo a read deadline stopSending may have set.
-					rc.SetReadDeadline(time.Time{})
 					return true
 				}
 			}
