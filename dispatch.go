@@ -315,6 +315,22 @@ type child struct {
 	pid      int                      // from the child's ready message
 }
 
+// newChild returns the parent's view of a child process that speaks over
+// conn. The caller starts its goroutines.
+func newChild(h *Handle, incarnation int, proc process, conn *conn) *child {
+	return &child{
+		h:           h,
+		incarnation: incarnation,
+		proc:        proc,
+		conn:        conn,
+		ready:       make(chan error, 1),
+		done:        make(chan struct{}),
+		exited:      make(chan struct{}),
+		pending:     make(map[uint64]*stream),
+		pings:       make(map[uint64]chan struct{}),
+	}
+}
+
 // open registers a new stream for r and sends its head. It fails without
 // sending anything if the child can take no more requests.
 func (c *child) open(r *http.Request, head *requestHead) (*stream, error) {

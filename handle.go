@@ -14,6 +14,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/fbbf71ac/subproc/internal/frame"
 	"github.com/fbbf71ac/subproc/internal/logcapture"
 )
 
@@ -179,7 +180,7 @@ func (e *StartError) Error() string {
 		fmt.Fprintf(&b, "failed to initialise: %s", ie.msg)
 	case errors.Is(e.Err, ErrStartTimeout):
 		fmt.Fprintf(&b, "was not ready in time: its ModuleFunc did not return within Options.StartTimeout; make it return sooner or raise the timeout")
-	case errors.Is(e.Err, errNotProtocol):
+	case errors.Is(e.Err, frame.ErrNotProtocol):
 		fmt.Fprintf(&b, "could not start: the child wrote something other than the subproc protocol to its stdout; make subproc.Main() the first statement of main (and of TestMain), before anything that prints")
 	default:
 		fmt.Fprintf(&b, "could not start: %v", e.Err)
@@ -427,6 +428,13 @@ func (h *Handle) unavailable(w http.ResponseWriter, err error) {
 	}
 }
 
+// giveUp drops what the child sends for s from now on and tells the child
+// the request is gone, so that its handler's context is canceled.
+func giveUp(c *child, s *stream) {
+	s.abandon()
+	c.send(outFrame{kind: kindCancel, id: s.id}, nil)
+}
+
 // proxy copies the request body to the child and the child's response to w.
 // It returns true, having written nothing, if the child died without reading
 // the request and before any of the request's body was consumed: then the
@@ -467,8 +475,7 @@ func (h *Handle) proxy(w http.ResponseWriter, r *http.Request, c *child, s *stre
 	for {
 		ev, err := s.next(ctx.Done())
 		if err == errCanceled {
-			s.abandon()
-			c.send(outFrame{kind: kindCancel, id: s.id}, nil)
+			giveUp(c, s)
 			if !started {
 				// Usually nobody reads this. But if the context ended
 				// with the client still there, it must not see an empty
@@ -530,8 +537,7 @@ func (h *Handle) proxy(w http.ResponseWriter, r *http.Request, c *child, s *stre
 			putChunk(ev.buf)
 			if err != nil && !errors.Is(err, http.ErrBodyNotAllowed) {
 				// The client is gone.
-				s.abandon()
-				c.send(outFrame{kind: kindCancel, id: s.id}, nil)
+				giveUp(c, s)
 				return false
 			}
 			// Credit goes back a chunk's worth at a time: a small

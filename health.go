@@ -9,7 +9,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/fbbf71ac/subproc/internal/frame"
 	"github.com/fbbf71ac/subproc/internal/logcapture"
 )
 
@@ -35,18 +34,8 @@ func (h *Handle) startChild(ctx context.Context) (*child, error) {
 	if err != nil {
 		return nil, &StartError{Module: h.name, Err: err}
 	}
-	c := &child{
-		h:           h,
-		incarnation: h.incarnation,
-		proc:        proc,
-		pipes:       pipes,
-		conn:        newConn(pipes.fromChild, pipes.toChild),
-		ready:       make(chan error, 1),
-		done:        make(chan struct{}),
-		exited:      make(chan struct{}),
-		pending:     make(map[uint64]*stream),
-		pings:       make(map[uint64]chan struct{}),
-	}
+	c := newChild(h, h.incarnation, proc, newConn(pipes.fromChild, pipes.toChild))
+	c.pipes = pipes
 	h.incarnation++
 	h.capture.ResetTail() // the tail now speaks of this incarnation only
 	h.mu.Lock()
@@ -91,10 +80,6 @@ func (h *Handle) startChild(ctx context.Context) (*child, error) {
 	}
 	return nil, &StartError{Module: h.name, Err: err, Output: h.capture.Tail()}
 }
-
-// errNotProtocol is the handshake's error for a child that wrote something
-// else first.
-var errNotProtocol = frame.ErrNotProtocol
 
 // copyLog copies one of the child's output pipes into the module's logs.
 func (h *Handle) copyLog(c *child, s logcapture.Stream, f *os.File) {

@@ -104,16 +104,7 @@ func TestDecodeRejectsBadFraming(t *testing.T) {
 // testChild returns a parent-side child whose pipe from the child carries
 // input, already past the handshake.
 func testChild(input []byte) *child {
-	return &child{
-		h:       &Handle{name: "garbage", opts: Options{Logger: discardLogger()}.withDefaults()},
-		proc:    &fakeProcess{exited: make(chan struct{})},
-		conn:    newConn(bytes.NewReader(input), nopWriteCloser{io.Discard}),
-		ready:   make(chan error, 1),
-		done:    make(chan struct{}),
-		exited:  make(chan struct{}),
-		pending: make(map[uint64]*stream),
-		pings:   make(map[uint64]chan struct{}),
-	}
+	return newChild(&Handle{name: "garbage", opts: Options{Logger: discardLogger()}.withDefaults()}, 0, &fakeProcess{exited: make(chan struct{})}, newConn(bytes.NewReader(input), nopWriteCloser{io.Discard}))
 }
 
 type nopWriteCloser struct{ io.Writer }

@@ -42,16 +42,7 @@ func newPipePair(t *testing.T, handler http.Handler) *pipePair {
 	p2cR, p2cW := io.Pipe()
 	c2pR, c2pW := io.Pipe()
 	h := &Handle{name: "pipe", opts: Options{Logger: discardLogger()}.withDefaults()}
-	c := &child{
-		h:       h,
-		proc:    &fakeProcess{exited: make(chan struct{})},
-		conn:    newConn(c2pR, p2cW),
-		ready:   make(chan error, 1),
-		done:    make(chan struct{}),
-		exited:  make(chan struct{}),
-		pending: make(map[uint64]*stream),
-		pings:   make(map[uint64]chan struct{}),
-	}
+	c := newChild(h, 0, &fakeProcess{exited: make(chan struct{})}, newConn(c2pR, p2cW))
 	ctx, cancel := context.WithCancel(context.Background())
 	srv := &server{conn: newConn(p2cR, c2pW), ctx: ctx, streams: make(map[uint64]*serverStream), handler: handler}
 	srvDone := make(chan error, 1)
