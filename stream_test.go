@@ -73,27 +73,35 @@ func newPipePair(t *testing.T, handler http.Handler) *pipePair {
 	return &pipePair{c: c, srv: srv}
 }
 
-// waitFull waits until the stream's queued frames leave no room in the
-// window for another full chunk, or fails the test. Nobody else may consume
-// the stream's events meanwhile.
-func waitFull(t *testing.T, s *stream) {
+// waitFull waits until a queue, whose cost queued reports and whose changes
+// wake signals, leaves no room in the window for a frame of nextCost, or
+// fails the test. It also fails if the queue ever exceeds the window.
+// Nobody else may consume wake meanwhile.
+func waitFull(t *testing.T, what string, queued func() int, wake <-chan struct{}, nextCost int) {
 	t.Helper()
 	deadline := time.After(10 * time.Second)
 	for {
-		s.mu.Lock()
-		q := s.queued
-		s.mu.Unlock()
+		q := queued()
 		if q > window {
-			t.Fatalf("stream's queue costs %d, more than the window %d", q, window)
+			t.Fatalf("%s costs %d, more than the window %d", what, q, window)
 		}
-		if q+frameCost(chunkSize) > window {
+		if q+nextCost > window {
 			return
 		}
 		select {
-		case <-s.wake:
+		case <-wake:
 		case <-deadline:
-			t.Fatalf("stream's queue costs %d; the window is not full", q)
+			t.Fatalf("%s costs %d; the window is not full", what, q)
 		}
+	}
+}
+
+// queuedOf reports a parent stream's queued cost.
+func queuedOf(s *stream) func() int {
+	return func() int {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		return s.queued
 	}
 }
 
@@ -155,7 +163,7 @@ func TestResponseFlowControlBoundsBuffering(t *testing.T) {
 	if ev, err := big.next(nil); err != nil || ev.kind != kindResponse {
 		t.Fatalf("first event: %+v, %v", ev, err)
 	}
-	waitFull(t, big)
+	waitFull(t, "parent's queue", queuedOf(big), big.wake, frameCost(chunkSize))
 
 	small := openRequest(t, pp.c, httptest.NewRequest("GET", "/small", nil))
 	if st, body := readAll(t, pp.c, small); st != 200 || string(body) != "small" {
@@ -166,10 +174,7 @@ func TestResponseFlowControlBoundsBuffering(t *testing.T) {
 	if w := written.Load(); w > window+chunkSize+4096 {
 		t.Fatalf("handler wrote %d bytes with nothing read; window is %d", w, window)
 	}
-	big.mu.Lock()
-	q := big.queued
-	big.mu.Unlock()
-	if q > window || q+frameCost(chunkSize) <= window {
+	if q := queuedOf(big)(); q > window || q+frameCost(chunkSize) <= window {
 		t.Fatalf("parent's queue for the stalled response costs %d; want the window (%d) nearly full", q, window)
 	}
 
@@ -218,22 +223,11 @@ func TestRequestFlowControlBoundsBuffering(t *testing.T) {
 		case <-time.After(time.Millisecond): // the stream map has no event to wait on
 		}
 	}
-	for {
+	waitFull(t, "child's queue", func() int {
 		body.mu.Lock()
-		q := body.queued
-		body.mu.Unlock()
-		if q > window {
-			t.Fatalf("child's queue costs %d, more than the window %d", q, window)
-		}
-		if q+frameCost(1) > window {
-			break
-		}
-		select {
-		case <-body.wake:
-		case <-deadline:
-			t.Fatalf("child's queue costs %d; the window is not full", q)
-		}
-	}
+		defer body.mu.Unlock()
+		return body.queued
+	}, body.wake, frameCost(1))
 	if r := read.Load(); r > window {
 		t.Fatalf("parent read %d bytes of the client's body with a window of %d", r, window)
 	}
