@@ -3,11 +3,20 @@ package subproc
 import (
 	"bytes"
 	"context"
+	"flag"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
+	"os"
+	"path/filepath"
+	"runtime"
+	"runtime/pprof"
 	"strconv"
+	"syscall"
 	"testing"
+	"time"
 )
 
 func init() {
@@ -36,9 +45,93 @@ func init() {
 				n -= k
 			}
 		})
+		mux.HandleFunc("GET /_cost", func(w http.ResponseWriter, r *http.Request) {
+			var ms runtime.MemStats
+			runtime.ReadMemStats(&ms)
+			fmt.Fprintf(w, "%d %d", ms.Mallocs, processCPU())
+		})
+		mux.HandleFunc("POST /_profile", func(w http.ResponseWriter, r *http.Request) {
+			if file := r.URL.Query().Get("file"); file != "" {
+				f, err := os.Create(file)
+				if err == nil {
+					err = pprof.StartCPUProfile(f)
+				}
+				if err != nil {
+					http.Error(w, err.Error(), http.StatusInternalServerError)
+				}
+				return
+			}
+			pprof.StopCPUProfile()
+		})
 		return mux, nil
 	})
 }
+
+// childProfile makes the benchmarks that measure their cost write a CPU
+// profile of the child too.
+var childProfile = flag.String("child.cpuprofile", "", "write the module child's CPU profile to `file` (benchmarks that report child-µs/op)")
+
+// processCPU returns the CPU time this process has used, user and system.
+func processCPU() time.Duration {
+	var ru syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// A cost measures what a benchmark's operations cost in CPU time in the
+// parent and the child, and in allocations in the child (-benchmem counts
+// only the parent's).
+type cost struct {
+	h               *Handle
+	parent0, child0 time.Duration
+	childMallocs0   uint64
+}
+
+func measureCost(b *testing.B, h *Handle) *cost {
+	c := &cost{h: h, parent0: processCPU()}
+	c.childMallocs0, c.child0 = childCost(b, h)
+	if *childProfile != "" {
+		file, err := filepath.Abs(*childProfile)
+		if err != nil {
+			b.Fatal(err)
+		}
+		h.ServeHTTP(&recordWriter{h: make(http.Header)}, httptest.NewRequest("POST", "/_profile?file="+url.QueryEscape(file), nil))
+	}
+	return c
+}
+
+// report adds the cost per operation to the benchmark's results; call it
+// after the benchmark's loop.
+func (c *cost) report(b *testing.B) {
+	parent := processCPU() - c.parent0
+	if *childProfile != "" {
+		c.h.ServeHTTP(&recordWriter{h: make(http.Header)}, httptest.NewRequest("POST", "/_profile", nil))
+	}
+	mallocs, child := childCost(b, c.h)
+	n := float64(b.N)
+	b.ReportMetric(float64(parent.Microseconds())/n, "parent-µs/op")
+	b.ReportMetric(float64((child-c.child0).Microseconds())/n, "child-µs/op")
+	b.ReportMetric(float64(mallocs-c.childMallocs0)/n, "child-allocs/op")
+}
+
+func childCost(b *testing.B, h *Handle) (mallocs uint64, cpu time.Duration) {
+	w := &recordWriter{h: make(http.Header)}
+	h.ServeHTTP(w, httptest.NewRequest("GET", "/_cost", nil))
+	if _, err := fmt.Sscan(w.body.String(), &mallocs, &cpu); err != nil {
+		b.Fatalf("child cost %q: %v", w.body.String(), err)
+	}
+	return mallocs, cpu
+}
+
+// recordWriter is an http.ResponseWriter that keeps the body.
+type recordWriter struct {
+	h    http.Header
+	body bytes.Buffer
+}
+
+func (w *recordWriter) Header() http.Header         { return w.h }
+func (w *recordWriter) WriteHeader(int)             {}
+func (w *recordWriter) Write(p []byte) (int, error) { return w.body.Write(p) }
 
 // discardWriter is an http.ResponseWriter that keeps nothing, so that
 // benchmarks of ServeHTTP measure the library alone.
@@ -71,7 +164,7 @@ func BenchmarkServeHTTP(b *testing.B) {
 	h := startBench(b)
 	req := httptest.NewRequest("GET", "/small", nil)
 	b.ReportAllocs()
-	b.ResetTimer()
+	c := measureCost(b, h)
 	for b.Loop() {
 		w := &discardWriter{h: make(http.Header)}
 		h.ServeHTTP(w, req)
@@ -79,6 +172,7 @@ func BenchmarkServeHTTP(b *testing.B) {
 			b.Fatalf("body of %d bytes", w.n)
 		}
 	}
+	c.report(b)
 }
 
 // BenchmarkServeHTTPParallel is BenchmarkServeHTTP with concurrent requests
@@ -87,6 +181,8 @@ func BenchmarkServeHTTPParallel(b *testing.B) {
 	h := startBench(b)
 	b.ReportAllocs()
 	b.SetParallelism(16)
+	c := measureCost(b, h)
+	defer c.report(b)
 	b.RunParallel(func(pb *testing.PB) {
 		req := httptest.NewRequest("GET", "/small", nil)
 		for pb.Next() {
@@ -106,7 +202,8 @@ func BenchmarkEcho(b *testing.B) {
 	body := bytes.Repeat([]byte("e"), 64<<10)
 	b.SetBytes(int64(len(body)))
 	b.ReportAllocs()
-	b.ResetTimer()
+	c := measureCost(b, h)
+	defer c.report(b)
 	for b.Loop() {
 		req := httptest.NewRequest("POST", "/echo", bytes.NewReader(body))
 		w := &discardWriter{h: make(http.Header)}
@@ -165,6 +262,54 @@ func BenchmarkHTTP(b *testing.B) {
 					b.Fatalf("body of %d bytes", n)
 				}
 			}
+		})
+	}
+}
+
+// BenchmarkHTTPParallel is BenchmarkHTTP with 64 clients, each on its own
+// keep-alive connection.
+func BenchmarkHTTPParallel(b *testing.B) {
+	small := bytes.Repeat([]byte("s"), 100)
+	inproc := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.Write(small) })
+	for _, bc := range []struct {
+		name string
+		h    func(*testing.B) http.Handler
+	}{
+		{"inproc", func(*testing.B) http.Handler { return inproc }},
+		{"subproc", func(b *testing.B) http.Handler { return startBench(b) }},
+	} {
+		b.Run(bc.name, func(b *testing.B) {
+			h := bc.h(b)
+			srv := httptest.NewServer(h)
+			defer srv.Close()
+			client := srv.Client()
+			client.Transport.(*http.Transport).MaxIdleConnsPerHost = 64
+			b.ReportAllocs()
+			b.SetParallelism(64 / runtime.GOMAXPROCS(0))
+			if hd, ok := h.(*Handle); ok {
+				c := measureCost(b, hd)
+				defer c.report(b)
+			} else {
+				cpu0 := processCPU()
+				defer func() {
+					b.ReportMetric(float64((processCPU()-cpu0).Microseconds())/float64(b.N), "parent-µs/op")
+				}()
+			}
+			b.RunParallel(func(pb *testing.PB) {
+				for pb.Next() {
+					res, err := client.Get(srv.URL + "/small")
+					if err != nil {
+						b.Error(err)
+						return
+					}
+					n, _ := io.Copy(io.Discard, res.Body)
+					res.Body.Close()
+					if n != 100 {
+						b.Errorf("body of %d bytes", n)
+						return
+					}
+				}
+			})
 		})
 	}
 }

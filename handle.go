@@ -330,7 +330,10 @@ func (h *Handle) notifyLocked() {
 
 // acquire returns the child to send a request to, waiting for one while
 // the module restarts, until deadline. The caller must call release.
-func (h *Handle) acquire(ctx context.Context, deadline *time.Timer) (*child, error) {
+//
+// The timer is created at the first wait, so that a request that finds a
+// child running costs none; the caller stops it.
+func (h *Handle) acquire(ctx context.Context, deadline **time.Timer) (*child, error) {
 	for {
 		h.mu.Lock()
 		if h.isClosed {
@@ -344,9 +347,12 @@ func (h *Handle) acquire(ctx context.Context, deadline *time.Timer) (*child, err
 		}
 		changed := h.changed
 		h.mu.Unlock()
+		if *deadline == nil {
+			*deadline = time.NewTimer(h.opts.RestartWait)
+		}
 		select {
 		case <-changed:
-		case <-deadline.C:
+		case <-(*deadline).C:
 			return nil, ErrUnavailable
 		case <-ctx.Done():
 			return nil, errCanceled
@@ -382,10 +388,14 @@ func (h *Handle) closeDrainedLocked() {
 // away, the handler's context in the child is canceled.
 func (h *Handle) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	head := newRequestHead(r)
-	deadline := time.NewTimer(h.opts.RestartWait)
-	defer deadline.Stop()
+	var deadline *time.Timer // see acquire
+	defer func() {
+		if deadline != nil {
+			deadline.Stop()
+		}
+	}()
 	for {
-		c, err := h.acquire(r.Context(), deadline)
+		c, err := h.acquire(r.Context(), &deadline)
 		if err != nil {
 			h.unavailable(w, err)
 			return
@@ -441,33 +451,18 @@ func giveUp(c *child, s *stream) {
 // request may go to the next child.
 func (h *Handle) proxy(w http.ResponseWriter, r *http.Request, c *child, s *stream) (retry bool) {
 	ctx := r.Context()
-	rc := http.NewResponseController(w)
-
-	stopBody := make(chan struct{})
-	bodyDone := make(chan struct{})
-	var reading atomic.Bool // sendBody is in, or about to enter, r.Body.Read
-	withBody := hasBody(r)
-	if withBody {
-		go s.sendBody(c, r, &reading, stopBody, bodyDone)
-	} else {
-		close(bodyDone)
-	}
-	stopSending := sync.OnceFunc(func() {
-		close(stopBody)
-		if !reading.Load() {
-			<-bodyDone
-			return
+	var rc *http.ResponseController // made when first needed: most responses need none
+	controller := func() *http.ResponseController {
+		if rc == nil {
+			rc = http.NewResponseController(w)
 		}
-		// sendBody may be blocked reading the client's body, which
-		// nobody needs any more: a read deadline in the past wakes it.
-		rc.SetReadDeadline(time.Now())
-		<-bodyDone
-		// Then lift it: net/http reads what is left of the body after
-		// the handler returns, and a failed read there would cancel the
-		// context of the connection's next request.
-		rc.SetReadDeadline(time.Time{})
-	})
-	defer stopSending()
+		return rc
+	}
+	var body *bodySender // nil for a request without a body
+	if hasBody(r) {
+		body = startBody(c, s, r, controller())
+		defer body.halt()
+	}
 
 	var declared map[string]bool // trailers announced in the response head
 	started := false             // the final response head was written to w
@@ -488,7 +483,7 @@ func (h *Handle) proxy(w http.ResponseWriter, r *http.Request, c *child, s *stre
 			s.abandon()
 			var nd *notDeliveredError
 			if errors.As(err, &nd) && !started {
-				stopSending()
+				body.halt()
 				if !s.bodyTouched.Load() {
 					return true
 				}
@@ -505,7 +500,7 @@ func (h *Handle) proxy(w http.ResponseWriter, r *http.Request, c *child, s *stre
 				// Else net/http, at the first write of an HTTP/1 response,
 				// discards what is left of the request body, as it would
 				// for the handler in-process.
-				rc.EnableFullDuplex()
+				controller().EnableFullDuplex()
 			}
 			dst := w.Header()
 			if ev.head.Status < 200 && ev.head.Status != http.StatusSwitchingProtocols {
@@ -548,7 +543,7 @@ func (h *Handle) proxy(w http.ResponseWriter, r *http.Request, c *child, s *stre
 				owed = 0
 			}
 			if ev.flags&flagFlush != 0 {
-				rc.Flush()
+				controller().Flush()
 			}
 		case kindEnd:
 			dst := w.Header()
@@ -566,24 +561,68 @@ func (h *Handle) proxy(w http.ResponseWriter, r *http.Request, c *child, s *stre
 	}
 }
 
-// sendBody copies the request body to the child, within the window the
-// child grants, until the body ends or stop is closed.
-//
-// reading is set while sendBody reads r.Body; it checks stop after setting
-// it, so a caller that closes stop and then finds reading clear knows that
-// no read is under way or will start.
-func (s *stream) sendBody(c *child, r *http.Request, reading *atomic.Bool, stop <-chan struct{}, done chan<- struct{}) {
-	defer close(done)
+// A bodySender copies a request's body to the child, within the window the
+// child grants, until the body ends or it is halted.
+type bodySender struct {
+	c    *child
+	s    *stream
+	r    *http.Request
+	rc   *http.ResponseController // r's
+	stop chan struct{}            // closed by halt
+	done chan struct{}            // closed when run returns
+	once sync.Once
+
+	// reading is set while run reads r.Body. run checks stop after setting
+	// it, so that halt, having closed stop, finds it clear only if no read
+	// is under way or will start.
+	reading atomic.Bool
+}
+
+// startBody starts sending r's body on stream s. rc is r's
+// ResponseController, used to interrupt a blocked read of the body.
+func startBody(c *child, s *stream, r *http.Request, rc *http.ResponseController) *bodySender {
+	b := &bodySender{c: c, s: s, r: r, rc: rc, stop: make(chan struct{}), done: make(chan struct{})}
+	go b.run()
+	return b
+}
+
+// halt stops the sender and returns once it has stopped. It may be called
+// more than once, and on a nil *bodySender (no body), where it does
+// nothing.
+func (b *bodySender) halt() {
+	if b == nil {
+		return
+	}
+	b.once.Do(func() {
+		close(b.stop)
+		if !b.reading.Load() {
+			<-b.done
+			return
+		}
+		// run may be blocked reading the client's body, which nobody
+		// needs any more: a read deadline in the past wakes it.
+		b.rc.SetReadDeadline(time.Now())
+		<-b.done
+		// Then lift it: net/http reads what is left of the body after
+		// the handler returns, and a failed read there would cancel the
+		// context of the connection's next request.
+		b.rc.SetReadDeadline(time.Time{})
+	})
+}
+
+func (b *bodySender) run() {
+	defer close(b.done)
+	c, s, r := b.c, b.s, b.r
 	for {
-		credit, err := s.win.take(frameCost(1), frameCost(chunkSize), stop)
+		credit, err := s.win.take(frameCost(1), frameCost(chunkSize), b.stop)
 		if err != nil {
 			return
 		}
 		n := credit - frameOverhead
-		reading.Store(true)
+		b.reading.Store(true)
 		select {
-		case <-stop:
-			reading.Store(false)
+		case <-b.stop:
+			b.reading.Store(false)
 			s.win.add(credit)
 			return
 		default:
@@ -591,7 +630,7 @@ func (s *stream) sendBody(c *child, r *http.Request, reading *atomic.Bool, stop 
 		buf := getChunk()
 		s.bodyTouched.Store(true)
 		m, rerr := r.Body.Read((*buf)[:n])
-		reading.Store(false)
+		b.reading.Store(false)
 		switch {
 		case m == 0:
 			s.win.add(credit) // no frame is sent
@@ -599,7 +638,7 @@ func (s *stream) sendBody(c *child, r *http.Request, reading *atomic.Bool, stop 
 			s.win.add(n - m)
 		}
 		if m > 0 {
-			if c.send(outFrame{kind: kindData, id: s.id, data: (*buf)[:m], buf: buf}, stop) != nil {
+			if c.send(outFrame{kind: kindData, id: s.id, data: (*buf)[:m], buf: buf}, b.stop) != nil {
 				return
 			}
 		} else {
@@ -611,14 +650,14 @@ func (s *stream) sendBody(c *child, r *http.Request, reading *atomic.Bool, stop 
 			if len(r.Trailer) > 0 {
 				end.msg = &bodyEnd{Trailer: r.Trailer}
 			}
-			c.send(end, stop)
+			c.send(end, b.stop)
 			return
 		case rerr != nil:
 			select {
-			case <-stop:
+			case <-b.stop:
 				// The response is complete; the body is not needed.
 			default:
-				c.send(outFrame{kind: kindEnd, flags: flagBodyError, id: s.id}, stop)
+				c.send(outFrame{kind: kindEnd, flags: flagBodyError, id: s.id}, b.stop)
 			}
 			return
 		}

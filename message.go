@@ -172,7 +172,7 @@ func removeHopByHop(h http.Header) {
 		}
 	}
 	for _, f := range hopHeaders {
-		h.Del(f)
+		delete(h, f) // already canonical: h.Del would canonicalize again
 	}
 }
 

@@ -126,10 +126,9 @@ func runChild(name string) int {
 	}
 
 	go c.writeLoop()
-	srv := &server{conn: c, streams: make(map[uint64]*serverStream)}
-	var cancel context.CancelFunc
-	srv.ctx, cancel = context.WithCancel(context.Background())
+	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
+	srv := newServer(ctx, c, nil)
 	readErr := make(chan error, 1)
 	go func() {
 		err := srv.readLoop()

@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	"github.com/fbbf71ac/subproc/internal/frame"
 )
@@ -31,6 +32,9 @@ type server struct {
 
 	starting []startingRequest // read, not yet accepted; owned by readLoop
 
+	work chan startingRequest // to an idle worker; unbuffered
+	idle atomic.Int32         // workers waiting on work
+
 	mu      sync.Mutex // guards the fields below
 	handler http.Handler
 	streams map[uint64]*serverStream
@@ -49,6 +53,18 @@ type serverStream struct {
 	cancel context.CancelFunc // cancels the request's context
 	body   *bodyReader        // nil for a request without a body
 	rw     *responseWriter
+}
+
+// newServer returns a server for the requests that arrive on c. Canceling
+// ctx cancels every request's context and ends the idle workers.
+func newServer(ctx context.Context, c *conn, h http.Handler) *server {
+	return &server{
+		conn:    c,
+		ctx:     ctx,
+		handler: h,
+		streams: make(map[uint64]*serverStream),
+		work:    make(chan startingRequest),
+	}
 }
 
 func (s *server) setHandler(h http.Handler) {
@@ -98,11 +114,48 @@ func (s *server) startHandlers() error {
 		return err
 	}
 	for i, r := range s.starting {
-		go s.serve(r.id, r.st, r.req, r.h)
+		s.run(r)
 		s.starting[i] = startingRequest{}
 	}
 	s.starting = s.starting[:0]
 	return nil
+}
+
+// maxIdleWorkers bounds the goroutines kept waiting for requests.
+const maxIdleWorkers = 256
+
+// run serves r on an idle worker, or on a new one if none is idle.
+//
+// Workers outlive their requests because a goroutine's first request costs
+// more than its handler: starting the goroutine, and growing its stack as
+// the handler (net/http's ServeMux already) goes deeper than a new
+// goroutine's stack allows. A worker that has served keeps its stack.
+func (s *server) run(r startingRequest) {
+	select {
+	case s.work <- r:
+	default:
+		go s.worker(r)
+	}
+}
+
+// worker serves r, then whatever run hands it, until the server's context
+// ends or enough other workers are idle.
+func (s *server) worker(r startingRequest) {
+	for {
+		s.serve(r.id, r.st, r.req, r.h)
+		r = startingRequest{}
+		if s.idle.Add(1) > maxIdleWorkers {
+			s.idle.Add(-1)
+			return
+		}
+		select {
+		case r = <-s.work:
+			s.idle.Add(-1)
+		case <-s.ctx.Done():
+			s.idle.Add(-1)
+			return
+		}
+	}
 }
 
 func (s *server) dispatch(hdr frame.Header, scratch *[]byte) error {

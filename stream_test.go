@@ -44,7 +44,7 @@ func newPipePair(t *testing.T, handler http.Handler) *pipePair {
 	h := &Handle{name: "pipe", opts: Options{Logger: discardLogger()}.withDefaults()}
 	c := newChild(h, 0, &fakeProcess{exited: make(chan struct{})}, newConn(c2pR, p2cW))
 	ctx, cancel := context.WithCancel(context.Background())
-	srv := &server{conn: newConn(p2cR, c2pW), ctx: ctx, streams: make(map[uint64]*serverStream), handler: handler}
+	srv := newServer(ctx, newConn(p2cR, c2pW), handler)
 	srvDone := make(chan error, 1)
 	go c.writeLoop()
 	go srv.writeLoop()
@@ -202,19 +202,16 @@ func TestRequestFlowControlBoundsBuffering(t *testing.T) {
 	req := httptest.NewRequest("POST", "/upload", countingReader{strings.NewReader(strings.Repeat("y", total)), &read})
 	req.ContentLength = total
 	s := openRequest(t, pp.c, req)
-	stop := make(chan struct{})
-	done := make(chan struct{})
-	var reading atomic.Bool
-	go s.sendBody(pp.c, req, &reading, stop, done)
-	defer func() { close(stop); <-done }()
+	body := startBody(pp.c, s, req, http.NewResponseController(httptest.NewRecorder()))
+	defer body.halt()
 
 	// The child receives a window of body and no more: its handler reads
 	// nothing yet.
-	var body *bodyReader
+	var received *bodyReader
 	deadline := time.After(10 * time.Second)
-	for body == nil {
+	for received == nil {
 		if st := pp.srv.stream(s.id); st != nil {
-			body = st.body
+			received = st.body
 			break
 		}
 		select {
@@ -224,10 +221,10 @@ func TestRequestFlowControlBoundsBuffering(t *testing.T) {
 		}
 	}
 	waitFull(t, "child's queue", func() int {
-		body.mu.Lock()
-		defer body.mu.Unlock()
-		return body.queued
-	}, body.wake, frameCost(1))
+		received.mu.Lock()
+		defer received.mu.Unlock()
+		return received.queued
+	}, received.wake, frameCost(1))
 	if r := read.Load(); r > window {
 		t.Fatalf("parent read %d bytes of the client's body with a window of %d", r, window)
 	}
