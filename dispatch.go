@@ -129,30 +129,6 @@ func releaseFrames(fs []outFrame) {
 	}
 }
 
-// sendSync writes f at once and returns when it is in the pipe (or
-// failed). Frames that other goroutines have queued may follow it: sendSync
-// only keeps the order of its caller's frames if the caller has none queued,
-// which holds for the child's readLoop, its one user.
-func (c *conn) sendSync(f outFrame) error {
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
-	if c.werr != nil {
-		putChunk(f.buf)
-		return c.werr
-	}
-	err := c.writePreambleLocked()
-	if err == nil {
-		err = c.write(f)
-	}
-	if err == nil {
-		err = c.fw.Flush()
-	}
-	if err != nil {
-		c.werr = err
-	}
-	return err
-}
-
 // writePreambleLocked writes the preamble unless it has been written.
 func (c *conn) writePreambleLocked() error {
 	if c.started {
@@ -303,23 +279,24 @@ type child struct {
 	done        chan struct{} // closed when readLoop returns: the child answers nothing more
 	exited      chan struct{} // closed when waitLoop has reaped the process
 	exitErr     error         // the process's exit status; read only after exited is closed
+	accept      *acceptWord   // fixed; the child's record of the requests it took
 	logs        sync.WaitGroup
 
-	mu       sync.Mutex // guards the fields below
-	pending  map[uint64]*stream
-	nextID   uint64                   // the last stream id issued
-	accepted uint64                   // the child has read every request up to this id
-	pings    map[uint64]chan struct{} // ping sequence → closed on pong
-	nextSeq  uint64                   // the last ping sequence issued
-	err      error                    // why the child can take no more requests; nil while it can
-	pid      int                      // from the child's ready message
+	mu      sync.Mutex // guards the fields below
+	pending map[uint64]*stream
+	nextID  uint64                   // the last stream id issued
+	pings   map[uint64]chan struct{} // ping sequence → closed on pong
+	nextSeq uint64                   // the last ping sequence issued
+	err     error                    // why the child can take no more requests; nil while it can
+	pid     int                      // from the child's ready message
 }
 
 // newChild returns the parent's view of a child process that speaks over
 // conn. The caller starts its goroutines.
-func newChild(h *Handle, incarnation int, proc process, conn *conn) *child {
+func newChild(h *Handle, incarnation int, proc process, conn *conn, accept *acceptWord) *child {
 	return &child{
 		h:           h,
+		accept:      accept,
 		incarnation: incarnation,
 		proc:        proc,
 		conn:        conn,
@@ -430,10 +407,33 @@ func (c *child) readLoop() {
 	var pe *protocolError
 	if errors.As(err, &pe) {
 		c.h.logf("child pid %d: %v; killing it (the module will restart)", c.proc.Pid(), err)
-		c.proc.Kill()
 	}
-	c.fail(err)
+	// Whatever ended the pipe, the child answers nothing more. Which
+	// requests it took is known for sure only once it can take no more.
+	c.proc.Kill()
+	c.fail(err, c.awaitExit())
 	close(c.done)
+}
+
+// exitWait bounds how long readLoop waits for a killed child to exit before
+// it fails the requests in flight.
+const exitWait = time.Second
+
+// awaitExit waits until the child has exited and reports whether it has.
+func (c *child) awaitExit() bool {
+	select {
+	case <-c.exited:
+		return true
+	default:
+	}
+	t := time.NewTimer(exitWait)
+	defer t.Stop()
+	select {
+	case <-c.exited:
+		return true
+	case <-t.C:
+		return false
+	}
 }
 
 // handshake reads the preamble and the ready message.
@@ -489,18 +489,6 @@ func (c *child) readFrames() error {
 // dispatch handles one frame whose header has been read.
 func (c *child) dispatch(hdr frame.Header, scratch *[]byte) error {
 	switch hdr.Kind {
-	case kindAccept:
-		if hdr.Len != 0 {
-			return &protocolError{"accept with a payload"}
-		}
-		c.mu.Lock()
-		defer c.mu.Unlock()
-		if hdr.ID > c.nextID {
-			return &protocolError{fmt.Sprintf("accept of request %d, which was never sent", hdr.ID)}
-		}
-		c.accepted = max(c.accepted, hdr.ID)
-		return nil
-
 	case kindPong:
 		if hdr.Len != 0 {
 			return &protocolError{"pong with a payload"}
@@ -603,9 +591,9 @@ func (c *child) lookup(id uint64, finishedOK bool) (*stream, error) {
 }
 
 // fail records why the child can take no more requests and fails every
-// pending request and ping with it. Requests the child had not accepted fail
-// with a *notDeliveredError.
-func (c *child) fail(err error) {
+// pending request and ping with it. If the child is dead, requests it did
+// not take (see acceptWord) fail with a *notDeliveredError.
+func (c *child) fail(err error, dead bool) {
 	if err == nil || err == io.EOF || err == io.ErrUnexpectedEOF {
 		err = errChildExited
 	}
@@ -615,10 +603,13 @@ func (c *child) fail(err error) {
 	}
 	pending := c.pending
 	c.pending = map[uint64]*stream{}
-	accepted := c.accepted
 	c.mu.Unlock()
+	taken := uint64(1<<64 - 1) // all of them, unless the child's record can be trusted
+	if dead {
+		taken = c.accept.load()
+	}
 	for _, s := range pending {
-		if s.id > accepted {
+		if s.id > taken {
 			s.fail(&notDeliveredError{err})
 		} else {
 			s.fail(err)

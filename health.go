@@ -34,7 +34,7 @@ func (h *Handle) startChild(ctx context.Context) (*child, error) {
 	if err != nil {
 		return nil, &StartError{Module: h.name, Err: err}
 	}
-	c := newChild(h, h.incarnation, proc, newConn(pipes.fromChild, pipes.toChild))
+	c := newChild(h, h.incarnation, proc, newConn(pipes.fromChild, pipes.toChild), pipes.accept)
 	c.pipes = pipes
 	h.incarnation++
 	h.capture.ResetTail() // the tail now speaks of this incarnation only
@@ -115,6 +115,7 @@ func (h *Handle) teardown(c *child) {
 		<-logsDone
 	}
 	c.pipes.closeReaders()
+	c.accept.close() // readLoop, done, has read it
 }
 
 // superviseLoop watches the running child and replaces it when it dies or

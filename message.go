@@ -13,19 +13,19 @@ import (
 
 // protocolVersion is written in the preamble of both directions. Bump it
 // whenever a message or a frame kind changes meaning.
-const protocolVersion = 1
+const protocolVersion = 2
 
 // Frame kinds. Every frame carries a request id; kinds marked "id 0" are not
 // about a request. Payloads are gob-encoded messages, raw body bytes, or
 // nothing, as noted.
 //
 // A stream is one request's exchange. The parent opens it with kindRequest;
-// the child acknowledges it with kindAccept before the handler runs, and ends
-// it with exactly one kindEnd or kindAbort, after which it sends nothing more
-// for that id except kindWindow. The parent ends its side with kindEnd
-// (request body complete) or kindCancel (the client went away). A request
-// that the child never accepted never reached the module: if the child dies,
-// the parent may give the request to the next child.
+// the child ends it with exactly one kindEnd or kindAbort, after which it
+// sends nothing more for that id except kindWindow. The parent ends its side
+// with kindEnd (request body complete) or kindCancel (the client went away).
+// Before a request's handler runs, the child records the request in the
+// accept word, outside the pipes: a request that a dead child did not record
+// never reached the module, and the parent may give it to the next child.
 const (
 	kindHello    uint8 = iota + 1 // parent → child, id 0: hello
 	kindReady                     // child → parent, id 0: ready
@@ -39,7 +39,6 @@ const (
 	kindPing                      // parent → child, id = sequence number
 	kindPong                      // child → parent, id = the ping's sequence number
 	kindStop                      // parent → child, id 0: finish in-flight requests and exit
-	kindAccept                    // child → parent: every request up to id has been read; none of their handlers ran before this was written
 )
 
 // Frame flags.

@@ -104,7 +104,7 @@ func TestDecodeRejectsBadFraming(t *testing.T) {
 // testChild returns a parent-side child whose pipe from the child carries
 // input, already past the handshake.
 func testChild(input []byte) *child {
-	return newChild(&Handle{name: "garbage", opts: Options{Logger: discardLogger()}.withDefaults()}, 0, &fakeProcess{exited: make(chan struct{})}, newConn(bytes.NewReader(input), nopWriteCloser{io.Discard}))
+	return newChild(&Handle{name: "garbage", opts: Options{Logger: discardLogger()}.withDefaults()}, 0, &fakeProcess{exited: make(chan struct{})}, newConn(bytes.NewReader(input), nopWriteCloser{io.Discard}), newLocalWord())
 }
 
 type nopWriteCloser struct{ io.Writer }
@@ -165,7 +165,7 @@ func TestReadLoopRejectsBadInput(t *testing.T) {
 			if !errors.As(err, &pe) {
 				t.Fatalf("readFrames: %v, want a protocol error", err)
 			}
-			c.fail(err)
+			c.fail(err, false)
 			for {
 				ev, err := s.next(nil)
 				if err != nil {
@@ -227,7 +227,7 @@ func FuzzReadFrames(f *testing.F) {
 		if err == nil {
 			t.Fatal("readFrames returned nil at the end of input")
 		}
-		c.fail(err)
+		c.fail(err, false)
 		s.mu.Lock()
 		defer s.mu.Unlock()
 		if s.queued > window {

@@ -95,7 +95,7 @@ const (
 
 // runChild runs module name for the parent and returns the exit status.
 func runChild(name string) int {
-	in, out, logw, err := takeOverFDs()
+	in, out, logw, accept, err := takeOverFDs()
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "subproc: this process was started with %s=%s set, but not by subproc.Start (%v), so it has no parent to serve.\n"+
 			"Unset %s to run the program normally.\n", envModule, name, err, envModule)
@@ -128,7 +128,7 @@ func runChild(name string) int {
 	go c.writeLoop()
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	srv := newServer(ctx, c, nil)
+	srv := newServer(ctx, c, accept, nil)
 	readErr := make(chan error, 1)
 	go func() {
 		err := srv.readLoop()
@@ -195,17 +195,21 @@ func initModule(ctx context.Context, name string, env *Env) (h http.Handler, err
 }
 
 // takeOverFDs moves the protocol off fds 0 and 1 and the log captures onto
-// fds 1 and 2. It returns the protocol's ends and Env.Logger's pipe. It fails,
-// touching nothing, if the fds Start sets up are missing.
-func takeOverFDs() (in, out, logw *os.File, err error) {
+// fds 1 and 2. It returns the protocol's ends, Env.Logger's pipe and the
+// accept word. It fails, touching nothing, if the fds Start sets up are
+// missing.
+func takeOverFDs() (in, out, logw *os.File, accept *acceptWord, err error) {
 	var st syscall.Stat_t
-	for _, fd := range []int{0, 1, 2, fdStdout, fdLog} {
+	for _, fd := range []int{0, 1, 2, fdStdout, fdLog, fdAccept} {
 		if err := syscall.Fstat(fd, &st); err != nil {
-			return nil, nil, nil, fmt.Errorf("file descriptor %d: %v", fd, err)
+			return nil, nil, nil, nil, fmt.Errorf("file descriptor %d: %v", fd, err)
 		}
 		if fd == 0 && st.Mode&syscall.S_IFMT != syscall.S_IFIFO {
-			return nil, nil, nil, errors.New("stdin is not a pipe")
+			return nil, nil, nil, nil, errors.New("stdin is not a pipe")
 		}
+	}
+	if accept, err = mapWord(fdAccept); err != nil {
+		return nil, nil, nil, nil, err
 	}
 	dupe := func(fd int) (*os.File, error) {
 		syscall.ForkLock.RLock()
@@ -218,25 +222,26 @@ func takeOverFDs() (in, out, logw *os.File, err error) {
 		return os.NewFile(uintptr(nfd), fmt.Sprintf("subproc-%d", fd)), nil
 	}
 	if in, err = dupe(0); err != nil {
-		return nil, nil, nil, err
+		return nil, nil, nil, nil, err
 	}
 	if out, err = dupe(1); err != nil {
-		return nil, nil, nil, err
+		return nil, nil, nil, nil, err
 	}
 	null, err := os.Open(os.DevNull)
 	if err != nil {
-		return nil, nil, nil, err
+		return nil, nil, nil, nil, err
 	}
 	defer null.Close()
 	if err := dup2(int(null.Fd()), 0); err != nil {
-		return nil, nil, nil, err
+		return nil, nil, nil, nil, err
 	}
 	if err := dup2(fdStdout, 1); err != nil {
-		return nil, nil, nil, err
+		return nil, nil, nil, nil, err
 	}
 	syscall.Close(fdStdout)
+	syscall.Close(fdAccept) // the mapping stays
 	syscall.CloseOnExec(fdLog)
-	return in, out, os.NewFile(fdLog, "subproc-log"), nil
+	return in, out, os.NewFile(fdLog, "subproc-log"), accept, nil
 }
 
 // stopGrace bounds how long a child told to stop waits for handlers whose

@@ -22,6 +22,7 @@ const envModule = "SUBPROC_MODULE"
 const (
 	fdStdout = 3 // captured as the module's stdout; Main moves it to fd 1
 	fdLog    = 4 // Env.Logger's records
+	fdAccept = 5 // shared memory for the child's acceptWord
 )
 
 // A process is a started child process.
@@ -42,6 +43,7 @@ type childPipes struct {
 	stdout    *os.File // what the module writes to fd 1
 	stderr    *os.File // what the module writes to fd 2
 	log       *os.File // Env.Logger's records
+	accept    *acceptWord
 }
 
 func (p *childPipes) closeReaders() {
@@ -144,13 +146,21 @@ func (h *Handle) spawn() (process, *childPipes, error) {
 			return nil, nil, fmt.Errorf("creating pipes: %w", err)
 		}
 	}
-	p := &childPipes{toChild: parent[0], fromChild: parent[1], stdout: parent[2], stderr: parent[3], log: parent[4]}
+	accept, shm, err := newSharedWord()
+	if err != nil {
+		for _, f := range parent {
+			f.Close()
+		}
+		return nil, nil, err
+	}
+	child = append(child, shm) // closed with the others: the mapping stays
+	p := &childPipes{toChild: parent[0], fromChild: parent[1], stdout: parent[2], stderr: parent[3], log: parent[4], accept: accept}
 
 	cmd := exec.Command(exe)
 	cmd.Args = []string{os.Args[0]}
 	cmd.Env = append(os.Environ(), envModule+"="+h.name)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = child[0], child[1], child[3]
-	cmd.ExtraFiles = []*os.File{child[2], child[4]} // fdStdout, fdLog
+	cmd.ExtraFiles = []*os.File{child[2], child[4], shm} // fdStdout, fdLog, fdAccept
 	cmd.SysProcAttr = sysProcAttr()
 
 	req := spawnRequest{cmd: cmd, errc: make(chan error, 1)}
@@ -158,6 +168,7 @@ func (h *Handle) spawn() (process, *childPipes, error) {
 	if err := <-req.errc; err != nil {
 		p.toChild.Close()
 		p.closeReaders()
+		accept.close()
 		return nil, nil, fmt.Errorf("starting %s: %w", exe, err)
 	}
 	return &execProcess{cmd: cmd}, p, nil

@@ -30,7 +30,7 @@ type server struct {
 	ctx    context.Context // fixed; canceled when the child stops
 	active sync.WaitGroup  // handlers running
 
-	starting []startingRequest // read, not yet accepted; owned by readLoop
+	accept *acceptWord // fixed; see open
 
 	work chan startingRequest // to an idle worker; unbuffered
 	idle atomic.Int32         // workers waiting on work
@@ -40,7 +40,7 @@ type server struct {
 	streams map[uint64]*serverStream
 }
 
-// A startingRequest is a request whose handler has not started.
+// A startingRequest is a request for a worker.
 type startingRequest struct {
 	id  uint64
 	st  *serverStream
@@ -57,10 +57,11 @@ type serverStream struct {
 
 // newServer returns a server for the requests that arrive on c. Canceling
 // ctx cancels every request's context and ends the idle workers.
-func newServer(ctx context.Context, c *conn, h http.Handler) *server {
+func newServer(ctx context.Context, c *conn, accept *acceptWord, h http.Handler) *server {
 	return &server{
 		conn:    c,
 		ctx:     ctx,
+		accept:  accept,
 		handler: h,
 		streams: make(map[uint64]*serverStream),
 		work:    make(chan startingRequest),
@@ -83,11 +84,6 @@ func (s *server) stream(id uint64) *serverStream {
 // parent says stop (errStop), or a message is malformed. Messages for a
 // request that has finished are dropped: they cross the handler's end on
 // the pipe.
-//
-// New requests are accepted in batches: once readLoop has dispatched every
-// frame its buffer holds, it writes one kindAccept for the requests read so
-// far, and only then starts their handlers. A request the parent sees no
-// accept for never ran, so the parent may give it to another child.
 func (s *server) readLoop() error {
 	var scratch []byte
 	for {
@@ -98,27 +94,7 @@ func (s *server) readLoop() error {
 		if err := s.dispatch(hdr, &scratch); err != nil {
 			return err
 		}
-		if len(s.starting) > 0 && s.fr.Buffered().Buffered() == 0 {
-			if err := s.startHandlers(); err != nil {
-				return err
-			}
-		}
 	}
-}
-
-// startHandlers accepts the requests read since the last call and starts
-// their handlers.
-func (s *server) startHandlers() error {
-	last := s.starting[len(s.starting)-1]
-	if err := s.sendSync(outFrame{kind: kindAccept, id: last.id}); err != nil {
-		return err
-	}
-	for i, r := range s.starting {
-		s.run(r)
-		s.starting[i] = startingRequest{}
-	}
-	s.starting = s.starting[:0]
-	return nil
 }
 
 // maxIdleWorkers bounds the goroutines kept waiting for requests.
@@ -231,11 +207,6 @@ func (s *server) dispatch(hdr frame.Header, scratch *[]byte) error {
 		return s.fr.Discard(int(hdr.Len))
 
 	case kindStop:
-		if len(s.starting) > 0 {
-			if err := s.startHandlers(); err != nil {
-				return err
-			}
-		}
 		return errStop
 	}
 	return &protocolError{fmt.Sprintf("unknown message kind %d", hdr.Kind)}
@@ -246,17 +217,23 @@ func (s *server) dispatch(hdr frame.Header, scratch *[]byte) error {
 var errClientGone = errors.New("subproc: client disconnected")
 
 // open starts serving a request.
+//
+// Before the handler starts, the request's id goes into the accept word:
+// if the child dies, the parent gives the requests it finds no record of to
+// the next child, as the module never saw them. (Ids grow, so the last one
+// stored covers all before it.)
 func (s *server) open(id uint64, flags uint8, head *requestHead) error {
 	req, err := head.request()
 	if err != nil {
 		return &protocolError{err.Error()}
 	}
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	if s.handler == nil {
+		s.mu.Unlock()
 		return &protocolError{"request before ready"}
 	}
 	if _, dup := s.streams[id]; dup {
+		s.mu.Unlock()
 		return &protocolError{fmt.Sprintf("request id %d reused", id)}
 	}
 	ctx, cancel := context.WithCancel(s.ctx)
@@ -272,7 +249,10 @@ func (s *server) open(id uint64, flags uint8, head *requestHead) error {
 	st.rw = newResponseWriter(s.conn, id, req)
 	s.streams[id] = st
 	s.active.Add(1)
-	s.starting = append(s.starting, startingRequest{id: id, st: st, req: req, h: s.handler})
+	h := s.handler
+	s.mu.Unlock()
+	s.accept.store(id)
+	s.run(startingRequest{id: id, st: st, req: req, h: h})
 	return nil
 }
 
@@ -310,7 +290,7 @@ type responseWriter struct {
 	c      *conn         // fixed
 	id     uint64        // fixed
 	req    *http.Request // fixed
-	win    *sendWindow   // credit granted by the parent; fixed
+	win    sendWindow    // credit granted by the parent
 	header http.Header   // the handler's header map; fixed
 
 	mu            sync.Mutex  // guards the fields below
@@ -331,7 +311,9 @@ type responseWriter struct {
 }
 
 func newResponseWriter(c *conn, id uint64, req *http.Request) *responseWriter {
-	return &responseWriter{c: c, id: id, req: req, win: newSendWindow(window), header: make(http.Header), clen: -1}
+	w := &responseWriter{c: c, id: id, req: req, header: make(http.Header), clen: -1}
+	w.win.init(window)
+	return w
 }
 
 // Header returns the header map that WriteHeader sends, as net/http's does.

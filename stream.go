@@ -54,7 +54,15 @@ type sendWindow struct {
 }
 
 func newSendWindow(credit int) *sendWindow {
-	return &sendWindow{credit: credit, wake: make(chan struct{}, 1)}
+	w := new(sendWindow)
+	w.init(credit)
+	return w
+}
+
+// init prepares a zero sendWindow with the given credit.
+func (w *sendWindow) init(credit int) {
+	w.credit = credit
+	w.wake = make(chan struct{}, 1)
 }
 
 // take waits until at least least bytes of credit are available and takes
@@ -260,17 +268,18 @@ var _ io.ReadCloser = (*bodyReader)(nil)
 type stream struct {
 	id          uint64        // fixed
 	bodyTouched atomic.Bool   // the request body has been read from
-	win         *sendWindow   // request-body credit granted by the child; fixed
+	win         sendWindow    // request-body credit granted by the child
 	wake        chan struct{} // capacity 1; signalled on every push and on failure
 
 	mu        sync.Mutex // guards the fields below
 	events    []event
-	queued    int   // what the kindData events cost against the window
-	informal  int   // 1xx response heads received
-	final     bool  // the final (non-1xx) response head has arrived
-	ended     bool  // kindEnd or kindAbort has arrived: the child is done with the stream
-	err       error // the stream failed: the child can no longer answer
-	abandoned bool  // the request's goroutine has gone; what arrives is dropped
+	inline    [4]event // events' first backing array: most responses fit
+	queued    int      // what the kindData events cost against the window
+	informal  int      // 1xx response heads received
+	final     bool     // the final (non-1xx) response head has arrived
+	ended     bool     // kindEnd or kindAbort has arrived: the child is done with the stream
+	err       error    // the stream failed: the child can no longer answer
+	abandoned bool     // the request's goroutine has gone; what arrives is dropped
 }
 
 // An event is one message of a response, in the order the child sent it.
@@ -284,7 +293,10 @@ type event struct {
 }
 
 func newStream(id uint64, credit int) *stream {
-	return &stream{id: id, win: newSendWindow(credit), wake: make(chan struct{}, 1)}
+	s := &stream{id: id, wake: make(chan struct{}, 1)}
+	s.win.init(credit)
+	s.events = s.inline[:0]
+	return s
 }
 
 // push queues an event from the child. It returns an error, and queues
@@ -388,6 +400,9 @@ func (s *stream) next(cancel <-chan struct{}) (event, error) {
 			ev := s.events[0]
 			s.events[0] = event{}
 			s.events = s.events[1:]
+			if len(s.events) == 0 {
+				s.events = s.inline[:0]
+			}
 			if ev.kind == kindData {
 				s.queued -= frameCost(ev.n)
 			}

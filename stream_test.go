@@ -42,9 +42,10 @@ func newPipePair(t *testing.T, handler http.Handler) *pipePair {
 	p2cR, p2cW := io.Pipe()
 	c2pR, c2pW := io.Pipe()
 	h := &Handle{name: "pipe", opts: Options{Logger: discardLogger()}.withDefaults()}
-	c := newChild(h, 0, &fakeProcess{exited: make(chan struct{})}, newConn(c2pR, p2cW))
+	accept := newLocalWord()
+	c := newChild(h, 0, &fakeProcess{exited: make(chan struct{})}, newConn(c2pR, p2cW), accept)
 	ctx, cancel := context.WithCancel(context.Background())
-	srv := newServer(ctx, newConn(p2cR, c2pW), handler)
+	srv := newServer(ctx, newConn(p2cR, c2pW), accept, handler)
 	srvDone := make(chan error, 1)
 	go c.writeLoop()
 	go srv.writeLoop()
