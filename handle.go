@@ -637,20 +637,27 @@ func (b *bodySender) run() {
 		case m < n:
 			s.win.add(n - m)
 		}
+		var batch [2]outFrame
+		fs := batch[:0]
 		if m > 0 {
-			if c.send(outFrame{kind: kindData, id: s.id, data: (*buf)[:m], buf: buf}, b.stop) != nil {
-				return
-			}
+			fs = append(fs, outFrame{kind: kindData, id: s.id, data: (*buf)[:m], buf: buf})
 		} else {
 			putChunk(buf)
 		}
-		switch {
-		case rerr == io.EOF:
+		if rerr == io.EOF {
+			// net/http's bodies report the end with the last bytes: both
+			// go in one write.
 			end := outFrame{kind: kindEnd, id: s.id}
 			if len(r.Trailer) > 0 {
 				end.msg = &bodyEnd{Trailer: r.Trailer}
 			}
-			c.send(end, b.stop)
+			fs = append(fs, end)
+		}
+		if len(fs) > 0 && c.sendFrames(fs, b.stop) != nil {
+			return
+		}
+		switch {
+		case rerr == io.EOF:
 			return
 		case rerr != nil:
 			select {

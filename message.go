@@ -52,12 +52,12 @@ const (
 const (
 	// chunkSize is the largest payload of a kindData frame, and the size of
 	// the pooled buffers that carry bodies.
-	chunkSize = 32 << 10
+	chunkSize = 64 << 10
 
 	// window is how many body bytes of one stream, in each direction, may be
 	// sent and not yet consumed by the receiver. It bounds what parent and
 	// child buffer per request.
-	window = 8 * chunkSize
+	window = 4 * chunkSize
 
 	// frameOverhead is what a kindData frame costs against a window on top
 	// of its bytes, so that a window bounds the number of queued frames (a
@@ -73,8 +73,9 @@ const (
 // returns it in a kindWindow frame. A sender then always has at least
 // window-grantThreshold of credit once the receiver has drained its queue,
 // which exceeds a full chunk's cost, so it never waits for credit that is
-// held back.
-const grantThreshold = chunkSize
+// held back; and a body shorter than grantThreshold costs no window update
+// at all.
+const grantThreshold = window / 2
 
 // frameCost is what a kindData frame carrying n bytes costs against a window.
 func frameCost(n int) int { return n + frameOverhead }

@@ -146,6 +146,8 @@ func (h *Handle) spawn() (process, *childPipes, error) {
 			return nil, nil, fmt.Errorf("creating pipes: %w", err)
 		}
 	}
+	growPipe(parent[0]) // to the child
+	growPipe(parent[1]) // from the child
 	accept, shm, err := newSharedWord()
 	if err != nil {
 		for _, f := range parent {

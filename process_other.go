@@ -2,7 +2,10 @@
 
 package subproc
 
-import "syscall"
+import (
+	"os"
+	"syscall"
+)
 
 // sysProcAttr puts the child in its own process group, so that a terminal's
 // Ctrl-C reaches only the parent.
@@ -14,3 +17,6 @@ func sysProcAttr() *syscall.SysProcAttr {
 func dup2(oldfd, newfd int) error {
 	return syscall.Dup2(oldfd, newfd)
 }
+
+// growPipe does nothing: only Linux can resize a pipe.
+func growPipe(*os.File) {}
