@@ -32,15 +32,20 @@ type server struct {
 
 	accept *acceptWord // fixed; see open
 
-	work chan startingRequest // to an idle worker; unbuffered
-	idle atomic.Int32         // workers waiting on work
+	work     chan task    // to an idle worker; unbuffered
+	idle     atomic.Int32 // workers waiting on work
+	readDone chan error   // why the reading ended; capacity 1
+
+	// Owned by the goroutine that reads (see read).
+	opened  startingRequest // the request that the last frame opened
+	scratch []byte          // for decoding messages
 
 	mu      sync.Mutex // guards the fields below
 	handler http.Handler
 	streams map[uint64]*serverStream
 }
 
-// A startingRequest is a request for a worker.
+// A startingRequest is a request whose handler has not started.
 type startingRequest struct {
 	id  uint64
 	st  *serverStream
@@ -59,12 +64,13 @@ type serverStream struct {
 // ctx cancels every request's context and ends the idle workers.
 func newServer(ctx context.Context, c *conn, accept *acceptWord, h http.Handler) *server {
 	return &server{
-		conn:    c,
-		ctx:     ctx,
-		accept:  accept,
-		handler: h,
-		streams: make(map[uint64]*serverStream),
-		work:    make(chan startingRequest),
+		conn:     c,
+		ctx:      ctx,
+		accept:   accept,
+		handler:  h,
+		streams:  make(map[uint64]*serverStream),
+		work:     make(chan task),
+		readDone: make(chan error, 1),
 	}
 }
 
@@ -81,55 +87,88 @@ func (s *server) stream(id uint64) *serverStream {
 }
 
 // readLoop reads the parent's messages until the pipe ends (io.EOF), the
-// parent says stop (errStop), or a message is malformed. Messages for a
-// request that has finished are dropped: they cross the handler's end on
-// the pipe.
+// parent says stop (errStop), or a message is malformed, and returns why.
+// Messages for a request that has finished are dropped: they cross the
+// handler's end on the pipe.
+//
+// The reading itself moves from goroutine to goroutine (see read); readLoop
+// starts it and waits for its end.
 func (s *server) readLoop() error {
-	var scratch []byte
-	for {
-		hdr, err := s.fr.ReadHeader()
-		if err != nil {
-			return err
-		}
-		if err := s.dispatch(hdr, &scratch); err != nil {
-			return err
-		}
-	}
+	s.spawn(task{read: true})
+	return <-s.readDone
 }
 
-// maxIdleWorkers bounds the goroutines kept waiting for requests.
+// A task is a worker's next job: to serve a request, or to read.
+type task struct {
+	r    startingRequest
+	read bool
+}
+
+// maxIdleWorkers bounds the goroutines kept waiting for tasks.
 const maxIdleWorkers = 256
 
-// run serves r on an idle worker, or on a new one if none is idle.
+// spawn gives t to an idle worker, or to a new one if none is idle.
 //
-// Workers outlive their requests because a goroutine's first request costs
+// Workers outlive their tasks because a goroutine's first request costs
 // more than its handler: starting the goroutine, and growing its stack as
 // the handler (net/http's ServeMux already) goes deeper than a new
 // goroutine's stack allows. A worker that has served keeps its stack.
-func (s *server) run(r startingRequest) {
+func (s *server) spawn(t task) {
 	select {
-	case s.work <- r:
+	case s.work <- t:
 	default:
-		go s.worker(r)
+		go s.worker(t)
 	}
 }
 
-// worker serves r, then whatever run hands it, until the server's context
+// worker does t, then whatever spawn hands it, until the server's context
 // ends or enough other workers are idle.
-func (s *server) worker(r startingRequest) {
+func (s *server) worker(t task) {
 	for {
-		s.serve(r.id, r.st, r.req, r.h)
-		r = startingRequest{}
+		if t.read {
+			var ok bool
+			if t.r, ok = s.read(); !ok {
+				t.r = startingRequest{}
+			}
+		}
+		if r := t.r; r.st != nil {
+			s.serve(r.id, r.st, r.req, r.h)
+		}
+		t = task{}
 		if s.idle.Add(1) > maxIdleWorkers {
 			s.idle.Add(-1)
 			return
 		}
 		select {
-		case r = <-s.work:
+		case t = <-s.work:
 			s.idle.Add(-1)
 		case <-s.ctx.Done():
 			s.idle.Add(-1)
 			return
+		}
+	}
+}
+
+// read reads and dispatches the parent's frames until one opens a request.
+// Then it hands the reading on to another worker and returns the request,
+// for the calling worker to serve: the handler starts without waiting for
+// another goroutine to be scheduled, which is most of a request's latency
+// in the child. When the reading ends, read reports why on readDone and
+// returns false.
+func (s *server) read() (startingRequest, bool) {
+	for {
+		hdr, err := s.fr.ReadHeader()
+		if err == nil {
+			err = s.dispatch(hdr, &s.scratch)
+		}
+		if err != nil {
+			s.readDone <- err
+			return startingRequest{}, false
+		}
+		if r := s.opened; r.st != nil {
+			s.opened = startingRequest{}
+			s.spawn(task{read: true})
+			return r, true
 		}
 	}
 }
@@ -252,7 +291,7 @@ func (s *server) open(id uint64, flags uint8, head *requestHead) error {
 	h := s.handler
 	s.mu.Unlock()
 	s.accept.store(id)
-	s.run(startingRequest{id: id, st: st, req: req, h: h})
+	s.opened = startingRequest{id: id, st: st, req: req, h: h}
 	return nil
 }
 
