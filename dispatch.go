@@ -540,7 +540,7 @@ func (c *child) dispatch(hdr frame.Header, scratch *[]byte) error {
 			if hdr.Len > chunkSize {
 				return &protocolError{fmt.Sprintf("body chunk of %d bytes exceeds %d", hdr.Len, chunkSize)}
 			}
-			ev.buf, ev.n = getChunk(), int(hdr.Len)
+			ev.buf, ev.n = getBuffer(int(hdr.Len)), int(hdr.Len)
 			if err := c.fr.ReadPayload((*ev.buf)[:ev.n]); err != nil {
 				putChunk(ev.buf)
 				return err

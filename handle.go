@@ -613,6 +613,7 @@ func (b *bodySender) halt() {
 func (b *bodySender) run() {
 	defer close(b.done)
 	c, s, r := b.c, b.s, b.r
+	var sent int64 // body bytes read so far
 	for {
 		credit, err := s.win.take(frameCost(1), frameCost(chunkSize), b.stop)
 		if err != nil {
@@ -627,9 +628,18 @@ func (b *bodySender) run() {
 			return
 		default:
 		}
-		buf := getChunk()
+		size := n
+		if left := r.ContentLength - sent; r.ContentLength > 0 && left < int64(size) {
+			size = max(1, int(left))
+		}
+		buf := getBuffer(size)
+		if len(*buf) < n {
+			s.win.add(n - len(*buf))
+			n = len(*buf)
+		}
 		s.bodyTouched.Store(true)
 		m, rerr := r.Body.Read((*buf)[:n])
+		sent += int64(m)
 		b.reading.Store(false)
 		switch {
 		case m == 0:

@@ -186,7 +186,7 @@ func (s *server) dispatch(hdr frame.Header, scratch *[]byte) error {
 		if hdr.Len > chunkSize {
 			return &protocolError{fmt.Sprintf("body chunk of %d bytes exceeds %d", hdr.Len, chunkSize)}
 		}
-		buf := getChunk()
+		buf := getBuffer(int(hdr.Len))
 		if err := s.fr.ReadPayload((*buf)[:hdr.Len]); err != nil {
 			putChunk(buf)
 			return err
@@ -425,8 +425,15 @@ func (w *responseWriter) Write(p []byte) (int, error) {
 	}
 	n := 0
 	for n < len(p) {
-		if w.buf == nil {
-			w.buf = getChunk()
+		switch {
+		case w.buf == nil:
+			w.buf = getBuffer(len(p) - n)
+		case w.n == len(*w.buf):
+			// A small buffer is full: move to a chunk.
+			big := getChunk()
+			copy(*big, (*w.buf)[:w.n])
+			putChunk(w.buf)
+			w.buf = big
 		}
 		k := copy((*w.buf)[w.n:], p[n:])
 		w.n += k

@@ -19,18 +19,47 @@ import (
 // never holds more than window bytes of one stream's body, and a stream whose
 // reader stalls stops only its own sender.
 
-// chunkPool holds buffers of chunkSize bytes for body data.
-var chunkPool = sync.Pool{New: func() any {
-	b := make([]byte, chunkSize)
-	return &b
-}}
+// Body bytes travel in pooled buffers of two sizes: small ones for the many
+// bodies of a few KiB, which would otherwise pin a whole chunk each while in
+// flight, and chunks of chunkSize for the rest.
+const smallChunk = 4 << 10
 
+var (
+	smallPool = sync.Pool{New: func() any {
+		b := make([]byte, smallChunk)
+		return &b
+	}}
+	chunkPool = sync.Pool{New: func() any {
+		b := make([]byte, chunkSize)
+		return &b
+	}}
+)
+
+// getChunk returns a pooled buffer of chunkSize bytes.
 func getChunk() *[]byte { return chunkPool.Get().(*[]byte) }
 
+// getBuffer returns a pooled buffer for n bytes, n <= chunkSize: a small
+// one if n fits, else a chunk.
+func getBuffer(n int) *[]byte {
+	if n <= smallChunk {
+		return smallPool.Get().(*[]byte)
+	}
+	return getChunk()
+}
+
+// putChunk returns a buffer from getChunk or getBuffer to its pool. It
+// ignores nil.
 func putChunk(b *[]byte) {
-	if b != nil && cap(*b) == chunkSize {
+	if b == nil {
+		return
+	}
+	switch cap(*b) {
+	case chunkSize:
 		*b = (*b)[:chunkSize]
 		chunkPool.Put(b)
+	case smallChunk:
+		*b = (*b)[:smallChunk]
+		smallPool.Put(b)
 	}
 }
 

@@ -250,3 +250,24 @@ func (c countingReader) Read(p []byte) (int, error) {
 	c.n.Add(int64(n))
 	return n, err
 }
+
+// A response that starts small and grows moves from a small buffer to a
+// chunk without losing or reordering bytes.
+func TestResponseGrowsPastSmallBuffer(t *testing.T) {
+	want := make([]byte, 0, 3*chunkSize)
+	for i := 0; i < smallChunk+100; i++ {
+		want = append(want, byte('a'+i%26))
+	}
+	tail := bytes.Repeat([]byte("0123456789"), 2*chunkSize/10)
+	want = append(want, tail...)
+	pp := newPipePair(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		for i := 0; i < smallChunk+100; i++ {
+			w.Write(want[i : i+1])
+		}
+		w.Write(tail)
+	}))
+	s := openRequest(t, pp.c, httptest.NewRequest("GET", "/", nil))
+	if st, b := readAll(t, pp.c, s); st != 200 || !bytes.Equal(b, want) {
+		t.Fatalf("got %d, %d bytes; want 200, %d bytes", st, len(b), len(want))
+	}
+}
