@@ -516,7 +516,11 @@ func (h *Handle) proxy(w http.ResponseWriter, r *http.Request, c *child, s *stre
 			announced := ev.head.Header["Trailer"] // hop-by-hop, but announces the trailers
 			removeHopByHop(ev.head.Header)
 			for k, v := range ev.head.Header {
-				dst[k] = append(dst[k], v...)
+				if len(dst[k]) == 0 {
+					dst[k] = v // decoded for this response alone
+				} else {
+					dst[k] = append(dst[k], v...)
+				}
 			}
 			if len(ev.head.Trailer) > 0 {
 				declared = make(map[string]bool, len(ev.head.Trailer))

@@ -2,6 +2,7 @@ package subproc
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"io"
 	"net/http"
@@ -234,4 +235,59 @@ func FuzzReadFrames(f *testing.F) {
 			t.Fatalf("stream holds %d bytes", s.queued)
 		}
 	})
+}
+
+// The heads' own encoding round-trips every field, and a corrupt or
+// truncated encoding is an error, never a panic or a large allocation.
+func TestHeadEncoding(t *testing.T) {
+	req := &requestHead{
+		Method: "POST", Scheme: "https", Opaque: "o", User: "u:p", URLHost: "h:1",
+		Path: "/p", RawPath: "/p", RawQuery: "q=1", Fragment: "f", ForceQuery: true, OmitHost: true,
+		Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1,
+		Header: http.Header{"A": {"1", "2"}, "B": {""}, "C": {"3"}},
+		Host:   "example.com", ContentLength: -1, TransferEncoding: []string{"chunked"},
+		Close: true, Trailer: []string{"X-Sum"}, RemoteAddr: "1.2.3.4:5", RequestURI: "/p?q=1",
+		TLS: &tlsState{Version: 0x304, CipherSuite: 0x1301, ServerName: "s", NegotiatedProtocol: "h2", DidResume: true},
+	}
+	resp := &responseHead{Status: 418, Header: http.Header{"X": {"y"}}, Trailer: []string{"T"}, FullDuplex: true}
+	for _, tt := range []struct {
+		in  interface{ GobEncode() ([]byte, error) }
+		out interface{ GobDecode([]byte) error }
+	}{
+		{req, new(requestHead)},
+		{resp, new(responseHead)},
+		{&requestHead{}, new(requestHead)},
+		{&responseHead{}, new(responseHead)},
+	} {
+		p, err := tt.in.GobEncode()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := tt.out.GobDecode(p); err != nil {
+			t.Fatalf("%T: %v", tt.in, err)
+		}
+		if !reflect.DeepEqual(tt.in, tt.out) {
+			t.Errorf("round trip:\n got %+v\nwant %+v", tt.out, tt.in)
+		}
+		for n := range len(p) {
+			if err := reflect.New(reflect.TypeOf(tt.out).Elem()).Interface().(interface{ GobDecode([]byte) error }).GobDecode(p[:n]); err == nil {
+				t.Errorf("%T: truncated to %d of %d bytes: no error", tt.in, n, len(p))
+			}
+		}
+		if err := tt.out.GobDecode(append(p, 0)); err == nil {
+			t.Errorf("%T: trailing byte: no error", tt.in)
+		}
+	}
+	// A header that claims a billion keys in a few bytes.
+	huge := []byte{wireVersion, 0, 0x00}
+	huge = binary.AppendUvarint(huge[:2], 200) // status
+	huge = binary.AppendUvarint(huge, 1<<30)   // keys
+	allocs := testing.AllocsPerRun(10, func() {
+		if err := new(responseHead).GobDecode(huge); err == nil {
+			t.Fatal("a billion keys in 8 bytes: no error")
+		}
+	})
+	if allocs > 2 {
+		t.Errorf("%v allocations to reject a huge count", allocs)
+	}
 }

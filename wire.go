@@ -1,0 +1,272 @@
+package subproc
+
+import (
+	"encoding/binary"
+	"errors"
+	"net/http"
+)
+
+// The request and response heads are the messages of every request, so
+// they encode themselves (gob's GobEncoder and GobDecoder) in a compact
+// binary form instead of through gob's reflection: varints, and strings and
+// lists prefixed with their length. Decoding copies the payload into one
+// string and slices every header key and value out of it, so that a head
+// costs a handful of allocations whatever its size; every count is checked
+// against the bytes left before anything is allocated for it.
+
+// wireVersion opens a head's encoding; a head that does not start with it
+// is rejected.
+const wireVersion = 1
+
+// errBadHead reports a head whose encoding is malformed.
+var errBadHead = errors.New("malformed head")
+
+// A wireWriter appends a head's encoding to a buffer.
+type wireWriter struct{ b []byte }
+
+func (w *wireWriter) uint(v uint64) { w.b = binary.AppendUvarint(w.b, v) }
+func (w *wireWriter) int(v int64)   { w.b = binary.AppendVarint(w.b, v) }
+
+func (w *wireWriter) string(s string) {
+	w.uint(uint64(len(s)))
+	w.b = append(w.b, s...)
+}
+
+func (w *wireWriter) strings(ss []string) {
+	w.uint(uint64(len(ss)))
+	for _, s := range ss {
+		w.string(s)
+	}
+}
+
+func (w *wireWriter) header(h http.Header) {
+	w.uint(uint64(len(h)))
+	for k, vs := range h {
+		w.string(k)
+		w.strings(vs)
+	}
+}
+
+// A wireReader decodes a head. After the first error every read returns a
+// zero value, and err holds the error.
+type wireReader struct {
+	s   string // the payload, copied once
+	off int
+	err error
+}
+
+func newWireReader(p []byte) *wireReader { return &wireReader{s: string(p)} }
+
+func (r *wireReader) fail() {
+	if r.err == nil {
+		r.err = errBadHead
+	}
+}
+
+func (r *wireReader) uint() uint64 {
+	if r.err != nil {
+		return 0
+	}
+	var v uint64
+	var shift uint
+	for i := 0; ; i++ {
+		if r.off >= len(r.s) || i == binary.MaxVarintLen64 {
+			r.fail()
+			return 0
+		}
+		b := r.s[r.off]
+		r.off++
+		if b < 0x80 {
+			return v | uint64(b)<<shift
+		}
+		v |= uint64(b&0x7f) << shift
+		shift += 7
+	}
+}
+
+func (r *wireReader) int() int64 {
+	u := r.uint()
+	v := int64(u >> 1)
+	if u&1 != 0 {
+		v = ^v
+	}
+	return v
+}
+
+// count reads a count of items that each take at least one byte, so that a
+// corrupt count cannot make the caller allocate more than the payload.
+func (r *wireReader) count() int {
+	n := r.uint()
+	if n > uint64(len(r.s)-r.off) {
+		r.fail()
+		return 0
+	}
+	return int(n)
+}
+
+func (r *wireReader) string() string {
+	n := r.count()
+	if r.err != nil {
+		return ""
+	}
+	s := r.s[r.off : r.off+n]
+	r.off += n
+	return s
+}
+
+func (r *wireReader) strings() []string {
+	n := r.count()
+	if n == 0 {
+		return nil
+	}
+	ss := make([]string, n)
+	for i := range ss {
+		ss[i] = r.string()
+	}
+	return ss
+}
+
+// header reads a header: its values share one backing array, as in
+// http.Header.Clone.
+func (r *wireReader) header() http.Header {
+	n := r.count()
+	if n == 0 {
+		return nil
+	}
+	h := make(http.Header, n)
+	var values []string
+	for range n {
+		k := r.string()
+		m := r.count()
+		if r.err != nil {
+			return nil
+		}
+		if cap(values)-len(values) < m {
+			// Room for this key's values and, as a guess, as many again.
+			values = make([]string, 0, max(m, 2*m, 8))
+		}
+		start := len(values)
+		for range m {
+			values = append(values, r.string())
+		}
+		h[k] = values[start:len(values):len(values)]
+	}
+	return h
+}
+
+// done checks that the whole payload was read.
+func (r *wireReader) done() error {
+	if r.err == nil && r.off != len(r.s) {
+		r.fail()
+	}
+	return r.err
+}
+
+// Flags of a requestHead's encoding.
+const (
+	headForceQuery = 1 << iota
+	headOmitHost
+	headClose
+	headTLS
+	headTLSResume
+	headFullDuplex // responseHead
+)
+
+// GobEncode encodes h for gob.
+func (h *requestHead) GobEncode() ([]byte, error) {
+	w := wireWriter{b: make([]byte, 0, 256)}
+	w.uint(wireVersion)
+	var flags uint64
+	if h.ForceQuery {
+		flags |= headForceQuery
+	}
+	if h.OmitHost {
+		flags |= headOmitHost
+	}
+	if h.Close {
+		flags |= headClose
+	}
+	if h.TLS != nil {
+		flags |= headTLS
+		if h.TLS.DidResume {
+			flags |= headTLSResume
+		}
+	}
+	w.uint(flags)
+	for _, s := range []string{h.Method, h.Scheme, h.Opaque, h.User, h.URLHost, h.Path, h.RawPath, h.RawQuery, h.Fragment, h.Proto, h.Host, h.RemoteAddr, h.RequestURI} {
+		w.string(s)
+	}
+	w.int(int64(h.ProtoMajor))
+	w.int(int64(h.ProtoMinor))
+	w.int(h.ContentLength)
+	w.strings(h.TransferEncoding)
+	w.strings(h.Trailer)
+	w.header(h.Header)
+	if t := h.TLS; t != nil {
+		w.uint(uint64(t.Version))
+		w.uint(uint64(t.CipherSuite))
+		w.string(t.ServerName)
+		w.string(t.NegotiatedProtocol)
+	}
+	return w.b, nil
+}
+
+// GobDecode decodes what GobEncode encoded into h.
+func (h *requestHead) GobDecode(p []byte) error {
+	r := newWireReader(p)
+	if r.uint() != wireVersion {
+		return errBadHead
+	}
+	flags := r.uint()
+	h.ForceQuery = flags&headForceQuery != 0
+	h.OmitHost = flags&headOmitHost != 0
+	h.Close = flags&headClose != 0
+	for _, s := range []*string{&h.Method, &h.Scheme, &h.Opaque, &h.User, &h.URLHost, &h.Path, &h.RawPath, &h.RawQuery, &h.Fragment, &h.Proto, &h.Host, &h.RemoteAddr, &h.RequestURI} {
+		*s = r.string()
+	}
+	h.ProtoMajor = int(r.int())
+	h.ProtoMinor = int(r.int())
+	h.ContentLength = r.int()
+	h.TransferEncoding = r.strings()
+	h.Trailer = r.strings()
+	h.Header = r.header()
+	if flags&headTLS != 0 {
+		h.TLS = &tlsState{
+			Version:            uint16(r.uint()),
+			CipherSuite:        uint16(r.uint()),
+			ServerName:         r.string(),
+			NegotiatedProtocol: r.string(),
+			DidResume:          flags&headTLSResume != 0,
+		}
+	}
+	return r.done()
+}
+
+// GobEncode encodes h for gob.
+func (h *responseHead) GobEncode() ([]byte, error) {
+	w := wireWriter{b: make([]byte, 0, 128)}
+	w.uint(wireVersion)
+	var flags uint64
+	if h.FullDuplex {
+		flags |= headFullDuplex
+	}
+	w.uint(flags)
+	w.int(int64(h.Status))
+	w.header(h.Header)
+	w.strings(h.Trailer)
+	return w.b, nil
+}
+
+// GobDecode decodes what GobEncode encoded into h.
+func (h *responseHead) GobDecode(p []byte) error {
+	r := newWireReader(p)
+	if r.uint() != wireVersion {
+		return errBadHead
+	}
+	flags := r.uint()
+	h.FullDuplex = flags&headFullDuplex != 0
+	h.Status = int(r.int())
+	h.Header = r.header()
+	h.Trailer = r.strings()
+	return r.done()
+}
