@@ -321,9 +321,10 @@ func (s *server) serve(id uint64, st *serverStream, req *http.Request, h http.Ha
 var errAfterHandler = errors.New("subproc: write after the handler returned")
 
 // A responseWriter is the http.ResponseWriter a module's handler writes to.
-// It buffers up to a chunk of body, sends the response head with the first
-// chunk or at the first flush, and holds no more than a window of body in
-// flight. Like net/http's, it is not safe for concurrent use by handlers;
+// It buffers up to a chunk of body, which it sends when more body follows,
+// at a flush, or when the handler returns; it sends the response head with
+// the first chunk or at the first flush, and holds no more than a window of
+// body in flight. Like net/http's, it is not safe for concurrent use by handlers;
 // its mutex only orders it against its own teardown.
 type responseWriter struct {
 	c      *conn         // fixed
@@ -428,22 +429,26 @@ func (w *responseWriter) Write(p []byte) (int, error) {
 		switch {
 		case w.buf == nil:
 			w.buf = getBuffer(len(p) - n)
-		case w.n == len(*w.buf):
+		case w.n < len(*w.buf):
+		case w.n < chunkSize:
 			// A small buffer is full: move to a chunk.
 			big := getChunk()
 			copy(*big, (*w.buf)[:w.n])
 			putChunk(w.buf)
 			w.buf = big
+		default:
+			// A full chunk goes once more bytes follow it, so that a
+			// flush or the handler's return right after it travels
+			// in the same frame.
+			if err := w.sendBodyLocked(0, nil); err != nil {
+				return n, err
+			}
+			continue
 		}
 		k := copy((*w.buf)[w.n:], p[n:])
 		w.n += k
 		n += k
 		w.written += int64(k)
-		if w.n == chunkSize {
-			if err := w.sendBodyLocked(0, nil); err != nil {
-				return n, err
-			}
-		}
 	}
 	return n, nil
 }
