@@ -17,8 +17,14 @@ import (
 // sides run to encode frames onto their pipe, and the parent's readLoop that
 // decodes the child's frames and hands each to the stream it belongs to.
 
-// pipeBufferSize is the size of the buffers in front of each pipe.
-const pipeBufferSize = 64 << 10
+// Sizes of the buffers in front of each pipe. The write buffer holds a
+// full chunk with its header, and more, so that a frame goes out in one
+// write, and a burst of frames in few; the reader's, being smaller than a
+// chunk, lets a chunk's payload be read straight into its own buffer.
+const (
+	writeBufferSize = 4 * chunkSize
+	readBufferSize  = chunkSize
+)
 
 // An outFrame is a frame waiting for the writeLoop.
 type outFrame struct {
@@ -67,9 +73,9 @@ func newConn(r io.Reader, w io.WriteCloser) *conn {
 		quit:  make(chan struct{}),
 		wdone: make(chan struct{}),
 		wc:    w,
-		fw:    frame.NewWriter(w, pipeBufferSize),
+		fw:    frame.NewWriter(w, writeBufferSize),
 		enc:   newEncoder(),
-		fr:    frame.NewReader(r, pipeBufferSize),
+		fr:    frame.NewReader(r, readBufferSize),
 		dec:   newDecoder(),
 	}
 }

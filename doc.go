@@ -35,7 +35,7 @@
 //
 // # Streaming and flow control
 //
-// Bodies move in chunks of 64 KiB, and each request has a window of 256 KiB
+// Bodies move in chunks of 64 KiB, and each request has a window of 512 KiB
 // in each direction: a client that reads slowly, or a handler that does not
 // read its body, stalls only its own request, and neither process buffers
 // more than a window per request.

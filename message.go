@@ -57,7 +57,7 @@ const (
 	// window is how many body bytes of one stream, in each direction, may be
 	// sent and not yet consumed by the receiver. It bounds what parent and
 	// child buffer per request.
-	window = 4 * chunkSize
+	window = 8 * chunkSize
 
 	// frameOverhead is what a kindData frame costs against a window on top
 	// of its bytes, so that a window bounds the number of queued frames (a
