@@ -62,7 +62,12 @@ func main() {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(2)
 	}
-	if err := drive(cfg, os.Stdout); err != nil {
+	if cfg.From != "" {
+		err = replot(cfg.From, cfg.Out, os.Stdout)
+	} else {
+		err = drive(cfg, os.Stdout)
+	}
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}
@@ -90,6 +95,7 @@ func runRole(role string) error {
 // Config is what the driver measures: the workloads' parameters.
 type Config struct {
 	Out         string        `json:"-"`
+	From        string        `json:"-"`
 	Quick       bool          `json:"quick"`
 	Peers       []string      `json:"peers"`
 	Warmup      time.Duration `json:"warmup_ns"`
@@ -107,6 +113,7 @@ var allPeers = []string{"inproc", "uds", "goplugin", "pipe", "subproc"}
 func parseFlags(args []string) (Config, error) {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
 	out := fs.String("out", "results", "directory for results.md, results.json, results.svg (and tmp/ with the servers' logs)")
+	from := fs.String("from", "", "measure nothing: rewrite results.md and results.svg (to -out) from this results.json")
 	quick := fs.Bool("quick", false, "run every workload briefly (smoke test, under a minute)")
 	peers := fs.String("peers", strings.Join(allPeers, ","), "comma-separated peers to run")
 	warmup := fs.Duration("warmup", 0, "warmup before each timed load (default 1s, quick 250ms)")
@@ -120,7 +127,7 @@ func parseFlags(args []string) (Config, error) {
 		return Config{}, fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
 	cfg := Config{
-		Out: *out, Quick: *quick,
+		Out: *out, From: *from, Quick: *quick,
 		Warmup: time.Second, Duration: 5 * time.Second,
 		EchoBytes: 64 << 10, EchoClients: 16,
 		StreamBytes: 1 << 30, StreamChunk: 64 << 10,

@@ -3,6 +3,7 @@ package main
 import (
 	"encoding/json"
 	"fmt"
+	"io"
 	"math"
 	"os"
 	"path/filepath"
@@ -242,6 +243,28 @@ func writeResults(dir string, r *Results, md string) error {
 		}
 	}
 	return nil
+}
+
+// replot rewrites the results in dir from a results.json, and prints the
+// table.
+func replot(from, dir string, stdout io.Writer) error {
+	b, err := os.ReadFile(from)
+	if err != nil {
+		return err
+	}
+	var r Results
+	if err := json.Unmarshal(b, &r); err != nil {
+		return fmt.Errorf("%s: %w", from, err)
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	md := r.Markdown()
+	if err := writeResults(dir, &r, md); err != nil {
+		return err
+	}
+	_, err = fmt.Fprint(stdout, md)
+	return err
 }
 
 func fmtInt(v float64) string {

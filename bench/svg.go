@@ -119,6 +119,33 @@ func (r *Results) panels() []panel {
 	}
 }
 
+// dropNotApplicable removes from p the peers whose every bar is n/a (not
+// failed): a panel shows only the peers it concerns.
+func dropNotApplicable(p panel) panel {
+	na := map[string]int{}
+	for _, g := range p.groups {
+		for _, br := range g.bars {
+			if !br.ok && strings.HasSuffix(br.text, "n/a") {
+				na[br.peer]++
+			}
+		}
+	}
+	var groups []barGroup
+	for _, g := range p.groups {
+		ng := barGroup{label: g.label}
+		for _, br := range g.bars {
+			if na[br.peer] < len(p.groups) {
+				ng.bars = append(ng.bars, br)
+			}
+		}
+		if len(ng.bars) > 0 {
+			groups = append(groups, ng)
+		}
+	}
+	p.groups = groups
+	return p
+}
+
 // Layout of the chart, in pixels.
 const (
 	svgWidth    = 960
@@ -127,7 +154,7 @@ const (
 	barHeight   = 16
 	barGap      = 3
 	groupGap    = 14
-	panelTitleH = 30
+	panelTitleH = 44
 	axisH       = 44
 	panelGap    = 24
 )
@@ -137,6 +164,9 @@ func (r *Results) SVG() string {
 	var body strings.Builder
 	y := 70.0
 	for _, p := range r.panels() {
+		if p = dropNotApplicable(p); len(p.groups) == 0 {
+			continue
+		}
 		y = writePanel(&body, p, y) + panelGap
 	}
 
@@ -236,14 +266,16 @@ func niceAxis(maxV float64) (step, end float64) {
 
 // tickLabel formats a tick value with as many decimals as the step needs.
 func tickLabel(v, step float64) string {
-	switch {
-	case step >= 1:
-		return fmtInt(v)
-	case step >= 0.1:
-		return fmt.Sprintf("%.1f", v)
-	default:
-		return fmt.Sprintf("%.2f", v)
+	for d := 0; d < 6; d++ {
+		p := math.Pow(10, float64(d))
+		if math.Abs(step*p-math.Round(step*p)) < 1e-6 {
+			if d == 0 {
+				return fmtInt(v)
+			}
+			return fmt.Sprintf("%.*f", d, v)
+		}
 	}
+	return fmt.Sprintf("%g", v)
 }
 
 func esc(s string) string { return html.EscapeString(s) }
