@@ -212,7 +212,7 @@ func TestQuick(t *testing.T) {
 			t.Error(err)
 		}
 	}
-	if strings.Contains(out.String(), "failed") {
+	if strings.Contains(out.String(), " failed |") || strings.Contains(out.String(), ": error: ") {
 		t.Errorf("a workload failed:\n%s", out.String())
 	}
 	for _, row := range []string{"| (a) GET /small, 1 client |", "| (c) GET /stream, one response |", "| (d) SIGKILL child → next 200 |"} {
