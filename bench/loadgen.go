@@ -155,10 +155,12 @@ func (c *client) roundTrip(head string, body []byte, consume func(io.Reader) (in
 		closing = true
 		r = c.br
 	}
+	var n int64
 	if consume == nil {
-		consume = c.discard
+		n, err = c.discard(r)
+	} else {
+		n, err = consume(r)
 	}
-	n, err := consume(r)
 	if err != nil {
 		return status, n, err
 	}
@@ -284,9 +286,12 @@ func runLoad(addr string, clients int, warmup, dur time.Duration, bodyBytes int,
 	return res
 }
 
+// smallHead is the request of GET /small.
+const smallHead = "GET /small HTTP/1.1\r\nHost: bench\r\n"
+
 // smallOp is GET /small: status 200 and a 100-byte body.
 func smallOp(c *client) error {
-	status, n, err := c.get("/small")
+	status, n, err := c.do(smallHead, nil, nil)
 	if err != nil {
 		return err
 	}
