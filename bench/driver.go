@@ -1,0 +1,355 @@
+package main
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// Which workloads each peer runs, and why not the others.
+var notApplicable = map[string]map[string]string{
+	"inproc": {
+		"restart": "no child to kill",
+	},
+	"goplugin": {
+		"stream": "go-plugin's net/rpc is unary: the response would be buffered whole (and gob refuses messages of 1 GiB)",
+	},
+	"pipe": {
+		"small":   "the pipe peer only streams",
+		"echo":    "the pipe peer only streams",
+		"restart": "the pipe peer only streams",
+		"rss":     "measured during the /small loads, which the pipe peer does not serve",
+	},
+}
+
+// applies reports whether peer runs workload.
+func applies(peer, workload string) bool {
+	_, na := notApplicable[peer][workload]
+	return !na
+}
+
+// drive runs every peer's workloads, writes the results to cfg.Out and
+// prints the markdown table to stdout.
+func drive(cfg Config, stdout io.Writer) error {
+	if err := os.MkdirAll(filepath.Join(cfg.Out, "tmp"), 0o755); err != nil {
+		return err
+	}
+	res := &Results{Machine: machineInfo(), Config: cfg}
+	for _, name := range cfg.Peers {
+		fmt.Fprintf(os.Stderr, "== %s\n", name)
+		pr := runPeer(cfg, name)
+		for _, e := range pr.Errors {
+			fmt.Fprintf(os.Stderr, "   error: %s\n", e)
+		}
+		res.Peers = append(res.Peers, pr)
+	}
+	res.Finished = time.Now().UTC().Format(time.RFC3339)
+	md := res.Markdown()
+	if err := writeResults(cfg.Out, res, md); err != nil {
+		return err
+	}
+	fmt.Fprint(stdout, md)
+	fmt.Fprintf(os.Stderr, "wrote %s\n", strings.Join([]string{
+		filepath.Join(cfg.Out, "results.md"),
+		filepath.Join(cfg.Out, "results.json"),
+		filepath.Join(cfg.Out, "results.svg"),
+	}, ", "))
+	return nil
+}
+
+// runPeer starts the peer's server process and runs its workloads in
+// order: /small with 1 then 64 clients (sampling memory), /echo, /stream,
+// then the kills. A workload that fails is recorded and the next runs.
+func runPeer(cfg Config, name string) PeerResult {
+	pr := PeerResult{Name: name, NotApplicable: notApplicable[name]}
+	srv, err := startServer(cfg, name)
+	if err != nil {
+		pr.Errors = append(pr.Errors, "starting server: "+err.Error())
+		return pr
+	}
+	defer func() {
+		if err := srv.stop(); err != nil {
+			pr.Errors = append(pr.Errors, "stopping server: "+err.Error())
+		}
+	}()
+	fail := func(workload string, err error) {
+		pr.Errors = append(pr.Errors, workload+": "+err.Error())
+	}
+	step := func(format string, args ...any) {
+		fmt.Fprintf(os.Stderr, "   "+format+"\n", args...)
+	}
+
+	if applies(name, "small") {
+		sampler := startRSSSampler(srv.pid())
+		for _, clients := range []int{1, 64} {
+			r := runLoad(srv.addr, clients, cfg.Warmup, cfg.Duration, 0, smallOp)
+			step("small x%d: %.0f req/s, p50 %.0f µs, p99 %.0f µs, %d errors", clients, r.ReqPerSec, r.P50us, r.P99us, r.Errors)
+			if clients == 1 {
+				pr.Small1 = &r
+			} else {
+				pr.Small64 = &r
+			}
+		}
+		rss := sampler.finish()
+		step("rss: peak %.1f MiB over %d processes (VmHWM sum %.1f MiB)", rss.PeakMiB, rss.Processes, rss.HWMMiB)
+		pr.RSS = &rss
+	}
+	if applies(name, "echo") {
+		body := echoBody(cfg.EchoBytes)
+		r := runLoad(srv.addr, cfg.EchoClients, cfg.Warmup, cfg.Duration, len(body), echoOp(body))
+		step("echo x%d: %.0f req/s, %.1f MB/s, %d errors", cfg.EchoClients, r.ReqPerSec, r.MBPerSec, r.Errors)
+		pr.Echo = &r
+	}
+	if applies(name, "stream") {
+		// A short stream first, so that the timed one finds warm paths.
+		if _, err := runStream(srv.addr, 16<<20, cfg.StreamChunk); err != nil {
+			fail("stream warmup", err)
+		} else if r, err := runStream(srv.addr, cfg.StreamBytes, cfg.StreamChunk); err != nil {
+			fail("stream", err)
+		} else {
+			step("stream %d MiB: %.0f MB/s", r.Bytes>>20, r.MBPerSec)
+			pr.Stream = &r
+		}
+	}
+	if applies(name, "restart") {
+		r, err := runRestarts(srv.addr, cfg.Kills)
+		if err != nil {
+			fail("restart", err)
+		}
+		if len(r.SamplesMs) > 0 {
+			step("restart: median %.1f ms of %d kills", r.MedianMs, len(r.SamplesMs))
+			pr.Restart = &r
+		}
+	}
+	return pr
+}
+
+// server is a running server process under test.
+type server struct {
+	cmd  *exec.Cmd
+	addr string
+	log  *os.File
+}
+
+func (s *server) pid() int { return s.cmd.Process.Pid }
+
+// startServer starts the server process of a peer and waits for the
+// address it prints once ready. Its stderr goes to <out>/tmp/<peer>.log.
+func startServer(cfg Config, name string) (*server, error) {
+	logf, err := os.Create(filepath.Join(cfg.Out, "tmp", name+".log"))
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command("/proc/self/exe")
+	cmd.Env = append(os.Environ(), envRole+"=server", envPeer+"="+name)
+	cmd.Stderr = logf
+	// If the driver dies, so does the server (and, by their own
+	// Pdeathsig, its children).
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		logf.Close()
+		return nil, err
+	}
+	if err := cmd.Start(); err != nil {
+		logf.Close()
+		return nil, err
+	}
+	s := &server{cmd: cmd, log: logf}
+	line := make(chan string, 1)
+	go func() {
+		l, _ := bufio.NewReader(out).ReadString('\n')
+		line <- strings.TrimSpace(l)
+		io.Copy(io.Discard, out)
+	}()
+	select {
+	case s.addr = <-line:
+	case <-time.After(time.Minute):
+	}
+	if s.addr == "" {
+		s.stop()
+		return nil, fmt.Errorf("server printed no address; see %s", logf.Name())
+	}
+	return s, nil
+}
+
+// stop asks the server to shut down (SIGTERM), and kills it if it has not
+// exited within 20 s.
+func (s *server) stop() error {
+	defer s.log.Close()
+	s.cmd.Process.Signal(syscall.SIGTERM)
+	done := make(chan error, 1)
+	go func() { done <- s.cmd.Wait() }()
+	select {
+	case err := <-done:
+		return err
+	case <-time.After(20 * time.Second):
+		s.cmd.Process.Kill()
+		<-done
+		return errors.New("did not exit within 20s of SIGTERM; killed")
+	}
+}
+
+// RestartResult is what the kill workload measured: for each SIGKILL of
+// the child, the time from the kill to the first 200 on GET /small.
+type RestartResult struct {
+	Kills     int       `json:"kills"`
+	SamplesMs []float64 `json:"samples_ms"`
+	MedianMs  float64   `json:"median_ms"`
+	MinMs     float64   `json:"min_ms"`
+	MaxMs     float64   `json:"max_ms"`
+	// Non200 counts the answers other than 200 (502, 503) the polling
+	// client got while the child was down; FailedPolls the polls that
+	// failed outright (connection errors).
+	Non200      int `json:"non_200"`
+	FailedPolls int `json:"failed_polls"`
+}
+
+// runRestarts SIGKILLs the server's child kills times. Before each kill it
+// waits until a child (a new one after a kill) serves /small; then it
+// kills the child and polls GET /small on a keep-alive connection, with a
+// 1 ms sleep after an answer other than 200, until a 200.
+func runRestarts(addr string, kills int) (RestartResult, error) {
+	res := RestartResult{Kills: kills}
+	ctl := newClient(addr)
+	defer ctl.close()
+	poll := newClient(addr)
+	defer poll.close()
+	childPid := func() (int, error) {
+		ctl.setDeadline(time.Now().Add(10 * time.Second))
+		var pid int
+		status, _, err := ctl.do("GET /_pid HTTP/1.1\r\nHost: bench\r\n", nil, func(r io.Reader) (int64, error) {
+			b, err := io.ReadAll(r)
+			if err == nil {
+				pid, err = strconv.Atoi(string(b))
+			}
+			return int64(len(b)), err
+		})
+		if err == nil && status != 200 {
+			err = errStatus(status)
+		}
+		return pid, err
+	}
+
+	last := 0
+	for i := range kills {
+		// Wait for a live child other than the one killed last, that serves.
+		var pid int
+		deadline := time.Now().Add(30 * time.Second)
+		poll.setDeadline(deadline.Add(time.Second))
+		for {
+			p, err := childPid()
+			if err == nil && p != 0 && p != last && smallOp(poll) == nil {
+				pid = p
+				break
+			}
+			if time.Now().After(deadline) {
+				return finishRestarts(res), fmt.Errorf("kill %d: no new child serving within 30s (last pid %d, err %v)", i+1, last, err)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		time.Sleep(200 * time.Millisecond) // let the new child settle
+
+		poll.setDeadline(time.Now().Add(30 * time.Second))
+		t0 := time.Now()
+		if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+			return finishRestarts(res), fmt.Errorf("kill %d: %v", i+1, err)
+		}
+		for {
+			status, n, err := poll.get("/small")
+			if err == nil && status == 200 && n == int64(len(smallBody)) {
+				break
+			}
+			if err != nil {
+				res.FailedPolls++
+			} else {
+				res.Non200++
+			}
+			if time.Since(t0) > 30*time.Second {
+				return finishRestarts(res), fmt.Errorf("kill %d: no 200 within 30s of the kill (last: status %d, err %v)", i+1, status, err)
+			}
+			time.Sleep(time.Millisecond)
+		}
+		res.SamplesMs = append(res.SamplesMs, float64(time.Since(t0))/1e6)
+		last = pid
+	}
+	return finishRestarts(res), nil
+}
+
+func finishRestarts(r RestartResult) RestartResult {
+	if len(r.SamplesMs) == 0 {
+		return r
+	}
+	s := slices.Clone(r.SamplesMs)
+	slices.Sort(s)
+	r.MinMs, r.MaxMs = s[0], s[len(s)-1]
+	if len(s)%2 == 1 {
+		r.MedianMs = s[len(s)/2]
+	} else {
+		r.MedianMs = (s[len(s)/2-1] + s[len(s)/2]) / 2
+	}
+	return r
+}
+
+// Machine describes where the results were measured.
+type Machine struct {
+	Date        string  `json:"date"`
+	GoVersion   string  `json:"go_version"`
+	GOOS        string  `json:"goos"`
+	GOARCH      string  `json:"goarch"`
+	GOMAXPROCS  int     `json:"gomaxprocs"`
+	NumCPU      int     `json:"num_cpu"`
+	CPUModel    string  `json:"cpu_model"`
+	Kernel      string  `json:"kernel"`
+	LoadAvg     string  `json:"loadavg_at_start"`
+	MemTotalMiB float64 `json:"mem_total_mib"`
+	Revision    string  `json:"revision,omitempty"` // git HEAD of the working tree, "+dirty" if modified
+}
+
+func machineInfo() Machine {
+	m := Machine{
+		Date:       time.Now().UTC().Format(time.RFC3339),
+		GoVersion:  runtime.Version(),
+		GOOS:       runtime.GOOS,
+		GOARCH:     runtime.GOARCH,
+		GOMAXPROCS: runtime.GOMAXPROCS(0),
+		NumCPU:     runtime.NumCPU(),
+	}
+	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for line := range strings.Lines(string(b)) {
+			if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == "model name" {
+				m.CPUModel = strings.TrimSpace(v)
+				break
+			}
+		}
+	}
+	if b, err := os.ReadFile("/proc/sys/kernel/osrelease"); err == nil {
+		m.Kernel = strings.TrimSpace(string(b))
+	}
+	if b, err := os.ReadFile("/proc/loadavg"); err == nil {
+		f := strings.Fields(string(b))
+		if len(f) >= 3 {
+			m.LoadAvg = strings.Join(f[:3], " ")
+		}
+	}
+	if kb, ok := statusKBFile("/proc/meminfo", "MemTotal:"); ok {
+		m.MemTotalMiB = float64(kb) / 1024
+	}
+	if out, err := exec.Command("git", "rev-parse", "--short", "HEAD").Output(); err == nil {
+		m.Revision = strings.TrimSpace(string(out))
+		if st, err := exec.Command("git", "status", "--porcelain", "--untracked-files=no").Output(); err == nil && len(strings.TrimSpace(string(st))) > 0 {
+			m.Revision += "+dirty"
+		}
+	}
+	return m
+}

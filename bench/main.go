@@ -1,0 +1,174 @@
+// Command bench compares ways of serving a net/http handler from a child
+// process: in the server process itself (inproc, the ceiling), behind
+// httputil.ReverseProxy over a unix socket (uds), through hashicorp/go-plugin's
+// net/rpc protocol (goplugin), through a raw pipe (pipe, streaming only), and
+// through this repository's library (subproc).
+//
+// Run it from this directory:
+//
+//	go run . -out results         # the full run, a few minutes
+//	go run . -quick -out results  # every workload briefly, under a minute
+//
+// One binary plays every role; the role is chosen by the BENCH_ROLE
+// environment variable. Without it the process is the driver: it starts a
+// server process per peer (the binary re-executed with BENCH_ROLE=server),
+// generates the load itself over loopback TCP, and writes results.md,
+// results.json and results.svg. The server process starts the peer's child,
+// again the binary re-executed (BENCH_ROLE=uds-child, goplugin-child,
+// pipe-child, or subproc's own child mode). So load generator, server
+// parent and child are three distinct processes. See README.md.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"net/http"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/fbbf71ac/subproc"
+)
+
+// Environment variables that select a process's role.
+const (
+	envRole   = "BENCH_ROLE"   // "", "server", "uds-child", "goplugin-child", "pipe-child"
+	envPeer   = "BENCH_PEER"   // the server's peer
+	envSocket = "BENCH_SOCKET" // the unix socket of a uds child
+)
+
+func init() {
+	subproc.Register("bench", func(ctx context.Context, env *subproc.Env) (http.Handler, error) {
+		return newHandler(), nil
+	})
+}
+
+func main() {
+	subproc.Main()
+	if role := os.Getenv(envRole); role != "" {
+		// The role is this process's alone: the children it starts get
+		// their own, even where (as in go-plugin) the parent's environment
+		// is appended after theirs.
+		os.Unsetenv(envRole)
+		if err := runRole(role); err != nil {
+			fmt.Fprintf(os.Stderr, "bench %s: %v\n", role, err)
+			os.Exit(1)
+		}
+		return
+	}
+	cfg, err := parseFlags(os.Args[1:])
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		os.Exit(2)
+	}
+	if cfg.From != "" {
+		err = replot(cfg.From, cfg.Out, os.Stdout)
+	} else {
+		err = drive(cfg, os.Stdout)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		os.Exit(1)
+	}
+}
+
+// runRole runs a process that is not the driver; it returns when the
+// process should exit.
+func runRole(role string) error {
+	switch role {
+	case "server":
+		peer := os.Getenv(envPeer)
+		os.Unsetenv(envPeer)
+		return runServer(peer)
+	case "uds-child":
+		return runUDSChild(os.Getenv(envSocket))
+	case "goplugin-child":
+		runGoPluginChild()
+		return nil
+	case "pipe-child":
+		return runPipeChild(os.Stdin, os.Stdout)
+	}
+	return fmt.Errorf("unknown %s %q", envRole, role)
+}
+
+// Config is what the driver measures: the workloads' parameters.
+type Config struct {
+	Out         string        `json:"-"`
+	From        string        `json:"-"`
+	Quick       bool          `json:"quick"`
+	Peers       []string      `json:"peers"`
+	Warmup      time.Duration `json:"warmup_ns"`
+	Duration    time.Duration `json:"duration_ns"`
+	EchoBytes   int           `json:"echo_bytes"`
+	EchoClients int           `json:"echo_clients"`
+	StreamBytes int64         `json:"stream_bytes"`
+	StreamChunk int           `json:"stream_chunk"`
+	Kills       int           `json:"kills"`
+}
+
+// allPeers lists the peers in the order they run and are reported.
+var allPeers = []string{"inproc", "uds", "goplugin", "pipe", "subproc"}
+
+func parseFlags(args []string) (Config, error) {
+	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
+	out := fs.String("out", "results", "directory for results.md, results.json, results.svg (and tmp/ with the servers' logs)")
+	from := fs.String("from", "", "measure nothing: rewrite results.md and results.svg (to -out) from this results.json")
+	quick := fs.Bool("quick", false, "run every workload briefly (smoke test, under a minute)")
+	peers := fs.String("peers", strings.Join(allPeers, ","), "comma-separated peers to run")
+	warmup := fs.Duration("warmup", 0, "warmup before each timed load (default 1s, quick 250ms)")
+	dur := fs.Duration("duration", 0, "length of each timed load (default 5s, quick 1s)")
+	stream := fs.Int64("stream-bytes", 0, "size of the /stream response (default 1 GiB, quick 64 MiB)")
+	kills := fs.Int("kills", 0, "SIGKILLs of the child for the restart workload (default 7, quick 3)")
+	if err := fs.Parse(args); err != nil {
+		return Config{}, err
+	}
+	if fs.NArg() > 0 {
+		return Config{}, fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	cfg := Config{
+		Out: *out, From: *from, Quick: *quick,
+		Warmup: time.Second, Duration: 5 * time.Second,
+		EchoBytes: 64 << 10, EchoClients: 16,
+		StreamBytes: 1 << 30, StreamChunk: 64 << 10,
+		Kills: 7,
+	}
+	if cfg.Quick {
+		cfg.Warmup, cfg.Duration, cfg.StreamBytes, cfg.Kills = 250*time.Millisecond, time.Second, 64<<20, 3
+	}
+	if *warmup > 0 {
+		cfg.Warmup = *warmup
+	}
+	if *dur > 0 {
+		cfg.Duration = *dur
+	}
+	if *stream > 0 {
+		cfg.StreamBytes = *stream
+	}
+	if *kills > 0 {
+		cfg.Kills = *kills
+	}
+	for _, p := range strings.Split(*peers, ",") {
+		p = strings.TrimSpace(p)
+		if p == "" {
+			continue
+		}
+		if !isPeer(p) {
+			return Config{}, fmt.Errorf("unknown peer %q (have %s)", p, strings.Join(allPeers, ", "))
+		}
+		cfg.Peers = append(cfg.Peers, p)
+	}
+	if len(cfg.Peers) == 0 {
+		return Config{}, fmt.Errorf("no peers")
+	}
+	return cfg, nil
+}
+
+func isPeer(name string) bool {
+	for _, p := range allPeers {
+		if p == name {
+			return true
+		}
+	}
+	return false
+}
