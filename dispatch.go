@@ -13,54 +13,52 @@ import (
 	"github.com/fbbf71ac/subproc/internal/frame"
 )
 
-// This file holds the goroutines that move messages: the writeLoop that both
-// sides run to encode frames onto their pipe, and the parent's readLoop that
-// decodes the child's frames and hands each to the stream it belongs to.
+// This file holds what moves messages: the write side of a conn, which both
+// parent and child use, and the parent's readLoop, which decodes the
+// child's frames and hands each to the stream it belongs to.
 
-// Sizes of the buffers in front of each pipe. The write buffer holds a
-// full chunk with its header, and more, so that a frame goes out in one
-// write, and a burst of frames in few; the reader's, being smaller than a
-// chunk, lets a chunk's payload be read straight into its own buffer.
+// Sizes of the buffers on each pipe. A sender waits while maxPending bytes
+// of frames are waiting to be written. The reader's buffer, being smaller
+// than a chunk, lets a chunk's payload be read straight into its own buffer.
 const (
-	writeBufferSize = 4 * chunkSize
-	readBufferSize  = chunkSize
+	maxPending     = 4 * chunkSize
+	readBufferSize = chunkSize
 )
 
-// An outFrame is a frame waiting for the writeLoop.
+// An outFrame is a frame to send.
 type outFrame struct {
 	kind  uint8
 	flags uint8
 	id    uint64
 	msg   any     // if non-nil, gob-encoded as the payload
 	data  []byte  // the payload otherwise
-	buf   *[]byte // the pooled chunk holding data, released once written
+	buf   *[]byte // the pooled chunk holding data, released once copied
 }
 
-// errConnClosed reports a send on a connection whose writeLoop has stopped.
+// errConnClosed reports a send on a connection that stopped writing.
 var errConnClosed = errors.New("connection closed")
 
 // A conn is one side's end of the pipes between parent and child.
 //
-// Frames reach the pipe in one of two ways. A sender that finds the writer
-// idle, with nothing queued, writes and flushes its frame itself: a lone
-// request or answer then costs no goroutine hand-off, which is most of a
-// round trip's latency. Otherwise it queues the frame for writeLoop, which
-// writes whatever is queued and flushes once, so that under load many frames
-// share a write. Either way frames reach the pipe in the order they were
-// sent: a frame is counted in queued from before it is queued until it is
-// written, and the direct path is taken only when queued is zero.
+// Writes are combined, without a goroutine of their own: a sender appends
+// its frames to the pending bytes and, if no other sender is writing to the
+// pipe, writes them itself, then whatever others appended meanwhile, until
+// nothing is pending. A lone request or answer thus goes out at once, with
+// no hand-off to another goroutine, which would be most of a round trip's
+// latency; under load, the frames of many senders share a write. Frames
+// reach the pipe in the order they were appended.
 type conn struct {
-	out      chan outFrame // frames for writeLoop
-	queued   atomic.Int64  // frames sent to out and not yet written
-	quit     chan struct{} // closed by stopWriting: writeLoop drains out, flushes and returns
+	quit     chan struct{} // closed by stopWriting
 	quitOnce sync.Once
-	wdone    chan struct{} // closed when writeLoop has returned
+	wdone    chan struct{} // closed when writeLoop has flushed and closed the pipe
 
-	wmu     sync.Mutex    // guards the fields below, and the pipe's write end
-	wc      io.Closer     // the pipe's write end; closed by writeLoop when it returns
-	fw      *frame.Writer // the buffered writer on wc
+	mu      sync.Mutex // guards the fields below
+	w       io.WriteCloser
+	pending []byte        // frames not yet written
+	spare   []byte        // the buffer the writer last wrote, for reuse
+	writing bool          // a sender is writing pending to the pipe
+	drained chan struct{} // closed, and replaced, each time a writer has written what was pending
 	enc     *encoder
-	started bool  // the preamble has been written
 	werr    error // once set, nothing more is written: the pipe failed or is closed
 
 	fr  *frame.Reader // owned by the reading goroutine
@@ -69,64 +67,85 @@ type conn struct {
 
 func newConn(r io.Reader, w io.WriteCloser) *conn {
 	return &conn{
-		out:   make(chan outFrame, 256),
-		quit:  make(chan struct{}),
-		wdone: make(chan struct{}),
-		wc:    w,
-		fw:    frame.NewWriter(w, writeBufferSize),
-		enc:   newEncoder(),
-		fr:    frame.NewReader(r, readBufferSize),
-		dec:   newDecoder(),
+		quit:    make(chan struct{}),
+		wdone:   make(chan struct{}),
+		w:       w,
+		pending: frame.AppendPreamble(make([]byte, 0, 4<<10), protocolVersion),
+		drained: make(chan struct{}),
+		enc:     newEncoder(),
+		fr:      frame.NewReader(r, readBufferSize),
+		dec:     newDecoder(),
 	}
 }
 
-// send writes f, or queues it for writeLoop, waiting while the queue is
-// full. It fails, and releases f's chunk, if the pipe has failed, writeLoop
-// has stopped, or cancel is closed first.
+// send sends f; see sendFrames.
 func (c *conn) send(f outFrame, cancel <-chan struct{}) error {
 	fs := [1]outFrame{f}
 	return c.sendFrames(fs[:], cancel)
 }
 
-// sendFrames sends frames in order, in one write when the pipe is idle.
-// On failure it releases the chunks of the frames it did not send.
+// sendFrames sends frames in order, and together: no other sender's frame
+// comes between them. It waits while maxPending bytes are waiting to be
+// written; it fails, releasing the chunks of fs, if the pipe has failed,
+// the conn has stopped writing, or cancel is closed first. It may return
+// before the frames are in the pipe: another sender may be writing them.
 func (c *conn) sendFrames(fs []outFrame, cancel <-chan struct{}) error {
-	if c.wmu.TryLock() {
-		if c.started && c.werr == nil && c.queued.Load() == 0 {
-			var err error
-			for i, f := range fs {
-				if err = c.write(f); err != nil {
-					releaseFrames(fs[i+1:])
-					break
-				}
-			}
-			if err == nil {
-				err = c.fw.Flush()
-			}
-			if err != nil {
-				c.werr = err
-			}
-			c.wmu.Unlock()
-			return err
-		}
-		c.wmu.Unlock()
-	}
-	for i, f := range fs {
-		c.queued.Add(1)
+	c.mu.Lock()
+	for c.werr == nil && len(c.pending) >= maxPending {
+		drained := c.drained
+		c.mu.Unlock()
 		select {
-		case c.out <- f:
-			continue
-		case <-c.wdone:
-			c.queued.Add(-1)
-			releaseFrames(fs[i:])
-			return errConnClosed
+		case <-drained:
 		case <-cancel:
-			c.queued.Add(-1)
-			releaseFrames(fs[i:])
+			releaseFrames(fs)
 			return errCanceled
 		}
+		c.mu.Lock()
 	}
-	return nil
+	if c.werr != nil {
+		err := c.werr
+		c.mu.Unlock()
+		releaseFrames(fs)
+		return err
+	}
+	for i, f := range fs {
+		if err := c.appendLocked(f); err != nil {
+			c.werr = err
+			c.mu.Unlock()
+			releaseFrames(fs[i+1:])
+			return err
+		}
+	}
+	if c.writing {
+		c.mu.Unlock() // the writer writes these too before it stops
+		return nil
+	}
+	err := c.writeLocked()
+	c.mu.Unlock()
+	return err
+}
+
+// writeLocked writes what is pending, and what others append meanwhile,
+// until nothing is. c.mu is held, but not while writing to the pipe.
+func (c *conn) writeLocked() error {
+	c.writing = true
+	for len(c.pending) > 0 && c.werr == nil {
+		out := c.pending
+		c.pending = c.spare[:0]
+		c.mu.Unlock()
+		_, err := c.w.Write(out)
+		c.mu.Lock()
+		if cap(out) <= 2*maxPending { // keep a buffer of reasonable size
+			c.spare = out[:0]
+		}
+		if err != nil {
+			c.werr = err
+		}
+		close(c.drained)
+		c.drained = make(chan struct{})
+	}
+	c.writing = false
+	return c.werr
 }
 
 func releaseFrames(fs []outFrame) {
@@ -135,15 +154,20 @@ func releaseFrames(fs []outFrame) {
 	}
 }
 
-// writePreambleLocked writes the preamble unless it has been written.
-func (c *conn) writePreambleLocked() error {
-	if c.started {
+// appendLocked appends f to the pending bytes and releases its chunk.
+func (c *conn) appendLocked(f outFrame) error {
+	if f.msg != nil {
+		p, err := c.enc.encode(f.msg)
+		if err != nil {
+			return fmt.Errorf("encoding %T: %w", f.msg, err)
+		}
+		c.pending = frame.AppendHeader(c.pending, f.kind, f.flags, f.id, len(p))
+		c.pending = append(c.pending, p...)
 		return nil
 	}
-	if err := frame.WritePreamble(c.fw.Buffered(), protocolVersion); err != nil {
-		return err
-	}
-	c.started = true
+	c.pending = frame.AppendHeader(c.pending, f.kind, f.flags, f.id, len(f.data))
+	c.pending = append(c.pending, f.data...)
+	putChunk(f.buf)
 	return nil
 }
 
@@ -153,99 +177,36 @@ func (c *conn) sendWindowUpdate(id uint64, n int, cancel <-chan struct{}) error 
 	return c.send(outFrame{kind: kindWindow, id: id, data: windowPayload(&b, n)}, cancel)
 }
 
-// stopWriting makes writeLoop write what is queued and return.
+// stopWriting makes writeLoop write what is pending, close the pipe and
+// return.
 func (c *conn) stopWriting() {
 	c.quitOnce.Do(func() { close(c.quit) })
 }
 
-// writeLoop writes the preamble and then every queued frame, flushing
-// whenever the queue runs dry, so that a burst goes out in few writes. When
-// it returns, it closes the pipe.
+// writeLoop writes the preamble, unless a sender already has; then it
+// waits for stopWriting, writes what is pending, closes the pipe, and closes
+// wdone. Later sends fail with errConnClosed.
 func (c *conn) writeLoop() {
-	err := c.writeFrames()
-	c.wmu.Lock()
+	c.mu.Lock()
+	if !c.writing {
+		c.writeLocked()
+	}
+	c.mu.Unlock()
+	<-c.quit
+	c.mu.Lock()
+	for c.writing {
+		drained := c.drained
+		c.mu.Unlock()
+		<-drained
+		c.mu.Lock()
+	}
+	c.writeLocked()
 	if c.werr == nil {
-		c.werr = err
-		if err == nil {
-			c.werr = errConnClosed
-		}
+		c.werr = errConnClosed
 	}
-	c.wc.Close()
-	c.wmu.Unlock()
+	c.w.Close()
+	c.mu.Unlock()
 	close(c.wdone)
-}
-
-func (c *conn) writeFrames() error {
-	c.wmu.Lock()
-	err := c.writePreambleLocked()
-	if err == nil {
-		err = c.fw.Flush()
-	}
-	c.wmu.Unlock()
-	if err != nil {
-		return err
-	}
-	for {
-		var f outFrame
-		quit := false
-		select {
-		case f = <-c.out:
-		case <-c.quit:
-			quit = true
-		}
-		if err := c.writeQueued(f, quit); err != nil || quit {
-			return err
-		}
-	}
-}
-
-// writeQueued writes f, unless quit, and then whatever else is queued, and
-// flushes.
-func (c *conn) writeQueued(f outFrame, quit bool) error {
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
-	if c.werr != nil {
-		return c.werr
-	}
-	if !quit {
-		err := c.write(f)
-		c.queued.Add(-1)
-		if err != nil {
-			c.werr = err
-			return err
-		}
-	}
-	for {
-		select {
-		case f := <-c.out:
-			err := c.write(f)
-			c.queued.Add(-1)
-			if err != nil {
-				c.werr = err
-				return err
-			}
-		default:
-			if err := c.fw.Flush(); err != nil {
-				c.werr = err
-				return err
-			}
-			return nil
-		}
-	}
-}
-
-// write writes one frame into the buffer; the caller holds wmu.
-func (c *conn) write(f outFrame) error {
-	if f.msg != nil {
-		p, err := c.enc.encode(f.msg)
-		if err != nil {
-			return fmt.Errorf("encoding %T: %w", f.msg, err)
-		}
-		return c.fw.WriteFrame(f.kind, f.flags, f.id, p)
-	}
-	err := c.fw.WriteFrame(f.kind, f.flags, f.id, f.data)
-	putChunk(f.buf)
-	return err
 }
 
 // readMessage reads a payload of n bytes into scratch and decodes it into v.
@@ -376,11 +337,21 @@ func (c *child) ping(timeout <-chan struct{}) (time.Duration, error) {
 		c.mu.Unlock()
 	}()
 	start := time.Now()
-	if err := c.send(outFrame{kind: kindPing, id: seq}, timeout); err != nil {
-		if err == errCanceled {
-			err = errPingTimeout
+	// The ping is sent from a goroutine of its own: a sender may end up
+	// writing to the pipe, and a child that is hung with its pipe full
+	// would then hold the health check in that write.
+	sent := make(chan error, 1)
+	go func() { sent <- c.send(outFrame{kind: kindPing, id: seq}, timeout) }()
+	select {
+	case err := <-sent:
+		if err != nil {
+			if err == errCanceled {
+				err = errPingTimeout
+			}
+			return 0, err
 		}
-		return 0, err
+	case <-timeout:
+		return 0, errPingTimeout
 	}
 	select {
 	case <-pong:

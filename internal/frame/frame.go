@@ -65,6 +65,24 @@ type Header struct {
 	ID    uint64 // stream id; its meaning depends on Kind
 }
 
+// AppendPreamble appends the magic string and version that start a stream.
+func AppendPreamble(dst []byte, version uint32) []byte {
+	dst = append(dst, magic[:]...)
+	return binary.BigEndian.AppendUint32(dst, version)
+}
+
+// AppendHeader appends the header of a frame whose payload is n bytes long;
+// the caller appends the payload. It panics if n exceeds MaxPayload: that
+// is a bug in the caller, never input from the peer.
+func AppendHeader(dst []byte, kind, flags uint8, id uint64, n int) []byte {
+	if n > MaxPayload {
+		panic(fmt.Sprintf("frame: payload of %d bytes exceeds the limit of %d", n, MaxPayload))
+	}
+	dst = binary.BigEndian.AppendUint32(dst, uint32(n))
+	dst = append(dst, kind, flags, 0, 0)
+	return binary.BigEndian.AppendUint64(dst, id)
+}
+
 // WritePreamble writes the magic string and version that start a stream.
 func WritePreamble(w io.Writer, version uint32) error {
 	var b [12]byte
