@@ -46,6 +46,17 @@ func startPipe() (*pipePeer, error) {
 	if p.stdout, err = cmd.StdoutPipe(); err != nil {
 		return nil, err
 	}
+	// The same pipe capacity as subproc asks for its own pipes (1 MiB,
+	// Linux's default limit for an unprivileged process), so that the two
+	// are compared on the same pipe.
+	if f, ok := p.stdout.(*os.File); ok {
+		if sc, err := f.SyscallConn(); err == nil {
+			sc.Control(func(fd uintptr) {
+				const fSetPipeSize = 1031 // F_SETPIPE_SZ
+				syscall.Syscall(syscall.SYS_FCNTL, fd, fSetPipeSize, 1<<20)
+			})
+		}
+	}
 	if err := cmd.Start(); err != nil {
 		return nil, err
 	}
