@@ -291,3 +291,48 @@ func TestHeadEncoding(t *testing.T) {
 		t.Errorf("%v allocations to reject a huge count", allocs)
 	}
 }
+
+// BenchmarkRequestHead measures encoding and decoding a typical request
+// head, the message every request costs.
+func BenchmarkRequestHead(b *testing.B) {
+	r := httptest.NewRequest("GET", "http://example.com/api/items?page=2", nil)
+	r.Header.Set("User-Agent", "Mozilla/5.0 (X11; Linux x86_64)")
+	r.Header.Set("Accept", "text/html,application/xhtml+xml")
+	r.Header.Set("Accept-Encoding", "gzip, deflate")
+	r.Header.Set("Cookie", "session=0123456789abcdef")
+	r.RemoteAddr = "192.0.2.1:54321"
+	head := newRequestHead(r)
+	enc, dec := newEncoder(), newDecoder()
+	b.ReportAllocs()
+	for b.Loop() {
+		p, err := enc.encode(head)
+		if err != nil {
+			b.Fatal(err)
+		}
+		var got requestHead
+		if err := dec.decode(p, &got); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkResponseHead is BenchmarkRequestHead for a response head.
+func BenchmarkResponseHead(b *testing.B) {
+	head := &responseHead{Status: 200, Header: http.Header{
+		"Content-Type":   {"application/json"},
+		"Cache-Control":  {"no-store"},
+		"Content-Length": {"1234"},
+	}}
+	enc, dec := newEncoder(), newDecoder()
+	b.ReportAllocs()
+	for b.Loop() {
+		p, err := enc.encode(head)
+		if err != nil {
+			b.Fatal(err)
+		}
+		var got responseHead
+		if err := dec.decode(p, &got); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"testing"
 )
@@ -167,5 +168,34 @@ func BenchmarkWriteReadFrame(b *testing.B) {
 		if err := r.ReadPayload(p[:h.Len]); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// BenchmarkFrames measures framing: appending a frame's header and payload
+// to a buffer and reading it back, as the pipes do.
+func BenchmarkFrames(b *testing.B) {
+	for _, size := range []int{0, 100, 64 << 10} {
+		b.Run(fmt.Sprint(size), func(b *testing.B) {
+			payload := make([]byte, size)
+			var buf []byte
+			var src bytes.Reader
+			r := NewReader(&src, 64<<10)
+			dst := make([]byte, size)
+			b.SetBytes(int64(HeaderSize + size))
+			b.ReportAllocs()
+			for b.Loop() {
+				buf = AppendHeader(buf[:0], 5, 0, 1, size)
+				buf = append(buf, payload...)
+				src.Reset(buf)
+				r.Buffered().Reset(&src)
+				h, err := r.ReadHeader()
+				if err != nil || int(h.Len) != size {
+					b.Fatalf("header %+v, %v", h, err)
+				}
+				if err := r.ReadPayload(dst); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
 	}
 }
