@@ -378,18 +378,32 @@ func (c *child) doneErr() error {
 func (c *child) readLoop() {
 	err := c.handshake()
 	c.ready <- err
-	if err == nil {
-		err = c.readFrames()
+	if err != nil {
+		c.fail(err, false) // nothing but hello was sent before ready
+		close(c.done)
+		return
 	}
+	err = c.readFrames()
 	var pe *protocolError
 	if errors.As(err, &pe) {
 		c.h.logf("child pid %d: %v; killing it (the module will restart)", c.proc.Pid(), err)
+		c.proc.Kill()
 	}
 	// Whatever ended the pipe, the child answers nothing more. Which
 	// requests it took is known for sure only once it can take no more.
-	c.proc.Kill()
-	c.fail(err, c.awaitExit())
+	c.fail(err, c.ended())
 	close(c.done)
+}
+
+// ended waits for the child to exit, as it does when its pipe ends because
+// it is exiting, and kills it if it lives on. It reports whether the child
+// has exited.
+func (c *child) ended() bool {
+	if c.awaitExit() {
+		return true
+	}
+	c.proc.Kill()
+	return c.awaitExit()
 }
 
 // exitWait bounds how long readLoop waits for a killed child to exit before
