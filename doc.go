@@ -44,9 +44,10 @@
 //
 // The parent notices a child's exit at once. Requests in flight get 502 Bad
 // Gateway if their response had not started, an aborted connection if it
-// had; a request the child had not yet read goes to the next child instead,
-// as the module never saw it. The module restarts; requests that arrive meanwhile wait for the new
-// child up to Options.RestartWait, then get 503 Service Unavailable with
+// had; a request the child had not yet taken goes to the next child
+// instead, as the module never saw it. The module restarts; requests that
+// arrive meanwhile wait for the new child up to Options.RestartWait, then
+// get 503 Service Unavailable with
 // Retry-After. A child that fails Options.HealthFailures health checks in a
 // row is killed and restarted. Each child is an incarnation with its own
 // pipes, so messages of an earlier incarnation never reach a later one's
