@@ -19,6 +19,11 @@ type RSSResult struct {
 	// process and its descendants at the end of the loads: an upper bound,
 	// as the peaks need not coincide.
 	HWMMiB float64 `json:"hwm_sum_mib"`
+	// PSSPeakMiB is the largest sum of the proportional set sizes (Pss in
+	// /proc/<pid>/smaps_rollup), sampled with VmRSS. Unlike RSS, it counts
+	// a page that parent and child share (the binary's, mostly: the child
+	// is the same executable) once in all, not once per process.
+	PSSPeakMiB float64 `json:"peak_pss_mib"`
 	// Processes is how many processes the sums cover.
 	Processes int `json:"processes"`
 	Samples   int `json:"samples"`
@@ -30,9 +35,10 @@ type rssSampler struct {
 	stop chan struct{}
 	done chan struct{}
 
-	mu      sync.Mutex
-	peakKB  int64
-	samples int
+	mu        sync.Mutex
+	peakKB    int64
+	peakPSSKB int64
+	samples   int
 }
 
 // startRSSSampler starts sampling the tree rooted at pid.
@@ -54,13 +60,16 @@ func (s *rssSampler) run() {
 		if time.Since(refreshed) > time.Second {
 			pids, refreshed = processTree(s.root), time.Now()
 		}
-		var sum int64
+		var sum, pss int64
 		for _, pid := range pids {
 			kb, _ := statusKB(pid, "VmRSS:")
 			sum += kb
+			kb, _ = statusKBFile(filepath.Join("/proc", strconv.Itoa(pid), "smaps_rollup"), "Pss:")
+			pss += kb
 		}
 		s.mu.Lock()
 		s.peakKB = max(s.peakKB, sum)
+		s.peakPSSKB = max(s.peakPSSKB, pss)
 		s.samples++
 		s.mu.Unlock()
 		select {
@@ -84,10 +93,11 @@ func (s *rssSampler) finish() RSSResult {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return RSSResult{
-		PeakMiB:   float64(s.peakKB) / 1024,
-		HWMMiB:    float64(hwm) / 1024,
-		Processes: len(pids),
-		Samples:   s.samples,
+		PeakMiB:    float64(s.peakKB) / 1024,
+		HWMMiB:     float64(hwm) / 1024,
+		PSSPeakMiB: float64(s.peakPSSKB) / 1024,
+		Processes:  len(pids),
+		Samples:    s.samples,
 	}
 }
 

@@ -102,6 +102,12 @@ var metrics = []metric{
 		}
 		return p.RSS.HWMMiB, true
 	}},
+	{"pss_mib", "rss", "", "MiB PSS (shared pages once)", false, true, fmtMiB, func(p *PeerResult) (float64, bool) {
+		if p.RSS == nil || p.RSS.PSSPeakMiB == 0 {
+			return 0, false
+		}
+		return p.RSS.PSSPeakMiB, true
+	}},
 }
 
 // inproc returns the inproc peer's result, or nil.
