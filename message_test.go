@@ -292,47 +292,39 @@ func TestHeadEncoding(t *testing.T) {
 	}
 }
 
-// BenchmarkRequestHead measures encoding and decoding a typical request
-// head, the message every request costs.
-func BenchmarkRequestHead(b *testing.B) {
+// BenchmarkHeads measures encoding and decoding a typical request head and
+// response head: the messages that every request costs.
+func BenchmarkHeads(b *testing.B) {
 	r := httptest.NewRequest("GET", "http://example.com/api/items?page=2", nil)
 	r.Header.Set("User-Agent", "Mozilla/5.0 (X11; Linux x86_64)")
 	r.Header.Set("Accept", "text/html,application/xhtml+xml")
 	r.Header.Set("Accept-Encoding", "gzip, deflate")
 	r.Header.Set("Cookie", "session=0123456789abcdef")
 	r.RemoteAddr = "192.0.2.1:54321"
-	head := newRequestHead(r)
-	enc, dec := newEncoder(), newDecoder()
-	b.ReportAllocs()
-	for b.Loop() {
-		p, err := enc.encode(head)
-		if err != nil {
-			b.Fatal(err)
-		}
-		var got requestHead
-		if err := dec.decode(p, &got); err != nil {
-			b.Fatal(err)
-		}
-	}
-}
-
-// BenchmarkResponseHead is BenchmarkRequestHead for a response head.
-func BenchmarkResponseHead(b *testing.B) {
-	head := &responseHead{Status: 200, Header: http.Header{
-		"Content-Type":   {"application/json"},
-		"Cache-Control":  {"no-store"},
-		"Content-Length": {"1234"},
-	}}
-	enc, dec := newEncoder(), newDecoder()
-	b.ReportAllocs()
-	for b.Loop() {
-		p, err := enc.encode(head)
-		if err != nil {
-			b.Fatal(err)
-		}
-		var got responseHead
-		if err := dec.decode(p, &got); err != nil {
-			b.Fatal(err)
-		}
+	for _, bc := range []struct {
+		name string
+		head any
+		into func() any
+	}{
+		{"request", newRequestHead(r), func() any { return new(requestHead) }},
+		{"response", &responseHead{Status: 200, Header: http.Header{
+			"Content-Type":   {"application/json"},
+			"Cache-Control":  {"no-store"},
+			"Content-Length": {"1234"},
+		}}, func() any { return new(responseHead) }},
+	} {
+		b.Run(bc.name, func(b *testing.B) {
+			enc, dec := newEncoder(), newDecoder()
+			b.ReportAllocs()
+			for b.Loop() {
+				p, err := enc.encode(bc.head)
+				if err != nil {
+					b.Fatal(err)
+				}
+				if err := dec.decode(p, bc.into()); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
 	}
 }
