@@ -86,9 +86,12 @@ func (c *conn) send(f outFrame, cancel <-chan struct{}) error {
 
 // sendFrames sends frames in order, and together: no other sender's frame
 // comes between them. It waits while maxPending bytes are waiting to be
-// written; it fails, releasing the chunks of fs, if the pipe has failed,
-// the conn has stopped writing, or cancel is closed first. It may return
-// before the frames are in the pipe: another sender may be writing them.
+// written; it fails, releasing the chunks of fs and sending none of them, if
+// the pipe had failed, the conn had stopped writing, or cancel is closed
+// first. Once it has taken the frames it returns nil: it may return before
+// they are in the pipe (another sender may be writing them), and a write
+// that fails after that is not reported to it. The caller may end up
+// writing to the pipe itself, which cancel does not interrupt.
 func (c *conn) sendFrames(fs []outFrame, cancel <-chan struct{}) error {
 	c.mu.Lock()
 	for c.werr == nil && len(c.pending) >= maxPending {
@@ -116,13 +119,15 @@ func (c *conn) sendFrames(fs []outFrame, cancel <-chan struct{}) error {
 			return err
 		}
 	}
-	if c.writing {
-		c.mu.Unlock() // the writer writes these too before it stops
-		return nil
+	if !c.writing {
+		// A write that fails may be of frames appended after ours, which
+		// are then in the pipe: the failure is not ours to report. The
+		// peer's end of the pipes reports it (for the parent, through the
+		// accept word), and later sends see it.
+		c.writeLocked()
 	}
-	err := c.writeLocked()
 	c.mu.Unlock()
-	return err
+	return nil
 }
 
 // writeLocked writes what is pending, and what others append meanwhile,
@@ -160,6 +165,12 @@ func (c *conn) appendLocked(f outFrame) error {
 		p, err := c.enc.encode(f.msg)
 		if err != nil {
 			return fmt.Errorf("encoding %T: %w", f.msg, err)
+		}
+		if len(p) > frame.MaxPayload {
+			// A head with megabytes of header fields: the gob stream
+			// now lacks a message the peer would need, so the conn
+			// can carry no more.
+			return fmt.Errorf("%T of %d bytes exceeds the limit of %d", f.msg, len(p), frame.MaxPayload)
 		}
 		c.pending = frame.AppendHeader(c.pending, f.kind, f.flags, f.id, len(p))
 		c.pending = append(c.pending, p...)

@@ -402,13 +402,14 @@ func (h *Handle) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		s, err := c.open(r, head)
 		if err != nil {
-			// The child died before the request was sent: nothing of
-			// it reached the module, so the next child may take it.
+			// The child had died before the request could be sent:
+			// nothing of it reached the module, so the next child may
+			// take it.
 			h.release()
 			continue
 		}
-		// The same holds if the child dies before it accepts the
-		// request: then proxy asks for a retry.
+		// The same holds if the child dies before it takes the
+		// request (see acceptWord): then proxy asks for a retry.
 		retry := func() bool {
 			defer h.release()
 			return h.proxy(w, r, c, s)
@@ -639,6 +640,7 @@ func (b *bodySender) run() {
 		buf := getBuffer(size)
 		if len(*buf) < n {
 			s.win.add(n - len(*buf))
+			credit -= n - len(*buf)
 			n = len(*buf)
 		}
 		s.bodyTouched.Store(true)

@@ -272,8 +272,13 @@ func (h *Handle) stop(c *child) {
 	case <-c.exited:
 	}
 	h.uninstall(c, "stopping")
-	c.send(outFrame{kind: kindStop}, h.kill)
-	c.stopWriting() // writeLoop flushes, then closes the child's stdin
+	// Sent from a goroutine of its own, as a sender may end up writing to
+	// the pipe: a hung child with a full pipe must not hold the stop in
+	// that write, past the Shutdown context that would kill it.
+	go func() {
+		c.send(outFrame{kind: kindStop}, h.kill)
+		c.stopWriting() // writeLoop flushes, then closes the child's stdin
+	}()
 	select {
 	case <-c.exited:
 	case <-h.kill:

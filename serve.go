@@ -257,10 +257,9 @@ var errClientGone = errors.New("subproc: client disconnected")
 
 // open starts serving a request.
 //
-// Before the handler starts, the request's id goes into the accept word:
+// Before the handler starts, the accept word is raised to the request's id:
 // if the child dies, the parent gives the requests it finds no record of to
-// the next child, as the module never saw them. (Ids grow, so the last one
-// stored covers all before it.)
+// the next child, as the module never saw them.
 func (s *server) open(id uint64, flags uint8, head *requestHead) error {
 	req, err := head.request()
 	if err != nil {
@@ -290,7 +289,7 @@ func (s *server) open(id uint64, flags uint8, head *requestHead) error {
 	s.active.Add(1)
 	h := s.handler
 	s.mu.Unlock()
-	s.accept.store(id)
+	s.accept.raise(id)
 	s.opened = startingRequest{id: id, st: st, req: req, h: h}
 	return nil
 }

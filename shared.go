@@ -8,9 +8,9 @@ import (
 	"unsafe"
 )
 
-// An acceptWord tells the parent which requests a child has taken: the child
-// stores in it the id of the last request whose handler it is about to
-// start, before starting it. It lives in a page of memory shared by parent
+// An acceptWord tells the parent which requests a child has taken: before
+// it starts a request's handler, the child raises the word to the request's
+// id (see raise). It lives in a page of memory shared by parent
 // and child, so that the store costs the child no system call and the parent
 // no wake-up; the parent reads it only once the child is dead, to learn
 // which of the requests in flight the module never saw and may go to the
@@ -33,10 +33,6 @@ func newSharedWord() (*acceptWord, *os.File, error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	if err := f.Truncate(int64(os.Getpagesize())); err != nil {
-		f.Close()
-		return nil, nil, err
-	}
 	w, err := mapWord(int(f.Fd()))
 	if err != nil {
 		f.Close()
@@ -45,16 +41,23 @@ func newSharedWord() (*acceptWord, *os.File, error) {
 	return w, f, nil
 }
 
-// sharedMemory returns a file to map: a temporary file, removed at once,
-// in /dev/shm (memory) where it exists, else in the temporary directory.
+// sharedMemory returns a file of one page to map: a temporary file,
+// removed at once, in /dev/shm (memory) where it exists, else in the
+// temporary directory. The page is written, not just sized, so that a full
+// file system fails here rather than with SIGBUS at the child's first store.
 func sharedMemory() (*os.File, error) {
+	page := make([]byte, os.Getpagesize())
 	var err error
 	for _, dir := range []string{"/dev/shm", os.TempDir()} {
 		var f *os.File
-		if f, err = os.CreateTemp(dir, "subproc-accept-*"); err == nil {
-			os.Remove(f.Name())
+		if f, err = os.CreateTemp(dir, "subproc-accept-*"); err != nil {
+			continue
+		}
+		os.Remove(f.Name())
+		if _, err = f.Write(page); err == nil {
 			return f, nil
 		}
+		f.Close()
 	}
 	return nil, fmt.Errorf("creating shared memory: %w", err)
 }
@@ -69,8 +72,20 @@ func mapWord(fd int) (*acceptWord, error) {
 	return &acceptWord{mem: mem, v: (*atomic.Uint64)(unsafe.Pointer(&mem[0]))}, nil
 }
 
-// store records that every request up to id has been taken.
-func (w *acceptWord) store(id uint64) { w.v.Store(id) }
+// raise records that the request with the given id has been taken, and
+// every request before it: the parent treats every id up to the word's
+// value as seen by the module. The word never goes down, though requests
+// may reach the child out of order (the parent issues ids before it
+// queues their frames): a later request seen first then covers an earlier
+// one not seen yet, which, if the child dies, fails with 502 rather than
+// going to the next child; a request whose handler ran is never given to
+// another child. Only the goroutine that reads the parent's frames calls
+// raise.
+func (w *acceptWord) raise(id uint64) {
+	if id > w.v.Load() {
+		w.v.Store(id)
+	}
+}
 
 // load returns the id last stored.
 func (w *acceptWord) load() uint64 { return w.v.Load() }

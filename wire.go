@@ -93,8 +93,10 @@ func (r *wireReader) int() int64 {
 	return v
 }
 
-// count reads a count of items that each take at least one byte, so that a
-// corrupt count cannot make the caller allocate more than the payload.
+// count reads a count of items that each take at least one byte of the
+// payload, and fails if fewer bytes are left. Callers still size their
+// allocations by what they decode, not by the count alone (see capHint):
+// an item of one byte may cost tens of bytes decoded.
 func (r *wireReader) count() int {
 	n := r.uint()
 	if n > uint64(len(r.s)-r.off) {
@@ -119,12 +121,18 @@ func (r *wireReader) strings() []string {
 	if n == 0 {
 		return nil
 	}
-	ss := make([]string, n)
-	for i := range ss {
-		ss[i] = r.string()
+	ss := make([]string, 0, min(n, capHint))
+	for range n {
+		ss = append(ss, r.string())
+	}
+	if r.err != nil {
+		return nil
 	}
 	return ss
 }
+
+// capHint bounds what a decoder allocates ahead of the items it has read.
+const capHint = 64
 
 // header reads a header: its values share one backing array, as in
 // http.Header.Clone.
@@ -133,7 +141,7 @@ func (r *wireReader) header() http.Header {
 	if n == 0 {
 		return nil
 	}
-	h := make(http.Header, n)
+	h := make(http.Header, min(n, capHint))
 	var values []string
 	for range n {
 		k := r.string()
@@ -142,12 +150,14 @@ func (r *wireReader) header() http.Header {
 			return nil
 		}
 		if cap(values)-len(values) < m {
-			// Room for this key's values and, as a guess, as many again.
-			values = make([]string, 0, max(m, 2*m, 8))
+			values = make([]string, 0, max(min(m, capHint), 8))
 		}
 		start := len(values)
 		for range m {
 			values = append(values, r.string())
+		}
+		if r.err != nil {
+			return nil
 		}
 		h[k] = values[start:len(values):len(values)]
 	}
