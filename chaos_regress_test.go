@@ -10,12 +10,12 @@ import (
 	"testing"
 )
 
-// hugeMapCount returns the gob payload of msg, whose one map holds the
-// single entry "A": ["b"], with the map's entry count replaced by four
+// hugeMapCount returns the gob payload of msg from enc, whose one map holds
+// the single entry "A": ["b"], with the map's entry count replaced by four
 // billion.
-func hugeMapCount(t *testing.T, msg any) []byte {
+func hugeMapCount(t *testing.T, enc *encoder, msg any) []byte {
 	t.Helper()
-	p, err := newEncoder().encode(msg)
+	p, err := enc.encode(msg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -55,7 +55,7 @@ func TestDecodeHugeMapCount(t *testing.T) {
 		{"requestHead", &requestHead{Method: "GET", Header: one}, func() any { return new(requestHead) }},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			p := hugeMapCount(t, tt.msg)
+			p := hugeMapCount(t, newEncoder(), tt.msg)
 			var before, after runtime.MemStats
 			runtime.ReadMemStats(&before)
 			err := newDecoder().decode(p, tt.into())
