@@ -4,9 +4,13 @@ package subproc
 
 import (
 	"bytes"
+	"context"
+	"fmt"
+	"io"
 	"net/http"
 	"reflect"
 	"runtime"
+	"strings"
 	"testing"
 )
 
@@ -115,6 +119,28 @@ func TestMessageMapsListed(t *testing.T) {
 			t.Errorf("%T has a map that messageMap does not return", v)
 		case maps == 0 && m != nil:
 			t.Errorf("messageMap returns a map for %T, which has none", v)
+		}
+	}
+}
+
+// A module whose init exited with status 0 made Start say "the child exited
+// before it was ready (<nil>)"; one whose init closed the protocol pipe and
+// lived on was reported as exited ("signal: killed"), although the parent
+// had killed it.
+func TestStartErrorSaysHowTheChildEnded(t *testing.T) {
+	for _, tt := range []struct{ mode, want string }{
+		{"exit0", "the child exited before it was ready (exit status 0)"},
+		{"close", "the child closed its end of the protocol pipe (its stdout) before it was ready, and was killed"},
+	} {
+		dir := t.TempDir()
+		cfg := fmt.Sprintf(`{"Dir":%q,"InitMode":%q}`, dir, tt.mode)
+		h, err := Start(context.Background(), "chaos-init", Options{Config: []byte(cfg), Stderr: io.Discard, Logger: discardLogger()})
+		if err == nil {
+			h.Close()
+			t.Fatalf("%s: Start succeeded", tt.mode)
+		}
+		if !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("%s: Start's error %q does not say %q", tt.mode, err, tt.want)
 		}
 	}
 }

@@ -74,9 +74,29 @@ func (h *Handle) startChild(ctx context.Context) (*child, error) {
 	if err == nil {
 		return c, nil
 	}
+	exited := false // by itself, before teardown kills it
+	if err == io.EOF || err == io.ErrUnexpectedEOF {
+		// The pipe usually ends because the child is exiting: give it
+		// time to be reaped, so that the error tells how it ended.
+		grace := time.NewTimer(drainTimeout)
+		select {
+		case <-c.exited:
+			exited = true
+		case <-grace.C:
+		}
+		grace.Stop()
+	}
 	h.teardown(c)
 	if err == io.EOF || err == io.ErrUnexpectedEOF {
-		err = fmt.Errorf("the child exited before it was ready (%v)", c.exitErr)
+		switch {
+		case !exited:
+			// Its exit status would only say that teardown killed it.
+			err = errors.New("the child closed its end of the protocol pipe (its stdout) before it was ready, and was killed")
+		case c.exitErr == nil:
+			err = errors.New("the child exited before it was ready (exit status 0)")
+		default:
+			err = fmt.Errorf("the child exited before it was ready (%v)", c.exitErr)
+		}
 	}
 	return nil, &StartError{Module: h.name, Err: err, Output: h.capture.Tail()}
 }
