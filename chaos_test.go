@@ -796,8 +796,8 @@ const chaosHelperParentEnv = "SUBPROC_CHAOS_HELPER_PARENT"
 // second copy of the test binary, to have a parent it can kill. It starts
 // two modules, puts requests in flight in each (blocked handlers, a handler
 // that never returns, streams nobody reads, a request body that never
-// ends), prints the children's pids and "ready", and waits for its stdin to
-// end.
+// ends), starves the second child's runtime (see chaosHang), prints the
+// children's pids and "ready", and waits for its stdin to end.
 func TestChaosHelperParent(t *testing.T) {
 	if os.Getenv(chaosHelperParentEnv) != "1" {
 		t.Skip("a helper process for TestChaosParentDeath")
@@ -811,11 +811,10 @@ func TestChaosHelperParent(t *testing.T) {
 		srv := httptest.NewServer(h)
 		for _, path := range []string{"/block", "/block", "/block", "/forever", "/forever", "/slow?bytes=1073741824", "/slow?bytes=1073741824"} {
 			go func() {
-				res, err := client.Get(srv.URL + path)
-				if err == nil {
-					select {} // never read
+				if res, err := client.Get(srv.URL + path); err == nil {
+					defer res.Body.Close()
+					select {} // the body is never read; the process is killed
 				}
-				_ = res
 			}()
 		}
 		for range 2 {
@@ -829,7 +828,21 @@ func TestChaosHelperParent(t *testing.T) {
 			if err == nil && c.Started >= 7 {
 				break
 			}
-			time.Sleep(10 * time.Millisecond)
+			time.Sleep(10 * time.Millisecond) // the child's progress: poll
+		}
+		if name == "chaos-b" {
+			// This child's runtime is starved too: no goroutine of it
+			// runs, so only the kernel can end it.
+			go client.Get(srv.URL + "/hang?how=starve")
+			for {
+				ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+				_, err := h.HealthCheck(ctx)
+				cancel()
+				if err != nil {
+					break
+				}
+				time.Sleep(10 * time.Millisecond) // the child's progress: poll
+			}
 		}
 		fmt.Printf("child-pid %d\n", h.Stats().Pid)
 	}
@@ -879,7 +892,7 @@ func TestChaosParentDeath(t *testing.T) {
 			cancel()
 			t.Fatalf("round %d: the helper parent did not get ready (pids %v); its stderr:\n%s", round, pids, stderr)
 		}
-		f.sent.Add(18) // 9 requests in flight in each module
+		f.sent.Add(19) // 9 requests in flight in each module, and the starving one
 		killed := time.Now()
 		cmd.Process.Signal(syscall.SIGKILL)
 		go io.Copy(io.Discard, stdout)
@@ -903,7 +916,7 @@ func TestChaosParentDeath(t *testing.T) {
 		}
 	}
 	f.settle(10 * time.Second)
-	f.addf("rounds %d, each a parent with 2 modules and 9 requests in flight in each; children alive 1s after the kill: %d; slowest: all gone %v after the kill",
+	f.addf("rounds %d, each a parent with 2 modules and 9 requests in flight in each (one child's runtime starved); children alive 1s after the kill: %d; slowest: all gone %v after the kill",
 		rounds, left, slowest.Round(time.Millisecond))
 	f.report(t, "parent death")
 	f.check(t, 16<<20)
