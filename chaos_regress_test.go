@@ -125,12 +125,12 @@ func TestMessageMapsListed(t *testing.T) {
 
 // A module whose init exited with status 0 made Start say "the child exited
 // before it was ready (<nil>)"; one whose init closed the protocol pipe and
-// lived on was reported as exited ("signal: killed"), although the parent
-// had killed it.
+// lived on was reported as exited ("signal: killed"), although it was the
+// parent that killed it once the pipe had closed.
 func TestStartErrorSaysHowTheChildEnded(t *testing.T) {
 	for _, tt := range []struct{ mode, want string }{
 		{"exit0", "the child exited before it was ready (exit status 0)"},
-		{"close", "the child closed its end of the protocol pipe (its stdout) before it was ready, and was killed"},
+		{"close", "the child's protocol pipe (its stdout) closed before it was ready; the child ended with signal: killed"},
 	} {
 		dir := t.TempDir()
 		cfg := fmt.Sprintf(`{"Dir":%q,"InitMode":%q}`, dir, tt.mode)

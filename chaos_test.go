@@ -929,7 +929,7 @@ func TestChaosStartFailures(t *testing.T) {
 		// module's frame header lands decides which error it is.
 		{"huge", "StartTimeout|something other than the subproc protocol"},
 		{"bad-ready", "ready"},
-		{"close", "closed its end of the protocol pipe"},
+		{"close", "protocol pipe (its stdout) closed before it was ready"},
 	} {
 		t.Run(tt.mode, func(t *testing.T) {
 			dir := t.TempDir()

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/exec"
 	"strings"
 	"time"
 
@@ -74,26 +75,17 @@ func (h *Handle) startChild(ctx context.Context) (*child, error) {
 	if err == nil {
 		return c, nil
 	}
-	exited := false // by itself, before teardown kills it
-	if err == io.EOF || err == io.ErrUnexpectedEOF {
-		// The pipe usually ends because the child is exiting: give it
-		// time to be reaped, so that the error tells how it ended.
-		grace := time.NewTimer(drainTimeout)
-		select {
-		case <-c.exited:
-			exited = true
-		case <-grace.C:
-		}
-		grace.Stop()
-	}
 	h.teardown(c)
 	if err == io.EOF || err == io.ErrUnexpectedEOF {
+		var ee *exec.ExitError
 		switch {
-		case !exited:
-			// Its exit status would only say that teardown killed it.
-			err = errors.New("the child closed its end of the protocol pipe (its stdout) before it was ready, and was killed")
 		case c.exitErr == nil:
 			err = errors.New("the child exited before it was ready (exit status 0)")
+		case errors.As(c.exitErr, &ee) && ee.ExitCode() < 0:
+			// Ended by a signal, maybe the parent's own kill once the
+			// pipe had closed: the status alone does not say the child
+			// exited.
+			err = fmt.Errorf("the child's protocol pipe (its stdout) closed before it was ready; the child ended with %v", c.exitErr)
 		default:
 			err = fmt.Errorf("the child exited before it was ready (%v)", c.exitErr)
 		}
