@@ -172,9 +172,20 @@ func chaosModule(ctx context.Context, env *Env) (http.Handler, error) {
 		code, _ := strconv.Atoi(r.URL.Query().Get("code"))
 		os.Exit(code)
 	})
-	// GET /garbage?how=... writes garbage onto the protocol pipe to the
-	// parent, behind the back of the child's writer (see chaosGarbage).
+	// GET /garbage?how=...&round=N writes garbage onto the protocol pipe to
+	// the parent, behind the back of the child's writer (see chaosGarbage),
+	// after recording "N pid" in <Dir>/garbage.
 	mux.HandleFunc("GET /garbage", func(w http.ResponseWriter, r *http.Request) {
+		if cfg.Dir != "" {
+			// One line per execution: a request runs at most once.
+			f, err := os.OpenFile(filepath.Join(cfg.Dir, "garbage"), os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
+			if err != nil {
+				http.Error(w, err.Error(), http.StatusTeapot)
+				return
+			}
+			fmt.Fprintf(f, "%s %d\n", r.URL.Query().Get("round"), os.Getpid())
+			f.Close()
+		}
 		if err := chaosGarbage(r.URL.Query().Get("how")); err != nil {
 			http.Error(w, err.Error(), http.StatusTeapot)
 			return

@@ -469,7 +469,8 @@ func chaosGarbageSeam(t *testing.T) {
 func chaosGarbageChild(t *testing.T) {
 	rounds := chaosN(6, 40)
 	f := &chaosFigures{before: chaosSnap()}
-	h, stopHandle := chaosStart(t, "chaos", chaosConfig{}, Options{HealthInterval: 200 * time.Millisecond, HealthTimeout: time.Second})
+	dir := t.TempDir()
+	h, stopHandle := chaosStart(t, "chaos", chaosConfig{Dir: dir}, Options{HealthInterval: 200 * time.Millisecond, HealthTimeout: time.Second})
 	srv := httptest.NewServer(h)
 	client := chaosClient(8)
 	restarts0 := h.Stats().Restarts
@@ -483,8 +484,12 @@ func chaosGarbageChild(t *testing.T) {
 		go func() {
 			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 			defer cancel()
-			req, _ := http.NewRequestWithContext(ctx, "GET", srv.URL+"/garbage?how="+how, nil)
-			res, err := client.Do(req)
+			req, _ := http.NewRequestWithContext(ctx, "GET", fmt.Sprintf("%s/garbage?how=%s&round=%d", srv.URL, how, i), nil)
+			// A connection of its own: net/http's client would retry a GET
+			// whose reused connection closed without an answer.
+			once := &http.Transport{DisableKeepAlives: true}
+			defer once.CloseIdleConnections()
+			res, err := (&http.Client{Transport: once}).Do(req)
 			if err == nil {
 				if res.StatusCode == http.StatusTeapot {
 					b, _ := io.ReadAll(res.Body)
@@ -515,6 +520,24 @@ func chaosGarbageChild(t *testing.T) {
 	for k, n := range seen {
 		f.addf("%dx %s", n, k)
 	}
+	// A request whose handler ran is never given to another child.
+	b, err := os.ReadFile(filepath.Join(dir, "garbage"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	runs := map[string][]string{}
+	for _, l := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		round, pid, _ := strings.Cut(l, " ")
+		runs[round] = append(runs[round], pid)
+	}
+	twice := 0
+	for round, pids := range runs {
+		if len(pids) > 1 {
+			twice++
+			t.Errorf("the request of round %s ran in %d children: pids %v", round, len(pids), pids)
+		}
+	}
+	f.addf("garbage requests run: %d of %d rounds, %d of them more than once", len(runs), rounds, twice)
 	f.report(t, "garbage from a real child")
 	f.check(t, 16<<20)
 }
