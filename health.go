@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/exec"
 	"strings"
 	"time"
 
@@ -76,7 +77,18 @@ func (h *Handle) startChild(ctx context.Context) (*child, error) {
 	}
 	h.teardown(c)
 	if err == io.EOF || err == io.ErrUnexpectedEOF {
-		err = fmt.Errorf("the child exited before it was ready (%v)", c.exitErr)
+		var ee *exec.ExitError
+		switch {
+		case c.exitErr == nil:
+			err = errors.New("the child exited before it was ready (exit status 0)")
+		case errors.As(c.exitErr, &ee) && ee.ExitCode() < 0:
+			// Ended by a signal, maybe the parent's own kill once the
+			// pipe had closed: the status alone does not say the child
+			// exited.
+			err = fmt.Errorf("the child's protocol pipe (its stdout) closed before it was ready; the child ended with %v", c.exitErr)
+		default:
+			err = fmt.Errorf("the child exited before it was ready (%v)", c.exitErr)
+		}
 	}
 	return nil, &StartError{Module: h.name, Err: err, Output: h.capture.Tail()}
 }

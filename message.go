@@ -354,7 +354,14 @@ func (d *decoder) decode(p []byte, v any) error {
 		return err
 	}
 	d.src.p = p
+	m := messageMap(v)
+	if m != nil && *m == nil {
+		*m = http.Header{}
+	}
 	err := d.dec.Decode(v)
+	if m != nil && len(*m) == 0 {
+		*m = nil
+	}
 	rest := len(d.src.p)
 	d.src.p = nil
 	if err != nil {
@@ -362,6 +369,27 @@ func (d *decoder) decode(p []byte, v any) error {
 	}
 	if rest != 0 {
 		return fmt.Errorf("%d bytes left over after a message", rest)
+	}
+	return nil
+}
+
+// messageMap returns a pointer to the map field of a message, or nil.
+//
+// gob sizes a map it decodes into a nil field by the entry count the message
+// claims, before it reads a single entry (encoding/gob's decodeMap): a
+// message of a hundred bytes claiming four billion entries makes it allocate
+// gigabytes. Into a map that exists, it only adds the entries the message
+// really holds. So decode makes the map before decoding, and drops it again
+// if the message put nothing in it. Every map field of a message must be
+// listed here (TestMessageMapsListed checks).
+func messageMap(v any) *http.Header {
+	switch m := v.(type) {
+	case *requestHead:
+		return &m.Header
+	case *responseHead:
+		return &m.Header
+	case *bodyEnd:
+		return &m.Trailer
 	}
 	return nil
 }

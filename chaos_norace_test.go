@@ -1,0 +1,5 @@
+//go:build !race
+
+package subproc
+
+const raceEnabled = false

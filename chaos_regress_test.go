@@ -1,0 +1,146 @@
+package subproc
+
+// Regression tests for the bugs the chaos suite (chaos_test.go) found.
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"reflect"
+	"runtime"
+	"strings"
+	"testing"
+)
+
+// hugeMapCount returns the gob payload of msg from enc, whose one map holds
+// the single entry "A": ["b"], with the map's entry count replaced by four
+// billion.
+func hugeMapCount(t *testing.T, enc *encoder, msg any) []byte {
+	t.Helper()
+	p, err := enc.encode(msg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The last gob message of the payload is the value.
+	var start, size, w int
+	for off := 0; off < len(p); {
+		n, k := gobUint(p[off:])
+		start, size, w = off, int(n), k
+		off += k + int(n)
+	}
+	value := p[start+w : start+w+size]
+	entry := []byte("\x01\x01A\x01\x01b") // count 1, "A", one value, "b"
+	i := bytes.Index(value, entry)
+	if i < 0 {
+		t.Fatalf("no map entry in %q", value)
+	}
+	huge := []byte{0xFC, 0xFA, 0x00, 0x00, 0x00} // 0xFA000000 entries
+	nv := append(append(append([]byte(nil), value[:i]...), huge...), value[i+1:]...)
+	out := append([]byte(nil), p[:start]...)
+	out = append(out, byte(len(nv))) // below 0x80: one byte
+	return append(out, nv...)
+}
+
+// A message whose map claims billions of entries made gob allocate a map of
+// that size before reading any entry: a hundred bytes from a broken child
+// made the parent allocate gigabytes and stall for minutes (found by
+// FuzzReadFrames). It must fail to decode, allocating about its own size.
+func TestDecodeHugeMapCount(t *testing.T) {
+	one := http.Header{"A": {"b"}}
+	for _, tt := range []struct {
+		name string
+		msg  any
+		into func() any
+	}{
+		{"responseHead", &responseHead{Status: 200, Header: one}, func() any { return new(responseHead) }},
+		{"bodyEnd", &bodyEnd{Trailer: one}, func() any { return new(bodyEnd) }},
+		{"requestHead", &requestHead{Method: "GET", Header: one}, func() any { return new(requestHead) }},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			p := hugeMapCount(t, newEncoder(), tt.msg)
+			var before, after runtime.MemStats
+			runtime.ReadMemStats(&before)
+			err := newDecoder().decode(p, tt.into())
+			runtime.ReadMemStats(&after)
+			if err == nil {
+				t.Errorf("decode of a map claiming 4e9 entries in %d bytes succeeded", len(p))
+			}
+			if d := after.TotalAlloc - before.TotalAlloc; d > 1<<20 {
+				t.Errorf("decoding %d bytes allocated %d bytes", len(p), d)
+			}
+		})
+	}
+}
+
+// Decoding keeps a message's maps nil when it carries none, and fills them
+// when it does.
+func TestDecodeMapsNilWhenEmpty(t *testing.T) {
+	enc, dec := newEncoder(), newDecoder()
+	for _, msg := range []*responseHead{{Status: 204}, {Status: 200, Header: http.Header{"A": {"b"}}}} {
+		p, err := enc.encode(msg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got responseHead
+		if err := dec.decode(p, &got); err != nil {
+			t.Fatal(err)
+		}
+		if !reflect.DeepEqual(&got, msg) {
+			t.Errorf("decoded %+v, want %+v", got, *msg)
+		}
+	}
+}
+
+// Every map in a message is one that decode makes before gob sees it.
+func TestMessageMapsListed(t *testing.T) {
+	for _, v := range []any{new(hello), new(ready), new(requestHead), new(responseHead), new(bodyEnd)} {
+		maps := 0
+		var walk func(reflect.Type)
+		walk = func(typ reflect.Type) {
+			switch typ.Kind() {
+			case reflect.Map:
+				maps++
+			case reflect.Pointer, reflect.Slice:
+				walk(typ.Elem())
+			case reflect.Struct:
+				for i := range typ.NumField() {
+					walk(typ.Field(i).Type)
+				}
+			}
+		}
+		walk(reflect.TypeOf(v).Elem())
+		m := messageMap(v)
+		switch {
+		case maps > 1:
+			t.Errorf("%T has %d maps; messageMap returns one", v, maps)
+		case maps == 1 && m == nil:
+			t.Errorf("%T has a map that messageMap does not return", v)
+		case maps == 0 && m != nil:
+			t.Errorf("messageMap returns a map for %T, which has none", v)
+		}
+	}
+}
+
+// A module whose init exited with status 0 made Start say "the child exited
+// before it was ready (<nil>)"; one whose init closed the protocol pipe and
+// lived on was reported as exited ("signal: killed"), although it was the
+// parent that killed it once the pipe had closed.
+func TestStartErrorSaysHowTheChildEnded(t *testing.T) {
+	for _, tt := range []struct{ mode, want string }{
+		{"exit0", "the child exited before it was ready (exit status 0)"},
+		{"close", "the child's protocol pipe (its stdout) closed before it was ready; the child ended with signal: killed"},
+	} {
+		dir := t.TempDir()
+		cfg := fmt.Sprintf(`{"Dir":%q,"InitMode":%q}`, dir, tt.mode)
+		h, err := Start(context.Background(), "chaos-init", Options{Config: []byte(cfg), Stderr: io.Discard, Logger: discardLogger()})
+		if err == nil {
+			h.Close()
+			t.Fatalf("%s: Start succeeded", tt.mode)
+		}
+		if !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("%s: Start's error %q does not say %q", tt.mode, err, tt.want)
+		}
+	}
+}
