@@ -390,7 +390,7 @@ func (c *child) readLoop() {
 	err := c.handshake()
 	c.ready <- err
 	if err != nil {
-		c.fail(err, false) // nothing but hello was sent before ready
+		c.fail(err, nil) // nothing but hello was sent before ready
 		close(c.done)
 		return
 	}
@@ -401,8 +401,9 @@ func (c *child) readLoop() {
 		c.proc.Kill()
 	}
 	// Whatever ended the pipe, the child answers nothing more. Which
-	// requests it took is known for sure only once it can take no more.
-	c.fail(err, c.ended())
+	// requests it took is known for sure only once it can take no more:
+	// if any are pending, ended waits for that.
+	c.fail(err, c.ended)
 	close(c.done)
 }
 
@@ -593,9 +594,10 @@ func (c *child) lookup(id uint64, finishedOK bool) (*stream, error) {
 }
 
 // fail records why the child can take no more requests and fails every
-// pending request and ping with it. If the child is dead, requests it did
-// not take (see acceptWord) fail with a *notDeliveredError.
-func (c *child) fail(err error, dead bool) {
+// pending request with it. If there are any, and dead (if not nil) reports
+// that the child is dead, requests it did not take (see acceptWord) fail
+// with a *notDeliveredError.
+func (c *child) fail(err error, dead func() bool) {
 	if err == nil || err == io.EOF || err == io.ErrUnexpectedEOF {
 		err = errChildExited
 	}
@@ -606,8 +608,11 @@ func (c *child) fail(err error, dead bool) {
 	pending := c.pending
 	c.pending = map[uint64]*stream{}
 	c.mu.Unlock()
+	if len(pending) == 0 {
+		return
+	}
 	taken := uint64(1<<64 - 1) // all of them, unless the child's record can be trusted
-	if dead {
+	if dead != nil && dead() {
 		taken = c.accept.load()
 	}
 	for _, s := range pending {

@@ -105,7 +105,10 @@ func TestDecodeRejectsBadFraming(t *testing.T) {
 // testChild returns a parent-side child whose pipe from the child carries
 // input, already past the handshake.
 func testChild(input []byte) *child {
-	return newChild(&Handle{name: "garbage", opts: Options{Logger: discardLogger()}.withDefaults()}, 0, &fakeProcess{exited: make(chan struct{})}, newConn(bytes.NewReader(input), nopWriteCloser{io.Discard}), newLocalWord())
+	// The input is all the child will ever write: it is as good as dead.
+	dead := &fakeProcess{exited: make(chan struct{})}
+	dead.Kill()
+	return newChild(&Handle{name: "garbage", opts: Options{Logger: discardLogger()}.withDefaults()}, 0, dead, newConn(bytes.NewReader(input), nopWriteCloser{io.Discard}), newLocalWord())
 }
 
 type nopWriteCloser struct{ io.Writer }
@@ -166,7 +169,7 @@ func TestReadLoopRejectsBadInput(t *testing.T) {
 			if !errors.As(err, &pe) {
 				t.Fatalf("readFrames: %v, want a protocol error", err)
 			}
-			c.fail(err, false)
+			c.fail(err, nil)
 			for {
 				ev, err := s.next(nil)
 				if err != nil {
@@ -228,7 +231,7 @@ func FuzzReadFrames(f *testing.F) {
 		if err == nil {
 			t.Fatal("readFrames returned nil at the end of input")
 		}
-		c.fail(err, false)
+		c.fail(err, nil)
 		s.mu.Lock()
 		defer s.mu.Unlock()
 		if s.queued > window {

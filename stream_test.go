@@ -67,6 +67,7 @@ func newPipePair(t *testing.T, handler http.Handler) *pipePair {
 		<-c.wdone // closes p2cW: the server's readLoop sees EOF
 		<-srvDone
 		srv.active.Wait()
+		c.proc.Kill() // the fake child exits
 		srv.stopWriting()
 		<-srv.wdone // closes c2pW: the parent's readLoop sees EOF
 		<-c.done
