@@ -5,6 +5,7 @@ package subproc
 import (
 	"bytes"
 	"context"
+	"encoding/gob"
 	"fmt"
 	"io"
 	"net/http"
@@ -112,6 +113,12 @@ func TestMessageMapsListed(t *testing.T) {
 		}
 		walk(reflect.TypeOf(v).Elem())
 		m := messageMap(v)
+		if _, ok := v.(gob.GobDecoder); ok {
+			if m != nil {
+				t.Errorf("messageMap returns a map for %T, which decodes itself", v)
+			}
+			continue
+		}
 		switch {
 		case maps > 1:
 			t.Errorf("%T has %d maps; messageMap returns one", v, maps)

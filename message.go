@@ -380,14 +380,11 @@ func (d *decoder) decode(p []byte, v any) error {
 // message of a hundred bytes claiming four billion entries makes it allocate
 // gigabytes. Into a map that exists, it only adds the entries the message
 // really holds. So decode makes the map before decoding, and drops it again
-// if the message put nothing in it. Every map field of a message must be
-// listed here (TestMessageMapsListed checks).
+// if the message put nothing in it. Every map field of a message that gob
+// decodes by reflection must be listed here (TestMessageMapsListed checks);
+// the heads decode themselves (wire.go), by what they read.
 func messageMap(v any) *http.Header {
 	switch m := v.(type) {
-	case *requestHead:
-		return &m.Header
-	case *responseHead:
-		return &m.Header
 	case *bodyEnd:
 		return &m.Trailer
 	}
