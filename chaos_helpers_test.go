@@ -504,19 +504,7 @@ func chaosStart(t *testing.T, name string, cfg chaosConfig, opts Options) (*Hand
 		t.Fatalf("Start(%q): %v", name, err)
 	}
 	var once sync.Once
-	stop := func() {
-		once.Do(func() {
-			pids := h.pidsStarted()
-			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-			defer cancel()
-			if err := h.Shutdown(ctx); err != nil {
-				t.Errorf("Shutdown: %v", err)
-			}
-			for _, pid := range pids {
-				assertReaped(t, pid)
-			}
-		})
-	}
+	stop := func() { once.Do(func() { stopAndReap(t, h) }) }
 	t.Cleanup(stop)
 	return h, stop
 }

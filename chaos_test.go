@@ -62,7 +62,6 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"runtime"
 	"slices"
@@ -869,22 +868,7 @@ func TestChaosParentDeath(t *testing.T) {
 	left := 0
 	for round := range rounds {
 		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-		cmd := exec.CommandContext(ctx, os.Args[0], "-test.run=^TestChaosHelperParent$", "-test.count=1", "-test.timeout=60s")
-		cmd.Env = append(os.Environ(), chaosHelperParentEnv+"=1")
-		stderr := newFailLog()
-		cmd.Stderr = stderr
-		cmd.WaitDelay = 10 * time.Second
-		stdin, err := cmd.StdinPipe()
-		if err != nil {
-			t.Fatal(err)
-		}
-		stdout, err := cmd.StdoutPipe()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
+		cmd, stdin, stdout, stderr := startHelperParent(t, ctx, "TestChaosHelperParent", chaosHelperParentEnv)
 		var pids []int
 		ready := false
 		sc := bufio.NewScanner(stdout)

@@ -877,22 +877,7 @@ func TestFailOrphan(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 			defer cancel()
-			cmd := exec.CommandContext(ctx, os.Args[0], "-test.run=^TestHelperParent$", "-test.count=1", "-test.timeout=60s")
-			cmd.Env = append(os.Environ(), failHelperParentEnv+"=1")
-			stderr := newFailLog()
-			cmd.Stderr = stderr
-			cmd.WaitDelay = 10 * time.Second
-			stdin, err := cmd.StdinPipe()
-			if err != nil {
-				t.Fatal(err)
-			}
-			stdout, err := cmd.StdoutPipe()
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := cmd.Start(); err != nil {
-				t.Fatal(err)
-			}
+			cmd, stdin, stdout, stderr := startHelperParent(t, ctx, "TestHelperParent", failHelperParentEnv)
 			pids := make(chan int, 1)
 			readDone := make(chan struct{})
 			go func() {

@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"os/exec"
 	"syscall"
 	"testing"
 	"time"
@@ -56,17 +57,7 @@ func startModule(t *testing.T, name string, opts Options) *Handle {
 	if err != nil {
 		t.Fatalf("Start(%q): %v", name, err)
 	}
-	t.Cleanup(func() {
-		pids := h.pidsStarted()
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		if err := h.Shutdown(ctx); err != nil {
-			t.Errorf("Shutdown: %v", err)
-		}
-		for _, pid := range pids {
-			assertReaped(t, pid)
-		}
-	})
+	t.Cleanup(func() { stopAndReap(t, h) })
 	return h
 }
 
@@ -100,4 +91,42 @@ func get(t *testing.T, url string) (int, string) {
 		t.Fatalf("GET %s: reading body: %v", url, err)
 	}
 	return res.StatusCode, string(b)
+}
+
+// stopAndReap shuts h down, within 30 s, and checks that every child it
+// started has been reaped.
+func stopAndReap(t *testing.T, h *Handle) {
+	t.Helper()
+	pids := h.pidsStarted()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := h.Shutdown(ctx); err != nil {
+		t.Errorf("Shutdown: %v", err)
+	}
+	for _, pid := range pids {
+		assertReaped(t, pid)
+	}
+}
+
+// startHelperParent starts this test binary again, running only the test
+// named, with env set, as a parent process that a test can kill. The
+// caller reads its stdout and writes its stdin; its stderr is kept.
+func startHelperParent(t *testing.T, ctx context.Context, test, env string) (cmd *exec.Cmd, stdin io.WriteCloser, stdout io.ReadCloser, stderr *failLog) {
+	t.Helper()
+	cmd = exec.CommandContext(ctx, os.Args[0], "-test.run=^"+test+"$", "-test.count=1", "-test.timeout=60s")
+	cmd.Env = append(os.Environ(), env+"=1")
+	stderr = newFailLog()
+	cmd.Stderr = stderr
+	cmd.WaitDelay = 10 * time.Second
+	var err error
+	if stdin, err = cmd.StdinPipe(); err != nil {
+		t.Fatal(err)
+	}
+	if stdout, err = cmd.StdoutPipe(); err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	return cmd, stdin, stdout, stderr
 }
