@@ -194,15 +194,21 @@ func (c *conn) stopWriting() {
 	c.quitOnce.Do(func() { close(c.quit) })
 }
 
+// flush writes what is pending, the preamble first of all, unless a sender
+// is writing it.
+func (c *conn) flush() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.writing {
+		c.writeLocked()
+	}
+}
+
 // writeLoop writes the preamble, unless a sender already has; then it
 // waits for stopWriting, writes what is pending, closes the pipe, and closes
 // wdone. Later sends fail with errConnClosed.
 func (c *conn) writeLoop() {
-	c.mu.Lock()
-	if !c.writing {
-		c.writeLocked()
-	}
-	c.mu.Unlock()
+	c.flush()
 	<-c.quit
 	c.mu.Lock()
 	for c.writing {

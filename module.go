@@ -125,6 +125,10 @@ func runChild(name string) int {
 		return exitMisused
 	}
 
+	// The preamble goes out before any module code runs, so that bytes a
+	// module writes to the pipe by mistake come after it, and the parent
+	// reports them as such.
+	c.flush()
 	go c.writeLoop()
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
