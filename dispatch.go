@@ -57,7 +57,7 @@ type conn struct {
 	pending []byte        // frames not yet written
 	spare   []byte        // the buffer the writer last wrote, for reuse
 	writing bool          // a sender is writing pending to the pipe
-	drained chan struct{} // closed, and replaced, each time a writer has written what was pending
+	drained chan struct{} // made by a sender that must wait; closed, and cleared, when a writer has written what was pending
 	enc     *encoder
 	werr    error // once set, nothing more is written: the pipe failed or is closed
 
@@ -71,7 +71,6 @@ func newConn(r io.Reader, w io.WriteCloser) *conn {
 		wdone:   make(chan struct{}),
 		w:       w,
 		pending: frame.AppendPreamble(make([]byte, 0, 4<<10), protocolVersion),
-		drained: make(chan struct{}),
 		enc:     newEncoder(),
 		fr:      frame.NewReader(r, readBufferSize),
 		dec:     newDecoder(),
@@ -95,7 +94,7 @@ func (c *conn) send(f outFrame, cancel <-chan struct{}) error {
 func (c *conn) sendFrames(fs []outFrame, cancel <-chan struct{}) error {
 	c.mu.Lock()
 	for c.werr == nil && len(c.pending) >= maxPending {
-		drained := c.drained
+		drained := c.waitDrainedLocked()
 		c.mu.Unlock()
 		select {
 		case <-drained:
@@ -130,6 +129,16 @@ func (c *conn) sendFrames(fs []outFrame, cancel <-chan struct{}) error {
 	return nil
 }
 
+// waitDrainedLocked returns a channel that is closed when the writer has
+// next written what was pending. It is made only when a sender must wait,
+// so that a write costs no allocation.
+func (c *conn) waitDrainedLocked() <-chan struct{} {
+	if c.drained == nil {
+		c.drained = make(chan struct{})
+	}
+	return c.drained
+}
+
 // writeLocked writes what is pending, and what others append meanwhile,
 // until nothing is. c.mu is held, but not while writing to the pipe.
 func (c *conn) writeLocked() error {
@@ -146,8 +155,10 @@ func (c *conn) writeLocked() error {
 		if err != nil {
 			c.werr = err
 		}
-		close(c.drained)
-		c.drained = make(chan struct{})
+		if c.drained != nil {
+			close(c.drained)
+			c.drained = nil
+		}
 	}
 	c.writing = false
 	return c.werr
@@ -212,7 +223,7 @@ func (c *conn) writeLoop() {
 	<-c.quit
 	c.mu.Lock()
 	for c.writing {
-		drained := c.drained
+		drained := c.waitDrainedLocked()
 		c.mu.Unlock()
 		<-drained
 		c.mu.Lock()

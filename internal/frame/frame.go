@@ -167,7 +167,9 @@ func (r *Reader) Discard(n int) error {
 }
 
 // A Writer writes frames to a buffered stream. Nothing reaches the
-// underlying writer until the buffer fills or Flush is called.
+// underlying writer until the buffer fills or Flush is called. (subproc's
+// own pipes append frames with AppendHeader; tests build input with a
+// Writer.)
 type Writer struct {
 	bw  *bufio.Writer
 	hdr [HeaderSize]byte
@@ -189,14 +191,7 @@ func (w *Writer) WriteFrame(kind, flags uint8, id uint64, parts ...[]byte) error
 	for _, p := range parts {
 		n += len(p)
 	}
-	if n > MaxPayload {
-		panic(fmt.Sprintf("frame: payload of %d bytes exceeds the limit of %d", n, MaxPayload))
-	}
-	binary.BigEndian.PutUint32(w.hdr[0:4], uint32(n))
-	w.hdr[4] = kind
-	w.hdr[5] = flags
-	w.hdr[6], w.hdr[7] = 0, 0
-	binary.BigEndian.PutUint64(w.hdr[8:16], id)
+	AppendHeader(w.hdr[:0], kind, flags, id, n) // panics over MaxPayload
 	if _, err := w.bw.Write(w.hdr[:]); err != nil {
 		return err
 	}
