@@ -21,12 +21,7 @@ import (
 // children.
 func TestMain(m *testing.M) {
 	subproc.Main()
-	if role := os.Getenv(envRole); role != "" {
-		os.Unsetenv(envRole)
-		if err := runRole(role); err != nil {
-			fmt.Fprintf(os.Stderr, "bench %s: %v\n", role, err)
-			os.Exit(1)
-		}
+	if runRoleFromEnv() {
 		os.Exit(0)
 	}
 	os.Exit(m.Run())

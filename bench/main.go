@@ -46,15 +46,7 @@ func init() {
 
 func main() {
 	subproc.Main()
-	if role := os.Getenv(envRole); role != "" {
-		// The role is this process's alone: the children it starts get
-		// their own, even where (as in go-plugin) the parent's environment
-		// is appended after theirs.
-		os.Unsetenv(envRole)
-		if err := runRole(role); err != nil {
-			fmt.Fprintf(os.Stderr, "bench %s: %v\n", role, err)
-			os.Exit(1)
-		}
+	if runRoleFromEnv() {
 		return
 	}
 	cfg, err := parseFlags(os.Args[1:])
@@ -71,6 +63,24 @@ func main() {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}
+}
+
+// runRoleFromEnv runs the role that envRole names, if any, exiting with
+// status 1 if it fails, and reports whether there was one.
+func runRoleFromEnv() bool {
+	role := os.Getenv(envRole)
+	if role == "" {
+		return false
+	}
+	// The role is this process's alone: the children it starts get their
+	// own, even where (as in go-plugin) the parent's environment is
+	// appended after theirs.
+	os.Unsetenv(envRole)
+	if err := runRole(role); err != nil {
+		fmt.Fprintf(os.Stderr, "bench %s: %v\n", role, err)
+		os.Exit(1)
+	}
+	return true
 }
 
 // runRole runs a process that is not the driver; it returns when the
