@@ -488,11 +488,7 @@ func (f *chaosFigures) settle(timeout time.Duration) {
 // it down and checks its children are reaped; stop also runs at cleanup.
 func chaosStart(t *testing.T, name string, cfg chaosConfig, opts Options) (*Handle, func()) {
 	t.Helper()
-	b, err := json.Marshal(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	opts.Config = b
+	opts = withConfig(t, cfg, opts)
 	if opts.Logger == nil {
 		opts.Logger = discardLogger()
 	}
@@ -627,4 +623,23 @@ func (l smallBufListener) Accept() (net.Conn, error) {
 		c.(*net.TCPConn).SetWriteBuffer(l.size)
 	}
 	return c, err
+}
+
+// count502 counts the answer to a request whose child dies under it, which
+// must be 502 or an aborted connection; one that ctx cut short is hung.
+func (f *chaosFigures) count502(t *testing.T, ctx context.Context, what string, res *http.Response, err error) {
+	t.Helper()
+	switch {
+	case err != nil && ctx.Err() != nil:
+		f.hung.Add(1)
+	case err != nil:
+		f.aborted.Add(1)
+	case res.StatusCode == http.StatusBadGateway:
+		f.s502.Add(1)
+		res.Body.Close()
+	default:
+		f.wrong.Add(1)
+		t.Errorf("%s: %s, want 502", what, res.Status)
+		res.Body.Close()
+	}
 }

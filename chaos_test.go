@@ -264,19 +264,7 @@ func TestChaosHangStorm(t *testing.T) {
 			req, _ := http.NewRequestWithContext(ctx, "GET", srv.URL+"/hang?how="+how, nil)
 			f.sent.Add(1)
 			res, err := client.Do(req)
-			switch {
-			case err != nil && ctx.Err() != nil:
-				f.hung.Add(1)
-			case err != nil:
-				f.aborted.Add(1)
-			case res.StatusCode == http.StatusBadGateway:
-				f.s502.Add(1)
-				res.Body.Close()
-			default:
-				f.wrong.Add(1)
-				t.Errorf("GET /hang?how=%s: %s, want 502", how, res.Status)
-				res.Body.Close()
-			}
+			f.count502(t, ctx, "GET /hang?how="+how, res, err)
 		}()
 		if !chaosAwait(h, 60*time.Second, chaosRunningOtherThan(pid)) {
 			t.Fatalf("hang %d (%s): child %d not replaced within 60s: %+v", i, how, pid, h.Stats())
@@ -756,17 +744,7 @@ func TestChaosRestartChurn(t *testing.T) {
 		case 2:
 			f.sent.Add(1)
 			res, err := client.Get(srv.URL + "/exit?code=0")
-			switch {
-			case err != nil:
-				f.aborted.Add(1)
-			case res.StatusCode == http.StatusBadGateway:
-				f.s502.Add(1)
-				res.Body.Close()
-			default:
-				f.wrong.Add(1)
-				t.Errorf("GET /exit: %s, want 502", res.Status)
-				res.Body.Close()
-			}
+			f.count502(t, context.Background(), "GET /exit", res, err)
 		}
 		how[i%3]++
 		if !chaosAwait(h, 30*time.Second, chaosRunningOtherThan(pid)) {

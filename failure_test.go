@@ -199,15 +199,22 @@ func failModule(ctx context.Context, env *Env) (http.Handler, error) {
 	return mux, nil
 }
 
-// failOpts returns opts for a test, with cfg as its Config and the parent's
-// log in the test log unless opts has a Logger.
-func failOpts(t *testing.T, cfg failConfig, opts Options) Options {
+// withConfig returns opts with cfg, as JSON, as its Config.
+func withConfig(t *testing.T, cfg any, opts Options) Options {
 	t.Helper()
 	b, err := json.Marshal(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
 	opts.Config = b
+	return opts
+}
+
+// failOpts returns opts for a test, with cfg as its Config and the parent's
+// log in the test log unless opts has a Logger.
+func failOpts(t *testing.T, cfg failConfig, opts Options) Options {
+	t.Helper()
+	opts = withConfig(t, cfg, opts)
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.NewTextHandler(testWriter{t}, nil))
 	}
