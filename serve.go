@@ -36,9 +36,7 @@ type server struct {
 	idle     atomic.Int32 // workers waiting on work
 	readDone chan error   // why the reading ended; capacity 1
 
-	// Owned by the goroutine that reads (see read).
-	opened  startingRequest // the request that the last frame opened
-	scratch []byte          // for decoding messages
+	scratch []byte // for decoding messages; owned by the goroutine that reads (see read)
 
 	mu      sync.Mutex // guards the fields below
 	handler http.Handler
@@ -158,30 +156,37 @@ func (s *server) worker(t task) {
 func (s *server) read() (startingRequest, bool) {
 	for {
 		hdr, err := s.fr.ReadHeader()
-		if err == nil {
+		var r startingRequest
+		switch {
+		case err != nil:
+		case hdr.Kind == kindRequest:
+			r, err = s.openFrame(hdr)
+		default:
 			err = s.dispatch(hdr, &s.scratch)
 		}
 		if err != nil {
 			s.readDone <- err
 			return startingRequest{}, false
 		}
-		if r := s.opened; r.st != nil {
-			s.opened = startingRequest{}
+		if r.st != nil {
 			s.spawn(task{read: true})
 			return r, true
 		}
 	}
 }
 
+// openFrame reads a kindRequest frame's head and opens its request.
+func (s *server) openFrame(hdr frame.Header) (startingRequest, error) {
+	var head requestHead
+	if err := s.readMessage(hdr.Len, &s.scratch, &head); err != nil {
+		return startingRequest{}, err
+	}
+	return s.open(hdr.ID, hdr.Flags, &head)
+}
+
+// dispatch handles one frame of another kind than kindRequest (see read).
 func (s *server) dispatch(hdr frame.Header, scratch *[]byte) error {
 	switch hdr.Kind {
-	case kindRequest:
-		var head requestHead
-		if err := s.readMessage(hdr.Len, scratch, &head); err != nil {
-			return err
-		}
-		return s.open(hdr.ID, hdr.Flags, &head)
-
 	case kindData:
 		if hdr.Len > chunkSize {
 			return &protocolError{fmt.Sprintf("body chunk of %d bytes exceeds %d", hdr.Len, chunkSize)}
@@ -255,24 +260,24 @@ func (s *server) dispatch(hdr frame.Header, scratch *[]byte) error {
 // gone away.
 var errClientGone = errors.New("subproc: client disconnected")
 
-// open starts serving a request.
+// open registers a request and returns it, for its handler to be started.
 //
 // Before the handler starts, the accept word is raised to the request's id:
 // if the child dies, the parent gives the requests it finds no record of to
 // the next child, as the module never saw them.
-func (s *server) open(id uint64, flags uint8, head *requestHead) error {
+func (s *server) open(id uint64, flags uint8, head *requestHead) (startingRequest, error) {
 	req, err := head.request()
 	if err != nil {
-		return &protocolError{err.Error()}
+		return startingRequest{}, &protocolError{err.Error()}
 	}
 	s.mu.Lock()
 	if s.handler == nil {
 		s.mu.Unlock()
-		return &protocolError{"request before ready"}
+		return startingRequest{}, &protocolError{"request before ready"}
 	}
 	if _, dup := s.streams[id]; dup {
 		s.mu.Unlock()
-		return &protocolError{fmt.Sprintf("request id %d reused", id)}
+		return startingRequest{}, &protocolError{fmt.Sprintf("request id %d reused", id)}
 	}
 	ctx, cancel := context.WithCancel(s.ctx)
 	st := &serverStream{cancel: cancel}
@@ -290,8 +295,7 @@ func (s *server) open(id uint64, flags uint8, head *requestHead) error {
 	h := s.handler
 	s.mu.Unlock()
 	s.accept.raise(id)
-	s.opened = startingRequest{id: id, st: st, req: req, h: h}
-	return nil
+	return startingRequest{id: id, st: st, req: req, h: h}, nil
 }
 
 // serve runs the handler for one request and ends its stream.
