@@ -7,7 +7,6 @@ import (
 	"io"
 	"net/http"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/fbbf71ac/subproc/internal/frame"
@@ -268,14 +267,18 @@ type child struct {
 	proc        process       // fixed
 	pipes       *childPipes   // fixed
 	*conn                     // the pipes to the child
-	served      atomic.Bool   // the child has answered a request or a health check
-	unhealthy   atomic.Bool   // the child was killed for failing health checks
 	ready       chan error    // receives the handshake's outcome once, from readLoop
 	done        chan struct{} // closed when readLoop returns: the child answers nothing more
 	exited      chan struct{} // closed when waitLoop has reaped the process
 	exitErr     error         // the process's exit status; read only after exited is closed
+	exitedAt    time.Time     // when it was reaped; read only after exited is closed
 	accept      *acceptWord   // fixed; the child's record of the requests it took
 	logs        sync.WaitGroup
+	readyAt     time.Time // when the handshake ended; written before ready is sent
+
+	// Health figures, guarded by h.mu.
+	failedChecks int           // health checks failed in a row
+	lastRTT      time.Duration // round trip of the last successful check
 
 	mu      sync.Mutex // guards the fields below
 	pending map[uint64]*stream
@@ -405,6 +408,9 @@ func (c *child) doneErr() error {
 // fails, then fails every request still pending.
 func (c *child) readLoop() {
 	err := c.handshake()
+	if err == nil {
+		c.readyAt = time.Now()
+	}
 	c.ready <- err
 	if err != nil {
 		c.fail(err, nil) // nothing but hello was sent before ready
@@ -582,7 +588,6 @@ func (c *child) dispatch(hdr frame.Header, scratch *[]byte) error {
 			return &protocolError{fmt.Sprintf("request %d: %v", hdr.ID, err)}
 		}
 		if hdr.Kind == kindEnd || hdr.Kind == kindAbort {
-			c.served.Store(true)
 			c.mu.Lock()
 			delete(c.pending, hdr.ID)
 			c.mu.Unlock()
@@ -622,6 +627,7 @@ func (c *child) fail(err error, dead func() bool) {
 	if c.err == nil {
 		c.err = err
 	}
+	err = c.err // a reason given first, by condemn, explains the end best
 	pending := c.pending
 	c.pending = map[uint64]*stream{}
 	c.mu.Unlock()
@@ -641,6 +647,25 @@ func (c *child) fail(err error, dead func() bool) {
 	}
 }
 
+// condemn makes c take no more requests, and makes err the reason its
+// pending requests fail with when it dies: call it before killing c.
+func (c *child) condemn(err error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.err == nil {
+		c.err = err
+	}
+}
+
+// uptime returns how long c served: from the end of its handshake to its
+// exit. Call it after c has exited.
+func (c *child) uptime() time.Duration {
+	if c.readyAt.IsZero() {
+		return 0
+	}
+	return c.exitedAt.Sub(c.readyAt)
+}
+
 // A notDeliveredError fails a request that its child never read: the module
 // did not see it, so another child may take it.
 type notDeliveredError struct{ err error }
@@ -654,5 +679,6 @@ var errChildExited = errors.New("the child exited")
 // waitLoop reaps the process and records its exit status.
 func (c *child) waitLoop() {
 	c.exitErr = c.proc.Wait()
+	c.exitedAt = time.Now()
 	close(c.exited)
 }

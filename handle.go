@@ -72,14 +72,16 @@ type Options struct {
 	RestartWait time.Duration
 
 	// MaxRestartDelay caps the delay between restarts of a module that keeps
-	// failing. A child that dies after answering a request or a health check
-	// is restarted at once; each further child that dies (or fails to start)
-	// before answering anything doubles the delay, from 100ms up to
-	// MaxRestartDelay. Zero means 10s.
+	// failing. A child that dies after serving for a second or more is
+	// restarted at once, and so is the first of children that die younger;
+	// each further child in a row that dies within a second of becoming
+	// ready (or fails to start) doubles the delay, from 100ms up to
+	// MaxRestartDelay, whether or not it answered requests first. A child
+	// that serves for a second resets it. Zero means 10s.
 	MaxRestartDelay time.Duration
 
-	// ShutdownTimeout is the grace period Close gives in-flight requests
-	// before it kills the child. Zero means 10s.
+	// ShutdownTimeout is the grace period Close gives in-flight requests;
+	// see Shutdown. Zero means 10s.
 	ShutdownTimeout time.Duration
 }
 
@@ -229,7 +231,6 @@ type Handle struct {
 	restarts        int
 	lastIncarnation int   // the incarnation of the last child installed
 	pids            []int // the last maxPidsKept children started, for tests
-	lastRTT         time.Duration
 	lastExit        string
 	isClosed        bool
 }
@@ -713,8 +714,10 @@ func (h *Handle) Route(path, method string) http.Handler {
 }
 
 // HealthCheck pings the module's current child once and returns the round
-// trip. It fails with ErrUnavailable while the module restarts, and with
-// ErrClosed once the handle is shut down.
+// trip. It waits at most Options.HealthTimeout for the answer. It fails
+// with ErrUnavailable while the module restarts, and with ErrClosed once the
+// handle is shut down. Its outcome counts as one of the periodic health
+// checks (see Options.HealthFailures), unless ctx ended first.
 func (h *Handle) HealthCheck(ctx context.Context) (time.Duration, error) {
 	h.mu.Lock()
 	c, closed := h.cur, h.isClosed
@@ -725,22 +728,47 @@ func (h *Handle) HealthCheck(ctx context.Context) (time.Duration, error) {
 	case c == nil:
 		return 0, fmt.Errorf("%w: module %q is restarting; retry later", ErrUnavailable, h.name)
 	}
-	rtt, err := c.ping(ctx.Done())
-	if err != nil {
-		if ctx.Err() != nil {
-			err = ctx.Err()
+	// Bounded by HealthTimeout as the supervisor's checks are, so that it
+	// fails in the same cases.
+	timeout := make(chan struct{})
+	stop := context.AfterFunc(ctx, func() { close(timeout) })
+	t := time.AfterFunc(h.opts.HealthTimeout, func() {
+		if stop() {
+			close(timeout)
 		}
-		return 0, fmt.Errorf("subproc: module %q: health check: %w", h.name, err)
+	})
+	rtt, err := c.ping(timeout)
+	t.Stop()
+	stop()
+	switch {
+	case err == nil:
+		h.passedCheck(c, rtt)
+		return rtt, nil
+	case ctx.Err() != nil:
+		// The caller gave up; that says nothing of the child.
+		return 0, fmt.Errorf("subproc: module %q: health check: %w", h.name, ctx.Err())
 	}
-	return rtt, nil
+	// It counts as one of the supervisor's checks: the one that makes
+	// Options.HealthFailures in a row kills the child.
+	if !h.failedCheck(c, err) {
+		c.proc.Kill()
+	}
+	return 0, fmt.Errorf("subproc: module %q: health check: %w", h.name, err)
 }
 
-// Shutdown stops the module gracefully: new requests get 503 Service
-// Unavailable, in-flight requests finish, then the child is told to exit.
-// If ctx ends first, the child is killed. Shutdown returns when the child
-// has been reaped and every goroutine of the handle has returned: nil after a
-// graceful stop, or an error wrapping ctx's error after a kill. It may be
-// called more than once, and concurrently.
+// Shutdown stops the module gracefully. It drains the child: new requests
+// get 503 Service Unavailable, the context the child's ModuleFunc was given
+// is canceled at once, so that long-lived handlers (streams, WebSockets)
+// can end, and in-flight requests run on until they end. Then the child is
+// told to exit. If ctx ends first, the contexts of the requests still in
+// flight are canceled in the child, which gets a moment (half a second) to
+// exit before it is killed. Health checks go on during the drain: a child
+// that hangs is killed as at any other time, and the drain ends.
+//
+// Shutdown returns when the child has been reaped and every goroutine of
+// the handle has returned: nil after a graceful stop, or an error wrapping
+// ctx's error after ctx ended. It may be called more than once, and
+// concurrently.
 func (h *Handle) Shutdown(ctx context.Context) error {
 	h.closeOnce.Do(func() {
 		h.mu.Lock()
@@ -773,14 +801,28 @@ func (h *Handle) Close() error {
 
 // Stats describes a Handle at one moment.
 type Stats struct {
-	Module      string        // the module's name
-	State       string        // "starting", "running", "restarting", "stopping" or "stopped"
+	Module string // the module's name
+	// State is "starting", "running", "unhealthy" (the running child failed
+	// its last health check; it is killed after Options.HealthFailures in a
+	// row), "restarting", "stopping" (draining at Shutdown) or "stopped".
+	State       string
 	Pid         int           // the running child's process id; 0 when none runs
 	Incarnation int           // the running (or last) child's incarnation: 0 for the first
 	Restarts    int           // children started after the first
 	InFlight    int           // requests being served
-	LastHealth  time.Duration // round trip of the last successful health check
+	LastHealth  time.Duration // round trip of the running child's last successful health check
 	LastExit    string        // how the last child that ended ended; "" if none has
+
+	Children []ChildStats // the running child, if any
+}
+
+// ChildStats describes one child process of a module.
+type ChildStats struct {
+	Pid, Incarnation int
+	State            string        // "running" or "unhealthy"
+	Started          time.Time     // when it became ready
+	LastHealth       time.Duration // round trip of its last successful health check
+	FailedChecks     int           // health checks failed in a row (Handle.HealthCheck's too)
 }
 
 // Stats returns the handle's current state.
@@ -793,11 +835,23 @@ func (h *Handle) Stats() Stats {
 		Incarnation: h.incarnationLocked(),
 		Restarts:    h.restarts,
 		InFlight:    h.inFlight,
-		LastHealth:  h.lastRTT,
 		LastExit:    h.lastExit,
 	}
-	if h.cur != nil {
-		st.Pid = h.cur.proc.Pid()
+	if c := h.cur; c != nil {
+		st.Pid = c.proc.Pid()
+		st.LastHealth = c.lastRTT
+		cs := ChildStats{
+			Pid:          st.Pid,
+			Incarnation:  c.incarnation,
+			State:        "running",
+			Started:      c.readyAt,
+			LastHealth:   c.lastRTT,
+			FailedChecks: c.failedChecks,
+		}
+		if cs.FailedChecks > 0 {
+			cs.State = "unhealthy"
+		}
+		st.Children = []ChildStats{cs}
 	}
 	return st
 }

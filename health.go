@@ -134,20 +134,23 @@ func (h *Handle) teardown(c *child) {
 // hangs, until Shutdown. It returns when the last child has been reaped.
 func (h *Handle) superviseLoop(c *child) {
 	defer h.finish()
-	failures := 0 // children in a row that ended before answering anything
+	failures := 0 // children in a row that died young, or failed to start
 	for {
 		if h.watch(c) {
-			h.stop(c)
+			h.teardown(c)
 			return
 		}
 		h.retire(c)
-		if c.served.Load() {
+		if c.uptime() >= stableUptime {
 			failures = 0
-		} else {
-			failures++
 		}
+		failures++
 		for c = nil; c == nil; {
-			if !h.pause(h.restartDelay(failures)) {
+			d := h.restartDelay(failures)
+			if d > 0 {
+				h.logf("backing off: %d children in a row died within %v of starting, or failed to start; the next start is in %v", failures, stableUptime, d)
+			}
+			if !h.pause(d) {
 				return
 			}
 			nc, err := h.startChild(h.life)
@@ -172,14 +175,22 @@ func (h *Handle) superviseLoop(c *child) {
 	}
 }
 
+// stableUptime is how long a child must have served for its death to count
+// as a single crash of a healthy module, which restarts at once, rather
+// than one more of a module that keeps dying, which backs off.
+const stableUptime = time.Second
+
 // restartDelay returns how long to wait before the next start, after the
-// given number of children in a row that died without answering anything.
+// given number of failures in a row: children that died within stableUptime
+// of becoming ready, and starts that failed. The first failure restarts at
+// once; each further one doubles the delay from minRestartDelay up to
+// Options.MaxRestartDelay.
 func (h *Handle) restartDelay(failures int) time.Duration {
-	if failures == 0 {
+	if failures <= 1 {
 		return 0
 	}
 	d := minRestartDelay
-	for i := 1; i < failures && d < h.opts.MaxRestartDelay; i++ {
+	for i := 2; i < failures && d < h.opts.MaxRestartDelay; i++ {
 		d *= 2
 	}
 	return min(d, h.opts.MaxRestartDelay)
@@ -204,56 +215,154 @@ func (h *Handle) pause(d time.Duration) bool {
 	}
 }
 
-// watch health-checks c until it dies or is killed for failing its checks,
-// which it returns false for, or until Shutdown begins, which it returns
-// true for.
+// Bounds of the end of a drain. A child told to stop once its requests
+// have drained ends the handlers whose requests were given up within
+// stopGrace, then exits: the parent waits that long and stopSlack more
+// before it kills it. At the end of a Shutdown's context, the child's
+// requests are canceled and it gets killGrace to exit by itself.
+const (
+	stopSlack = 2 * time.Second
+	killGrace = 500 * time.Millisecond
+)
+
+// watch supervises c until it has ended, and reports whether it ended
+// because the handle shut down. It health-checks c throughout, and kills it
+// when HealthFailures checks in a row fail. When Shutdown begins, it drains
+// c: c takes no new requests, its ModuleFunc's context is canceled, and
+// once the requests in flight have ended, or Shutdown's context has, c is
+// told to stop; if it does not exit in time, it is killed.
 func (h *Handle) watch(c *child) (shutdown bool) {
 	tick := time.NewTicker(h.opts.HealthInterval)
 	defer tick.Stop()
-	failed := 0
+	var (
+		checks  chan error      // the outcome of the health check under way; nil when none is
+		closing = h.closing     // nil once the drain has begun
+		drained <-chan struct{} // while draining: closed when the last request has ended
+		kill    <-chan struct{} // while draining: closed when Shutdown's context ends
+		stopped *time.Timer     // once told to stop: fires when it is time to kill c
+		expired <-chan time.Time
+	)
+	defer func() {
+		if stopped != nil {
+			stopped.Stop()
+		}
+		if checks != nil {
+			<-checks // it ends with c's pipe, if not before
+		}
+	}()
+	var stopAt time.Time // when stopped fires
+	stop := func(wait time.Duration) {
+		drained = nil
+		if stopped != nil {
+			if at := time.Now().Add(wait); at.Before(stopAt) {
+				stopAt = at
+				stopped.Reset(wait)
+			}
+			return
+		}
+		// Sent from a goroutine of its own, as a sender may end up
+		// writing to the pipe: a hung child with a full pipe must not
+		// hold the drain in that write.
+		go func() {
+			c.send(outFrame{kind: kindStop}, h.kill)
+			c.stopWriting() // writeLoop flushes, then closes the child's stdin
+		}()
+		stopAt = time.Now().Add(wait)
+		stopped = time.NewTimer(wait)
+		expired = stopped.C
+	}
 	for {
 		select {
 		case <-c.done:
-			return false
+			return closing == nil
 		case <-c.exited:
-			return false
-		case <-h.closing:
-			return true
+			return closing == nil
+		case <-closing:
+			closing = nil
+			h.uninstall(c, "stopping")
+			go c.send(outFrame{kind: kindDrain}, h.kill)
+			drained, kill = h.drained, h.kill
+		case <-drained:
+			stop(stopGrace + stopSlack)
+		case <-kill:
+			kill = nil
+			stop(killGrace)
+		case <-expired:
+			expired = nil
+			c.condemn(&killedError{"at shutdown, as it did not exit in time"})
+			c.proc.Kill()
 		case <-tick.C:
+			if checks == nil && stopped == nil {
+				checks = make(chan error, 1)
+				go func() { checks <- h.check(c) }()
+			}
+		case err := <-checks:
+			checks = nil
+			if err == nil || h.failedCheck(c, err) {
+				continue
+			}
+			c.proc.Kill()
 		}
-		timeout := make(chan struct{})
-		t := time.AfterFunc(h.opts.HealthTimeout, func() { close(timeout) })
-		rtt, err := c.ping(timeout)
-		t.Stop()
-		if err == nil {
-			failed = 0
-			c.served.Store(true)
-			h.mu.Lock()
-			h.lastRTT = rtt
-			h.mu.Unlock()
-			continue
-		}
-		select {
-		case <-c.done:
-			return false
-		case <-h.closing:
-			return true
-		default:
-		}
-		failed++
-		if failed < h.opts.HealthFailures {
-			h.logf("health check %d of %d failed for child pid %d: %v", failed, h.opts.HealthFailures, c.proc.Pid(), err)
-			continue
-		}
-		h.logf("child pid %d (incarnation %d) is unhealthy: %d health checks in a row failed (%v); killing it.%s",
-			c.proc.Pid(), c.incarnation, failed, err, formatTail(h.capture.Tail()))
-		c.unhealthy.Store(true)
-		c.proc.Kill()
-		return false
 	}
 }
 
-// retire takes a dead or dying c out of service and reaps it.
+// check health-checks c once, recording the outcome.
+func (h *Handle) check(c *child) error {
+	timeout := make(chan struct{})
+	t := time.AfterFunc(h.opts.HealthTimeout, func() { close(timeout) })
+	defer t.Stop()
+	rtt, err := c.ping(timeout)
+	if err == nil {
+		h.passedCheck(c, rtt)
+	}
+	return err
+}
+
+// passedCheck records a health check of c that succeeded after rtt.
+func (h *Handle) passedCheck(c *child, rtt time.Duration) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	c.failedChecks = 0
+	c.lastRTT = rtt
+	if h.cur == c && h.state == "unhealthy" {
+		h.state = "running"
+	}
+}
+
+// failedCheck records a health check of c that failed with err. It reports
+// whether c may live on: false once HealthFailures checks in a row have
+// failed, when c has been condemned and is to be killed.
+func (h *Handle) failedCheck(c *child, err error) bool {
+	select {
+	case <-c.done:
+		return true // dead already: its death, not the check, says why
+	default:
+	}
+	h.mu.Lock()
+	c.failedChecks++
+	failed := c.failedChecks
+	if h.cur == c && h.state == "running" {
+		h.state = "unhealthy"
+	}
+	h.mu.Unlock()
+	if failed < h.opts.HealthFailures {
+		h.logf("health check %d of %d failed for child pid %d: %v", failed, h.opts.HealthFailures, c.proc.Pid(), err)
+		return true
+	}
+	h.logf("child pid %d (incarnation %d) is unhealthy: %d health checks in a row failed (%v); killing it.%s",
+		c.proc.Pid(), c.incarnation, failed, err, formatTail(h.capture.Tail()))
+	c.condemn(&killedError{fmt.Sprintf("after failing %d health checks in a row", failed)})
+	return false
+}
+
+// A killedError is why the parent killed a child; the requests the child
+// had in flight fail with it.
+type killedError struct{ reason string }
+
+func (e *killedError) Error() string { return "the child was killed " + e.reason }
+
+// retire takes a dead or dying c out of service, reaps it, and logs how it
+// ended with the last lines of its output.
 func (h *Handle) retire(c *child) {
 	h.uninstall(c, "restarting")
 	h.teardown(c)
@@ -261,41 +370,20 @@ func (h *Handle) retire(c *child) {
 	if c.exitErr == nil {
 		reason = "exit status 0"
 	}
-	if c.unhealthy.Load() {
-		reason = "killed after failing health checks"
-	} else if err := c.doneErr(); err != nil {
-		var pe *protocolError
-		if errors.As(err, &pe) {
-			reason = "killed after a " + pe.Error()
-		}
+	tail := formatTail(h.capture.Tail())
+	var ke *killedError
+	var pe *protocolError
+	switch err := c.doneErr(); {
+	case errors.As(err, &ke):
+		reason = "killed " + ke.reason
+		tail = "" // logged with the reason for the kill
+	case errors.As(err, &pe):
+		reason = "killed after a " + pe.Error()
 	}
 	h.mu.Lock()
 	h.lastExit = reason
 	h.mu.Unlock()
-	h.logf("child pid %d (incarnation %d) ended: %s; restarting.%s", c.proc.Pid(), c.incarnation, reason, formatTail(h.capture.Tail()))
-}
-
-// stop ends c at shutdown: once in-flight requests have drained, the child
-// is told to stop; if the shutdown's context ends first, it is killed.
-func (h *Handle) stop(c *child) {
-	select {
-	case <-h.drained:
-	case <-h.kill:
-	case <-c.exited:
-	}
-	h.uninstall(c, "stopping")
-	// Sent from a goroutine of its own, as a sender may end up writing to
-	// the pipe: a hung child with a full pipe must not hold the stop in
-	// that write, past the Shutdown context that would kill it.
-	go func() {
-		c.send(outFrame{kind: kindStop}, h.kill)
-		c.stopWriting() // writeLoop flushes, then closes the child's stdin
-	}()
-	select {
-	case <-c.exited:
-	case <-h.kill:
-	}
-	h.teardown(c)
+	h.logf("child pid %d (incarnation %d) ended: %s; restarting.%s", c.proc.Pid(), c.incarnation, reason, tail)
 }
 
 // finish releases what the handle holds once its last child is reaped.

@@ -38,7 +38,8 @@ const (
 	kindAbort                     // child → parent: the response cannot be completed; abort it
 	kindPing                      // parent → child, id = sequence number
 	kindPong                      // child → parent, id = the ping's sequence number
-	kindStop                      // parent → child, id 0: finish in-flight requests and exit
+	kindStop                      // parent → child, id 0: cancel the requests left, end their handlers and exit
+	kindDrain                     // parent → child, id 0: a drain began; cancel the ModuleFunc's context
 )
 
 // Frame flags.

@@ -28,7 +28,10 @@ type Env struct {
 // A ModuleFunc runs in the child. It initialises the module and returns the
 // handler that serves every request the parent forwards. The child reports
 // ready only after it returns; an error fails the start. ctx is cancelled
-// when the child is told to stop.
+// when a drain of the child begins (Handle.Shutdown): long-lived handlers,
+// such as event streams, should watch it and end, while other requests in
+// flight run on until they end or the drain's grace period does, when their
+// own contexts are canceled.
 type ModuleFunc func(ctx context.Context, env *Env) (http.Handler, error)
 
 // registry holds the registered modules.
@@ -130,9 +133,15 @@ func runChild(name string) int {
 	// reports them as such.
 	c.flush()
 	go c.writeLoop()
+	// Two contexts: the ModuleFunc's, canceled as soon as the parent
+	// begins to drain the child, so that long-lived handlers can end; and
+	// the one every request's context derives from, canceled when the
+	// parent says stop.
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	srv := newServer(ctx, c, accept, nil)
+	moduleCtx, drain := context.WithCancel(ctx)
+	defer drain()
+	srv := newServer(ctx, drain, c, accept, nil)
 	readErr := make(chan error, 1)
 	go func() {
 		err := srv.readLoop()
@@ -152,7 +161,7 @@ func runChild(name string) int {
 		LogDir:      hi.LogDir,
 		Logger:      slog.New(slog.NewTextHandler(logw, &slog.HandlerOptions{AddSource: true})),
 	}
-	h, err := initModule(srv.ctx, name, env)
+	h, err := initModule(moduleCtx, name, env)
 	if err != nil {
 		c.send(outFrame{kind: kindReady, msg: &ready{Pid: os.Getpid(), Err: err.Error()}}, nil)
 		c.stopWriting()
@@ -163,7 +172,7 @@ func runChild(name string) int {
 	c.send(outFrame{kind: kindReady, msg: &ready{Pid: os.Getpid()}}, nil)
 
 	err = <-readErr
-	cancel() // the module's context
+	cancel() // the requests' contexts, and the module's
 	switch {
 	case errors.Is(err, errStop):
 		// The parent has drained its requests; finish what runs and go.

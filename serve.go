@@ -28,6 +28,7 @@ var errStop = errors.New("stop")
 type server struct {
 	*conn
 	ctx    context.Context // fixed; canceled when the child stops
+	drain  func()          // fixed; cancels the ModuleFunc's context
 	active sync.WaitGroup  // handlers running
 
 	accept *acceptWord // fixed; see open
@@ -59,11 +60,16 @@ type serverStream struct {
 }
 
 // newServer returns a server for the requests that arrive on c. Canceling
-// ctx cancels every request's context and ends the idle workers.
-func newServer(ctx context.Context, c *conn, accept *acceptWord, h http.Handler) *server {
+// ctx cancels every request's context and ends the idle workers; drain is
+// called when the parent begins to drain the child (nil: nothing to do).
+func newServer(ctx context.Context, drain func(), c *conn, accept *acceptWord, h http.Handler) *server {
+	if drain == nil {
+		drain = func() {}
+	}
 	return &server{
 		conn:     c,
 		ctx:      ctx,
+		drain:    drain,
 		accept:   accept,
 		handler:  h,
 		streams:  make(map[uint64]*serverStream),
@@ -252,6 +258,10 @@ func (s *server) dispatch(hdr frame.Header, scratch *[]byte) error {
 
 	case kindStop:
 		return errStop
+
+	case kindDrain:
+		s.drain()
+		return s.fr.Discard(int(hdr.Len))
 	}
 	return &protocolError{fmt.Sprintf("unknown message kind %d", hdr.Kind)}
 }

@@ -45,7 +45,7 @@ func newPipePair(t *testing.T, handler http.Handler) *pipePair {
 	accept := newLocalWord()
 	c := newChild(h, 0, &fakeProcess{exited: make(chan struct{})}, newConn(c2pR, p2cW), accept)
 	ctx, cancel := context.WithCancel(context.Background())
-	srv := newServer(ctx, newConn(p2cR, c2pW), accept, handler)
+	srv := newServer(ctx, nil, newConn(p2cR, c2pW), accept, handler)
 	srvDone := make(chan error, 1)
 	go c.writeLoop()
 	go srv.writeLoop()
