@@ -282,11 +282,14 @@ type child struct {
 
 	mu      sync.Mutex // guards the fields below
 	pending map[uint64]*stream
-	nextID  uint64                   // the last stream id issued
-	pings   map[uint64]chan struct{} // ping sequence → closed on pong
-	nextSeq uint64                   // the last ping sequence issued
-	err     error                    // why the child can take no more requests; nil while it can
-	pid     int                      // from the child's ready message
+	// forgotten holds the ids of streams the parent gave up before the
+	// child ended them (see forget): what arrives for them is dropped.
+	forgotten map[uint64]struct{}
+	nextID    uint64                   // the last stream id issued
+	pings     map[uint64]chan struct{} // ping sequence → closed on pong
+	nextSeq   uint64                   // the last ping sequence issued
+	err       error                    // why the child can take no more requests; nil while it can
+	pid       int                      // from the child's ready message
 }
 
 // newChild returns the parent's view of a child process that speaks over
@@ -302,6 +305,7 @@ func newChild(h *Handle, incarnation int, proc process, conn *conn, accept *acce
 		done:        make(chan struct{}),
 		exited:      make(chan struct{}),
 		pending:     make(map[uint64]*stream),
+		forgotten:   make(map[uint64]struct{}),
 		pings:       make(map[uint64]chan struct{}),
 	}
 }
@@ -584,6 +588,17 @@ func (c *child) dispatch(hdr frame.Header, scratch *[]byte) error {
 				return &protocolError{"abort with a payload"}
 			}
 		}
+		if s == nil {
+			// Given up (see forget): read, as the decoder must see every
+			// message, and dropped.
+			putChunk(ev.buf)
+			if hdr.Kind == kindEnd || hdr.Kind == kindAbort {
+				c.mu.Lock()
+				delete(c.forgotten, hdr.ID)
+				c.mu.Unlock()
+			}
+			return nil
+		}
 		if err := s.push(ev); err != nil {
 			return &protocolError{fmt.Sprintf("request %d: %v", hdr.ID, err)}
 		}
@@ -597,14 +612,18 @@ func (c *child) dispatch(hdr frame.Header, scratch *[]byte) error {
 	return &protocolError{fmt.Sprintf("unknown message kind %d", hdr.Kind)}
 }
 
-// lookup returns the pending stream with the given id. A message for an id
-// that was never issued is a protocol error; so is one for a finished
-// stream, unless finishedOK, in which case lookup returns nil.
+// lookup returns the pending stream with the given id, or nil for one the
+// parent gave up (see forget). A message for an id that was never issued is
+// a protocol error; so is one for a finished stream, unless finishedOK, in
+// which case lookup returns nil.
 func (c *child) lookup(id uint64, finishedOK bool) (*stream, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if s, ok := c.pending[id]; ok {
 		return s, nil
+	}
+	if _, ok := c.forgotten[id]; ok {
+		return nil, nil
 	}
 	if id == 0 || id > c.nextID {
 		return nil, &protocolError{fmt.Sprintf("message for request %d, which was never sent", id)}
@@ -630,6 +649,7 @@ func (c *child) fail(err error, dead func() bool) {
 	err = c.err // a reason given first, by condemn, explains the end best
 	pending := c.pending
 	c.pending = map[uint64]*stream{}
+	clear(c.forgotten)
 	c.mu.Unlock()
 	if len(pending) == 0 {
 		return
@@ -644,6 +664,18 @@ func (c *child) fail(err error, dead func() bool) {
 		} else {
 			s.fail(err)
 		}
+	}
+}
+
+// forget releases stream s, which the request's goroutine has given up
+// before the child ended it: a handler that never returns then holds a map
+// entry in the parent, not the stream. What arrives for s is dropped.
+func (c *child) forget(s *stream) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.pending[s.id] == s {
+		delete(c.pending, s.id)
+		c.forgotten[s.id] = struct{}{}
 	}
 }
 

@@ -257,6 +257,9 @@ func Start(ctx context.Context, name string, opts Options) (*Handle, error) {
 	if err := opts.validate(); err != nil {
 		return nil, &StartError{Module: name, Err: err}
 	}
+	if n, limit := len(opts.Config), maxHeadSize-len(name)-len(opts.LogDir); n > limit {
+		return nil, &StartError{Module: name, Err: fmt.Errorf("Options.Config is %d bytes, over the limit of %d bytes that the child's first message can carry; pass a smaller Config, or the path of a file that holds it", n, limit)}
+	}
 	capture, err := logcapture.New(logcapture.Options{
 		Name:       name,
 		Dir:        opts.LogDir,
@@ -389,6 +392,12 @@ func (h *Handle) closeDrainedLocked() {
 // away, the handler's context in the child is canceled.
 func (h *Handle) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	head := newRequestHead(r)
+	if n := head.wireSize(); n > maxHeadSize {
+		// Checked before it is sent: a message too large for a frame would
+		// break the pipe, and every request on it.
+		http.Error(w, fmt.Sprintf("subproc: module %q: the request's head (about %d bytes) exceeds the %d bytes a message to the module can carry; send fewer or smaller header fields", h.name, n, maxHeadSize), http.StatusRequestHeaderFieldsTooLarge)
+		return
+	}
 	var deadline *time.Timer // see acquire
 	defer func() {
 		if deadline != nil {
@@ -444,6 +453,7 @@ func (h *Handle) unavailable(w http.ResponseWriter, err error) {
 // the request is gone, so that its handler's context is canceled.
 func giveUp(c *child, s *stream) {
 	s.abandon()
+	c.forget(s)
 	c.send(outFrame{kind: kindCancel, id: s.id}, nil)
 }
 
@@ -562,6 +572,10 @@ func (h *Handle) proxy(w http.ResponseWriter, r *http.Request, c *child, s *stre
 			}
 			return false
 		case kindAbort:
+			if ev.flags&flagTooLarge != 0 && !started {
+				http.Error(w, fmt.Sprintf("subproc: module %q: its response's head exceeds the %d bytes a message from the module can carry", h.name, maxHeadSize), http.StatusBadGateway)
+				return false
+			}
 			panic(http.ErrAbortHandler)
 		}
 	}
@@ -665,7 +679,12 @@ func (b *bodySender) run() {
 			// net/http's bodies report the end with the last bytes: both
 			// go in one write.
 			end := outFrame{kind: kindEnd, id: s.id}
-			if len(r.Trailer) > 0 {
+			switch {
+			case len(r.Trailer) == 0:
+			case headerSize(r.Trailer) > maxHeadSize:
+				// Too large for a message: the module sees the body fail.
+				end.flags = flagBodyError
+			default:
 				end.msg = &bodyEnd{Trailer: r.Trailer}
 			}
 			fs = append(fs, end)

@@ -47,6 +47,7 @@ const (
 	flagFlush     uint8 = 1 << 0 // kindData from the child: the handler flushed
 	flagNoBody    uint8 = 1 << 1 // kindRequest: the request has no body; no kindData or kindEnd follows
 	flagBodyError uint8 = 1 << 2 // kindEnd from the parent: reading the client's body failed
+	flagTooLarge  uint8 = 1 << 3 // kindAbort: the response's head or trailers exceed maxHeadSize
 )
 
 // Sizes of the flow control, in bytes.

@@ -360,6 +360,7 @@ type responseWriter struct {
 	fullDuplex    bool        // the handler called EnableFullDuplex
 	informational int         // 1xx heads sent
 	done          bool        // the handler has returned, or panicked
+	aborted       bool        // kindAbort has ended the stream: nothing more is sent
 	err           error       // a failure to send; writes return it
 }
 
@@ -392,7 +393,12 @@ func (w *responseWriter) WriteHeader(code int) {
 		if w.informational++; w.informational > maxInformational {
 			return // the parent would take more for a broken child
 		}
-		w.sendLocked(outFrame{kind: kindResponse, id: w.id, msg: &responseHead{Status: code, Header: w.header.Clone(), FullDuplex: w.fullDuplex}})
+		head := &responseHead{Status: code, Header: w.header.Clone(), FullDuplex: w.fullDuplex}
+		if n := head.wireSize(); n > maxHeadSize {
+			fmt.Fprintf(os.Stderr, "subproc: %d response for %s %s dropped: its head (about %d bytes) exceeds the %d bytes a message to the parent can carry\n", code, w.req.Method, w.req.URL.Path, n, maxHeadSize)
+			return
+		}
+		w.sendLocked(outFrame{kind: kindResponse, id: w.id, msg: head})
 		return
 	}
 	w.writeHeaderLocked(code)
@@ -407,6 +413,10 @@ func (w *responseWriter) writeHeaderLocked(code int) {
 		if v, err := strconv.ParseInt(cl, 10, 64); err == nil && v >= 0 {
 			w.clen = v
 		}
+	}
+	// Checked now, so that the handler's first write reports it.
+	if n := headerSize(w.sent) + stringsSize(w.trailers); n > maxHeadSize {
+		w.tooLargeLocked(fmt.Sprintf("its head (about %d bytes)", n))
 	}
 }
 
@@ -506,6 +516,9 @@ func (w *responseWriter) EnableFullDuplex() error {
 // credit, then end if it is not nil: all of it in one write when the pipe is
 // idle, so that a small response costs the parent one wake-up.
 func (w *responseWriter) sendBodyLocked(flags uint8, end *outFrame) error {
+	if w.aborted {
+		return w.err
+	}
 	var batch [3]outFrame
 	fs := batch[:0]
 	if w.err == nil && !w.headSent {
@@ -547,6 +560,21 @@ func (w *responseWriter) sendBodyLocked(flags uint8, end *outFrame) error {
 	return w.err
 }
 
+// tooLargeLocked fails a response whose head or trailers, described by
+// what, exceed maxHeadSize: it ends the stream with kindAbort, which the
+// parent answers with 502 Bad Gateway if nothing was sent yet, else by
+// aborting the client's connection, and later writes fail.
+func (w *responseWriter) tooLargeLocked(what string) error {
+	err := fmt.Errorf("subproc: the response to %s %s cannot be sent: %s exceeds the %d bytes a message to the parent can carry", w.req.Method, w.req.URL.Path, what, maxHeadSize)
+	fmt.Fprintln(os.Stderr, err)
+	w.fail(err)
+	w.aborted = true
+	putChunk(w.buf)
+	w.buf, w.n = nil, 0
+	w.c.send(outFrame{kind: kindAbort, flags: flagTooLarge, id: w.id}, nil)
+	return w.err
+}
+
 // sendLocked sends a frame; a failure is remembered for later writes.
 func (w *responseWriter) sendLocked(f outFrame) {
 	if w.err != nil {
@@ -580,7 +608,14 @@ func (w *responseWriter) finish() {
 	w.done = true
 	end := outFrame{kind: kindEnd, id: w.id}
 	if t := w.trailerLocked(); len(t) > 0 {
-		end.msg = &bodyEnd{Trailer: t}
+		if n := headerSize(t); n > maxHeadSize {
+			// What the handler wrote goes first; the abort then ends the
+			// stream instead of the end.
+			w.sendBodyLocked(0, nil)
+			w.tooLargeLocked(fmt.Sprintf("its trailers (about %d bytes)", n))
+		} else {
+			end.msg = &bodyEnd{Trailer: t}
+		}
 	}
 	w.sendBodyLocked(0, &end)
 	putChunk(w.buf)
@@ -625,6 +660,9 @@ func (w *responseWriter) abort(always bool) {
 	putChunk(w.buf)
 	w.buf, w.n = nil, 0
 	w.err = nil
+	if w.aborted {
+		return // the stream is ended
+	}
 	if always || w.wroteHeader || w.headSent {
 		w.c.send(outFrame{kind: kindAbort, id: w.id}, nil)
 		return

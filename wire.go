@@ -4,6 +4,8 @@ import (
 	"encoding/binary"
 	"errors"
 	"net/http"
+
+	"github.com/fbbf71ac/subproc/internal/frame"
 )
 
 // The request and response heads are the messages of every request, so
@@ -279,4 +281,49 @@ func (h *responseHead) GobDecode(p []byte) error {
 	h.Header = r.header()
 	h.Trailer = r.strings()
 	return r.done()
+}
+
+// maxHeadSize bounds the encoding of a head, or of a message of trailers,
+// so that with gob's framing (and, the first time, its description of the
+// type) it fits in a frame. A sender checks it before it sends, with
+// wireSize's bound: a message too large for a frame fails its own request,
+// never the connection.
+const maxHeadSize = frame.MaxPayload - 4<<10
+
+// varintMax is the most bytes a varint takes.
+const varintMax = binary.MaxVarintLen64
+
+// stringsSize bounds the encoding of a list of strings.
+func stringsSize(ss []string) int {
+	n := varintMax
+	for _, s := range ss {
+		n += varintMax + len(s)
+	}
+	return n
+}
+
+// headerSize bounds the encoding of a header, by wireWriter or by gob.
+func headerSize(h http.Header) int {
+	n := varintMax
+	for k, vs := range h {
+		n += varintMax + len(k) + stringsSize(vs)
+	}
+	return n
+}
+
+// wireSize bounds the size of h's encoding.
+func (h *requestHead) wireSize() int {
+	n := 64 + stringsSize(h.TransferEncoding) + stringsSize(h.Trailer) + headerSize(h.Header)
+	for _, s := range []string{h.Method, h.Scheme, h.Opaque, h.User, h.URLHost, h.Path, h.RawPath, h.RawQuery, h.Fragment, h.Proto, h.Host, h.RemoteAddr, h.RequestURI} {
+		n += varintMax + len(s)
+	}
+	if t := h.TLS; t != nil {
+		n += 2*varintMax + len(t.ServerName) + len(t.NegotiatedProtocol)
+	}
+	return n
+}
+
+// wireSize bounds the size of h's encoding.
+func (h *responseHead) wireSize() int {
+	return 64 + headerSize(h.Header) + stringsSize(h.Trailer)
 }

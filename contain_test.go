@@ -1,0 +1,194 @@
+package subproc
+
+// End-to-end tests of containment at the level of one request: a message
+// too large for a frame fails its own request and nothing else, and a
+// request the parent gives up costs it nothing more.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/fbbf71ac/subproc/internal/frame"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// containBig is a header value larger than a frame can carry.
+var containBig = strings.Repeat("x", frame.MaxPayload+1)
+
+func init() {
+	Register("contain-mod", func(ctx context.Context, env *Env) (http.Handler, error) {
+		mux := http.NewServeMux()
+		mux.HandleFunc("/pid", func(w http.ResponseWriter, r *http.Request) {
+			fmt.Fprint(w, os.Getpid())
+		})
+		// /big-head answers with a head too large for a frame; /last-error
+		// then says what its write returned.
+		mux.HandleFunc("/big-head", func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("X-Big", containBig)
+			_, err := io.WriteString(w, "body")
+			containLastError <- fmt.Sprint(err)
+		})
+		mux.HandleFunc("/big-trailer", func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Trailer", "X-Big")
+			io.WriteString(w, "partial")
+			w.(http.Flusher).Flush()
+			w.Header().Set("X-Big", containBig)
+		})
+		mux.HandleFunc("/big-1xx", func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Link", containBig)
+			w.WriteHeader(http.StatusEarlyHints)
+			w.Header().Del("Link")
+			io.WriteString(w, "after the hints")
+		})
+		mux.HandleFunc("/last-error", func(w http.ResponseWriter, r *http.Request) {
+			select {
+			case v := <-containLastError:
+				io.WriteString(w, v)
+			case <-time.After(10 * time.Second):
+				io.WriteString(w, "/big-head did not write")
+			}
+		})
+		// /ignore never returns, whatever its request's context says.
+		mux.HandleFunc("/ignore", func(w http.ResponseWriter, r *http.Request) {
+			select {}
+		})
+		return mux, nil
+	})
+}
+
+// containLastError is, in the child, what /big-head's write returned.
+var containLastError = make(chan string, 1)
+
+// containPid fetches the pid of the child that serves url.
+func containPid(t *testing.T, url string) string {
+	t.Helper()
+	code, body := get(t, url+"/pid")
+	require.Equal(t, http.StatusOK, code, body)
+	return body
+}
+
+// A request whose head is too large for a frame gets 431, alone: the child
+// serves on, and other requests do not notice.
+func TestContainOversizedRequestHead(t *testing.T) {
+	h := startModule(t, "contain-mod", Options{HealthInterval: time.Hour})
+	srv := httptest.NewUnstartedServer(h)
+	srv.Config.MaxHeaderBytes = 2 * frame.MaxPayload
+	srv.Start()
+	t.Cleanup(srv.Close)
+	pid := containPid(t, srv.URL)
+
+	// Over the network, as a client sends it.
+	req, err := http.NewRequest("GET", srv.URL+"/pid", nil)
+	require.NoError(t, err)
+	req.Header.Set("X-Big", containBig)
+	res, err := http.DefaultClient.Do(req)
+	require.NoError(t, err)
+	body, _ := io.ReadAll(res.Body)
+	res.Body.Close()
+	assert.Equal(t, http.StatusRequestHeaderFieldsTooLarge, res.StatusCode)
+	assert.Contains(t, string(body), `module "contain-mod"`)
+
+	// From a middleware that adds the header, concurrently with
+	// bystanders.
+	var wg sync.WaitGroup
+	for i := range 8 {
+		wg.Go(func() {
+			if i%2 == 0 {
+				rec := httptest.NewRecorder()
+				r := httptest.NewRequest("GET", "/pid", nil)
+				r.Header.Set("X-Big", containBig)
+				h.ServeHTTP(rec, r)
+				assert.Equal(t, http.StatusRequestHeaderFieldsTooLarge, rec.Code)
+				return
+			}
+			assert.Equal(t, pid, containPid(t, srv.URL))
+		})
+	}
+	wg.Wait()
+	assert.Equal(t, pid, containPid(t, srv.URL), "the child was replaced")
+	assert.Zero(t, h.Stats().Restarts)
+}
+
+// A response whose head, 1xx head or trailers are too large for a frame
+// fails alone: the handler's write reports it, the client gets 502 (or an
+// abort once the response has started), and the child serves on.
+func TestContainOversizedResponseHead(t *testing.T) {
+	h := startModule(t, "contain-mod", Options{HealthInterval: time.Hour})
+	srv := serve(t, h)
+	pid := containPid(t, srv.URL)
+
+	code, body := get(t, srv.URL+"/big-head")
+	assert.Equal(t, http.StatusBadGateway, code)
+	assert.Contains(t, body, `module "contain-mod"`)
+	_, lastErr := get(t, srv.URL+"/last-error")
+	assert.Contains(t, lastErr, "exceeds", "the handler's write should have failed")
+
+	res, err := http.Get(srv.URL + "/big-trailer")
+	require.NoError(t, err)
+	b, err := io.ReadAll(res.Body)
+	res.Body.Close()
+	assert.Error(t, err, "a response whose trailers cannot be sent must be aborted (read %q)", b)
+
+	code, body = get(t, srv.URL+"/big-1xx")
+	assert.Equal(t, http.StatusOK, code)
+	assert.Equal(t, "after the hints", body)
+
+	assert.Equal(t, pid, containPid(t, srv.URL), "the child was replaced")
+	assert.Zero(t, h.Stats().Restarts)
+}
+
+// A Config too large for the child's first message fails Start at once.
+func TestContainOversizedConfig(t *testing.T) {
+	start := time.Now()
+	h, err := Start(context.Background(), "contain-mod", Options{Config: make([]byte, frame.MaxPayload)})
+	if h != nil {
+		h.Close()
+	}
+	var se *StartError
+	require.True(t, errors.As(err, &se), "Start: %v, want a *StartError", err)
+	assert.Contains(t, err.Error(), "Options.Config")
+	assert.Contains(t, err.Error(), fmt.Sprint(maxHeadSize-len("contain-mod")))
+	assert.Less(t, time.Since(start), 5*time.Second, "Start should fail at once, not at StartTimeout")
+}
+
+// The parent releases a request it gives up, although the child's handler
+// never returns.
+func TestContainGivenUpRequestReleased(t *testing.T) {
+	h := startModule(t, "contain-mod", Options{HealthInterval: time.Hour})
+	srv := serve(t, h)
+	const n = 200
+	var ms0, ms1 runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&ms0)
+	for range n {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+		req, _ := http.NewRequestWithContext(ctx, "GET", srv.URL+"/ignore", nil)
+		if res, err := http.DefaultClient.Do(req); err == nil {
+			res.Body.Close()
+		}
+		cancel()
+	}
+	failWaitUntil(t, 10*time.Second, "the requests to end in the parent", func() bool { return h.Stats().InFlight == 0 })
+	runtime.GC()
+	runtime.ReadMemStats(&ms1)
+	h.mu.Lock()
+	c := h.cur
+	h.mu.Unlock()
+	c.mu.Lock()
+	pending, forgotten := len(c.pending), len(c.forgotten)
+	c.mu.Unlock()
+	t.Logf("heap %+d bytes per given-up request; %d pending, %d forgotten", (int64(ms1.HeapAlloc)-int64(ms0.HeapAlloc))/n, pending, forgotten)
+	assert.Zero(t, pending, "streams of given-up requests are still held")
+	assert.Equal(t, n, forgotten)
+}
