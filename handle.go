@@ -262,6 +262,13 @@ func Start(ctx context.Context, name string, opts Options) (*Handle, error) {
 		Stderr:     opts.Stderr,
 		MaxSize:    opts.LogMaxSize,
 		MaxBackups: opts.LogMaxBackups,
+		OnWriteError: func(s logcapture.Stream, err error, lost int) {
+			if err != nil {
+				opts.Logger.Warn(fmt.Sprintf("subproc: module %q: cannot write its %v output, %d lines lost since the last report: %v; free space or fix the log file system, writing resumes by itself (reported at most every 10s)", name, s, lost, err))
+			} else {
+				opts.Logger.Warn(fmt.Sprintf("subproc: module %q: writing its %v output resumed after %d lines lost", name, s, lost))
+			}
+		},
 	})
 	if err != nil {
 		return nil, &StartError{Module: name, Err: err}
