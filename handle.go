@@ -264,9 +264,9 @@ func Start(ctx context.Context, name string, opts Options) (*Handle, error) {
 		MaxBackups: opts.LogMaxBackups,
 		OnWriteError: func(s logcapture.Stream, err error, lost int) {
 			if err != nil {
-				opts.Logger.Warn(fmt.Sprintf("subproc: module %q: cannot write its %v output, %d lines lost since the last report: %v; free space or fix the log file system, writing resumes by itself (reported at most every 10s)", name, s, lost, err))
+				opts.Logger.Warn(fmt.Sprintf("subproc: module %q: cannot write its %v output (%v); lines lost since the last report: %d. Free space or fix the log destination: writing resumes by itself; this is reported at most every 10s", name, s, err, lost))
 			} else {
-				opts.Logger.Warn(fmt.Sprintf("subproc: module %q: writing its %v output resumed after %d lines lost", name, s, lost))
+				opts.Logger.Warn(fmt.Sprintf("subproc: module %q: writing its %v output again; lines lost while it failed: %d", name, s, lost))
 			}
 		},
 	})
