@@ -945,7 +945,7 @@ func TestChaosStartFailures(t *testing.T) {
 			}
 			pid, _ := strconv.Atoi(string(b))
 			assertReaped(t, pid)
-			goleak.VerifyNone(t, before, goleak.IgnoreTopFunction("gopkg.in/natefinch/lumberjack%2ev2.(*Logger).millRun"))
+			goleak.VerifyNone(t, before)
 			first, _, _ := strings.Cut(err.Error(), "\n")
 			f.addf("%-12s %6v  %s", tt.mode, took.Round(time.Millisecond), first)
 		})

@@ -1097,7 +1097,7 @@ func TestFailStartErrors(t *testing.T) {
 				}
 				assertReaped(t, pid)
 			}
-			goleak.VerifyNone(t, before, goleak.IgnoreTopFunction("gopkg.in/natefinch/lumberjack%2ev2.(*Logger).millRun"))
+			goleak.VerifyNone(t, before)
 		})
 	}
 }

@@ -2,10 +2,7 @@ module github.com/fbbf71ac/subproc
 
 go 1.26
 
-require (
-	go.uber.org/goleak v1.3.0
-	gopkg.in/natefinch/lumberjack.v2 v2.2.1
-)
+require go.uber.org/goleak v1.3.0
 
 require (
 	github.com/stretchr/testify v1.12.1

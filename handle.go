@@ -266,6 +266,13 @@ func Start(ctx context.Context, name string, opts Options) (*Handle, error) {
 		Stderr:     opts.Stderr,
 		MaxSize:    opts.LogMaxSize,
 		MaxBackups: opts.LogMaxBackups,
+		OnWriteError: func(s logcapture.Stream, err error, lost int) {
+			if err != nil {
+				opts.Logger.Warn(fmt.Sprintf("subproc: module %q: cannot write its %v output (%v); lines lost since the last report: %d. Free space or fix the log destination: writing resumes by itself; this is reported at most every 10s", name, s, err, lost))
+			} else {
+				opts.Logger.Warn(fmt.Sprintf("subproc: module %q: writing its %v output again; lines lost while it failed: %d", name, s, lost))
+			}
+		},
 	})
 	if err != nil {
 		return nil, &StartError{Module: name, Err: err}

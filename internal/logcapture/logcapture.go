@@ -1,12 +1,15 @@
 // Package logcapture copies a module's output streams (its structured log,
 // its stdout and its stderr) from the child's pipes to their destinations in
 // the parent: size-rotated files in a log directory, or the parent's stderr
-// with every line prefixed by the module's name.
+// with every line prefixed by the module's name and its control characters
+// escaped.
 //
 // The capture lives in the parent so that a child that crashes loses nothing
 // it wrote, such as the Go runtime's panic trace on stderr. Every incarnation
 // of a module appends to the same destinations, and the last lines are kept
-// in memory for explaining why a module was found unhealthy.
+// in memory for explaining why a module was found unhealthy. A destination
+// that cannot be written to (a full disk) loses lines, never blocks the
+// child, and is reported through Options.OnWriteError.
 package logcapture
 
 import (
@@ -19,6 +22,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"sync"
+	"time"
 )
 
 // maxLine is the longest line Copy handles whole, and the size of its read
@@ -28,6 +32,14 @@ const maxLine = 64 << 10
 // defaultTailLines is the number of lines Tail keeps when
 // Options.TailLines is 0.
 const defaultTailLines = 20
+
+// defaultMaxSize is the size in megabytes at which a file rotates when
+// Options.MaxSize is 0.
+const defaultMaxSize = 100
+
+// reportInterval is the least time between two reports of failing writes
+// to one stream, after the first.
+const reportInterval = 10 * time.Second
 
 // ErrClosed is returned by Copy when the Capture has been closed.
 var ErrClosed = errors.New("logcapture: capture closed")
@@ -72,30 +84,61 @@ type Options struct {
 
 	// MaxSize is the size in megabytes at which a file rotates; 0 means 100.
 	// MaxBackups is the number of rotated files kept per stream; 0 means all.
-	// Both apply to a file path from the first Capture for it in the process
-	// on; later Captures for the same path share its settings.
+	// Captures open at the same time for the same file path share one file
+	// and the settings of the first of them.
 	MaxSize    int
 	MaxBackups int
 
 	// TailLines is the number of lines Tail keeps; 0 means 20.
 	TailLines int
+
+	// OnWriteError, if not nil, is told when writes to a stream's
+	// destination fail and when they work again; the lines that fail are
+	// lost. It is called with a non-nil err at the first failure, then at
+	// most once per 10 seconds while failures last, lost being the number
+	// of lines (or pieces of long lines) lost since its previous call for
+	// s; and with a nil err at the first write that succeeds after a
+	// failure, lost being the number of lines lost since writes to s began
+	// to fail. It is called from Copy, one call at a time per Capture: it
+	// must return quickly, for the child waits meanwhile, and must not call
+	// the Capture's methods.
+	OnWriteError func(s Stream, err error, lost int)
+
+	// Seams for tests, zero in production: openFile opens a file in file
+	// mode (nil: openAppend), now tells the time (nil: time.Now).
+	openFile func(path string) (file, error)
+	now      func() time.Time
 }
 
 // A Capture copies one module's streams to their destinations, across all
 // of the module's incarnations. Its methods are safe for concurrent use.
 // Close must be called once the Capture is no longer needed.
 type Capture struct {
-	name   string         // fixed
-	prefix string         // fixed; "[<name>] " in prefix mode
-	stderr io.Writer      // fixed; the destination in prefix mode, nil in file mode
-	files  [3]*sharedFile // fixed; by Stream in file mode, nil in prefix mode
+	name         string                              // fixed
+	prefix       string                              // fixed; "[<name>] " in prefix mode
+	stderr       io.Writer                           // fixed; the destination in prefix mode, nil in file mode
+	files        [3]*sharedFile                      // fixed; by Stream in file mode, nil in prefix mode
+	onWriteError func(s Stream, err error, lost int) // fixed; Options.OnWriteError
+	now          func() time.Time                    // fixed
 
 	mu     sync.RWMutex // held for reading by each write, for writing by Close
 	closed bool         // guarded by mu
 
+	failMu   sync.Mutex      // guards failures; held while onWriteError runs
+	failures [3]failureState // by Stream
+
 	tailMu sync.Mutex // guards the fields below
 	tail   []string   // the last lines, a ring of cap(tail) entries
 	next   int        // once tail is full, the index of its oldest line
+}
+
+// A failureState is what a Capture knows of the failing writes to one
+// stream, for Options.OnWriteError.
+type failureState struct {
+	failing  bool      // the last write failed
+	reported time.Time // when the last failure was reported
+	lost     int       // lines lost since the last report
+	total    int       // lines lost since the last write that succeeded
 }
 
 // stderrMu serializes the writes of all Captures in prefix mode, so that
@@ -116,7 +159,15 @@ func New(opts Options) (*Capture, error) {
 	if tailLines == 0 {
 		tailLines = defaultTailLines
 	}
-	c := &Capture{name: opts.Name, tail: make([]string, 0, tailLines)}
+	c := &Capture{
+		name:         opts.Name,
+		onWriteError: opts.OnWriteError,
+		now:          opts.now,
+		tail:         make([]string, 0, tailLines),
+	}
+	if c.now == nil {
+		c.now = time.Now
+	}
 
 	if opts.Dir == "" {
 		c.prefix = "[" + opts.Name + "] "
@@ -137,11 +188,14 @@ func New(opts Options) (*Capture, error) {
 	if err != nil {
 		return nil, fmt.Errorf("logcapture: module %q: cannot create log directory %q: %w", opts.Name, opts.Dir, err)
 	}
+	maxSize := opts.MaxSize
+	if maxSize == 0 {
+		maxSize = defaultMaxSize
+	}
 	for s := range c.files {
 		path := filepath.Join(dir, opts.Name+"."+Stream(s).String())
-		c.files[s] = acquireFile(path, opts.MaxSize, opts.MaxBackups)
-		// An empty write opens (or creates) the file.
-		if _, err := c.files[s].lj.Write(nil); err != nil {
+		c.files[s] = acquireFile(path, int64(maxSize)*megabyte, opts.MaxBackups, opts.openFile, opts.now)
+		if err := c.files[s].rf.Open(); err != nil {
 			c.releaseFiles()
 			return nil, fmt.Errorf("logcapture: module %q: cannot open log file in %q: %w", opts.Name, opts.Dir, err)
 		}
@@ -163,9 +217,15 @@ func New(opts Options) (*Capture, error) {
 // incarnation's output starts on a line of its own. In prefix mode each line
 // or piece becomes one prefixed line, a newline added where it lacks one.
 //
+// In prefix mode each line's control characters are escaped (see
+// appendEscaped), so that no line can move the terminal's cursor; files
+// receive the bytes exactly.
+//
 // Copy keeps reading after a failed write, so that the child never blocks on
-// a full pipe. After Close, Copy returns ErrClosed at the first line it
-// reads. Every line read, written or not, is remembered for Tail.
+// a full pipe; the line is lost, Options.OnWriteError is told, and the next
+// line is tried again, so that writing resumes once the destination works.
+// After Close, Copy returns ErrClosed at the first line it reads. Every line
+// read, written or not, is remembered for Tail.
 func (c *Capture) Copy(s Stream, r io.Reader) error {
 	if s < Log || s > Err {
 		return fmt.Errorf("logcapture: module %q: Copy of invalid %v", c.name, s)
@@ -183,6 +243,7 @@ func (c *Capture) Copy(s Stream, r io.Reader) error {
 			if e == ErrClosed {
 				return e
 			}
+			c.account(s, e)
 			if e != nil && werr == nil {
 				werr = fmt.Errorf("logcapture: module %q: writing %v: %w", c.name, s, e)
 			}
@@ -214,18 +275,45 @@ func (c *Capture) write(s Stream, line []byte, buf *[]byte) error {
 		return ErrClosed
 	}
 	if c.stderr == nil {
-		_, err := c.files[s].lj.Write(line)
+		_, err := c.files[s].rf.Write(line)
 		return err
 	}
-	b := append(append((*buf)[:0], c.prefix...), line...)
-	if b[len(b)-1] != '\n' {
-		b = append(b, '\n')
-	}
+	b := append((*buf)[:0], c.prefix...)
+	b = appendEscaped(b, bytes.TrimSuffix(line, []byte("\n")))
+	b = append(b, '\n')
 	*buf = b
 	stderrMu.Lock()
 	defer stderrMu.Unlock()
 	_, err := c.stderr.Write(b)
 	return err
+}
+
+// account records the outcome err of writing a line to s and reports to
+// onWriteError as its documentation says.
+func (c *Capture) account(s Stream, err error) {
+	if c.onWriteError == nil {
+		return
+	}
+	c.failMu.Lock()
+	defer c.failMu.Unlock()
+	st := &c.failures[s]
+	if err == nil {
+		if st.failing {
+			total := st.total
+			*st = failureState{}
+			c.onWriteError(s, nil, total)
+		}
+		return
+	}
+	st.lost++
+	st.total++
+	now := c.now()
+	if st.failing && now.Sub(st.reported) < reportInterval {
+		return
+	}
+	lost := st.lost
+	st.failing, st.reported, st.lost = true, now, 0
+	c.onWriteError(s, err, lost)
 }
 
 // remember records line as the newest line for Tail.

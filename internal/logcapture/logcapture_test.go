@@ -17,9 +17,7 @@ import (
 )
 
 func TestMain(m *testing.M) {
-	// A lumberjack.Logger's mill goroutine never exits; the registry keeps
-	// one per file path on purpose.
-	goleak.VerifyTestMain(m, goleak.IgnoreTopFunction("gopkg.in/natefinch/lumberjack%2ev2.(*Logger).millRun"))
+	goleak.VerifyTestMain(m)
 }
 
 // newCapture returns a Capture closed at the end of the test.
@@ -411,13 +409,13 @@ func TestRegistry(t *testing.T) {
 	for s := range c1.files {
 		f := c1.files[s]
 		if c2.files[s] != f {
-			t.Errorf("%v: two Captures for one path have different Loggers", Stream(s))
+			t.Errorf("%v: two Captures for one path have different files", Stream(s))
 		}
 		if other.files[s] == f {
-			t.Errorf("%v: Captures for different paths share a Logger", Stream(s))
+			t.Errorf("%v: Captures for different paths share a file", Stream(s))
 		}
-		if f.lj.MaxSize != 5 || f.lj.MaxBackups != 2 {
-			t.Errorf("%v: MaxSize, MaxBackups = %d, %d; want the first Capture's 5, 2", Stream(s), f.lj.MaxSize, f.lj.MaxBackups)
+		if f.rf.maxSize != 5*megabyte || f.rf.maxBackups != 2 {
+			t.Errorf("%v: maxSize, maxBackups = %d, %d; want the first Capture's 5 MB, 2", Stream(s), f.rf.maxSize, f.rf.maxBackups)
 		}
 		if n := users(f); n != 2 {
 			t.Errorf("%v: %d users, want 2", Stream(s), n)
@@ -449,10 +447,19 @@ func TestRegistry(t *testing.T) {
 	if isOpen(t, logPath) {
 		t.Error("after both Close: m.log is still open")
 	}
+	registry.mu.Lock()
+	_, kept := registry.files[c1.files[Log].path]
+	registry.mu.Unlock()
+	if kept {
+		t.Error("after both Close: the registry still holds m.log")
+	}
 
-	c3 := newCapture(t, Options{Name: "m", Dir: dir + "/."})
-	if c3.files[Log] != c1.files[Log] {
-		t.Error("a Capture made after the others closed has a new Logger")
+	c3 := newCapture(t, Options{Name: "m", Dir: dir + "/.", MaxSize: 9})
+	if c3.files[Log] == c1.files[Log] {
+		t.Error("a Capture made after the others closed has their file, want a new one")
+	}
+	if got := c3.files[Log].rf.maxSize; got != 9*megabyte {
+		t.Errorf("a Capture made after the others closed has maxSize %d, want its own 9 MB", got)
 	}
 	copyString(t, c3, Log, "three\n")
 	if got, want := readFile(t, filepath.Join(dir, "m.log")), "one\ntwo\nthree\n"; got != want {

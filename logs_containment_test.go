@@ -1,0 +1,196 @@
+package subproc
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"os"
+	"path/filepath"
+	"regexp"
+	"runtime"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+)
+
+// Modules of this file are named logsc-*.
+func init() {
+	// logsc-writer writes n lines "<tag> <i>" to its stderr on GET
+	// /write?n=<n>&tag=<tag>, and answers ok to any other request.
+	Register("logsc-writer", func(ctx context.Context, env *Env) (http.Handler, error) {
+		mux := http.NewServeMux()
+		mux.HandleFunc("/write", func(w http.ResponseWriter, r *http.Request) {
+			n, _ := strconv.Atoi(r.FormValue("n"))
+			tag := r.FormValue("tag")
+			for i := range n {
+				fmt.Fprintf(os.Stderr, "%s %d\n", tag, i)
+			}
+			fmt.Fprint(w, "written")
+		})
+		mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) { fmt.Fprint(w, "ok") })
+		return mux, nil
+	})
+	// logsc-quiet writes a line to each of its streams at init.
+	Register("logsc-quiet", func(ctx context.Context, env *Env) (http.Handler, error) {
+		env.Logger.Info("init")
+		fmt.Println("stdout at init")
+		fmt.Fprintln(os.Stderr, "stderr at init")
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { fmt.Fprint(w, "ok") }), nil
+	})
+	// logsc-forger writes lines meant to move the terminal's cursor and
+	// forge another module's line.
+	Register("logsc-forger", func(ctx context.Context, env *Env) (http.Handler, error) {
+		fmt.Fprint(os.Stderr, "\x1b[1A\x1b[2K\r[logsc-other] forged\n")
+		fmt.Fprint(os.Stdout, "half\rwritten\u009b\x7f\xff\n")
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { fmt.Fprint(w, "ok") }), nil
+	})
+}
+
+var logscCycles = flag.Int("logsc.cycles", 20, "Start/Close cycles of TestLogsNoGoroutinePerLogDir")
+
+// TestLogsNoGoroutinePerLogDir starts and closes a module many times, each
+// time with a new LogDir, and checks that no goroutine outlives its Close
+// (lumberjack, the rotation library used before, left three per LogDir).
+func TestLogsNoGoroutinePerLogDir(t *testing.T) {
+	before := goleak.IgnoreCurrent()
+	n0 := runtime.NumGoroutine()
+	root := t.TempDir()
+	for i := range *logscCycles {
+		dir := filepath.Join(root, strconv.Itoa(i))
+		h, err := Start(context.Background(), "logsc-quiet", testOptions(t, Options{LogDir: dir}))
+		if err != nil {
+			t.Fatalf("cycle %d: Start: %v", i, err)
+		}
+		stopAndReap(t, h)
+		if t.Failed() {
+			t.FailNow()
+		}
+	}
+	if _, err := os.Stat(filepath.Join(root, "0", "logsc-quiet.err")); err != nil {
+		t.Errorf("the first cycle's log file: %v", err)
+	}
+	err := goleak.Find(before)
+	t.Logf("after %d Start/Close cycles, each with its own LogDir: %d goroutines more than before", *logscCycles, runtime.NumGoroutine()-n0)
+	if err != nil {
+		t.Error(err)
+	}
+}
+
+// TestLogsFullDisk runs a module with its LogDir on a tiny tmpfs, fills it,
+// and checks that the parent reports the lost lines through its Logger,
+// that the module keeps serving, and that writing resumes, and is reported
+// to resume, once space returns. It needs to mount a file system (root with
+// CAP_SYS_ADMIN); internal/logcapture's TestWriteErrors checks the same
+// logic through a seam everywhere.
+func TestLogsFullDisk(t *testing.T) {
+	dir := t.TempDir()
+	if err := syscall.Mount("tmpfs", dir, "tmpfs", 0, "size=256k"); err != nil {
+		t.Skipf("cannot mount a tmpfs on %s (%v): run the tests as root with CAP_SYS_ADMIN to test a real full disk; internal/logcapture's TestWriteErrors tests the logic through a seam", dir, err)
+	}
+	t.Cleanup(func() {
+		if err := syscall.Unmount(dir, 0); err != nil {
+			t.Errorf("unmounting the tmpfs: %v", err)
+		}
+	})
+	logs := newFailLog()
+	h := startModule(t, "logsc-writer", Options{LogDir: dir, Logger: slog.New(slog.NewTextHandler(logs, nil))})
+	srv := serve(t, h)
+
+	fill(t, filepath.Join(dir, "filler"))
+	if res, body := failMustFetch(t, srv.URL+"/write?n=1000&tag=lost"); res.StatusCode != http.StatusOK || body != "written" {
+		t.Fatalf("GET /write on a full disk: %d %q, want 200 written", res.StatusCode, body)
+	}
+	if !logs.await("cannot write its err output", 30*time.Second) {
+		t.Fatalf("the parent did not report the lost lines; its log:\n%s", logs)
+	}
+	if got := logs.String(); !strings.Contains(got, "no space left on device") || !strings.Contains(got, `\"logsc-writer\"`) {
+		t.Errorf("the report does not name the module and the cause:\n%s", got)
+	}
+	if res, body := failMustFetch(t, srv.URL+"/"); res.StatusCode != http.StatusOK || body != "ok" {
+		t.Errorf("GET / with the disk full: %d %q, want 200 ok", res.StatusCode, body)
+	}
+
+	if err := os.Remove(filepath.Join(dir, "filler")); err != nil {
+		t.Fatal(err)
+	}
+	if res, body := failMustFetch(t, srv.URL+"/write?n=3&tag=kept"); res.StatusCode != http.StatusOK || body != "written" {
+		t.Fatalf("GET /write after freeing space: %d %q, want 200 written", res.StatusCode, body)
+	}
+	if !logs.await("writing its err output again", 30*time.Second) {
+		t.Fatalf("the parent did not report that writing resumed; its log:\n%s", logs)
+	}
+	m := regexp.MustCompile(`lines lost while it failed: (\d+)`).FindStringSubmatch(logs.String())
+	if m == nil {
+		t.Fatalf("the report of recovery does not count the lost lines:\n%s", logs)
+	}
+	errFile := filepath.Join(dir, "logsc-writer.err")
+	var text string
+	failWaitUntil(t, 30*time.Second, "the lines written after space returned", func() bool {
+		b, _ := os.ReadFile(errFile)
+		text = string(b)
+		return strings.HasSuffix(text, "kept 0\nkept 1\nkept 2\n")
+	})
+	// The parent may still be copying the 1000 lines when the space
+	// returns: each of them is either lost, and counted, or in the file.
+	lost, _ := strconv.Atoi(m[1])
+	if kept := strings.Count(text, "lost "); lost < 1 || lost+kept != 1000 {
+		t.Errorf("the parent reports %d lines lost, and %d are in the file; want at least one lost, 1000 in all", lost, kept)
+	}
+	if st := h.Stats(); st.Restarts != 0 {
+		t.Errorf("the module was restarted %d times, want it served throughout", st.Restarts)
+	}
+	t.Logf("the parent's log:\n%s", logs)
+}
+
+// fill writes to path until its file system is full: in smaller and
+// smaller writes, for a tmpfs may refuse a large write (that wants a large
+// folio) yet have room for a small one.
+func fill(t *testing.T, path string) {
+	t.Helper()
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	buf := make([]byte, 64<<10)
+	for size := len(buf); size > 0; size /= 2 {
+		for {
+			if _, err := f.Write(buf[:size]); err != nil {
+				if !errors.Is(err, syscall.ENOSPC) {
+					t.Fatalf("filling the file system: %v", err)
+				}
+				break
+			}
+		}
+	}
+}
+
+// TestLogsPrefixEscapesControls checks that without LogDir a module's
+// control characters reach Options.Stderr escaped, so that its lines
+// cannot move the cursor or forge another module's line.
+func TestLogsPrefixEscapesControls(t *testing.T) {
+	var out syncBuffer
+	h := startModule(t, "logsc-forger", Options{Stderr: &out})
+	if err := h.Close(); err != nil {
+		t.Fatal(err)
+	}
+	text := out.String()
+	for _, want := range []string{
+		`[logsc-forger] \x1b[1A\x1b[2K\r[logsc-other] forged` + "\n",
+		`[logsc-forger] half\rwritten\u009b\x7f\xff` + "\n",
+	} {
+		if !strings.Contains(text, want) {
+			t.Errorf("output lacks %q:\n%q", want, text)
+		}
+	}
+	if i := strings.IndexAny(text, "\x1b\r\x7f\u009b"); i >= 0 {
+		t.Errorf("output holds a control character at %d: %q", i, text)
+	}
+}
