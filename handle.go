@@ -388,6 +388,9 @@ func (h *Handle) closeDrainedLocked() {
 // away, the handler's context in the child is canceled.
 func (h *Handle) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	head := newRequestHead(r)
+	// The module's header map starts as w's. It is encoded when the head
+	// is sent, before proxy changes it.
+	head.ResponseHeader = w.Header()
 	var deadline *time.Timer // see acquire
 	defer func() {
 		if deadline != nil {
@@ -503,25 +506,17 @@ func (h *Handle) proxy(w http.ResponseWriter, r *http.Request, c *child, s *stre
 				// for the handler in-process.
 				controller().EnableFullDuplex()
 			}
-			dst := w.Header()
-			if ev.head.Status < 200 && ev.head.Status != http.StatusSwitchingProtocols {
-				for k, v := range ev.head.Header {
-					dst[k] = v
-				}
-				w.WriteHeader(ev.head.Status)
-				for k := range ev.head.Header {
-					delete(dst, k)
-				}
-				continue
-			}
+			// The module's header map started as w's (see
+			// requestHead.ResponseHeader); each head, 1xx or final, makes
+			// w's what the module's was then, as net/http writes a
+			// handler's current map at each WriteHeader.
 			announced := ev.head.Header["Trailer"] // hop-by-hop, but announces the trailers
 			removeHopByHop(ev.head.Header)
-			for k, v := range ev.head.Header {
-				if len(dst[k]) == 0 {
-					dst[k] = v // decoded for this response alone
-				} else {
-					dst[k] = append(dst[k], v...)
-				}
+			dst := w.Header()
+			adoptHeader(dst, ev.head.Header) // decoded for this response alone
+			if ev.head.Status < 200 && ev.head.Status != http.StatusSwitchingProtocols {
+				w.WriteHeader(ev.head.Status)
+				continue
 			}
 			if len(ev.head.Trailer) > 0 {
 				declared = make(map[string]bool, len(ev.head.Trailer))

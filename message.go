@@ -122,6 +122,13 @@ type requestHead struct {
 	RemoteAddr       string
 	RequestURI       string
 	TLS              *tlsState
+
+	// ResponseHeader is the parent's w.Header() as it was when ServeHTTP
+	// was called: what a middleware in front of the Handle put there. The
+	// handler's header map in the child starts as it, as the map a handler
+	// in-process shares with the middleware that called it. Usually empty,
+	// and then it costs nothing on the wire (see wire.go).
+	ResponseHeader http.Header
 }
 
 // tlsState is the part of tls.ConnectionState that can cross a pipe.
@@ -174,6 +181,41 @@ func removeHopByHop(h http.Header) {
 	for _, f := range hopHeaders {
 		delete(h, f) // already canonical: h.Del would canonicalize again
 	}
+}
+
+// adoptHeader makes dst, the parent's response header, the module's header
+// map src as it was at one of the module's WriteHeader calls, the way
+// net/http writes a handler's current map at each WriteHeader: fields that
+// src lacks are deleted from dst, the others take src's values. src must
+// have had its hop-by-hop fields removed (removeHopByHop). dst's own
+// hop-by-hop fields stay as they are, but for Trailer (see proxy): they
+// concern the parent's connection to the client, such as the "Connection:
+// close" that http.MaxBytesReader sets, and the module can neither see the
+// ones set after ServeHTTP began nor change any (its own are removed, as
+// httputil.ReverseProxy removes them).
+//
+// src's values are taken, not copied: the caller must not use src after.
+func adoptHeader(dst, src http.Header) {
+	conn := dst["Connection"]
+	for k := range dst {
+		if _, ok := src[k]; !ok && !isParentHop(k, conn) {
+			delete(dst, k)
+		}
+	}
+	for k, v := range src {
+		dst[k] = v
+	}
+}
+
+// isParentHop reports whether the parent's response header field k is
+// hop-by-hop, given the parent's Connection values: adoptHeader keeps
+// those.
+func isParentHop(k string, conn []string) bool {
+	switch k {
+	case "Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "Te", "Transfer-Encoding", "Upgrade":
+		return true
+	}
+	return len(conn) > 0 && headerHasToken(conn, k)
 }
 
 // headerHasToken reports whether a comma-separated header value lists token.

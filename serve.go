@@ -289,7 +289,7 @@ func (s *server) open(id uint64, flags uint8, head *requestHead) (startingReques
 		req.Body = st.body
 	}
 	req = req.WithContext(ctx)
-	st.rw = newResponseWriter(s.conn, id, req)
+	st.rw = newResponseWriter(s.conn, id, req, head.ResponseHeader)
 	s.streams[id] = st
 	s.active.Add(1)
 	h := s.handler
@@ -353,8 +353,14 @@ type responseWriter struct {
 	err           error       // a failure to send; writes return it
 }
 
-func newResponseWriter(c *conn, id uint64, req *http.Request) *responseWriter {
-	w := &responseWriter{c: c, id: id, req: req, header: make(http.Header), clen: -1}
+// newResponseWriter returns the writer for the response to request id.
+// Its header map starts as header, the parent's (see
+// requestHead.ResponseHeader), which it takes; nil means empty.
+func newResponseWriter(c *conn, id uint64, req *http.Request, header http.Header) *responseWriter {
+	if header == nil {
+		header = make(http.Header)
+	}
+	w := &responseWriter{c: c, id: id, req: req, header: header, clen: -1}
 	w.win.init(window)
 	return w
 }
