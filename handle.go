@@ -675,7 +675,11 @@ func (b *bodySender) run() {
 			case <-b.stop:
 				// The response is complete; the body is not needed.
 			default:
-				c.send(outFrame{kind: kindEnd, flags: flagBodyError, id: s.id}, b.stop)
+				// The handler's read fails as it would in-process: with
+				// the *http.MaxBytesError of a MaxBytesReader in front of
+				// the Handle, or saying that the client went away.
+				var p [maxBodyErrorLen]byte
+				c.send(outFrame{kind: kindEnd, flags: flagBodyError, id: s.id, data: appendBodyError(p[:0], rerr, r.Context().Err())}, b.stop)
 			}
 			return
 		}

@@ -2,13 +2,18 @@ package subproc
 
 import (
 	"bytes"
+	"context"
 	"crypto/tls"
+	"encoding/binary"
 	"encoding/gob"
 	"errors"
 	"fmt"
+	"io"
+	"math"
 	"net/http"
 	"net/url"
 	"strings"
+	"syscall"
 )
 
 // protocolVersion is written in the preamble of both directions. Bump it
@@ -45,7 +50,7 @@ const (
 const (
 	flagFlush     uint8 = 1 << 0 // kindData from the child: the handler flushed
 	flagNoBody    uint8 = 1 << 1 // kindRequest: the request has no body; no kindData or kindEnd follows
-	flagBodyError uint8 = 1 << 2 // kindEnd from the parent: reading the client's body failed
+	flagBodyError uint8 = 1 << 2 // kindEnd from the parent: reading the client's body failed; the payload says how (see appendBodyError)
 )
 
 // Sizes of the flow control, in bytes.
@@ -151,6 +156,54 @@ type responseHead struct {
 // bodyEnd carries trailers at the end of a body.
 type bodyEnd struct {
 	Trailer http.Header
+}
+
+// Kinds of request body failure. A kindEnd frame with flagBodyError
+// carries, instead of a bodyEnd, one of these codes in one byte, followed
+// for bodyErrTooLarge by the limit as an unsigned varint; nothing else.
+const (
+	bodyErrOther    = iota // anything else: the handler's read fails with io.ErrUnexpectedEOF
+	bodyErrTooLarge        // a *http.MaxBytesError: the handler's read fails with one, of the same Limit
+	bodyErrGone            // the client went away: the handler's read fails with errClientGone
+)
+
+// maxBodyErrorLen bounds the payload of a kindEnd with flagBodyError.
+const maxBodyErrorLen = 1 + binary.MaxVarintLen64
+
+// appendBodyError appends to b the payload that tells the child why reading
+// the client's body failed with err. ctxErr is the request context's
+// error.
+func appendBodyError(b []byte, err, ctxErr error) []byte {
+	var mbe *http.MaxBytesError
+	switch {
+	case errors.As(err, &mbe) && mbe.Limit >= 0:
+		return binary.AppendUvarint(append(b, bodyErrTooLarge), uint64(mbe.Limit))
+	case errors.Is(ctxErr, context.Canceled) || errors.Is(err, syscall.ECONNRESET):
+		return append(b, bodyErrGone)
+	}
+	return append(b, bodyErrOther)
+}
+
+// parseBodyError returns the error that the handler's body read must
+// return for a payload that appendBodyError made, or ok false if p is
+// malformed.
+func parseBodyError(p []byte) (err error, ok bool) {
+	if len(p) == 0 || len(p) > maxBodyErrorLen {
+		return nil, false
+	}
+	switch p[0] {
+	case bodyErrOther:
+		return io.ErrUnexpectedEOF, len(p) == 1
+	case bodyErrGone:
+		return errClientGone, len(p) == 1
+	case bodyErrTooLarge:
+		limit, n := binary.Uvarint(p[1:])
+		if n <= 0 || 1+n != len(p) || limit > math.MaxInt64 {
+			return nil, false
+		}
+		return &http.MaxBytesError{Limit: int64(limit)}, true
+	}
+	return nil, false
 }
 
 // hopHeaders are the hop-by-hop headers that httputil.ReverseProxy removes

@@ -207,6 +207,9 @@ func (s *server) dispatch(hdr frame.Header, scratch *[]byte) error {
 		return nil
 
 	case kindEnd:
+		if hdr.Flags&flagBodyError != 0 {
+			return s.bodyError(hdr)
+		}
 		var end bodyEnd
 		if hdr.Len > 0 {
 			if err := s.readMessage(hdr.Len, scratch, &end); err != nil {
@@ -214,11 +217,7 @@ func (s *server) dispatch(hdr frame.Header, scratch *[]byte) error {
 			}
 		}
 		if st := s.stream(hdr.ID); st != nil && st.body != nil {
-			err := io.EOF
-			if hdr.Flags&flagBodyError != 0 {
-				err = io.ErrUnexpectedEOF
-			}
-			st.body.end(err, end.Trailer)
+			st.body.end(io.EOF, end.Trailer)
 		}
 		return nil
 
@@ -256,9 +255,33 @@ func (s *server) dispatch(hdr frame.Header, scratch *[]byte) error {
 	return &protocolError{fmt.Sprintf("unknown message kind %d", hdr.Kind)}
 }
 
+// bodyError handles a kindEnd frame with flagBodyError: the request body
+// ends with the error the payload describes.
+func (s *server) bodyError(hdr frame.Header) error {
+	if hdr.Len > maxBodyErrorLen {
+		return &protocolError{fmt.Sprintf("body error of %d bytes exceeds %d", hdr.Len, maxBodyErrorLen)}
+	}
+	var b [maxBodyErrorLen]byte
+	p := b[:hdr.Len]
+	if err := s.fr.ReadPayload(p); err != nil {
+		return err
+	}
+	err, ok := parseBodyError(p)
+	if !ok {
+		return &protocolError{fmt.Sprintf("malformed body error %x", p)}
+	}
+	if st := s.stream(hdr.ID); st != nil && st.body != nil {
+		st.body.end(err, nil)
+	}
+	return nil
+}
+
 // errClientGone is what a handler's body read returns once the client has
-// gone away.
-var errClientGone = errors.New("subproc: client disconnected")
+// gone away: its connection was reset, or the parent's request ended,
+// while the body was still coming. It matches io.ErrUnexpectedEOF, as
+// net/http's own body errors do for a client that closed its connection
+// before the end of the body.
+var errClientGone = fmt.Errorf("subproc: client disconnected before the end of the request body: %w", io.ErrUnexpectedEOF)
 
 // open registers a request and returns it, for its handler to be started.
 //
