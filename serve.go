@@ -322,6 +322,12 @@ func (s *server) open(id uint64, flags uint8, head *requestHead) (startingReques
 }
 
 // serve runs the handler for one request and ends its stream.
+//
+// Once the handler has returned, or panicked, and the response has ended,
+// serve does what net/http's finishRequest does: it closes the body and
+// removes the temporary files of a multipart form that the handler parsed
+// (r.ParseMultipartForm, r.FormFile) into req, the request it was given.
+// Unlike net/http, it does so after a panic too.
 func (s *server) serve(id uint64, st *serverStream, req *http.Request, h http.Handler) {
 	defer s.active.Done()
 	defer func() {
@@ -337,6 +343,9 @@ func (s *server) serve(id uint64, st *serverStream, req *http.Request, h http.Ha
 		st.cancel()
 		if st.body != nil {
 			st.body.Close()
+		}
+		if req.MultipartForm != nil {
+			req.MultipartForm.RemoveAll()
 		}
 	}()
 	h.ServeHTTP(st.rw, req)
