@@ -399,6 +399,9 @@ func (h *Handle) closeDrainedLocked() {
 // away, the handler's context in the child is canceled.
 func (h *Handle) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	head := newRequestHead(r)
+	// The module's header map starts as w's. It is encoded when the head
+	// is sent, before proxy changes it.
+	head.ResponseHeader = w.Header()
 	if n := head.wireSize(); n > maxHeadSize {
 		// Checked before it is sent: a message too large for a frame would
 		// break the pipe, and every request on it.
@@ -521,25 +524,17 @@ func (h *Handle) proxy(w http.ResponseWriter, r *http.Request, c *child, s *stre
 				// for the handler in-process.
 				controller().EnableFullDuplex()
 			}
-			dst := w.Header()
-			if ev.head.Status < 200 && ev.head.Status != http.StatusSwitchingProtocols {
-				for k, v := range ev.head.Header {
-					dst[k] = v
-				}
-				w.WriteHeader(ev.head.Status)
-				for k := range ev.head.Header {
-					delete(dst, k)
-				}
-				continue
-			}
+			// The module's header map started as w's (see
+			// requestHead.ResponseHeader); each head, 1xx or final, makes
+			// w's what the module's was then, as net/http writes a
+			// handler's current map at each WriteHeader.
 			announced := ev.head.Header["Trailer"] // hop-by-hop, but announces the trailers
 			removeHopByHop(ev.head.Header)
-			for k, v := range ev.head.Header {
-				if len(dst[k]) == 0 {
-					dst[k] = v // decoded for this response alone
-				} else {
-					dst[k] = append(dst[k], v...)
-				}
+			dst := w.Header()
+			adoptHeader(dst, ev.head.Header) // decoded for this response alone
+			if ev.head.Status < 200 && ev.head.Status != http.StatusSwitchingProtocols {
+				w.WriteHeader(ev.head.Status)
+				continue
 			}
 			if len(ev.head.Trailer) > 0 {
 				declared = make(map[string]bool, len(ev.head.Trailer))
@@ -690,7 +685,7 @@ func (b *bodySender) run() {
 			case len(r.Trailer) == 0:
 			case headerSize(r.Trailer) > maxHeadSize:
 				// Too large for a message: the module sees the body fail.
-				end.flags = flagBodyError
+				end.flags, end.data = flagBodyError, []byte{bodyErrOther}
 			default:
 				end.msg = &bodyEnd{Trailer: r.Trailer}
 			}
@@ -707,7 +702,11 @@ func (b *bodySender) run() {
 			case <-b.stop:
 				// The response is complete; the body is not needed.
 			default:
-				c.send(outFrame{kind: kindEnd, flags: flagBodyError, id: s.id}, b.stop)
+				// The handler's read fails as it would in-process: with
+				// the *http.MaxBytesError of a MaxBytesReader in front of
+				// the Handle, or saying that the client went away.
+				var p [maxBodyErrorLen]byte
+				c.send(outFrame{kind: kindEnd, flags: flagBodyError, id: s.id, data: appendBodyError(p[:0], rerr, r.Context().Err())}, b.stop)
 			}
 			return
 		}

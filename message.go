@@ -2,18 +2,23 @@ package subproc
 
 import (
 	"bytes"
+	"context"
 	"crypto/tls"
+	"encoding/binary"
 	"encoding/gob"
 	"errors"
 	"fmt"
+	"io"
+	"math"
 	"net/http"
 	"net/url"
 	"strings"
+	"syscall"
 )
 
 // protocolVersion is written in the preamble of both directions. Bump it
 // whenever a message or a frame kind changes meaning.
-const protocolVersion = 2
+const protocolVersion = 3
 
 // Frame kinds. Every frame carries a request id; kinds marked "id 0" are not
 // about a request. Payloads are gob-encoded messages, raw body bytes, or
@@ -46,7 +51,7 @@ const (
 const (
 	flagFlush     uint8 = 1 << 0 // kindData from the child: the handler flushed
 	flagNoBody    uint8 = 1 << 1 // kindRequest: the request has no body; no kindData or kindEnd follows
-	flagBodyError uint8 = 1 << 2 // kindEnd from the parent: reading the client's body failed
+	flagBodyError uint8 = 1 << 2 // kindEnd from the parent: reading the client's body failed; the payload says how (see appendBodyError)
 	flagTooLarge  uint8 = 1 << 3 // kindAbort: the response's head or trailers exceed maxHeadSize
 )
 
@@ -124,6 +129,13 @@ type requestHead struct {
 	RemoteAddr       string
 	RequestURI       string
 	TLS              *tlsState
+
+	// ResponseHeader is the parent's w.Header() as it was when ServeHTTP
+	// was called: what a middleware in front of the Handle put there. The
+	// handler's header map in the child starts as it, as the map a handler
+	// in-process shares with the middleware that called it. Usually empty,
+	// and then it costs nothing on the wire (see wire.go).
+	ResponseHeader http.Header
 }
 
 // tlsState is the part of tls.ConnectionState that can cross a pipe.
@@ -146,6 +158,54 @@ type responseHead struct {
 // bodyEnd carries trailers at the end of a body.
 type bodyEnd struct {
 	Trailer http.Header
+}
+
+// Kinds of request body failure. A kindEnd frame with flagBodyError
+// carries, instead of a bodyEnd, one of these codes in one byte, followed
+// for bodyErrTooLarge by the limit as an unsigned varint; nothing else.
+const (
+	bodyErrOther    = iota // anything else: the handler's read fails with io.ErrUnexpectedEOF
+	bodyErrTooLarge        // a *http.MaxBytesError: the handler's read fails with one, of the same Limit
+	bodyErrGone            // the client went away: the handler's read fails with errClientGone
+)
+
+// maxBodyErrorLen bounds the payload of a kindEnd with flagBodyError.
+const maxBodyErrorLen = 1 + binary.MaxVarintLen64
+
+// appendBodyError appends to b the payload that tells the child why reading
+// the client's body failed with err. ctxErr is the request context's
+// error.
+func appendBodyError(b []byte, err, ctxErr error) []byte {
+	var mbe *http.MaxBytesError
+	switch {
+	case errors.As(err, &mbe) && mbe.Limit >= 0:
+		return binary.AppendUvarint(append(b, bodyErrTooLarge), uint64(mbe.Limit))
+	case errors.Is(ctxErr, context.Canceled) || errors.Is(err, syscall.ECONNRESET):
+		return append(b, bodyErrGone)
+	}
+	return append(b, bodyErrOther)
+}
+
+// parseBodyError returns the error that the handler's body read must
+// return for a payload that appendBodyError made, or ok false if p is
+// malformed.
+func parseBodyError(p []byte) (err error, ok bool) {
+	if len(p) == 0 || len(p) > maxBodyErrorLen {
+		return nil, false
+	}
+	switch p[0] {
+	case bodyErrOther:
+		return io.ErrUnexpectedEOF, len(p) == 1
+	case bodyErrGone:
+		return errClientGone, len(p) == 1
+	case bodyErrTooLarge:
+		limit, n := binary.Uvarint(p[1:])
+		if n <= 0 || 1+n != len(p) || limit > math.MaxInt64 {
+			return nil, false
+		}
+		return &http.MaxBytesError{Limit: int64(limit)}, true
+	}
+	return nil, false
 }
 
 // hopHeaders are the hop-by-hop headers that httputil.ReverseProxy removes
@@ -176,6 +236,41 @@ func removeHopByHop(h http.Header) {
 	for _, f := range hopHeaders {
 		delete(h, f) // already canonical: h.Del would canonicalize again
 	}
+}
+
+// adoptHeader makes dst, the parent's response header, the module's header
+// map src as it was at one of the module's WriteHeader calls, the way
+// net/http writes a handler's current map at each WriteHeader: fields that
+// src lacks are deleted from dst, the others take src's values. src must
+// have had its hop-by-hop fields removed (removeHopByHop). dst's own
+// hop-by-hop fields stay as they are, but for Trailer (see proxy): they
+// concern the parent's connection to the client, such as the "Connection:
+// close" that http.MaxBytesReader sets, and the module can neither see the
+// ones set after ServeHTTP began nor change any (its own are removed, as
+// httputil.ReverseProxy removes them).
+//
+// src's values are taken, not copied: the caller must not use src after.
+func adoptHeader(dst, src http.Header) {
+	conn := dst["Connection"]
+	for k := range dst {
+		if _, ok := src[k]; !ok && !isParentHop(k, conn) {
+			delete(dst, k)
+		}
+	}
+	for k, v := range src {
+		dst[k] = v
+	}
+}
+
+// isParentHop reports whether the parent's response header field k is
+// hop-by-hop, given the parent's Connection values: adoptHeader keeps
+// those.
+func isParentHop(k string, conn []string) bool {
+	switch k {
+	case "Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "Te", "Transfer-Encoding", "Upgrade":
+		return true
+	}
+	return len(conn) > 0 && headerHasToken(conn, k)
 }
 
 // headerHasToken reports whether a comma-separated header value lists token.

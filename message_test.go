@@ -250,7 +250,8 @@ func TestHeadEncoding(t *testing.T) {
 		Header: http.Header{"A": {"1", "2"}, "B": {""}, "C": {"3"}},
 		Host:   "example.com", ContentLength: -1, TransferEncoding: []string{"chunked"},
 		Close: true, Trailer: []string{"X-Sum"}, RemoteAddr: "1.2.3.4:5", RequestURI: "/p?q=1",
-		TLS: &tlsState{Version: 0x304, CipherSuite: 0x1301, ServerName: "s", NegotiatedProtocol: "h2", DidResume: true},
+		TLS:            &tlsState{Version: 0x304, CipherSuite: 0x1301, ServerName: "s", NegotiatedProtocol: "h2", DidResume: true},
+		ResponseHeader: http.Header{"Content-Type": {"text/plain"}, "X-Mw": {"a", "b"}},
 	}
 	resp := &responseHead{Status: 418, Header: http.Header{"X": {"y"}}, Trailer: []string{"T"}, FullDuplex: true}
 	for _, tt := range []struct {
@@ -281,6 +282,20 @@ func TestHeadEncoding(t *testing.T) {
 			t.Errorf("%T: trailing byte: no error", tt.in)
 		}
 	}
+	// An empty ResponseHeader costs nothing on the wire; a flag that
+	// announces one and an empty header is malformed.
+	plain, _ := (&requestHead{Method: "GET", Path: "/"}).GobEncode()
+	empty, _ := (&requestHead{Method: "GET", Path: "/", ResponseHeader: http.Header{}}).GobEncode()
+	if !bytes.Equal(plain, empty) {
+		t.Errorf("an empty ResponseHeader changes the encoding:\n%x\n%x", plain, empty)
+	}
+	flagged := append([]byte(nil), plain...)
+	flagged[1] |= headResponseHeader
+	flagged = binary.AppendUvarint(flagged, 0)
+	if err := new(requestHead).GobDecode(flagged); err == nil {
+		t.Error("an announced ResponseHeader without keys: no error")
+	}
+
 	// A header that claims a billion keys in a few bytes.
 	huge := []byte{wireVersion, 0, 0x00}
 	huge = binary.AppendUvarint(huge[:2], 200) // status

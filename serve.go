@@ -213,6 +213,9 @@ func (s *server) dispatch(hdr frame.Header, scratch *[]byte) error {
 		return nil
 
 	case kindEnd:
+		if hdr.Flags&flagBodyError != 0 {
+			return s.bodyError(hdr)
+		}
 		var end bodyEnd
 		if hdr.Len > 0 {
 			if err := s.readMessage(hdr.Len, scratch, &end); err != nil {
@@ -220,11 +223,7 @@ func (s *server) dispatch(hdr frame.Header, scratch *[]byte) error {
 			}
 		}
 		if st := s.stream(hdr.ID); st != nil && st.body != nil {
-			err := io.EOF
-			if hdr.Flags&flagBodyError != 0 {
-				err = io.ErrUnexpectedEOF
-			}
-			st.body.end(err, end.Trailer)
+			st.body.end(io.EOF, end.Trailer)
 		}
 		return nil
 
@@ -266,9 +265,33 @@ func (s *server) dispatch(hdr frame.Header, scratch *[]byte) error {
 	return &protocolError{fmt.Sprintf("unknown message kind %d", hdr.Kind)}
 }
 
+// bodyError handles a kindEnd frame with flagBodyError: the request body
+// ends with the error the payload describes.
+func (s *server) bodyError(hdr frame.Header) error {
+	if hdr.Len > maxBodyErrorLen {
+		return &protocolError{fmt.Sprintf("body error of %d bytes exceeds %d", hdr.Len, maxBodyErrorLen)}
+	}
+	var b [maxBodyErrorLen]byte
+	p := b[:hdr.Len]
+	if err := s.fr.ReadPayload(p); err != nil {
+		return err
+	}
+	err, ok := parseBodyError(p)
+	if !ok {
+		return &protocolError{fmt.Sprintf("malformed body error %x", p)}
+	}
+	if st := s.stream(hdr.ID); st != nil && st.body != nil {
+		st.body.end(err, nil)
+	}
+	return nil
+}
+
 // errClientGone is what a handler's body read returns once the client has
-// gone away.
-var errClientGone = errors.New("subproc: client disconnected")
+// gone away: its connection was reset, or the parent's request ended,
+// while the body was still coming. It matches io.ErrUnexpectedEOF, as
+// net/http's own body errors do for a client that closed its connection
+// before the end of the body.
+var errClientGone = fmt.Errorf("subproc: client disconnected before the end of the request body: %w", io.ErrUnexpectedEOF)
 
 // open registers a request and returns it, for its handler to be started.
 //
@@ -299,7 +322,7 @@ func (s *server) open(id uint64, flags uint8, head *requestHead) (startingReques
 		req.Body = st.body
 	}
 	req = req.WithContext(ctx)
-	st.rw = newResponseWriter(s.conn, id, req)
+	st.rw = newResponseWriter(s.conn, id, req, head.ResponseHeader)
 	s.streams[id] = st
 	s.active.Add(1)
 	h := s.handler
@@ -309,6 +332,12 @@ func (s *server) open(id uint64, flags uint8, head *requestHead) (startingReques
 }
 
 // serve runs the handler for one request and ends its stream.
+//
+// Once the handler has returned, or panicked, and the response has ended,
+// serve does what net/http's finishRequest does: it closes the body and
+// removes the temporary files of a multipart form that the handler parsed
+// (r.ParseMultipartForm, r.FormFile) into req, the request it was given.
+// Unlike net/http, it does so after a panic too.
 func (s *server) serve(id uint64, st *serverStream, req *http.Request, h http.Handler) {
 	defer s.active.Done()
 	defer func() {
@@ -324,6 +353,9 @@ func (s *server) serve(id uint64, st *serverStream, req *http.Request, h http.Ha
 		st.cancel()
 		if st.body != nil {
 			st.body.Close()
+		}
+		if req.MultipartForm != nil {
+			req.MultipartForm.RemoveAll()
 		}
 	}()
 	h.ServeHTTP(st.rw, req)
@@ -364,8 +396,14 @@ type responseWriter struct {
 	err           error       // a failure to send; writes return it
 }
 
-func newResponseWriter(c *conn, id uint64, req *http.Request) *responseWriter {
-	w := &responseWriter{c: c, id: id, req: req, header: make(http.Header), clen: -1}
+// newResponseWriter returns the writer for the response to request id.
+// Its header map starts as header, the parent's (see
+// requestHead.ResponseHeader), which it takes; nil means empty.
+func newResponseWriter(c *conn, id uint64, req *http.Request, header http.Header) *responseWriter {
+	if header == nil {
+		header = make(http.Header)
+	}
+	w := &responseWriter{c: c, id: id, req: req, header: header, clen: -1}
 	w.win.init(window)
 	return w
 }

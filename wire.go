@@ -181,7 +181,8 @@ const (
 	headClose
 	headTLS
 	headTLSResume
-	headFullDuplex // responseHead
+	headFullDuplex     // responseHead
+	headResponseHeader // requestHead: a ResponseHeader follows the Header
 )
 
 // GobEncode encodes h for gob.
@@ -204,6 +205,9 @@ func (h *requestHead) GobEncode() ([]byte, error) {
 			flags |= headTLSResume
 		}
 	}
+	if len(h.ResponseHeader) > 0 {
+		flags |= headResponseHeader // else nothing on the wire
+	}
 	w.uint(flags)
 	for _, s := range []string{h.Method, h.Scheme, h.Opaque, h.User, h.URLHost, h.Path, h.RawPath, h.RawQuery, h.Fragment, h.Proto, h.Host, h.RemoteAddr, h.RequestURI} {
 		w.string(s)
@@ -214,6 +218,9 @@ func (h *requestHead) GobEncode() ([]byte, error) {
 	w.strings(h.TransferEncoding)
 	w.strings(h.Trailer)
 	w.header(h.Header)
+	if flags&headResponseHeader != 0 {
+		w.header(h.ResponseHeader)
+	}
 	if t := h.TLS; t != nil {
 		w.uint(uint64(t.Version))
 		w.uint(uint64(t.CipherSuite))
@@ -242,6 +249,11 @@ func (h *requestHead) GobDecode(p []byte) error {
 	h.TransferEncoding = r.strings()
 	h.Trailer = r.strings()
 	h.Header = r.header()
+	if flags&headResponseHeader != 0 {
+		if h.ResponseHeader = r.header(); h.ResponseHeader == nil {
+			r.fail() // the flag says it is not empty
+		}
+	}
 	if flags&headTLS != 0 {
 		h.TLS = &tlsState{
 			Version:            uint16(r.uint()),
@@ -313,7 +325,7 @@ func headerSize(h http.Header) int {
 
 // wireSize bounds the size of h's encoding.
 func (h *requestHead) wireSize() int {
-	n := 64 + stringsSize(h.TransferEncoding) + stringsSize(h.Trailer) + headerSize(h.Header)
+	n := 64 + stringsSize(h.TransferEncoding) + stringsSize(h.Trailer) + headerSize(h.Header) + headerSize(h.ResponseHeader)
 	for _, s := range []string{h.Method, h.Scheme, h.Opaque, h.User, h.URLHost, h.Path, h.RawPath, h.RawQuery, h.Fragment, h.Proto, h.Host, h.RemoteAddr, h.RequestURI} {
 		n += varintMax + len(s)
 	}
