@@ -111,7 +111,7 @@ func (o Options) withDefaults() Options {
 	case o.LogMaxBackups == 0:
 		o.LogMaxBackups = 5
 	case o.LogMaxBackups < 0:
-		o.LogMaxBackups = 0 // lumberjack keeps all
+		o.LogMaxBackups = 0 // logcapture keeps all
 	}
 	if o.Stderr == nil {
 		o.Stderr = os.Stderr

@@ -1,6 +1,7 @@
 package logcapture
 
 import (
+	"slices"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -75,4 +76,18 @@ func FuzzAppendEscaped(f *testing.F) {
 			}
 		}
 	})
+}
+
+func TestTailEscapes(t *testing.T) {
+	c, err := New(Options{Name: "m", Dir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Copy(Err, strings.NewReader("a\x1b[2Kb\rc\n")); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := c.Tail(), []string{`err: a\x1b[2Kb\rc`}; !slices.Equal(got, want) {
+		t.Errorf("Tail() = %q, want %q", got, want)
+	}
 }

@@ -318,7 +318,8 @@ func (c *Capture) account(s Stream, err error) {
 
 // remember records line as the newest line for Tail.
 func (c *Capture) remember(s Stream, line []byte) {
-	text := s.String() + ": " + string(bytes.TrimSuffix(line, []byte("\n")))
+	// Escaped: the lines end up in errors and logs that reach a terminal.
+	text := string(appendEscaped(append([]byte(s.String()), ": "...), bytes.TrimSuffix(line, []byte("\n"))))
 	c.tailMu.Lock()
 	defer c.tailMu.Unlock()
 	if len(c.tail) < cap(c.tail) {
@@ -331,7 +332,8 @@ func (c *Capture) remember(s Stream, line []byte) {
 
 // Tail returns the last Options.TailLines lines Copy read from any stream,
 // oldest first, each without its newline and prefixed with its stream, as in
-// "err: panic: boom". A piece of a long line counts as a line.
+// "err: panic: boom". A piece of a long line counts as a line. Control
+// characters are escaped as in prefix mode, whatever the mode.
 func (c *Capture) Tail() []string {
 	c.tailMu.Lock()
 	defer c.tailMu.Unlock()
