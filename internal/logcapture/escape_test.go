@@ -1,8 +1,8 @@
 package logcapture
 
 import (
-	"slices"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"unicode/utf8"
