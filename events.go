@@ -1,0 +1,149 @@
+package subproc
+
+import (
+	"fmt"
+	"sync"
+	"time"
+)
+
+// This file holds the events of a module's life: the Event type, and the
+// queue that delivers them to Options.OnEvent from one goroutine, in order.
+
+// An Event reports one change in a module's life. Options.OnEvent receives
+// them.
+type Event struct {
+	Time        time.Time
+	Module      string
+	Kind        EventKind // what happened
+	Pid         int       // the child it happened to; 0 for the module as a whole
+	Incarnation int
+	// Reason says why, as one of the fixed words "crash", "health",
+	// "memory", "max-requests", "lifetime", "stuck", "restart", "protocol",
+	// "shutdown" and "backoff"; "" where there is nothing to explain (a
+	// first start).
+	Reason string
+	Err    error         // the error behind it, if any
+	Output []string      // the child's last lines of output, for exits and failures
+	Delay  time.Duration // for ModuleBackoff: how long the next start waits
+}
+
+// An EventKind says what an Event reports.
+type EventKind int
+
+const (
+	ChildStarted   EventKind = iota // a child became ready
+	ChildUnhealthy                  // a health check failed
+	ChildStuck                      // a handler outlived StuckTimeout; its goroutine stacks are in the module's log
+	ChildRecycling                  // a child is being replaced gracefully (Reason says why)
+	ChildExited                     // a child ended (Err says how)
+	ModuleBackoff                   // the next start waits Delay: the module keeps failing
+	ModuleDegraded                  // no child can serve; requests get 503
+)
+
+var eventKindNames = [...]string{
+	ChildStarted:   "ChildStarted",
+	ChildUnhealthy: "ChildUnhealthy",
+	ChildStuck:     "ChildStuck",
+	ChildRecycling: "ChildRecycling",
+	ChildExited:    "ChildExited",
+	ModuleBackoff:  "ModuleBackoff",
+	ModuleDegraded: "ModuleDegraded",
+}
+
+// String returns the kind's name, as in "ChildStarted".
+func (k EventKind) String() string {
+	if k >= 0 && int(k) < len(eventKindNames) {
+		return eventKindNames[k]
+	}
+	return fmt.Sprintf("EventKind(%d)", int(k))
+}
+
+// maxQueuedEvents bounds the events waiting for a slow OnEvent. Beyond it,
+// new events are dropped, and the parent logs how many.
+const maxQueuedEvents = 4096
+
+// An eventQueue delivers events to a callback from one goroutine, in the
+// order they were posted, without ever blocking the poster.
+type eventQueue struct {
+	fn   func(Event)          // fixed; nil: events are discarded
+	logf func(string, ...any) // fixed; reports dropped events
+	wake chan struct{}        // capacity 1; signalled on post and on close
+	done chan struct{}        // closed when run has returned
+
+	mu      sync.Mutex // guards the fields below
+	queue   []Event
+	dropped int  // events dropped since the last report
+	closed  bool // close was called: post discards
+}
+
+func newEventQueue(fn func(Event), logf func(string, ...any)) *eventQueue {
+	q := &eventQueue{fn: fn, logf: logf, wake: make(chan struct{}, 1), done: make(chan struct{})}
+	if fn == nil {
+		close(q.done)
+		return q
+	}
+	go q.run()
+	return q
+}
+
+// post queues ev for the callback. It never blocks.
+func (q *eventQueue) post(ev Event) {
+	if q.fn == nil {
+		return
+	}
+	if ev.Time.IsZero() {
+		ev.Time = time.Now()
+	}
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.closed {
+		return
+	}
+	if len(q.queue) >= maxQueuedEvents {
+		q.dropped++
+		return
+	}
+	q.queue = append(q.queue, ev)
+	select {
+	case q.wake <- struct{}{}:
+	default:
+	}
+}
+
+// close delivers the events already posted, then ends the queue's
+// goroutine; it returns once it has. Later posts are discarded.
+func (q *eventQueue) close() {
+	if q.fn == nil {
+		return
+	}
+	q.mu.Lock()
+	q.closed = true
+	q.mu.Unlock()
+	select {
+	case q.wake <- struct{}{}:
+	default:
+	}
+	<-q.done
+}
+
+func (q *eventQueue) run() {
+	defer close(q.done)
+	for {
+		q.mu.Lock()
+		batch, dropped, closed := q.queue, q.dropped, q.closed
+		q.queue, q.dropped = nil, 0
+		q.mu.Unlock()
+		if dropped > 0 {
+			q.logf("Options.OnEvent is too slow: %d events were dropped while %d waited for it", dropped, maxQueuedEvents)
+		}
+		for _, ev := range batch {
+			q.fn(ev)
+		}
+		if len(batch) == 0 {
+			if closed {
+				return
+			}
+			<-q.wake
+		}
+	}
+}
