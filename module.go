@@ -77,6 +77,10 @@ func lookup(name string) ModuleFunc {
 // protocol. A binary run by hand with SUBPROC_MODULE set prints an error that
 // says so and exits with status 2.
 func Main() {
+	if parent, ok := os.LookupEnv(envWatcher); ok {
+		os.Unsetenv(envWatcher)
+		os.Exit(runWatcher(parent))
+	}
 	name, ok := os.LookupEnv(envModule)
 	if !ok {
 		return
@@ -90,7 +94,7 @@ const (
 	exitOK       = 0
 	exitFailed   = 1 // the module failed to initialise, or the parent broke the protocol
 	exitMisused  = 2 // not started by Start
-	exitOrphaned = 3 // the parent went away without saying stop
+	exitOrphaned = 3 // the parent went away without saying stop (see runChild)
 )
 
 // runChild runs module name for the parent and returns the exit status.
@@ -139,7 +143,12 @@ func runChild(name string) int {
 		if err == io.EOF {
 			// The parent is gone without saying stop: nobody is left to
 			// answer, and the module may be stuck in its ModuleFunc or in
-			// handlers. Leave now.
+			// handlers. Leave now, and take the processes the module
+			// started along: the child leads their process group, and
+			// the parent, if it died, cannot kill it any more. SIGKILL
+			// ends this process too; the exit is for a system where the
+			// kill failed.
+			syscall.Kill(0, syscall.SIGKILL)
 			os.Exit(exitOrphaned)
 		}
 		readErr <- err
