@@ -86,7 +86,7 @@ func runWatcher(parent string) int {
 // exited, without reaping it, and reports whether it did so: the caller may
 // then signal the process's group, as a zombie's pid is not reused.
 func awaitExit(pid int) bool {
-	const pPID = 1 // P_PID
+	const pPID = 1     // P_PID
 	var info [128]byte // siginfo_t
 	for {
 		_, _, errno := syscall.Syscall6(syscall.SYS_WAITID, pPID, uintptr(pid), uintptr(unsafe.Pointer(&info[0])), syscall.WEXITED|syscall.WNOWAIT, 0, 0)
