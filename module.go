@@ -76,6 +76,10 @@ func lookup(name string) ModuleFunc {
 // through os.Stdout, fmt.Println or a raw write to fd 1, can never corrupt the
 // protocol. A binary run by hand with SUBPROC_MODULE set prints an error that
 // says so and exits with status 2.
+//
+// On Linux, Start also starts a watcher for each child (see the package
+// documentation); Main, in a watcher, waits for the parent's death and
+// never returns either.
 func Main() {
 	if parent, ok := os.LookupEnv(envWatcher); ok {
 		os.Unsetenv(envWatcher)
