@@ -9,12 +9,14 @@ package subproc
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"os/exec"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -388,6 +390,78 @@ func TestEscapeParentDeath(t *testing.T) {
 			cmd.Wait()
 			took := escapeAwaitGone(t, killed, pid, append(pids, pid))
 			t.Logf("the %s child and the processes it started were gone %v after their parent was killed", state, took)
+		})
+	}
+}
+
+// A watcher started by hand refuses to run, and kills nothing, unless it is
+// in the process group it was told to watch; one that is, and whose parent
+// is not the one it was told of, kills the group at once.
+func TestEscapeWatcherMisuse(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("only Linux has watchers")
+	}
+	tests := []struct {
+		name     string
+		ids      func(pgid int) string
+		wantKill bool // the watcher kills its group, else it exits with status 2
+	}{
+		{"garbage", func(int) string { return "garbage" }, false},
+		{"other group", func(pgid int) string { return fmt.Sprintf("%d %d", os.Getpid(), pgid+1) }, false},
+		{"parent gone", func(pgid int) string { return fmt.Sprintf("1 %d", pgid) }, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			// The group the watcher joins, and that it may kill.
+			anchor := exec.Command("sleep", "60")
+			anchor.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+			if err := anchor.Start(); err != nil {
+				t.Fatal(err)
+			}
+			defer func() {
+				anchor.Process.Kill()
+				anchor.Wait()
+			}()
+			pgid := anchor.Process.Pid
+			cmd := exec.Command(os.Args[0], "-test.run=^$")
+			cmd.Env = append(os.Environ(), envWatcher+"="+tt.ids(pgid))
+			cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pgid: pgid}
+			stderr := newFailLog()
+			cmd.Stderr = stderr
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			done := make(chan error, 1)
+			go func() { done <- cmd.Wait() }()
+			var err error
+			select {
+			case err = <-done:
+			case <-time.After(30 * time.Second):
+				cmd.Process.Kill()
+				<-done
+				t.Fatalf("the watcher still runs after 30s; its stderr:\n%s", stderr)
+			}
+			if tt.wantKill {
+				if err == nil || !strings.Contains(err.Error(), "killed") {
+					t.Errorf("the watcher ended with %v, want killed (by its own kill of its group)", err)
+				}
+				if err := anchor.Wait(); err == nil || !strings.Contains(err.Error(), "killed") {
+					t.Errorf("the watcher's group: sleep ended with %v, want killed", err)
+				}
+				return
+			}
+			var ee *exec.ExitError
+			if !errors.As(err, &ee) || ee.ExitCode() != exitMisused {
+				t.Errorf("the watcher ended with %v, want exit status %d", err, exitMisused)
+			}
+			for _, want := range []string{envWatcher, "not by subproc.Start", "Unset"} {
+				if !strings.Contains(stderr.String(), want) {
+					t.Errorf("the watcher's stderr does not say %q:\n%s", want, stderr)
+				}
+			}
+			if failGone(pgid) {
+				t.Errorf("the watcher killed its group")
+			}
 		})
 	}
 }

@@ -81,9 +81,9 @@ func lookup(name string) ModuleFunc {
 // documentation); Main, in a watcher, waits for the parent's death and
 // never returns either.
 func Main() {
-	if parent, ok := os.LookupEnv(envWatcher); ok {
+	if ids, ok := os.LookupEnv(envWatcher); ok {
 		os.Unsetenv(envWatcher)
-		os.Exit(runWatcher(parent))
+		os.Exit(runWatcher(ids))
 	}
 	name, ok := os.LookupEnv(envModule)
 	if !ok {

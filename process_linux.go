@@ -5,7 +5,6 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
-	"strconv"
 	"syscall"
 	"unsafe"
 )
@@ -21,7 +20,7 @@ func sysProcAttr() *syscall.SysProcAttr {
 }
 
 // Environment variable that makes Main run as the watcher of a child (see
-// startWatcher); its value is the parent's pid.
+// startWatcher); its value is "<parent's pid> <child's pid>".
 const envWatcher = "SUBPROC_WATCHER"
 
 // watcherDeathSignal is the watcher's parent-death signal. SIGCONT, whose
@@ -51,7 +50,7 @@ func startWatcher(pid int) (*exec.Cmd, error) {
 	}
 	cmd := exec.Command(exe)
 	cmd.Args = []string{os.Args[0]}
-	cmd.Env = append(os.Environ(), envWatcher+"="+strconv.Itoa(os.Getpid()), "GOMAXPROCS=1")
+	cmd.Env = append(os.Environ(), fmt.Sprintf("%s=%d %d", envWatcher, os.Getpid(), pid), "GOMAXPROCS=1")
 	cmd.Dir = "/"
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pgid: pid, Pdeathsig: watcherDeathSignal}
 	if err := cmd.Start(); err != nil {
@@ -60,15 +59,17 @@ func startWatcher(pid int) (*exec.Cmd, error) {
 	return cmd, nil
 }
 
-// runWatcher is Main in a watcher (see startWatcher) whose parent has the
-// pid parent; it returns only if the process was not started as one.
-func runWatcher(parent string) int {
+// runWatcher is Main in a watcher (see startWatcher); ids is the value of
+// envWatcher. It returns only if the process was not started as a watcher:
+// one that is not in the process group of the child it names, lest it kill
+// the group of whatever ran it.
+func runWatcher(ids string) int {
 	c := make(chan os.Signal, 1)
 	signal.Notify(c, watcherDeathSignal, syscall.SIGHUP)
-	ppid, err := strconv.Atoi(parent)
-	if err != nil || syscall.Getpgrp() == os.Getpid() {
-		fmt.Fprintf(os.Stderr, "subproc: this process was started with %s=%s set, but not by subproc.Start, so it has no child to watch.\n"+
-			"Unset %s to run the program normally.\n", envWatcher, parent, envWatcher)
+	var ppid, pgid int
+	if _, err := fmt.Sscanf(ids, "%d %d", &ppid, &pgid); err != nil || syscall.Getpgrp() != pgid || pgid == os.Getpid() {
+		fmt.Fprintf(os.Stderr, "subproc: this process was started with %s=%q set, but not by subproc.Start, so it has no child to watch.\n"+
+			"Unset %s to run the program normally.\n", envWatcher, ids, envWatcher)
 		return exitMisused
 	}
 	for {

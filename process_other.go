@@ -25,9 +25,9 @@ const envWatcher = "SUBPROC_WATCHER"
 func startWatcher(pid int) (*exec.Cmd, error) { return nil, nil }
 
 // runWatcher reports a misuse: no watcher is started here.
-func runWatcher(parent string) int {
-	fmt.Fprintf(os.Stderr, "subproc: this process was started with %s=%s set, but not by subproc.Start, so it has no child to watch.\n"+
-		"Unset %s to run the program normally.\n", envWatcher, parent, envWatcher)
+func runWatcher(ids string) int {
+	fmt.Fprintf(os.Stderr, "subproc: this process was started with %s=%q set, but not by subproc.Start, so it has no child to watch.\n"+
+		"Unset %s to run the program normally.\n", envWatcher, ids, envWatcher)
 	return exitMisused
 }
 
