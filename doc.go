@@ -61,6 +61,26 @@
 // kernel also kills it (a parent-death signal), so even a stopped child does
 // not outlive its parent.
 //
+// Processes a module starts die with its child. They inherit the child's
+// process group, and the parent kills the group when the child ends,
+// however it ends: a stop, a crash, a kill. When the parent itself dies, a
+// running child kills its group as it sees its stdin close; on Linux each
+// child also has a watcher, a re-execution of the binary in the child's
+// group that runs no module code, has a parent-death signal of its own and
+// kills the group, so that the processes of a stopped or wedged child die
+// too. A watcher costs a process per child, with about 1 MiB of memory of
+// its own; Main runs it.
+//
+// A process that leaves the group escapes that kill: one that calls setsid
+// or setpgid, as a daemon that double-forks does, outlives the child, and
+// may keep files, ports or the module's output pipes open. A module that
+// starts such processes and needs them contained must contain them itself:
+// on Linux, with a parent-death signal (syscall.SysProcAttr.Pdeathsig, from
+// a goroutine locked to its thread, as the signal comes when the thread
+// that started the process ends), or in a cgroup of their own that it
+// kills. A program run by systemd with KillMode=control-group, the default,
+// has all of its processes killed when it stops, escapees included.
+//
 // # Logs
 //
 // With Options.LogDir set, <LogDir>/<name>.log holds Env.Logger's records,

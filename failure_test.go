@@ -926,7 +926,8 @@ func TestFailOrphan(t *testing.T) {
 				// a process group that becomes orphaned with a stopped member,
 				// which would end the child without the parent-death signal.
 				// A process of ours in the child's group keeps the group from
-				// being orphaned, so that only the parent-death signal can end
+				// being orphaned, so that only the parent-death signal (or
+				// the child's watcher, which then kills the group) can end
 				// the stopped child.
 				anchor := exec.Command("sleep", "60")
 				anchor.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pgid: pid}

@@ -79,7 +79,15 @@ func lookup(name string) ModuleFunc {
 // through os.Stdout, fmt.Println or a raw write to fd 1, can never corrupt the
 // protocol. A binary run by hand with SUBPROC_MODULE set prints an error that
 // says so and exits with status 2.
+//
+// On Linux, Start also starts a watcher for each child (see the package
+// documentation); Main, in a watcher, waits for the parent's death and
+// never returns either.
 func Main() {
+	if ids, ok := os.LookupEnv(envWatcher); ok {
+		os.Unsetenv(envWatcher)
+		os.Exit(runWatcher(ids))
+	}
 	name, ok := os.LookupEnv(envModule)
 	if !ok {
 		return
@@ -93,7 +101,7 @@ const (
 	exitOK       = 0
 	exitFailed   = 1 // the module failed to initialise, or the parent broke the protocol
 	exitMisused  = 2 // not started by Start
-	exitOrphaned = 3 // the parent went away without saying stop
+	exitOrphaned = 3 // the parent went away without saying stop (see runChild)
 )
 
 // runChild runs module name for the parent and returns the exit status.
@@ -148,7 +156,12 @@ func runChild(name string) int {
 		if err == io.EOF {
 			// The parent is gone without saying stop: nobody is left to
 			// answer, and the module may be stuck in its ModuleFunc or in
-			// handlers. Leave now.
+			// handlers. Leave now, and take the processes the module
+			// started along: the child leads their process group, and
+			// the parent, if it died, cannot kill it any more. SIGKILL
+			// ends this process too; the exit is for a system where the
+			// kill failed.
+			syscall.Kill(0, syscall.SIGKILL)
 			os.Exit(exitOrphaned)
 		}
 		readErr <- err

@@ -28,7 +28,9 @@ const (
 // A process is a started child process.
 type process interface {
 	Pid() int
-	// Wait waits for the process to exit and reaps it. It is called once.
+	// Wait waits for the process to exit, kills what is left of its
+	// process group (the processes the module started), and reaps it. It
+	// is called once.
 	Wait() error
 	// Kill kills the process and its process group with SIGKILL, which also
 	// ends a stopped process. It is safe to call at any time, any number of
@@ -52,9 +54,11 @@ func (p *childPipes) closeReaders() {
 	}
 }
 
-// execProcess is a process started by os/exec.
+// execProcess is a process started by os/exec, the leader of its own
+// process group.
 type execProcess struct {
-	cmd *exec.Cmd // fixed
+	cmd     *exec.Cmd // fixed
+	watcher *exec.Cmd // fixed; the child's watcher (see startWatcher), or nil
 
 	mu     sync.Mutex // guards reaped
 	reaped bool
@@ -62,11 +66,33 @@ type execProcess struct {
 
 func (p *execProcess) Pid() int { return p.cmd.Process.Pid }
 
+// Wait waits for the child to exit, then kills its process group, so that
+// processes the module started (and the watcher) die with the child
+// however it ended: a stop, a crash or a kill. Where the system can wait
+// for an exit without reaping (awaitExit), the group is signalled while
+// the child is a zombie, whose pid, and so the group's id, cannot be
+// reused. Elsewhere it is signalled just after the reaping: the group id
+// cannot be reused either while processes of the group remain, and when
+// none remains there is nothing to kill, except, in the moment between the
+// reaping and the signal, a new group that got the same id.
 func (p *execProcess) Wait() error {
+	pid := p.cmd.Process.Pid
+	zombie := awaitExit(pid)
+	if zombie {
+		syscall.Kill(-pid, syscall.SIGKILL)
+	}
 	err := p.cmd.Wait()
 	p.mu.Lock()
 	p.reaped = true
 	p.mu.Unlock()
+	if !zombie {
+		syscall.Kill(-pid, syscall.SIGKILL)
+	}
+	if p.watcher != nil {
+		// The group's kill has ended it; this is in case it had left.
+		p.watcher.Process.Kill()
+		p.watcher.Wait()
+	}
 	return err
 }
 
@@ -94,23 +120,41 @@ func executable() (string, error) {
 // spawnRequest asks spawnLoop to start a child.
 type spawnRequest struct {
 	cmd  *exec.Cmd
-	errc chan error
+	errc chan spawnResult
 }
 
-// spawnLoop starts the handle's children from one locked OS thread. On
-// Linux each child is started with a parent-death signal, which the kernel
-// sends when the thread that started the child exits; starting every child
-// from a thread that lives as long as the handle makes that signal mean
-// "the parent process died", so that even a stopped or wedged child cannot
-// outlive a parent killed by SIGKILL. (A running child also sees its stdin
-// close and exits by itself.) spawnLoop returns when spawns is closed, after
-// the last child has been reaped.
+// spawnResult is what spawnLoop answers a spawnRequest.
+type spawnResult struct {
+	watcher *exec.Cmd // the child's watcher, started; nil if none
+	err     error     // if not nil, nothing was left running
+}
+
+// spawnLoop starts the handle's children, and their watchers, from one
+// locked OS thread. On Linux each child and each watcher is started with a
+// parent-death signal, which the kernel sends when the thread that started
+// it exits; starting them all from a thread that lives as long as the handle
+// makes that signal mean "the parent process died", so that even a stopped
+// or wedged child cannot outlive a parent killed by SIGKILL, and its watcher
+// then kills the processes the module started (see startWatcher). (A running
+// child also sees its stdin close, kills its process group and exits.)
+// spawnLoop returns when spawns is closed, after the last child has been
+// reaped.
 func (h *Handle) spawnLoop() {
 	runtime.LockOSThread()
 	// The thread is never unlocked: it ends with this goroutine.
 	defer close(h.spawnDone)
 	for req := range h.spawns {
-		req.errc <- req.cmd.Start()
+		if err := req.cmd.Start(); err != nil {
+			req.errc <- spawnResult{err: err}
+			continue
+		}
+		w, err := startWatcher(req.cmd.Process.Pid)
+		if err != nil {
+			syscall.Kill(-req.cmd.Process.Pid, syscall.SIGKILL)
+			req.cmd.Wait()
+			err = fmt.Errorf("starting the watcher of child pid %d: %w", req.cmd.Process.Pid, err)
+		}
+		req.errc <- spawnResult{watcher: w, err: err}
 	}
 }
 
@@ -165,13 +209,14 @@ func (h *Handle) spawn() (process, *childPipes, error) {
 	cmd.ExtraFiles = []*os.File{child[2], child[4], shm} // fdStdout, fdLog, fdAccept
 	cmd.SysProcAttr = sysProcAttr()
 
-	req := spawnRequest{cmd: cmd, errc: make(chan error, 1)}
+	req := spawnRequest{cmd: cmd, errc: make(chan spawnResult, 1)}
 	h.spawns <- req
-	if err := <-req.errc; err != nil {
+	res := <-req.errc
+	if res.err != nil {
 		p.toChild.Close()
 		p.closeReaders()
 		accept.close()
-		return nil, nil, fmt.Errorf("starting %s: %w", exe, err)
+		return nil, nil, fmt.Errorf("starting %s: %w", exe, res.err)
 	}
-	return &execProcess{cmd: cmd}, p, nil
+	return &execProcess{cmd: cmd, watcher: res.watcher}, p, nil
 }
