@@ -183,7 +183,7 @@ func TestContainGivenUpRequestReleased(t *testing.T) {
 	runtime.GC()
 	runtime.ReadMemStats(&ms1)
 	h.mu.Lock()
-	c := h.cur
+	c := h.newest
 	h.mu.Unlock()
 	c.mu.Lock()
 	pending, forgotten := len(c.pending), len(c.forgotten)

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/fbbf71ac/subproc/internal/frame"
+	"github.com/fbbf71ac/subproc/internal/logcapture"
 )
 
 // This file holds what moves messages: the write side of a conn, which both
@@ -274,9 +275,21 @@ type child struct {
 	exitedAt    time.Time     // when it was reaped; read only after exited is closed
 	accept      *acceptWord   // fixed; the child's record of the requests it took
 	logs        sync.WaitGroup
-	readyAt     time.Time // when the handshake ended; written before ready is sent
+	source      *logcapture.Source // fixed; where its output goes, and its last lines
+	slot        int                // fixed; the slot of the pool it fills
+	readyAt     time.Time          // when it became ready; written by startChild with h.mu held
+	maxRequests uint64             // fixed once ready; its MaxRequests, jittered; 0 for none
+	recycle     chan struct{}      // capacity 1; sent once it has answered maxRequests
+	monitored   chan struct{}      // made once ready; closed when its health monitor has returned
+	stopping    chan struct{}      // closed once it is told to stop: it answers no more checks
+	stopOnce    sync.Once
 
-	// Health figures, guarded by h.mu.
+	// Guarded by h.mu.
+	state        string        // "starting", "running", "draining", "exited"
+	inFlight     int           // requests acquired for it
+	idle         chan struct{} // if not nil, closed when inFlight reaches zero
+	requests     uint64        // requests it answered
+	recycleAsked bool          // recycle has been sent
 	failedChecks int           // health checks failed in a row
 	lastRTT      time.Duration // round trip of the last successful check
 
@@ -304,6 +317,8 @@ func newChild(h *Handle, incarnation int, proc process, conn *conn, accept *acce
 		ready:       make(chan error, 1),
 		done:        make(chan struct{}),
 		exited:      make(chan struct{}),
+		recycle:     make(chan struct{}, 1),
+		stopping:    make(chan struct{}),
 		pending:     make(map[uint64]*stream),
 		forgotten:   make(map[uint64]struct{}),
 		pings:       make(map[uint64]chan struct{}),
@@ -412,9 +427,6 @@ func (c *child) doneErr() error {
 // fails, then fails every request still pending.
 func (c *child) readLoop() {
 	err := c.handshake()
-	if err == nil {
-		c.readyAt = time.Now()
-	}
 	c.ready <- err
 	if err != nil {
 		c.fail(err, nil) // nothing but hello was sent before ready
@@ -688,6 +700,12 @@ func (c *child) condemn(err error) {
 		c.err = err
 	}
 }
+
+// tail returns c's last lines of output.
+func (c *child) tail() []string { return c.source.Tail() }
+
+// endChecks stops c's health checks: c has been told to stop.
+func (c *child) endChecks() { c.stopOnce.Do(func() { close(c.stopping) }) }
 
 // uptime returns how long c served: from the end of its handshake to its
 // exit. Call it after c has exited.

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -80,9 +81,45 @@ type Options struct {
 	// that serves for a second resets it. Zero means 10s.
 	MaxRestartDelay time.Duration
 
-	// ShutdownTimeout is the grace period Close gives in-flight requests;
-	// see Shutdown. Zero means 10s.
+	// ShutdownTimeout is the grace period Close gives in-flight requests
+	// (see Shutdown), and the one a child replaced by Restart or recycling
+	// gives its requests before they are canceled. Zero means 10s.
 	ShutdownTimeout time.Duration
+
+	// Env is the child's environment, as exec.Cmd.Env: nil means the
+	// parent's. The child is the running binary, started again with its
+	// path as its only argument; besides the environment and Dir it
+	// inherits nothing of the parent but what Main sets up.
+	Env []string
+
+	// Dir is the child's working directory; "" means the parent's.
+	Dir string
+
+	// Children is how many child processes serve the module at once, each
+	// supervised, health-checked, recycled and restarted on its own. A
+	// request goes to the least loaded child that passes its health checks.
+	// Zero means 1.
+	Children int
+
+	// MaxRequests is how many requests a child answers before it is
+	// replaced gracefully (see Restart); zero means no limit. Each child's
+	// limit is lowered at random by up to 10%, so that the children of a
+	// pool are not all replaced at once.
+	MaxRequests int
+
+	// MaxLifetime is how long a child serves before it is replaced
+	// gracefully (see Restart); zero means no limit. Each child's is
+	// lowered at random by up to 10%.
+	MaxLifetime time.Duration
+
+	// OnEvent, if not nil, is called for every event of the module's life
+	// (see Event): starts, failed health checks, recycling, exits, backoff
+	// and degraded states, in the order they happened, from one goroutine
+	// of the Handle's. It never delays the module: events wait in a queue
+	// while it runs, and if it is so slow that 4096 of them wait, further
+	// events are dropped and the parent logs how many. Its last call
+	// happens before Shutdown returns.
+	OnEvent func(Event)
 }
 
 // withDefaults returns o with every zero field set to its default.
@@ -103,6 +140,9 @@ func (o Options) withDefaults() Options {
 	}
 	if o.HealthFailures == 0 {
 		o.HealthFailures = 3
+	}
+	if o.Children == 0 {
+		o.Children = 1
 	}
 	if o.LogMaxSize == 0 {
 		o.LogMaxSize = 100
@@ -139,6 +179,17 @@ func (o Options) validate() error {
 	}
 	if o.HealthFailures < 0 {
 		return fmt.Errorf("Options.HealthFailures is negative (%d)", o.HealthFailures)
+	}
+	for _, n := range []struct {
+		name string
+		v    int
+	}{{"Children", o.Children}, {"MaxRequests", o.MaxRequests}} {
+		if n.v < 0 {
+			return fmt.Errorf("Options.%s is negative (%d)", n.name, n.v)
+		}
+	}
+	if o.MaxLifetime < 0 {
+		return fmt.Errorf("Options.MaxLifetime is negative (%v)", o.MaxLifetime)
 	}
 	if o.LogMaxSize < 0 {
 		return fmt.Errorf("Options.LogMaxSize is negative (%d)", o.LogMaxSize)
@@ -199,55 +250,72 @@ func (e *StartError) Error() string {
 
 func (e *StartError) Unwrap() error { return e.Err }
 
-// A Handle runs one module in a child process and forwards HTTP requests to
-// it. It restarts the child when the child exits or stops answering health
-// checks. A Handle is safe for concurrent use. After Start has returned a
-// Handle, Shutdown or Close must be called to stop the child and release the
-// goroutines that watch it.
+// A Handle runs one module in child processes (Options.Children of them)
+// and forwards HTTP requests to them. It restarts a child when it exits or
+// stops answering health checks, and replaces it gracefully when Restart
+// or recycling asks. A Handle is safe for concurrent use. After Start has
+// returned a Handle, Shutdown or Close must be called to stop the children
+// and release the goroutines that watch them.
 type Handle struct {
 	name      string              // fixed
 	opts      Options             // fixed, with defaults applied
 	capture   *logcapture.Capture // fixed
-	spawns    chan spawnRequest   // to spawnLoop; closed by superviseLoop when it returns
-	life      context.Context     // fixed; canceled when Shutdown begins
-	endLife   context.CancelFunc  // fixed
-	closing   chan struct{}       // closed when Shutdown begins
-	kill      chan struct{}       // closed when a Shutdown's context ends: kill the child
-	done      chan struct{}       // closed when superviseLoop has returned and every child is reaped
+	events    *eventQueue         // fixed; delivers to Options.OnEvent
+	slots     []*supervisor       // fixed; one per child of the pool
+	launch    launcher            // fixed; starts a child process (see spawn)
+	spawns    chan spawnRequest   // to spawnLoop; closed by finish
 	spawnDone chan struct{}       // closed when spawnLoop has returned
-
-	closeOnce sync.Once
+	life      context.Context     // fixed; canceled when Shutdown begins
+	endLife   context.CancelFunc  // fixed; called with mu held
+	kill      chan struct{}       // closed when a Shutdown's context ends: end the drains
 	killOnce  sync.Once
+	drains    sync.WaitGroup // drains of replaced children
+	done      chan struct{}  // closed when every supervisor and drain has returned and every child is reaped
 
-	incarnation int // owned by superviseLoop (and by Start before it)
-
-	mu              sync.Mutex    // guards the fields below
-	cur             *child        // the child that takes new requests; nil while there is none
-	changed         chan struct{} // closed, and replaced, whenever cur changes or closing begins
-	inFlight        int           // requests in ServeHTTP
-	drained         chan struct{} // closed when closing and inFlight reaches zero
-	state           string
-	retryAt         time.Time // while restarting: when the next start is due
+	mu              sync.Mutex    // guards the fields below, and the fields of children and supervisors that say so
+	changed         chan struct{} // closed, and replaced, whenever a slot's child changes or Shutdown begins
+	turn            int           // where pickLocked starts
+	inFlight        int           // requests in ServeHTTP that acquired a child
+	incarnation     int           // the next child's
+	kids            []*child      // the children started and not yet reaped, oldest first
+	newest          *child        // the child installed last
 	restarts        int
 	lastIncarnation int   // the incarnation of the last child installed
 	pids            []int // the last maxPidsKept children started, for tests
 	lastExit        string
-	isClosed        bool
+	stats           Stats // the counters
+	stopped         bool  // every child is reaped
 }
+
+// A launcher starts a child process for slot and incarnation, with its
+// pipes. Handle.spawn is the one real children use; tests put fakes in its
+// place.
+type launcher func(slot, incarnation int) (process, *childPipes, error)
 
 // logf logs a message about the module at warning level.
 func (h *Handle) logf(format string, args ...any) {
 	h.opts.Logger.Warn(fmt.Sprintf("subproc: module %q: ", h.name) + fmt.Sprintf(format, args...))
 }
 
-// Start spawns the child process of the module registered under name and
-// returns once the module's ModuleFunc has returned in it, ready to serve. If
-// the module is not registered, its ModuleFunc fails, or it does not become
-// ready within opts.StartTimeout or before ctx ends, Start returns a
-// *StartError and leaves nothing running. ctx bounds only the start, not the
-// Handle's life.
+// post reports ev to Options.OnEvent.
+func (h *Handle) post(ev Event) {
+	ev.Module = h.name
+	h.events.post(ev)
+}
+
+// Start spawns the child processes of the module registered under name
+// (Options.Children of them, one after the other) and returns once the
+// module's ModuleFunc has returned in each, ready to serve. If the module is
+// not registered, its ModuleFunc fails, or it does not become ready within
+// opts.StartTimeout or before ctx ends, Start returns a *StartError and
+// leaves nothing running. ctx bounds only the start, not the Handle's life.
 func Start(ctx context.Context, name string, opts Options) (*Handle, error) {
-	if lookup(name) == nil {
+	return start(ctx, name, opts, nil)
+}
+
+// start is Start with a launcher; nil means spawn.
+func start(ctx context.Context, name string, opts Options, launch launcher) (*Handle, error) {
+	if lookup(name) == nil && launch == nil {
 		return nil, &StartError{Module: name, Err: ErrNotRegistered}
 	}
 	if m := os.Getenv(envModule); m != "" {
@@ -282,27 +350,57 @@ func Start(ctx context.Context, name string, opts Options) (*Handle, error) {
 		opts:      opts,
 		capture:   capture,
 		spawns:    make(chan spawnRequest),
-		closing:   make(chan struct{}),
+		spawnDone: make(chan struct{}),
 		kill:      make(chan struct{}),
 		done:      make(chan struct{}),
-		spawnDone: make(chan struct{}),
 		changed:   make(chan struct{}),
-		drained:   make(chan struct{}),
-		state:     "starting",
+	}
+	h.events = newEventQueue(opts.OnEvent, h.logf)
+	h.launch = launch
+	if h.launch == nil {
+		h.launch = h.spawn
 	}
 	h.life, h.endLife = context.WithCancel(context.Background())
 	go h.spawnLoop()
-	c, err := h.startChild(ctx)
-	if err != nil {
-		h.endLife()
-		close(h.spawns)
-		<-h.spawnDone
-		capture.Close()
-		return nil, err
+	first := make([]*child, opts.Children)
+	for i := range first {
+		h.slots = append(h.slots, &supervisor{h: h, slot: i, asks: make(chan replaceAsk)})
+		c, err := h.startChild(ctx, i)
+		if err != nil {
+			h.mu.Lock()
+			h.endLife()
+			h.mu.Unlock()
+			for _, c := range first[:i] {
+				h.teardown(c)
+			}
+			h.finish()
+			return nil, err
+		}
+		first[i] = c
 	}
-	h.install(c)
-	go h.superviseLoop(c)
+	var sups sync.WaitGroup
+	for i, s := range h.slots {
+		s.install(first[i])
+		sups.Go(func() { s.run(first[i]) })
+	}
+	go func() {
+		sups.Wait()
+		h.drains.Wait()
+		h.finish()
+	}()
 	return h, nil
+}
+
+// finish releases what the handle holds once its last child is reaped.
+func (h *Handle) finish() {
+	close(h.spawns)
+	<-h.spawnDone
+	h.capture.Close()
+	h.events.close()
+	h.mu.Lock()
+	h.stopped = true
+	h.mu.Unlock()
+	close(h.done)
 }
 
 // pidsStarted returns the pids of the last maxPidsKept children started.
@@ -310,83 +408,6 @@ func (h *Handle) pidsStarted() []int {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	return append([]int(nil), h.pids...)
-}
-
-// install makes c the child that takes new requests.
-func (h *Handle) install(c *child) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	h.cur = c
-	h.lastIncarnation = c.incarnation
-	h.state = "running"
-	h.retryAt = time.Time{}
-	h.notifyLocked()
-}
-
-// uninstall stops c from taking new requests.
-func (h *Handle) uninstall(c *child, state string) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	if h.cur == c {
-		h.cur = nil
-		h.state = state
-		h.notifyLocked()
-	}
-}
-
-func (h *Handle) notifyLocked() {
-	close(h.changed)
-	h.changed = make(chan struct{})
-}
-
-// acquire returns the child to send a request to, waiting for one while
-// the module restarts, until deadline. The caller must call release.
-//
-// The timer is created at the first wait, so that a request that finds a
-// child running costs none; the caller stops it.
-func (h *Handle) acquire(ctx context.Context, deadline **time.Timer) (*child, error) {
-	for {
-		h.mu.Lock()
-		if h.isClosed {
-			h.mu.Unlock()
-			return nil, ErrClosed
-		}
-		if c := h.cur; c != nil && c.usable() {
-			h.inFlight++
-			h.mu.Unlock()
-			return c, nil
-		}
-		changed := h.changed
-		h.mu.Unlock()
-		if *deadline == nil {
-			*deadline = time.NewTimer(h.opts.RestartWait)
-		}
-		select {
-		case <-changed:
-		case <-(*deadline).C:
-			return nil, ErrUnavailable
-		case <-ctx.Done():
-			return nil, errCanceled
-		}
-	}
-}
-
-// release ends a request that acquire admitted.
-func (h *Handle) release() {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	h.inFlight--
-	if h.inFlight == 0 && h.isClosed {
-		h.closeDrainedLocked()
-	}
-}
-
-func (h *Handle) closeDrainedLocked() {
-	select {
-	case <-h.drained:
-	default:
-		close(h.drained)
-	}
 }
 
 // ServeHTTP forwards the request to the module's child, whatever its method
@@ -425,13 +446,13 @@ func (h *Handle) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			// The child had died before the request could be sent:
 			// nothing of it reached the module, so the next child may
 			// take it.
-			h.release()
+			h.release(c, false)
 			continue
 		}
 		// The same holds if the child dies before it takes the
 		// request (see acceptWord): then proxy asks for a retry.
 		retry := func() bool {
-			defer h.release()
+			defer func() { h.release(c, s.answered()) }()
 			return h.proxy(w, r, c, s)
 		}()
 		if !retry {
@@ -442,6 +463,7 @@ func (h *Handle) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 // unavailable answers a request that no child could take.
 func (h *Handle) unavailable(w http.ResponseWriter, err error) {
+	h.count(&h.stats.Unavailable)
 	switch err {
 	case errCanceled:
 		// The client went away while waiting; nobody reads the answer.
@@ -451,12 +473,24 @@ func (h *Handle) unavailable(w http.ResponseWriter, err error) {
 		http.Error(w, fmt.Sprintf("subproc: module %q is shut down", h.name), http.StatusServiceUnavailable)
 	default:
 		h.mu.Lock()
-		retry := time.Until(h.retryAt)
+		retry := time.Duration(-1) // until the soonest restart
+		for _, s := range h.slots {
+			if d := time.Until(s.retryAt); s.cur == nil && (retry < 0 || d < retry) {
+				retry = d
+			}
+		}
 		h.mu.Unlock()
 		secs := max(1, int((retry+time.Second-1)/time.Second))
 		w.Header().Set("Retry-After", strconv.Itoa(secs))
 		http.Error(w, fmt.Sprintf("subproc: module %q is restarting; retry in %ds", h.name, secs), http.StatusServiceUnavailable)
 	}
+}
+
+// count adds one to a counter of h.stats.
+func (h *Handle) count(n *uint64) {
+	h.mu.Lock()
+	*n++
+	h.mu.Unlock()
 }
 
 // giveUp drops what the child sends for s from now on and tells the child
@@ -511,9 +545,11 @@ func (h *Handle) proxy(w http.ResponseWriter, r *http.Request, c *child, s *stre
 				}
 			}
 			if !started {
+				h.count(&h.stats.BadGateway)
 				http.Error(w, fmt.Sprintf("subproc: module %q failed before it answered: %v; it is being restarted", h.name, err), http.StatusBadGateway)
 				return false
 			}
+			h.count(&h.stats.Aborted)
 			panic(http.ErrAbortHandler)
 		}
 		switch ev.kind {
@@ -575,9 +611,11 @@ func (h *Handle) proxy(w http.ResponseWriter, r *http.Request, c *child, s *stre
 			return false
 		case kindAbort:
 			if ev.flags&flagTooLarge != 0 && !started {
+				h.count(&h.stats.BadGateway)
 				http.Error(w, fmt.Sprintf("subproc: module %q: its response's head exceeds the %d bytes a message from the module can carry", h.name, maxHeadSize), http.StatusBadGateway)
 				return false
 			}
+			h.count(&h.stats.Aborted)
 			panic(http.ErrAbortHandler)
 		}
 	}
@@ -738,21 +776,42 @@ func (h *Handle) Route(path, method string) http.Handler {
 	})
 }
 
-// HealthCheck pings the module's current child once and returns the round
-// trip. It waits at most Options.HealthTimeout for the answer. It fails
-// with ErrUnavailable while the module restarts, and with ErrClosed once the
-// handle is shut down. Its outcome counts as one of the periodic health
-// checks (see Options.HealthFailures), unless ctx ended first.
+// HealthCheck pings each running child of the module once, and returns
+// the longest round trip. It waits at most Options.HealthTimeout for the
+// answers. It fails if a child fails to answer, with ErrUnavailable while no
+// child runs (the module restarts), and with ErrClosed once the handle is
+// shut down. Its outcome for each child counts as one of the periodic
+// health checks (see Options.HealthFailures), unless ctx ended first.
 func (h *Handle) HealthCheck(ctx context.Context) (time.Duration, error) {
+	var kids []*child
 	h.mu.Lock()
-	c, closed := h.cur, h.isClosed
+	for _, s := range h.slots {
+		if s.cur != nil {
+			kids = append(kids, s.cur)
+		}
+	}
 	h.mu.Unlock()
 	switch {
-	case closed:
+	case h.life.Err() != nil:
 		return 0, fmt.Errorf("%w: module %q was shut down; start it again to check its health", ErrClosed, h.name)
-	case c == nil:
+	case len(kids) == 0:
 		return 0, fmt.Errorf("%w: module %q is restarting; retry later", ErrUnavailable, h.name)
 	}
+	rtts := make([]time.Duration, len(kids))
+	errs := make([]error, len(kids))
+	var wg sync.WaitGroup
+	for i, c := range kids {
+		wg.Go(func() { rtts[i], errs[i] = h.checkOnce(ctx, c) })
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		return 0, err
+	}
+	return slices.Max(rtts), nil
+}
+
+// checkOnce is HealthCheck for one child.
+func (h *Handle) checkOnce(ctx context.Context, c *child) (time.Duration, error) {
 	// Bounded by HealthTimeout as the supervisor's checks are, so that it
 	// fails in the same cases.
 	timeout := make(chan struct{})
@@ -778,42 +837,76 @@ func (h *Handle) HealthCheck(ctx context.Context) (time.Duration, error) {
 	if !h.failedCheck(c, err) {
 		c.proc.Kill()
 	}
-	return 0, fmt.Errorf("subproc: module %q: health check: %w", h.name, err)
+	return 0, fmt.Errorf("subproc: module %q: health check of child pid %d: %w", h.name, c.proc.Pid(), err)
 }
 
-// Shutdown stops the module gracefully. It drains the child: new requests
-// get 503 Service Unavailable, the context the child's ModuleFunc was given
-// is canceled at once, so that long-lived handlers (streams, WebSockets)
-// can end, and in-flight requests run on until they end. Then the child is
-// told to exit. If ctx ends first, the contexts of the requests still in
-// flight are canceled in the child, which gets a moment (half a second) to
-// exit before it is killed. Health checks go on during the drain: a child
-// that hangs is killed as at any other time, and the drain ends.
+// Restart replaces every child of the module, one at a time, without
+// failing a request: for each child, a new one starts, and once it is
+// ready new requests go to it, while the old child drains (see Shutdown,
+// with Options.ShutdownTimeout as the grace period) and stops. A pool of
+// one thus briefly runs two children. Restart returns once every old child
+// has stopped, or when ctx ends, leaving the drain under way to finish. If a
+// new child cannot start (its ModuleFunc fails, or it is not ready within
+// Options.StartTimeout or before ctx ends), the old one keeps serving and
+// Restart returns the *StartError, without replacing the children after
+// it. A slot whose child is restarting after a crash is skipped: its next
+// child is new anyway.
+func (h *Handle) Restart(ctx context.Context) error {
+	for _, s := range h.slots {
+		done := make(chan error, 1)
+		select {
+		case s.asks <- replaceAsk{reason: "restart", ctx: ctx, done: done}:
+		case <-h.life.Done():
+			return fmt.Errorf("%w: module %q was shut down; Restart has nothing to replace", ErrClosed, h.name)
+		case <-ctx.Done():
+			return fmt.Errorf("subproc: module %q: restart: %w", h.name, ctx.Err())
+		}
+		select {
+		case err := <-done:
+			if err != nil {
+				return err
+			}
+		case <-ctx.Done():
+			return fmt.Errorf("subproc: module %q: restart: %w", h.name, ctx.Err())
+		}
+	}
+	return nil
+}
+
+// Ready reports whether the module can take a request now: a child is
+// running and the handle is not shutting down. Made for readiness probes.
+func (h *Handle) Ready() bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.life.Err() == nil && h.pickLocked() != nil
+}
+
+// Shutdown stops the module gracefully. It drains the children: new
+// requests get 503 Service Unavailable, the context each child's ModuleFunc
+// was given is canceled at once, so that long-lived handlers (streams,
+// WebSockets) can end, and in-flight requests run on until they end. Then
+// each child is told to exit. If ctx ends first, the contexts of the
+// requests still in flight are canceled in the children, which get a moment
+// (half a second) to exit before they are killed. Health checks go on during
+// the drain: a child that hangs is killed as at any other time, and its
+// drain ends.
 //
-// Shutdown returns when the child has been reaped and every goroutine of
+// Shutdown returns when every child has been reaped and every goroutine of
 // the handle has returned: nil after a graceful stop, or an error wrapping
 // ctx's error after ctx ended. It may be called more than once, and
 // concurrently.
 func (h *Handle) Shutdown(ctx context.Context) error {
-	h.closeOnce.Do(func() {
-		h.mu.Lock()
-		h.isClosed = true
-		h.state = "stopping"
-		if h.inFlight == 0 {
-			h.closeDrainedLocked()
-		}
-		h.notifyLocked()
-		h.mu.Unlock()
-		h.endLife()
-		close(h.closing)
-	})
+	h.mu.Lock()
+	h.endLife()
+	h.notifyLocked()
+	h.mu.Unlock()
 	select {
 	case <-h.done:
 		return nil
 	case <-ctx.Done():
 		h.killOnce.Do(func() { close(h.kill) })
 		<-h.done
-		return fmt.Errorf("subproc: module %q: shutdown cut short, child killed: %w", h.name, ctx.Err())
+		return fmt.Errorf("subproc: module %q: shutdown cut short, requests canceled: %w", h.name, ctx.Err())
 	}
 }
 
@@ -827,63 +920,92 @@ func (h *Handle) Close() error {
 // Stats describes a Handle at one moment.
 type Stats struct {
 	Module string // the module's name
-	// State is "starting", "running", "unhealthy" (the running child failed
-	// its last health check; it is killed after Options.HealthFailures in a
-	// row), "restarting", "stopping" (draining at Shutdown) or "stopped".
+	// State is "starting" (before Start returns), "running", "unhealthy"
+	// (every running child failed its last health check; a child is killed
+	// after Options.HealthFailures in a row), "restarting" (no child runs),
+	// "stopping" (draining at Shutdown) or "stopped".
 	State       string
-	Pid         int           // the running child's process id; 0 when none runs
-	Incarnation int           // the running (or last) child's incarnation: 0 for the first
-	Restarts    int           // children started after the first
+	Pid         int           // the newest running child's process id; 0 when none runs
+	Incarnation int           // the newest running (or last) child's incarnation
+	Restarts    int           // children started after a child died or failed to start
 	InFlight    int           // requests being served
-	LastHealth  time.Duration // round trip of the running child's last successful health check
-	LastExit    string        // how the last child that ended ended; "" if none has
+	LastHealth  time.Duration // round trip of the newest running child's last successful health check
+	LastExit    string        // how the last child that died ended; "" if none has
 
-	Children []ChildStats // the running child, if any
+	Children []ChildStats // one per child started and not yet reaped, oldest first
+
+	// Counters since Start.
+	Requests    uint64 // requests answered by a child
+	BadGateway  uint64 // 502s: the child died before answering
+	Unavailable uint64 // 503s: no child in time, shed, or shut down
+	Timeouts    uint64 // 504s and aborts by RequestTimeout
+	Aborted     uint64 // responses cut off after they had started
 }
 
 // ChildStats describes one child process of a module.
 type ChildStats struct {
-	Pid, Incarnation int
-	State            string        // "running" or "unhealthy"
-	Started          time.Time     // when it became ready
-	LastHealth       time.Duration // round trip of its last successful health check
-	FailedChecks     int           // health checks failed in a row (Handle.HealthCheck's too)
+	Pid, Incarnation, Slot int
+	// State is "starting", "running", "unhealthy" (it failed its last
+	// health check) or "draining" (it is being replaced or shut down, and
+	// takes no new requests).
+	State        string
+	Started      time.Time     // when it became ready
+	InFlight     int           // requests it is serving
+	Requests     uint64        // requests it has answered
+	Memory       int64         // resident bytes at the last check; 0 if unknown
+	LastHealth   time.Duration // round trip of its last successful health check
+	FailedChecks int           // health checks failed in a row (Handle.HealthCheck's too)
 }
 
 // Stats returns the handle's current state.
 func (h *Handle) Stats() Stats {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	st := Stats{
-		Module:      h.name,
-		State:       h.state,
-		Incarnation: h.incarnationLocked(),
-		Restarts:    h.restarts,
-		InFlight:    h.inFlight,
-		LastExit:    h.lastExit,
+	st := h.stats
+	st.Module = h.name
+	st.Incarnation = h.lastIncarnation
+	st.Restarts = h.restarts
+	st.InFlight = h.inFlight
+	st.LastExit = h.lastExit
+	if c := h.newest; c != nil && c.state == "running" {
+		st.Pid, st.Incarnation, st.LastHealth = c.proc.Pid(), c.incarnation, c.lastRTT
 	}
-	if c := h.cur; c != nil {
-		st.Pid = c.proc.Pid()
-		st.LastHealth = c.lastRTT
+	running, healthy := 0, 0
+	for _, c := range h.kids {
 		cs := ChildStats{
-			Pid:          st.Pid,
+			Pid:          c.proc.Pid(),
 			Incarnation:  c.incarnation,
-			State:        "running",
+			Slot:         c.slot,
+			State:        c.state,
 			Started:      c.readyAt,
+			InFlight:     c.inFlight,
+			Requests:     c.requests,
 			LastHealth:   c.lastRTT,
 			FailedChecks: c.failedChecks,
 		}
-		if cs.FailedChecks > 0 {
-			cs.State = "unhealthy"
+		if cs.State == "running" {
+			running++
+			if c.failedChecks > 0 {
+				cs.State = "unhealthy"
+			} else {
+				healthy++
+			}
 		}
-		st.Children = []ChildStats{cs}
+		st.Children = append(st.Children, cs)
+	}
+	switch {
+	case h.stopped:
+		st.State = "stopped"
+	case h.life.Err() != nil:
+		st.State = "stopping"
+	case h.slots == nil || h.newest == nil:
+		st.State = "starting"
+	case healthy > 0:
+		st.State = "running"
+	case running > 0:
+		st.State = "unhealthy"
+	default:
+		st.State = "restarting"
 	}
 	return st
-}
-
-func (h *Handle) incarnationLocked() int {
-	if h.cur != nil {
-		return h.cur.incarnation
-	}
-	return h.lastIncarnation
 }

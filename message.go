@@ -91,6 +91,7 @@ func frameCost(n int) int { return n + frameOverhead }
 type hello struct {
 	Name        string
 	Incarnation int
+	Slot        int
 	Config      []byte
 	LogDir      string
 }

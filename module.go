@@ -18,8 +18,12 @@ import (
 
 // Env is what a module is given in its child process.
 type Env struct {
-	Name        string       // the name the module was registered under
-	Incarnation int          // 0 for the first child, +1 for each restart
+	Name string // the name the module was registered under
+	// Incarnation numbers the children of a Handle in the order they were
+	// started, from 0: each child, whatever its slot, has its own, and a
+	// restarted or replaced child a new one.
+	Incarnation int
+	Slot        int          // which of Options.Children this child fills: 0 … Children-1
 	Config      []byte       // Options.Config, exactly as given to Start
 	LogDir      string       // Options.LogDir
 	Logger      *slog.Logger // the module's own log: <LogDir>/<Name>.log, with time, level, source and message
@@ -170,6 +174,7 @@ func runChild(name string) int {
 	env := &Env{
 		Name:        hi.Name,
 		Incarnation: hi.Incarnation,
+		Slot:        hi.Slot,
 		Config:      hi.Config,
 		LogDir:      hi.LogDir,
 		Logger:      slog.New(slog.NewTextHandler(logw, &slog.HandlerOptions{AddSource: true})),

@@ -159,7 +159,10 @@ func (h *Handle) spawnLoop() {
 }
 
 // spawn starts a child process for the module, with its pipes.
-func (h *Handle) spawn() (process, *childPipes, error) {
+//
+// It is the Handle's launcher: slot and incarnation reach the child in its
+// hello, not here.
+func (h *Handle) spawn(slot, incarnation int) (process, *childPipes, error) {
 	exe, err := executable()
 	if err != nil {
 		return nil, nil, fmt.Errorf("finding the executable to re-run: %w", err)
@@ -204,7 +207,12 @@ func (h *Handle) spawn() (process, *childPipes, error) {
 
 	cmd := exec.Command(exe)
 	cmd.Args = []string{os.Args[0]}
-	cmd.Env = append(os.Environ(), envModule+"="+h.name)
+	env := h.opts.Env
+	if env == nil {
+		env = os.Environ()
+	}
+	cmd.Env = append(env[:len(env):len(env)], envModule+"="+h.name)
+	cmd.Dir = h.opts.Dir
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = child[0], child[1], child[3]
 	cmd.ExtraFiles = []*os.File{child[2], child[4], shm} // fdStdout, fdLog, fdAccept
 	cmd.SysProcAttr = sysProcAttr()

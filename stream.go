@@ -412,6 +412,14 @@ func (s *stream) abandon() {
 	s.events, s.queued = nil, 0
 }
 
+// answered reports whether the child ended the response, with kindEnd or
+// kindAbort.
+func (s *stream) answered() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.ended
+}
+
 func (s *stream) signal() {
 	select {
 	case s.wake <- struct{}{}:

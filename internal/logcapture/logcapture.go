@@ -127,9 +127,36 @@ type Capture struct {
 	failMu   sync.Mutex      // guards failures; held while onWriteError runs
 	failures [3]failureState // by Stream
 
+	tailLines int     // fixed; Options.TailLines, defaulted
+	def       *Source // fixed; the unlabelled source of Copy and Tail
+}
+
+// A Source is one writer of a Capture's streams, such as one child process
+// of a module: its lines go to the Capture's destinations, marked with its
+// label, and it keeps its own last lines for Tail. Its methods are safe for
+// concurrent use.
+type Source struct {
+	c          *Capture // fixed
+	prefix     string   // fixed; what opens each line in prefix mode
+	filePrefix string   // fixed; what opens each line in file mode
+
 	tailMu sync.Mutex // guards the fields below
 	tail   []string   // the last lines, a ring of cap(tail) entries
 	next   int        // once tail is full, the index of its oldest line
+}
+
+// NewSource returns a source of c's streams whose lines are marked with
+// label, so that the lines of several writers, interleaved whole, say which
+// wrote each: in prefix mode a line opens with "[<Name> <label>] " instead
+// of "[<Name>] ", in file mode with "[<label>] ". An empty label marks
+// nothing, as Copy does.
+func (c *Capture) NewSource(label string) *Source {
+	s := &Source{c: c, prefix: c.prefix, tail: make([]string, 0, c.tailLines)}
+	if label != "" {
+		s.prefix = "[" + c.name + " " + label + "] "
+		s.filePrefix = "[" + label + "] "
+	}
+	return s
 }
 
 // A failureState is what a Capture knows of the failing writes to one
@@ -163,7 +190,7 @@ func New(opts Options) (*Capture, error) {
 		name:         opts.Name,
 		onWriteError: opts.OnWriteError,
 		now:          opts.now,
-		tail:         make([]string, 0, tailLines),
+		tailLines:    tailLines,
 	}
 	if c.now == nil {
 		c.now = time.Now
@@ -175,8 +202,10 @@ func New(opts Options) (*Capture, error) {
 		if c.stderr == nil {
 			c.stderr = os.Stderr
 		}
+		c.def = c.NewSource("")
 		return c, nil
 	}
+	c.def = c.NewSource("")
 
 	if filepath.Base(opts.Name) != opts.Name {
 		return nil, fmt.Errorf("logcapture: module %q: the name cannot be used as a file name in %q; choose a name without %q", opts.Name, opts.Dir, filepath.Separator)
@@ -226,7 +255,11 @@ func New(opts Options) (*Capture, error) {
 // line is tried again, so that writing resumes once the destination works.
 // After Close, Copy returns ErrClosed at the first line it reads. Every line
 // read, written or not, is remembered for Tail.
-func (c *Capture) Copy(s Stream, r io.Reader) error {
+func (c *Capture) Copy(s Stream, r io.Reader) error { return c.def.Copy(s, r) }
+
+// Copy is Capture.Copy for the source's lines: see NewSource.
+func (src *Source) Copy(s Stream, r io.Reader) error {
+	c := src.c
 	if s < Log || s > Err {
 		return fmt.Errorf("logcapture: module %q: Copy of invalid %v", c.name, s)
 	}
@@ -238,8 +271,8 @@ func (c *Capture) Copy(s Stream, r io.Reader) error {
 		line, err := br.ReadSlice('\n')
 		if len(line) > 0 {
 			open = line[len(line)-1] != '\n'
-			c.remember(s, line)
-			e := c.write(s, line, &buf)
+			src.remember(s, line)
+			e := src.write(s, line, &buf)
 			if e == ErrClosed {
 				return e
 			}
@@ -255,7 +288,7 @@ func (c *Capture) Copy(s Stream, r io.Reader) error {
 			if open && c.stderr == nil {
 				// End the last line, so the next incarnation's output
 				// starts on a line of its own.
-				if e := c.write(s, []byte("\n"), &buf); e != nil && werr == nil {
+				if e := src.write(s, []byte("\n"), &buf); e != nil && werr == nil {
 					werr = fmt.Errorf("logcapture: module %q: writing %v: %w", c.name, s, e)
 				}
 			}
@@ -268,17 +301,22 @@ func (c *Capture) Copy(s Stream, r io.Reader) error {
 
 // write writes one line, or piece of a line, to s's destination, using buf
 // as scratch space in prefix mode.
-func (c *Capture) write(s Stream, line []byte, buf *[]byte) error {
+func (src *Source) write(s Stream, line []byte, buf *[]byte) error {
+	c := src.c
 	c.mu.RLock()
 	defer c.mu.RUnlock()
 	if c.closed {
 		return ErrClosed
 	}
 	if c.stderr == nil {
+		if src.filePrefix != "" {
+			line = append(append((*buf)[:0], src.filePrefix...), line...)
+			*buf = line
+		}
 		_, err := c.files[s].rf.Write(line)
 		return err
 	}
-	b := append((*buf)[:0], c.prefix...)
+	b := append((*buf)[:0], src.prefix...)
 	b = appendEscaped(b, bytes.TrimSuffix(line, []byte("\n")))
 	b = append(b, '\n')
 	*buf = b
@@ -317,7 +355,7 @@ func (c *Capture) account(s Stream, err error) {
 }
 
 // remember records line as the newest line for Tail.
-func (c *Capture) remember(s Stream, line []byte) {
+func (c *Source) remember(s Stream, line []byte) {
 	// Escaped: the lines end up in errors and logs that reach a terminal.
 	text := string(appendEscaped(append([]byte(s.String()), ": "...), bytes.TrimSuffix(line, []byte("\n"))))
 	c.tailMu.Lock()
@@ -334,7 +372,10 @@ func (c *Capture) remember(s Stream, line []byte) {
 // oldest first, each without its newline and prefixed with its stream, as in
 // "err: panic: boom". A piece of a long line counts as a line. Control
 // characters are escaped as in prefix mode, whatever the mode.
-func (c *Capture) Tail() []string {
+func (c *Capture) Tail() []string { return c.def.Tail() }
+
+// Tail is Capture.Tail for the source's own lines.
+func (c *Source) Tail() []string {
 	c.tailMu.Lock()
 	defer c.tailMu.Unlock()
 	lines := make([]string, 0, len(c.tail))
@@ -345,10 +386,11 @@ func (c *Capture) Tail() []string {
 // ResetTail forgets the lines remembered for Tail, so that Tail reports
 // only what is read afterwards: call it when a new incarnation starts.
 func (c *Capture) ResetTail() {
-	c.tailMu.Lock()
-	defer c.tailMu.Unlock()
-	c.tail = c.tail[:0]
-	c.next = 0
+	s := c.def
+	s.tailMu.Lock()
+	defer s.tailMu.Unlock()
+	s.tail = s.tail[:0]
+	s.next = 0
 }
 
 // Close closes the Capture's files; a file shared with another live Capture

@@ -1,0 +1,528 @@
+package subproc
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"time"
+
+	"github.com/fbbf71ac/subproc/internal/logcapture"
+)
+
+// This file holds the supervision of a module's children. One supervisor
+// per slot of the pool (Options.Children) owns the life of the child that
+// fills its slot: it starts it, restarts it with backoff when it dies,
+// replaces it gracefully when asked (Restart, recycling), and drains and
+// stops the children it replaces. The health checks of each child are in
+// health.go; the choice of a child for a request, in pool.go.
+
+// A supervisor owns one slot of a module's pool.
+type supervisor struct {
+	h    *Handle         // fixed
+	slot int             // fixed
+	asks chan replaceAsk // Restart's asks for a replacement
+
+	// Guarded by h.mu.
+	cur     *child    // the child that takes the slot's requests; nil while none does
+	retryAt time.Time // while cur is nil: when the next start is due
+}
+
+// A replaceAsk asks a supervisor to replace its child gracefully.
+type replaceAsk struct {
+	reason string          // the Event reason: "restart", "max-requests", …
+	ctx    context.Context // bounds the start of the replacement
+	done   chan error      // receives the outcome once the old child has stopped; capacity 1
+}
+
+// Restart backoff: see Options.MaxRestartDelay.
+const minRestartDelay = 100 * time.Millisecond
+
+// stableUptime is how long a child must have served for its death to count
+// as a single crash of a healthy module, which restarts at once, rather
+// than one more of a module that keeps dying, which backs off.
+const stableUptime = time.Second
+
+// maxJitter is the largest share of MaxRequests and MaxLifetime by which a
+// child's limit is lowered at random, so that the children of a pool,
+// started together, are not recycled together.
+const maxJitter = 0.10
+
+// jitter returns v lowered by a random share of up to maxJitter.
+func jitter[T int | time.Duration](v T) T {
+	return v - T(float64(v)*maxJitter*rand.Float64())
+}
+
+// run supervises the slot, served by c, until Shutdown, and returns once
+// the slot's last child has been reaped.
+func (s *supervisor) run(c *child) {
+	failures := 0 // children in a row that died young, or failed to start
+	for {
+		if !s.serve(&c) {
+			return
+		}
+		s.retire(c)
+		if c.uptime() >= stableUptime {
+			failures = 0
+		}
+		failures++
+		if c = s.restart(&failures); c == nil {
+			return
+		}
+	}
+}
+
+// serve waits while c serves the slot, replacing it when it is due for
+// recycling or asked to. It returns true when the slot's child (c or a
+// replacement) has died, which it leaves in *c; false once Shutdown has
+// drained and stopped it.
+func (s *supervisor) serve(cp **child) (died bool) {
+	h := s.h
+	c := *cp
+	defer func() { *cp = c }()
+	lifetime := time.NewTimer(0)
+	lifetime.Stop()
+	defer lifetime.Stop()
+	var expire <-chan time.Time // nil without a MaxLifetime
+	arm := func() {
+		if d := h.opts.MaxLifetime; d > 0 {
+			lifetime.Reset(time.Until(c.readyAt.Add(jitter(d))))
+			expire = lifetime.C
+		}
+	}
+	arm()
+	var retry <-chan time.Time // the next try of a recycle whose replacement failed
+	retryAsk := replaceAsk{}
+	retries := 0
+	for {
+		var ask replaceAsk
+		select {
+		case <-c.done:
+			return true
+		case <-h.life.Done():
+			s.uninstall(c)
+			h.drain(c, "shutdown", 0)
+			return false
+		case <-expire:
+			ask = replaceAsk{reason: "lifetime"}
+		case <-c.recycle:
+			ask = replaceAsk{reason: "max-requests"}
+		case <-retry:
+			ask = retryAsk
+		case ask = <-s.asks:
+		}
+		nc, err := s.replace(c, ask)
+		switch {
+		case err == nil:
+			c, retry, retries = nc, nil, 0
+			arm()
+		case h.life.Err() != nil:
+			// Shut down while the replacement started: the next turn
+			// drains c.
+		default:
+			h.logf("child pid %d (incarnation %d) keeps serving: its replacement (%s) failed to start: %v", c.proc.Pid(), c.incarnation, ask.reason, err)
+			if ask.reason != "restart" {
+				// The recycling is still due: try again, backing off.
+				retries++
+				retry, retryAsk = time.After(h.restartDelay(retries+1)), replaceAsk{reason: ask.reason}
+			}
+		}
+	}
+}
+
+// replace starts a child to take old's place and, once it is ready, moves
+// the slot's new requests to it and drains old in the background. If the
+// new child cannot start, old keeps serving. The ask's done, if any,
+// receives the outcome: at once for a failure, once old has stopped
+// otherwise.
+func (s *supervisor) replace(old *child, ask replaceAsk) (*child, error) {
+	h := s.h
+	h.post(Event{Kind: ChildRecycling, Pid: old.proc.Pid(), Incarnation: old.incarnation, Reason: ask.reason})
+	ctx, cancel := context.WithCancel(h.life)
+	defer cancel()
+	if ask.ctx != nil {
+		stop := context.AfterFunc(ask.ctx, cancel)
+		defer stop()
+	}
+	nc, err := h.startChild(ctx, s.slot)
+	if err != nil {
+		if ask.ctx != nil && ask.ctx.Err() != nil {
+			err = &StartError{Module: h.name, Err: ask.ctx.Err()}
+		}
+		if ask.done != nil {
+			ask.done <- err
+		}
+		return nil, err
+	}
+	s.install(nc)
+	h.drains.Add(1)
+	go func() {
+		defer h.drains.Done()
+		h.drain(old, ask.reason, h.opts.ShutdownTimeout)
+		if ask.done != nil {
+			ask.done <- nil
+		}
+	}()
+	return nc, nil
+}
+
+// restart starts a child for the slot after its child died, with backoff,
+// until one is ready or Shutdown begins, when it returns nil.
+func (s *supervisor) restart(failures *int) *child {
+	h := s.h
+	for {
+		d := h.restartDelay(*failures)
+		if d > 0 {
+			h.logf("backing off: %d children in a row died within %v of starting, or failed to start; the next start is in %v", *failures, stableUptime, d)
+			h.post(Event{Kind: ModuleBackoff, Reason: "backoff", Delay: d})
+		}
+		if !s.pause(d) {
+			return nil
+		}
+		c, err := h.startChild(h.life, s.slot)
+		if err == nil {
+			h.mu.Lock()
+			h.restarts++
+			h.mu.Unlock()
+			s.install(c)
+			return c
+		}
+		if h.life.Err() != nil {
+			return nil
+		}
+		h.logf("restart failed: %v", err)
+		var se *StartError
+		errors.As(err, &se)
+		h.post(Event{Kind: ChildExited, Reason: "crash", Err: err, Output: se.Output})
+		*failures++
+		h.mu.Lock()
+		h.lastExit = err.Error()
+		h.restarts++
+		h.mu.Unlock()
+	}
+}
+
+// restartDelay returns how long to wait before the next start, after the
+// given number of failures in a row: children that died within stableUptime
+// of becoming ready, and starts that failed. The first failure restarts at
+// once; each further one doubles the delay from minRestartDelay up to
+// Options.MaxRestartDelay.
+func (h *Handle) restartDelay(failures int) time.Duration {
+	if failures <= 1 {
+		return 0
+	}
+	d := minRestartDelay
+	for i := 2; i < failures && d < h.opts.MaxRestartDelay; i++ {
+		d *= 2
+	}
+	return min(d, h.opts.MaxRestartDelay)
+}
+
+// pause waits d before a restart, advertising when the restart is due. It
+// returns false if Shutdown began meanwhile.
+func (s *supervisor) pause(d time.Duration) bool {
+	h := s.h
+	h.mu.Lock()
+	s.retryAt = time.Now().Add(d)
+	h.mu.Unlock()
+	if d == 0 {
+		return h.life.Err() == nil
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	for {
+		select {
+		case <-t.C:
+			return true
+		case <-h.life.Done():
+			return false
+		case ask := <-s.asks:
+			ask.done <- nil // no child to replace: the next is new anyway
+		}
+	}
+}
+
+// retire takes the dead c out of its slot, reaps it, and reports how it
+// ended.
+func (s *supervisor) retire(c *child) {
+	h := s.h
+	degraded := s.uninstall(c)
+	h.teardown(c)
+	reason, word := c.endReason()
+	tail := c.tail()
+	logged := tail
+	if word == "health" {
+		logged = nil // logged with the reason for the kill
+	}
+	h.mu.Lock()
+	h.lastExit = reason
+	h.mu.Unlock()
+	h.logf("child pid %d (incarnation %d) ended: %s; restarting.%s", c.proc.Pid(), c.incarnation, reason, formatTail(logged))
+	h.post(Event{Kind: ChildExited, Pid: c.proc.Pid(), Incarnation: c.incarnation, Reason: word, Err: c.exitError(), Output: tail})
+	if degraded {
+		h.post(Event{Kind: ModuleDegraded, Reason: word})
+	}
+}
+
+// endReason says how a child that has been reaped ended: in words for the
+// log and Stats, and as an Event reason.
+func (c *child) endReason() (reason, word string) {
+	reason, word = fmt.Sprintf("%v", c.exitErr), "crash"
+	if c.exitErr == nil {
+		reason = "exit status 0"
+	}
+	var ke *killedError
+	var pe *protocolError
+	switch err := c.doneErr(); {
+	case errors.As(err, &ke):
+		reason, word = "killed "+ke.reason, ke.word
+	case errors.As(err, &pe):
+		reason, word = "killed after a "+pe.Error(), "protocol"
+	}
+	return reason, word
+}
+
+// exitError returns how the reaped c ended, as an error.
+func (c *child) exitError() error {
+	if err := c.doneErr(); err != nil && !errors.Is(err, errChildExited) {
+		return err
+	}
+	if c.exitErr != nil {
+		return c.exitErr
+	}
+	return errChildExited
+}
+
+// Bounds of the end of a drain. A child told to stop once its requests
+// have drained ends the handlers whose requests were given up within
+// stopGrace, then exits: the parent waits that long and stopSlack more
+// before it kills it. At the end of a drain's grace, or of a Shutdown's
+// context, the child's requests are canceled and it gets killGrace to exit
+// by itself.
+const (
+	stopSlack = 2 * time.Second
+	killGrace = 500 * time.Millisecond
+)
+
+// drain ends c gracefully, c having left its slot: c's ModuleFunc context
+// is canceled, and once c's requests have ended, or grace has (if not
+// zero), or Shutdown's context, c is told to stop, which cancels the
+// requests left; c is killed if it does not exit in time. c's health checks
+// go on throughout: a child that hangs is killed. drain returns once c has
+// been reaped, and reports its end as an Event with reason, unless c died
+// of something else meanwhile.
+func (h *Handle) drain(c *child, reason string, grace time.Duration) {
+	h.mu.Lock()
+	c.state = "draining"
+	idle := c.idleLocked()
+	h.mu.Unlock()
+	// Sent from goroutines of their own, as a sender may end up writing
+	// to the pipe: a hung child with a full pipe must not hold the drain
+	// in that write.
+	go c.send(outFrame{kind: kindDrain}, h.kill)
+	var timeout <-chan time.Time
+	if grace > 0 {
+		t := time.NewTimer(grace)
+		defer t.Stop()
+		timeout = t.C
+	}
+	wait := stopGrace + stopSlack
+	select {
+	case <-idle:
+	case <-timeout:
+		wait = killGrace
+	case <-h.kill:
+		wait = killGrace
+	case <-c.done:
+	}
+	stopped := false // c was stopped by the drain, not ended by something else
+	select {
+	case <-c.done:
+	default:
+		stopped = true
+		c.endChecks()
+		go func() {
+			c.send(outFrame{kind: kindStop}, h.kill)
+			c.stopWriting() // writeLoop flushes, then closes the child's stdin
+		}()
+		t := time.NewTimer(wait)
+		defer t.Stop()
+		kill := h.kill
+	waiting:
+		for {
+			select {
+			case <-c.exited:
+				break waiting
+			case <-kill:
+				kill = nil
+				t.Reset(killGrace)
+			case <-t.C:
+				c.condemn(&killedError{"as it did not exit in time at the end of a drain", reason})
+				c.proc.Kill()
+				break waiting
+			}
+		}
+	}
+	h.teardown(c)
+	if !stopped {
+		var word string
+		_, word = c.endReason()
+		if word != "crash" || c.exitErr != nil {
+			reason = word
+		}
+	}
+	h.post(Event{Kind: ChildExited, Pid: c.proc.Pid(), Incarnation: c.incarnation, Reason: reason, Err: c.exitError(), Output: c.tail()})
+}
+
+// drainTimeout bounds how long the parent waits, after a child has been
+// reaped, for the child's pipes to reach end of file. Only a process that the
+// module started and that outlived it can hold them open that long.
+const drainTimeout = time.Second
+
+// maxPidsKept bounds the pids a Handle remembers (see pidsStarted).
+const maxPidsKept = 256
+
+// startChild starts a child for slot and waits until it is ready. On
+// failure it leaves nothing running and returns a *StartError.
+func (h *Handle) startChild(ctx context.Context, slot int) (*child, error) {
+	h.mu.Lock()
+	incarnation := h.incarnation
+	h.incarnation++
+	h.mu.Unlock()
+	proc, pipes, err := h.launch(slot, incarnation)
+	if err != nil {
+		return nil, &StartError{Module: h.name, Err: err}
+	}
+	c := newChild(h, incarnation, proc, newConn(pipes.fromChild, pipes.toChild), pipes.accept)
+	c.pipes = pipes
+	c.slot = slot
+	c.source = h.capture.NewSource(h.sourceLabel(slot, proc.Pid()))
+	h.mu.Lock()
+	if len(h.pids) == maxPidsKept {
+		h.pids = append(h.pids[:0], h.pids[1:]...)
+	}
+	h.pids = append(h.pids, proc.Pid())
+	c.state = "starting"
+	h.kids = append(h.kids, c)
+	h.mu.Unlock()
+	c.logs.Add(3)
+	go h.copyLog(c, logcapture.Log, pipes.log)
+	go h.copyLog(c, logcapture.Out, pipes.stdout)
+	go h.copyLog(c, logcapture.Err, pipes.stderr)
+	go c.waitLoop()
+	go c.writeLoop()
+	go c.readLoop()
+	c.send(outFrame{kind: kindHello, msg: &hello{
+		Name:        h.name,
+		Incarnation: c.incarnation,
+		Slot:        slot,
+		Config:      h.opts.Config,
+		LogDir:      h.opts.LogDir,
+	}}, nil)
+
+	timer := time.NewTimer(h.opts.StartTimeout)
+	defer timer.Stop()
+	select {
+	case err = <-c.ready:
+	case <-c.exited:
+		// The child died; readLoop reports how once it reaches the end
+		// of the pipe.
+		err = <-c.ready
+	case <-timer.C:
+		err = ErrStartTimeout
+	case <-ctx.Done():
+		err = ctx.Err()
+	}
+	if err == nil {
+		h.mu.Lock()
+		c.readyAt = time.Now()
+		h.mu.Unlock()
+		if n := h.opts.MaxRequests; n > 0 {
+			c.maxRequests = uint64(max(1, jitter(n)))
+		}
+		c.monitored = make(chan struct{})
+		go h.monitor(c)
+		h.post(Event{Kind: ChildStarted, Pid: proc.Pid(), Incarnation: incarnation})
+		return c, nil
+	}
+	h.teardown(c)
+	if err == io.EOF || err == io.ErrUnexpectedEOF {
+		var ee *exec.ExitError
+		switch {
+		case c.exitErr == nil:
+			err = errors.New("the child exited before it was ready (exit status 0)")
+		case errors.As(c.exitErr, &ee) && ee.ExitCode() < 0:
+			// Ended by a signal, maybe the parent's own kill once the
+			// pipe had closed: the status alone does not say the child
+			// exited.
+			err = fmt.Errorf("the child's protocol pipe (its stdout) closed before it was ready; the child ended with %v", c.exitErr)
+		default:
+			err = fmt.Errorf("the child exited before it was ready (%v)", c.exitErr)
+		}
+	}
+	return nil, &StartError{Module: h.name, Err: err, Output: c.tail()}
+}
+
+// sourceLabel returns what marks the output of the child in slot with pid
+// (see logcapture.Capture.NewSource): nothing for a pool of one, whose
+// output is the module's as it always was.
+func (h *Handle) sourceLabel(slot, pid int) string {
+	if h.opts.Children <= 1 {
+		return ""
+	}
+	return fmt.Sprintf("%d:%d", slot, pid)
+}
+
+// copyLog copies one of the child's output pipes into the module's logs.
+func (h *Handle) copyLog(c *child, s logcapture.Stream, f *os.File) {
+	defer c.logs.Done()
+	c.source.Copy(s, f)
+}
+
+// teardown kills c if it still runs, reaps it, and waits for every goroutine
+// that served it. Requests still pending on c fail. It takes c off the
+// handle's list of children.
+func (h *Handle) teardown(c *child) {
+	c.proc.Kill()
+	<-c.exited
+	drained := time.NewTimer(drainTimeout)
+	defer drained.Stop()
+	select {
+	case <-c.done:
+	case <-drained.C:
+		// Something else holds the child's stdout open; stop reading it.
+		c.pipes.fromChild.Close()
+		<-c.done
+	}
+	c.stopWriting()
+	<-c.wdone
+	logsDone := make(chan struct{})
+	go func() {
+		c.logs.Wait()
+		close(logsDone)
+	}()
+	select {
+	case <-logsDone:
+	case <-drained.C:
+		c.pipes.closeReaders()
+		<-logsDone
+	}
+	c.pipes.closeReaders()
+	c.accept.close() // readLoop, done, has read it
+	if c.monitored != nil {
+		<-c.monitored
+	}
+	h.mu.Lock()
+	for i, k := range h.kids {
+		if k == c {
+			h.kids = append(h.kids[:i], h.kids[i+1:]...)
+			break
+		}
+	}
+	c.state = "exited"
+	h.notifyLocked()
+	h.mu.Unlock()
+}
