@@ -967,8 +967,11 @@ func (h *Handle) Stats() Stats {
 	st.Restarts = h.restarts
 	st.InFlight = h.inFlight
 	st.LastExit = h.lastExit
-	if c := h.newest; c != nil && c.state == "running" {
-		st.Pid, st.Incarnation, st.LastHealth = c.proc.Pid(), c.incarnation, c.lastRTT
+	for i := len(h.kids) - 1; i >= 0; i-- {
+		if c := h.kids[i]; c.state == "running" {
+			st.Pid, st.Incarnation, st.LastHealth = c.proc.Pid(), c.incarnation, c.lastRTT
+			break
+		}
 	}
 	running, healthy := 0, 0
 	for _, c := range h.kids {
