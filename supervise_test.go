@@ -1,0 +1,316 @@
+package subproc
+
+// Table tests of supervision with fake children: the launcher seam starts,
+// instead of a process, a goroutine that speaks the child's side of the
+// protocol over real pipes and misbehaves as each case says. They check
+// backoff, health kills, replacements that fail, and that a slot's
+// trouble stays in its slot, without the cost of real processes.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"os"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/fbbf71ac/subproc/internal/frame"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// fakeBehaviour says how a fake child behaves.
+type fakeBehaviour struct {
+	initErr  string        // fail the start with this init error
+	dieAfter time.Duration // if not zero: exit this long after ready
+	hang     bool          // after ready, read nothing more (health checks fail)
+}
+
+// fakeChildren launches fake children, each behaving as behave says for
+// its slot and incarnation, and records when each started.
+type fakeChildren struct {
+	behave func(slot, incarnation int) fakeBehaviour
+
+	mu     sync.Mutex
+	starts []fakeStart
+	live   sync.WaitGroup
+}
+
+type fakeStart struct {
+	slot, incarnation int
+	at                time.Time
+}
+
+// startsOf returns the starts recorded so far.
+func (f *fakeChildren) startsOf() []fakeStart {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]fakeStart(nil), f.starts...)
+}
+
+// fakeProc is a fake child's process: Kill ends it, Wait waits for it.
+type fakeProc struct {
+	pid    int
+	kill   chan struct{} // closed by Kill
+	once   sync.Once
+	exited chan struct{} // closed when the fake child's goroutine has ended
+}
+
+func (p *fakeProc) Pid() int    { return p.pid }
+func (p *fakeProc) Wait() error { <-p.exited; return nil }
+func (p *fakeProc) Kill()       { p.once.Do(func() { close(p.kill) }) }
+
+var fakePids atomic.Int64
+
+// launch is a launcher.
+func (f *fakeChildren) launch(slot, incarnation int) (process, *childPipes, error) {
+	var parent, child [5]*os.File // to, from, stdout, stderr, log
+	for i := range parent {
+		r, w, err := os.Pipe()
+		if err != nil {
+			return nil, nil, err
+		}
+		if i == 0 {
+			parent[i], child[i] = w, r
+		} else {
+			parent[i], child[i] = r, w
+		}
+	}
+	f.mu.Lock()
+	f.starts = append(f.starts, fakeStart{slot, incarnation, time.Now()})
+	f.mu.Unlock()
+	p := &fakeProc{pid: 1_000_000 + int(fakePids.Add(1)), kill: make(chan struct{}), exited: make(chan struct{})}
+	accept := newLocalWord()
+	b := f.behave(slot, incarnation)
+	f.live.Add(1)
+	go func() {
+		defer f.live.Done()
+		defer close(p.exited)
+		defer func() {
+			for _, c := range child {
+				c.Close()
+			}
+		}()
+		f.serve(p, child[0], child[1], accept, b)
+	}()
+	return p, &childPipes{toChild: parent[0], fromChild: parent[1], stdout: parent[2], stderr: parent[3], log: parent[4], accept: accept}, nil
+}
+
+// serve is the fake child: it answers the handshake, then serves an
+// echo of its identity until it is killed or its behaviour ends it.
+func (f *fakeChildren) serve(p *fakeProc, in, out *os.File, accept *acceptWord, b fakeBehaviour) {
+	// Whatever ends the child closes its pipes: the parent sees it die.
+	go func() {
+		<-p.kill
+		in.Close()
+		out.Close()
+	}()
+	c := newConn(in, out)
+	if frame.ReadPreamble(c.fr.Buffered(), protocolVersion) != nil {
+		return
+	}
+	hdr, err := c.fr.ReadHeader()
+	var hi hello
+	if err != nil || c.readMessage(hdr.Len, new([]byte), &hi) != nil {
+		return
+	}
+	go c.writeLoop()
+	defer func() {
+		c.stopWriting()
+		<-c.wdone
+	}()
+	if b.initErr != "" {
+		c.send(outFrame{kind: kindReady, msg: &ready{Pid: p.pid, Err: b.initErr}}, nil)
+		return
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	srv := newServer(ctx, nil, c, accept, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, "slot=%d inc=%d", hi.Slot, hi.Incarnation)
+	}))
+	c.send(outFrame{kind: kindReady, msg: &ready{Pid: p.pid}}, nil)
+	if b.hang {
+		<-p.kill
+		return
+	}
+	done := make(chan error, 1)
+	go func() { done <- srv.readLoop() }()
+	var die <-chan time.Time
+	if b.dieAfter > 0 {
+		die = time.After(b.dieAfter)
+	}
+	select {
+	case <-done:
+	case <-die:
+		p.Kill()
+		<-done
+	case <-p.kill:
+		<-done
+	}
+	srv.active.Wait()
+}
+
+// startFake starts a Handle on fake children; it is shut down when the test
+// ends.
+func startFake(t *testing.T, f *fakeChildren, opts Options) (*Handle, error) {
+	t.Helper()
+	if opts.Logger == nil {
+		opts.Logger = discardLogger()
+	}
+	h, err := start(context.Background(), "fake", opts, f.launch)
+	if err == nil {
+		t.Cleanup(func() {
+			h.Close()
+			f.live.Wait()
+		})
+	}
+	return h, err
+}
+
+func TestSuperviseFake(t *testing.T) {
+	const maxDelay = 400 * time.Millisecond
+	for _, tc := range []struct {
+		name   string
+		opts   Options
+		behave func(slot, incarnation int) fakeBehaviour
+		check  func(t *testing.T, h *Handle, f *fakeChildren, events *eventLog)
+	}{{
+		name: "children that die young back off",
+		opts: Options{MaxRestartDelay: maxDelay},
+		behave: func(slot, inc int) fakeBehaviour {
+			return fakeBehaviour{dieAfter: 10 * time.Millisecond}
+		},
+		check: func(t *testing.T, h *Handle, f *fakeChildren, events *eventLog) {
+			failWaitUntil(t, 20*time.Second, "7 starts", func() bool { return len(f.startsOf()) >= 7 })
+			starts := f.startsOf()
+			// The delay before start i+1: none after the first death, then
+			// 100ms doubling up to maxDelay.
+			for i, want := range []time.Duration{0, 100, 200, 400, 400} {
+				gap := starts[i+2].at.Sub(starts[i+1].at)
+				want *= time.Millisecond
+				assert.GreaterOrEqual(t, gap, want, "gap before start %d", i+2)
+				assert.Less(t, gap, want+2*time.Second, "gap before start %d", i+2)
+			}
+			assert.GreaterOrEqual(t, events.count(ModuleBackoff, "backoff"), 4)
+		},
+	}, {
+		name: "a hung child is killed after its failed checks",
+		opts: Options{HealthInterval: 20 * time.Millisecond, HealthTimeout: 20 * time.Millisecond, HealthFailures: 3},
+		behave: func(slot, inc int) fakeBehaviour {
+			return fakeBehaviour{hang: inc == 0}
+		},
+		check: func(t *testing.T, h *Handle, f *fakeChildren, events *eventLog) {
+			failWaitUntil(t, 20*time.Second, "a second child", func() bool {
+				st := h.Stats()
+				return st.State == "running" && st.Incarnation == 1
+			})
+			assert.Equal(t, 3, events.count(ChildUnhealthy, "health"))
+			ev := events.first(ChildExited)
+			assert.Equal(t, "health", ev.Reason)
+			var ke *killedError
+			assert.True(t, errors.As(ev.Err, &ke), "ChildExited.Err = %v", ev.Err)
+			assert.Contains(t, h.Stats().LastExit, "3 health checks")
+		},
+	}, {
+		name: "a replacement that fails to start leaves the old child",
+		opts: Options{Children: 2},
+		behave: func(slot, inc int) fakeBehaviour {
+			if inc >= 2 {
+				return fakeBehaviour{initErr: "no more"}
+			}
+			return fakeBehaviour{}
+		},
+		check: func(t *testing.T, h *Handle, f *fakeChildren, events *eventLog) {
+			before := h.Stats().Children
+			err := h.Restart(context.Background())
+			var se *StartError
+			require.True(t, errors.As(err, &se), "Restart: %v", err)
+			assert.Contains(t, err.Error(), "no more")
+			after := h.Stats().Children
+			assert.Equal(t, pidsOf(before), pidsOf(after))
+			assert.Equal(t, 1, events.count(ChildRecycling, "restart"), "the second slot is not tried after the first failed")
+		},
+	}, {
+		name: "one slot's crash loop stays in its slot",
+		opts: Options{Children: 3, MaxRestartDelay: maxDelay},
+		behave: func(slot, inc int) fakeBehaviour {
+			if slot == 1 {
+				return fakeBehaviour{dieAfter: 10 * time.Millisecond}
+			}
+			return fakeBehaviour{}
+		},
+		check: func(t *testing.T, h *Handle, f *fakeChildren, events *eventLog) {
+			failWaitUntil(t, 20*time.Second, "slot 1 restarted 4 times", func() bool {
+				n := 0
+				for _, s := range f.startsOf() {
+					if s.slot == 1 {
+						n++
+					}
+				}
+				return n >= 5
+			})
+			for _, s := range f.startsOf() {
+				if s.slot != 1 {
+					assert.Less(t, s.incarnation, 3, "slot %d was restarted", s.slot)
+				}
+			}
+			assert.Zero(t, events.count(ModuleDegraded, ""), "two slots served throughout")
+			assert.True(t, h.Ready())
+		},
+	}, {
+		name: "MaxRequests replaces a child without backoff",
+		opts: Options{MaxRequests: 5},
+		behave: func(slot, inc int) fakeBehaviour {
+			return fakeBehaviour{}
+		},
+		check: func(t *testing.T, h *Handle, f *fakeChildren, events *eventLog) {
+			srv := serve(t, h)
+			seen := map[string]bool{}
+			for range 40 {
+				code, body := get(t, srv.URL)
+				require.Equal(t, http.StatusOK, code, body)
+				seen[body] = true
+			}
+			assert.GreaterOrEqual(t, len(seen), 6, "children seen: %v", seen)
+			assert.GreaterOrEqual(t, events.count(ChildRecycling, "max-requests"), 6)
+			assert.Zero(t, events.count(ModuleBackoff, ""))
+		},
+	}} {
+		t.Run(tc.name, func(t *testing.T) {
+			var events eventLog
+			f := &fakeChildren{behave: tc.behave}
+			opts := tc.opts
+			opts.OnEvent = events.add
+			h, err := startFake(t, f, opts)
+			require.NoError(t, err)
+			tc.check(t, h, f, &events)
+		})
+	}
+}
+
+// A fake child whose init fails makes Start fail with its error, and
+// leaves nothing running.
+func TestSuperviseFakeStartFails(t *testing.T) {
+	f := &fakeChildren{behave: func(slot, inc int) fakeBehaviour {
+		if slot == 1 {
+			return fakeBehaviour{initErr: "slot 1 cannot start"}
+		}
+		return fakeBehaviour{}
+	}}
+	_, err := startFake(t, f, Options{Children: 2})
+	var se *StartError
+	require.True(t, errors.As(err, &se), "Start: %v", err)
+	assert.Contains(t, err.Error(), "slot 1 cannot start")
+	f.live.Wait() // the first child, which had started, is gone too
+}
+
+func pidsOf(cs []ChildStats) []int {
+	var pids []int
+	for _, c := range cs {
+		pids = append(pids, c.Pid)
+	}
+	return pids
+}
