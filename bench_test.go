@@ -196,6 +196,33 @@ func BenchmarkServeHTTPParallel(b *testing.B) {
 	})
 }
 
+// BenchmarkServeHTTPPool is BenchmarkServeHTTPParallel through pools of
+// one and two children.
+func BenchmarkServeHTTPPool(b *testing.B) {
+	for _, n := range []int{1, 2} {
+		b.Run(fmt.Sprintf("children=%d", n), func(b *testing.B) {
+			h, err := Start(context.Background(), "bench", Options{Logger: discardLogger(), Children: n})
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.Cleanup(func() { h.Close() })
+			b.ReportAllocs()
+			b.SetParallelism(16)
+			b.RunParallel(func(pb *testing.PB) {
+				req := httptest.NewRequest("GET", "/small", nil)
+				for pb.Next() {
+					w := &discardWriter{h: make(http.Header)}
+					h.ServeHTTP(w, req)
+					if w.n != 100 {
+						b.Errorf("body of %d bytes", w.n)
+						return
+					}
+				}
+			})
+		})
+	}
+}
+
 // BenchmarkEcho measures a 64 KiB POST echoed back.
 func BenchmarkEcho(b *testing.B) {
 	h := startBench(b)
