@@ -1,8 +1,10 @@
 module github.com/fbbf71ac/subproc
 
-go 1.26
+go 1.26.0
 
 require go.uber.org/goleak v1.3.0
+
+require golang.org/x/sync v0.25.0 // indirect
 
 require (
 	github.com/stretchr/testify v1.12.1

@@ -17,6 +17,7 @@ import (
 
 	"github.com/fbbf71ac/subproc/internal/frame"
 	"github.com/fbbf71ac/subproc/internal/logcapture"
+	"golang.org/x/sync/semaphore"
 )
 
 // Options configures a module started by Start. The zero value of each field
@@ -112,6 +113,41 @@ type Options struct {
 	// lowered at random by up to 10%.
 	MaxLifetime time.Duration
 
+	// MaxInFlight caps the requests served at once, all children together;
+	// zero means no cap. Requests beyond it wait, in the order they came,
+	// in a queue of MaxQueued for at most RestartWait; those that find the
+	// queue full, or wait in vain, get 503 Service Unavailable with
+	// Retry-After at once. Health checks never wait behind requests.
+	MaxInFlight int
+
+	// MaxQueued is how many requests may wait beyond MaxInFlight; zero
+	// means none wait.
+	MaxQueued int
+
+	// RequestTimeout bounds a request's life, from its arrival: its
+	// context, in the parent and in the child's handler, ends at most this
+	// long after it arrived, or at its own deadline if that comes first.
+	// At the deadline the client gets 504 Gateway Timeout if nothing was
+	// sent yet, an aborted response otherwise. Zero means no bound but the
+	// request's own deadline, which reaches the child all the same.
+	RequestTimeout time.Duration
+
+	// StuckTimeout is how long a handler may run on after its request's
+	// context ended (the client left, or the deadline passed) before its
+	// child counts as stuck: the child's goroutine stacks are written to
+	// the module's log, a ChildStuck event is posted, and the child is
+	// replaced gracefully. Zero means 10s; a negative value, never.
+	StuckTimeout time.Duration
+
+	// MemoryHigh is a child's resident memory, in bytes, past which it is
+	// replaced gracefully (see Restart); MemoryMax, past which it is
+	// killed at once and restarted like a crashed one. Memory is checked
+	// every HealthInterval. Zero means no limit. Unless Env sets
+	// GOMEMLIMIT, a child with a limit gets a GOMEMLIMIT of 90% of the
+	// lower one, so that the Go runtime collects before it is reached.
+	MemoryHigh int64
+	MemoryMax  int64
+
 	// OnEvent, if not nil, is called for every event of the module's life
 	// (see Event): starts, failed health checks, recycling, exits, backoff
 	// and degraded states, in the order they happened, from one goroutine
@@ -144,6 +180,7 @@ func (o Options) withDefaults() Options {
 	if o.Children == 0 {
 		o.Children = 1
 	}
+	def(&o.StuckTimeout, 10*time.Second)
 	if o.LogMaxSize == 0 {
 		o.LogMaxSize = 100
 	}
@@ -183,13 +220,19 @@ func (o Options) validate() error {
 	for _, n := range []struct {
 		name string
 		v    int
-	}{{"Children", o.Children}, {"MaxRequests", o.MaxRequests}} {
+	}{{"Children", o.Children}, {"MaxRequests", o.MaxRequests}, {"MaxInFlight", o.MaxInFlight}, {"MaxQueued", o.MaxQueued}} {
 		if n.v < 0 {
 			return fmt.Errorf("Options.%s is negative (%d)", n.name, n.v)
 		}
 	}
 	if o.MaxLifetime < 0 {
 		return fmt.Errorf("Options.MaxLifetime is negative (%v)", o.MaxLifetime)
+	}
+	if o.RequestTimeout < 0 {
+		return fmt.Errorf("Options.RequestTimeout is negative (%v)", o.RequestTimeout)
+	}
+	if o.MemoryHigh < 0 || o.MemoryMax < 0 {
+		return fmt.Errorf("Options.MemoryHigh (%d) or MemoryMax (%d) is negative", o.MemoryHigh, o.MemoryMax)
 	}
 	if o.LogMaxSize < 0 {
 		return fmt.Errorf("Options.LogMaxSize is negative (%d)", o.LogMaxSize)
@@ -269,8 +312,10 @@ type Handle struct {
 	endLife   context.CancelFunc  // fixed; called with mu held
 	kill      chan struct{}       // closed when a Shutdown's context ends: end the drains
 	killOnce  sync.Once
-	drains    sync.WaitGroup // drains of replaced children
-	done      chan struct{}  // closed when every supervisor and drain has returned and every child is reaped
+	drains    sync.WaitGroup      // drains of replaced children
+	done      chan struct{}       // closed when every supervisor and drain has returned and every child is reaped
+	admission *semaphore.Weighted // fixed; nil without Options.MaxInFlight
+	queued    atomic.Int64        // requests waiting for admission
 
 	mu              sync.Mutex    // guards the fields below, and the fields of children and supervisors that say so
 	changed         chan struct{} // closed, and replaced, whenever a slot's child changes or Shutdown begins
@@ -356,6 +401,9 @@ func start(ctx context.Context, name string, opts Options, launch launcher) (*Ha
 		changed:   make(chan struct{}),
 	}
 	h.events = newEventQueue(opts.OnEvent, h.logf)
+	if opts.MaxInFlight > 0 {
+		h.admission = semaphore.NewWeighted(int64(opts.MaxInFlight))
+	}
 	h.launch = launch
 	if h.launch == nil {
 		h.launch = h.spawn
@@ -429,6 +477,22 @@ func (h *Handle) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, fmt.Sprintf("subproc: module %q: the request's head (about %d bytes) exceeds the %d bytes a message to the module can carry; send fewer or smaller header fields", h.name, n, maxHeadSize), http.StatusRequestHeaderFieldsTooLarge)
 		return
 	}
+	if t := h.opts.RequestTimeout; t > 0 {
+		d := time.Now().Add(t)
+		if cur, ok := r.Context().Deadline(); !ok || d.Before(cur) {
+			ctx, cancel := context.WithDeadlineCause(r.Context(), d, errRequestTimeout)
+			defer cancel()
+			r = r.WithContext(ctx)
+		}
+	}
+	if d, ok := r.Context().Deadline(); ok {
+		head.Deadline = d.UnixNano() // the handler's context in the child ends with ours
+	}
+	if err := h.admit(r.Context()); err != nil {
+		h.unavailable(w, r, err)
+		return
+	}
+	defer h.unadmit()
 	var deadline *time.Timer // see acquire
 	defer func() {
 		if deadline != nil {
@@ -438,7 +502,7 @@ func (h *Handle) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	for {
 		c, err := h.acquire(r.Context(), &deadline)
 		if err != nil {
-			h.unavailable(w, err)
+			h.unavailable(w, r, err)
 			return
 		}
 		s, err := c.open(r, head)
@@ -461,10 +525,57 @@ func (h *Handle) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-// unavailable answers a request that no child could take.
-func (h *Handle) unavailable(w http.ResponseWriter, err error) {
+// errRequestTimeout is the cause of a request context that
+// Options.RequestTimeout ended.
+var errRequestTimeout = errors.New("subproc: the request outlived Options.RequestTimeout")
+
+// errShed reports a request that admission turned away (see
+// Options.MaxInFlight).
+var errShed = errors.New("subproc: too many requests")
+
+// admit reserves, for a request, one of the Options.MaxInFlight places,
+// waiting for one in the queue if it has room. It fails with errShed if
+// there is none in time, or errCanceled if ctx ends first. A request that
+// was admitted must call unadmit.
+func (h *Handle) admit(ctx context.Context) error {
+	if h.admission == nil || h.admission.TryAcquire(1) {
+		return nil
+	}
+	if h.queued.Add(1) > int64(h.opts.MaxQueued) {
+		h.queued.Add(-1)
+		return errShed
+	}
+	defer h.queued.Add(-1)
+	wait, cancel := context.WithTimeout(ctx, h.opts.RestartWait)
+	defer cancel()
+	if err := h.admission.Acquire(wait, 1); err != nil {
+		if ctx.Err() != nil {
+			return errCanceled
+		}
+		return errShed
+	}
+	return nil
+}
+
+// unadmit gives back the place admit reserved.
+func (h *Handle) unadmit() {
+	if h.admission != nil {
+		h.admission.Release(1)
+	}
+}
+
+// unavailable answers a request r that no child could take.
+func (h *Handle) unavailable(w http.ResponseWriter, r *http.Request, err error) {
+	if err == errCanceled && r.Context().Err() == context.DeadlineExceeded {
+		h.count(&h.stats.Timeouts)
+		http.Error(w, fmt.Sprintf("subproc: module %q: the request's deadline passed before a child could take it (%v)", h.name, context.Cause(r.Context())), http.StatusGatewayTimeout)
+		return
+	}
 	h.count(&h.stats.Unavailable)
 	switch err {
+	case errShed:
+		w.Header().Set("Retry-After", "1")
+		http.Error(w, fmt.Sprintf("subproc: module %q is serving its limit of %d requests (Options.MaxInFlight) and has %d waiting (Options.MaxQueued); retry later", h.name, h.opts.MaxInFlight, h.opts.MaxQueued), http.StatusServiceUnavailable)
 	case errCanceled:
 		// The client went away while waiting; nobody reads the answer.
 		http.Error(w, fmt.Sprintf("subproc: module %q: request canceled while the module restarted", h.name), http.StatusServiceUnavailable)
@@ -527,6 +638,14 @@ func (h *Handle) proxy(w http.ResponseWriter, r *http.Request, c *child, s *stre
 		ev, err := s.next(ctx.Done())
 		if err == errCanceled {
 			giveUp(c, s)
+			if ctx.Err() == context.DeadlineExceeded {
+				h.count(&h.stats.Timeouts)
+				if started {
+					panic(http.ErrAbortHandler)
+				}
+				http.Error(w, fmt.Sprintf("subproc: module %q did not answer before the request's deadline (%v)", h.name, context.Cause(ctx)), http.StatusGatewayTimeout)
+				return false
+			}
 			if !started {
 				// Usually nobody reads this. But if the context ended
 				// with the client still there, it must not see an empty

@@ -130,6 +130,7 @@ type requestHead struct {
 	RemoteAddr       string
 	RequestURI       string
 	TLS              *tlsState
+	Deadline         int64 // when the request's context ends, in Unix nanoseconds; 0 for never
 
 	// ResponseHeader is the parent's w.Header() as it was when ServeHTTP
 	// was called: what a middleware in front of the Handle put there. The

@@ -13,6 +13,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/fbbf71ac/subproc/internal/frame"
 )
@@ -286,6 +287,11 @@ func (s *server) bodyError(hdr frame.Header) error {
 	return nil
 }
 
+// errDeadline is the cause of a request context that ended at the
+// deadline the parent gave it: the parent's request context's, or
+// Options.RequestTimeout's.
+var errDeadline = errors.New("subproc: the request's deadline passed (its context's in the parent, or Options.RequestTimeout)")
+
 // errClientGone is what a handler's body read returns once the client has
 // gone away: its connection was reset, or the parent's request ended,
 // while the body was still coming. It matches io.ErrUnexpectedEOF, as
@@ -312,8 +318,19 @@ func (s *server) open(id uint64, flags uint8, head *requestHead) (startingReques
 		s.mu.Unlock()
 		return startingRequest{}, &protocolError{fmt.Sprintf("request id %d reused", id)}
 	}
+	// Canceled without a cause, as net/http cancels a request whose client
+	// went away.
 	ctx, cancel := context.WithCancel(s.ctx)
 	st := &serverStream{cancel: cancel}
+	if head.Deadline != 0 {
+		// The parent's request ends at the same moment, with a 504.
+		var stop context.CancelFunc
+		ctx, stop = context.WithDeadlineCause(ctx, time.Unix(0, head.Deadline), errDeadline)
+		st.cancel = func() {
+			cancel()
+			stop()
+		}
+	}
 	if flags&flagNoBody != 0 {
 		req.Body = http.NoBody
 	} else {

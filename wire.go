@@ -183,6 +183,7 @@ const (
 	headTLSResume
 	headFullDuplex     // responseHead
 	headResponseHeader // requestHead: a ResponseHeader follows the Header
+	headDeadline       // requestHead: a Deadline follows
 )
 
 // GobEncode encodes h for gob.
@@ -208,6 +209,9 @@ func (h *requestHead) GobEncode() ([]byte, error) {
 	if len(h.ResponseHeader) > 0 {
 		flags |= headResponseHeader // else nothing on the wire
 	}
+	if h.Deadline != 0 {
+		flags |= headDeadline
+	}
 	w.uint(flags)
 	for _, s := range []string{h.Method, h.Scheme, h.Opaque, h.User, h.URLHost, h.Path, h.RawPath, h.RawQuery, h.Fragment, h.Proto, h.Host, h.RemoteAddr, h.RequestURI} {
 		w.string(s)
@@ -220,6 +224,9 @@ func (h *requestHead) GobEncode() ([]byte, error) {
 	w.header(h.Header)
 	if flags&headResponseHeader != 0 {
 		w.header(h.ResponseHeader)
+	}
+	if flags&headDeadline != 0 {
+		w.int(h.Deadline)
 	}
 	if t := h.TLS; t != nil {
 		w.uint(uint64(t.Version))
@@ -252,6 +259,11 @@ func (h *requestHead) GobDecode(p []byte) error {
 	if flags&headResponseHeader != 0 {
 		if h.ResponseHeader = r.header(); h.ResponseHeader == nil {
 			r.fail() // the flag says it is not empty
+		}
+	}
+	if flags&headDeadline != 0 {
+		if h.Deadline = r.int(); h.Deadline == 0 {
+			r.fail() // the flag says there is one
 		}
 	}
 	if flags&headTLS != 0 {
