@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
 	"os"
@@ -15,28 +16,55 @@ import (
 )
 
 // The chaos module breaks its own child process on purpose, in the ways a
-// real module breaks, to show what the parent does about each:
+// real module breaks, to show what the parent does about each. It runs in a
+// pool of children: each request below reaches one of them (the least
+// loaded), and only that child breaks; the others serve on.
 //
-//	GET  /api/chaos/hello      a normal answer: the child's pid and incarnation
-//	POST /api/chaos/crash      the child exits mid-request: 502, then a restart
+//	GET  /api/chaos/hello      a normal answer: the child's pid, incarnation and slot
+//	POST /api/chaos/crash      the child exits mid-request: 502, then a new
+//	                           child in its slot
 //	POST /api/chaos/panic      the handler panics: 500, the child lives on
 //	POST /api/chaos/hang       the child stops itself (SIGSTOP): health checks
-//	                           fail, the parent kills and restarts it; the
+//	                           fail, the parent kills and replaces it; the
 //	                           request gets 502
 //	POST /api/chaos/spin?s=3   every core spins for s seconds: the parent and
 //	                           the other modules stay responsive
 //	POST /api/chaos/print      junk on stdout and stderr: it lands in
 //	                           chaos.out and chaos.err, never in the protocol
+//	POST /api/chaos/fail-next-start
+//	                           the next child of the module to start fails
+//	                           its start: a Restart then reports the
+//	                           *subproc.StartError and the old child serves on
 
 func init() { subproc.Register("chaos", newChaosModule) }
 
 // maxSpin bounds the seconds of /api/chaos/spin.
 const maxSpin = 30
 
+// chaosConfig is the chaos module's Options.Config, as JSON.
+type chaosConfig struct {
+	// FailMarker is a file whose existence fails the next start of a
+	// child: the child that finds it removes it and fails. "" disables
+	// /api/chaos/fail-next-start.
+	FailMarker string `json:"failMarker"`
+}
+
 // newChaosModule is the chaos module's subproc.ModuleFunc.
 func newChaosModule(ctx context.Context, env *subproc.Env) (http.Handler, error) {
-	env.Logger.Info("chaos module started", "incarnation", env.Incarnation)
-	m := &chaosModule{env: env}
+	var cfg chaosConfig
+	if len(env.Config) > 0 {
+		if err := json.Unmarshal(env.Config, &cfg); err != nil {
+			return nil, fmt.Errorf("bad config %q: %w", env.Config, err)
+		}
+	}
+	// Removing the marker is what claims the failure: of children that
+	// start at the same time, exactly one fails.
+	if cfg.FailMarker != "" && os.Remove(cfg.FailMarker) == nil {
+		env.Logger.Error("failing this start on purpose", "marker", cfg.FailMarker)
+		return nil, errors.New("failing this start on purpose, as POST /api/chaos/fail-next-start asked; the next start will succeed")
+	}
+	env.Logger.Info("chaos module started", "incarnation", env.Incarnation, "slot", env.Slot)
+	m := &chaosModule{env: env, cfg: cfg}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /api/chaos/hello", m.hello)
 	mux.HandleFunc("POST /api/chaos/crash", m.crash)
@@ -44,12 +72,14 @@ func newChaosModule(ctx context.Context, env *subproc.Env) (http.Handler, error)
 	mux.HandleFunc("POST /api/chaos/hang", m.hang)
 	mux.HandleFunc("POST /api/chaos/spin", m.spin)
 	mux.HandleFunc("POST /api/chaos/print", m.print)
+	mux.HandleFunc("POST /api/chaos/fail-next-start", m.failNextStart)
 	return mux, nil
 }
 
 // chaosModule holds the chaos module's handlers.
 type chaosModule struct {
 	env *subproc.Env // fixed
+	cfg chaosConfig  // fixed
 }
 
 func (m *chaosModule) hello(w http.ResponseWriter, r *http.Request) {
@@ -58,6 +88,7 @@ func (m *chaosModule) hello(w http.ResponseWriter, r *http.Request) {
 		"module":      m.env.Name,
 		"pid":         os.Getpid(),
 		"incarnation": m.env.Incarnation,
+		"slot":        m.env.Slot,
 	})
 }
 
@@ -128,4 +159,17 @@ func (m *chaosModule) print(w http.ResponseWriter, r *http.Request) {
 	syscall.Write(2, junk)
 	m.env.Logger.Info("wrote junk to stdout and stderr")
 	fmt.Fprintf(w, "wrote junk to stdout and stderr; see %s.out and %s.err in the log directory\n", m.env.Name, m.env.Name)
+}
+
+func (m *chaosModule) failNextStart(w http.ResponseWriter, r *http.Request) {
+	if m.cfg.FailMarker == "" {
+		http.Error(w, "chaos: no failMarker in the module's Options.Config: set one to use fail-next-start", http.StatusNotImplemented)
+		return
+	}
+	if err := os.WriteFile(m.cfg.FailMarker, nil, 0o644); err != nil {
+		http.Error(w, "chaos: "+err.Error(), http.StatusInternalServerError)
+		return
+	}
+	m.env.Logger.Warn("the next start of a chaos child will fail", "marker", m.cfg.FailMarker)
+	fmt.Fprintln(w, "the next chaos child to start will fail its start: press Restart to see the *subproc.StartError (the old child serves on), or crash a child to see the backoff")
 }

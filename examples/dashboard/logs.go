@@ -40,7 +40,8 @@ const maxTail = 1000
 
 // logsModule serves one log file.
 type logsModule struct {
-	file string // fixed
+	file string          // fixed
+	ctx  context.Context // fixed; the ModuleFunc's: ends when the child begins to drain
 }
 
 // newLogsModule is the logs module's subproc.ModuleFunc. It starts the
@@ -65,7 +66,7 @@ func newLogsModule(ctx context.Context, env *subproc.Env) (http.Handler, error) 
 	env.Logger.Info("logs module started", "file", cfg.File, "incarnation", env.Incarnation)
 	go appendLoop(ctx, env, f)
 
-	m := &logsModule{file: cfg.File}
+	m := &logsModule{file: cfg.File, ctx: ctx}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /api/logs/tail", m.serveTail)
 	mux.HandleFunc("GET /api/logs/stream", m.serveStream)
@@ -164,7 +165,10 @@ func lastLines(f *os.File, n int) ([]byte, error) {
 
 // serveStream follows the file as text/event-stream: one event per line
 // appended after the request arrived, flushed as it comes, until the client
-// goes away.
+// goes away or the child begins to drain (at a restart or a shutdown). A
+// stream never ends by itself, so it must end at a drain, or the drain
+// would wait for it until its grace period ends; the client (EventSource
+// does) reconnects, and reaches the child that replaces this one.
 func (m *logsModule) serveStream(w http.ResponseWriter, r *http.Request) {
 	f, err := os.Open(m.file)
 	if err != nil {
@@ -213,6 +217,8 @@ func (m *logsModule) serveStream(w http.ResponseWriter, r *http.Request) {
 		}
 		select {
 		case <-r.Context().Done():
+			return
+		case <-m.ctx.Done():
 			return
 		case <-tick.C:
 		}

@@ -3,12 +3,16 @@
 //
 //   - logs appends a line to a file every 500ms and serves its tail and a
 //     live stream of it;
-//   - chaos has endpoints that crash, panic, hang or otherwise abuse its
-//     child on purpose, so that you can watch the parent notice and restart
-//     it.
+//   - chaos runs in a pool of children (three by default, each replaced
+//     after about 100 requests) and has endpoints that crash, panic, hang
+//     or otherwise abuse the child that serves them, so that you can watch
+//     the parent notice, fail only that child's requests, and start a new
+//     child in its slot while the others serve on.
 //
-// The parent serves the page at / and /api/modules (the state of every
-// module); everything under /api/logs and /api/chaos is forwarded to a
+// The parent serves the page at /, the state of every module, child and
+// recent event at /api/state, a rolling restart of a module at
+// POST /api/modules/{name}/restart, and a readiness probe at /readyz (see
+// server.go); everything under /api/logs and /api/chaos is forwarded to a
 // module's child. Run it with
 //
 //	go run ./examples/dashboard
@@ -60,6 +64,7 @@ var routes = []route{
 	{"chaos", http.MethodPost, "/api/chaos/hang"},
 	{"chaos", http.MethodPost, "/api/chaos/spin"},
 	{"chaos", http.MethodPost, "/api/chaos/print"},
+	{"chaos", http.MethodPost, "/api/chaos/fail-next-start"},
 }
 
 // streamingPaths are the routes whose responses never end by themselves.
@@ -70,28 +75,45 @@ var streamingPaths = map[string]bool{"/api/logs/stream": true}
 // moduleNames is the order in which modules are started and listed.
 var moduleNames = []string{"logs", "chaos"}
 
+// config is what run needs to know: where to serve and log, and the shape
+// of the chaos module's pool.
+type config struct {
+	addr        string        // the address to serve on; see listen
+	logdir      string        // Options.LogDir of every module; it must exist
+	poolSize    int           // Options.Children of the chaos module
+	maxRequests int           // Options.MaxRequests of the chaos module; 0: no limit
+	drainGrace  time.Duration // Options.ShutdownTimeout of every module: how long a replaced child's requests may run on
+}
+
 func main() {
 	// In a child process started by subproc.Start, Main runs the module and
 	// never returns. It must come before anything else.
 	subproc.Main()
 
-	addr := flag.String("addr", "localhost:8080", "address to serve on; if its port is busy, a free port is used")
-	logdir := flag.String("logdir", filepath.Join(os.TempDir(), "subproc-dashboard-logs"), "directory for the modules' log files")
+	var cfg config
+	flag.StringVar(&cfg.addr, "addr", "localhost:8080", "address to serve on; if its port is busy, a free port is used")
+	flag.StringVar(&cfg.logdir, "logdir", filepath.Join(os.TempDir(), "subproc-dashboard-logs"), "directory for the modules' log files")
+	flag.IntVar(&cfg.poolSize, "children", 3, "child processes of the chaos module")
+	flag.IntVar(&cfg.maxRequests, "max-requests", 100, "requests a chaos child answers before it is replaced; 0 means no limit")
+	flag.DurationVar(&cfg.drainGrace, "drain", 5*time.Second, "how long a replaced child's requests may run on before they are canceled")
 	flag.Parse()
 	log.SetFlags(0)
 	log.SetPrefix("dashboard: ")
+	if cfg.poolSize < 1 || cfg.maxRequests < 0 || cfg.drainGrace <= 0 {
+		log.Fatal("-children must be 1 or more, -max-requests 0 or more, -drain more than 0")
+	}
 
-	if err := os.MkdirAll(*logdir, 0o755); err != nil {
+	if err := os.MkdirAll(cfg.logdir, 0o755); err != nil {
 		log.Fatal(err)
 	}
-	log.Printf("module logs in %s", *logdir)
+	log.Printf("module logs in %s", cfg.logdir)
 
 	// The first Ctrl-C (or SIGTERM) starts a graceful shutdown; once it
 	// has begun, a second Ctrl-C kills the program at once.
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	context.AfterFunc(ctx, stop)
 
-	err := run(ctx, *addr, *logdir, func(url string) {
+	err := run(ctx, cfg, func(url string) {
 		log.Printf("serving on %s (Ctrl-C to stop)", url)
 	})
 	if err != nil {
@@ -103,42 +125,48 @@ func main() {
 	log.Print("stopped")
 }
 
-// run starts the modules, serves the dashboard on addr until ctx ends, then
-// shuts the server and the modules down. It calls ready with the server's
-// URL once it accepts requests. It returns nil after a clean shutdown.
-func run(ctx context.Context, addr, logdir string, ready func(url string)) (err error) {
-	ln, err := listen(addr)
+// run starts the modules, serves the dashboard on cfg.addr until ctx ends,
+// then shuts the server and the modules down. It calls ready with the
+// server's URL once it accepts requests. It returns nil after a clean
+// shutdown.
+func run(ctx context.Context, cfg config, ready func(url string)) (err error) {
+	ln, err := listen(cfg.addr)
 	if err != nil {
 		return err
 	}
 	defer ln.Close() // in case serving never starts
 
-	handles, err := startModules(ctx, logdir)
+	// events outlives the modules: their last events arrive before
+	// stopModules returns.
+	events := new(eventRing)
+	modules, err := startModules(ctx, cfg, events.add)
 	if err != nil {
 		return err
 	}
 	// The modules stop after the HTTP server, which stops first so that
 	// no new requests reach them.
-	defer func() { err = errors.Join(err, stopModules(handles)) }()
+	defer func() { err = errors.Join(err, stopModules(modules)) }()
 
-	// streams is canceled when shutdown begins; it ends the requests of
+	// closing is canceled when shutdown begins; it ends the requests of
 	// the streaming routes, which http.Server.Shutdown would otherwise
-	// wait for until its timeout.
-	streams, endStreams := context.WithCancel(context.Background())
-	defer endStreams()
+	// wait for until its timeout, and restarts under way.
+	closing, beginClosing := context.WithCancel(context.Background())
+	defer beginClosing()
 
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/html; charset=utf-8")
 		w.Write(indexHTML)
 	})
-	mux.HandleFunc("GET /api/modules", func(w http.ResponseWriter, r *http.Request) {
-		serveModules(w, handles)
-	})
+	newServer(modules, events, closing).register(mux)
+	handles := make(map[string]*subproc.Handle)
+	for _, m := range modules {
+		handles[m.name] = m.h
+	}
 	for _, rt := range routes {
 		var h http.Handler = handles[rt.module].Route(rt.path, rt.method)
 		if streamingPaths[rt.path] {
-			h = endOnShutdown(streams, h)
+			h = endOnShutdown(closing, h)
 		}
 		mux.Handle(rt.path, h)
 	}
@@ -158,7 +186,7 @@ func run(ctx context.Context, addr, logdir string, ready func(url string)) (err 
 	case <-ctx.Done():
 	}
 	log.Print("shutting down")
-	endStreams()
+	beginClosing()
 	sctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
 	defer cancel()
 	if err := srv.Shutdown(sctx); err != nil {
@@ -181,17 +209,27 @@ func listen(addr string) (net.Listener, error) {
 	return ln, err
 }
 
-// startModules starts every module, with its logs in logdir. If one fails to
-// start, it stops those already started and returns the *subproc.StartError.
-func startModules(ctx context.Context, logdir string) (map[string]*subproc.Handle, error) {
-	config, err := json.Marshal(logsConfig{File: filepath.Join(logdir, "events.txt")})
+// startModules starts every module, with its logs in cfg.logdir and its
+// events sent to onEvent. If one fails to start, it stops those already
+// started and returns the *subproc.StartError.
+func startModules(ctx context.Context, cfg config, onEvent func(subproc.Event)) ([]*module, error) {
+	logsCfg, err := json.Marshal(logsConfig{File: filepath.Join(cfg.logdir, "events.txt")})
 	if err != nil {
 		return nil, err
 	}
-	handles := make(map[string]*subproc.Handle)
+	chaosCfg := chaosConfig{FailMarker: filepath.Join(cfg.logdir, "chaos.fail-next-start")}
+	// A marker left by an earlier run would fail this start.
+	if err := os.Remove(chaosCfg.FailMarker); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, err
+	}
+	chaosJSON, err := json.Marshal(chaosCfg)
+	if err != nil {
+		return nil, err
+	}
+	var modules []*module
 	for _, name := range moduleNames {
 		opts := subproc.Options{
-			LogDir: logdir,
+			LogDir: cfg.logdir,
 			// Check often, so that a hung child is noticed, killed and
 			// restarted within about two seconds.
 			HealthInterval: 500 * time.Millisecond,
@@ -200,31 +238,40 @@ func startModules(ctx context.Context, logdir string) (map[string]*subproc.Handl
 			// Requests that arrive while a module restarts wait this
 			// long for the new child, then get 503.
 			RestartWait: 5 * time.Second,
+			// A new child (at a restart too) must be ready this soon.
+			StartTimeout:    10 * time.Second,
+			ShutdownTimeout: cfg.drainGrace,
+			OnEvent:         onEvent,
 		}
-		if name == "logs" {
-			opts.Config = config
+		switch name {
+		case "logs":
+			opts.Config = logsCfg
+		case "chaos":
+			opts.Config = chaosJSON
+			opts.Children = cfg.poolSize
+			opts.MaxRequests = cfg.maxRequests
 		}
 		h, err := subproc.Start(ctx, name, opts)
 		if err != nil {
-			stopModules(handles)
+			stopModules(modules)
 			return nil, err
 		}
-		handles[name] = h
+		modules = append(modules, &module{name: name, h: h, opts: opts})
 	}
-	return handles, nil
+	return modules, nil
 }
 
 // stopModules shuts every module down, giving in-flight requests up to
 // shutdownTimeout in all before their children are killed.
-func stopModules(handles map[string]*subproc.Handle) error {
+func stopModules(modules []*module) error {
 	ctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
 	defer cancel()
-	errs := make(chan error, len(handles))
-	for _, h := range handles {
-		go func() { errs <- h.Shutdown(ctx) }()
+	errs := make(chan error, len(modules))
+	for _, m := range modules {
+		go func() { errs <- m.h.Shutdown(ctx) }()
 	}
 	var err error
-	for range handles {
+	for range modules {
 		err = errors.Join(err, <-errs)
 	}
 	return err
@@ -238,40 +285,4 @@ func endOnShutdown(stop context.Context, h http.Handler) http.Handler {
 		defer context.AfterFunc(stop, cancel)()
 		h.ServeHTTP(w, r.WithContext(ctx))
 	})
-}
-
-// moduleStatus is one module's row in GET /api/modules.
-type moduleStatus struct {
-	Name        string `json:"name"`
-	State       string `json:"state"`
-	Pid         int    `json:"pid"`
-	Incarnation int    `json:"incarnation"`
-	Restarts    int    `json:"restarts"`
-	InFlight    int    `json:"inFlight"`
-	LastHealth  string `json:"lastHealth"` // round trip of the last good health check, e.g. "412µs"
-	LastExit    string `json:"lastExit"`   // how the last child ended; "" if none has
-}
-
-// serveModules answers GET /api/modules with the state of every module.
-func serveModules(w http.ResponseWriter, handles map[string]*subproc.Handle) {
-	list := make([]moduleStatus, 0, len(handles))
-	for _, name := range moduleNames {
-		st := handles[name].Stats()
-		ms := moduleStatus{
-			Name:        st.Module,
-			State:       st.State,
-			Pid:         st.Pid,
-			Incarnation: st.Incarnation,
-			Restarts:    st.Restarts,
-			InFlight:    st.InFlight,
-			LastExit:    st.LastExit,
-		}
-		if st.LastHealth > 0 {
-			ms.LastHealth = st.LastHealth.Round(time.Microsecond).String()
-		}
-		list = append(list, ms)
-	}
-	w.Header().Set("Content-Type", "application/json")
-	w.Header().Set("Cache-Control", "no-store")
-	json.NewEncoder(w).Encode(list)
 }

@@ -5,10 +5,14 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
+	"maps"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -34,8 +38,16 @@ func TestMain(m *testing.M) {
 // waitFor bounds every wait of the test for the dashboard to change.
 const waitFor = 15 * time.Second
 
-// dashboard is a running instance of run, and a client for it.
-type dashboard struct {
+// testConfig is the configuration of the dashboards of the tests: a pool
+// of three chaos children that are never recycled (so that pids change only
+// when a test means them to), and a drain grace longer than waitFor, so
+// that a drain that waits for its grace to end fails the test.
+func testConfig() config {
+	return config{addr: "localhost:0", poolSize: 3, drainGrace: 2 * waitFor}
+}
+
+// testDashboard is a running instance of run, and a client for it.
+type testDashboard struct {
 	t      *testing.T
 	base   string // "http://127.0.0.1:port/"
 	logdir string
@@ -43,16 +55,16 @@ type dashboard struct {
 	stop   func() error // cancels run's context and returns its result
 }
 
-// startDashboard runs the dashboard on a free port until the test ends or
-// d.stop is called.
-func startDashboard(t *testing.T) *dashboard {
+// startDashboard runs the dashboard with cfg, on a free port and with a
+// log directory of its own, until the test ends or d.stop is called.
+func startDashboard(t *testing.T, cfg config) *testDashboard {
 	t.Helper()
-	logdir := t.TempDir()
+	cfg.logdir = t.TempDir()
 	ctx, cancel := context.WithCancel(context.Background())
 	urls := make(chan string, 1)
 	done := make(chan error, 1)
 	go func() {
-		done <- run(ctx, "localhost:0", logdir, func(url string) { urls <- url })
+		done <- run(ctx, cfg, func(url string) { urls <- url })
 	}()
 	var once sync.Once
 	var runErr error
@@ -71,9 +83,9 @@ func startDashboard(t *testing.T) *dashboard {
 
 	transport := &http.Transport{}
 	t.Cleanup(transport.CloseIdleConnections)
-	d := &dashboard{
+	d := &testDashboard{
 		t:      t,
-		logdir: logdir,
+		logdir: cfg.logdir,
 		client: &http.Client{Transport: transport, Timeout: waitFor},
 		stop:   stop,
 	}
@@ -88,26 +100,36 @@ func startDashboard(t *testing.T) *dashboard {
 }
 
 // do sends a request and returns the status, the header and the body.
-func (d *dashboard) do(method, path string) (int, http.Header, string) {
+func (d *testDashboard) do(method, path string) (int, http.Header, string) {
 	d.t.Helper()
-	req, err := http.NewRequest(method, d.base+strings.TrimPrefix(path, "/"), nil)
+	status, h, body, err := d.try(method, path)
 	if err != nil {
 		d.t.Fatal(err)
 	}
+	return status, h, body
+}
+
+// try sends a request and returns the status, the header and the body, or
+// an error. Unlike do, it may be called from any goroutine.
+func (d *testDashboard) try(method, path string) (int, http.Header, string, error) {
+	req, err := http.NewRequest(method, d.base+strings.TrimPrefix(path, "/"), nil)
+	if err != nil {
+		return 0, nil, "", err
+	}
 	res, err := d.client.Do(req)
 	if err != nil {
-		d.t.Fatalf("%s %s: %v", method, path, err)
+		return 0, nil, "", fmt.Errorf("%s %s: %v", method, path, err)
 	}
 	defer res.Body.Close()
 	body, err := io.ReadAll(res.Body)
 	if err != nil {
-		d.t.Fatalf("%s %s: reading the body: %v", method, path, err)
+		return 0, nil, "", fmt.Errorf("%s %s: reading the body: %v", method, path, err)
 	}
-	return res.StatusCode, res.Header, string(body)
+	return res.StatusCode, res.Header, string(body), nil
 }
 
 // expect sends a request and fails the test unless it gets status.
-func (d *dashboard) expect(method, path string, status int) string {
+func (d *testDashboard) expect(method, path string, status int) string {
 	d.t.Helper()
 	got, _, body := d.do(method, path)
 	if got != status {
@@ -116,72 +138,204 @@ func (d *dashboard) expect(method, path string, status int) string {
 	return body
 }
 
-// modules returns GET /api/modules by module name.
-func (d *dashboard) modules() map[string]moduleStatus {
+// state returns GET /api/state.
+func (d *testDashboard) state() stateView {
 	d.t.Helper()
-	var list []moduleStatus
-	if err := json.Unmarshal([]byte(d.expect("GET", "/api/modules", http.StatusOK)), &list); err != nil {
-		d.t.Fatalf("GET /api/modules: %v", err)
+	var st stateView
+	if err := json.Unmarshal([]byte(d.expect("GET", "/api/state", http.StatusOK)), &st); err != nil {
+		d.t.Fatalf("GET /api/state: %v", err)
 	}
-	m := make(map[string]moduleStatus)
-	for _, ms := range list {
-		m[ms.Name] = ms
-	}
-	return m
+	return st
 }
 
-// waitModule polls /api/modules until module's status satisfies ok.
-func (d *dashboard) waitModule(module, what string, ok func(moduleStatus) bool) moduleStatus {
+// module returns module name's status in st, failing the test if st does
+// not list it.
+func (d *testDashboard) module(st stateView, name string) moduleStatus {
+	d.t.Helper()
+	for _, ms := range st.Modules {
+		if ms.Name == name {
+			return ms
+		}
+	}
+	d.t.Fatalf("GET /api/state does not list module %s: %+v", name, st.Modules)
+	return moduleStatus{}
+}
+
+// waitState polls /api/state until ok(state) holds, and returns that state.
+func (d *testDashboard) waitState(what string, ok func(stateView) bool) stateView {
 	d.t.Helper()
 	deadline := time.Now().Add(waitFor)
 	for {
-		ms := d.modules()[module]
-		if ok(ms) {
-			return ms
+		st := d.state()
+		if ok(st) {
+			return st
 		}
 		if time.Now().After(deadline) {
-			d.t.Fatalf("module %s: %s: not within %v; last status %+v", module, what, waitFor, ms)
+			d.t.Fatalf("%s: not within %v; last state:\n%s", what, waitFor, dump(st))
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
 }
 
-// hello returns the chaos child's answer to GET /api/chaos/hello.
-func (d *dashboard) hello() (pid, incarnation int) {
+// dump formats st for a failure message.
+func dump(st stateView) string {
+	b, _ := json.MarshalIndent(st, "", "  ")
+	return string(b)
+}
+
+// serving returns the pid of each slot's child that serves (is running,
+// or has failed fewer health checks than it takes to be killed), if every
+// slot of ms has exactly one such child; ok is false otherwise, as while a
+// slot's child restarts or is being replaced.
+func serving(ms moduleStatus) (pids map[int]int, ok bool) {
+	pids = make(map[int]int)
+	for _, c := range ms.Children {
+		switch c.State {
+		case "running", "unhealthy":
+		default:
+			return nil, false
+		}
+		if _, dup := pids[c.Slot]; dup {
+			return nil, false
+		}
+		pids[c.Slot] = c.Pid
+	}
+	return pids, len(pids) == ms.PoolSize
+}
+
+// waitPool waits until every slot of module name has a child that serves,
+// and ok holds for their pids by slot; it returns those pids.
+func (d *testDashboard) waitPool(name, what string, ok func(pids map[int]int) bool) map[int]int {
 	d.t.Helper()
-	var v struct{ Pid, Incarnation int }
+	var pids map[int]int
+	d.waitState(what, func(st stateView) bool {
+		p, full := serving(d.module(st, name))
+		pids = p
+		return full && ok(p)
+	})
+	return pids
+}
+
+// findEvent returns the newest event of st that matches kind and pid
+// (0 for any), and whether there is one.
+func findEvent(st stateView, module, kind string, pid int) (eventView, bool) {
+	for _, e := range st.Events {
+		if e.Module == module && e.Kind == kind && (pid == 0 || e.Pid == pid) {
+			return e, true
+		}
+	}
+	return eventView{}, false
+}
+
+// waitEvent waits for an event of module with kind and pid, and returns it.
+func (d *testDashboard) waitEvent(module, kind string, pid int) eventView {
+	d.t.Helper()
+	var ev eventView
+	d.waitState(fmt.Sprintf("event %s of module %s for pid %d", kind, module, pid), func(st stateView) bool {
+		var ok bool
+		ev, ok = findEvent(st, module, kind, pid)
+		return ok
+	})
+	return ev
+}
+
+// helloAnswer is the chaos child's answer to GET /api/chaos/hello.
+type helloAnswer struct{ Pid, Incarnation, Slot int }
+
+// hello returns the chaos child's answer to GET /api/chaos/hello.
+func (d *testDashboard) hello() helloAnswer {
+	d.t.Helper()
+	var v helloAnswer
 	if err := json.Unmarshal([]byte(d.expect("GET", "/api/chaos/hello", http.StatusOK)), &v); err != nil {
 		d.t.Fatalf("GET /api/chaos/hello: %v", err)
 	}
-	return v.Pid, v.Incarnation
+	return v
+}
+
+// restart asks for a restart of module name, and returns the status and
+// the answer.
+func (d *testDashboard) restart(name string) (int, restartResult) {
+	d.t.Helper()
+	status, _, body := d.do("POST", "/api/modules/"+name+"/restart")
+	var res restartResult
+	if err := json.Unmarshal([]byte(body), &res); err != nil {
+		d.t.Fatalf("POST /api/modules/%s/restart: status %d, %v; body: %s", name, status, err, body)
+	}
+	return status, res
+}
+
+// waitGone waits until no process has pid.
+func waitGone(t *testing.T, pid int, what string) {
+	t.Helper()
+	deadline := time.Now().Add(waitFor)
+	for syscall.Kill(pid, 0) == nil {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: pid %d still exists after %v", what, pid, waitFor)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// changedSlots returns the slots whose pid differs between before and after.
+func changedSlots(before, after map[int]int) []int {
+	var slots []int
+	for slot, pid := range after {
+		if before[slot] != pid {
+			slots = append(slots, slot)
+		}
+	}
+	slices.Sort(slots)
+	return slots
 }
 
 func TestDashboard(t *testing.T) {
-	d := startDashboard(t)
+	d := startDashboard(t, testConfig())
 
-	// Every module runs, in a child of its own.
-	mods := d.modules()
+	// Every module runs in children of its own: chaos in a pool of three,
+	// one row per child.
+	st := d.state()
+	if len(st.Modules) != len(moduleNames) {
+		t.Errorf("/api/state lists %d modules, want %d:\n%s", len(st.Modules), len(moduleNames), dump(st))
+	}
 	for _, name := range moduleNames {
-		ms, ok := mods[name]
-		switch {
-		case !ok:
-			t.Fatalf("/api/modules does not list %s: %+v", name, mods)
-		case ms.State != "running" || ms.Pid == 0 || ms.Pid == os.Getpid():
-			t.Fatalf("module %s: %+v, want running in a child", name, ms)
+		ms := d.module(st, name)
+		if ms.State != "running" || !ms.Ready || ms.Pid == 0 || ms.Pid == os.Getpid() {
+			t.Fatalf("module %s: %+v, want running and ready in a child", name, ms)
 		}
 	}
-	if len(mods) != len(moduleNames) {
-		t.Errorf("/api/modules lists %d modules, want %d: %+v", len(mods), len(moduleNames), mods)
+	chaos := d.module(st, "chaos")
+	pool, full := serving(chaos)
+	if chaos.PoolSize != 3 || len(chaos.Children) != 3 || !full {
+		t.Fatalf("chaos: pool size %d, %d child rows (%+v), want 3 running children in slots 0, 1, 2", chaos.PoolSize, len(chaos.Children), chaos.Children)
+	}
+	if n := len(d.module(st, "logs").Children); n != 1 {
+		t.Errorf("logs: %d child rows, want 1", n)
+	}
+	for _, c := range chaos.Children {
+		if c.Pid == os.Getpid() || c.Started.IsZero() || c.Age == "" {
+			t.Errorf("chaos child %+v: want a child of its own, with a start time and an age", c)
+		}
+	}
+	for slot := range 3 {
+		if _, ok := findEvent(st, "chaos", "ChildStarted", pool[slot]); !ok {
+			t.Errorf("no ChildStarted event for the chaos child in slot %d (pid %d):\n%s", slot, pool[slot], dump(st))
+		}
+	}
+	if !st.Ready {
+		t.Errorf("/api/state: ready false, want true")
+	}
+	if body := d.expect("GET", "/readyz", http.StatusOK); body != "ready\n" {
+		t.Errorf("GET /readyz: %q, want \"ready\\n\"", body)
 	}
 
-	if body := d.expect("GET", "/", http.StatusOK); !strings.Contains(body, "/api/modules") {
+	if body := d.expect("GET", "/", http.StatusOK); !strings.Contains(body, "/api/state") {
 		t.Errorf("GET / does not serve the dashboard page: %.200s", body)
 	}
 
-	// A normal answer comes from the child /api/modules shows.
-	pid, inc := d.hello()
-	if pid != mods["chaos"].Pid || inc != 0 {
-		t.Errorf("hello: pid %d incarnation %d, want pid %d incarnation 0", pid, inc, mods["chaos"].Pid)
+	// A normal answer comes from one of the children /api/state shows.
+	hi := d.hello()
+	if pool[hi.Slot] != hi.Pid {
+		t.Errorf("hello: %+v, want one of the pool's children %v", hi, pool)
 	}
 
 	// Route answers another method itself.
@@ -191,37 +345,60 @@ func TestDashboard(t *testing.T) {
 
 	// A panic is a 500 and the child lives on.
 	d.expect("POST", "/api/chaos/panic", http.StatusInternalServerError)
-	if p, _ := d.hello(); p != pid {
-		t.Errorf("after a panic, the chaos child is pid %d, want still %d", p, pid)
+	if p, _ := serving(d.module(d.state(), "chaos")); !maps.Equal(p, pool) {
+		t.Errorf("after a panic, the chaos children are %v, want still %v", p, pool)
 	}
 
 	// Junk on the child's stdout goes to chaos.out, not into the protocol.
 	d.expect("POST", "/api/chaos/print", http.StatusOK)
-	if p, _ := d.hello(); p != pid {
-		t.Errorf("after printing junk, the chaos child is pid %d, want still %d", p, pid)
+	if p, _ := serving(d.module(d.state(), "chaos")); !maps.Equal(p, pool) {
+		t.Errorf("after printing junk, the chaos children are %v, want still %v", p, pool)
 	}
 	waitFile(t, filepath.Join(d.logdir, "chaos.out"), "fmt.Println to stdout")
 
-	// A crash is a 502, and a new child takes over.
+	// A crash is a 502 and costs the pool one child, which a new child
+	// replaces in its slot; the others serve on.
 	d.expect("POST", "/api/chaos/crash", http.StatusBadGateway)
-	ms := d.waitModule("chaos", "restarted after a crash", func(ms moduleStatus) bool {
-		return ms.State == "running" && ms.Incarnation == 1
+	after := d.waitPool("chaos", "a new child after a crash", func(p map[int]int) bool {
+		return len(changedSlots(pool, p)) > 0
 	})
-	if ms.Pid == pid || ms.Restarts != 1 || ms.LastExit == "" {
-		t.Errorf("after a crash: %+v, want a new pid, 1 restart and a last exit", ms)
+	changed := changedSlots(pool, after)
+	if len(changed) != 1 {
+		t.Fatalf("after one crash, the chaos children went from %v to %v, want one changed", pool, after)
 	}
-	if p, inc := d.hello(); p != ms.Pid || inc != 1 {
-		t.Errorf("hello after a crash: pid %d incarnation %d, want pid %d incarnation 1", p, inc, ms.Pid)
+	lost := pool[changed[0]]
+	exit := d.waitEvent("chaos", "ChildExited", lost)
+	if exit.Reason != "crash" || exit.Error == "" {
+		t.Errorf("the crashed child's exit: %+v, want reason crash and an error", exit)
 	}
+	d.waitEvent("chaos", "ChildStarted", after[changed[0]])
+	st = d.state()
+	if ms := d.module(st, "chaos"); ms.Restarts != 1 || ms.LastExit == "" || ms.BadGateway != 1 {
+		t.Errorf("after a crash: %+v, want 1 restart, a last exit and one 502", ms)
+	}
+	if hi := d.hello(); after[hi.Slot] != hi.Pid {
+		t.Errorf("hello after a crash: %+v, want one of %v", hi, after)
+	}
+	pool = after
 
-	// A child that stops itself fails its health checks and is replaced.
+	// A child that stops itself fails its health checks and is replaced;
+	// the others serve on.
 	start := time.Now()
 	d.expect("POST", "/api/chaos/hang", http.StatusBadGateway)
 	t.Logf("a hung child was noticed and its request failed in %v", time.Since(start).Round(time.Millisecond))
-	ms = d.waitModule("chaos", "restarted after a hang", func(ms moduleStatus) bool {
-		return ms.State == "running" && ms.Incarnation >= 2
+	after = d.waitPool("chaos", "a new child after a hang", func(p map[int]int) bool {
+		return len(changedSlots(pool, p)) > 0
 	})
-	if !strings.Contains(ms.LastExit, "health") {
+	if changed := changedSlots(pool, after); len(changed) != 1 {
+		t.Fatalf("after one hang, the chaos children went from %v to %v, want one changed", pool, after)
+	} else {
+		hung := pool[changed[0]]
+		d.waitEvent("chaos", "ChildUnhealthy", hung)
+		if exit := d.waitEvent("chaos", "ChildExited", hung); exit.Reason != "health" {
+			t.Errorf("the hung child's exit: %+v, want reason health", exit)
+		}
+	}
+	if ms := d.module(d.state(), "chaos"); !strings.Contains(ms.LastExit, "health") {
 		t.Errorf("after a hang, last exit %q, want one that names the health checks", ms.LastExit)
 	}
 
@@ -239,47 +416,405 @@ func TestDashboard(t *testing.T) {
 		time.Sleep(100 * time.Millisecond)
 	}
 	d.expect("GET", "/api/logs/tail?n=0", http.StatusBadRequest)
-	readEvent(t, d)
+	stream := openStream(t, d)
+	stream.next()
+	stream.close()
 
 	// Shutting down returns nil and leaves no child behind.
-	final := d.modules()
+	final := d.state()
 	if err := d.stop(); err != nil {
 		t.Fatalf("run: %v", err)
 	}
-	for name, ms := range final {
-		if err := syscall.Kill(ms.Pid, 0); !errors.Is(err, syscall.ESRCH) {
-			t.Errorf("module %s: child pid %d still exists after run returned (kill 0: %v)", name, ms.Pid, err)
+	for _, ms := range final.Modules {
+		for _, c := range ms.Children {
+			if err := syscall.Kill(c.Pid, 0); !errors.Is(err, syscall.ESRCH) {
+				t.Errorf("module %s: child pid %d still exists after run returned (kill 0: %v)", ms.Name, c.Pid, err)
+			}
 		}
 	}
 }
 
-// readEvent reads one event of GET /api/logs/stream, then hangs up.
-func readEvent(t *testing.T, d *dashboard) {
+// TestPoolChildKilled kills one child of the pool from outside: the event
+// list shows its exit, with its last output on demand, and a new child
+// takes its slot while the others keep their pids.
+func TestPoolChildKilled(t *testing.T) {
+	d := startDashboard(t, testConfig())
+	pool := d.waitPool("chaos", "a full pool", func(map[int]int) bool { return true })
+
+	victim := pool[1]
+	if err := syscall.Kill(victim, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	after := d.waitPool("chaos", "a new child in slot 1", func(p map[int]int) bool { return p[1] != victim })
+	if changed := changedSlots(pool, after); !slices.Equal(changed, []int{1}) {
+		t.Errorf("after killing slot 1's child, the pool went from %v to %v, want only slot 1 changed", pool, after)
+	}
+	exit := d.waitEvent("chaos", "ChildExited", victim)
+	if exit.Error == "" || !strings.Contains(exit.Error, "kill") {
+		t.Errorf("the killed child's exit: %+v, want an error that says it was killed", exit)
+	}
+	d.waitEvent("chaos", "ChildStarted", after[1])
+
+	// Its last output lines are there on demand.
+	if exit.OutputLines == 0 {
+		t.Fatalf("the killed child's exit has no output lines: %+v", exit)
+	}
+	out := d.expect("GET", fmt.Sprintf("/api/events/%d/output", exit.Seq), http.StatusOK)
+	if !strings.Contains(out, "chaos module started") {
+		t.Errorf("the killed child's last output %q, want its log's first line", out)
+	}
+	d.expect("GET", fmt.Sprintf("/api/events/%d/output", exit.Seq+1000), http.StatusNotFound)
+	d.expect("GET", "/api/events/x/output", http.StatusBadRequest)
+
+	// The others kept serving throughout.
+	for range 6 {
+		if hi := d.hello(); after[hi.Slot] != hi.Pid {
+			t.Errorf("hello: %+v, want one of %v", hi, after)
+		}
+	}
+}
+
+// TestRestart presses Restart for the pool: every child is replaced, one at
+// a time, while requests keep succeeding, and the events show each
+// replacement.
+func TestRestart(t *testing.T) {
+	d := startDashboard(t, testConfig())
+	pool := d.waitPool("chaos", "a full pool", func(map[int]int) bool { return true })
+
+	// Clients hammer the pool throughout the restart.
+	stop := make(chan struct{})
+	type outcome struct {
+		ok       int
+		failures []string
+	}
+	outcomes := make(chan outcome)
+	const clients = 2
+	for range clients {
+		go func() {
+			var o outcome
+			for {
+				select {
+				case <-stop:
+					outcomes <- o
+					return
+				default:
+				}
+				status, _, body, err := d.try("GET", "/api/chaos/hello")
+				switch {
+				case err != nil:
+					o.failures = append(o.failures, err.Error())
+				case status != http.StatusOK:
+					o.failures = append(o.failures, fmt.Sprintf("status %d: %s", status, body))
+				default:
+					o.ok++
+				}
+			}
+		}()
+	}
+
+	status, res := d.restart("chaos")
+	close(stop)
+	var total outcome
+	for range clients {
+		o := <-outcomes
+		total.ok += o.ok
+		total.failures = append(total.failures, o.failures...)
+	}
+	if status != http.StatusOK || !res.OK || res.Error != "" || res.StartError != nil {
+		t.Fatalf("POST /api/modules/chaos/restart: status %d, %+v; want 200 and ok", status, res)
+	}
+	t.Logf("restart took %s; %d requests succeeded meanwhile", res.Took, total.ok)
+	if len(total.failures) > 0 {
+		t.Errorf("%d of %d requests failed during the restart, the first: %s", len(total.failures), total.ok+len(total.failures), total.failures[0])
+	}
+	if total.ok == 0 {
+		t.Errorf("no request was answered during the restart")
+	}
+
+	// Every child is new, and every old one is gone.
+	st := d.state()
+	after, full := serving(d.module(st, "chaos"))
+	if !full {
+		t.Fatalf("after the restart, the pool is not full:\n%s", dump(st))
+	}
+	if changed := changedSlots(pool, after); len(changed) != 3 {
+		t.Errorf("after the restart, the pool went from %v to %v, want every pid new", pool, after)
+	}
+	for slot, pid := range pool {
+		waitGone(t, pid, fmt.Sprintf("the old child of slot %d", slot))
+		if ev := d.waitEvent("chaos", "ChildRecycling", pid); ev.Reason != "restart" {
+			t.Errorf("slot %d's old child: %+v, want ChildRecycling for the reason restart", slot, ev)
+		}
+		d.waitEvent("chaos", "ChildExited", pid)
+	}
+	for _, pid := range after {
+		d.waitEvent("chaos", "ChildStarted", pid)
+	}
+	if ms := d.module(d.state(), "chaos"); ms.Restarting || !ms.Ready || ms.BadGateway != 0 || ms.Unavailable != 0 {
+		t.Errorf("after the restart: %+v, want ready, no restart under way, no 502 nor 503", ms)
+	}
+}
+
+// TestRestartStartError makes the next start of a chaos child fail: Restart
+// then answers with the *subproc.StartError, and the old children serve on.
+func TestRestartStartError(t *testing.T) {
+	d := startDashboard(t, testConfig())
+	pool := d.waitPool("chaos", "a full pool", func(map[int]int) bool { return true })
+
+	d.expect("POST", "/api/chaos/fail-next-start", http.StatusOK)
+	status, res := d.restart("chaos")
+	if status != http.StatusInternalServerError || res.OK || res.StartError == nil {
+		t.Fatalf("restart with a failing start: status %d, %+v; want 500 and a startError", status, res)
+	}
+	const why = "failing this start on purpose"
+	if se := res.StartError; se.Module != "chaos" || !strings.Contains(se.Err, why) {
+		t.Errorf("startError %+v, want module chaos and the module's own error %q", se, why)
+	}
+	if !strings.Contains(res.Error, `module "chaos"`) || !strings.Contains(res.Error, why) {
+		t.Errorf("error %q, want one that names the module and says why", res.Error)
+	}
+	if !slices.ContainsFunc(res.StartError.Output, func(l string) bool { return strings.Contains(l, why) }) {
+		t.Errorf("startError output %q, want the failing child's log line", res.StartError.Output)
+	}
+
+	// The old children serve on.
+	st := d.state()
+	if p, _ := serving(d.module(st, "chaos")); !maps.Equal(p, pool) {
+		t.Errorf("after a failed restart, the chaos children are %v, want still %v", p, pool)
+	}
+	if !d.module(st, "chaos").Ready || d.module(st, "chaos").Restarting {
+		t.Errorf("after a failed restart: %+v, want ready and no restart under way", d.module(st, "chaos"))
+	}
+	d.hello()
+
+	// The failure was for one start only.
+	if status, res := d.restart("chaos"); status != http.StatusOK || !res.OK {
+		t.Fatalf("second restart: status %d, %+v; want 200 and ok", status, res)
+	}
+}
+
+// TestRestartEndsStreams restarts the logs module while its event stream is
+// open: the stream ends as the old child begins to drain, so the restart
+// does not wait for the drain's grace period (longer than waitFor here).
+func TestRestartEndsStreams(t *testing.T) {
+	d := startDashboard(t, testConfig())
+	stream := openStream(t, d)
+	defer stream.close()
+	stream.next()
+
+	status, res := d.restart("logs")
+	if status != http.StatusOK || !res.OK {
+		t.Fatalf("POST /api/modules/logs/restart: status %d, %+v; want 200 and ok", status, res)
+	}
+	t.Logf("the logs module restarted in %s with a stream open", res.Took)
+	stream.waitEnd()
+
+	// A new stream reaches the new child.
+	pid := d.module(d.state(), "logs").Pid
+	again := openStream(t, d)
+	defer again.close()
+	if line := again.next(); !strings.Contains(line, fmt.Sprintf("pid=%d ", pid)) {
+		t.Errorf("a new stream's first line %q, want one from the new child, pid %d", line, pid)
+	}
+}
+
+// TestRecycling gives the chaos children a MaxRequests: requests beyond it
+// replace a child, which the events show, and no request fails.
+func TestRecycling(t *testing.T) {
+	cfg := testConfig()
+	cfg.maxRequests = 5
+	d := startDashboard(t, cfg)
+	for range 30 {
+		d.hello()
+	}
+	ev := d.waitEvent("chaos", "ChildRecycling", 0)
+	if ev.Reason != "max-requests" {
+		t.Errorf("recycling: %+v, want the reason max-requests", ev)
+	}
+	if ms := d.module(d.state(), "chaos"); ms.BadGateway != 0 || ms.Unavailable != 0 {
+		t.Errorf("after recycling: %+v, want no 502 nor 503", ms)
+	}
+}
+
+// TestReadyz checks that /readyz names a module that is not ready.
+func TestReadyz(t *testing.T) {
+	h, err := subproc.Start(context.Background(), "chaos", subproc.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := newServer([]*module{{name: "chaos", h: h}}, new(eventRing), context.Background())
+	for _, tc := range []struct {
+		name   string
+		status int
+		body   string
+	}{
+		{"running", http.StatusOK, "ready\n"},
+		{"shut down", http.StatusServiceUnavailable, "not ready: chaos\n"},
+	} {
+		if tc.name == "shut down" {
+			if err := h.Close(); err != nil {
+				t.Fatal(err)
+			}
+		}
+		w := httptest.NewRecorder()
+		s.serveReady(w, httptest.NewRequest("GET", "/readyz", nil))
+		if w.Code != tc.status || w.Body.String() != tc.body {
+			t.Errorf("%s: GET /readyz: %d %q, want %d %q", tc.name, w.Code, w.Body, tc.status, tc.body)
+		}
+	}
+}
+
+// TestRestartRefused checks the restarts the dashboard refuses before
+// calling Handle.Restart.
+func TestRestartRefused(t *testing.T) {
+	busy := &module{name: "chaos"} // no handle: it must not be used
+	busy.restarting.Store(true)
+	s := newServer([]*module{busy}, new(eventRing), context.Background())
+	mux := http.NewServeMux()
+	s.register(mux)
+	for _, tc := range []struct {
+		path   string
+		status int
+		want   string
+	}{
+		{"/api/modules/chaos/restart", http.StatusConflict, "already under way"},
+		{"/api/modules/nosuch/restart", http.StatusNotFound, `there is no module "nosuch"`},
+	} {
+		w := httptest.NewRecorder()
+		mux.ServeHTTP(w, httptest.NewRequest("POST", tc.path, nil))
+		var res restartResult
+		if err := json.Unmarshal(w.Body.Bytes(), &res); err != nil {
+			t.Fatalf("POST %s: %v; body %q", tc.path, err, w.Body)
+		}
+		if w.Code != tc.status || res.OK || !strings.Contains(res.Error, tc.want) {
+			t.Errorf("POST %s: %d %+v, want %d and an error with %q", tc.path, w.Code, res, tc.status, tc.want)
+		}
+	}
+	if !busy.restarting.Load() {
+		t.Errorf("a refused restart cleared the flag of the one under way")
+	}
+}
+
+// TestEventRing checks that the ring keeps the last maxEvents events,
+// newest first, and their output while it keeps them.
+func TestEventRing(t *testing.T) {
+	var r eventRing
+	const n = maxEvents + 50
+	for i := 1; i <= n; i++ {
+		r.add(subproc.Event{Module: "m", Kind: subproc.ChildExited, Pid: i, Output: []string{fmt.Sprint("line of ", i)}})
+	}
+	views := r.views()
+	if len(views) != maxEvents {
+		t.Fatalf("%d events kept, want %d", len(views), maxEvents)
+	}
+	for i, v := range views {
+		if want := uint64(n - i); v.Seq != want || v.Pid != int(want) || v.Kind != "ChildExited" || v.OutputLines != 1 {
+			t.Fatalf("views()[%d] = %+v, want event %d, a ChildExited with 1 output line", i, v, want)
+		}
+	}
+	for _, tc := range []struct {
+		seq  uint64
+		ok   bool
+		want string
+	}{
+		{0, false, ""},
+		{n - maxEvents, false, ""},
+		{n - maxEvents + 1, true, fmt.Sprintf("line of %d\n", n-maxEvents+1)},
+		{n, true, fmt.Sprintf("line of %d\n", n)},
+		{n + 1, false, ""},
+	} {
+		if got, ok := r.output(tc.seq); ok != tc.ok || got != tc.want {
+			t.Errorf("output(%d) = %q, %v; want %q, %v", tc.seq, got, ok, tc.want, tc.ok)
+		}
+	}
+}
+
+// A stream is an open GET /api/logs/stream.
+type stream struct {
+	t      *testing.T
+	res    *http.Response
+	cancel context.CancelFunc
+	lines  chan string // the data of each event; closed at the stream's end
+}
+
+// openStream opens GET /api/logs/stream.
+func openStream(t *testing.T, d *testDashboard) *stream {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), waitFor)
-	defer cancel()
+	ctx, cancel := context.WithCancel(context.Background())
 	req, err := http.NewRequestWithContext(ctx, "GET", d.base+"api/logs/stream", nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	res, err := d.client.Transport.RoundTrip(req) // no client timeout: the stream does not end
 	if err != nil {
+		cancel()
 		t.Fatalf("GET /api/logs/stream: %v", err)
 	}
-	defer res.Body.Close()
 	if ct := res.Header.Get("Content-Type"); res.StatusCode != http.StatusOK || ct != "text/event-stream" {
+		res.Body.Close()
+		cancel()
 		t.Fatalf("GET /api/logs/stream: status %d, content type %q", res.StatusCode, ct)
 	}
-	sc := bufio.NewScanner(res.Body)
+	s := &stream{t: t, res: res, cancel: cancel, lines: make(chan string)}
+	go s.readLoop(ctx)
+	return s
+}
+
+// readLoop sends each event's data to s.lines until the stream ends.
+func (s *stream) readLoop(ctx context.Context) {
+	defer close(s.lines)
+	sc := bufio.NewScanner(s.res.Body)
 	for sc.Scan() {
 		if line, ok := strings.CutPrefix(sc.Text(), "data: "); ok {
-			if !strings.Contains(line, "seq=") {
-				t.Errorf("stream event %q, want a line of the file", line)
+			select {
+			case s.lines <- line:
+			case <-ctx.Done():
+				return
 			}
-			return
 		}
 	}
-	t.Fatalf("GET /api/logs/stream ended without an event: %v", sc.Err())
+}
+
+// next returns the next event's data, which must be a line of the file.
+func (s *stream) next() string {
+	s.t.Helper()
+	select {
+	case line, ok := <-s.lines:
+		if !ok {
+			s.t.Fatal("GET /api/logs/stream ended without an event")
+		}
+		if !strings.Contains(line, "seq=") {
+			s.t.Errorf("stream event %q, want a line of the file", line)
+		}
+		return line
+	case <-time.After(waitFor):
+		s.t.Fatalf("GET /api/logs/stream: no event within %v", waitFor)
+		return ""
+	}
+}
+
+// waitEnd waits for the stream to end by itself, skipping its events.
+func (s *stream) waitEnd() {
+	s.t.Helper()
+	timeout := time.After(waitFor)
+	for {
+		select {
+		case _, ok := <-s.lines:
+			if !ok {
+				return
+			}
+		case <-timeout:
+			s.t.Fatalf("GET /api/logs/stream did not end within %v", waitFor)
+		}
+	}
+}
+
+// close hangs up and waits for readLoop to return.
+func (s *stream) close() {
+	s.cancel()
+	s.res.Body.Close()
+	for range s.lines {
+	}
 }
 
 // waitFile waits until the file at path contains want.
