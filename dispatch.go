@@ -279,7 +279,7 @@ type child struct {
 	slot        int                // fixed; the slot of the pool it fills
 	readyAt     time.Time          // when it became ready; written by startChild with h.mu held
 	maxRequests uint64             // fixed once ready; its MaxRequests, jittered; 0 for none
-	recycle     chan struct{}      // capacity 1; sent once it has answered maxRequests
+	recycle     chan string        // capacity 1; the reason it is due for recycling, sent once (see askRecycleLocked)
 	monitored   chan struct{}      // made once ready; closed when its health monitor has returned
 	stopping    chan struct{}      // closed once it is told to stop: it answers no more checks
 	stopOnce    sync.Once
@@ -290,6 +290,8 @@ type child struct {
 	idle         chan struct{} // if not nil, closed when inFlight reaches zero
 	requests     uint64        // requests it answered
 	recycleAsked bool          // recycle has been sent
+	memory       int64         // resident bytes at the last check
+	stuck        bool          // ChildStuck was reported
 	failedChecks int           // health checks failed in a row
 	lastRTT      time.Duration // round trip of the last successful check
 
@@ -297,7 +299,7 @@ type child struct {
 	pending map[uint64]*stream
 	// forgotten holds the ids of streams the parent gave up before the
 	// child ended them (see forget): what arrives for them is dropped.
-	forgotten map[uint64]struct{}
+	forgotten map[uint64]time.Time     // when each was given up
 	nextID    uint64                   // the last stream id issued
 	pings     map[uint64]chan struct{} // ping sequence → closed on pong
 	nextSeq   uint64                   // the last ping sequence issued
@@ -317,10 +319,10 @@ func newChild(h *Handle, incarnation int, proc process, conn *conn, accept *acce
 		ready:       make(chan error, 1),
 		done:        make(chan struct{}),
 		exited:      make(chan struct{}),
-		recycle:     make(chan struct{}, 1),
+		recycle:     make(chan string, 1),
 		stopping:    make(chan struct{}),
 		pending:     make(map[uint64]*stream),
-		forgotten:   make(map[uint64]struct{}),
+		forgotten:   make(map[uint64]time.Time),
 		pings:       make(map[uint64]chan struct{}),
 	}
 }
@@ -687,7 +689,29 @@ func (c *child) forget(s *stream) {
 	defer c.mu.Unlock()
 	if c.pending[s.id] == s {
 		delete(c.pending, s.id)
-		c.forgotten[s.id] = struct{}{}
+		c.forgotten[s.id] = time.Now()
+	}
+}
+
+// givenUpSince returns when the oldest request that the parent gave up
+// and whose handler has not ended was given up, and how many there are.
+func (c *child) givenUpSince() (oldest time.Time, n int) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, t := range c.forgotten {
+		if oldest.IsZero() || t.Before(oldest) {
+			oldest = t
+		}
+	}
+	return oldest, len(c.forgotten)
+}
+
+// askRecycleLocked asks c's supervisor to replace it gracefully, for
+// reason, unless that was asked already. h.mu must be held.
+func (c *child) askRecycleLocked(reason string) {
+	if !c.recycleAsked {
+		c.recycleAsked = true
+		c.recycle <- reason // capacity 1, sent once
 	}
 }
 

@@ -11,8 +11,11 @@ import (
 // kills it after HealthFailures failed checks in a row, and the record of
 // each child's checks that Stats shows.
 
-// monitor health-checks c until c has ended, or has been told to stop, and
-// kills it when Options.HealthFailures checks in a row fail. It closes
+// monitor checks c every Options.HealthInterval until c has ended, or
+// has been told to stop: its memory against MemoryMax (a kill) and
+// MemoryHigh (a recycle), its given-up requests against StuckTimeout (a
+// recycle, with its goroutine stacks in the module's log), and its health,
+// killing it when Options.HealthFailures checks in a row fail. It closes
 // c.monitored when it returns.
 func (h *Handle) monitor(c *child) {
 	defer close(c.monitored)
@@ -26,11 +29,90 @@ func (h *Handle) monitor(c *child) {
 			return // it answers nothing more
 		case <-tick.C:
 		}
-		if err := h.check(c); err != nil && !h.failedCheck(c, err) {
+		if !h.checkMemory(c) {
 			c.proc.Kill()
 			return
 		}
+		h.checkStuck(c)
+		if err := h.check(c); err != nil && !h.failedCheck(c, err) {
+			h.killHung(c)
+			return
+		}
 	}
+}
+
+// quitGrace is how long a child killed for failing its health checks is
+// given, after SIGQUIT, to write its goroutine stacks to its stderr.
+const quitGrace = time.Second
+
+// killHung kills c, which failed its health checks: first with SIGQUIT,
+// which makes the Go runtime write every goroutine's stack to the child's
+// stderr (the module's .err log, or the parent's stderr), then, quitGrace
+// later or once the child has exited, with SIGKILL. A stopped child, which
+// can write nothing, is killed at once.
+func (h *Handle) killHung(c *child) {
+	if c.proc.Quit() {
+		t := time.NewTimer(quitGrace)
+		defer t.Stop()
+		select {
+		case <-c.exited:
+		case <-t.C:
+		}
+	}
+	c.proc.Kill()
+}
+
+// checkMemory reads c's resident memory and acts on Options.MemoryMax and
+// MemoryHigh. It reports false if c is past MemoryMax and must be killed.
+func (h *Handle) checkMemory(c *child) bool {
+	m := c.proc.Memory()
+	h.mu.Lock()
+	c.memory = m
+	high := h.opts.MemoryHigh > 0 && m > h.opts.MemoryHigh && !c.recycleAsked
+	if high {
+		c.askRecycleLocked("memory")
+	}
+	h.mu.Unlock()
+	switch {
+	case h.opts.MemoryMax > 0 && m > h.opts.MemoryMax:
+		err := &killedError{fmt.Sprintf("as its resident memory, %s, passed Options.MemoryMax, %s", inMiB(m), inMiB(h.opts.MemoryMax)), "memory"}
+		h.logf("child pid %d (incarnation %d) is killed %s", c.proc.Pid(), c.incarnation, err.reason)
+		c.condemn(err)
+		return false
+	case high:
+		h.logf("child pid %d (incarnation %d) is replaced: its resident memory, %s, passed Options.MemoryHigh, %s", c.proc.Pid(), c.incarnation, inMiB(m), inMiB(h.opts.MemoryHigh))
+	}
+	return true
+}
+
+// inMiB formats a number of bytes in MiB.
+func inMiB(n int64) string { return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20)) }
+
+// checkStuck finds out whether a handler of c has run on for
+// Options.StuckTimeout after the parent gave its request up; then c is
+// stuck: it is asked to write its goroutine stacks to the module's log, a
+// ChildStuck event reports it, and it is replaced gracefully. The parent
+// has already released what it held for those requests (see forget).
+func (h *Handle) checkStuck(c *child) {
+	if h.opts.StuckTimeout < 0 {
+		return
+	}
+	oldest, n := c.givenUpSince()
+	if n == 0 || time.Since(oldest) < h.opts.StuckTimeout {
+		return
+	}
+	h.mu.Lock()
+	reported := c.stuck
+	c.stuck = true
+	c.askRecycleLocked("stuck")
+	h.mu.Unlock()
+	if reported {
+		return
+	}
+	go c.send(outFrame{kind: kindStacks}, c.stopping)
+	err := fmt.Errorf("%d handlers ran on for more than Options.StuckTimeout (%v) after their requests ended", n, h.opts.StuckTimeout)
+	h.logf("child pid %d (incarnation %d) is stuck: %v; its goroutine stacks are in the module's log; replacing it", c.proc.Pid(), c.incarnation, err)
+	h.post(Event{Kind: ChildStuck, Pid: c.proc.Pid(), Incarnation: c.incarnation, Reason: "stuck", Err: err})
 }
 
 // check health-checks c once, recording the outcome.

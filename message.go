@@ -45,6 +45,7 @@ const (
 	kindPong                      // child → parent, id = the ping's sequence number
 	kindStop                      // parent → child, id 0: cancel the requests left, end their handlers and exit
 	kindDrain                     // parent → child, id 0: a drain began; cancel the ModuleFunc's context
+	kindStacks                    // parent → child, id 0: write every goroutine's stack to the module's log
 )
 
 // Frame flags.

@@ -154,6 +154,7 @@ func runChild(name string) int {
 	moduleCtx, drain := context.WithCancel(ctx)
 	defer drain()
 	srv := newServer(ctx, drain, c, accept, nil)
+	srv.stacks = logw
 	readErr := make(chan error, 1)
 	go func() {
 		err := srv.readLoop()

@@ -126,9 +126,8 @@ func (h *Handle) release(c *child, answered bool) {
 	if answered {
 		c.requests++
 		h.stats.Requests++
-		if c.maxRequests > 0 && c.requests >= c.maxRequests && !c.recycleAsked {
-			c.recycleAsked = true
-			c.recycle <- struct{}{} // capacity 1, sent once
+		if c.maxRequests > 0 && c.requests >= c.maxRequests {
+			c.askRecycleLocked("max-requests")
 		}
 	}
 	if c.inFlight == 0 && c.idle != nil {

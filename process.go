@@ -5,6 +5,9 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 )
@@ -36,6 +39,12 @@ type process interface {
 	// ends a stopped process. It is safe to call at any time, any number of
 	// times.
 	Kill()
+	// Quit asks the process for its goroutine stacks, with SIGQUIT, and
+	// reports whether it could: not once it is reaped, nor while it is
+	// stopped.
+	Quit() bool
+	// Memory returns the process's resident memory in bytes; 0 if unknown.
+	Memory() int64
 }
 
 // childPipes are the parent's ends of a new child's pipes.
@@ -107,6 +116,17 @@ func (p *execProcess) Kill() {
 	// child is not reaped yet.
 	syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
 	p.cmd.Process.Kill()
+}
+
+// memoryLimit returns the GOMEMLIMIT a child with the given limits gets:
+// 90% of the lower one that is set, so that the Go runtime collects before
+// the limit is reached; 0 if neither is.
+func memoryLimit(high, max int64) int64 {
+	limit := high
+	if limit == 0 || (max > 0 && max < limit) {
+		limit = max
+	}
+	return limit / 10 * 9
 }
 
 // executable returns the path that re-executes the running binary.
@@ -212,6 +232,9 @@ func (h *Handle) spawn(slot, incarnation int) (process, *childPipes, error) {
 		env = os.Environ()
 	}
 	cmd.Env = append(env[:len(env):len(env)], envModule+"="+h.name)
+	if limit := memoryLimit(h.opts.MemoryHigh, h.opts.MemoryMax); limit > 0 && !slices.ContainsFunc(env, func(kv string) bool { return strings.HasPrefix(kv, "GOMEMLIMIT=") }) {
+		cmd.Env = append(cmd.Env, "GOMEMLIMIT="+strconv.FormatInt(limit, 10))
+	}
 	cmd.Dir = h.opts.Dir
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = child[0], child[1], child[3]
 	cmd.ExtraFiles = []*os.File{child[2], child[4], shm} // fdStdout, fdLog, fdAccept

@@ -1,6 +1,7 @@
 package subproc
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -9,6 +10,7 @@ import (
 	"net/http"
 	"os"
 	"runtime/debug"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"sync"
@@ -30,6 +32,7 @@ type server struct {
 	*conn
 	ctx    context.Context // fixed; canceled when the child stops
 	drain  func()          // fixed; cancels the ModuleFunc's context
+	stacks io.Writer       // where dumpStacks writes; nil for nowhere
 	active sync.WaitGroup  // handlers running
 
 	accept *acceptWord // fixed; see open
@@ -262,6 +265,10 @@ func (s *server) dispatch(hdr frame.Header, scratch *[]byte) error {
 	case kindDrain:
 		s.drain()
 		return s.fr.Discard(int(hdr.Len))
+
+	case kindStacks:
+		go s.dumpStacks() // the profile takes a while: not on the reader
+		return s.fr.Discard(int(hdr.Len))
 	}
 	return &protocolError{fmt.Sprintf("unknown message kind %d", hdr.Kind)}
 }
@@ -285,6 +292,19 @@ func (s *server) bodyError(hdr frame.Header) error {
 		st.body.end(err, nil)
 	}
 	return nil
+}
+
+// dumpStacks writes every goroutine's stack to the module's log, as
+// runtime/pprof's goroutine profile prints them at debug level 2, in one
+// write, so that its lines stay together.
+func (s *server) dumpStacks() {
+	if s.stacks == nil {
+		return
+	}
+	var b bytes.Buffer
+	b.WriteString("subproc: the parent found this child stuck (handlers ran on for Options.StuckTimeout after their requests ended); the stacks of its goroutines follow\n")
+	pprof.Lookup("goroutine").WriteTo(&b, 2)
+	s.stacks.Write(b.Bytes())
 }
 
 // errDeadline is the cause of a request context that ended at the

@@ -59,9 +59,11 @@ type fakeProc struct {
 	exited chan struct{} // closed when the fake child's goroutine has ended
 }
 
-func (p *fakeProc) Pid() int    { return p.pid }
-func (p *fakeProc) Wait() error { <-p.exited; return nil }
-func (p *fakeProc) Kill()       { p.once.Do(func() { close(p.kill) }) }
+func (p *fakeProc) Pid() int      { return p.pid }
+func (p *fakeProc) Wait() error   { <-p.exited; return nil }
+func (p *fakeProc) Kill()         { p.once.Do(func() { close(p.kill) }) }
+func (p *fakeProc) Quit() bool    { return false }
+func (p *fakeProc) Memory() int64 { return 0 }
 
 var fakePids atomic.Int64
 

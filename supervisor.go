@@ -108,8 +108,8 @@ func (s *supervisor) serve(cp **child) (died bool) {
 			return false
 		case <-expire:
 			ask = replaceAsk{reason: "lifetime"}
-		case <-c.recycle:
-			ask = replaceAsk{reason: "max-requests"}
+		case reason := <-c.recycle:
+			ask = replaceAsk{reason: reason}
 		case <-retry:
 			ask = retryAsk
 		case ask = <-s.asks:
