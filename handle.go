@@ -606,10 +606,14 @@ func (h *Handle) count(n *uint64) {
 
 // giveUp drops what the child sends for s from now on and tells the child
 // the request is gone, so that its handler's context is canceled.
-func giveUp(c *child, s *stream) {
+func giveUp(ctx context.Context, c *child, s *stream) {
 	s.abandon()
 	c.forget(s)
-	c.send(outFrame{kind: kindCancel, id: s.id}, nil)
+	var flags uint8
+	if ctx.Err() == context.DeadlineExceeded {
+		flags = flagDeadline
+	}
+	c.send(outFrame{kind: kindCancel, flags: flags, id: s.id}, nil)
 }
 
 // proxy copies the request body to the child and the child's response to w.
@@ -631,14 +635,24 @@ func (h *Handle) proxy(w http.ResponseWriter, r *http.Request, c *child, s *stre
 		defer body.halt()
 	}
 
+	// The child's handler ends at the same deadline, and what it sends
+	// then arrives after it: too late. Checked against the clock, as the
+	// context's own timer may not have fired yet.
+	deadline, hasDeadline := ctx.Deadline()
 	var declared map[string]bool // trailers announced in the response head
 	started := false             // the final response head was written to w
 	owed := 0                    // window credit consumed and not yet returned to the child
 	for {
 		ev, err := s.next(ctx.Done())
+		if err == nil && hasDeadline && (ctx.Err() == context.DeadlineExceeded || !time.Now().Before(deadline)) {
+			// What the child sent at its deadline, which has passed here
+			// too, comes too late: the request has timed out.
+			putChunk(ev.buf)
+			err = errCanceled
+		}
 		if err == errCanceled {
-			giveUp(c, s)
-			if ctx.Err() == context.DeadlineExceeded {
+			giveUp(ctx, c, s)
+			if ctx.Err() == context.DeadlineExceeded || hasDeadline && !time.Now().Before(deadline) {
 				h.count(&h.stats.Timeouts)
 				if started {
 					panic(http.ErrAbortHandler)
@@ -705,7 +719,7 @@ func (h *Handle) proxy(w http.ResponseWriter, r *http.Request, c *child, s *stre
 			putChunk(ev.buf)
 			if err != nil && !errors.Is(err, http.ErrBodyNotAllowed) {
 				// The client is gone.
-				giveUp(c, s)
+				giveUp(ctx, c, s)
 				return false
 			}
 			// Credit goes back a chunk's worth at a time: a small
@@ -1102,6 +1116,7 @@ func (h *Handle) Stats() Stats {
 			Started:      c.readyAt,
 			InFlight:     c.inFlight,
 			Requests:     c.requests,
+			Memory:       c.memory,
 			LastHealth:   c.lastRTT,
 			FailedChecks: c.failedChecks,
 		}

@@ -54,6 +54,7 @@ const (
 	flagNoBody    uint8 = 1 << 1 // kindRequest: the request has no body; no kindData or kindEnd follows
 	flagBodyError uint8 = 1 << 2 // kindEnd from the parent: reading the client's body failed; the payload says how (see appendBodyError)
 	flagTooLarge  uint8 = 1 << 3 // kindAbort: the response's head or trailers exceed maxHeadSize
+	flagDeadline  uint8 = 1 << 4 // kindCancel: the request's deadline passed
 )
 
 // Sizes of the flow control, in bytes.

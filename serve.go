@@ -58,8 +58,8 @@ type startingRequest struct {
 
 // A serverStream is one request being served in the child.
 type serverStream struct {
-	cancel context.CancelFunc // cancels the request's context
-	body   *bodyReader        // nil for a request without a body
+	cancel context.CancelCauseFunc // cancels the request's context
+	body   *bodyReader             // nil for a request without a body
 	rw     *responseWriter
 }
 
@@ -248,7 +248,11 @@ func (s *server) dispatch(hdr frame.Header, scratch *[]byte) error {
 
 	case kindCancel:
 		if st := s.stream(hdr.ID); st != nil {
-			st.cancel()
+			var cause error // the client went away
+			if hdr.Flags&flagDeadline != 0 {
+				cause = errDeadline // the parent's deadline came first
+			}
+			st.cancel(cause)
 			if st.body != nil {
 				st.body.end(errClientGone, nil)
 			}
@@ -338,16 +342,16 @@ func (s *server) open(id uint64, flags uint8, head *requestHead) (startingReques
 		s.mu.Unlock()
 		return startingRequest{}, &protocolError{fmt.Sprintf("request id %d reused", id)}
 	}
-	// Canceled without a cause, as net/http cancels a request whose client
-	// went away.
-	ctx, cancel := context.WithCancel(s.ctx)
+	// Canceled with a nil cause (context.Canceled), as net/http cancels a
+	// request whose client went away, or with errDeadline.
+	ctx, cancel := context.WithCancelCause(s.ctx)
 	st := &serverStream{cancel: cancel}
 	if head.Deadline != 0 {
 		// The parent's request ends at the same moment, with a 504.
 		var stop context.CancelFunc
 		ctx, stop = context.WithDeadlineCause(ctx, time.Unix(0, head.Deadline), errDeadline)
-		st.cancel = func() {
-			cancel()
+		st.cancel = func(cause error) {
+			cancel(cause)
 			stop()
 		}
 	}
@@ -387,7 +391,7 @@ func (s *server) serve(id uint64, st *serverStream, req *http.Request, h http.Ha
 		s.mu.Lock()
 		delete(s.streams, id)
 		s.mu.Unlock()
-		st.cancel()
+		st.cancel(nil)
 		if st.body != nil {
 			st.body.Close()
 		}

@@ -341,7 +341,7 @@ func TestServerBodyError(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			defer r.st.cancel()
+			defer r.st.cancel(nil)
 			hdr, err := srv.fr.ReadHeader()
 			if err != nil {
 				t.Fatal(err)

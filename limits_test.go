@@ -1,0 +1,342 @@
+package subproc
+
+// End-to-end tests of the limits: memory, time, stuck handlers, the stacks
+// of a hung child, and admission, with real children of the limits- module.
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// What /leak holds, in a child of the limits- module.
+var (
+	limitsHeld [][]byte
+	limitsMu   sync.Mutex
+)
+
+func init() {
+	Register("limits-mod", func(ctx context.Context, env *Env) (http.Handler, error) {
+		var cfg drainConfig // Dir: where /slow looks for its file
+		if len(env.Config) > 0 {
+			if err := json.Unmarshal(env.Config, &cfg); err != nil {
+				return nil, err
+			}
+		}
+		mux := http.NewServeMux()
+		mux.HandleFunc("/pid", func(w http.ResponseWriter, r *http.Request) {
+			fmt.Fprint(w, os.Getpid())
+		})
+		// /leak?mb=n&every=d holds n MiB more every d, resident, until the
+		// child ends.
+		mux.HandleFunc("/leak", func(w http.ResponseWriter, r *http.Request) {
+			mb, _ := strconv.Atoi(r.URL.Query().Get("mb"))
+			every, _ := time.ParseDuration(r.URL.Query().Get("every"))
+			go func() {
+				for {
+					b := make([]byte, mb<<20)
+					for i := 0; i < len(b); i += 4096 {
+						b[i] = 1 // resident
+					}
+					limitsMu.Lock()
+					limitsHeld = append(limitsHeld, b)
+					limitsMu.Unlock()
+					time.Sleep(every)
+				}
+			}()
+		})
+		mux.HandleFunc("/env", func(w http.ResponseWriter, r *http.Request) {
+			io.WriteString(w, os.Getenv(r.URL.Query().Get("k")))
+		})
+		// /deadline waits for its context and says how it ended.
+		mux.HandleFunc("/deadline", func(w http.ResponseWriter, r *http.Request) {
+			d, ok := r.Context().Deadline()
+			if r.URL.Query().Get("stream") != "" {
+				io.WriteString(w, "started\n")
+				w.(http.Flusher).Flush()
+			}
+			<-r.Context().Done()
+			limitsSaw <- fmt.Sprintf("%d %v %v", d.UnixNano(), ok, context.Cause(r.Context()))
+		})
+		mux.HandleFunc("/saw", func(w http.ResponseWriter, r *http.Request) {
+			select {
+			case s := <-limitsSaw:
+				io.WriteString(w, s)
+			case <-time.After(10 * time.Second):
+				http.Error(w, "nothing seen", http.StatusInternalServerError)
+			}
+		})
+		// /stuck never returns, whatever its context says.
+		mux.HandleFunc("/stuck", func(w http.ResponseWriter, r *http.Request) {
+			limitsStuckHandler()
+		})
+		// /slow waits for <Dir>/release.
+		mux.HandleFunc("/slow", func(w http.ResponseWriter, r *http.Request) {
+			for {
+				if _, err := os.Stat(filepath.Join(cfg.Dir, "release")); err == nil {
+					break
+				}
+				select {
+				case <-r.Context().Done():
+					return
+				case <-time.After(5 * time.Millisecond):
+				}
+			}
+			io.WriteString(w, "slow done")
+		})
+		mux.HandleFunc("/starve", func(w http.ResponseWriter, r *http.Request) {
+			chaosHang("starve")
+		})
+		return mux, nil
+	})
+}
+
+var limitsSaw = make(chan string, 1)
+
+// limitsStuckHandler is where a stuck handler's stack shows it stuck.
+//
+//go:noinline
+func limitsStuckHandler() { select {} }
+
+// A child past MemoryHigh is replaced gracefully, again and again, with no
+// failed request; one past MemoryMax is killed.
+func TestLimitsMemory(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("memory limits read /proc")
+	}
+	t.Run("high", func(t *testing.T) {
+		var events eventLog
+		const high = 96 << 20
+		h := startModule(t, "limits-mod", Options{MemoryHigh: high, HealthInterval: 50 * time.Millisecond, OnEvent: events.add})
+		srv := serve(t, h)
+		_, limit := get(t, srv.URL+"/env?k=GOMEMLIMIT")
+		assert.Equal(t, strconv.Itoa(high/10*9), limit, "the child's GOMEMLIMIT")
+		var peak int64
+		failures := 0
+		for round := range 3 {
+			pid := containPid(t, srv.URL)
+			get(t, srv.URL+"/leak?mb=16&every=20ms") // 800 MiB/s
+			for {
+				code, body := get(t, srv.URL+"/pid")
+				if code != http.StatusOK {
+					failures++
+				}
+				for _, c := range h.Stats().Children {
+					peak = max(peak, c.Memory)
+				}
+				if body != pid && code == http.StatusOK {
+					break // replaced
+				}
+				require.Less(t, events.count(ChildRecycling, "memory"), 10, "round %d", round)
+			}
+		}
+		t.Logf("peak resident memory seen %s with MemoryHigh %s", inMiB(peak), inMiB(high))
+		assert.Zero(t, failures, "requests failed while children were replaced")
+		failWaitUntil(t, 10*time.Second, "3 recycling events", func() bool { return events.count(ChildRecycling, "memory") >= 3 })
+		assert.Zero(t, h.Stats().Restarts, "a recycle is not a crash")
+	})
+	t.Run("max", func(t *testing.T) {
+		var events eventLog
+		h := startModule(t, "limits-mod", Options{MemoryMax: 96 << 20, HealthInterval: 50 * time.Millisecond, OnEvent: events.add})
+		srv := serve(t, h)
+		pid := containPid(t, srv.URL)
+		get(t, srv.URL+"/leak?mb=16&every=20ms")
+		failWaitUntil(t, 20*time.Second, "the child killed and replaced", func() bool {
+			st := h.Stats()
+			return st.State == "running" && st.Pid != 0 && strconv.Itoa(st.Pid) != pid
+		})
+		assert.Contains(t, h.Stats().LastExit, "MemoryMax")
+		failWaitUntil(t, 10*time.Second, "the exit event", func() bool { return events.count(ChildExited, "memory") == 1 })
+	})
+}
+
+// RequestTimeout, and a deadline of the parent's request, reach the
+// handler's context in the child; at the deadline the client gets 504, or
+// an aborted response once it has started.
+func TestLimitsTime(t *testing.T) {
+	h := startModule(t, "limits-mod", Options{RequestTimeout: 300 * time.Millisecond})
+	srv := serve(t, h)
+
+	start := time.Now()
+	code, body := get(t, srv.URL+"/deadline")
+	assert.Equal(t, http.StatusGatewayTimeout, code, body)
+	assert.Less(t, time.Since(start), 10*time.Second)
+	_, saw := get(t, srv.URL+"/saw")
+	var ns int64
+	var ok bool
+	var cause string
+	_, err := fmt.Sscanf(saw, "%d %v", &ns, &ok)
+	require.NoError(t, err, saw)
+	cause = saw[strings.Index(saw, " ")+1:]
+	assert.True(t, ok, "the handler's context has no deadline")
+	assert.InDelta(t, start.Add(300*time.Millisecond).UnixNano(), ns, float64(200*time.Millisecond))
+	assert.Contains(t, cause, "deadline", "the handler's context's cause")
+
+	res, err := http.Get(srv.URL + "/deadline?stream=1")
+	require.NoError(t, err)
+	_, err = io.ReadAll(res.Body)
+	res.Body.Close()
+	assert.Error(t, err, "a started response cut by the deadline must be aborted")
+	get(t, srv.URL+"/saw")
+
+	// A deadline of the parent's own, sooner than RequestTimeout.
+	mw := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := context.WithTimeout(r.Context(), 100*time.Millisecond)
+		defer cancel()
+		d, _ := ctx.Deadline()
+		w.Header().Set("X-Deadline", strconv.FormatInt(d.UnixNano(), 10))
+		h.ServeHTTP(w, r.WithContext(ctx))
+	})
+	srv2 := serve(t, mw)
+	res, err = http.Get(srv2.URL + "/deadline")
+	require.NoError(t, err)
+	res.Body.Close()
+	assert.Equal(t, http.StatusGatewayTimeout, res.StatusCode)
+	_, saw = get(t, srv.URL+"/saw")
+	_, err = fmt.Sscanf(saw, "%d", &ns)
+	require.NoError(t, err)
+	want, _ := strconv.ParseInt(res.Header.Get("X-Deadline"), 10, 64)
+	assert.Equal(t, want, ns, "the child's deadline is the parent's")
+	assert.EqualValues(t, 3, h.Stats().Timeouts)
+}
+
+// A handler still running StuckTimeout after its request was given up
+// makes its child stuck: its stacks go to the module's log, ChildStuck is
+// posted, and the child is replaced; the parent holds nothing for the
+// abandoned requests.
+func TestLimitsStuck(t *testing.T) {
+	dir := t.TempDir()
+	var events eventLog
+	h := startModule(t, "limits-mod", Options{
+		LogDir:         dir,
+		StuckTimeout:   300 * time.Millisecond,
+		HealthInterval: 50 * time.Millisecond,
+		OnEvent:        events.add,
+	})
+	srv := serve(t, h)
+	pid := containPid(t, srv.URL)
+	n := chaosN(50, 5000)
+	var wg sync.WaitGroup
+	client := chaosClient(200)
+	defer client.CloseIdleConnections()
+	sem := make(chan struct{}, 200)
+	gaveUp := time.Now()
+	for range n {
+		sem <- struct{}{}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+			defer cancel()
+			req, _ := http.NewRequestWithContext(ctx, "GET", srv.URL+"/stuck", nil)
+			if res, err := client.Do(req); err == nil {
+				res.Body.Close()
+			}
+		})
+	}
+	wg.Wait()
+	failWaitUntil(t, 30*time.Second, "ChildStuck", func() bool { return events.count(ChildStuck, "stuck") == 1 })
+	noticed := time.Since(gaveUp)
+	failWaitUntil(t, 30*time.Second, "the stuck child replaced", func() bool {
+		st := h.Stats()
+		return len(st.Children) == 1 && strconv.Itoa(st.Children[0].Pid) != pid && st.Children[0].State == "running"
+	})
+	t.Logf("%d stuck handlers: noticed %v after the last was given up", n, noticed.Round(time.Millisecond))
+	assert.Equal(t, 1, events.count(ChildRecycling, "stuck"))
+	log, err := os.ReadFile(filepath.Join(dir, "limits-mod.log"))
+	require.NoError(t, err)
+	assert.Contains(t, string(log), "limitsStuckHandler", "the stuck handlers' stacks should be in the module's log")
+	assert.Contains(t, string(log), "goroutine ")
+	h.mu.Lock()
+	for _, c := range h.kids {
+		c.mu.Lock()
+		assert.Empty(t, c.pending, "the parent holds streams of given-up requests")
+		c.mu.Unlock()
+	}
+	h.mu.Unlock()
+}
+
+// A child killed for failing its health checks is first sent SIGQUIT, so
+// that its stderr holds its goroutines' stacks.
+func TestLimitsHungChildStacks(t *testing.T) {
+	dir := t.TempDir()
+	h := startModule(t, "limits-mod", Options{
+		LogDir:         dir,
+		HealthInterval: 50 * time.Millisecond,
+		HealthTimeout:  100 * time.Millisecond,
+		HealthFailures: 2,
+	})
+	srv := serve(t, h)
+	pid := containPid(t, srv.URL)
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, "GET", srv.URL+"/starve", nil)
+	if res, err := http.DefaultClient.Do(req); err == nil {
+		res.Body.Close()
+	}
+	failWaitUntil(t, 30*time.Second, "the hung child replaced", func() bool {
+		st := h.Stats()
+		return st.State == "running" && st.Pid != 0 && strconv.Itoa(st.Pid) != pid
+	})
+	stderr, err := os.ReadFile(filepath.Join(dir, "limits-mod.err"))
+	require.NoError(t, err)
+	assert.Contains(t, string(stderr), "SIGQUIT", "the hung child's stderr should hold the runtime's dump")
+	assert.Contains(t, string(stderr), "goroutine ")
+}
+
+// With MaxInFlight and MaxQueued, exactly that many requests are admitted
+// or wait; the rest get 503 with Retry-After at once.
+func TestLimitsAdmission(t *testing.T) {
+	const inFlight, queued, n = 5, 5, 30
+	dir := t.TempDir()
+	h := startModule(t, "limits-mod", withConfig(t, drainConfig{Dir: dir}, Options{MaxInFlight: inFlight, MaxQueued: queued, RestartWait: time.Minute}))
+	srv := serve(t, h)
+	client := chaosClient(n)
+	defer client.CloseIdleConnections()
+	var ok, shed atomic.Int64
+	var slowest atomic.Int64
+	var wg sync.WaitGroup
+	for range n {
+		wg.Go(func() {
+			start := time.Now()
+			res, err := client.Get(srv.URL + "/slow")
+			if !assert.NoError(t, err) {
+				return
+			}
+			b, _ := io.ReadAll(res.Body)
+			res.Body.Close()
+			switch res.StatusCode {
+			case http.StatusOK:
+				ok.Add(1)
+			case http.StatusServiceUnavailable:
+				shed.Add(1)
+				assert.NotEmpty(t, res.Header.Get("Retry-After"))
+				slowest.Store(max(slowest.Load(), int64(time.Since(start))))
+			default:
+				t.Errorf("GET /slow: %d %q", res.StatusCode, b)
+			}
+		})
+	}
+	failWaitUntil(t, 20*time.Second, "the shed requests", func() bool { return shed.Load() == n-inFlight-queued })
+	st := h.Stats()
+	assert.Equal(t, inFlight+queued, st.InFlight+int(h.queued.Load()))
+	assert.Equal(t, int64(queued), h.queued.Load())
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "release"), nil, 0o644))
+	wg.Wait()
+	t.Logf("%d admitted or queued, %d shed; slowest 503 took %v", ok.Load(), shed.Load(), time.Duration(slowest.Load()))
+	assert.EqualValues(t, inFlight+queued, ok.Load())
+	assert.EqualValues(t, n-inFlight-queued, shed.Load())
+}
