@@ -213,6 +213,7 @@ type Handle struct {
 	kill      chan struct{}       // closed when a Shutdown's context ends: kill the child
 	done      chan struct{}       // closed when superviseLoop has returned and every child is reaped
 	spawnDone chan struct{}       // closed when spawnLoop has returned
+	flow      flowBudget          // the window growth of the responses of every child (see flowBudget)
 
 	closeOnce sync.Once
 	killOnce  sync.Once
@@ -467,7 +468,6 @@ func (h *Handle) proxy(w http.ResponseWriter, r *http.Request, c *child, s *stre
 
 	var declared map[string]bool // trailers announced in the response head
 	started := false             // the final response head was written to w
-	owed := 0                    // window credit consumed and not yet returned to the child
 	for {
 		ev, err := s.next(ctx.Done())
 		if err == errCanceled {
@@ -540,12 +540,11 @@ func (h *Handle) proxy(w http.ResponseWriter, r *http.Request, c *child, s *stre
 				giveUp(c, s)
 				return false
 			}
-			// Credit goes back a chunk's worth at a time: a small
-			// response then costs no window update at all, and the
-			// child still has most of the window (see grantThreshold).
-			if owed += frameCost(ev.n); owed >= grantThreshold {
-				c.sendWindowUpdate(s.id, owed, ctx.Done())
-				owed = 0
+			// Credit goes back half a window at a time, with the
+			// window's growth while the stream drains quickly (see
+			// recvWindow.consume).
+			if n := s.consume(ev.n); n > 0 {
+				c.sendWindowUpdate(s.id, n, ctx.Done())
 			}
 			if ev.flags&flagFlush != 0 {
 				controller().Flush()
