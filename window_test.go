@@ -483,3 +483,41 @@ func sizeOf(s *stream) int {
 	defer s.mu.Unlock()
 	return s.recv.size
 }
+
+// A handler's pending chunk goes out in parts when the credit the parent
+// has returned is less than the chunk costs: the parent holds back less
+// than half a window, which with a window of one chunk can leave the child
+// with less credit than a chunk costs, and waiting for a whole chunk's
+// worth would then wait forever.
+func TestResponseSendsWhatCreditAllows(t *testing.T) {
+	const first = 30000 // flushed; consumed, it leaves credit owed but not returned
+	pp := newPipePairFlow(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Write(bytes.Repeat([]byte("a"), first))
+		w.(http.Flusher).Flush()
+		w.Write(bytes.Repeat([]byte("b"), 3*chunkSize))
+	}), 0, crawlingClock())
+	s := openRequest(t, pp.c, httptest.NewRequest("GET", "/", nil))
+	timeout := make(chan struct{})
+	timer := time.AfterFunc(10*time.Second, func() { close(timeout) })
+	defer timer.Stop()
+	var body []byte
+	for {
+		ev, err := s.next(timeout)
+		if err != nil {
+			t.Fatalf("after %d bytes of the body: %v (the child waits for credit the parent holds back)", len(body), err)
+		}
+		if ev.kind == kindData {
+			body = append(body, (*ev.buf)[:ev.n]...)
+			putChunk(ev.buf)
+			if n := s.consume(ev.n); n > 0 {
+				pp.c.sendWindowUpdate(s.id, n, nil)
+			}
+		}
+		if ev.kind == kindEnd {
+			break
+		}
+	}
+	if want := first + 3*chunkSize; len(body) != want {
+		t.Fatalf("body of %d bytes, want %d", len(body), want)
+	}
+}
