@@ -619,6 +619,14 @@ func (b *bodySender) run() {
 	c, s, r := b.c, b.s, b.r
 	var sent int64 // body bytes read so far
 	for {
+		if r.ContentLength > 0 && sent >= r.ContentLength && len(r.Trailer) == 0 {
+			// The declared body is all sent, and net/http's ends there:
+			// the end costs no credit, so it goes without waiting for the
+			// child to return any (a body of one window would otherwise
+			// wait a round trip for it).
+			c.send(outFrame{kind: kindEnd, id: s.id}, b.stop)
+			return
+		}
 		credit, err := s.win.take(frameCost(1), frameCost(chunkSize), b.stop)
 		if err != nil {
 			return

@@ -463,6 +463,9 @@ func (b *bodyReader) Read(p []byte) (int, error) {
 	if consumed > 0 {
 		b.queued -= consumed
 		grant = b.recv.consume(consumed, len(b.chunks) == 0)
+		if b.err != nil {
+			grant = 0 // the body has ended: the parent sends no more
+		}
 	}
 	b.mu.Unlock()
 	if grant > 0 {
@@ -557,11 +560,17 @@ func (s *stream) push(ev event) error {
 // consume records that the request's goroutine has written a kindData event
 // of n bytes to the client, and returns the credit to grant back to the
 // child now, if any (see recvWindow.consume). The stream drains quickly if
-// nothing more is queued by then.
+// nothing more is queued by then. Once the response's end has arrived, the
+// child needs no more credit: none is returned, which spares most responses
+// of more than half a window their only window update.
 func (s *stream) consume(n int) int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.recv.consume(frameCost(n), len(s.events) == 0)
+	grant := s.recv.consume(frameCost(n), len(s.events) == 0)
+	if s.ended {
+		return 0
+	}
+	return grant
 }
 
 // checkLocked checks that ev may follow what the stream has received, and
