@@ -274,6 +274,7 @@ type child struct {
 	exitErr     error         // the process's exit status; read only after exited is closed
 	exitedAt    time.Time     // when it was reaped; read only after exited is closed
 	accept      *acceptWord   // fixed; the child's record of the requests it took
+	flow        *flowBudget   // fixed; the Handle's budget for response windows, shared by all its children
 	logs        sync.WaitGroup
 	source      *logcapture.Source // fixed; where its output goes, and its last lines
 	slot        int                // fixed; the slot of the pool it fills
@@ -313,6 +314,7 @@ func newChild(h *Handle, incarnation int, proc process, conn *conn, accept *acce
 	return &child{
 		h:           h,
 		accept:      accept,
+		flow:        &h.flow,
 		incarnation: incarnation,
 		proc:        proc,
 		conn:        conn,
@@ -330,7 +332,7 @@ func newChild(h *Handle, incarnation int, proc process, conn *conn, accept *acce
 // open registers a new stream for r and sends its head. It fails without
 // sending anything if the child can take no more requests.
 func (c *child) open(r *http.Request, head *requestHead) (*stream, error) {
-	credit := window
+	credit := initialWindow
 	// The child decides from the header it is sent, so decide from that.
 	if headerHasToken(head.Header["Expect"], "100-continue") {
 		credit = 0 // the child grants the window when its handler first reads
@@ -347,6 +349,7 @@ func (c *child) open(r *http.Request, head *requestHead) (*stream, error) {
 	}
 	c.nextID++
 	s := newStream(c.nextID, credit)
+	s.recv.budget = c.flow
 	c.pending[s.id] = s
 	c.mu.Unlock()
 	if err := c.send(outFrame{kind: kindRequest, flags: flags, id: s.id, msg: head}, nil); err != nil {

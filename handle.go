@@ -311,6 +311,7 @@ type Handle struct {
 	life      context.Context     // fixed; canceled when Shutdown begins
 	endLife   context.CancelFunc  // fixed; called with mu held
 	kill      chan struct{}       // closed when a Shutdown's context ends: end the drains
+	flow      flowBudget          // the window growth of the responses of every child (see flowBudget)
 	killOnce  sync.Once
 	drains    sync.WaitGroup      // drains of replaced children
 	done      chan struct{}       // closed when every supervisor and drain has returned and every child is reaped
@@ -641,7 +642,6 @@ func (h *Handle) proxy(w http.ResponseWriter, r *http.Request, c *child, s *stre
 	deadline, hasDeadline := ctx.Deadline()
 	var declared map[string]bool // trailers announced in the response head
 	started := false             // the final response head was written to w
-	owed := 0                    // window credit consumed and not yet returned to the child
 	for {
 		ev, err := s.next(ctx.Done())
 		if err == nil && hasDeadline && (ctx.Err() == context.DeadlineExceeded || !time.Now().Before(deadline)) {
@@ -722,12 +722,11 @@ func (h *Handle) proxy(w http.ResponseWriter, r *http.Request, c *child, s *stre
 				giveUp(ctx, c, s)
 				return false
 			}
-			// Credit goes back a chunk's worth at a time: a small
-			// response then costs no window update at all, and the
-			// child still has most of the window (see grantThreshold).
-			if owed += frameCost(ev.n); owed >= grantThreshold {
-				c.sendWindowUpdate(s.id, owed, ctx.Done())
-				owed = 0
+			// Credit goes back half a window at a time, with the
+			// window's growth while the stream drains quickly (see
+			// recvWindow.consume).
+			if n := s.consume(ev.n); n > 0 {
+				c.sendWindowUpdate(s.id, n, ctx.Done())
 			}
 			if ev.flags&flagFlush != 0 {
 				controller().Flush()
@@ -808,6 +807,14 @@ func (b *bodySender) run() {
 	c, s, r := b.c, b.s, b.r
 	var sent int64 // body bytes read so far
 	for {
+		if r.ContentLength > 0 && sent >= r.ContentLength && len(r.Trailer) == 0 {
+			// The declared body is all sent, and net/http's ends there:
+			// the end costs no credit, so it goes without waiting for the
+			// child to return any (a body of one window would otherwise
+			// wait a round trip for it).
+			c.send(outFrame{kind: kindEnd, id: s.id}, b.stop)
+			return
+		}
 		credit, err := s.win.take(frameCost(1), frameCost(chunkSize), b.stop)
 		if err != nil {
 			return

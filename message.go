@@ -14,11 +14,12 @@ import (
 	"net/url"
 	"strings"
 	"syscall"
+	"time"
 )
 
 // protocolVersion is written in the preamble of both directions. Bump it
 // whenever a message or a frame kind changes meaning.
-const protocolVersion = 3
+const protocolVersion = 4
 
 // Frame kinds. Every frame carries a request id; kinds marked "id 0" are not
 // about a request. Payloads are gob-encoded messages, raw body bytes, or
@@ -63,10 +64,28 @@ const (
 	// the pooled buffers that carry bodies.
 	chunkSize = 64 << 10
 
-	// window is how many body bytes of one stream, in each direction, may be
-	// sent and not yet consumed by the receiver. It bounds what parent and
-	// child buffer per request.
-	window = 8 * chunkSize
+	// initialWindow is the window every stream starts with, in each
+	// direction: the credit a sender has before its receiver returns any.
+	// It is one full chunk, so that a body of up to chunkSize goes in one
+	// frame without waiting for a window update, and a stream whose
+	// receiver never consumes holds no more than that (see flowBudget).
+	// It is not taken from the budget: every stream always has it.
+	initialWindow = chunkSize + frameOverhead
+
+	// window is the most a stream's window grows to, in each direction:
+	// the most body bytes of one stream that may be sent and not yet
+	// consumed. A receiver doubles a stream's window, from initialWindow,
+	// while the stream drains fast (see recvWindow), with growth reserved
+	// from the module's flowBudget. One stream needs 512 KiB to 1 MiB of
+	// window to stream at full speed over the pipes.
+	window = 1 << 20
+
+	// flowBudgetSize bounds the window growth of all the streams of a
+	// module in one direction together: what the parent may buffer of all
+	// its children's responses, and what a child may buffer of all its
+	// request bodies, is at most flowBudgetSize + initialWindow × the
+	// streams in flight. 16 fast streams can run at the full window at once.
+	flowBudgetSize = 16 << 20
 
 	// frameOverhead is what a kindData frame costs against a window on top
 	// of its bytes, so that a window bounds the number of queued frames (a
@@ -78,13 +97,14 @@ const (
 	maxInformational = 32
 )
 
-// grantThreshold is how much credit a receiver lets accumulate before it
-// returns it in a kindWindow frame. A sender then always has at least
-// window-grantThreshold of credit once the receiver has drained its queue,
-// which exceeds a full chunk's cost, so it never waits for credit that is
-// held back; and a body shorter than grantThreshold costs no window update
-// at all.
-const grantThreshold = window / 2
+// growPeriod sets how fast a stream must drain for its window to grow: a
+// receiver doubles a stream's window when the stream consumed what it
+// returns in less than growPeriod × (what it returns / the window), that is
+// while the stream's rate times growPeriod exceeds its window, and nothing
+// is waiting to be consumed (the sender, not the consumer, holds it back).
+// It stands for the round trip of a window update through both processes
+// on a loaded machine, which a window must cover to keep a stream moving.
+const growPeriod = 2 * time.Millisecond
 
 // frameCost is what a kindData frame carrying n bytes costs against a window.
 func frameCost(n int) int { return n + frameOverhead }

@@ -43,6 +43,8 @@ type server struct {
 
 	scratch []byte // for decoding messages; owned by the goroutine that reads (see read)
 
+	flow flowBudget // the window growth of all request bodies (see flowBudget)
+
 	mu      sync.Mutex // guards the fields below
 	handler http.Handler
 	streams map[uint64]*serverStream
@@ -359,7 +361,7 @@ func (s *server) open(id uint64, flags uint8, head *requestHead) (startingReques
 		req.Body = http.NoBody
 	} else {
 		expect := headerHasToken(req.Header["Expect"], "100-continue")
-		st.body = newBodyReader(func(n int) { s.sendWindowUpdate(id, n, ctx.Done()) }, req.Trailer, expect)
+		st.body = newBodyReader(func(n int) { s.sendWindowUpdate(id, n, ctx.Done()) }, req.Trailer, expect, &s.flow)
 		req.Body = st.body
 	}
 	req = req.WithContext(ctx)
@@ -409,8 +411,8 @@ var errAfterHandler = errors.New("subproc: write after the handler returned")
 // A responseWriter is the http.ResponseWriter a module's handler writes to.
 // It buffers up to a chunk of body, which it sends when more body follows,
 // at a flush, or when the handler returns; it sends the response head with
-// the first chunk or at the first flush, and holds no more than a window of
-// body in flight. Like net/http's, it is not safe for concurrent use by handlers;
+// the first chunk or at the first flush, and holds no more than the window
+// the parent grants in flight. Like net/http's, it is not safe for concurrent use by handlers;
 // its mutex only orders it against its own teardown.
 type responseWriter struct {
 	c      *conn         // fixed
@@ -445,7 +447,7 @@ func newResponseWriter(c *conn, id uint64, req *http.Request, header http.Header
 		header = make(http.Header)
 	}
 	w := &responseWriter{c: c, id: id, req: req, header: header, clen: -1}
-	w.win.init(window)
+	w.win.init(initialWindow)
 	return w
 }
 
@@ -594,6 +596,11 @@ func (w *responseWriter) EnableFullDuplex() error {
 // body bytes (if any, or if flags ask for a flush), waiting for window
 // credit, then end if it is not nil: all of it in one write when the pipe is
 // idle, so that a small response costs the parent one wake-up.
+//
+// It sends what the credit allows as soon as it has some, and the rest as
+// more comes: a window may be smaller than a pending chunk's cost, since the
+// parent returns credit half a window at a time, and waiting for a whole
+// chunk's worth would then wait for credit the parent holds back.
 func (w *responseWriter) sendBodyLocked(flags uint8, end *outFrame) error {
 	if w.aborted {
 		return w.err
@@ -604,19 +611,32 @@ func (w *responseWriter) sendBodyLocked(flags uint8, end *outFrame) error {
 		w.headSent = true
 		fs = append(fs, outFrame{kind: kindResponse, id: w.id, msg: &responseHead{Status: w.status, Header: w.sent, Trailer: w.trailers, FullDuplex: w.fullDuplex}})
 	}
-	if w.err == nil && (w.n > 0 || flags != 0) {
-		n := w.n
-		if _, err := w.win.take(frameCost(n), frameCost(n), w.req.Context().Done()); err != nil {
+	for w.err == nil && (w.n > 0 || flags != 0) {
+		credit, err := w.win.take(frameCost(min(w.n, 1)), frameCost(w.n), w.req.Context().Done())
+		if err != nil {
 			w.fail(err)
-		} else {
-			f := outFrame{kind: kindData, flags: flags, id: w.id}
-			if w.buf != nil {
-				f.data, f.buf = (*w.buf)[:n], w.buf
-			}
-			fs = append(fs, f)
-			w.buf, w.n = nil, 0
-			w.unflushed = flags&flagFlush == 0
+			break
 		}
+		if k := credit - frameOverhead; k < w.n {
+			// A part: it goes now, the rest stays at the front of the
+			// buffer. The frames are copied before sendFrames returns.
+			fs = append(fs, outFrame{kind: kindData, id: w.id, data: (*w.buf)[:k]})
+			if err := w.c.sendFrames(fs, nil); err != nil {
+				w.fail(err)
+			}
+			fs = fs[:0]
+			w.n = copy(*w.buf, (*w.buf)[k:w.n])
+			w.unflushed = true
+			continue
+		}
+		f := outFrame{kind: kindData, flags: flags, id: w.id}
+		if w.buf != nil {
+			f.data, f.buf = (*w.buf)[:w.n], w.buf
+		}
+		fs = append(fs, f)
+		w.buf, w.n = nil, 0
+		w.unflushed = flags&flagFlush == 0
+		break
 	}
 	if w.err != nil {
 		for _, f := range fs {

@@ -7,17 +7,25 @@ import (
 	"net/http"
 	"sync"
 	"sync/atomic"
+	"time"
 )
 
 // This file holds the flow control shared by parent and child: the pooled
 // chunks that carry body bytes, the send window that bounds what a sender may
-// have in flight, and the receive side of a request body in the child.
+// have in flight, the receive window and the module's budget that bound what
+// a receiver buffers, and the receive side of a request body in the child.
 //
 // Flow control is per stream and per direction, as in HTTP/2: a sender starts
-// with a credit of window bytes, spends it on kindData frames, and gets it back
-// in kindWindow frames as the receiver consumes the bytes. A receiver therefore
-// never holds more than window bytes of one stream's body, and a stream whose
-// reader stalls stops only its own sender.
+// with a credit of initialWindow bytes, spends it on kindData frames, and gets
+// it back in kindWindow frames as the receiver consumes the bytes. A receiver
+// grows a stream's window, up to window, while the stream drains quickly,
+// with credit reserved from a budget that all the streams of the module share
+// in that direction (flowBudget), as HTTP/2's connection window bounds its
+// streams. So what a receiver buffers for all the streams of a module
+// together is at most flowBudgetSize + initialWindow × the streams in flight:
+// a stream whose reader stalls stops only its own sender, holds its initial
+// window and whatever it had grown to, and never takes credit from another
+// stream's initial window.
 
 // Body bytes travel in pooled buffers of two sizes: small ones for the many
 // bodies of a few KiB, which would otherwise pin a whole chunk each while in
@@ -156,28 +164,213 @@ func windowPayload(b *[4]byte, n int) []byte {
 	return b[:]
 }
 
+// A flowBudget is the window growth that all the streams of a module may
+// reserve in one direction on one side: the parent's budget for its
+// children's responses (Handle.flow, shared by every child of the Handle),
+// and a child's for its request bodies (server.flow). A stream reserves from
+// it when its window grows beyond initialWindow and returns what it reserved
+// when it ends, however it ends. Once the budget is spent, streams keep the
+// windows they have; every stream always has its initial window, so none is
+// starved. The zero value is a budget of flowBudgetSize. A flowBudget is safe
+// for concurrent use.
+type flowBudget struct {
+	limit int64            // the budget in bytes; zero means flowBudgetSize. Fixed before first use
+	now   func() time.Time // the clock for window growth; nil means time.Now. Fixed before first use (tests)
+
+	reserved atomic.Int64 // window growth reserved by the streams
+	held     atomic.Int64 // what the kindData frames received and not yet consumed cost, all streams together
+	peak     atomic.Int64 // the most held has been
+}
+
+// size returns the budget in bytes.
+func (b *flowBudget) size() int64 {
+	if b.limit == 0 {
+		return flowBudgetSize
+	}
+	return b.limit
+}
+
+// reserve takes n bytes from the budget and reports whether it could: it
+// takes nothing if fewer than n are left.
+func (b *flowBudget) reserve(n int) bool {
+	limit := b.size()
+	for {
+		r := b.reserved.Load()
+		if r+int64(n) > limit {
+			return false
+		}
+		if b.reserved.CompareAndSwap(r, r+int64(n)) {
+			return true
+		}
+	}
+}
+
+// release returns n bytes that reserve took.
+func (b *flowBudget) release(n int) { b.reserved.Add(-int64(n)) }
+
+// hold records n bytes of cost received, and unhold n bytes consumed or
+// dropped, for held and peak.
+func (b *flowBudget) hold(n int) {
+	h := b.held.Add(int64(n))
+	for {
+		p := b.peak.Load()
+		if h <= p || b.peak.CompareAndSwap(p, h) {
+			return
+		}
+	}
+}
+
+func (b *flowBudget) unhold(n int) { b.held.Add(-int64(n)) }
+
+func (b *flowBudget) clock() time.Time {
+	if b.now != nil {
+		return b.now()
+	}
+	return time.Now()
+}
+
+// errWindowExceeded reports a sender that sent more body than the receiver
+// granted it.
+var errWindowExceeded = errors.New("body exceeds the flow-control window")
+
+// A recvWindow is a receiver's account of one stream's window in one
+// direction: the credit granted to the sender and the body received, which
+// check that the sender stays within its grant; what is held and owed; and
+// the window's size, which it grows, with credit from the budget, while the
+// stream drains quickly. Its zero value is not usable: call init. It is
+// guarded by its owner's mutex (stream.mu, bodyReader.mu).
+type recvWindow struct {
+	budget   *flowBudget // fixed; nil means no growth and no accounting
+	size     int         // the window: initialWindow plus the growth reserved from budget
+	granted  int64       // credit granted in all: the initial credit and every update
+	received int64       // what every kindData frame received cost
+	held     int         // cost received and not yet consumed or dropped
+	owed     int         // cost consumed and not yet granted back
+	epoch    time.Time   // when the last update was granted, or the first frame arrived
+	released bool        // the stream has ended: growth and held are returned
+}
+
+// init prepares w with the credit the sender starts with (initialWindow, or
+// 0 when the receiver grants it later: see grantInitial).
+func (w *recvWindow) init(budget *flowBudget, credit int) {
+	*w = recvWindow{budget: budget, size: initialWindow, granted: int64(credit)}
+}
+
+// grantInitial grants the initial window that init withheld, and returns the
+// credit to send.
+func (w *recvWindow) grantInitial() int {
+	w.granted += initialWindow
+	return initialWindow
+}
+
+// receive records a frame of the given cost, and fails if it is more than
+// the sender was granted. A frame received after the stream was released is
+// checked, not held.
+func (w *recvWindow) receive(cost int) error {
+	if w.received+int64(cost) > w.granted {
+		return errWindowExceeded
+	}
+	w.received += int64(cost)
+	if w.released {
+		return nil
+	}
+	w.held += cost
+	if w.budget != nil {
+		w.budget.hold(cost)
+		if w.epoch.IsZero() {
+			w.epoch = w.budget.clock()
+		}
+	}
+	return nil
+}
+
+// consume records that cost received has been consumed, and returns the
+// credit to grant back to the sender now, 0 for none yet. Credit goes back
+// once half the window is owed: a small body then costs no window update at
+// all, and a sender never waits for credit that is held back, since it may
+// send what credit it has (no sender waits for a whole chunk's worth).
+//
+// idle reports that nothing received is waiting to be consumed. If so, and
+// the stream consumed what it returns fast enough (see growPeriod), the
+// window doubles, up to window, with credit reserved from the budget; the
+// extra credit goes with the update.
+func (w *recvWindow) consume(cost int, idle bool) int {
+	if w.released {
+		return 0
+	}
+	w.held -= cost
+	w.owed += cost
+	if w.budget != nil {
+		w.budget.unhold(cost)
+	}
+	if w.owed < w.size/2 {
+		return 0
+	}
+	n := w.owed
+	w.owed = 0
+	if w.budget != nil {
+		now := w.budget.clock()
+		fast := now.Sub(w.epoch) < growPeriod*time.Duration(n)/time.Duration(w.size)
+		if idle && fast && w.size < window {
+			extra := min(w.size, window-w.size)
+			if w.budget.reserve(extra) {
+				w.size += extra
+				n += extra
+			}
+		}
+		w.epoch = now
+	}
+	w.granted += int64(n)
+	return n
+}
+
+// release returns the stream's growth to the budget and drops what it
+// holds; the stream has ended and its receiver drops what it had queued.
+// It may be called more than once.
+func (w *recvWindow) release() {
+	if w.released {
+		return
+	}
+	w.released = true
+	if w.budget != nil {
+		w.budget.unhold(w.held)
+		w.budget.release(w.size - initialWindow)
+	}
+	w.held = 0
+}
+
 // A bodyReader is a request body as the child's handler sees it. The child's
 // readLoop pushes the parent's kindData chunks into it; the handler reads
-// them, and every chunk it finishes is granted back to the parent. It never
-// holds more than window bytes.
+// them, and what it has read is granted back to the parent (see recvWindow).
+// It never holds more than the stream's window, which grows, from the
+// child's flowBudget, while the handler reads quickly.
 type bodyReader struct {
 	grant   func(n int)   // sends a window update to the parent; fixed
 	trailer http.Header   // the request's Trailer, filled at the end; fixed map
 	wake    chan struct{} // capacity 1; signalled on every change
 
-	mu       sync.Mutex // guards the fields below
-	chunks   []*[]byte  // queued chunks; the first is read from off
-	lens     []int      // bytes in each queued chunk
-	off      int
-	queued   int   // what the queued chunks cost against the window
-	err      error // returned once the queue is empty: io.EOF at the end
-	closed   bool  // the handler closed the body, or returned
-	expect   bool  // the parent waits for a first read before sending (Expect: 100-continue)
-	consumed int   // the cost of chunks read and not yet granted back
+	mu     sync.Mutex // guards the fields below
+	chunks []*[]byte  // queued chunks; the first is read from off
+	lens   []int      // bytes in each queued chunk
+	off    int
+	queued int        // what the queued chunks cost against the window
+	recv   recvWindow // the window granted to the parent
+	err    error      // returned once the queue is empty: io.EOF at the end
+	closed bool       // the handler closed the body, or returned
+	expect bool       // the parent waits for a first read before sending (Expect: 100-continue)
 }
 
-func newBodyReader(grant func(int), trailer http.Header, expectContinue bool) *bodyReader {
-	return &bodyReader{grant: grant, trailer: trailer, expect: expectContinue, wake: make(chan struct{}, 1)}
+// newBodyReader returns the body of a request whose window updates grant
+// sends, with growth from budget (nil: none). With expectContinue the
+// parent sends nothing until the first Read grants the initial window.
+func newBodyReader(grant func(int), trailer http.Header, expectContinue bool, budget *flowBudget) *bodyReader {
+	b := &bodyReader{grant: grant, trailer: trailer, expect: expectContinue, wake: make(chan struct{}, 1)}
+	credit := initialWindow
+	if expectContinue {
+		credit = 0
+	}
+	b.recv.init(budget, credit)
+	return b
 }
 
 // errBodyWindow reports a parent that sent more body than the window allows.
@@ -187,13 +380,14 @@ var errBodyWindow = errors.New("request body exceeds the flow-control window")
 func (b *bodyReader) push(buf *[]byte, n int) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if b.closed || b.err != nil {
-		putChunk(buf)
-		return nil
-	}
-	if b.queued+frameCost(n) > window {
+	if err := b.recv.receive(frameCost(n)); err != nil {
 		putChunk(buf)
 		return errBodyWindow
+	}
+	if b.closed || b.err != nil {
+		b.recv.consume(frameCost(n), false) // dropped: the parent need not get the credit back
+		putChunk(buf)
+		return nil
 	}
 	b.chunks = append(b.chunks, buf)
 	b.lens = append(b.lens, n)
@@ -233,8 +427,9 @@ func (b *bodyReader) Read(p []byte) (int, error) {
 		// The parent sends nothing of an Expect: 100-continue body until
 		// the handler first reads it, as net/http sends "100 Continue".
 		b.expect = false
+		n := b.recv.grantInitial()
 		b.mu.Unlock()
-		b.grant(window)
+		b.grant(n)
 		b.mu.Lock()
 	}
 	for len(b.chunks) == 0 && b.err == nil && !b.closed {
@@ -251,23 +446,26 @@ func (b *bodyReader) Read(p []byte) (int, error) {
 		b.mu.Unlock()
 		return 0, err
 	}
-	n := 0
+	n, consumed := 0, 0
 	for n < len(p) && len(b.chunks) > 0 {
 		c := (*b.chunks[0])[b.off:b.lens[0]]
 		k := copy(p[n:], c)
 		n += k
 		b.off += k
 		if b.off == b.lens[0] {
-			b.queued -= frameCost(b.lens[0])
-			b.consumed += frameCost(b.lens[0])
+			consumed += frameCost(b.lens[0])
 			putChunk(b.chunks[0])
 			b.chunks[0] = nil
 			b.chunks, b.lens, b.off = b.chunks[1:], b.lens[1:], 0
 		}
 	}
 	grant := 0
-	if b.consumed >= grantThreshold {
-		grant, b.consumed = b.consumed, 0
+	if consumed > 0 {
+		b.queued -= consumed
+		grant = b.recv.consume(consumed, len(b.chunks) == 0)
+		if b.err != nil {
+			grant = 0 // the body has ended: the parent sends no more
+		}
 	}
 	b.mu.Unlock()
 	if grant > 0 {
@@ -276,7 +474,8 @@ func (b *bodyReader) Read(p []byte) (int, error) {
 	return n, nil
 }
 
-// Close discards what is queued; later reads fail.
+// Close discards what is queued and returns the window's growth to the
+// budget; later reads fail.
 func (b *bodyReader) Close() error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -285,6 +484,7 @@ func (b *bodyReader) Close() error {
 		putChunk(c)
 	}
 	b.chunks, b.lens, b.queued = nil, nil, 0
+	b.recv.release()
 	b.signal()
 	return nil
 }
@@ -293,7 +493,8 @@ var _ io.ReadCloser = (*bodyReader)(nil)
 
 // A stream is the parent's side of one request sent to a child: the
 // response messages the child's readLoop delivers, queued for the request's
-// goroutine, and the credit for sending the request body.
+// goroutine, the response's window, and the credit for sending the request
+// body.
 type stream struct {
 	id          uint64        // fixed
 	bodyTouched atomic.Bool   // the request body has been read from
@@ -302,13 +503,14 @@ type stream struct {
 
 	mu        sync.Mutex // guards the fields below
 	events    []event
-	inline    [4]event // events' first backing array: most responses fit
-	queued    int      // what the kindData events cost against the window
-	informal  int      // 1xx response heads received
-	final     bool     // the final (non-1xx) response head has arrived
-	ended     bool     // kindEnd or kindAbort has arrived: the child is done with the stream
-	err       error    // the stream failed: the child can no longer answer
-	abandoned bool     // the request's goroutine has gone; what arrives is dropped
+	inline    [4]event   // events' first backing array: most responses fit
+	queued    int        // what the kindData events cost against the window
+	recv      recvWindow // the response's window, granted to the child
+	informal  int        // 1xx response heads received
+	final     bool       // the final (non-1xx) response head has arrived
+	ended     bool       // kindEnd or kindAbort has arrived: the child is done with the stream
+	err       error      // the stream failed: the child can no longer answer
+	abandoned bool       // the request's goroutine has gone; what arrives is dropped
 }
 
 // An event is one message of a response, in the order the child sent it.
@@ -321,9 +523,13 @@ type event struct {
 	trailer http.Header   // kindEnd
 }
 
+// newStream returns a stream whose request body may start with credit bytes.
+// Its response window does not grow until the caller, before it shares the
+// stream, sets recv.budget.
 func newStream(id uint64, credit int) *stream {
 	s := &stream{id: id, wake: make(chan struct{}, 1)}
 	s.win.init(credit)
+	s.recv.init(nil, initialWindow)
 	s.events = s.inline[:0]
 	return s
 }
@@ -337,6 +543,9 @@ func (s *stream) push(ev event) error {
 	defer s.mu.Unlock()
 	err := s.checkLocked(ev)
 	if err != nil || s.abandoned || s.err != nil {
+		if err == nil && ev.kind == kindData {
+			s.recv.consume(frameCost(ev.n), false) // dropped
+		}
 		putChunk(ev.buf)
 		return err
 	}
@@ -346,6 +555,22 @@ func (s *stream) push(ev event) error {
 	}
 	s.signal()
 	return nil
+}
+
+// consume records that the request's goroutine has written a kindData event
+// of n bytes to the client, and returns the credit to grant back to the
+// child now, if any (see recvWindow.consume). The stream drains quickly if
+// nothing more is queued by then. Once the response's end has arrived, the
+// child needs no more credit: none is returned, which spares most responses
+// of more than half a window their only window update.
+func (s *stream) consume(n int) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	grant := s.recv.consume(frameCost(n), len(s.events) == 0)
+	if s.ended {
+		return 0
+	}
+	return grant
 }
 
 // checkLocked checks that ev may follow what the stream has received, and
@@ -374,7 +599,7 @@ func (s *stream) checkLocked(ev event) error {
 		if !s.final {
 			return errors.New("response body before the response head")
 		}
-		if s.queued+frameCost(ev.n) > window {
+		if err := s.recv.receive(frameCost(ev.n)); err != nil {
 			return errors.New("response body exceeds the flow-control window")
 		}
 	case kindEnd:
@@ -400,8 +625,9 @@ func (s *stream) fail(err error) {
 	s.win.close(err)
 }
 
-// abandon drops what is queued and whatever arrives later; the request's
-// goroutine calls it when it stops reading.
+// abandon drops what is queued and whatever arrives later, and returns the
+// response window's growth to the budget; the request's goroutine calls it
+// when it stops reading.
 func (s *stream) abandon() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -410,6 +636,7 @@ func (s *stream) abandon() {
 		putChunk(ev.buf)
 	}
 	s.events, s.queued = nil, 0
+	s.recv.release()
 }
 
 // answered reports whether the child ended the response, with kindEnd or
@@ -427,8 +654,9 @@ func (s *stream) signal() {
 	}
 }
 
-// next returns the next event, waiting for one. Once the queue is empty, a
-// failed stream returns its error. cancel interrupts the wait with
+// next returns the next event, waiting for one. A kindData event's bytes
+// count against the window until consume is called for them, or the stream
+// ends. Once the queue is empty, a failed stream returns its error. cancel interrupts the wait with
 // errCanceled.
 func (s *stream) next(cancel <-chan struct{}) (event, error) {
 	for {
@@ -440,8 +668,12 @@ func (s *stream) next(cancel <-chan struct{}) (event, error) {
 			if len(s.events) == 0 {
 				s.events = s.inline[:0]
 			}
-			if ev.kind == kindData {
+			switch ev.kind {
+			case kindData:
 				s.queued -= frameCost(ev.n)
+			case kindEnd, kindAbort:
+				// The last event: the response needs its window no more.
+				s.recv.release()
 			}
 			s.mu.Unlock()
 			return ev, nil

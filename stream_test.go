@@ -33,21 +33,31 @@ func (p *fakeProcess) Memory() int64 { return 0 }
 // pipePair is a parent's child and a child's server joined by in-memory
 // pipes.
 type pipePair struct {
-	c   *child
-	srv *server
+	c    *child
+	srv  *server
+	kill func() // ends both pipes, as the child's death does
 }
 
 // newPipePair connects a parent-side child to a server running handler, over
 // io.Pipes, and tears both down when the test ends.
 func newPipePair(t *testing.T, handler http.Handler) *pipePair {
 	t.Helper()
+	return newPipePairFlow(t, handler, 0, nil)
+}
+
+// newPipePairFlow is newPipePair with the given flowBudget limit and clock
+// (zero and nil for the defaults) on both sides.
+func newPipePairFlow(t *testing.T, handler http.Handler, limit int64, now func() time.Time) *pipePair {
+	t.Helper()
 	p2cR, p2cW := io.Pipe()
 	c2pR, c2pW := io.Pipe()
 	h := &Handle{name: "pipe", opts: Options{Logger: discardLogger()}.withDefaults()}
+	h.flow.limit, h.flow.now = limit, now
 	accept := newLocalWord()
 	c := newChild(h, 0, &fakeProcess{exited: make(chan struct{})}, newConn(c2pR, p2cW), accept)
 	ctx, cancel := context.WithCancel(context.Background())
 	srv := newServer(ctx, nil, newConn(p2cR, c2pW), accept, handler)
+	srv.flow.limit, srv.flow.now = limit, now
 	srvDone := make(chan error, 1)
 	go c.writeLoop()
 	go srv.writeLoop()
@@ -74,28 +84,32 @@ func newPipePair(t *testing.T, handler http.Handler) *pipePair {
 		<-srv.wdone // closes c2pW: the parent's readLoop sees EOF
 		<-c.done
 	})
-	return &pipePair{c: c, srv: srv}
+	kill := func() {
+		c2pW.CloseWithError(io.ErrUnexpectedEOF)
+		p2cR.CloseWithError(io.ErrClosedPipe)
+	}
+	return &pipePair{c: c, srv: srv, kill: kill}
 }
 
 // waitFull waits until a queue, whose cost queued reports and whose changes
-// wake signals, leaves no room in the window for a frame of nextCost, or
-// fails the test. It also fails if the queue ever exceeds the window.
-// Nobody else may consume wake meanwhile.
-func waitFull(t *testing.T, what string, queued func() int, wake <-chan struct{}, nextCost int) {
+// wake signals, leaves no room within limit for a frame of nextCost, or
+// fails the test. It also fails if the queue ever exceeds limit. Nobody
+// else may consume wake meanwhile.
+func waitFull(t *testing.T, what string, queued func() int, wake <-chan struct{}, limit, nextCost int) {
 	t.Helper()
 	deadline := time.After(10 * time.Second)
 	for {
 		q := queued()
-		if q > window {
-			t.Fatalf("%s costs %d, more than the window %d", what, q, window)
+		if q > limit {
+			t.Fatalf("%s costs %d, more than %d", what, q, limit)
 		}
-		if q+nextCost > window {
+		if q+nextCost > limit {
 			return
 		}
 		select {
 		case <-wake:
 		case <-deadline:
-			t.Fatalf("%s costs %d; the window is not full", what, q)
+			t.Fatalf("%s costs %d; the window (%d) is not full", what, q, limit)
 		}
 	}
 }
@@ -125,7 +139,9 @@ func readAll(t *testing.T, c *child, s *stream) (status int, body []byte) {
 		case kindData:
 			body = append(body, (*ev.buf)[:ev.n]...)
 			putChunk(ev.buf)
-			c.sendWindowUpdate(s.id, ev.n, nil)
+			if n := s.consume(ev.n); n > 0 {
+				c.sendWindowUpdate(s.id, n, nil)
+			}
 		case kindEnd:
 			return status, body
 		case kindAbort:
@@ -143,8 +159,8 @@ func openRequest(t *testing.T, c *child, r *http.Request) *stream {
 	return s
 }
 
-// A response nobody reads stalls its handler after a window of bytes, and
-// other requests on the same pipe go on.
+// A response nobody reads stalls its handler after its initial window of
+// bytes (its window never grows), and other requests on the same pipe go on.
 func TestResponseFlowControlBoundsBuffering(t *testing.T) {
 	const total = 4 << 20
 	var written atomic.Int64
@@ -167,19 +183,22 @@ func TestResponseFlowControlBoundsBuffering(t *testing.T) {
 	if ev, err := big.next(nil); err != nil || ev.kind != kindResponse {
 		t.Fatalf("first event: %+v, %v", ev, err)
 	}
-	waitFull(t, "parent's queue", queuedOf(big), big.wake, frameCost(chunkSize))
+	waitFull(t, "parent's queue", queuedOf(big), big.wake, frameCost(chunkSize), frameCost(1))
 
 	small := openRequest(t, pp.c, httptest.NewRequest("GET", "/small", nil))
 	if st, body := readAll(t, pp.c, small); st != 200 || string(body) != "small" {
 		t.Fatalf("small request: %d %q", st, body)
 	}
-	// The handler is stalled: it wrote at most the window plus what its
-	// buffer and one Write hold.
-	if w := written.Load(); w > window+chunkSize+4096 {
-		t.Fatalf("handler wrote %d bytes with nothing read; window is %d", w, window)
+	// The handler is stalled: it wrote at most the initial window plus what
+	// its buffer and one Write hold.
+	if w := written.Load(); w > chunkSize+chunkSize+4096 {
+		t.Fatalf("handler wrote %d bytes with nothing read; the initial window is %d", w, initialWindow)
 	}
-	if q := queuedOf(big)(); q > window || q+frameCost(chunkSize) <= window {
-		t.Fatalf("parent's queue for the stalled response costs %d; want the window (%d) nearly full", q, window)
+	if q := queuedOf(big)(); q != frameCost(chunkSize) {
+		t.Fatalf("parent's queue for the stalled response costs %d; want one chunk (%d)", q, frameCost(chunkSize))
+	}
+	if r := pp.c.flow.reserved.Load(); r != 0 {
+		t.Fatalf("the stalled response reserved %d bytes of window growth", r)
 	}
 
 	_, rest := readAll(t, pp.c, big)
@@ -189,7 +208,7 @@ func TestResponseFlowControlBoundsBuffering(t *testing.T) {
 }
 
 // A request body the handler does not read stalls the parent's sender after
-// a window of bytes, and other requests go on.
+// its initial window of bytes, and other requests go on.
 func TestRequestFlowControlBoundsBuffering(t *testing.T) {
 	release := make(chan struct{})
 	mux := http.NewServeMux()
@@ -200,6 +219,8 @@ func TestRequestFlowControlBoundsBuffering(t *testing.T) {
 	})
 	mux.HandleFunc("/small", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "small") })
 	pp := newPipePair(t, mux)
+	unblock := sync.OnceFunc(func() { close(release) })
+	t.Cleanup(unblock) // before the pair's: a failed test must not leave the handler blocked
 
 	const total = 2 << 20
 	var read atomic.Int64
@@ -228,16 +249,19 @@ func TestRequestFlowControlBoundsBuffering(t *testing.T) {
 		received.mu.Lock()
 		defer received.mu.Unlock()
 		return received.queued
-	}, received.wake, frameCost(1))
-	if r := read.Load(); r > window {
-		t.Fatalf("parent read %d bytes of the client's body with a window of %d", r, window)
+	}, received.wake, frameCost(chunkSize), frameCost(1))
+	if r := read.Load(); r > chunkSize {
+		t.Fatalf("parent read %d bytes of the client's body with an initial window of %d", r, initialWindow)
+	}
+	if r := pp.srv.flow.reserved.Load(); r != 0 {
+		t.Fatalf("the stalled body reserved %d bytes of window growth", r)
 	}
 
 	small := openRequest(t, pp.c, httptest.NewRequest("GET", "/small", nil))
 	if st, b := readAll(t, pp.c, small); st != 200 || string(b) != "small" {
 		t.Fatalf("small request: %d %q", st, b)
 	}
-	close(release)
+	unblock()
 	if st, b := readAll(t, pp.c, s); st != 200 || string(b) != fmt.Sprint(total) {
 		t.Fatalf("upload: %d %q, want 200 %d", st, b, total)
 	}

@@ -382,7 +382,7 @@ func trChunk(i int) string { return fmt.Sprintf("chunk %03d\n", i) }
 // trSlowMarkAt: what fits in a stream's window, whatever the client reads.
 const (
 	trSlowChunks = 300
-	trSlowMarkAt = 150
+	trSlowMarkAt = 50
 )
 
 func trBigChunk(i int) string {

@@ -1,0 +1,523 @@
+package subproc
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// Tests of the adaptive windows and of the module's flowBudget (stream.go).
+
+// frozenClock is a flowBudget clock under which every stream drains
+// infinitely fast: time never passes.
+func frozenClock() time.Time { return time.Unix(1e9, 0) }
+
+// crawlingClock returns a flowBudget clock under which every stream drains
+// slowly: each reading is an hour after the last.
+func crawlingClock() func() time.Time {
+	var hours atomic.Int64
+	return func() time.Time { return time.Unix(1e9, 0).Add(time.Duration(hours.Add(1)) * time.Hour) }
+}
+
+// simStream is a sender and a receiver of one stream, played in memory: the
+// sender spends its credit in frames of up to a chunk, the receiver queues
+// them in its recvWindow and consumes them when told.
+type simStream struct {
+	t      *testing.T
+	w      recvWindow
+	frame  int   // the most bytes the sender puts in a frame
+	credit int   // the sender's
+	queue  []int // the cost of each frame received and not consumed
+}
+
+func newSimStream(t *testing.T, b *flowBudget) *simStream {
+	s := &simStream{t: t, frame: chunkSize, credit: initialWindow}
+	s.w.init(b, initialWindow)
+	return s
+}
+
+// send has the sender spend all its credit.
+func (s *simStream) send() {
+	s.t.Helper()
+	for s.credit >= frameCost(1) {
+		c := frameCost(min(s.frame, s.credit-frameOverhead))
+		if err := s.w.receive(c); err != nil {
+			s.t.Fatalf("a frame within the credit: %v", err)
+		}
+		s.credit -= c
+		s.queue = append(s.queue, c)
+	}
+}
+
+// consume has the receiver consume one frame and grant what it returns.
+func (s *simStream) consume() {
+	c := s.queue[0]
+	s.queue = s.queue[1:]
+	s.credit += s.w.consume(c, len(s.queue) == 0)
+}
+
+// run has the sender and a receiver that keeps up exchange rounds frames.
+func (s *simStream) run(rounds int) {
+	for range rounds {
+		s.send()
+		for len(s.queue) > 0 {
+			s.consume()
+		}
+	}
+}
+
+func TestFlowBudgetReserve(t *testing.T) {
+	var zero flowBudget
+	if got := zero.size(); got != flowBudgetSize {
+		t.Fatalf("zero budget: size %d, want flowBudgetSize (%d)", got, flowBudgetSize)
+	}
+	b := &flowBudget{limit: 100}
+	if !b.reserve(60) || !b.reserve(40) {
+		t.Fatal("reserving up to the limit failed")
+	}
+	if b.reserve(1) {
+		t.Fatal("reserved beyond the limit")
+	}
+	b.release(40)
+	if b.reserve(41) {
+		t.Fatal("reserved beyond the limit after a release")
+	}
+	if !b.reserve(40) {
+		t.Fatal("a release did not return its bytes")
+	}
+
+	// Concurrent reservations never take more than the budget together.
+	b = &flowBudget{limit: 10 * initialWindow}
+	var over atomic.Int64
+	var wg sync.WaitGroup
+	for g := range 8 {
+		wg.Go(func() {
+			for i := range 2000 {
+				n := initialWindow * (1 + (g+i)%4)
+				if b.reserve(n) {
+					if r := b.reserved.Load(); r > b.limit {
+						over.Store(r)
+					}
+					b.release(n)
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if r := over.Load(); r != 0 {
+		t.Fatalf("reserved %d of a budget of %d", r, b.limit)
+	}
+	if r := b.reserved.Load(); r != 0 {
+		t.Fatalf("%d bytes left reserved after every release", r)
+	}
+}
+
+// A stream whose receiver keeps up doubles its window up to window; one
+// whose receiver is slow, or holds frames back, or consumes nothing, keeps
+// its initial window.
+func TestWindowGrowth(t *testing.T) {
+	t.Run("fast", func(t *testing.T) {
+		b := &flowBudget{now: frozenClock}
+		s := newSimStream(t, b)
+		sizes := []int{s.w.size}
+		for range 20 {
+			s.run(1)
+			if s.w.size != sizes[len(sizes)-1] {
+				sizes = append(sizes, s.w.size)
+			}
+		}
+		want := []int{initialWindow, 2 * initialWindow, 4 * initialWindow, 8 * initialWindow, window}
+		if !equalInts(sizes, want) {
+			t.Fatalf("window sizes %v, want %v", sizes, want)
+		}
+		if r := b.reserved.Load(); r != window-initialWindow {
+			t.Fatalf("budget reserved %d, want %d", r, window-initialWindow)
+		}
+		if s.credit+s.w.owed != window {
+			t.Fatalf("the sender has %d of credit and the receiver owes %d, with nothing in flight; want the window %d in all", s.credit, s.w.owed, window)
+		}
+		s.w.release()
+		if r, h := b.reserved.Load(), b.held.Load(); r != 0 || h != 0 {
+			t.Fatalf("after release: reserved %d, held %d", r, h)
+		}
+	})
+	t.Run("slow", func(t *testing.T) {
+		b := &flowBudget{now: crawlingClock()}
+		s := newSimStream(t, b)
+		s.run(50)
+		if s.w.size != initialWindow || b.reserved.Load() != 0 {
+			t.Fatalf("a slow stream's window grew to %d (budget reserved %d)", s.w.size, b.reserved.Load())
+		}
+	})
+	t.Run("consumer bound", func(t *testing.T) {
+		// Frames are still queued when credit goes back: the consumer,
+		// not the window, holds the stream back.
+		b := &flowBudget{now: frozenClock}
+		s := newSimStream(t, b)
+		s.frame = smallChunk
+		for range 50 {
+			s.send()
+			for credit := s.credit; s.credit == credit; {
+				s.consume()
+			}
+			if len(s.queue) == 0 {
+				t.Fatal("the simulation does not keep frames queued")
+			}
+		}
+		if s.w.size != initialWindow || b.reserved.Load() != 0 {
+			t.Fatalf("a consumer-bound stream's window grew to %d", s.w.size)
+		}
+	})
+	t.Run("stalled", func(t *testing.T) {
+		b := &flowBudget{now: frozenClock}
+		s := newSimStream(t, b)
+		for range 10 {
+			s.send()
+		}
+		if s.w.size != initialWindow || b.reserved.Load() != 0 {
+			t.Fatalf("a stalled stream's window grew to %d", s.w.size)
+		}
+		if h := b.held.Load(); h != initialWindow {
+			t.Fatalf("a stalled stream holds %d, want its initial window %d", h, initialWindow)
+		}
+	})
+	t.Run("overrun", func(t *testing.T) {
+		s := newSimStream(t, &flowBudget{now: frozenClock})
+		s.send()
+		if err := s.w.receive(frameCost(1)); err == nil {
+			t.Fatal("a frame beyond the credit was accepted")
+		}
+	})
+}
+
+func equalInts(a, b []int) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
+}
+
+// Fast streams grow only as far as the budget goes: together they never
+// reserve more, those that find it spent keep their initial window and go
+// on, and a stream that ends gives its growth to the others.
+func TestWindowBudgetShared(t *testing.T) {
+	b := &flowBudget{limit: 3 * initialWindow, now: frozenClock}
+	var streams []*simStream
+	for range 4 {
+		streams = append(streams, newSimStream(t, b))
+	}
+	total := func() (sum int) {
+		for _, s := range streams {
+			sum += s.w.size
+		}
+		return sum
+	}
+	for round := range 20 {
+		for _, s := range streams {
+			s.run(1)
+			if r := b.reserved.Load(); r > b.limit {
+				t.Fatalf("round %d: %d reserved of a budget of %d", round, r, b.limit)
+			}
+			if sum := total(); int64(sum) > b.limit+int64(len(streams))*initialWindow {
+				t.Fatalf("round %d: windows total %d, over the budget plus the initial windows", round, sum)
+			}
+		}
+	}
+	if r := b.reserved.Load(); r != b.limit {
+		t.Fatalf("the fast streams reserved %d of %d", r, b.limit)
+	}
+	last := streams[len(streams)-1]
+	if last.w.size != initialWindow {
+		t.Fatalf("the last stream grew to %d with the budget spent", last.w.size)
+	}
+	// The spent budget starves no one: the last stream still moves a
+	// window per round.
+	moved := last.w.received
+	last.run(1)
+	if last.w.received-moved < initialWindow {
+		t.Fatalf("the last stream moved %d in a round", last.w.received-moved)
+	}
+	// The first stream ends: the last grows.
+	streams[0].w.release()
+	streams = streams[1:]
+	for range 5 {
+		last.run(1)
+	}
+	if last.w.size == initialWindow {
+		t.Fatal("the budget a stream returned went to no other stream")
+	}
+}
+
+// A request body the handler reads quickly grows its window from the
+// child's budget; the growth is returned when the body is closed.
+func TestBodyWindowGrowth(t *testing.T) {
+	b := &flowBudget{now: frozenClock}
+	var credit atomic.Int64
+	credit.Store(initialWindow)
+	body := newBodyReader(func(n int) { credit.Add(int64(n)) }, nil, false, b)
+	buf := make([]byte, chunkSize)
+	for range 64 {
+		for credit.Load() >= int64(frameCost(chunkSize)) {
+			credit.Add(-int64(frameCost(chunkSize)))
+			if err := body.push(getChunk(), chunkSize); err != nil {
+				t.Fatal(err)
+			}
+		}
+		for {
+			body.mu.Lock()
+			n := len(body.chunks)
+			body.mu.Unlock()
+			if n == 0 {
+				break
+			}
+			if _, err := io.ReadFull(body, buf); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if r := b.reserved.Load(); r != window-initialWindow {
+		t.Fatalf("a fast body reserved %d, want %d", r, window-initialWindow)
+	}
+	if err := body.push(getChunk(), chunkSize); err != nil {
+		t.Fatal(err)
+	}
+	body.Close()
+	if r, h := b.reserved.Load(), b.held.Load(); r != 0 || h != 0 {
+		t.Fatalf("after Close: reserved %d, held %d", r, h)
+	}
+	// A parent that sends beyond its credit breaks the protocol.
+	body = newBodyReader(func(int) {}, nil, false, b)
+	body.push(getChunk(), chunkSize)
+	if err := body.push(getBuffer(1), 1); err == nil {
+		t.Fatal("a chunk beyond the window was accepted")
+	}
+	body.Close()
+}
+
+// abortRecorder is an http.ResponseWriter that fails its writes, as a
+// client that went away does, once after is closed.
+type abortRecorder struct {
+	*httptest.ResponseRecorder
+	after chan struct{}
+}
+
+func (w abortRecorder) Write(p []byte) (int, error) {
+	select {
+	case <-w.after:
+		return 0, errors.New("client gone")
+	default:
+		return len(p), nil
+	}
+}
+
+// However a response ends, its stream returns the window growth it
+// reserved and what it held to the Handle's budget.
+func TestWindowReleasedOnEveryEnd(t *testing.T) {
+	const before = 4 << 20 // bytes the handler writes before the end
+	type end int
+	const (
+		complete end = iota
+		abort
+		cancel
+		clientGone
+		childDeath
+	)
+	for _, tt := range []struct {
+		name string
+		end  end
+	}{
+		{"complete", complete},
+		{"abort", abort},
+		{"cancel", cancel},
+		{"client gone", clientGone},
+		{"child death", childDeath},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			reached := make(chan struct{}) // the handler has written before
+			var once sync.Once
+			handler := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				p := bytes.Repeat([]byte("w"), chunkSize)
+				for n := 0; ; n += len(p) {
+					if n >= before {
+						once.Do(func() { close(reached) })
+						switch tt.end {
+						case complete:
+							return
+						case abort:
+							panic(http.ErrAbortHandler)
+						}
+					}
+					if _, err := w.Write(p); err != nil {
+						return
+					}
+				}
+			})
+			pp := newPipePairFlow(t, handler, 0, frozenClock)
+			ctx, stop := context.WithCancel(context.Background())
+			defer stop()
+			r := httptest.NewRequest("GET", "/", nil).WithContext(ctx)
+			s := openRequest(t, pp.c, r)
+			gone := make(chan struct{})
+			w := abortRecorder{httptest.NewRecorder(), gone}
+			go func() {
+				<-reached
+				switch tt.end {
+				case cancel:
+					stop()
+				case clientGone:
+					close(gone)
+				case childDeath:
+					pp.kill()
+				}
+			}()
+			func() {
+				defer func() {
+					if v := recover(); v != nil && v != http.ErrAbortHandler {
+						panic(v)
+					}
+				}()
+				pp.c.h.proxy(w, r, pp.c, s)
+			}()
+			if size := sizeOf(s); size <= initialWindow {
+				t.Fatalf("the stream's window never grew (%d): the test tests nothing", size)
+			}
+			b := pp.c.flow
+			if res, held := b.reserved.Load(), b.held.Load(); res != 0 || held != 0 {
+				t.Fatalf("after the response ended: %d reserved, %d held", res, held)
+			}
+		})
+	}
+}
+
+// A stream that stalls does not stop another from getting credit: a stream
+// stalled from the start takes nothing from the budget, so a fast stream
+// beside it grows to the full window; and when stalled streams that had
+// grown hold the whole budget, a fast stream still moves on its initial
+// window.
+func TestWindowStalledDoesNotStarveFast(t *testing.T) {
+	const total = 8 << 20
+	mux := http.NewServeMux()
+	mux.HandleFunc("/stream", func(w http.ResponseWriter, r *http.Request) {
+		p := bytes.Repeat([]byte("s"), chunkSize)
+		for n := 0; n < total; n += len(p) {
+			if _, err := w.Write(p); err != nil {
+				return
+			}
+		}
+	})
+	// A budget that one grown stream spends.
+	pp := newPipePairFlow(t, mux, window-initialWindow, frozenClock)
+	b := pp.c.flow
+
+	stalled := openRequest(t, pp.c, httptest.NewRequest("GET", "/stream", nil))
+	waitFull(t, "stalled stream", heldOf(stalled), stalled.wake, initialWindow, frameCost(1))
+	fast := openRequest(t, pp.c, httptest.NewRequest("GET", "/stream", nil))
+	if _, body := readAll(t, pp.c, fast); len(body) != total {
+		t.Fatalf("fast stream: %d bytes, want %d", len(body), total)
+	}
+	if size := sizeOf(fast); size != window {
+		t.Fatalf("the fast stream's window grew to %d beside a stalled one, want %d", size, window)
+	}
+	if r := b.reserved.Load(); r != 0 {
+		t.Fatalf("%d bytes still reserved with only a stalled stream left", r)
+	}
+
+	// A stream grows, spends the budget, then stalls.
+	grown := openRequest(t, pp.c, httptest.NewRequest("GET", "/stream", nil))
+	for b.reserved.Load() < b.limit {
+		ev, err := grown.next(nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ev.kind == kindEnd {
+			t.Fatalf("the stream ended with %d reserved of %d", b.reserved.Load(), b.limit)
+		}
+		if ev.kind == kindData {
+			putChunk(ev.buf)
+			if n := grown.consume(ev.n); n > 0 {
+				pp.c.sendWindowUpdate(grown.id, n, nil)
+			}
+		}
+	}
+	fast = openRequest(t, pp.c, httptest.NewRequest("GET", "/stream", nil))
+	if _, body := readAll(t, pp.c, fast); len(body) != total {
+		t.Fatalf("fast stream with the budget spent: %d bytes, want %d", len(body), total)
+	}
+	if size := sizeOf(fast); size != initialWindow {
+		t.Fatalf("the fast stream grew to %d with the budget spent", size)
+	}
+	// The stalled streams finish.
+	for _, s := range []*stream{stalled, grown} {
+		readAll(t, pp.c, s)
+	}
+	if r, h := b.reserved.Load(), b.held.Load(); r != 0 || h != 0 {
+		t.Fatalf("after every stream ended: %d reserved, %d held", r, h)
+	}
+}
+
+// heldOf reports what a parent stream holds against its window: queued, and
+// taken but not consumed.
+func heldOf(s *stream) func() int {
+	return func() int {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		return s.recv.held
+	}
+}
+
+// sizeOf reports a parent stream's response window.
+func sizeOf(s *stream) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.recv.size
+}
+
+// A handler's pending chunk goes out in parts when the credit the parent
+// has returned is less than the chunk costs: the parent holds back less
+// than half a window, which with a window of one chunk can leave the child
+// with less credit than a chunk costs, and waiting for a whole chunk's
+// worth would then wait forever.
+func TestResponseSendsWhatCreditAllows(t *testing.T) {
+	const first = 30000 // flushed; consumed, it leaves credit owed but not returned
+	pp := newPipePairFlow(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Write(bytes.Repeat([]byte("a"), first))
+		w.(http.Flusher).Flush()
+		w.Write(bytes.Repeat([]byte("b"), 3*chunkSize))
+	}), 0, crawlingClock())
+	s := openRequest(t, pp.c, httptest.NewRequest("GET", "/", nil))
+	timeout := make(chan struct{})
+	timer := time.AfterFunc(10*time.Second, func() { close(timeout) })
+	defer timer.Stop()
+	var body []byte
+	for {
+		ev, err := s.next(timeout)
+		if err != nil {
+			t.Fatalf("after %d bytes of the body: %v (the child waits for credit the parent holds back)", len(body), err)
+		}
+		if ev.kind == kindData {
+			body = append(body, (*ev.buf)[:ev.n]...)
+			putChunk(ev.buf)
+			if n := s.consume(ev.n); n > 0 {
+				pp.c.sendWindowUpdate(s.id, n, nil)
+			}
+		}
+		if ev.kind == kindEnd {
+			break
+		}
+	}
+	if want := first + 3*chunkSize; len(body) != want {
+		t.Fatalf("body of %d bytes, want %d", len(body), want)
+	}
+}
