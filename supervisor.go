@@ -152,6 +152,11 @@ func (s *supervisor) replace(old *child, ask replaceAsk) (*child, error) {
 		if ask.ctx != nil && ask.ctx.Err() != nil {
 			err = &StartError{Module: h.name, Err: ask.ctx.Err()}
 		}
+		if h.life.Err() == nil {
+			var se *StartError
+			errors.As(err, &se)
+			h.post(Event{Kind: ChildExited, Reason: "crash", Err: err, Output: se.Output})
+		}
 		if ask.done != nil {
 			ask.done <- err
 		}
