@@ -35,23 +35,101 @@
 //
 // # Streaming and flow control
 //
-// Bodies move in chunks of 64 KiB, and each request has a window of 512 KiB
-// in each direction: a client that reads slowly, or a handler that does not
-// read its body, stalls only its own request, and neither process buffers
-// more than a window per request.
+// Bodies move in chunks of 64 KiB with flow control per request and
+// direction, as in HTTP/2: a request's window starts at one chunk and
+// doubles, up to 1 MiB, while its reader keeps up, the growth being taken
+// from a budget of 16 MiB per module and direction that all its requests
+// share. A client that reads slowly, or a handler that does not read its
+// body, stalls only its own request; what parent and child buffer for the
+// bodies of all of a module's requests together is at most 16 MiB plus 64
+// KiB per request in flight.
+//
+// A message too large for the pipe's frames (8 MiB) fails its own request,
+// never the others: a request head that large gets 431 Request Header
+// Fields Too Large before it is sent, and a response whose head or
+// trailers are that large fails the handler's write and gives the client
+// 502 Bad Gateway, or an aborted connection once the response had started.
 //
 // # Failures
 //
 // The parent notices a child's exit at once. Requests in flight get 502 Bad
 // Gateway if their response had not started, an aborted connection if it
-// had; a request the child had not yet taken goes to the next child
-// instead, as the module never saw it. The module restarts; requests that
-// arrive meanwhile wait for the new child up to Options.RestartWait, then
-// get 503 Service Unavailable with
-// Retry-After. A child that fails Options.HealthFailures health checks in a
-// row is killed and restarted. Each child is an incarnation with its own
-// pipes, so messages of an earlier incarnation never reach a later one's
-// requests. A child that breaks the protocol is killed and restarted.
+// had; a request the child had not yet taken goes to another child
+// instead, as the module never saw it. The child is restarted at once if
+// it had served for a second or more, and so is the first of children that
+// die younger; each further one in a row waits twice as long as the last,
+// from 100ms up to Options.MaxRestartDelay, whether or not it answered
+// requests, so that a request that crashes the module, retried by its
+// clients, cannot make it restart more than a few times a second. Requests
+// that find no child wait for one up to Options.RestartWait, then get 503
+// Service Unavailable with Retry-After. A child that fails
+// Options.HealthFailures health checks in a row is sent SIGQUIT, so that
+// the Go runtime writes its goroutines' stacks to its stderr, and a second
+// later killed and restarted (a stopped child is killed at once); Stats
+// shows it "unhealthy" from its first failed check. Each child is an
+// incarnation with its own pipes, so messages of an earlier incarnation
+// never reach a later one's requests. A child that breaks the protocol is
+// killed and restarted.
+//
+// # Pools, rolling restarts and recycling
+//
+// With Options.Children above one, a module runs in that many children, each
+// supervised, health-checked, recycled and restarted on its own; a request
+// goes to the least loaded child that passes its health checks, so a crash
+// fails only the requests of the child that crashed. Env.Slot tells a child
+// which slot it fills, and Env.Incarnation numbers every child of a Handle.
+//
+// Handle.Restart replaces the children one at a time without failing a
+// request: a new child starts, and once it is ready new requests go to it
+// while the old one drains and stops; a pool of one thus briefly runs two
+// children. If the new child cannot start, the old one keeps serving and
+// Restart returns the *StartError. Options.MaxRequests, Options.MaxLifetime
+// (each lowered at random by up to 10%, so that a pool is not recycled all
+// at once), Options.MemoryHigh and a stuck handler (see Limits) replace a
+// child the same way; a replacement is never counted as a crash.
+//
+// # Draining
+//
+// A drain (Shutdown, Restart, a recycle) cancels the context the child's
+// ModuleFunc was given at once, so that long-lived handlers, such as event
+// streams and WebSockets, can end; the other requests in flight run on
+// until they end or the grace period does (Shutdown's context, or
+// Options.ShutdownTimeout for a replaced child), when their contexts are
+// canceled in the child and, half a second later, the child is killed.
+// Health checks go on during a drain, so a child that hangs while draining
+// is killed, and Shutdown always returns.
+//
+// # Limits
+//
+// Options.MemoryHigh and MemoryMax bound a child's resident memory, read
+// every HealthInterval: past MemoryHigh it is replaced gracefully, past
+// MemoryMax killed at once. Unless the environment sets GOMEMLIMIT, such a
+// child gets one of 90% of the lower limit, so that the Go runtime collects
+// before the limit. A request's deadline, its own or Options.RequestTimeout,
+// is its handler's in the child too; at the deadline the client gets 504
+// Gateway Timeout, or an aborted response once it had started. A handler
+// still running Options.StuckTimeout after its request ended makes its
+// child stuck: the child's goroutine stacks go to the module's log, a
+// ChildStuck event is posted, and the child is replaced; the parent has
+// already let go of what it held for such requests. Options.MaxInFlight and
+// MaxQueued bound the requests served and waiting; the rest get 503 with
+// Retry-After at once.
+//
+// # Events and statistics
+//
+// Options.OnEvent receives every event of a module's life (see Event):
+// starts, failed health checks, stuck handlers, recycling, exits, backoff
+// and degraded states, each with a reason and, for exits, the child's last
+// lines of output. Handle.Stats describes each child and counts the
+// requests by outcome. Handle.Ready answers a readiness probe.
+//
+// # The child process
+//
+// The child is the running binary, started again with its path as its only
+// argument, in Options.Dir (the parent's working directory by default) with
+// Options.Env (the parent's environment by default) and one variable of
+// subproc's, which Main removes before module code runs. It inherits no
+// other file descriptor than the pipes Main takes over.
 //
 // # Processes
 //
@@ -87,5 +165,16 @@
 // and <name>.out and <name>.err what the module writes to its stdout and
 // stderr; every incarnation appends, and files rotate by size. With LogDir
 // empty, all of it goes to Options.Stderr, each line prefixed with the
-// module's name.
+// module's name and its control characters escaped, so that a module cannot
+// rewrite the terminal. In a pool, each line also says which child wrote
+// it (its slot and pid). A write that fails, on a full disk for instance,
+// loses the line but not the module: the parent reports it through
+// Options.Logger, at most every 10 seconds, and writing resumes by itself.
+//
+// # Testing
+//
+// A module's tests use the same pattern as a program: TestMain calls
+// subproc.Main first, so that the test binary can be its own child. Under
+// the race detector, set GORACE=atexit_sleep_ms=0 in the test's
+// environment, or each child sleeps a second as it exits.
 package subproc

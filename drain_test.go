@@ -149,7 +149,7 @@ func TestDrainCrashLoopBacksOff(t *testing.T) {
 		Logger:         slog.New(slog.NewTextHandler(logs, nil)),
 	})
 	srv := serve(t, h)
-	const dur = 3 * time.Second
+	dur := chaosN(3*time.Second, 20*time.Second)
 	client := &http.Client{Timeout: 30 * time.Second}
 	for end := time.Now().Add(dur); time.Now().Before(end); {
 		// Each child answers one request, then takes the poison.

@@ -101,3 +101,77 @@ func ExampleMain() {
 	// }
 	// Output: not a child
 }
+
+// A pool of children serves one module; Restart replaces them one at a
+// time, and requests keep being answered throughout.
+func ExampleHandle_Restart() {
+	h, err := subproc.Start(context.Background(), "greeter", subproc.Options{Children: 2, Stderr: io.Discard})
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer h.Close()
+	before := map[int]bool{}
+	for _, c := range h.Stats().Children {
+		before[c.Pid] = true
+	}
+	if err := h.Restart(context.Background()); err != nil {
+		log.Fatal(err)
+	}
+	replaced := 0
+	for _, c := range h.Stats().Children {
+		if !before[c.Pid] {
+			replaced++
+		}
+	}
+	fmt.Println("children replaced:", replaced)
+	// Output: children replaced: 2
+}
+
+// OnEvent sees every start, exit and restart, in order, from one
+// goroutine.
+func ExampleOptions_onEvent() {
+	events := make(chan subproc.Event, 16)
+	h, err := subproc.Start(context.Background(), "greeter", subproc.Options{
+		Stderr:  io.Discard,
+		OnEvent: func(ev subproc.Event) { events <- ev },
+	})
+	if err != nil {
+		log.Fatal(err)
+	}
+	h.Close() // the last event is delivered before Close returns
+	close(events)
+	for ev := range events {
+		if ev.Reason == "" {
+			fmt.Println(ev.Kind)
+		} else {
+			fmt.Println(ev.Kind, ev.Reason)
+		}
+	}
+	// Output:
+	// ChildStarted
+	// ChildExited shutdown
+}
+
+// Ready answers a readiness probe: true while a child serves and the
+// handle is not shutting down.
+func ExampleHandle_Ready() {
+	h, err := subproc.Start(context.Background(), "greeter", subproc.Options{Stderr: io.Discard})
+	if err != nil {
+		log.Fatal(err)
+	}
+	readyz := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !h.Ready() {
+			http.Error(w, "not ready", http.StatusServiceUnavailable)
+		}
+	})
+	rec := httptest.NewRecorder()
+	readyz.ServeHTTP(rec, httptest.NewRequest("GET", "/readyz", nil))
+	fmt.Println(rec.Code)
+	h.Close()
+	rec = httptest.NewRecorder()
+	readyz.ServeHTTP(rec, httptest.NewRequest("GET", "/readyz", nil))
+	fmt.Println(rec.Code)
+	// Output:
+	// 200
+	// 503
+}

@@ -478,7 +478,7 @@ func (h *Handle) sourceLabel(slot, pid int) string {
 	if h.opts.Children <= 1 {
 		return ""
 	}
-	return fmt.Sprintf("%d:%d", slot, pid)
+	return fmt.Sprintf("slot %d pid %d", slot, pid)
 }
 
 // copyLog copies one of the child's output pipes into the module's logs.
