@@ -67,8 +67,9 @@ type Options struct {
 	// child is killed and restarted. Zero means 3.
 	HealthFailures int
 
-	// RestartWait bounds how long a request that arrives while the module
-	// restarts waits for the new child. After it, the request gets 503
+	// RestartWait bounds how long a request that finds no child to take it
+	// (the module restarts) waits for one, and how long a request waits in
+	// the admission queue (see MaxInFlight). After it, the request gets 503
 	// Service Unavailable with a Retry-After header. Zero means 10s; a
 	// negative value means requests do not wait.
 	RestartWait time.Duration
