@@ -179,7 +179,10 @@ func TestChaosKillStorm(t *testing.T) {
 	clients := chaosN(16, 64)
 	dur := chaosN(5*time.Second, 60*time.Second)
 	f := &chaosFigures{before: chaosSnap()}
-	h, stopHandle := chaosStart(t, "chaos", chaosConfig{}, Options{})
+	// Children killed every 200–800 ms die young: the module would back
+	// off (see Options.MaxRestartDelay), and the storm would be a few
+	// kills. A delay capped at 1ms keeps the storm going.
+	h, stopHandle := chaosStart(t, "chaos", chaosConfig{}, Options{MaxRestartDelay: time.Millisecond})
 	srv := httptest.NewServer(h)
 	client := chaosClient(clients)
 	restarts0 := h.Stats().Restarts
@@ -457,7 +460,9 @@ func chaosGarbageChild(t *testing.T) {
 	rounds := chaosN(6, 40)
 	f := &chaosFigures{before: chaosSnap()}
 	dir := t.TempDir()
-	h, stopHandle := chaosStart(t, "chaos", chaosConfig{Dir: dir}, Options{HealthInterval: 200 * time.Millisecond, HealthTimeout: time.Second})
+	// Each round's child dies young: a delay capped at 1ms keeps the
+	// module from backing off (see Options.MaxRestartDelay) between rounds.
+	h, stopHandle := chaosStart(t, "chaos", chaosConfig{Dir: dir}, Options{HealthInterval: 200 * time.Millisecond, HealthTimeout: time.Second, MaxRestartDelay: time.Millisecond})
 	srv := httptest.NewServer(h)
 	client := chaosClient(8)
 	restarts0 := h.Stats().Restarts

@@ -229,6 +229,9 @@ func TestLimitsStuck(t *testing.T) {
 	})
 	srv := serve(t, h)
 	pid := containPid(t, srv.URL)
+	var ms0, ms1 runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&ms0)
 	n := chaosN(50, 5000)
 	var wg sync.WaitGroup
 	client := chaosClient(200)
@@ -254,7 +257,10 @@ func TestLimitsStuck(t *testing.T) {
 		st := h.Stats()
 		return len(st.Children) == 1 && strconv.Itoa(st.Children[0].Pid) != pid && st.Children[0].State == "running"
 	})
-	t.Logf("%d stuck handlers: noticed %v after the last was given up", n, noticed.Round(time.Millisecond))
+	client.CloseIdleConnections()
+	runtime.GC()
+	runtime.ReadMemStats(&ms1)
+	t.Logf("%d stuck handlers: noticed %v after the last was given up; parent heap %s before, %s once the child was replaced", n, noticed.Round(time.Millisecond), inMiB(int64(ms0.HeapAlloc)), inMiB(int64(ms1.HeapAlloc)))
 	assert.Equal(t, 1, events.count(ChildRecycling, "stuck"))
 	log, err := os.ReadFile(filepath.Join(dir, "limits-mod.log"))
 	require.NoError(t, err)
@@ -300,12 +306,15 @@ func TestLimitsHungChildStacks(t *testing.T) {
 // With MaxInFlight and MaxQueued, exactly that many requests are admitted
 // or wait; the rest get 503 with Retry-After at once.
 func TestLimitsAdmission(t *testing.T) {
-	const inFlight, queued, n = 5, 5, 30
+	inFlight, queued, n := chaosN(5, 50), chaosN(5, 100), chaosN(30, 1000)
 	dir := t.TempDir()
 	h := startModule(t, "limits-mod", withConfig(t, drainConfig{Dir: dir}, Options{MaxInFlight: inFlight, MaxQueued: queued, RestartWait: time.Minute}))
 	srv := serve(t, h)
 	client := chaosClient(n)
 	defer client.CloseIdleConnections()
+	var ms0, ms1 runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&ms0)
 	var ok, shed atomic.Int64
 	var slowest atomic.Int64
 	var wg sync.WaitGroup
@@ -330,13 +339,61 @@ func TestLimitsAdmission(t *testing.T) {
 			}
 		})
 	}
-	failWaitUntil(t, 20*time.Second, "the shed requests", func() bool { return shed.Load() == n-inFlight-queued })
+	failWaitUntil(t, 20*time.Second, "the shed requests", func() bool { return shed.Load() == int64(n-inFlight-queued) })
+	runtime.ReadMemStats(&ms1)
+	t.Logf("parent heap with %d requests admitted or queued and %d shed: %s (before: %s)", inFlight+queued, n-inFlight-queued, inMiB(int64(ms1.HeapAlloc)), inMiB(int64(ms0.HeapAlloc)))
 	st := h.Stats()
 	assert.Equal(t, inFlight+queued, st.InFlight+int(h.queued.Load()))
-	assert.Equal(t, int64(queued), h.queued.Load())
+	assert.EqualValues(t, queued, h.queued.Load())
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "release"), nil, 0o644))
 	wg.Wait()
 	t.Logf("%d admitted or queued, %d shed; slowest 503 took %v", ok.Load(), shed.Load(), time.Duration(slowest.Load()))
 	assert.EqualValues(t, inFlight+queued, ok.Load())
 	assert.EqualValues(t, n-inFlight-queued, shed.Load())
+}
+
+// A module leaking 50 MB/s with MemoryHigh 200 MB is replaced before it
+// passes 300 MB, again and again for a minute, with no failed request on
+// its other routes. Only with -chaos: TestLimitsMemory is its short form.
+func TestChaosLeak(t *testing.T) {
+	if !*chaosFull {
+		t.Skip("a minute of leaking: run with -chaos (TestLimitsMemory is the short form)")
+	}
+	const high = 200e6
+	var events eventLog
+	h := startModule(t, "limits-mod", Options{MemoryHigh: high, OnEvent: events.add})
+	srv := serve(t, h)
+	client := chaosClient(4)
+	defer client.CloseIdleConnections()
+	var peak uint64
+	var requests, failed int
+	leaking := map[string]bool{}
+	for end := time.Now().Add(time.Minute); time.Now().Before(end); {
+		res, err := client.Get(srv.URL + "/pid")
+		requests++
+		if err != nil {
+			failed++
+			continue
+		}
+		b, _ := io.ReadAll(res.Body)
+		res.Body.Close()
+		if res.StatusCode != http.StatusOK {
+			failed++
+			continue
+		}
+		pid := string(b)
+		if !leaking[pid] {
+			leaking[pid] = true
+			get(t, srv.URL+"/leak?mb=5&every=100ms") // 50 MB/s, in the child that served /pid
+		}
+		for _, c := range h.Stats().Children {
+			peak = max(peak, chaosRSS(c.Pid))
+		}
+		time.Sleep(10 * time.Millisecond) // the client's pace
+	}
+	recycled := events.count(ChildRecycling, "memory")
+	t.Logf("a minute of leaking 50 MB/s under MemoryHigh %s: %d children recycled, peak RSS %s, %d requests, %d failed", inMiB(high), recycled, inMiB(int64(peak)), requests, failed)
+	assert.Zero(t, failed)
+	assert.GreaterOrEqual(t, recycled, 10)
+	assert.Less(t, peak, uint64(300e6))
 }
