@@ -222,7 +222,7 @@ func TestLimitsStuck(t *testing.T) {
 	dir := t.TempDir()
 	var events eventLog
 	h := startModule(t, "limits-mod", Options{
-		LogDir:         dir,
+		LogDir: dir,
 		// Long enough for all the requests to be given up first.
 		StuckTimeout:   chaosN(300*time.Millisecond, 5*time.Second),
 		HealthInterval: 50 * time.Millisecond,
