@@ -554,6 +554,20 @@ func escapeWatchers(ppid int) []int {
 	return pids
 }
 
+// escapeEnsureWatcher starts this process's watcher if none runs, as the
+// first spawn would. A test that counts this process's children and file
+// descriptors (two: the watcher's pipe and its pidfd) before and after its
+// Handles ran calls it first, so as to count the watcher, which outlives
+// every Handle, in both.
+func escapeEnsureWatcher() error {
+	theWatcher.mu.Lock()
+	defer theWatcher.mu.Unlock()
+	if theWatcher.cmd != nil {
+		return nil
+	}
+	return theWatcher.startLocked()
+}
+
 // One watcher serves every Handle of a process and every child of each.
 func TestEscapeOneWatcher(t *testing.T) {
 	if runtime.GOOS != "linux" {
@@ -572,6 +586,23 @@ func TestEscapeOneWatcher(t *testing.T) {
 		t.Errorf("the watcher that runs is pid %d, the one the parent knows %d", w[0], theWatcher.pid())
 	}
 	t.Logf("the watcher, pid %d: %s", w[0], escapeMemory(w[0]))
+
+	// A child's group is registered while it runs, and not once it is
+	// reaped.
+	registered := func(pid int) bool {
+		theWatcher.mu.Lock()
+		defer theWatcher.mu.Unlock()
+		_, ok := theWatcher.groups[pid]
+		return ok
+	}
+	pid := h1.Stats().Pid
+	if !registered(pid) {
+		t.Errorf("the group of running child %d is not registered with the watcher", pid)
+	}
+	stopAndReap(t, h1)
+	if registered(pid) {
+		t.Errorf("the group of reaped child %d is still registered with the watcher", pid)
+	}
 }
 
 // escapeMemory returns the memory and thread figures of process pid.
@@ -599,7 +630,7 @@ const escapeHelpersEnv = "SUBPROC_ESCAPE_HELPER_PARENTS"
 //	start <module> <children>  starts a Handle whose children start their
 //	                           processes at init; "started <i> <child pids>"
 //	close <i>                  closes Handle i; "closed <i>"
-//	kill-watcher               SIGKILLs the watcher, waits for its death;
+//	kill-watcher               SIGKILLs the watcher, waits for its exit;
 //	                           "watcher-killed <pid>"
 //	watchers                   "watchers <pid the parent knows> <running>..."
 //
@@ -637,9 +668,9 @@ func TestEscapeHelperParents(t *testing.T) {
 				continue
 			}
 			syscall.Kill(pid, syscall.SIGKILL)
-			for !failGone(pid) {
-				time.Sleep(time.Millisecond) // the kernel's progress: poll
-			}
+			// Not only its first thread, a zombie while the others exit
+			// and hold its files (its stdin) open: the whole process.
+			awaitExit(pid)
 			fmt.Printf("watcher-killed %d\n", pid)
 		case len(f) == 1 && f[0] == "watchers":
 			line := fmt.Sprintf("watchers %d", theWatcher.pid())
@@ -795,26 +826,72 @@ func TestEscapeParentDeathPool(t *testing.T) {
 // A watcher that someone kills is replaced at the next child's start, and
 // the replacement is told of every live group: those of children started
 // before, and that child's, so that, though each child is stopped, no
-// process they started outlives their parent killed by SIGKILL. A child
-// that ends while no watcher runs is only forgotten.
+// process they started outlives their parent killed by SIGKILL. The
+// parent notices the death at the next child's start, or before, at a
+// child's end, which then only forgets the dead watcher.
 func TestEscapeWatcherKilled(t *testing.T) {
 	if runtime.GOOS != "linux" {
 		t.Skip("counts processes in /proc")
 	}
-	p := startEscapeParent(t)
-	before := p.start("escape-mod", 1)
-	p.start("escape-mod2", 1)
-	old := p.do("kill-watcher", "watcher-killed")[0]
-	p.do("close 1", "closed") // its unregistration fails
-	after := p.start("escape-mod2", 2)
-	f := p.do("watchers", "watchers")
-	if len(f) != 2 || f[0] != f[1] || f[0] == old {
-		t.Fatalf("after watcher %s was killed, the helper parent's watcher, and those that run: %v, want one new one, the same", old, f)
+	for _, childEnds := range []bool{false, true} {
+		name := "then a child starts"
+		if childEnds {
+			name = "then a child ends, then one starts"
+		}
+		t.Run(name, func(t *testing.T) {
+			p := startEscapeParent(t)
+			pids := p.start("escape-mod", 1)
+			p.start("escape-mod2", 1)
+			old := p.do("kill-watcher", "watcher-killed")[0]
+			if childEnds {
+				p.do("close 1", "closed") // its unregistration fails
+			}
+			pids = append(pids, p.start("escape-mod2", 1)...)
+			f := p.do("watchers", "watchers")
+			if len(f) != 2 || f[0] != f[1] || f[0] == old {
+				t.Fatalf("after watcher %s was killed, the helper parent's watcher, and those that run: %v, want one new one, the same", old, f)
+			}
+			for _, pid := range pids {
+				escapeStop(t, pid)
+			}
+			took := escapeAwaitGroupsGone(t, p.kill(), pids)
+			t.Logf("stopped children started before and after their watcher was killed, and the processes they started, were gone %v after their parent was killed", took)
+		})
 	}
-	pids := append(before, after...)
-	for _, pid := range pids {
-		escapeStop(t, pid)
+}
+
+// awaitWatcher takes a watcher for ready once it has said so, whatever it
+// wrote before, and reports what it wrote if it exits without saying so.
+func TestEscapeAwaitWatcher(t *testing.T) {
+	tests := []struct {
+		name    string
+		output  string
+		wantErr string // "" for ready
+	}{
+		{"ready", watcherReady, ""},
+		{"ready after other output", "init says hello\n" + watcherReady, ""},
+		{"exits", "listening on :8080\n", `it exited before it was ready; its output: "listening on :8080\n"`},
+		{"exits silently", "", "it exited before it was ready"},
 	}
-	took := escapeAwaitGroupsGone(t, p.kill(), pids)
-	t.Logf("stopped children started before and after their watcher was killed, and the processes they started, were gone %v after their parent was killed", took)
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r, w, err := os.Pipe()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer r.Close()
+			io.WriteString(w, tt.output)
+			w.Close() // the watcher's exit
+			err = awaitWatcher(r)
+			if tt.wantErr == "" {
+				if err != nil {
+					t.Errorf("awaitWatcher: %v, want nil", err)
+				}
+				return
+			}
+			if err == nil || err.Error() != tt.wantErr {
+				t.Errorf("awaitWatcher: %v, want %s", err, tt.wantErr)
+			}
+		})
+	}
 }

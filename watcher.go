@@ -89,8 +89,10 @@ import (
 //
 // Cost: one process per parent process, started at the first spawn and
 // left running until the parent ends (it then exits by itself), with
-// GOMAXPROCS=1, its working directory at / and no files of the parent's
-// open. The parent holds one file descriptor, the pipe's write end.
+// GOMAXPROCS=1, its working directory at /, and none of the parent's files
+// open but its stdin and, as in any process the parent starts, those
+// without close-on-exec. The parent holds two file descriptors for it: the
+// pipe's write end and the watcher's pidfd (os.Process).
 
 // Environment variable that makes Main run as the watcher (see
 // runWatcher); its value is the parent's pid.
