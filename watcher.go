@@ -20,13 +20,14 @@ import (
 // parent dies, however it dies. The parent's side is watcherConn, the
 // watcher's own is runWatcher.
 //
-// Why a watcher. A running child whose parent dies sees its stdin end and
-// kills its process group (see runChild), and on Linux the kernel kills the
-// child itself (its parent-death signal, see sysProcAttr). But that signal
-// must be SIGKILL, so that a stopped child, or one whose Go runtime is
-// starved, dies too; and such a child runs no code, so it cannot kill the
-// processes its module started. The watcher runs no module code, so
-// nothing stops or starves it, and it kills them.
+// Why a watcher. On Linux the kernel kills a child whose parent dies (its
+// parent-death signal, see sysProcAttr); that signal must be SIGKILL, so
+// that a stopped child, or one whose Go runtime is starved, dies too, and
+// SIGKILL leaves the child no chance to kill the processes its module
+// started, whatever its state. (Elsewhere a running child sees its stdin
+// end and kills its process group, see runChild, but a stopped or starved
+// one runs no code.) The watcher runs no module code, so nothing stops or
+// starves it, and it kills them.
 //
 // The watcher learns of the parent's death from the end of its stdin: the
 // parent holds the only write end of that pipe (close-on-exec, so no
@@ -45,8 +46,9 @@ import (
 // lines of a parent that died after writing them), kills every group still
 // registered with SIGKILL, and exits. Once the hello is read it writes
 // watcherReady to its stdout, which the parent awaits (see startLocked), so
-// that a binary whose main does not run Main first is caught at once rather
-// than left running as a second copy of the program.
+// that a binary whose main does not run Main first is caught (within
+// watcherStartTimeout) rather than left running as a second copy of the
+// program.
 //
 // What is guaranteed, and the races (spawn, the watcher's death, the
 // parent's death):
@@ -76,9 +78,9 @@ import (
 //     that child's included; a failed "-pgid" only forgets the dead one,
 //     and the next child's start starts a new one. Until then, and if the
 //     watcher dies in the moment a registration is written (the write
-//     succeeds but the line is lost with it), the groups of a stopped or
-//     starved child would outlive a parent killed by SIGKILL; a running
-//     child still kills its own.
+//     succeeds but the line is lost with it), the processes that children
+//     started would outlive a parent killed by SIGKILL (elsewhere than on
+//     Linux, those of a running child die with it, see above).
 //   - A watcher that stops reading (someone stopped it) and lets the pipe
 //     fill is treated as dead after watcherWriteTimeout. The parent kills a
 //     watcher with SIGKILL and reaps it before it closes its stdin, so that
