@@ -136,18 +136,24 @@
 // Children run in their own process group, so a terminal's Ctrl-C reaches
 // only the parent, which should then call Shutdown. A child exits when its
 // parent dies, even by SIGKILL: it sees its stdin close, and on Linux the
-// kernel also kills it (a parent-death signal), so even a stopped child does
-// not outlive its parent.
+// kernel also kills it (a parent-death signal), as does the watcher (see
+// below) elsewhere, so even a stopped child does not outlive its parent.
 //
 // Processes a module starts die with its child. They inherit the child's
 // process group, and the parent kills the group when the child ends,
-// however it ends: a stop, a crash, a kill. When the parent itself dies, a
-// running child kills its group as it sees its stdin close; on Linux each
-// child also has a watcher, a re-execution of the binary in the child's
-// group that runs no module code, has a parent-death signal of its own and
-// kills the group, so that the processes of a stopped or wedged child die
-// too. A watcher costs a process per child, with about 1 MiB of memory of
-// its own; Main runs it.
+// however it ends: a stop, a crash, a kill. For when the parent itself
+// dies, each parent process has a watcher, a re-execution of the binary,
+// in a process group of its own, that runs no module code: the parent
+// tells it the group of each child it starts and of each child it reaps,
+// and when the parent dies, however it dies, the watcher sees its own
+// stdin close and kills the groups of every child left, so that the
+// processes of a child die with it whatever its state, running, stopped or
+// wedged. (A running child also kills its group as it sees its stdin
+// close, where no parent-death signal has killed it first.) The watcher is
+// one process for the whole parent, whatever its Handles and children,
+// with about 1 MiB of memory of its own; the first Start starts it, it
+// runs until the parent ends, and the parent replaces it if it is killed.
+// Main runs it.
 //
 // A process that leaves the group escapes that kill: one that calls setsid
 // or setpgid, as a daemon that double-forks does, outlives the child, and

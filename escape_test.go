@@ -36,31 +36,29 @@ const escapeDeadline = 10 * time.Second
 
 func init() {
 	Register("escape-mod", escapeModule)
+	Register("escape-mod2", escapeModule)
 }
+
+// escapeSpawnConfig, as Options.Config, makes escapeModule start its
+// processes in its ModuleFunc, so that each child of a pool has some.
+const escapeSpawnConfig = "spawn"
 
 // escapeModule is a module that starts processes and then dies in the ways
 // a child can die.
 func escapeModule(ctx context.Context, env *Env) (http.Handler, error) {
+	if string(env.Config) == escapeSpawnConfig {
+		if _, err := escapeStart(); err != nil {
+			return nil, err
+		}
+	}
 	mux := http.NewServeMux()
-	// GET /spawn starts "sleep 300" and a re-execution of this binary that
-	// blocks, and answers "<sleep pid> <re-execution pid>". The module
-	// reaps them if they die before it does.
+	// GET /spawn starts the processes of escapeStart and answers their
+	// pids.
 	mux.HandleFunc("GET /spawn", func(w http.ResponseWriter, r *http.Request) {
-		exe, err := os.Executable()
+		pids, err := escapeStart()
 		if err != nil {
 			http.Error(w, err.Error(), http.StatusInternalServerError)
 			return
-		}
-		reexec := exec.Command(exe, "-test.run=^TestEscapeGrandchild$", "-test.count=1", "-test.timeout=5m")
-		reexec.Env = append(os.Environ(), escapeGrandchildEnv+"=1")
-		var pids []string
-		for _, cmd := range []*exec.Cmd{exec.Command("sleep", "300"), reexec} {
-			if err := cmd.Start(); err != nil {
-				http.Error(w, err.Error(), http.StatusInternalServerError)
-				return
-			}
-			go cmd.Wait()
-			pids = append(pids, strconv.Itoa(cmd.Process.Pid))
 		}
 		io.WriteString(w, strings.Join(pids, " "))
 	})
@@ -79,6 +77,27 @@ func escapeModule(ctx context.Context, env *Env) (http.Handler, error) {
 		<-r.Context().Done()
 	})
 	return mux, nil
+}
+
+// escapeStart starts "sleep 300" and a re-execution of this binary that
+// blocks, and returns "<sleep pid>" and "<re-execution pid>". It reaps them
+// if they die before the module does.
+func escapeStart() ([]string, error) {
+	exe, err := os.Executable()
+	if err != nil {
+		return nil, err
+	}
+	reexec := exec.Command(exe, "-test.run=^TestEscapeGrandchild$", "-test.count=1", "-test.timeout=5m")
+	reexec.Env = append(os.Environ(), escapeGrandchildEnv+"=1")
+	var pids []string
+	for _, cmd := range []*exec.Cmd{exec.Command("sleep", "300"), reexec} {
+		if err := cmd.Start(); err != nil {
+			return nil, err
+		}
+		go cmd.Wait()
+		pids = append(pids, strconv.Itoa(cmd.Process.Pid))
+	}
+	return pids, nil
 }
 
 // TestEscapeGrandchild is not a test: escapeModule runs it in a process of
@@ -394,73 +413,484 @@ func TestEscapeParentDeath(t *testing.T) {
 	}
 }
 
-// A watcher started by hand refuses to run, and kills nothing, unless it is
-// in the process group it was told to watch; one that is, and whose parent
-// is not the one it was told of, kills the group at once.
-func TestEscapeWatcherMisuse(t *testing.T) {
-	if runtime.GOOS != "linux" {
-		t.Skip("only Linux has watchers")
+// escapeAnchor starts "sleep 60" in a process group of its own (or, with
+// pgid > 0, in group pgid) and kills it when the test ends.
+func escapeAnchor(t *testing.T, pgid int) *exec.Cmd {
+	t.Helper()
+	cmd := exec.Command("sleep", "60")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pgid: pgid}
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("starting sleep: %v", err)
 	}
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		cmd.Wait()
+	})
+	return cmd
+}
+
+// escapeRunWatcher runs this binary as a watcher by hand, with envWatcher
+// set to value and stdin reading input (nil: /dev/null) to its end, and
+// returns how it ended and what it wrote to stderr.
+func escapeRunWatcher(t *testing.T, value string, input []byte) (error, string) {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), envWatcher+"="+value)
+	stderr := newFailLog()
+	cmd.Stderr = stderr
+	if input != nil {
+		// Written, and closed, before the watcher starts: it finds all of
+		// it in the pipe, as it would after its parent's death.
+		r, w, err := os.Pipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer r.Close()
+		if _, err := w.Write(input); err != nil {
+			t.Fatal(err)
+		}
+		w.Close()
+		cmd.Stdin = r
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err := <-done:
+		return err, stderr.String()
+	case <-time.After(30 * time.Second):
+		cmd.Process.Kill()
+		<-done
+		t.Fatalf("the watcher still runs after 30s; its stderr:\n%s", stderr)
+	}
+	return nil, ""
+}
+
+// A watcher started by hand refuses to run, and kills nothing, unless its
+// stdin is a pipe that begins with the hello of the parent it was told of.
+func TestEscapeWatcherMisuse(t *testing.T) {
+	me := os.Getpid()
 	tests := []struct {
-		name     string
-		ids      func(pgid int) string
-		wantKill bool // the watcher kills its group, else it exits with status 2
+		name  string
+		value string
+		input func(pgid int) []byte // nil: stdin is /dev/null
 	}{
-		{"garbage", func(int) string { return "garbage" }, false},
-		{"other group", func(pgid int) string { return fmt.Sprintf("%d %d", os.Getpid(), pgid+1) }, false},
-		{"parent gone", func(pgid int) string { return fmt.Sprintf("1 %d", pgid) }, true},
+		{"garbage", "garbage", func(pgid int) []byte { return fmt.Appendf(nil, "%s+%d\n", watcherHello(me), pgid) }},
+		{"stdin not a pipe", strconv.Itoa(me), nil},
+		{"no hello", strconv.Itoa(me), func(pgid int) []byte { return fmt.Appendf(nil, "+%d\n", pgid) }},
+		{"another parent's hello", strconv.Itoa(me), func(pgid int) []byte { return fmt.Appendf(nil, "%s+%d\n", watcherHello(me+1), pgid) }},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			// The group the watcher joins, and that it may kill.
-			anchor := exec.Command("sleep", "60")
-			anchor.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-			if err := anchor.Start(); err != nil {
-				t.Fatal(err)
+			pgid := escapeAnchor(t, 0).Process.Pid // what the watcher must not kill
+			var input []byte
+			if tt.input != nil {
+				input = tt.input(pgid)
 			}
-			defer func() {
-				anchor.Process.Kill()
-				anchor.Wait()
-			}()
-			pgid := anchor.Process.Pid
-			cmd := exec.Command(os.Args[0], "-test.run=^$")
-			cmd.Env = append(os.Environ(), envWatcher+"="+tt.ids(pgid))
-			cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pgid: pgid}
-			stderr := newFailLog()
-			cmd.Stderr = stderr
-			if err := cmd.Start(); err != nil {
-				t.Fatal(err)
-			}
-			done := make(chan error, 1)
-			go func() { done <- cmd.Wait() }()
-			var err error
-			select {
-			case err = <-done:
-			case <-time.After(30 * time.Second):
-				cmd.Process.Kill()
-				<-done
-				t.Fatalf("the watcher still runs after 30s; its stderr:\n%s", stderr)
-			}
-			if tt.wantKill {
-				if err == nil || !strings.Contains(err.Error(), "killed") {
-					t.Errorf("the watcher ended with %v, want killed (by its own kill of its group)", err)
-				}
-				if err := anchor.Wait(); err == nil || !strings.Contains(err.Error(), "killed") {
-					t.Errorf("the watcher's group: sleep ended with %v, want killed", err)
-				}
-				return
-			}
+			err, stderr := escapeRunWatcher(t, tt.value, input)
 			var ee *exec.ExitError
 			if !errors.As(err, &ee) || ee.ExitCode() != exitMisused {
 				t.Errorf("the watcher ended with %v, want exit status %d", err, exitMisused)
 			}
 			for _, want := range []string{envWatcher, "not by subproc.Start", "Unset"} {
-				if !strings.Contains(stderr.String(), want) {
+				if !strings.Contains(stderr, want) {
 					t.Errorf("the watcher's stderr does not say %q:\n%s", want, stderr)
 				}
 			}
 			if failGone(pgid) {
-				t.Errorf("the watcher killed its group")
+				t.Errorf("the watcher killed a process group it was not given by a parent")
+			}
+		})
+	}
+}
+
+// A watcher whose stdin ends kills the groups registered and not
+// unregistered in what was left in the pipe, and no other, and exits.
+func TestEscapeWatcherKills(t *testing.T) {
+	kept, unregistered, other := escapeAnchor(t, 0), escapeAnchor(t, 0), escapeAnchor(t, 0)
+	input := fmt.Appendf(nil, "%s+%d\n+%d\n-%d\n+0\n+junk\n+%d", watcherHello(os.Getpid()),
+		kept.Process.Pid, unregistered.Process.Pid, unregistered.Process.Pid, other.Process.Pid) // the last line is cut off
+	err, stderr := escapeRunWatcher(t, strconv.Itoa(os.Getpid()), input)
+	if err != nil {
+		t.Errorf("the watcher ended with %v, want exit status 0; its stderr:\n%s", err, stderr)
+	}
+	if err := kept.Wait(); err == nil || !strings.Contains(err.Error(), "killed") {
+		t.Errorf("the registered group: sleep ended with %v, want killed", err)
+	}
+	for _, a := range []*exec.Cmd{unregistered, other} {
+		if failGone(a.Process.Pid) {
+			t.Errorf("the watcher killed group %d, which it was not to kill", a.Process.Pid)
+		}
+	}
+}
+
+// escapeWatchers returns the watchers that process ppid started and that
+// have not exited: processes started with envWatcher set (Main unsets it,
+// but /proc/<pid>/environ keeps what the process started with).
+func escapeWatchers(ppid int) []int {
+	var pids []int
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile("/proc/" + e.Name() + "/stat")
+		if err != nil {
+			continue
+		}
+		s := string(b)
+		f := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
+		if len(f) < 2 || f[0] == "Z" || f[0] == "X" || f[1] != strconv.Itoa(ppid) {
+			continue
+		}
+		env, _ := os.ReadFile("/proc/" + e.Name() + "/environ")
+		if slices.Contains(strings.Split(string(env), "\x00"), envWatcher+"="+strconv.Itoa(ppid)) {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
+// escapeEnsureWatcher starts this process's watcher if none runs, as the
+// first spawn would. A test that counts this process's children and file
+// descriptors (two: the watcher's pipe and its pidfd) before and after its
+// Handles ran calls it first, so as to count the watcher, which outlives
+// every Handle, in both.
+func escapeEnsureWatcher() error {
+	theWatcher.mu.Lock()
+	defer theWatcher.mu.Unlock()
+	if theWatcher.cmd != nil {
+		return nil
+	}
+	return theWatcher.startLocked()
+}
+
+// One watcher serves every Handle of a process and every child of each.
+func TestEscapeOneWatcher(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("counts processes in /proc")
+	}
+	h1 := startModule(t, "escape-mod", Options{HealthInterval: time.Hour})
+	h2 := startModule(t, "escape-mod2", Options{HealthInterval: time.Hour, Children: 2})
+	if n := len(h1.Stats().Children) + len(h2.Stats().Children); n != 3 {
+		t.Fatalf("%d children run, want 3", n)
+	}
+	w := escapeWatchers(os.Getpid())
+	if len(w) != 1 {
+		t.Fatalf("%d watchers run while two Handles (three children) do: %v, want 1", len(w), w)
+	}
+	if w[0] != theWatcher.pid() {
+		t.Errorf("the watcher that runs is pid %d, the one the parent knows %d", w[0], theWatcher.pid())
+	}
+	t.Logf("the watcher, pid %d: %s", w[0], escapeMemory(w[0]))
+
+	// A child's group is registered while it runs, and not once it is
+	// reaped.
+	registered := func(pid int) bool {
+		theWatcher.mu.Lock()
+		defer theWatcher.mu.Unlock()
+		_, ok := theWatcher.groups[pid]
+		return ok
+	}
+	pid := h1.Stats().Pid
+	if !registered(pid) {
+		t.Errorf("the group of running child %d is not registered with the watcher", pid)
+	}
+	stopAndReap(t, h1)
+	if registered(pid) {
+		t.Errorf("the group of reaped child %d is still registered with the watcher", pid)
+	}
+}
+
+// escapeMemory returns the memory and thread figures of process pid.
+func escapeMemory(pid int) string {
+	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	var figs []string
+	for _, l := range strings.Split(string(b), "\n") {
+		for _, k := range []string{"VmRSS:", "RssAnon:", "RssFile:", "Threads:"} {
+			if v, ok := strings.CutPrefix(l, k); ok {
+				figs = append(figs, k+" "+strings.Join(strings.Fields(v), " "))
+			}
+		}
+	}
+	return strings.Join(figs, ", ")
+}
+
+// escapeHelpersEnv makes TestEscapeHelperParents act as a parent process
+// for TestEscapeParentDeathPool and TestEscapeWatcherKilled.
+const escapeHelpersEnv = "SUBPROC_ESCAPE_HELPER_PARENTS"
+
+// TestEscapeHelperParents is not a test: tests run it in a second copy of
+// the test binary, to have a parent they can kill. It obeys its stdin, a
+// line at a time, and answers each command with a line on its stdout:
+//
+//	start <module> <children>  starts a Handle whose children start their
+//	                           processes at init; "started <i> <child pids>"
+//	close <i>                  closes Handle i; "closed <i>"
+//	kill-watcher               SIGKILLs the watcher, waits for its exit;
+//	                           "watcher-killed <pid>"
+//	watchers                   "watchers <pid the parent knows> <running>..."
+//
+// or with "error <what>". It waits for its stdin to end.
+func TestEscapeHelperParents(t *testing.T) {
+	if os.Getenv(escapeHelpersEnv) != "1" {
+		t.Skip("a helper process for the escape tests")
+	}
+	var hs []*Handle
+	sc := bufio.NewScanner(os.Stdin)
+	for sc.Scan() {
+		f := strings.Fields(sc.Text())
+		switch {
+		case len(f) == 3 && f[0] == "start":
+			n, _ := strconv.Atoi(f[2])
+			h, err := Start(context.Background(), f[1], Options{Children: n, Config: []byte(escapeSpawnConfig), HealthInterval: time.Hour, Stderr: io.Discard, Logger: discardLogger()})
+			if err != nil {
+				fmt.Printf("error %v\n", strings.ReplaceAll(err.Error(), "\n", " "))
+				continue
+			}
+			hs = append(hs, h)
+			line := fmt.Sprintf("started %d", len(hs)-1)
+			for _, c := range h.Stats().Children {
+				line += fmt.Sprintf(" %d", c.Pid)
+			}
+			fmt.Println(line)
+		case len(f) == 2 && f[0] == "close":
+			i, _ := strconv.Atoi(f[1])
+			hs[i].Close()
+			fmt.Printf("closed %d\n", i)
+		case len(f) == 1 && f[0] == "kill-watcher":
+			pid := theWatcher.pid()
+			if pid == 0 {
+				fmt.Println("error no watcher runs")
+				continue
+			}
+			syscall.Kill(pid, syscall.SIGKILL)
+			// Not only its first thread, a zombie while the others exit
+			// and hold its files (its stdin) open: the whole process.
+			awaitExit(pid)
+			fmt.Printf("watcher-killed %d\n", pid)
+		case len(f) == 1 && f[0] == "watchers":
+			line := fmt.Sprintf("watchers %d", theWatcher.pid())
+			for _, pid := range escapeWatchers(os.Getpid()) {
+				line += fmt.Sprintf(" %d", pid)
+			}
+			fmt.Println(line)
+		}
+	}
+	for _, h := range hs {
+		h.Close()
+	}
+}
+
+// escapeParent drives a TestEscapeHelperParents process.
+type escapeParent struct {
+	t        *testing.T
+	cmd      *exec.Cmd
+	stdin    io.WriteCloser
+	stderr   *failLog
+	lines    chan string   // the lines it prints
+	readDone chan struct{} // closed when its stdout has ended
+}
+
+// startEscapeParent starts a TestEscapeHelperParents process, killed at
+// the test's end if the test did not kill it.
+func startEscapeParent(t *testing.T) *escapeParent {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	t.Cleanup(cancel)
+	cmd, stdin, stdout, stderr := startHelperParent(t, ctx, "TestEscapeHelperParents", escapeHelpersEnv)
+	p := &escapeParent{t: t, cmd: cmd, stdin: stdin, stderr: stderr, lines: make(chan string, 16), readDone: make(chan struct{})}
+	go func() {
+		defer close(p.readDone)
+		sc := bufio.NewScanner(stdout)
+		for sc.Scan() {
+			p.lines <- sc.Text()
+		}
+	}()
+	t.Cleanup(func() {
+		stdin.Close()
+		if cmd.ProcessState == nil {
+			cmd.Process.Kill()
+			<-p.readDone
+			cmd.Wait()
+		}
+	})
+	return p
+}
+
+// do sends a command and returns the fields of its answer, which must
+// begin with want.
+func (p *escapeParent) do(command, want string) []string {
+	p.t.Helper()
+	io.WriteString(p.stdin, command+"\n")
+	for {
+		select {
+		case l := <-p.lines:
+			f := strings.Fields(l)
+			if len(f) == 0 || f[0] != want && f[0] != "error" {
+				continue // the testing package's own lines
+			}
+			if f[0] == "error" {
+				p.t.Fatalf("the helper parent, told %q: %s; its stderr:\n%s", command, l, p.stderr)
+			}
+			return f[1:]
+		case <-p.readDone:
+			p.t.Fatalf("the helper parent ended before it answered %q; its stderr:\n%s", command, p.stderr)
+		case <-time.After(30 * time.Second):
+			p.t.Fatalf("the helper parent did not answer %q in 30s; its stderr:\n%s", command, p.stderr)
+		}
+	}
+}
+
+// start starts a Handle of module in the helper parent and returns the
+// pids of its children, each of which has started its processes, checked
+// to run in the child's process group.
+func (p *escapeParent) start(module string, children int) []int {
+	p.t.Helper()
+	f := p.do(fmt.Sprintf("start %s %d", module, children), "started")
+	var pids []int
+	for _, s := range f[1:] {
+		pid, err := strconv.Atoi(s)
+		if err != nil {
+			p.t.Fatalf("bad pid %q from the helper parent", s)
+		}
+		if g := escapeGroup(pid); len(g) < 3 {
+			p.t.Fatalf("the child's process group %d holds %v, want the child and the processes it started", pid, g)
+		}
+		escapeCleanup(p.t, pid, nil)
+		pids = append(pids, pid)
+	}
+	if len(pids) != children {
+		p.t.Fatalf("the helper parent started children %v, want %d", pids, children)
+	}
+	return pids
+}
+
+// kill kills the helper parent with SIGKILL and returns when.
+func (p *escapeParent) kill() time.Time {
+	p.t.Helper()
+	killed := time.Now()
+	if err := p.cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		p.t.Fatal(err)
+	}
+	<-p.readDone
+	p.cmd.Wait()
+	return killed
+}
+
+// escapeStop stops the child pid, with a process of the test's in its
+// group, so that the group is not orphaned when the parent dies and the
+// kernel's SIGHUP and SIGCONT to an orphaned group with a stopped member
+// cannot help: only a watcher kills the processes the child started.
+func escapeStop(t *testing.T, pid int) {
+	t.Helper()
+	escapeAnchor(t, pid)
+	if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	failWaitUntil(t, 10*time.Second, "the child to stop", func() bool { return failProcState(pid) == "T" })
+}
+
+// escapeAwaitGroupsGone waits until every process of the groups pgids has
+// exited (see escapeAwaitGone), and returns how long the last took.
+func escapeAwaitGroupsGone(t *testing.T, since time.Time, pgids []int) time.Duration {
+	t.Helper()
+	var took time.Duration
+	for _, pgid := range pgids {
+		took = max(took, escapeAwaitGone(t, since, pgid, []int{pgid}))
+	}
+	return took
+}
+
+// The processes that the children of several Handles, pools among them,
+// started die with them when their parent is killed by SIGKILL, though
+// each child is stopped: the one watcher of the parent kills them all.
+func TestEscapeParentDeathPool(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("counts processes in /proc")
+	}
+	p := startEscapeParent(t)
+	pids := append(p.start("escape-mod", 3), p.start("escape-mod2", 1)...)
+	if f := p.do("watchers", "watchers"); len(f) != 2 || f[0] != f[1] {
+		t.Fatalf("the helper parent's watcher, and those that run: %v, want one, the same", f)
+	}
+	for _, pid := range pids {
+		escapeStop(t, pid)
+	}
+	took := escapeAwaitGroupsGone(t, p.kill(), pids)
+	t.Logf("%d stopped children of two Handles, and the processes they started, were gone %v after their parent was killed", len(pids), took)
+}
+
+// A watcher that someone kills is replaced at the next child's start, and
+// the replacement is told of every live group: those of children started
+// before, and that child's, so that, though each child is stopped, no
+// process they started outlives their parent killed by SIGKILL. The
+// parent notices the death at the next child's start, or before, at a
+// child's end, which then only forgets the dead watcher.
+func TestEscapeWatcherKilled(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("counts processes in /proc")
+	}
+	for _, childEnds := range []bool{false, true} {
+		name := "then a child starts"
+		if childEnds {
+			name = "then a child ends, then one starts"
+		}
+		t.Run(name, func(t *testing.T) {
+			p := startEscapeParent(t)
+			pids := p.start("escape-mod", 1)
+			p.start("escape-mod2", 1)
+			old := p.do("kill-watcher", "watcher-killed")[0]
+			if childEnds {
+				p.do("close 1", "closed") // its unregistration fails
+			}
+			pids = append(pids, p.start("escape-mod2", 1)...)
+			f := p.do("watchers", "watchers")
+			if len(f) != 2 || f[0] != f[1] || f[0] == old {
+				t.Fatalf("after watcher %s was killed, the helper parent's watcher, and those that run: %v, want one new one, the same", old, f)
+			}
+			for _, pid := range pids {
+				escapeStop(t, pid)
+			}
+			took := escapeAwaitGroupsGone(t, p.kill(), pids)
+			t.Logf("stopped children started before and after their watcher was killed, and the processes they started, were gone %v after their parent was killed", took)
+		})
+	}
+}
+
+// awaitWatcher takes a watcher for ready once it has said so, whatever it
+// wrote before, and reports what it wrote if it exits without saying so.
+func TestEscapeAwaitWatcher(t *testing.T) {
+	tests := []struct {
+		name    string
+		output  string
+		wantErr string // "" for ready
+	}{
+		{"ready", watcherReady, ""},
+		{"ready after other output", "init says hello\n" + watcherReady, ""},
+		{"exits", "listening on :8080\n", `it exited before it was ready; its output: "listening on :8080\n"`},
+		{"exits silently", "", "it exited before it was ready"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r, w, err := os.Pipe()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer r.Close()
+			io.WriteString(w, tt.output)
+			w.Close() // the watcher's exit
+			err = awaitWatcher(r)
+			if tt.wantErr == "" {
+				if err != nil {
+					t.Errorf("awaitWatcher: %v, want nil", err)
+				}
+				return
+			}
+			if err == nil || err.Error() != tt.wantErr {
+				t.Errorf("awaitWatcher: %v, want %s", err, tt.wantErr)
 			}
 		})
 	}

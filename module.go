@@ -84,13 +84,15 @@ func lookup(name string) ModuleFunc {
 // protocol. A binary run by hand with SUBPROC_MODULE set prints an error that
 // says so and exits with status 2.
 //
-// On Linux, Start also starts a watcher for each child (see the package
-// documentation); Main, in a watcher, waits for the parent's death and
-// never returns either.
+// The first Start of a process also starts its watcher, one process
+// shared by every Handle, which kills the processes modules started if the
+// parent dies (see the package documentation); Main, in the watcher, waits
+// for the parent's death and never returns either. A binary run by hand
+// with SUBPROC_WATCHER set prints an error and exits with status 2.
 func Main() {
-	if ids, ok := os.LookupEnv(envWatcher); ok {
+	if ppid, ok := os.LookupEnv(envWatcher); ok {
 		os.Unsetenv(envWatcher)
-		os.Exit(runWatcher(ids))
+		os.Exit(runWatcher(ppid))
 	}
 	name, ok := os.LookupEnv(envModule)
 	if !ok {

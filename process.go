@@ -64,10 +64,9 @@ func (p *childPipes) closeReaders() {
 }
 
 // execProcess is a process started by os/exec, the leader of its own
-// process group.
+// process group, which is registered with the watcher (see watcherConn).
 type execProcess struct {
-	cmd     *exec.Cmd // fixed
-	watcher *exec.Cmd // fixed; the child's watcher (see startWatcher), or nil
+	cmd *exec.Cmd // fixed
 
 	mu     sync.Mutex // guards reaped
 	reaped bool
@@ -76,19 +75,22 @@ type execProcess struct {
 func (p *execProcess) Pid() int { return p.cmd.Process.Pid }
 
 // Wait waits for the child to exit, then kills its process group, so that
-// processes the module started (and the watcher) die with the child
-// however it ended: a stop, a crash or a kill. Where the system can wait
-// for an exit without reaping (awaitExit), the group is signalled while
-// the child is a zombie, whose pid, and so the group's id, cannot be
-// reused. Elsewhere it is signalled just after the reaping: the group id
-// cannot be reused either while processes of the group remain, and when
-// none remains there is nothing to kill, except, in the moment between the
-// reaping and the signal, a new group that got the same id.
+// processes the module started die with the child however it ended: a
+// stop, a crash or a kill; then it unregisters the group from the watcher.
+// Where the system can wait for an exit without reaping (awaitExit), the
+// group is signalled, and unregistered, while the child is a zombie, whose
+// pid, and so the group's id, cannot be reused: the watcher never holds an
+// id that may name another group. Elsewhere it is signalled, and
+// unregistered, just after the reaping: the group id cannot be reused
+// either while processes of the group remain, and when none remains there
+// is nothing to kill, except, in the moment between the reaping and the
+// signal, a new group that got the same id.
 func (p *execProcess) Wait() error {
 	pid := p.cmd.Process.Pid
 	zombie := awaitExit(pid)
 	if zombie {
 		syscall.Kill(-pid, syscall.SIGKILL)
+		theWatcher.unregister(pid)
 	}
 	err := p.cmd.Wait()
 	p.mu.Lock()
@@ -96,11 +98,7 @@ func (p *execProcess) Wait() error {
 	p.mu.Unlock()
 	if !zombie {
 		syscall.Kill(-pid, syscall.SIGKILL)
-	}
-	if p.watcher != nil {
-		// The group's kill has ended it; this is in case it had left.
-		p.watcher.Process.Kill()
-		p.watcher.Wait()
+		theWatcher.unregister(pid)
 	}
 	return err
 }
@@ -140,41 +138,27 @@ func executable() (string, error) {
 // spawnRequest asks spawnLoop to start a child.
 type spawnRequest struct {
 	cmd  *exec.Cmd
-	errc chan spawnResult
+	errc chan error // cmd.Start's error
 }
 
-// spawnResult is what spawnLoop answers a spawnRequest.
-type spawnResult struct {
-	watcher *exec.Cmd // the child's watcher, started; nil if none
-	err     error     // if not nil, nothing was left running
-}
-
-// spawnLoop starts the handle's children, and their watchers, from one
-// locked OS thread. On Linux each child and each watcher is started with a
-// parent-death signal, which the kernel sends when the thread that started
-// it exits; starting them all from a thread that lives as long as the handle
-// makes that signal mean "the parent process died", so that even a stopped
-// or wedged child cannot outlive a parent killed by SIGKILL, and its watcher
-// then kills the processes the module started (see startWatcher). (A running
-// child also sees its stdin close, kills its process group and exits.)
-// spawnLoop returns when spawns is closed, after the last child has been
-// reaped.
+// spawnLoop starts the handle's children from one locked OS thread. On
+// Linux each child is started with a parent-death signal, which the kernel
+// sends when the thread that started it exits; starting them all from a
+// thread that lives as long as the handle makes that signal mean "the
+// parent process died", so that even a stopped or wedged child cannot
+// outlive a parent killed by SIGKILL. (A running child also sees its stdin
+// close, kills its process group and exits; the watcher kills the groups
+// of the others, see watcherConn.) spawnLoop returns when spawns is closed,
+// after the last child has been reaped.
+//
+// Only children are started here: the watcher, which must outlive any one
+// handle, has no parent-death signal and is started by spawn's caller.
 func (h *Handle) spawnLoop() {
 	runtime.LockOSThread()
 	// The thread is never unlocked: it ends with this goroutine.
 	defer close(h.spawnDone)
 	for req := range h.spawns {
-		if err := req.cmd.Start(); err != nil {
-			req.errc <- spawnResult{err: err}
-			continue
-		}
-		w, err := startWatcher(req.cmd.Process.Pid)
-		if err != nil {
-			syscall.Kill(-req.cmd.Process.Pid, syscall.SIGKILL)
-			req.cmd.Wait()
-			err = fmt.Errorf("starting the watcher of child pid %d: %w", req.cmd.Process.Pid, err)
-		}
-		req.errc <- spawnResult{watcher: w, err: err}
+		req.errc <- req.cmd.Start()
 	}
 }
 
@@ -240,14 +224,24 @@ func (h *Handle) spawn(slot, incarnation int) (process, *childPipes, error) {
 	cmd.ExtraFiles = []*os.File{child[2], child[4], shm} // fdStdout, fdLog, fdAccept
 	cmd.SysProcAttr = sysProcAttr()
 
-	req := spawnRequest{cmd: cmd, errc: make(chan spawnResult, 1)}
-	h.spawns <- req
-	res := <-req.errc
-	if res.err != nil {
+	release := func() {
 		p.toChild.Close()
 		p.closeReaders()
 		accept.close()
-		return nil, nil, fmt.Errorf("starting %s: %w", exe, res.err)
 	}
-	return &execProcess{cmd: cmd, watcher: res.watcher}, p, nil
+	req := spawnRequest{cmd: cmd, errc: make(chan error, 1)}
+	h.spawns <- req
+	if err := <-req.errc; err != nil {
+		release()
+		return nil, nil, fmt.Errorf("starting %s: %w", exe, err)
+	}
+	// Registered before the child gets its hello, so before module code
+	// runs: whatever the module starts, the watcher knows its group.
+	if err := theWatcher.register(cmd.Process.Pid); err != nil {
+		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+		cmd.Wait()
+		release()
+		return nil, nil, err
+	}
+	return &execProcess{cmd: cmd}, p, nil
 }
