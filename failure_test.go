@@ -1088,10 +1088,12 @@ func TestFailStartErrors(t *testing.T) {
 				t.Errorf("Start returned after %v, before StartTimeout %v", took, tt.wantAtLeastIn)
 			}
 			if tt.wantChild {
-				b, err := os.ReadFile(pidFile)
-				if err != nil {
-					t.Fatalf("the module did not record its pid: %v", err)
-				}
+				// os.WriteFile truncates, then writes: wait for the pid.
+				var b []byte
+				failWaitUntil(t, 10*time.Second, "the module's pid", func() bool {
+					b, _ = os.ReadFile(pidFile)
+					return len(b) > 0
+				})
 				pid, err := strconv.Atoi(string(b))
 				if err != nil {
 					t.Fatal(err)
