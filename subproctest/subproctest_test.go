@@ -293,16 +293,22 @@ func TestFreeze(t *testing.T) {
 // nothing, and the test's cleanups thaw a child the test left frozen.
 func TestFreezeReplaced(t *testing.T) {
 	checkLeaks(t)
-	h := subproctest.Start(t, "greeter", subproc.Options{HealthInterval: 20 * time.Millisecond, HealthTimeout: 100 * time.Millisecond, HealthFailures: 2})
+	replaced := make(chan struct{}, 1)
+	h := subproctest.Start(t, "greeter", subproc.Options{
+		HealthInterval: 20 * time.Millisecond, HealthTimeout: 100 * time.Millisecond, HealthFailures: 2,
+		OnEvent: func(e subproc.Event) {
+			if e.Kind == subproc.ChildStarted && e.Incarnation == 1 {
+				replaced <- struct{}{}
+			}
+		},
+	})
 	srv := serve(t, h)
 	pid := pidOf(t, srv)
 	thaw := subproctest.Freeze(t, h)
-	deadline := time.Now().Add(time.Minute)
-	for h.Stats().Incarnation == 0 || h.Stats().State != "running" {
-		if time.Now().After(deadline) {
-			t.Fatalf("the frozen child was not replaced: %+v", h.Stats())
-		}
-		time.Sleep(10 * time.Millisecond)
+	select {
+	case <-replaced:
+	case <-time.After(time.Minute):
+		t.Fatalf("the frozen child was not replaced: %+v", h.Stats())
 	}
 	if got := pidOf(t, srv); got == pid {
 		t.Errorf("the frozen child %d still serves", pid)
