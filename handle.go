@@ -893,28 +893,22 @@ func (b *bodySender) run() {
 }
 
 // Route returns a handler that forwards requests for path with the given
-// method to the module. A request for another path gets 404 Not Found; one
-// with another method gets 405 Method Not Allowed with an Allow header. A
-// path that ends in a slash matches every path below it, as in
-// http.ServeMux. A GET route also serves HEAD.
+// method to the module, matching them as an http.ServeMux with the one
+// pattern "method path" does: path may hold wildcards ("{id}", a last
+// "{rest...}"), end in "{$}" for an exact match, or end in a slash to match
+// every path below it; a GET route also serves HEAD. A request for another
+// path gets 404 Not Found; one with another method gets 405 Method Not
+// Allowed with an Allow header. An empty method matches every method, as a
+// pattern without one does. The request reaches the module with the
+// pattern and its path values set (r.Pattern, r.PathValue), as ServeMux
+// sets them.
+//
+// Route panics if path or method is invalid, as ServeMux.Handle panics on a
+// bad pattern: if path does not begin with a slash, if ServeMux rejects the
+// pattern, or if method is not an HTTP token or is a standard method not in
+// upper case ("get", which would match no request).
 func (h *Handle) Route(path, method string) http.Handler {
-	allow := method
-	if method == http.MethodGet {
-		allow = "GET, HEAD"
-	}
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		p := r.URL.Path
-		if p != path && !(strings.HasSuffix(path, "/") && strings.HasPrefix(p, path)) {
-			http.NotFound(w, r)
-			return
-		}
-		if r.Method != method && !(method == http.MethodGet && r.Method == http.MethodHead) {
-			w.Header().Set("Allow", allow)
-			http.Error(w, fmt.Sprintf("method %s not allowed for %s; use %s", r.Method, path, allow), http.StatusMethodNotAllowed)
-			return
-		}
-		h.ServeHTTP(w, r)
-	})
+	return routeHandler(h.name, path, method, h)
 }
 
 // HealthCheck pings each running child of the module once, and returns

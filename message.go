@@ -154,6 +154,15 @@ type requestHead struct {
 	TLS              *tlsState
 	Deadline         int64 // when the request's context ends, in Unix nanoseconds; 0 for never
 
+	// Pattern is the pattern the request matched in the parent, with
+	// ServeMux or Route (r.Pattern), and PathValues its wildcards' values
+	// there, as name, value pairs: the child's request gets both, so that
+	// r.Pattern and r.PathValue read as they would in-process. Both are
+	// empty for a request that matched no pattern, and then cost nothing
+	// on the wire.
+	Pattern    string
+	PathValues []string
+
 	// ResponseHeader is the parent's w.Header() as it was when ServeHTTP
 	// was called: what a middleware in front of the Handle put there. The
 	// handler's header map in the child starts as it, as the map a handler
@@ -345,6 +354,7 @@ func newRequestHead(r *http.Request) *requestHead {
 	for k := range r.Trailer {
 		h.Trailer = append(h.Trailer, k)
 	}
+	h.Pattern, h.PathValues = pathValues(r)
 	if s := r.TLS; s != nil {
 		h.TLS = &tlsState{
 			Version:            s.Version,

@@ -335,6 +335,15 @@ func (s *server) open(id uint64, flags uint8, head *requestHead) (startingReques
 	if err != nil {
 		return startingRequest{}, &protocolError{err.Error()}
 	}
+	// As the parent's ServeMux or Route set them; the module's own
+	// ServeMux, if it matches, sets its own, as in-process. (One
+	// difference: there, a wildcard of the parent's pattern that is not
+	// one of the module's reads "" after the module's ServeMux matched;
+	// here, the parent's value, as SetPathValue keeps it apart.)
+	req.Pattern = head.Pattern
+	for i := 0; i+1 < len(head.PathValues); i += 2 {
+		req.SetPathValue(head.PathValues[i], head.PathValues[i+1])
+	}
 	s.mu.Lock()
 	if s.handler == nil {
 		s.mu.Unlock()

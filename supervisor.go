@@ -458,7 +458,7 @@ func (h *Handle) startChild(ctx context.Context, slot int) (*child, error) {
 		var ee *exec.ExitError
 		switch {
 		case c.exitErr == nil:
-			err = errors.New("the child exited before it was ready (exit status 0)")
+			err = errors.New("the child exited before it was ready (exit status 0): does main (or TestMain) call subproc.Main first? In tests, use subproctest.Main(m)")
 		case errors.As(c.exitErr, &ee) && ee.ExitCode() < 0:
 			// Ended by a signal, maybe the parent's own kill once the
 			// pipe had closed: the status alone does not say the child

@@ -184,6 +184,7 @@ const (
 	headFullDuplex     // responseHead
 	headResponseHeader // requestHead: a ResponseHeader follows the Header
 	headDeadline       // requestHead: a Deadline follows
+	headPattern        // requestHead: a Pattern and its PathValues follow
 )
 
 // GobEncode encodes h for gob.
@@ -212,6 +213,9 @@ func (h *requestHead) GobEncode() ([]byte, error) {
 	if h.Deadline != 0 {
 		flags |= headDeadline
 	}
+	if h.Pattern != "" {
+		flags |= headPattern // else nothing on the wire
+	}
 	w.uint(flags)
 	for _, s := range []string{h.Method, h.Scheme, h.Opaque, h.User, h.URLHost, h.Path, h.RawPath, h.RawQuery, h.Fragment, h.Proto, h.Host, h.RemoteAddr, h.RequestURI} {
 		w.string(s)
@@ -227,6 +231,10 @@ func (h *requestHead) GobEncode() ([]byte, error) {
 	}
 	if flags&headDeadline != 0 {
 		w.int(h.Deadline)
+	}
+	if flags&headPattern != 0 {
+		w.string(h.Pattern)
+		w.strings(h.PathValues)
 	}
 	if t := h.TLS; t != nil {
 		w.uint(uint64(t.Version))
@@ -264,6 +272,13 @@ func (h *requestHead) GobDecode(p []byte) error {
 	if flags&headDeadline != 0 {
 		if h.Deadline = r.int(); h.Deadline == 0 {
 			r.fail() // the flag says there is one
+		}
+	}
+	if flags&headPattern != 0 {
+		h.Pattern = r.string()
+		h.PathValues = r.strings()
+		if h.Pattern == "" || len(h.PathValues)%2 != 0 {
+			r.fail() // the flag says there is one; values come in pairs
 		}
 	}
 	if flags&headTLS != 0 {
@@ -338,6 +353,7 @@ func headerSize(h http.Header) int {
 // wireSize bounds the size of h's encoding.
 func (h *requestHead) wireSize() int {
 	n := 64 + stringsSize(h.TransferEncoding) + stringsSize(h.Trailer) + headerSize(h.Header) + headerSize(h.ResponseHeader)
+	n += varintMax + len(h.Pattern) + stringsSize(h.PathValues)
 	for _, s := range []string{h.Method, h.Scheme, h.Opaque, h.User, h.URLHost, h.Path, h.RawPath, h.RawQuery, h.Fragment, h.Proto, h.Host, h.RemoteAddr, h.RequestURI} {
 		n += varintMax + len(s)
 	}

@@ -1,0 +1,99 @@
+package subproc
+
+import (
+	"net/http"
+	"net/http/httptest"
+	"reflect"
+	"slices"
+	"testing"
+)
+
+// The pattern and path values round-trip in the request head, cost
+// nothing on the wire when there are none, and a malformed encoding of
+// them is an error.
+func TestHeadPathValues(t *testing.T) {
+	in := &requestHead{Method: "GET", Path: "/pv/1/a", Pattern: "GET /pv/{id}/{rest...}", PathValues: []string{"id", "1", "rest", "a"}}
+	p, err := in.GobEncode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out requestHead
+	if err := out.GobDecode(p); err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(in, &out) {
+		t.Errorf("round trip:\n got %+v\nwant %+v", out, *in)
+	}
+	for n := range len(p) {
+		if err := new(requestHead).GobDecode(p[:n]); err == nil {
+			t.Errorf("truncated to %d of %d bytes: no error", n, len(p))
+		}
+	}
+	if n := in.wireSize(); n < len(p) {
+		t.Errorf("wireSize %d < encoding %d", n, len(p))
+	}
+
+	plain, _ := (&requestHead{Method: "GET", Path: "/"}).GobEncode()
+	head := newRequestHead(httptest.NewRequest("GET", "/", nil))
+	if head.Pattern != "" || head.PathValues != nil {
+		t.Errorf("a request that matched no pattern: Pattern %q, PathValues %q", head.Pattern, head.PathValues)
+	}
+	for _, bad := range []*requestHead{
+		{Method: "GET", Path: "/", Pattern: "/x", PathValues: []string{"odd"}},
+		{Method: "GET", Path: "/", Pattern: "/x", PathValues: []string{"a", "1", "b"}},
+	} {
+		p, _ := bad.GobEncode()
+		if err := new(requestHead).GobDecode(p); err == nil {
+			t.Errorf("PathValues %q: no error", bad.PathValues)
+		}
+	}
+	// The flag, with an empty pattern. plain is the version, the flags
+	// (0, one byte) and the rest; headPattern's flags take two bytes.
+	if plain[1] != 0 || headPattern != 0x100 {
+		t.Fatalf("test out of date: flags %#x, headPattern %#x", plain[1], headPattern)
+	}
+	flagged := slices.Concat(plain[:1], []byte{0x80, 0x02}, plain[2:], []byte{0, 0}) // empty Pattern, no PathValues
+	if err := new(requestHead).GobDecode(flagged); err == nil {
+		t.Error("an announced Pattern that is empty: no error")
+	}
+	flagged[len(flagged)-2] = 1 // Pattern "\x00"
+	flagged = append(flagged[:len(flagged)-1], 0, 0)
+	if err := new(requestHead).GobDecode(flagged); err != nil {
+		t.Errorf("the same with a pattern: %v", err)
+	}
+}
+
+func TestPatternWildcards(t *testing.T) {
+	for _, tt := range []struct {
+		pattern string
+		want    []string
+	}{
+		{"/", nil},
+		{"GET /x/{id}", []string{"id"}},
+		{"GET example.com/x/{id}/{rest...}", []string{"id", "rest"}},
+		{"/a/{x}/b/{y}/{$}", []string{"x", "y"}},
+		{"/files/", nil},
+		{"POST\t/{a}/{b...}", []string{"a", "b"}},
+		{"/{}/{...}/lit{x}", nil},
+		{"no slash", nil},
+	} {
+		if got := slices.Collect(patternWildcards(tt.pattern)); !slices.Equal(got, tt.want) {
+			t.Errorf("patternWildcards(%q) = %q, want %q", tt.pattern, got, tt.want)
+		}
+	}
+}
+
+// pathValues lists what the parent's ServeMux set.
+func TestPathValuesOfRequest(t *testing.T) {
+	var pattern string
+	var values []string
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /pv/{id}/{rest...}", func(w http.ResponseWriter, r *http.Request) {
+		r.SetPathValue("id", "changed") // as a middleware may
+		pattern, values = pathValues(r)
+	})
+	mux.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("GET", "/pv/1/a%2Fb/c", nil))
+	if want := []string{"id", "changed", "rest", "a/b/c"}; pattern != "GET /pv/{id}/{rest...}" || !slices.Equal(values, want) {
+		t.Errorf("pathValues = %q, %q; want %q", pattern, values, want)
+	}
+}
