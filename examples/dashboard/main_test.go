@@ -729,43 +729,60 @@ func TestEventRing(t *testing.T) {
 	}
 }
 
-// A stream is an open GET /api/logs/stream.
+// A stream is an open streamed response: GET /api/logs/stream, or another
+// whose lines come one at a time.
 type stream struct {
 	t      *testing.T
+	what   string // the request, as in "GET /api/logs/stream"
 	res    *http.Response
 	cancel context.CancelFunc
-	lines  chan string // the data of each event; closed at the stream's end
+	prefix string      // what a line must begin with to count, which is cut off; "" for every line
+	lines  chan string // each line, past prefix; closed at the stream's end
 }
 
 // openStream opens GET /api/logs/stream.
 func openStream(t *testing.T, d *testDashboard) *stream {
 	t.Helper()
+	s := openLines(t, d, "GET", "/api/logs/stream", "data: ")
+	if ct := s.res.Header.Get("Content-Type"); ct != "text/event-stream" {
+		s.close()
+		t.Fatalf("GET /api/logs/stream: content type %q", ct)
+	}
+	return s
+}
+
+// openLines sends a request whose answer streams, and returns the stream
+// of its lines that begin with prefix.
+func openLines(t *testing.T, d *testDashboard, method, path, prefix string) *stream {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	req, err := http.NewRequestWithContext(ctx, "GET", d.base+"api/logs/stream", nil)
+	req, err := http.NewRequestWithContext(ctx, method, d.base+strings.TrimPrefix(path, "/"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
+	what := method + " " + path
 	res, err := d.client.Transport.RoundTrip(req) // no client timeout: the stream does not end
 	if err != nil {
 		cancel()
-		t.Fatalf("GET /api/logs/stream: %v", err)
+		t.Fatalf("%s: %v", what, err)
 	}
-	if ct := res.Header.Get("Content-Type"); res.StatusCode != http.StatusOK || ct != "text/event-stream" {
+	if res.StatusCode != http.StatusOK {
+		b, _ := io.ReadAll(res.Body)
 		res.Body.Close()
 		cancel()
-		t.Fatalf("GET /api/logs/stream: status %d, content type %q", res.StatusCode, ct)
+		t.Fatalf("%s: status %d: %s", what, res.StatusCode, b)
 	}
-	s := &stream{t: t, res: res, cancel: cancel, lines: make(chan string)}
+	s := &stream{t: t, what: what, res: res, cancel: cancel, prefix: prefix, lines: make(chan string)}
 	go s.readLoop(ctx)
 	return s
 }
 
-// readLoop sends each event's data to s.lines until the stream ends.
+// readLoop sends each line to s.lines until the stream ends.
 func (s *stream) readLoop(ctx context.Context) {
 	defer close(s.lines)
 	sc := bufio.NewScanner(s.res.Body)
 	for sc.Scan() {
-		if line, ok := strings.CutPrefix(sc.Text(), "data: "); ok {
+		if line, ok := strings.CutPrefix(sc.Text(), s.prefix); ok {
 			select {
 			case s.lines <- line:
 			case <-ctx.Done():
@@ -775,36 +792,46 @@ func (s *stream) readLoop(ctx context.Context) {
 	}
 }
 
-// next returns the next event's data, which must be a line of the file.
-func (s *stream) next() string {
+// line returns the next line.
+func (s *stream) line() string {
 	s.t.Helper()
 	select {
 	case line, ok := <-s.lines:
 		if !ok {
-			s.t.Fatal("GET /api/logs/stream ended without an event")
-		}
-		if !strings.Contains(line, "seq=") {
-			s.t.Errorf("stream event %q, want a line of the file", line)
+			s.t.Fatalf("%s ended without a line", s.what)
 		}
 		return line
 	case <-time.After(waitFor):
-		s.t.Fatalf("GET /api/logs/stream: no event within %v", waitFor)
+		s.t.Fatalf("%s: no line within %v", s.what, waitFor)
 		return ""
 	}
 }
 
-// waitEnd waits for the stream to end by itself, skipping its events.
-func (s *stream) waitEnd() {
+// next returns the next event's data, which must be a line of the file.
+func (s *stream) next() string {
+	s.t.Helper()
+	line := s.line()
+	if !strings.Contains(line, "seq=") {
+		s.t.Errorf("stream event %q, want a line of the file", line)
+	}
+	return line
+}
+
+// waitEnd waits for the stream to end by itself, skipping its lines, and
+// returns the last.
+func (s *stream) waitEnd() string {
 	s.t.Helper()
 	timeout := time.After(waitFor)
+	last := ""
 	for {
 		select {
-		case _, ok := <-s.lines:
+		case l, ok := <-s.lines:
 			if !ok {
-				return
+				return last
 			}
+			last = l
 		case <-timeout:
-			s.t.Fatalf("GET /api/logs/stream did not end within %v", waitFor)
+			s.t.Fatalf("%s did not end within %v", s.what, waitFor)
 		}
 	}
 }
@@ -868,4 +895,98 @@ func TestLastLines(t *testing.T) {
 			}
 		})
 	}
+}
+
+// limitsConfig is testConfig with the chaos module's limits: a MemoryHigh
+// of 200 MiB, a MemoryMax far above it, a StuckTimeout of a second, and a
+// short drain, as a stuck child's given-up handler never ends.
+func limitsConfig() config {
+	cfg := testConfig()
+	cfg.memoryHigh = 200 << 20
+	cfg.memoryMax = 2 << 30
+	cfg.stuckTimeout = time.Second
+	cfg.drainGrace = 2 * time.Second
+	return cfg
+}
+
+// TestLeak presses "leak": the child that takes the request leaks until its
+// memory, which its row shows climbing, passes MemoryHigh; then it is
+// recycled for the reason memory, its leak ends, and a new child takes its
+// slot.
+func TestLeak(t *testing.T) {
+	d := startDashboard(t, limitsConfig())
+	d.waitPool("chaos", "a full pool", func(map[int]int) bool { return true })
+	st := d.state()
+	if ms := d.module(st, "chaos"); ms.MemoryHigh != 200<<20 || ms.MemoryMax != 2<<30 {
+		t.Errorf("chaos: memory limits %d and %d in /api/state, want %d and %d", ms.MemoryHigh, ms.MemoryMax, 200<<20, 2<<30)
+	}
+
+	leak := openLines(t, d, "POST", "/api/chaos/leak?mb=100", "")
+	defer leak.close()
+	first := leak.line()
+	var pid, slot, inc int
+	if _, err := fmt.Sscanf(first, "pid %d slot %d incarnation %d:", &pid, &slot, &inc); err != nil {
+		t.Fatalf("the leak's first line %q: %v", first, err)
+	}
+
+	// Its row shows the memory it takes.
+	d.waitState("the leaking child's memory in its row", func(st stateView) bool {
+		for _, c := range d.module(st, "chaos").Children {
+			if c.Pid == pid && c.Memory > 100<<20 {
+				return true
+			}
+		}
+		return false
+	})
+	ev := d.waitEvent("chaos", "ChildRecycling", pid)
+	if ev.Reason != "memory" {
+		t.Errorf("the leaking child's recycling: %+v, want the reason memory", ev)
+	}
+	if last := leak.waitEnd(); !strings.Contains(last, "being replaced") {
+		t.Errorf("the leak's last line %q, want one that says the child is being replaced", last)
+	}
+	after := d.waitPool("chaos", "a new child in the leaking child's slot", func(p map[int]int) bool { return p[slot] != pid })
+	d.waitEvent("chaos", "ChildStarted", after[slot])
+	d.waitEvent("chaos", "ChildExited", pid)
+	if ms := d.module(d.state(), "chaos"); ms.BadGateway != 0 || ms.Restarts != 0 {
+		t.Errorf("after a recycle for memory: %+v, want no 502 and no restart (a recycle is not a crash)", ms)
+	}
+}
+
+// TestStuck calls /api/chaos/stuck with a short client timeout: StuckTimeout
+// later the child is found stuck, its goroutine stacks are in chaos.log,
+// whose path /api/state gives, and a new child takes its slot.
+func TestStuck(t *testing.T) {
+	d := startDashboard(t, limitsConfig())
+	pool := d.waitPool("chaos", "a full pool", func(map[int]int) bool { return true })
+
+	client := &http.Client{Transport: d.client.Transport, Timeout: 500 * time.Millisecond}
+	res, err := client.Post(d.base+"api/chaos/stuck", "", nil)
+	if err == nil {
+		res.Body.Close()
+		t.Fatalf("POST /api/chaos/stuck answered %d, want no answer before the client's timeout", res.StatusCode)
+	}
+	ev := d.waitEvent("chaos", "ChildStuck", 0)
+	if ev.Reason != "stuck" || ev.Error == "" {
+		t.Errorf("ChildStuck: %+v, want the reason stuck and an error", ev)
+	}
+	slot := -1
+	for s, pid := range pool {
+		if pid == ev.Pid {
+			slot = s
+		}
+	}
+	if slot < 0 {
+		t.Fatalf("ChildStuck for pid %d, not a child of the pool %v", ev.Pid, pool)
+	}
+	ms := d.module(d.state(), "chaos")
+	if want := filepath.Join(d.logdir, "chaos.log"); ms.LogFile != want {
+		t.Errorf("chaos: log file %q in /api/state, want %q", ms.LogFile, want)
+	}
+	waitFile(t, ms.LogFile, "goroutine ")
+	waitFile(t, ms.LogFile, "chaosStuckHandler")
+	if ev := d.waitEvent("chaos", "ChildRecycling", ev.Pid); ev.Reason != "stuck" {
+		t.Errorf("the stuck child's recycling: %+v, want the reason stuck", ev)
+	}
+	d.waitPool("chaos", "a new child in the stuck child's slot", func(p map[int]int) bool { return p[slot] != ev.Pid })
 }

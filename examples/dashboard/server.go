@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log"
 	"net/http"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -82,6 +83,10 @@ type moduleStatus struct {
 	Restarting  bool   `json:"restarting"`  // a restart asked for from the dashboard is under way
 	PoolSize    int    `json:"poolSize"`    // Options.Children
 	MaxRequests int    `json:"maxRequests"` // Options.MaxRequests; 0: no limit
+	MemoryHigh  int64  `json:"memoryHigh"`  // Options.MemoryHigh in bytes; 0: no limit
+	MemoryMax   int64  `json:"memoryMax"`   // Options.MemoryMax in bytes; 0: no limit
+	StuckAfter  string `json:"stuckAfter"`  // Options.StuckTimeout, as in "3s"; "" for the default
+	LogFile     string `json:"logFile"`     // the module's log, <LogDir>/<name>.log, where a stuck child's stacks go
 	Pid         int    `json:"pid"`         // the newest running child's
 	Incarnation int    `json:"incarnation"`
 	Restarts    int    `json:"restarts"`
@@ -136,6 +141,8 @@ func (m *module) status(now time.Time) moduleStatus {
 		Restarting:  m.restarting.Load(),
 		PoolSize:    max(m.opts.Children, 1),
 		MaxRequests: m.opts.MaxRequests,
+		MemoryHigh:  m.opts.MemoryHigh,
+		MemoryMax:   m.opts.MemoryMax,
 		Pid:         st.Pid,
 		Incarnation: st.Incarnation,
 		Restarts:    st.Restarts,
@@ -148,6 +155,12 @@ func (m *module) status(now time.Time) moduleStatus {
 		Timeouts:    st.Timeouts,
 		Aborted:     st.Aborted,
 		Children:    make([]childStatus, 0, len(st.Children)),
+	}
+	if m.opts.StuckTimeout > 0 {
+		ms.StuckAfter = m.opts.StuckTimeout.String()
+	}
+	if m.opts.LogDir != "" {
+		ms.LogFile = filepath.Join(m.opts.LogDir, m.name+".log")
 	}
 	for _, c := range st.Children {
 		cs := childStatus{
