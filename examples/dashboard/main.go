@@ -174,17 +174,33 @@ func run(ctx context.Context, cfg config, ready func(url string)) (err error) {
 		w.Write(indexHTML)
 	})
 	newServer(modules, events, closing).register(mux)
-	handles := make(map[string]*subproc.Handle)
+	byName := make(map[string]*module)
 	for _, m := range modules {
-		handles[m.name] = m.h
+		byName[m.name] = m
 	}
 	for _, rt := range routes {
-		var h http.Handler = handles[rt.module].Route(rt.path, rt.method)
+		m := byName[rt.module]
+		var h http.Handler = m.h.Route(rt.path, rt.method)
+		if rt.path != "/api/logs/stream" {
+			// A stream that never ends by itself has no latency to chart.
+			h = measure(m.metrics, h)
+		}
 		if streamingPaths[rt.path] {
 			h = endOnShutdown(closing, h)
 		}
 		mux.Handle(rt.path, h)
 	}
+	// The sampler ends with the server, before the modules stop.
+	sampling, stopSampling := context.WithCancel(context.Background())
+	sampled := make(chan struct{})
+	go func() {
+		defer close(sampled)
+		sampleLoop(sampling, modules)
+	}()
+	defer func() {
+		stopSampling()
+		<-sampled
+	}()
 
 	srv := &http.Server{
 		Handler:           mux,
@@ -256,7 +272,17 @@ func startModules(ctx context.Context, cfg config, onEvent func(subproc.Event)) 
 			// A new child (at a restart too) must be ready this soon.
 			StartTimeout:    10 * time.Second,
 			ShutdownTimeout: cfg.drainGrace,
-			OnEvent:         onEvent,
+		}
+		slots := 1
+		if name == "chaos" {
+			slots = cfg.poolSize
+		}
+		metrics := newModuleMetrics(slots)
+		opts.OnEvent = func(ev subproc.Event) {
+			if ev.Kind == subproc.ChildExited {
+				metrics.childEnded(ev.Time)
+			}
+			onEvent(ev)
 		}
 		switch name {
 		case "logs":
@@ -274,7 +300,7 @@ func startModules(ctx context.Context, cfg config, onEvent func(subproc.Event)) 
 			stopModules(modules)
 			return nil, err
 		}
-		modules = append(modules, &module{name: name, h: h, opts: opts})
+		modules = append(modules, &module{name: name, h: h, opts: opts, metrics: metrics})
 	}
 	return modules, nil
 }

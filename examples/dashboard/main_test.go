@@ -990,3 +990,248 @@ func TestStuck(t *testing.T) {
 	}
 	d.waitPool("chaos", "a new child in the stuck child's slot", func(p map[int]int) bool { return p[slot] != ev.Pid })
 }
+
+// An sse is one server-sent event of GET /api/live.
+type sse struct {
+	id, kind string
+	data     string
+}
+
+// openLive opens GET /api/live, with lastID as its Last-Event-ID unless "".
+func openLive(t *testing.T, d *testDashboard, lastID string) (*stream, chan sse) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	req, err := http.NewRequestWithContext(ctx, "GET", d.base+"api/live", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if lastID != "" {
+		req.Header.Set("Last-Event-ID", lastID)
+	}
+	res, err := d.client.Transport.RoundTrip(req)
+	if err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	if ct := res.Header.Get("Content-Type"); res.StatusCode != http.StatusOK || ct != "text/event-stream" {
+		res.Body.Close()
+		cancel()
+		t.Fatalf("GET /api/live: status %d, content type %q", res.StatusCode, ct)
+	}
+	s := &stream{t: t, what: "GET /api/live", res: res, cancel: cancel, lines: make(chan string)}
+	go s.readLoop(ctx)
+	events := make(chan sse)
+	go func() {
+		defer close(events)
+		var e sse
+		for line := range s.lines {
+			switch {
+			case line == "":
+				if e.kind != "" {
+					select {
+					case events <- e:
+					case <-ctx.Done():
+						return
+					}
+				}
+				e = sse{}
+			case strings.HasPrefix(line, "id: "):
+				e.id = line[len("id: "):]
+			case strings.HasPrefix(line, "event: "):
+				e.kind = line[len("event: "):]
+			case strings.HasPrefix(line, "data: "):
+				e.data = line[len("data: "):]
+			}
+		}
+	}()
+	return s, events
+}
+
+// waitSSE reads events until ok holds for one, and returns it.
+func waitSSE(t *testing.T, events chan sse, what string, ok func(sse) bool) sse {
+	t.Helper()
+	timeout := time.After(waitFor)
+	for {
+		select {
+		case e, open := <-events:
+			if !open {
+				t.Fatalf("GET /api/live ended while waiting for %s", what)
+			}
+			if ok(e) {
+				return e
+			}
+		case <-timeout:
+			t.Fatalf("GET /api/live: no %s within %v", what, waitFor)
+		}
+	}
+}
+
+// liveEvent returns a function that reports whether an sse is the event of
+// module with kind and pid, and keeps it in *ev.
+func liveEvent(t *testing.T, module, kind string, pid int, ev *eventView) func(sse) bool {
+	return func(e sse) bool {
+		if e.kind != "event" {
+			return false
+		}
+		if err := json.Unmarshal([]byte(e.data), ev); err != nil {
+			t.Fatalf("GET /api/live: event %q: %v", e.data, err)
+		}
+		return ev.Module == module && ev.Kind == kind && (pid == 0 || ev.Pid == pid) && e.id == fmt.Sprint(ev.Seq)
+	}
+}
+
+// TestLive follows GET /api/live: it pushes the events as they happen,
+// numbered, the state a few times a second, with each child's state as it
+// changes, and the history; a client that reconnects with Last-Event-ID gets
+// only the events after it.
+func TestLive(t *testing.T) {
+	d := startDashboard(t, testConfig())
+	pool := d.waitPool("chaos", "a full pool", func(map[int]int) bool { return true })
+	live, events := openLive(t, d, "")
+	defer live.close()
+
+	// The events so far, then the state.
+	var ev eventView
+	waitSSE(t, events, "the ChildStarted of slot 0", liveEvent(t, "chaos", "ChildStarted", pool[0], &ev))
+	var st stateView
+	waitSSE(t, events, "a state with the pool", func(e sse) bool {
+		if e.kind != "state" {
+			return false
+		}
+		st = stateView{}
+		if err := json.Unmarshal([]byte(e.data), &st); err != nil {
+			t.Fatalf("state %q: %v", e.data, err)
+		}
+		p, full := serving(d.module(st, "chaos"))
+		return full && maps.Equal(p, pool)
+	})
+
+	// A crash shows as it happens, and the new child's row comes in a
+	// state soon after.
+	d.expect("POST", "/api/chaos/crash", http.StatusBadGateway)
+	waitSSE(t, events, "the crashed child's ChildExited", liveEvent(t, "chaos", "ChildExited", 0, &ev))
+	if ev.Reason != "crash" {
+		t.Errorf("the crashed child's exit: %+v, want reason crash", ev)
+	}
+	crashed := ev
+	waitSSE(t, events, "a state with a new child", func(e sse) bool {
+		if e.kind != "state" {
+			return false
+		}
+		st = stateView{}
+		json.Unmarshal([]byte(e.data), &st)
+		p, full := serving(d.module(st, "chaos"))
+		return full && len(changedSlots(pool, p)) == 1
+	})
+
+	// The requests show in the history, in whole seconds.
+	for range 20 {
+		d.hello()
+	}
+	waitSSE(t, events, "20 requests in the history", func(e sse) bool {
+		if e.kind != "metrics" {
+			return false
+		}
+		var series map[string]seriesView
+		if err := json.Unmarshal([]byte(e.data), &series); err != nil {
+			t.Fatalf("metrics %q: %v", e.data, err)
+		}
+		s := series["chaos"]
+		if len(s.Requests) != historySeconds || len(s.Memory) != 3 {
+			t.Fatalf("chaos history: %d seconds and %d memory series, want %d and 3", len(s.Requests), len(s.Memory), historySeconds)
+		}
+		var n uint32
+		for i, r := range s.Requests {
+			n += r
+			if r > 0 && (s.P50[i] <= 0 || s.P99[i] < s.P50[i]) {
+				t.Fatalf("second %d: %d requests, p50 %vms, p99 %vms", i, r, s.P50[i], s.P99[i])
+			}
+		}
+		var exits uint32
+		for _, x := range s.Exits {
+			exits += x
+		}
+		return n >= 21 && exits >= 1 && s.Memory[0][historySeconds-1] > 0 // the crash, and 20 hellos
+	})
+
+	// Reconnecting after the crash's exit gives the events after it only.
+	again, events2 := openLive(t, d, fmt.Sprint(crashed.Seq))
+	defer again.close()
+	waitSSE(t, events2, "a first state", func(e sse) bool {
+		if e.kind == "event" {
+			json.Unmarshal([]byte(e.data), &ev)
+			if ev.Seq <= crashed.Seq {
+				t.Errorf("after Last-Event-ID %d, event %+v again", crashed.Seq, ev)
+			}
+		}
+		return e.kind == "state"
+	})
+}
+
+// TestMetrics checks the history's percentiles and its bounds.
+func TestMetrics(t *testing.T) {
+	m := newModuleMetrics(2)
+	now := time.Unix(1_000_000, 0)
+	// Out of the window, in the ring slot of a second in it.
+	m.observe(now.Add(-(historySeconds+5)*time.Second), time.Hour, http.StatusOK)
+	// 100 requests in one second: 98 at 1ms, 2 at 1s.
+	for i := range 100 {
+		d := time.Millisecond
+		if i >= 98 {
+			d = time.Second
+		}
+		m.observe(now.Add(-time.Second), d, http.StatusOK)
+	}
+	m.observe(now.Add(-time.Second), time.Millisecond, http.StatusBadGateway)
+	m.observe(now.Add(-time.Second), time.Millisecond, 0)
+	m.childEnded(now.Add(-2 * time.Second))
+	m.sample(now.Add(-time.Second), subproc.Stats{Children: []subproc.ChildStats{{Slot: 1, Memory: 7}, {Slot: 1, Memory: 9}, {Slot: 5, Memory: 1}}})
+
+	s := m.series(now)
+	last := historySeconds - 1
+	if s.Start != now.Unix()-historySeconds || s.Requests[last] != 102 || s.Errors[last] != 2 || s.Exits[last-1] != 1 {
+		t.Errorf("series: start %d, last second %d requests, %d errors, %d exits the second before; want %d, 102, 2, 1",
+			s.Start, s.Requests[last], s.Errors[last], s.Exits[last-1], now.Unix()-historySeconds)
+	}
+	if p50 := s.P50[last]; p50 < 1 || p50 > 1.2 {
+		t.Errorf("p50 %vms, want 1ms (to the bucket's 19%%)", p50)
+	}
+	if p99 := s.P99[last]; p99 < 1000 || p99 > 1200 {
+		t.Errorf("p99 %vms, want 1000ms (to the bucket's 19%%)", p99)
+	}
+	if s.Memory[1][last] != 9 || s.Memory[0][last] != 0 {
+		t.Errorf("memory by slot %v %v, want the most of slot 1's children, 9, and none for slot 0", s.Memory[0][last], s.Memory[1][last])
+	}
+	for i := range last {
+		if s.Requests[i] != 0 || s.P50[i] != -1 {
+			t.Fatalf("second %d: %d requests, p50 %v; want none, -1", i, s.Requests[i], s.P50[i])
+		}
+	}
+	for _, d := range []time.Duration{0, latencyBase, time.Millisecond, time.Hour} {
+		if i := bucketOf(d); d > bucketBound(i) && i != latencyBuckets-1 || i > 0 && d <= bucketBound(i-1) {
+			t.Errorf("bucketOf(%v) = %d, whose bounds are (%v, %v]", d, i, bucketBound(i-1), bucketBound(i))
+		}
+	}
+
+	// The middleware sees the status, and a panic as a response cut off.
+	h := measure(m, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/panic" {
+			panic(http.ErrAbortHandler)
+		}
+		w.WriteHeader(http.StatusTeapot)
+		w.(http.Flusher).Flush()
+	}))
+	h.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("GET", "/", nil))
+	func() {
+		defer func() {
+			if p := recover(); p != http.ErrAbortHandler {
+				t.Errorf("the middleware's panic: %v, want http.ErrAbortHandler passed on", p)
+			}
+		}()
+		h.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("GET", "/panic", nil))
+	}()
+	s = m.series(time.Now().Add(time.Second))
+	if s.Requests[last] != 2 || s.Errors[last] != 1 {
+		t.Errorf("middleware: %d requests, %d errors, want 2 and 1 (the panic)", s.Requests[last], s.Errors[last])
+	}
+}

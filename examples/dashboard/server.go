@@ -22,12 +22,13 @@ import (
 // itself:
 //
 //	GET  /api/state                    every module, its children and counters, and the recent events
+//	GET  /api/live                     the same, pushed as server-sent events, with each module's history (live.go)
 //	GET  /api/events/{seq}/output      the last output lines of one event, as text
 //	POST /api/modules/{name}/restart   a rolling restart of one module (Handle.Restart)
 //	GET  /readyz                       200 when every module is ready, else 503
 //
-// The page polls /api/state alone: everything it shows, bar an event's
-// output, is in that one document.
+// The page follows /api/live alone: everything it shows, bar an event's
+// output and the log, comes down that one stream.
 
 // restartTimeout bounds a restart asked for from the dashboard: each child's
 // replacement must start (StartTimeout) and the old child drain
@@ -39,6 +40,9 @@ type module struct {
 	name string          // fixed
 	h    *subproc.Handle // fixed
 	opts subproc.Options // fixed; as given to subproc.Start
+	// metrics is the module's history as the parent measures it; nil in
+	// tests that need none.
+	metrics *moduleMetrics
 
 	restarting atomic.Bool // a restart asked for from the dashboard is under way
 }
@@ -62,6 +66,7 @@ func newServer(modules []*module, events *eventRing, closing context.Context) *s
 // register adds the server's endpoints to mux.
 func (s *server) register(mux *http.ServeMux) {
 	mux.HandleFunc("GET /api/state", s.serveState)
+	mux.HandleFunc("GET /api/live", s.serveLive)
 	mux.HandleFunc("GET /api/events/{seq}/output", s.serveEventOutput)
 	mux.HandleFunc("POST /api/modules/{name}/restart", s.serveRestart)
 	mux.HandleFunc("GET /readyz", s.serveReady)
@@ -72,7 +77,7 @@ type stateView struct {
 	Time    time.Time      `json:"time"`
 	Ready   bool           `json:"ready"` // every module is ready, as /readyz says
 	Modules []moduleStatus `json:"modules"`
-	Events  []eventView    `json:"events"` // the last maxEvents, newest first
+	Events  []eventView    `json:"events,omitempty"` // the last maxEvents, newest first; not in /api/live's state, which sends events one by one
 }
 
 // moduleStatus is one module in GET /api/state.
@@ -121,14 +126,20 @@ type childStatus struct {
 
 // serveState answers GET /api/state.
 func (s *server) serveState(w http.ResponseWriter, r *http.Request) {
-	now := time.Now()
-	st := stateView{Time: now, Ready: true, Events: s.events.views()}
+	st := s.state(time.Now())
+	st.Events = s.events.views()
+	writeJSON(w, http.StatusOK, st)
+}
+
+// state returns every module's status at now, without the events.
+func (s *server) state(now time.Time) stateView {
+	st := stateView{Time: now, Ready: true}
 	for _, m := range s.modules {
 		ms := m.status(now)
 		st.Ready = st.Ready && ms.Ready
 		st.Modules = append(st.Modules, ms)
 	}
-	writeJSON(w, http.StatusOK, st)
+	return st
 }
 
 // status returns m's row of GET /api/state at now.
