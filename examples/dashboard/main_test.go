@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -886,12 +887,16 @@ func TestLastLines(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer f.Close()
-			got, err := lastLines(f, tc.n)
+			got, end, err := lastLines(f, tc.n)
 			if err != nil {
 				t.Fatal(err)
 			}
 			if string(got) != tc.want {
 				t.Errorf("lastLines(%q, %d) = %q, want %q", tc.content, tc.n, got, tc.want)
+			}
+			// The end is just past the last complete line.
+			if want := int64(strings.LastIndexByte(tc.content, '\n') + 1); end != want {
+				t.Errorf("lastLines(%q, %d): end %d, want %d", tc.content, tc.n, end, want)
 			}
 		})
 	}
@@ -1000,8 +1005,15 @@ type sse struct {
 // openLive opens GET /api/live, with lastID as its Last-Event-ID unless "".
 func openLive(t *testing.T, d *testDashboard, lastID string) (*stream, chan sse) {
 	t.Helper()
+	return openSSE(t, d, "/api/live", lastID)
+}
+
+// openSSE opens GET path, a text/event-stream, with lastID as its
+// Last-Event-ID unless "", and returns its events.
+func openSSE(t *testing.T, d *testDashboard, path, lastID string) (*stream, chan sse) {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	req, err := http.NewRequestWithContext(ctx, "GET", d.base+"api/live", nil)
+	req, err := http.NewRequestWithContext(ctx, "GET", d.base+strings.TrimPrefix(path, "/"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -1016,9 +1028,9 @@ func openLive(t *testing.T, d *testDashboard, lastID string) (*stream, chan sse)
 	if ct := res.Header.Get("Content-Type"); res.StatusCode != http.StatusOK || ct != "text/event-stream" {
 		res.Body.Close()
 		cancel()
-		t.Fatalf("GET /api/live: status %d, content type %q", res.StatusCode, ct)
+		t.Fatalf("GET %s: status %d, content type %q", path, res.StatusCode, ct)
 	}
-	s := &stream{t: t, what: "GET /api/live", res: res, cancel: cancel, lines: make(chan string)}
+	s := &stream{t: t, what: "GET " + path, res: res, cancel: cancel, lines: make(chan string)}
 	go s.readLoop(ctx)
 	events := make(chan sse)
 	go func() {
@@ -1027,6 +1039,9 @@ func openLive(t *testing.T, d *testDashboard, lastID string) (*stream, chan sse)
 		for line := range s.lines {
 			switch {
 			case line == "":
+				if e.kind == "" && e.data != "" {
+					e.kind = "message" // as EventSource names it
+				}
 				if e.kind != "" {
 					select {
 					case events <- e:
@@ -1055,13 +1070,13 @@ func waitSSE(t *testing.T, events chan sse, what string, ok func(sse) bool) sse 
 		select {
 		case e, open := <-events:
 			if !open {
-				t.Fatalf("GET /api/live ended while waiting for %s", what)
+				t.Fatalf("the stream ended while waiting for %s", what)
 			}
 			if ok(e) {
 				return e
 			}
 		case <-timeout:
-			t.Fatalf("GET /api/live: no %s within %v", what, waitFor)
+			t.Fatalf("the stream: no %s within %v", what, waitFor)
 		}
 	}
 }
@@ -1233,5 +1248,67 @@ func TestMetrics(t *testing.T) {
 	s = m.series(time.Now().Add(time.Second))
 	if s.Requests[last] != 2 || s.Errors[last] != 1 {
 		t.Errorf("middleware: %d requests, %d errors, want 2 and 1 (the panic)", s.Requests[last], s.Errors[last])
+	}
+}
+
+// TestLogResume follows the log across a restart of the logs module, as
+// the page does: from the tail's offset, then, after the stream ends at the
+// restart, from the last line's id, once the file has grown past it. The
+// lines the two streams gave are the file's from the tail on, without a
+// gap or a line twice.
+func TestLogResume(t *testing.T) {
+	d := startDashboard(t, testConfig())
+	var from string
+	d.waitState("a line in the file", func(stateView) bool {
+		_, h, body := d.do("GET", "/api/logs/tail?n=1")
+		from = h.Get("X-Log-Offset")
+		return body != ""
+	})
+	start, err := strconv.ParseInt(from, 10, 64)
+	if err != nil {
+		t.Fatalf("X-Log-Offset %q: %v", from, err)
+	}
+
+	var got []string
+	last := ""
+	follow := func(s *stream, events chan sse, until func() bool) {
+		defer s.close()
+		for !until() {
+			e := waitSSE(t, events, "a line", func(e sse) bool { return e.kind == "message" })
+			got = append(got, e.data)
+			last = e.id
+		}
+	}
+	s, events := openSSE(t, d, "/api/logs/stream?from="+from, "")
+	follow(s, events, func() bool { return len(got) >= 2 })
+	if status, res := d.restart("logs"); status != http.StatusOK {
+		t.Fatalf("restart of logs: %d %+v", status, res)
+	}
+	// Wait for lines the stream missed while the module restarted.
+	file := filepath.Join(d.logdir, "events.txt")
+	lastOff, _ := strconv.ParseInt(last, 10, 64)
+	deadline := time.Now().Add(waitFor)
+	for {
+		fi, err := os.Stat(file)
+		if err == nil && fi.Size() > lastOff+200 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s did not grow past byte %d", file, lastOff+200)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	pid := d.module(d.state(), "logs").Pid
+	s, events = openSSE(t, d, "/api/logs/stream?from="+from, last)
+	follow(s, events, func() bool { return strings.Contains(got[len(got)-1], fmt.Sprintf("pid=%d ", pid)) && len(got) >= 5 })
+
+	b, err := os.ReadFile(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	end, _ := strconv.ParseInt(last, 10, 64)
+	want := strings.Split(strings.TrimSuffix(string(b[start:end]), "\n"), "\n")
+	if !slices.Equal(got, want) {
+		t.Errorf("the streams gave\n%s\nwant the file's lines from byte %d to %d:\n%s", strings.Join(got, "\n"), start, end, strings.Join(want, "\n"))
 	}
 }
