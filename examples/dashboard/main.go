@@ -14,14 +14,21 @@
 //     and replaced.
 //
 // The parent serves the page at /, the state of every module, child and
-// recent event at /api/state, a rolling restart of a module at
-// POST /api/modules/{name}/restart, and a readiness probe at /readyz (see
-// server.go); everything under /api/logs and /api/chaos is forwarded to a
-// module's child. Run it with
+// recent event at /api/state, the same pushed as it changes at /api/live
+// (server-sent events, with each module's last five minutes of requests/s,
+// p50/p99 latency, memory by slot and ended children, which the parent
+// measures itself: see live.go and metrics.go), a rolling restart of a
+// module at POST /api/modules/{name}/restart, and a readiness probe at
+// /readyz (see server.go); everything under /api/logs and /api/chaos is
+// forwarded to a module's child. Run it with
 //
 //	go run ./examples/dashboard
 //
-// and open the URL it prints. Ctrl-C stops it and its children.
+// and open the URL it prints. Ctrl-C stops it and its children. The page
+// draws its charts as inline SVG with a few lines of plain JavaScript: it
+// loads nothing from elsewhere. A browser test of the page, in a module of
+// its own so that chromedp stays out of the library's go.mod, is in
+// browsertest/.
 package main
 
 import (
