@@ -9,7 +9,8 @@ import (
 )
 
 // This file keeps the recent events of every module, as Options.OnEvent
-// reports them, for GET /api/state and GET /api/events/{seq}/output.
+// reports them, for GET /api/state, GET /api/live and
+// GET /api/events/{seq}/output.
 
 // maxEvents is how many events the dashboard remembers, all modules
 // together; older ones are forgotten.
@@ -20,9 +21,10 @@ const maxEvents = 100
 // to use. Its methods may be called concurrently: each module's OnEvent
 // runs on a goroutine of its own Handle.
 type eventRing struct {
-	mu     sync.Mutex // guards the fields below
-	events []event    // oldest first; at most maxEvents
-	seq    uint64     // the number of the last event added; 0: none yet
+	mu      sync.Mutex    // guards the fields below
+	events  []event       // oldest first; at most maxEvents
+	seq     uint64        // the number of the last event added; 0: none yet
+	changed chan struct{} // closed, and cleared, when an event is added; nil until since asks for it
 }
 
 // An event is a subproc.Event as the dashboard keeps it: numbered.
@@ -42,6 +44,32 @@ func (r *eventRing) add(ev subproc.Event) {
 		r.events = r.events[:maxEvents-1]
 	}
 	r.events = append(r.events, event{seq: r.seq, ev: ev})
+	if r.changed != nil {
+		close(r.changed)
+		r.changed = nil
+	}
+}
+
+// since returns the events the ring holds numbered after seq, oldest
+// first, and a channel closed when the next event is added. A seq past the
+// last event's, as a client of an earlier run of the dashboard may give,
+// counts as 0.
+func (r *eventRing) since(seq uint64) ([]eventView, <-chan struct{}) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if seq > r.seq {
+		seq = 0
+	}
+	var list []eventView
+	for _, e := range r.events {
+		if e.seq > seq {
+			list = append(list, e.view())
+		}
+	}
+	if r.changed == nil {
+		r.changed = make(chan struct{})
+	}
+	return list, r.changed
 }
 
 // eventView is one event in GET /api/state. Its output lines are not in it:
@@ -65,26 +93,30 @@ func (r *eventRing) views() []eventView {
 	defer r.mu.Unlock()
 	list := make([]eventView, 0, len(r.events))
 	for i := len(r.events) - 1; i >= 0; i-- {
-		e := r.events[i]
-		v := eventView{
-			Seq:         e.seq,
-			Time:        e.ev.Time,
-			Module:      e.ev.Module,
-			Kind:        e.ev.Kind.String(),
-			Pid:         e.ev.Pid,
-			Incarnation: e.ev.Incarnation,
-			Reason:      e.ev.Reason,
-			OutputLines: len(e.ev.Output),
-		}
-		if e.ev.Err != nil {
-			v.Error = e.ev.Err.Error()
-		}
-		if e.ev.Delay > 0 {
-			v.Delay = e.ev.Delay.String()
-		}
-		list = append(list, v)
+		list = append(list, r.events[i].view())
 	}
 	return list
+}
+
+// view returns e as GET /api/state shows it.
+func (e event) view() eventView {
+	v := eventView{
+		Seq:         e.seq,
+		Time:        e.ev.Time,
+		Module:      e.ev.Module,
+		Kind:        e.ev.Kind.String(),
+		Pid:         e.ev.Pid,
+		Incarnation: e.ev.Incarnation,
+		Reason:      e.ev.Reason,
+		OutputLines: len(e.ev.Output),
+	}
+	if e.ev.Err != nil {
+		v.Error = e.ev.Err.Error()
+	}
+	if e.ev.Delay > 0 {
+		v.Delay = e.ev.Delay.String()
+	}
+	return v
 }
 
 // output returns the child's last output lines that event seq carries, one

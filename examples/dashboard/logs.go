@@ -21,6 +21,14 @@ import (
 // timestamped line to the file every half second, serves the file's last
 // lines (GET /api/logs/tail?n=20) and follows it as a server-sent event
 // stream (GET /api/logs/stream).
+//
+// The stream resumes where it left off: each line's event id is the offset
+// in the file just past it, and a stream starts at the offset of the
+// Last-Event-ID header, which EventSource sends when it reconnects, or else
+// of ?from=, which the tail's X-Log-Offset header gives. The file is
+// appended to by every incarnation of the module, so a client that
+// reconnects after a restart gets the lines the old child wrote after the
+// stream ended, then the new child's, and none twice.
 
 func init() { subproc.Register("logs", newLogsModule) }
 
@@ -114,32 +122,35 @@ func (m *logsModule) serveTail(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	defer f.Close()
-	tail, err := lastLines(f, n)
+	tail, end, err := lastLines(f, n)
 	if err != nil {
 		http.Error(w, err.Error(), http.StatusInternalServerError)
 		return
 	}
+	// Where a stream that follows this tail starts: ?from= of
+	// GET /api/logs/stream.
+	w.Header().Set("X-Log-Offset", strconv.FormatInt(end, 10))
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	w.Write(tail)
 }
 
-// lastLines returns the last n complete lines of f, reading it backwards
-// from its end in blocks, so that a long file costs no more than its tail.
-func lastLines(f *os.File, n int) ([]byte, error) {
+// lastLines returns the last n complete lines of f, and the offset just
+// past them, reading it backwards from its end in blocks, so that a long
+// file costs no more than its tail.
+func lastLines(f *os.File, n int) (tail []byte, end int64, err error) {
 	const block = 16 << 10
 	fi, err := f.Stat()
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
-	end := fi.Size()
 	var buf []byte // the end of the file, from off
-	off := end
+	off := fi.Size()
 	for off > 0 {
 		step := int(min(block, off))
 		off -= int64(step)
 		b := make([]byte, step, step+len(buf))
 		if _, err := f.ReadAt(b, off); err != nil {
-			return nil, err
+			return nil, 0, err
 		}
 		buf = append(b, buf...)
 		if bytes.Count(buf, []byte{'\n'}) > n {
@@ -150,21 +161,44 @@ func lastLines(f *os.File, n int) ([]byte, error) {
 	if i := bytes.LastIndexByte(buf, '\n'); i >= 0 {
 		buf = buf[:i+1]
 	} else {
-		return nil, nil
+		return nil, off, nil
 	}
+	end = off + int64(len(buf))
 	lines := 0
 	for i := len(buf) - 2; i >= 0; i-- {
 		if buf[i] == '\n' {
 			if lines++; lines == n {
-				return buf[i+1:], nil
+				return buf[i+1:], end, nil
 			}
 		}
 	}
-	return buf, nil
+	return buf, end, nil
+}
+
+// startOffset returns where a stream of r over a file of size starts: at
+// r's Last-Event-ID, else its ?from=, else the end. An offset past the end
+// (the file was replaced by a shorter one) starts at 0.
+func startOffset(r *http.Request, size int64) (int64, error) {
+	s := r.Header.Get("Last-Event-ID")
+	if s == "" {
+		s = r.URL.Query().Get("from")
+	}
+	if s == "" {
+		return size, nil
+	}
+	off, err := strconv.ParseInt(s, 10, 64)
+	if err != nil || off < 0 {
+		return 0, fmt.Errorf("the offset to resume from, %q, must be a byte offset in the file, as X-Log-Offset of GET /api/logs/tail gives", s)
+	}
+	if off > size {
+		return 0, nil
+	}
+	return off, nil
 }
 
 // serveStream follows the file as text/event-stream: one event per line
-// appended after the request arrived, flushed as it comes, until the client
+// from the offset startOffset gives, with the offset past the line as its
+// id, flushed as it comes, until the client
 // goes away or the child begins to drain (at a restart or a shutdown). A
 // stream never ends by itself, so it must end at a drain, or the drain
 // would wait for it until its grace period ends; the client (EventSource
@@ -176,7 +210,17 @@ func (m *logsModule) serveStream(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	defer f.Close()
-	if _, err := f.Seek(0, io.SeekEnd); err != nil {
+	fi, err := f.Stat()
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusInternalServerError)
+		return
+	}
+	off, err := startOffset(r, fi.Size())
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusBadRequest)
+		return
+	}
+	if _, err := f.Seek(off, io.SeekStart); err != nil {
 		http.Error(w, err.Error(), http.StatusInternalServerError)
 		return
 	}
@@ -186,7 +230,7 @@ func (m *logsModule) serveStream(w http.ResponseWriter, r *http.Request) {
 	w.WriteHeader(http.StatusOK)
 	// A comment line sends the header now, so the client sees the stream
 	// open before the first line arrives.
-	io.WriteString(w, ": following "+filepath.Base(m.file)+"\n\n")
+	fmt.Fprintf(w, ": following %s from byte %d\n\n", filepath.Base(m.file), off)
 	if err := rc.Flush(); err != nil {
 		return
 	}
@@ -203,9 +247,10 @@ func (m *logsModule) serveStream(w http.ResponseWriter, r *http.Request) {
 			if err != nil {
 				break // io.EOF: wait for more
 			}
+			off += int64(len(partial))
 			line := bytes.TrimRight(partial, "\r\n")
 			partial = partial[:0]
-			if _, err := fmt.Fprintf(w, "data: %s\n\n", line); err != nil {
+			if _, err := fmt.Fprintf(w, "id: %d\ndata: %s\n\n", off, line); err != nil {
 				return
 			}
 			sent = true

@@ -7,17 +7,28 @@
 //     after about 100 requests) and has endpoints that crash, panic, hang
 //     or otherwise abuse the child that serves them, so that you can watch
 //     the parent notice, fail only that child's requests, and start a new
-//     child in its slot while the others serve on.
+//     child in its slot while the others serve on. Its limits are set:
+//     a child that leaks past -memory-high is replaced (past -memory-max,
+//     killed), and one whose handler runs on -stuck after its request was
+//     given up is found stuck, its goroutine stacks written to chaos.log,
+//     and replaced.
 //
 // The parent serves the page at /, the state of every module, child and
-// recent event at /api/state, a rolling restart of a module at
-// POST /api/modules/{name}/restart, and a readiness probe at /readyz (see
-// server.go); everything under /api/logs and /api/chaos is forwarded to a
-// module's child. Run it with
+// recent event at /api/state, the same pushed as it changes at /api/live
+// (server-sent events, with each module's last five minutes of requests/s,
+// p50/p99 latency, memory by slot and ended children, which the parent
+// measures itself: see live.go and metrics.go), a rolling restart of a
+// module at POST /api/modules/{name}/restart, and a readiness probe at
+// /readyz (see server.go); everything under /api/logs and /api/chaos is
+// forwarded to a module's child. Run it with
 //
 //	go run ./examples/dashboard
 //
-// and open the URL it prints. Ctrl-C stops it and its children.
+// and open the URL it prints. Ctrl-C stops it and its children. The page
+// draws its charts as inline SVG with a few lines of plain JavaScript: it
+// loads nothing from elsewhere. A browser test of the page, in a module of
+// its own so that chromedp stays out of the library's go.mod, is in
+// browsertest/.
 package main
 
 import (
@@ -65,12 +76,14 @@ var routes = []route{
 	{"chaos", http.MethodPost, "/api/chaos/spin"},
 	{"chaos", http.MethodPost, "/api/chaos/print"},
 	{"chaos", http.MethodPost, "/api/chaos/fail-next-start"},
+	{"chaos", http.MethodPost, "/api/chaos/leak"},
+	{"chaos", http.MethodPost, "/api/chaos/stuck"},
 }
 
 // streamingPaths are the routes whose responses never end by themselves.
 // Their requests are canceled when the server shuts down, so that the
 // shutdown does not wait for them.
-var streamingPaths = map[string]bool{"/api/logs/stream": true}
+var streamingPaths = map[string]bool{"/api/logs/stream": true, "/api/chaos/leak": true}
 
 // moduleNames is the order in which modules are started and listed.
 var moduleNames = []string{"logs", "chaos"}
@@ -83,6 +96,11 @@ type config struct {
 	poolSize    int           // Options.Children of the chaos module
 	maxRequests int           // Options.MaxRequests of the chaos module; 0: no limit
 	drainGrace  time.Duration // Options.ShutdownTimeout of every module: how long a replaced child's requests may run on
+
+	// The chaos module's limits; zero: none (StuckTimeout: the default).
+	memoryHigh   int64         // Options.MemoryHigh, bytes
+	memoryMax    int64         // Options.MemoryMax, bytes
+	stuckTimeout time.Duration // Options.StuckTimeout
 }
 
 func main() {
@@ -96,11 +114,15 @@ func main() {
 	flag.IntVar(&cfg.poolSize, "children", 3, "child processes of the chaos module")
 	flag.IntVar(&cfg.maxRequests, "max-requests", 100, "requests a chaos child answers before it is replaced; 0 means no limit")
 	flag.DurationVar(&cfg.drainGrace, "drain", 5*time.Second, "how long a replaced child's requests may run on before they are canceled")
+	memHigh := flag.Int64("memory-high", 200, "MiB of resident memory past which a chaos child is replaced; 0 means no limit")
+	memMax := flag.Int64("memory-max", 400, "MiB of resident memory past which a chaos child is killed; 0 means no limit")
+	flag.DurationVar(&cfg.stuckTimeout, "stuck", 3*time.Second, "how long a chaos handler may run on after its request was given up before its child counts as stuck")
 	flag.Parse()
+	cfg.memoryHigh, cfg.memoryMax = *memHigh<<20, *memMax<<20
 	log.SetFlags(0)
 	log.SetPrefix("dashboard: ")
-	if cfg.poolSize < 1 || cfg.maxRequests < 0 || cfg.drainGrace <= 0 {
-		log.Fatal("-children must be 1 or more, -max-requests 0 or more, -drain more than 0")
+	if cfg.poolSize < 1 || cfg.maxRequests < 0 || cfg.drainGrace <= 0 || *memHigh < 0 || *memMax < 0 || cfg.stuckTimeout <= 0 {
+		log.Fatal("-children must be 1 or more, -max-requests, -memory-high and -memory-max 0 or more, -drain and -stuck more than 0")
 	}
 
 	if err := os.MkdirAll(cfg.logdir, 0o755); err != nil {
@@ -159,17 +181,33 @@ func run(ctx context.Context, cfg config, ready func(url string)) (err error) {
 		w.Write(indexHTML)
 	})
 	newServer(modules, events, closing).register(mux)
-	handles := make(map[string]*subproc.Handle)
+	byName := make(map[string]*module)
 	for _, m := range modules {
-		handles[m.name] = m.h
+		byName[m.name] = m
 	}
 	for _, rt := range routes {
-		var h http.Handler = handles[rt.module].Route(rt.path, rt.method)
+		m := byName[rt.module]
+		var h http.Handler = m.h.Route(rt.path, rt.method)
+		if rt.path != "/api/logs/stream" {
+			// A stream that never ends by itself has no latency to chart.
+			h = measure(m.metrics, h)
+		}
 		if streamingPaths[rt.path] {
 			h = endOnShutdown(closing, h)
 		}
 		mux.Handle(rt.path, h)
 	}
+	// The sampler ends with the server, before the modules stop.
+	sampling, stopSampling := context.WithCancel(context.Background())
+	sampled := make(chan struct{})
+	go func() {
+		defer close(sampled)
+		sampleLoop(sampling, modules)
+	}()
+	defer func() {
+		stopSampling()
+		<-sampled
+	}()
 
 	srv := &http.Server{
 		Handler:           mux,
@@ -241,7 +279,17 @@ func startModules(ctx context.Context, cfg config, onEvent func(subproc.Event)) 
 			// A new child (at a restart too) must be ready this soon.
 			StartTimeout:    10 * time.Second,
 			ShutdownTimeout: cfg.drainGrace,
-			OnEvent:         onEvent,
+		}
+		slots := 1
+		if name == "chaos" {
+			slots = cfg.poolSize
+		}
+		metrics := newModuleMetrics(slots)
+		opts.OnEvent = func(ev subproc.Event) {
+			if ev.Kind == subproc.ChildExited {
+				metrics.childEnded(ev.Time)
+			}
+			onEvent(ev)
 		}
 		switch name {
 		case "logs":
@@ -250,13 +298,16 @@ func startModules(ctx context.Context, cfg config, onEvent func(subproc.Event)) 
 			opts.Config = chaosJSON
 			opts.Children = cfg.poolSize
 			opts.MaxRequests = cfg.maxRequests
+			opts.MemoryHigh = cfg.memoryHigh
+			opts.MemoryMax = cfg.memoryMax
+			opts.StuckTimeout = cfg.stuckTimeout
 		}
 		h, err := subproc.Start(ctx, name, opts)
 		if err != nil {
 			stopModules(modules)
 			return nil, err
 		}
-		modules = append(modules, &module{name: name, h: h, opts: opts})
+		modules = append(modules, &module{name: name, h: h, opts: opts, metrics: metrics})
 	}
 	return modules, nil
 }

@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -729,43 +730,60 @@ func TestEventRing(t *testing.T) {
 	}
 }
 
-// A stream is an open GET /api/logs/stream.
+// A stream is an open streamed response: GET /api/logs/stream, or another
+// whose lines come one at a time.
 type stream struct {
 	t      *testing.T
+	what   string // the request, as in "GET /api/logs/stream"
 	res    *http.Response
 	cancel context.CancelFunc
-	lines  chan string // the data of each event; closed at the stream's end
+	prefix string      // what a line must begin with to count, which is cut off; "" for every line
+	lines  chan string // each line, past prefix; closed at the stream's end
 }
 
 // openStream opens GET /api/logs/stream.
 func openStream(t *testing.T, d *testDashboard) *stream {
 	t.Helper()
+	s := openLines(t, d, "GET", "/api/logs/stream", "data: ")
+	if ct := s.res.Header.Get("Content-Type"); ct != "text/event-stream" {
+		s.close()
+		t.Fatalf("GET /api/logs/stream: content type %q", ct)
+	}
+	return s
+}
+
+// openLines sends a request whose answer streams, and returns the stream
+// of its lines that begin with prefix.
+func openLines(t *testing.T, d *testDashboard, method, path, prefix string) *stream {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	req, err := http.NewRequestWithContext(ctx, "GET", d.base+"api/logs/stream", nil)
+	req, err := http.NewRequestWithContext(ctx, method, d.base+strings.TrimPrefix(path, "/"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
+	what := method + " " + path
 	res, err := d.client.Transport.RoundTrip(req) // no client timeout: the stream does not end
 	if err != nil {
 		cancel()
-		t.Fatalf("GET /api/logs/stream: %v", err)
+		t.Fatalf("%s: %v", what, err)
 	}
-	if ct := res.Header.Get("Content-Type"); res.StatusCode != http.StatusOK || ct != "text/event-stream" {
+	if res.StatusCode != http.StatusOK {
+		b, _ := io.ReadAll(res.Body)
 		res.Body.Close()
 		cancel()
-		t.Fatalf("GET /api/logs/stream: status %d, content type %q", res.StatusCode, ct)
+		t.Fatalf("%s: status %d: %s", what, res.StatusCode, b)
 	}
-	s := &stream{t: t, res: res, cancel: cancel, lines: make(chan string)}
+	s := &stream{t: t, what: what, res: res, cancel: cancel, prefix: prefix, lines: make(chan string)}
 	go s.readLoop(ctx)
 	return s
 }
 
-// readLoop sends each event's data to s.lines until the stream ends.
+// readLoop sends each line to s.lines until the stream ends.
 func (s *stream) readLoop(ctx context.Context) {
 	defer close(s.lines)
 	sc := bufio.NewScanner(s.res.Body)
 	for sc.Scan() {
-		if line, ok := strings.CutPrefix(sc.Text(), "data: "); ok {
+		if line, ok := strings.CutPrefix(sc.Text(), s.prefix); ok {
 			select {
 			case s.lines <- line:
 			case <-ctx.Done():
@@ -775,36 +793,46 @@ func (s *stream) readLoop(ctx context.Context) {
 	}
 }
 
-// next returns the next event's data, which must be a line of the file.
-func (s *stream) next() string {
+// line returns the next line.
+func (s *stream) line() string {
 	s.t.Helper()
 	select {
 	case line, ok := <-s.lines:
 		if !ok {
-			s.t.Fatal("GET /api/logs/stream ended without an event")
-		}
-		if !strings.Contains(line, "seq=") {
-			s.t.Errorf("stream event %q, want a line of the file", line)
+			s.t.Fatalf("%s ended without a line", s.what)
 		}
 		return line
 	case <-time.After(waitFor):
-		s.t.Fatalf("GET /api/logs/stream: no event within %v", waitFor)
+		s.t.Fatalf("%s: no line within %v", s.what, waitFor)
 		return ""
 	}
 }
 
-// waitEnd waits for the stream to end by itself, skipping its events.
-func (s *stream) waitEnd() {
+// next returns the next event's data, which must be a line of the file.
+func (s *stream) next() string {
+	s.t.Helper()
+	line := s.line()
+	if !strings.Contains(line, "seq=") {
+		s.t.Errorf("stream event %q, want a line of the file", line)
+	}
+	return line
+}
+
+// waitEnd waits for the stream to end by itself, skipping its lines, and
+// returns the last.
+func (s *stream) waitEnd() string {
 	s.t.Helper()
 	timeout := time.After(waitFor)
+	last := ""
 	for {
 		select {
-		case _, ok := <-s.lines:
+		case l, ok := <-s.lines:
 			if !ok {
-				return
+				return last
 			}
+			last = l
 		case <-timeout:
-			s.t.Fatalf("GET /api/logs/stream did not end within %v", waitFor)
+			s.t.Fatalf("%s did not end within %v", s.what, waitFor)
 		}
 	}
 }
@@ -859,13 +887,428 @@ func TestLastLines(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer f.Close()
-			got, err := lastLines(f, tc.n)
+			got, end, err := lastLines(f, tc.n)
 			if err != nil {
 				t.Fatal(err)
 			}
 			if string(got) != tc.want {
 				t.Errorf("lastLines(%q, %d) = %q, want %q", tc.content, tc.n, got, tc.want)
 			}
+			// The end is just past the last complete line.
+			if want := int64(strings.LastIndexByte(tc.content, '\n') + 1); end != want {
+				t.Errorf("lastLines(%q, %d): end %d, want %d", tc.content, tc.n, end, want)
+			}
 		})
+	}
+}
+
+// limitsConfig is testConfig with the chaos module's limits: a MemoryHigh
+// of 200 MiB, a MemoryMax far above it, a StuckTimeout of a second, and a
+// short drain, as a stuck child's given-up handler never ends.
+func limitsConfig() config {
+	cfg := testConfig()
+	cfg.memoryHigh = 200 << 20
+	cfg.memoryMax = 2 << 30
+	cfg.stuckTimeout = time.Second
+	cfg.drainGrace = 2 * time.Second
+	return cfg
+}
+
+// TestLeak presses "leak": the child that takes the request leaks until its
+// memory, which its row shows climbing, passes MemoryHigh; then it is
+// recycled for the reason memory, its leak ends, and a new child takes its
+// slot.
+func TestLeak(t *testing.T) {
+	d := startDashboard(t, limitsConfig())
+	d.waitPool("chaos", "a full pool", func(map[int]int) bool { return true })
+	st := d.state()
+	if ms := d.module(st, "chaos"); ms.MemoryHigh != 200<<20 || ms.MemoryMax != 2<<30 {
+		t.Errorf("chaos: memory limits %d and %d in /api/state, want %d and %d", ms.MemoryHigh, ms.MemoryMax, 200<<20, 2<<30)
+	}
+
+	leak := openLines(t, d, "POST", "/api/chaos/leak?mb=100", "")
+	defer leak.close()
+	first := leak.line()
+	var pid, slot, inc int
+	if _, err := fmt.Sscanf(first, "pid %d slot %d incarnation %d:", &pid, &slot, &inc); err != nil {
+		t.Fatalf("the leak's first line %q: %v", first, err)
+	}
+
+	// Its row shows the memory it takes.
+	d.waitState("the leaking child's memory in its row", func(st stateView) bool {
+		for _, c := range d.module(st, "chaos").Children {
+			if c.Pid == pid && c.Memory > 100<<20 {
+				return true
+			}
+		}
+		return false
+	})
+	ev := d.waitEvent("chaos", "ChildRecycling", pid)
+	if ev.Reason != "memory" {
+		t.Errorf("the leaking child's recycling: %+v, want the reason memory", ev)
+	}
+	if last := leak.waitEnd(); !strings.Contains(last, "being replaced") {
+		t.Errorf("the leak's last line %q, want one that says the child is being replaced", last)
+	}
+	after := d.waitPool("chaos", "a new child in the leaking child's slot", func(p map[int]int) bool { return p[slot] != pid })
+	d.waitEvent("chaos", "ChildStarted", after[slot])
+	d.waitEvent("chaos", "ChildExited", pid)
+	if ms := d.module(d.state(), "chaos"); ms.BadGateway != 0 || ms.Restarts != 0 {
+		t.Errorf("after a recycle for memory: %+v, want no 502 and no restart (a recycle is not a crash)", ms)
+	}
+}
+
+// TestStuck calls /api/chaos/stuck with a short client timeout: StuckTimeout
+// later the child is found stuck, its goroutine stacks are in chaos.log,
+// whose path /api/state gives, and a new child takes its slot.
+func TestStuck(t *testing.T) {
+	d := startDashboard(t, limitsConfig())
+	pool := d.waitPool("chaos", "a full pool", func(map[int]int) bool { return true })
+
+	client := &http.Client{Transport: d.client.Transport, Timeout: 500 * time.Millisecond}
+	res, err := client.Post(d.base+"api/chaos/stuck", "", nil)
+	if err == nil {
+		res.Body.Close()
+		t.Fatalf("POST /api/chaos/stuck answered %d, want no answer before the client's timeout", res.StatusCode)
+	}
+	ev := d.waitEvent("chaos", "ChildStuck", 0)
+	if ev.Reason != "stuck" || ev.Error == "" {
+		t.Errorf("ChildStuck: %+v, want the reason stuck and an error", ev)
+	}
+	slot := -1
+	for s, pid := range pool {
+		if pid == ev.Pid {
+			slot = s
+		}
+	}
+	if slot < 0 {
+		t.Fatalf("ChildStuck for pid %d, not a child of the pool %v", ev.Pid, pool)
+	}
+	ms := d.module(d.state(), "chaos")
+	if want := filepath.Join(d.logdir, "chaos.log"); ms.LogFile != want {
+		t.Errorf("chaos: log file %q in /api/state, want %q", ms.LogFile, want)
+	}
+	waitFile(t, ms.LogFile, "goroutine ")
+	waitFile(t, ms.LogFile, "chaosStuckHandler")
+	if ev := d.waitEvent("chaos", "ChildRecycling", ev.Pid); ev.Reason != "stuck" {
+		t.Errorf("the stuck child's recycling: %+v, want the reason stuck", ev)
+	}
+	d.waitPool("chaos", "a new child in the stuck child's slot", func(p map[int]int) bool { return p[slot] != ev.Pid })
+}
+
+// An sse is one server-sent event of GET /api/live.
+type sse struct {
+	id, kind string
+	data     string
+}
+
+// openLive opens GET /api/live, with lastID as its Last-Event-ID unless "".
+func openLive(t *testing.T, d *testDashboard, lastID string) (*stream, chan sse) {
+	t.Helper()
+	return openSSE(t, d, "/api/live", lastID)
+}
+
+// openSSE opens GET path, a text/event-stream, with lastID as its
+// Last-Event-ID unless "", and returns its events.
+func openSSE(t *testing.T, d *testDashboard, path, lastID string) (*stream, chan sse) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	req, err := http.NewRequestWithContext(ctx, "GET", d.base+strings.TrimPrefix(path, "/"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if lastID != "" {
+		req.Header.Set("Last-Event-ID", lastID)
+	}
+	res, err := d.client.Transport.RoundTrip(req)
+	if err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	if ct := res.Header.Get("Content-Type"); res.StatusCode != http.StatusOK || ct != "text/event-stream" {
+		res.Body.Close()
+		cancel()
+		t.Fatalf("GET %s: status %d, content type %q", path, res.StatusCode, ct)
+	}
+	s := &stream{t: t, what: "GET " + path, res: res, cancel: cancel, lines: make(chan string)}
+	go s.readLoop(ctx)
+	events := make(chan sse)
+	go func() {
+		defer close(events)
+		var e sse
+		for line := range s.lines {
+			switch {
+			case line == "":
+				if e.kind == "" && e.data != "" {
+					e.kind = "message" // as EventSource names it
+				}
+				if e.kind != "" {
+					select {
+					case events <- e:
+					case <-ctx.Done():
+						return
+					}
+				}
+				e = sse{}
+			case strings.HasPrefix(line, "id: "):
+				e.id = line[len("id: "):]
+			case strings.HasPrefix(line, "event: "):
+				e.kind = line[len("event: "):]
+			case strings.HasPrefix(line, "data: "):
+				e.data = line[len("data: "):]
+			}
+		}
+	}()
+	return s, events
+}
+
+// waitSSE reads events until ok holds for one, and returns it.
+func waitSSE(t *testing.T, events chan sse, what string, ok func(sse) bool) sse {
+	t.Helper()
+	timeout := time.After(waitFor)
+	for {
+		select {
+		case e, open := <-events:
+			if !open {
+				t.Fatalf("the stream ended while waiting for %s", what)
+			}
+			if ok(e) {
+				return e
+			}
+		case <-timeout:
+			t.Fatalf("the stream: no %s within %v", what, waitFor)
+		}
+	}
+}
+
+// liveEvent returns a function that reports whether an sse is the event of
+// module with kind and pid, and keeps it in *ev.
+func liveEvent(t *testing.T, module, kind string, pid int, ev *eventView) func(sse) bool {
+	return func(e sse) bool {
+		if e.kind != "event" {
+			return false
+		}
+		if err := json.Unmarshal([]byte(e.data), ev); err != nil {
+			t.Fatalf("GET /api/live: event %q: %v", e.data, err)
+		}
+		return ev.Module == module && ev.Kind == kind && (pid == 0 || ev.Pid == pid) && e.id == fmt.Sprint(ev.Seq)
+	}
+}
+
+// TestLive follows GET /api/live: it pushes the events as they happen,
+// numbered, the state a few times a second, with each child's state as it
+// changes, and the history; a client that reconnects with Last-Event-ID gets
+// only the events after it.
+func TestLive(t *testing.T) {
+	d := startDashboard(t, testConfig())
+	pool := d.waitPool("chaos", "a full pool", func(map[int]int) bool { return true })
+	live, events := openLive(t, d, "")
+	defer live.close()
+
+	// The events so far, then the state.
+	var ev eventView
+	waitSSE(t, events, "the ChildStarted of slot 0", liveEvent(t, "chaos", "ChildStarted", pool[0], &ev))
+	var st stateView
+	waitSSE(t, events, "a state with the pool", func(e sse) bool {
+		if e.kind != "state" {
+			return false
+		}
+		st = stateView{}
+		if err := json.Unmarshal([]byte(e.data), &st); err != nil {
+			t.Fatalf("state %q: %v", e.data, err)
+		}
+		p, full := serving(d.module(st, "chaos"))
+		return full && maps.Equal(p, pool)
+	})
+
+	// A crash shows as it happens, and the new child's row comes in a
+	// state soon after.
+	d.expect("POST", "/api/chaos/crash", http.StatusBadGateway)
+	waitSSE(t, events, "the crashed child's ChildExited", liveEvent(t, "chaos", "ChildExited", 0, &ev))
+	if ev.Reason != "crash" {
+		t.Errorf("the crashed child's exit: %+v, want reason crash", ev)
+	}
+	crashed := ev
+	waitSSE(t, events, "a state with a new child", func(e sse) bool {
+		if e.kind != "state" {
+			return false
+		}
+		st = stateView{}
+		json.Unmarshal([]byte(e.data), &st)
+		p, full := serving(d.module(st, "chaos"))
+		return full && len(changedSlots(pool, p)) == 1
+	})
+
+	// The requests show in the history, in whole seconds.
+	for range 20 {
+		d.hello()
+	}
+	waitSSE(t, events, "20 requests in the history", func(e sse) bool {
+		if e.kind != "metrics" {
+			return false
+		}
+		var series map[string]seriesView
+		if err := json.Unmarshal([]byte(e.data), &series); err != nil {
+			t.Fatalf("metrics %q: %v", e.data, err)
+		}
+		s := series["chaos"]
+		if len(s.Requests) != historySeconds || len(s.Memory) != 3 {
+			t.Fatalf("chaos history: %d seconds and %d memory series, want %d and 3", len(s.Requests), len(s.Memory), historySeconds)
+		}
+		var n uint32
+		for i, r := range s.Requests {
+			n += r
+			if r > 0 && (s.P50[i] <= 0 || s.P99[i] < s.P50[i]) {
+				t.Fatalf("second %d: %d requests, p50 %vms, p99 %vms", i, r, s.P50[i], s.P99[i])
+			}
+		}
+		var exits uint32
+		for _, x := range s.Exits {
+			exits += x
+		}
+		return n >= 21 && exits >= 1 && s.Memory[0][historySeconds-1] > 0 // the crash, and 20 hellos
+	})
+
+	// Reconnecting after the crash's exit gives the events after it only.
+	again, events2 := openLive(t, d, fmt.Sprint(crashed.Seq))
+	defer again.close()
+	waitSSE(t, events2, "a first state", func(e sse) bool {
+		if e.kind == "event" {
+			json.Unmarshal([]byte(e.data), &ev)
+			if ev.Seq <= crashed.Seq {
+				t.Errorf("after Last-Event-ID %d, event %+v again", crashed.Seq, ev)
+			}
+		}
+		return e.kind == "state"
+	})
+}
+
+// TestMetrics checks the history's percentiles and its bounds.
+func TestMetrics(t *testing.T) {
+	m := newModuleMetrics(2)
+	now := time.Unix(1_000_000, 0)
+	// Out of the window, in the ring slot of a second in it.
+	m.observe(now.Add(-(historySeconds+5)*time.Second), time.Hour, http.StatusOK)
+	// 100 requests in one second: 98 at 1ms, 2 at 1s.
+	for i := range 100 {
+		d := time.Millisecond
+		if i >= 98 {
+			d = time.Second
+		}
+		m.observe(now.Add(-time.Second), d, http.StatusOK)
+	}
+	m.observe(now.Add(-time.Second), time.Millisecond, http.StatusBadGateway)
+	m.observe(now.Add(-time.Second), time.Millisecond, 0)
+	m.childEnded(now.Add(-2 * time.Second))
+	m.sample(now.Add(-time.Second), subproc.Stats{Children: []subproc.ChildStats{{Slot: 1, Memory: 7}, {Slot: 1, Memory: 9}, {Slot: 5, Memory: 1}}})
+
+	s := m.series(now)
+	last := historySeconds - 1
+	if s.Start != now.Unix()-historySeconds || s.Requests[last] != 102 || s.Errors[last] != 2 || s.Exits[last-1] != 1 {
+		t.Errorf("series: start %d, last second %d requests, %d errors, %d exits the second before; want %d, 102, 2, 1",
+			s.Start, s.Requests[last], s.Errors[last], s.Exits[last-1], now.Unix()-historySeconds)
+	}
+	if p50 := s.P50[last]; p50 < 1 || p50 > 1.2 {
+		t.Errorf("p50 %vms, want 1ms (to the bucket's 19%%)", p50)
+	}
+	if p99 := s.P99[last]; p99 < 1000 || p99 > 1200 {
+		t.Errorf("p99 %vms, want 1000ms (to the bucket's 19%%)", p99)
+	}
+	if s.Memory[1][last] != 9 || s.Memory[0][last] != 0 {
+		t.Errorf("memory by slot %v %v, want the most of slot 1's children, 9, and none for slot 0", s.Memory[0][last], s.Memory[1][last])
+	}
+	for i := range last {
+		if s.Requests[i] != 0 || s.P50[i] != -1 {
+			t.Fatalf("second %d: %d requests, p50 %v; want none, -1", i, s.Requests[i], s.P50[i])
+		}
+	}
+	for _, d := range []time.Duration{0, latencyBase, time.Millisecond, time.Hour} {
+		if i := bucketOf(d); d > bucketBound(i) && i != latencyBuckets-1 || i > 0 && d <= bucketBound(i-1) {
+			t.Errorf("bucketOf(%v) = %d, whose bounds are (%v, %v]", d, i, bucketBound(i-1), bucketBound(i))
+		}
+	}
+
+	// The middleware sees the status, and a panic as a response cut off.
+	h := measure(m, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/panic" {
+			panic(http.ErrAbortHandler)
+		}
+		w.WriteHeader(http.StatusTeapot)
+		w.(http.Flusher).Flush()
+	}))
+	h.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("GET", "/", nil))
+	func() {
+		defer func() {
+			if p := recover(); p != http.ErrAbortHandler {
+				t.Errorf("the middleware's panic: %v, want http.ErrAbortHandler passed on", p)
+			}
+		}()
+		h.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("GET", "/panic", nil))
+	}()
+	s = m.series(time.Now().Add(time.Second))
+	if s.Requests[last] != 2 || s.Errors[last] != 1 {
+		t.Errorf("middleware: %d requests, %d errors, want 2 and 1 (the panic)", s.Requests[last], s.Errors[last])
+	}
+}
+
+// TestLogResume follows the log across a restart of the logs module, as
+// the page does: from the tail's offset, then, after the stream ends at the
+// restart, from the last line's id, once the file has grown past it. The
+// lines the two streams gave are the file's from the tail on, without a
+// gap or a line twice.
+func TestLogResume(t *testing.T) {
+	d := startDashboard(t, testConfig())
+	var from string
+	d.waitState("a line in the file", func(stateView) bool {
+		_, h, body := d.do("GET", "/api/logs/tail?n=1")
+		from = h.Get("X-Log-Offset")
+		return body != ""
+	})
+	start, err := strconv.ParseInt(from, 10, 64)
+	if err != nil {
+		t.Fatalf("X-Log-Offset %q: %v", from, err)
+	}
+
+	var got []string
+	last := ""
+	follow := func(s *stream, events chan sse, until func() bool) {
+		defer s.close()
+		for !until() {
+			e := waitSSE(t, events, "a line", func(e sse) bool { return e.kind == "message" })
+			got = append(got, e.data)
+			last = e.id
+		}
+	}
+	s, events := openSSE(t, d, "/api/logs/stream?from="+from, "")
+	follow(s, events, func() bool { return len(got) >= 2 })
+	if status, res := d.restart("logs"); status != http.StatusOK {
+		t.Fatalf("restart of logs: %d %+v", status, res)
+	}
+	// Wait for lines the stream missed while the module restarted.
+	file := filepath.Join(d.logdir, "events.txt")
+	lastOff, _ := strconv.ParseInt(last, 10, 64)
+	deadline := time.Now().Add(waitFor)
+	for {
+		fi, err := os.Stat(file)
+		if err == nil && fi.Size() > lastOff+200 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s did not grow past byte %d", file, lastOff+200)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	pid := d.module(d.state(), "logs").Pid
+	s, events = openSSE(t, d, "/api/logs/stream?from="+from, last)
+	follow(s, events, func() bool { return strings.Contains(got[len(got)-1], fmt.Sprintf("pid=%d ", pid)) && len(got) >= 5 })
+
+	b, err := os.ReadFile(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	end, _ := strconv.ParseInt(last, 10, 64)
+	want := strings.Split(strings.TrimSuffix(string(b[start:end]), "\n"), "\n")
+	if !slices.Equal(got, want) {
+		t.Errorf("the streams gave\n%s\nwant the file's lines from byte %d to %d:\n%s", strings.Join(got, "\n"), start, end, strings.Join(want, "\n"))
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log"
 	"net/http"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -21,12 +22,13 @@ import (
 // itself:
 //
 //	GET  /api/state                    every module, its children and counters, and the recent events
+//	GET  /api/live                     the same, pushed as server-sent events, with each module's history (live.go)
 //	GET  /api/events/{seq}/output      the last output lines of one event, as text
 //	POST /api/modules/{name}/restart   a rolling restart of one module (Handle.Restart)
 //	GET  /readyz                       200 when every module is ready, else 503
 //
-// The page polls /api/state alone: everything it shows, bar an event's
-// output, is in that one document.
+// The page follows /api/live alone: everything it shows, bar an event's
+// output and the log, comes down that one stream.
 
 // restartTimeout bounds a restart asked for from the dashboard: each child's
 // replacement must start (StartTimeout) and the old child drain
@@ -38,6 +40,9 @@ type module struct {
 	name string          // fixed
 	h    *subproc.Handle // fixed
 	opts subproc.Options // fixed; as given to subproc.Start
+	// metrics is the module's history as the parent measures it; nil in
+	// tests that need none.
+	metrics *moduleMetrics
 
 	restarting atomic.Bool // a restart asked for from the dashboard is under way
 }
@@ -61,6 +66,7 @@ func newServer(modules []*module, events *eventRing, closing context.Context) *s
 // register adds the server's endpoints to mux.
 func (s *server) register(mux *http.ServeMux) {
 	mux.HandleFunc("GET /api/state", s.serveState)
+	mux.HandleFunc("GET /api/live", s.serveLive)
 	mux.HandleFunc("GET /api/events/{seq}/output", s.serveEventOutput)
 	mux.HandleFunc("POST /api/modules/{name}/restart", s.serveRestart)
 	mux.HandleFunc("GET /readyz", s.serveReady)
@@ -71,7 +77,7 @@ type stateView struct {
 	Time    time.Time      `json:"time"`
 	Ready   bool           `json:"ready"` // every module is ready, as /readyz says
 	Modules []moduleStatus `json:"modules"`
-	Events  []eventView    `json:"events"` // the last maxEvents, newest first
+	Events  []eventView    `json:"events,omitempty"` // the last maxEvents, newest first; not in /api/live's state, which sends events one by one
 }
 
 // moduleStatus is one module in GET /api/state.
@@ -82,6 +88,10 @@ type moduleStatus struct {
 	Restarting  bool   `json:"restarting"`  // a restart asked for from the dashboard is under way
 	PoolSize    int    `json:"poolSize"`    // Options.Children
 	MaxRequests int    `json:"maxRequests"` // Options.MaxRequests; 0: no limit
+	MemoryHigh  int64  `json:"memoryHigh"`  // Options.MemoryHigh in bytes; 0: no limit
+	MemoryMax   int64  `json:"memoryMax"`   // Options.MemoryMax in bytes; 0: no limit
+	StuckAfter  string `json:"stuckAfter"`  // Options.StuckTimeout, as in "3s"; "" for the default
+	LogFile     string `json:"logFile"`     // the module's log, <LogDir>/<name>.log, where a stuck child's stacks go
 	Pid         int    `json:"pid"`         // the newest running child's
 	Incarnation int    `json:"incarnation"`
 	Restarts    int    `json:"restarts"`
@@ -116,14 +126,20 @@ type childStatus struct {
 
 // serveState answers GET /api/state.
 func (s *server) serveState(w http.ResponseWriter, r *http.Request) {
-	now := time.Now()
-	st := stateView{Time: now, Ready: true, Events: s.events.views()}
+	st := s.state(time.Now())
+	st.Events = s.events.views()
+	writeJSON(w, http.StatusOK, st)
+}
+
+// state returns every module's status at now, without the events.
+func (s *server) state(now time.Time) stateView {
+	st := stateView{Time: now, Ready: true}
 	for _, m := range s.modules {
 		ms := m.status(now)
 		st.Ready = st.Ready && ms.Ready
 		st.Modules = append(st.Modules, ms)
 	}
-	writeJSON(w, http.StatusOK, st)
+	return st
 }
 
 // status returns m's row of GET /api/state at now.
@@ -136,6 +152,8 @@ func (m *module) status(now time.Time) moduleStatus {
 		Restarting:  m.restarting.Load(),
 		PoolSize:    max(m.opts.Children, 1),
 		MaxRequests: m.opts.MaxRequests,
+		MemoryHigh:  m.opts.MemoryHigh,
+		MemoryMax:   m.opts.MemoryMax,
 		Pid:         st.Pid,
 		Incarnation: st.Incarnation,
 		Restarts:    st.Restarts,
@@ -148,6 +166,12 @@ func (m *module) status(now time.Time) moduleStatus {
 		Timeouts:    st.Timeouts,
 		Aborted:     st.Aborted,
 		Children:    make([]childStatus, 0, len(st.Children)),
+	}
+	if m.opts.StuckTimeout > 0 {
+		ms.StuckAfter = m.opts.StuckTimeout.String()
+	}
+	if m.opts.LogDir != "" {
+		ms.LogFile = filepath.Join(m.opts.LogDir, m.name+".log")
 	}
 	for _, c := range st.Children {
 		cs := childStatus{
