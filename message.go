@@ -19,7 +19,7 @@ import (
 
 // protocolVersion is written in the preamble of both directions. Bump it
 // whenever a message or a frame kind changes meaning.
-const protocolVersion = 4
+const protocolVersion = 5
 
 // Frame kinds. Every frame carries a request id; kinds marked "id 0" are not
 // about a request. Payloads are gob-encoded messages, raw body bytes, or
