@@ -266,6 +266,8 @@ type StartError struct {
 	Output []string // the last lines the child wrote to its stderr, stdout and log
 }
 
+// Error says what failed, names the module, says what to do, and ends
+// with the child's last lines of output, if it wrote any.
 func (e *StartError) Error() string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "subproc: module %q ", e.Module)
@@ -292,6 +294,8 @@ func (e *StartError) Error() string {
 	return b.String()
 }
 
+// Unwrap returns Err, so that errors.Is finds ErrNotRegistered,
+// ErrStartTimeout or a context's error behind a StartError.
 func (e *StartError) Unwrap() error { return e.Err }
 
 // A Handle runs one module in child processes (Options.Children of them)
