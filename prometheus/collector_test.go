@@ -350,7 +350,10 @@ func TestCollectorFailures(t *testing.T) {
 	// The child that died at /exit, whose replacement answered the rest.
 	assert.Equal(t, 1.0, s.value("subproc_child_exits_total", "module", m, "reason", "crash"))
 	// The aborted response was the child's own doing: it was answered.
-	assert.Equal(t, 1.0, s.value("subproc_requests_total", "module", m))
+	// So may the timed-out one have been, if the child ended it before
+	// the parent let it go.
+	n := s.value("subproc_requests_total", "module", m)
+	assert.True(t, n == 1 || n == 2, "subproc_requests_total %v, want 1 or 2", n)
 }
 
 // TestCollectorRestart scrapes a pool while Restart replaces its

@@ -46,9 +46,11 @@
 //		died before it answered), unavailable (503: no child in time,
 //		shed by MaxInFlight, or shut down), timeout (504, or an abort,
 //		by RequestTimeout or the request's deadline), aborted (a response
-//		cut off after it had started). The outcomes exclude each other;
-//		a response the child itself aborted (a handler's panic after it
-//		wrote) counts both here and in subproc_requests_total.
+//		cut off after it had started). The outcomes exclude each other,
+//		but not subproc_requests_total: a request the child ended counts
+//		there, though the client got a failure, as for a response the
+//		child itself aborted (a handler's panic after it wrote) or one
+//		that it ended just after the deadline.
 //	subproc_restarts_total                   counter  module
 //		Children started after a child died or failed to start
 //		(Stats.Restarts); a graceful replacement is not a restart.
