@@ -1,6 +1,6 @@
 module github.com/fbbf71ac/subproc/bench
 
-go 1.26
+go 1.26.0
 
 require (
 	github.com/fbbf71ac/subproc v0.0.0
@@ -17,6 +17,7 @@ require (
 	github.com/oklog/run v1.1.0 // indirect
 	go.yaml.in/yaml/v3 v3.0.6 // indirect
 	golang.org/x/net v0.38.0 // indirect
+	golang.org/x/sync v0.25.0 // indirect
 	golang.org/x/sys v0.31.0 // indirect
 	golang.org/x/text v0.23.0 // indirect
 	google.golang.org/genproto/googleapis/rpc v0.0.0-20231106174013-bbf56f31fb17 // indirect
