@@ -177,10 +177,23 @@
 // loses the line but not the module: the parent reports it through
 // Options.Logger, at most every 10 seconds, and writing resumes by itself.
 //
+// # Routes
+//
+// Handle.Route(path, method) matches as an http.ServeMux with the one
+// pattern "METHOD path" would: wildcards ({id}), a final {rest...}, {$} and
+// a trailing slash for a subtree; another path gets 404, another method 405
+// with an Allow header; a bad path or method panics, as ServeMux.Handle
+// does. The pattern and path values the parent matched, with Route or with
+// its own ServeMux, reach the child's request: r.Pattern and r.PathValue
+// read as they would in-process.
+//
 // # Testing
 //
-// A module's tests use the same pattern as a program: TestMain calls
-// subproc.Main first, so that the test binary can be its own child. Under
-// the race detector, set GORACE=atexit_sleep_ms=0 in the test's
-// environment, or each child sleeps a second as it exits.
+// A module's tests use the same pattern as a program: TestMain calls Main
+// first, so that the test binary can be its own child. Package subproctest
+// does it for tests (subproctest.Main(m)), makes children skip the race
+// detector's second-long exit sleep, and has Start, which fails the test
+// with the *StartError and checks at cleanup that no child is left, and
+// Kill and Freeze, to test what a module's clients see when its child
+// crashes or hangs.
 package subproc
