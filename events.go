@@ -19,8 +19,9 @@ type Event struct {
 	Incarnation int
 	// Reason says why, as one of the fixed words "crash", "health",
 	// "memory", "max-requests", "lifetime", "stuck", "restart", "protocol",
-	// "shutdown" and "backoff"; "" where there is nothing to explain (a
-	// first start).
+	// "shutdown" and "backoff". For ChildStarted it is why the child it
+	// follows had to go ("crash" for a restart after a crash, "restart" or
+	// "lifetime" for a replacement, …), and "" for a first start.
 	Reason string
 	Err    error         // the error behind it, if any
 	Output []string      // the child's last lines of output, for exits and failures

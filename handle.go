@@ -419,7 +419,7 @@ func start(ctx context.Context, name string, opts Options, launch launcher) (*Ha
 	first := make([]*child, opts.Children)
 	for i := range first {
 		h.slots = append(h.slots, &supervisor{h: h, slot: i, asks: make(chan replaceAsk)})
-		c, err := h.startChild(ctx, i)
+		c, err := h.startChild(ctx, i, "")
 		if err != nil {
 			h.mu.Lock()
 			h.endLife()

@@ -447,8 +447,8 @@ func TestPoolEvents(t *testing.T) {
 	got := events.kinds()
 	want := []string{
 		"ChildStarted ",
-		"ChildExited crash", "ModuleDegraded crash", "ChildStarted ",
-		"ChildRecycling restart", "ChildStarted ", "ChildExited restart",
+		"ChildExited crash", "ModuleDegraded crash", "ChildStarted crash",
+		"ChildRecycling restart", "ChildStarted restart", "ChildExited restart",
 		"ChildExited shutdown",
 	}
 	assert.Equal(t, want, got)

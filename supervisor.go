@@ -69,7 +69,8 @@ func (s *supervisor) run(c *child) {
 			failures = 0
 		}
 		failures++
-		if c = s.restart(&failures); c == nil {
+		_, why := c.endReason()
+		if c = s.restart(&failures, why); c == nil {
 			return
 		}
 	}
@@ -147,7 +148,7 @@ func (s *supervisor) replace(old *child, ask replaceAsk) (*child, error) {
 		stop := context.AfterFunc(ask.ctx, cancel)
 		defer stop()
 	}
-	nc, err := h.startChild(ctx, s.slot)
+	nc, err := h.startChild(ctx, s.slot, ask.reason)
 	if err != nil {
 		if ask.ctx != nil && ask.ctx.Err() != nil {
 			err = &StartError{Module: h.name, Err: ask.ctx.Err()}
@@ -174,9 +175,10 @@ func (s *supervisor) replace(old *child, ask replaceAsk) (*child, error) {
 	return nc, nil
 }
 
-// restart starts a child for the slot after its child died, with backoff,
-// until one is ready or Shutdown begins, when it returns nil.
-func (s *supervisor) restart(failures *int) *child {
+// restart starts a child for the slot after its child died (why says
+// how, as an Event reason), with backoff, until one is ready or Shutdown
+// begins, when it returns nil.
+func (s *supervisor) restart(failures *int, why string) *child {
 	h := s.h
 	for {
 		d := h.restartDelay(*failures)
@@ -187,7 +189,7 @@ func (s *supervisor) restart(failures *int) *child {
 		if !s.pause(d) {
 			return nil
 		}
-		c, err := h.startChild(h.life, s.slot)
+		c, err := h.startChild(h.life, s.slot, why)
 		if err == nil {
 			h.mu.Lock()
 			h.restarts++
@@ -390,9 +392,11 @@ const drainTimeout = time.Second
 // maxPidsKept bounds the pids a Handle remembers (see pidsStarted).
 const maxPidsKept = 256
 
-// startChild starts a child for slot and waits until it is ready. On
-// failure it leaves nothing running and returns a *StartError.
-func (h *Handle) startChild(ctx context.Context, slot int) (*child, error) {
+// startChild starts a child for slot and waits until it is ready. why is
+// the reason of its ChildStarted event: "" for a first start, else why the
+// child it follows had to go. On failure it leaves nothing running and
+// returns a *StartError.
+func (h *Handle) startChild(ctx context.Context, slot int, why string) (*child, error) {
 	h.mu.Lock()
 	incarnation := h.incarnation
 	h.incarnation++
@@ -450,7 +454,7 @@ func (h *Handle) startChild(ctx context.Context, slot int) (*child, error) {
 		}
 		c.monitored = make(chan struct{})
 		go h.monitor(c)
-		h.post(Event{Kind: ChildStarted, Pid: proc.Pid(), Incarnation: incarnation})
+		h.post(Event{Kind: ChildStarted, Pid: proc.Pid(), Incarnation: incarnation, Reason: why})
 		return c, nil
 	}
 	h.teardown(c)
