@@ -1,10 +1,12 @@
 package subproc
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"sync"
 	"sync/atomic"
@@ -121,6 +123,137 @@ func (x *exchange) run() (retry bool) {
 		case kindAbort:
 			x.abort(ev)
 			return false
+		case kindHijack:
+			x.tunnel()
+			return false
+		}
+	}
+}
+
+// canHijack reports whether w, or a ResponseWriter it wraps (Unwrap, as
+// http.ResponseController follows it), is an http.Hijacker.
+func canHijack(w http.ResponseWriter) bool {
+	for {
+		switch t := w.(type) {
+		case http.Hijacker:
+			return true
+		case interface{ Unwrap() http.ResponseWriter }:
+			w = t.Unwrap()
+		default:
+			return false
+		}
+	}
+}
+
+// tunnel serves a stream whose handler hijacked the connection (see
+// PROTOCOL.md, "Upgrades"): it hijacks the client's connection and copies
+// raw bytes both ways, each direction under its stream window, as
+// httputil.ReverseProxy's switchProtocolCopier does, until the child closes
+// its conn (kindAbort) or dies, or the client's connection fails. The
+// parent writes no head of its own: the handler wrote its 101 into its
+// conn, and those bytes come first.
+func (x *exchange) tunnel() {
+	h := x.h
+	x.body.halt() // the child hijacks only once the body is complete
+	conn, brw, err := x.controller().Hijack()
+	if err != nil {
+		x.endTunnel()
+		h.count(&h.stats.BadGateway)
+		http.Error(x.w, fmt.Sprintf("subproc: module %q hijacked the connection, which the parent cannot do here: %v", h.name, err), http.StatusBadGateway)
+		return
+	}
+	x.started = true
+	// The Server's timeouts no longer apply: the module's conn has
+	// deadlines of its own.
+	conn.SetDeadline(time.Time{})
+	stop := make(chan struct{}) // closed when the tunnel ends
+	up := make(chan struct{})   // closed when pumpClient returns
+	go func() {
+		defer close(up)
+		x.pumpClient(conn, brw.Reader, stop)
+	}()
+	defer func() {
+		close(stop)
+		conn.Close() // wakes pumpClient's read
+		<-up
+	}()
+	for {
+		ev, err := x.s.next(nil)
+		if err != nil {
+			// The child died: its connections end with it.
+			x.s.abandon()
+			return
+		}
+		switch ev.kind {
+		case kindData:
+			_, werr := conn.Write((*ev.buf)[:ev.n])
+			putChunk(ev.buf)
+			if werr != nil {
+				x.endTunnel()
+				return
+			}
+			if n := x.s.consume(ev.n); n > 0 {
+				x.c.sendWindowUpdate(x.s.id, n, stop)
+			}
+		case kindEnd:
+			// The handler closed its conn for writing.
+			if cw, ok := conn.(interface{ CloseWrite() error }); ok {
+				cw.CloseWrite()
+			}
+		case kindAbort:
+			// The handler closed its conn: the client's closes with it.
+			return
+		}
+	}
+}
+
+// endTunnel tells the child that the client's connection is gone: its
+// handler's conn fails. The child answers with kindAbort, which removes the
+// stream; what it sends until then is dropped.
+func (x *exchange) endTunnel() {
+	x.s.abandon()
+	x.c.send(outFrame{kind: kindCancel, id: x.s.id}, nil)
+}
+
+// pumpClient copies what the client sends on its hijacked connection
+// (first what net/http had read ahead into br) to the child, within the
+// credit the child grants, then the end of it: kindEnd at EOF, kindCancel
+// if the read fails before stop is closed.
+func (x *exchange) pumpClient(conn net.Conn, br *bufio.Reader, stop <-chan struct{}) {
+	var src io.Reader = conn
+	if n := br.Buffered(); n > 0 {
+		src = io.MultiReader(io.LimitReader(br, int64(n)), conn)
+	}
+	c, s := x.c, x.s
+	for {
+		credit, err := s.win.take(frameCost(1), frameCost(chunkSize), stop)
+		if err != nil {
+			return
+		}
+		n := credit - frameOverhead
+		buf := getChunk()
+		m, rerr := src.Read((*buf)[:n])
+		switch {
+		case m == 0:
+			s.win.add(credit)
+			putChunk(buf)
+		case m < n:
+			s.win.add(n - m)
+		}
+		if m > 0 && c.send(outFrame{kind: kindData, id: s.id, data: (*buf)[:m], buf: buf}, stop) != nil {
+			return
+		}
+		switch {
+		case rerr == io.EOF:
+			c.send(outFrame{kind: kindEnd, id: s.id}, stop)
+			return
+		case rerr != nil:
+			select {
+			case <-stop: // the tunnel ended here
+			default:
+				x.endTunnel()
+			}
+			return
 		}
 	}
 }

@@ -477,6 +477,7 @@ func (h *Handle) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	// The module's header map starts as w's. It is encoded when the head
 	// is sent, before proxy changes it.
 	head.ResponseHeader = w.Header()
+	head.Hijackable = r.ProtoMajor == 1 && canHijack(w)
 	if n := head.wireSize(); n > maxHeadSize {
 		// Checked before it is sent: a message too large for a frame would
 		// break the pipe, and every request on it.
