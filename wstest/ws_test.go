@@ -179,7 +179,7 @@ type client interface {
 type clientConn interface {
 	write(binary bool, p []byte) error
 	read() (binary bool, p []byte, err error)
-	ping() error                     // sends a ping and waits for its pong; a read must be under way (see readPong)
+	ping() error                      // sends a ping and waits for its pong; a read must be under way (see readPong)
 	close(code int, why string) error // the close handshake, from the client
 	closeStatus(err error) int        // the close code err carries, -1 for none
 	abort()                           // closes the TCP connection
