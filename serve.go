@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"runtime/debug"
@@ -391,6 +392,9 @@ func (s *server) open(id uint64, flags uint8, head *requestHead) (startingReques
 	}
 	req = req.WithContext(ctx)
 	st.rw = newResponseWriter(s.conn, id, req, head.ResponseHeader)
+	if st.body != nil {
+		st.body.deadline = st.rw.rdl.wait
+	}
 	if head.Hijackable {
 		st.rw.hijack = func() (*hijackedConn, error) { return s.hijack(id, st, req) }
 	}
@@ -506,6 +510,7 @@ type responseWriter struct {
 	err           error       // a failure to send; writes return it
 
 	hijack   func() (*hijackedConn, error) // turns the stream into a tunnel; nil if the parent cannot hijack; fixed
+	rdl, wdl connDeadline                  // http.ResponseController's read and write deadlines, before a hijack
 	hijacked bool                          // Hijack succeeded: the conn is the handler's, the writer is done
 }
 
@@ -518,6 +523,8 @@ func newResponseWriter(c *conn, id uint64, req *http.Request, header http.Header
 	}
 	w := &responseWriter{c: c, id: id, req: req, header: header, clen: -1}
 	w.win.init(initialWindow)
+	w.rdl.init()
+	w.wdl.init()
 	return w
 }
 
@@ -662,6 +669,24 @@ func (w *responseWriter) FlushError() error {
 	return w.sendBodyLocked(flagFlush, nil)
 }
 
+// SetReadDeadline makes the handler's reads of the request body fail with
+// os.ErrDeadlineExceeded from t on, as net/http's does; the zero time
+// means none. http.ResponseController uses it.
+func (w *responseWriter) SetReadDeadline(t time.Time) error {
+	w.rdl.set(t)
+	return nil
+}
+
+// SetWriteDeadline makes the handler's writes fail with
+// os.ErrDeadlineExceeded if they must still wait for the parent at t
+// (the parent's client reads too slowly), as net/http's fail when the
+// connection's write times out; the failure sticks. The zero time means
+// none. http.ResponseController uses it.
+func (w *responseWriter) SetWriteDeadline(t time.Time) error {
+	w.wdl.set(t)
+	return nil
+}
+
 // EnableFullDuplex asks, as net/http's does, that the handler may go on
 // reading the request body after it has started writing the response. The
 // parent applies it to its own response when the head arrives.
@@ -692,8 +717,11 @@ func (w *responseWriter) sendBodyLocked(flags uint8, end *outFrame) error {
 		fs = append(fs, outFrame{kind: kindResponse, id: w.id, msg: &responseHead{Status: w.status, Header: w.sent, Trailer: w.trailers, FullDuplex: w.fullDuplex}})
 	}
 	for w.err == nil && (w.n > 0 || flags != 0) {
-		credit, err := w.win.take(frameCost(min(w.n, 1)), frameCost(w.n), w.req.Context().Done())
+		credit, err := w.win.takeEither(frameCost(min(w.n, 1)), frameCost(w.n), w.req.Context().Done(), w.wdl.wait())
 		if err != nil {
+			if err == errCanceled && w.req.Context().Err() == nil {
+				err = &net.OpError{Op: "write", Net: "tcp", Err: os.ErrDeadlineExceeded}
+			}
 			w.fail(err)
 			break
 		}

@@ -4,7 +4,9 @@ import (
 	"encoding/binary"
 	"errors"
 	"io"
+	"net"
 	"net/http"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -106,6 +108,11 @@ func (w *sendWindow) init(credit int) {
 // up to most of them. least must not exceed window. take returns early with
 // the window's error if it is closed, or errCanceled if cancel is closed.
 func (w *sendWindow) take(least, most int, cancel <-chan struct{}) (int, error) {
+	return w.takeEither(least, most, cancel, nil)
+}
+
+// takeEither is take with two channels that cancel it.
+func (w *sendWindow) takeEither(least, most int, cancel, cancel2 <-chan struct{}) (int, error) {
 	for {
 		w.mu.Lock()
 		if w.err != nil {
@@ -123,6 +130,8 @@ func (w *sendWindow) take(least, most int, cancel <-chan struct{}) (int, error) 
 		select {
 		case <-w.wake:
 		case <-cancel:
+			return 0, errCanceled
+		case <-cancel2:
 			return 0, errCanceled
 		}
 	}
@@ -358,6 +367,11 @@ type bodyReader struct {
 	err    error      // returned once the queue is empty: io.EOF at the end
 	closed bool       // the handler closed the body, or returned
 	expect bool       // the parent waits for a first read before sending (Expect: 100-continue)
+
+	// deadline, if set, returns a channel closed when the handler's read
+	// deadline (http.ResponseController.SetReadDeadline) passes; fixed
+	// before the handler runs.
+	deadline func() <-chan struct{}
 }
 
 // newBodyReader returns the body of a request whose window updates grant
@@ -421,7 +435,17 @@ func (b *bodyReader) signal() {
 }
 
 // Read reads body bytes, waiting for the parent to send them.
-func (b *bodyReader) Read(p []byte) (int, error) { return b.read(p, nil) }
+// After the handler's read deadline it fails with os.ErrDeadlineExceeded.
+func (b *bodyReader) Read(p []byte) (int, error) {
+	if b.deadline == nil {
+		return b.read(p, nil)
+	}
+	n, err := b.read(p, b.deadline())
+	if err == errCanceled {
+		err = &net.OpError{Op: "read", Net: "tcp", Err: os.ErrDeadlineExceeded}
+	}
+	return n, err
+}
 
 // read is Read, giving up with errCanceled when cancel is closed.
 func (b *bodyReader) read(p []byte, cancel <-chan struct{}) (int, error) {

@@ -95,6 +95,32 @@ func init() {
 			<-ctx.Done()
 			io.WriteString(conn, "bye")
 		})
+		// Deadlines before a hijack, through http.ResponseController.
+		mux.HandleFunc("/rdl", func(w http.ResponseWriter, r *http.Request) {
+			rc := http.NewResponseController(w)
+			rc.EnableFullDuplex()
+			if err := rc.SetReadDeadline(time.Now().Add(50 * time.Millisecond)); err != nil {
+				fmt.Fprintf(w, "SetReadDeadline: %v", err)
+				return
+			}
+			_, err := io.ReadAll(r.Body)
+			fmt.Fprintf(w, "%v", errors.Is(err, os.ErrDeadlineExceeded))
+		})
+		mux.HandleFunc("/wdl", func(w http.ResponseWriter, r *http.Request) {
+			rc := http.NewResponseController(w)
+			if err := rc.SetWriteDeadline(time.Now().Add(200 * time.Millisecond)); err != nil {
+				panic(err)
+			}
+			rc.Flush()
+			p := make([]byte, 64<<10)
+			var err error
+			for i := 0; i < 10_000 && err == nil; i++ { // 640 MiB: more than every buffer on the way
+				_, err = w.Write(p)
+			}
+			mu.Lock()
+			lastErr = fmt.Sprint(errors.Is(err, os.ErrDeadlineExceeded))
+			mu.Unlock()
+		})
 		mux.HandleFunc("/h2", func(w http.ResponseWriter, r *http.Request) {
 			_, _, err := http.NewResponseController(w).Hijack()
 			fmt.Fprintf(w, "%v", errors.Is(err, http.ErrNotSupported))
@@ -281,4 +307,50 @@ func TestUpgradeHTTP2(t *testing.T) {
 	if res.ProtoMajor != 2 || string(b) != "true" {
 		t.Fatalf("over HTTP/%d, Hijack's error is ErrNotSupported: %s, want true over HTTP/2", res.ProtoMajor, b)
 	}
+}
+
+// TestResponseControllerReadDeadline: SetReadDeadline works in the child,
+// as in-process: a body read that waits past it fails with
+// os.ErrDeadlineExceeded.
+func TestResponseControllerReadDeadline(t *testing.T) {
+	h := startModule(t, "upg", Options{})
+	srv := httptest.NewServer(h)
+	defer srv.Close()
+	pr, pw := io.Pipe()
+	defer pw.Close()
+	res, err := srv.Client().Post(srv.URL+"/rdl", "text/plain", pr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(res.Body)
+	res.Body.Close()
+	if string(b) != "true" {
+		t.Fatalf("the body read after the read deadline: errors.Is(err, os.ErrDeadlineExceeded) = %s, want true", b)
+	}
+}
+
+// TestResponseControllerWriteDeadline: SetWriteDeadline works in the
+// child: a write that waits past it, the client reading nothing, fails
+// with os.ErrDeadlineExceeded.
+func TestResponseControllerWriteDeadline(t *testing.T) {
+	h := startModule(t, "upg", Options{})
+	srv := httptest.NewServer(h)
+	defer srv.Close()
+	res, err := srv.Client().Get(srv.URL + "/wdl")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Body.Close() // read nothing until the handler gave up
+	failWaitUntil(t, 30*time.Second, "the handler's write to fail", func() bool {
+		res, err := srv.Client().Get(srv.URL + "/status")
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(res.Body)
+		res.Body.Close()
+		if string(b) == "false false" {
+			t.Fatal("the handler's write failed, but not with os.ErrDeadlineExceeded")
+		}
+		return string(b) == "true false"
+	})
 }
