@@ -16,6 +16,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -179,7 +180,7 @@ type client interface {
 type clientConn interface {
 	write(binary bool, p []byte) error
 	read() (binary bool, p []byte, err error)
-	ping() error                      // sends a ping and waits for its pong; a read must be under way (see readPong)
+	ping() error                      // sends a ping and waits for its pong
 	close(code int, why string) error // the close handshake, from the client
 	closeStatus(err error) int        // the close code err carries, -1 for none
 	abort()                           // closes the TCP connection
@@ -225,6 +226,8 @@ func TestEcho(t *testing.T) {
 			_, url := start(t, lib.module)
 			const conns, total = 8, 10_000
 			var wg sync.WaitGroup
+			var echoed atomic.Int64
+			start := time.Now()
 			errs := make(chan error, conns)
 			for k := range conns {
 				c := lib.client.dial(t, url+"/echo")
@@ -259,6 +262,7 @@ func TestEcho(t *testing.T) {
 							errs <- fmt.Errorf("message %d of %d bytes: echo differs (binary %v, %d bytes)", i, size, gotBinary, len(got))
 							return
 						}
+						echoed.Add(int64(size))
 					}
 					if err := c.close(1000, ""); err != nil {
 						errs <- fmt.Errorf("close: %v", err)
@@ -266,6 +270,7 @@ func TestEcho(t *testing.T) {
 				})
 			}
 			wg.Wait()
+			t.Logf("%d messages, %d MiB echoed and checked in %v", total, echoed.Load()>>20, time.Since(start).Round(time.Millisecond))
 			close(errs)
 			for err := range errs {
 				t.Error(err)
