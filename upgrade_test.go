@@ -95,6 +95,31 @@ func init() {
 			<-ctx.Done()
 			io.WriteString(conn, "bye")
 		})
+		// Half-closes: writes its address view and "hello", closes its
+		// side, then counts what the client sends until EOF; then
+		// Close makes reads and writes fail with net.ErrClosed.
+		mux.HandleFunc("/half", func(w http.ResponseWriter, r *http.Request) {
+			conn, _, err := http.NewResponseController(w).Hijack()
+			if err != nil {
+				panic(err)
+			}
+			fmt.Fprintf(conn, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: upg-echo\r\n\r\n%s|%v|hello", conn.RemoteAddr(), conn.RemoteAddr().String() == r.RemoteAddr)
+			conn.(interface{ CloseWrite() error }).CloseWrite()
+			n, err := io.Copy(io.Discard, conn)
+			conn.Close()
+			_, rerr := conn.Read(make([]byte, 1))
+			_, werr := conn.Write([]byte("x"))
+			mu.Lock()
+			lastErr = fmt.Sprintf("%d,%v,%v,%v", n, err, errors.Is(rerr, net.ErrClosed), errors.Is(werr, net.ErrClosed))
+			mu.Unlock()
+		})
+		// Hijack after the response was written fails.
+		mux.HandleFunc("/late", func(w http.ResponseWriter, r *http.Request) {
+			io.WriteString(w, "body ")
+			w.(http.Flusher).Flush()
+			_, _, err := http.NewResponseController(w).Hijack()
+			fmt.Fprintf(w, "%v", err != nil)
+		})
 		// Deadlines before a hijack, through http.ResponseController.
 		mux.HandleFunc("/rdl", func(w http.ResponseWriter, r *http.Request) {
 			rc := http.NewResponseController(w)
@@ -353,4 +378,58 @@ func TestResponseControllerWriteDeadline(t *testing.T) {
 		}
 		return string(b) == "true false"
 	})
+}
+
+// TestUpgradeHalfClose: the handler's CloseWrite half-closes the client's
+// connection (it reads EOF) while the handler goes on reading; its
+// RemoteAddr is the client's as the parent saw it; after Close, reads and
+// writes fail with net.ErrClosed.
+func TestUpgradeHalfClose(t *testing.T) {
+	h := startModule(t, "upg", Options{})
+	srv := httptest.NewServer(h)
+	defer srv.Close()
+	conn, br, _ := upgDial(t, srv, "/half")
+	got, err := io.ReadAll(br)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := conn.LocalAddr().String() + "|true|hello"; string(got) != want {
+		t.Fatalf("before the handler's CloseWrite the client read %q, want %q", got, want)
+	}
+	io.WriteString(conn, "abc")
+	conn.(*net.TCPConn).CloseWrite()
+	failWaitUntil(t, 20*time.Second, "the handler to read the client's end", func() bool {
+		res, err := srv.Client().Get(srv.URL + "/status")
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(res.Body)
+		res.Body.Close()
+		if s := string(b); s != "none false" {
+			if s != "3,<nil>,true,true false" {
+				t.Fatalf("the handler read %s, want \"3,<nil>,true,true\" (bytes, error, Read and Write after Close fail with net.ErrClosed)", s)
+			}
+			return true
+		}
+		return false
+	})
+}
+
+// TestUpgradeHijackLate: Hijack after the response was flushed fails with
+// an error (net/http would hand over the raw connection; here the head has
+// gone through the parent's ResponseWriter, which can no longer be
+// hijacked cleanly), and the response goes on.
+func TestUpgradeHijackLate(t *testing.T) {
+	h := startModule(t, "upg", Options{})
+	srv := httptest.NewServer(h)
+	defer srv.Close()
+	res, err := srv.Client().Get(srv.URL + "/late")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(res.Body)
+	res.Body.Close()
+	if string(b) != "body true" {
+		t.Fatalf("Hijack after a flush: %q, want an error", b)
+	}
 }
