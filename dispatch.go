@@ -300,12 +300,15 @@ type child struct {
 	pending map[uint64]*stream
 	// forgotten holds the ids of streams the parent gave up before the
 	// child ended them (see forget): what arrives for them is dropped.
-	forgotten map[uint64]time.Time     // when each was given up
-	nextID    uint64                   // the last stream id issued
-	pings     map[uint64]chan struct{} // ping sequence → closed on pong
-	nextSeq   uint64                   // the last ping sequence issued
-	err       error                    // why the child can take no more requests; nil while it can
-	pid       int                      // from the child's ready message
+	forgotten map[uint64]time.Time // when each was given up
+	// forgottenTunnels holds those of them that the child hijacked: a
+	// tunnel ends with kindAbort alone (see PROTOCOL.md). Nil until needed.
+	forgottenTunnels map[uint64]bool
+	nextID           uint64                   // the last stream id issued
+	pings            map[uint64]chan struct{} // ping sequence → closed on pong
+	nextSeq          uint64                   // the last ping sequence issued
+	err              error                    // why the child can take no more requests; nil while it can
+	pid              int                      // from the child's ready message
 }
 
 // newChild returns the parent's view of a child process that speaks over
@@ -571,7 +574,7 @@ func (c *child) dispatch(hdr frame.Header, scratch *[]byte) error {
 		}
 		return nil
 
-	case kindResponse, kindData, kindEnd, kindAbort:
+	case kindResponse, kindData, kindEnd, kindAbort, kindHijack:
 		s, err := c.lookup(hdr.ID, false)
 		if err != nil {
 			return err
@@ -600,26 +603,33 @@ func (c *child) dispatch(hdr frame.Header, scratch *[]byte) error {
 				}
 				ev.trailer = end.Trailer
 			}
-		case kindAbort:
+		case kindAbort, kindHijack:
 			if hdr.Len != 0 {
-				return &protocolError{"abort with a payload"}
+				return &protocolError{"abort or hijack with a payload"}
 			}
 		}
 		if s == nil {
 			// Given up (see forget): read, as the decoder must see every
 			// message, and dropped.
 			putChunk(ev.buf)
-			if hdr.Kind == kindEnd || hdr.Kind == kindAbort {
-				c.mu.Lock()
+			c.mu.Lock()
+			switch {
+			case hdr.Kind == kindHijack:
+				if c.forgottenTunnels == nil {
+					c.forgottenTunnels = make(map[uint64]bool)
+				}
+				c.forgottenTunnels[hdr.ID] = true
+			case hdr.Kind == kindAbort || hdr.Kind == kindEnd && !c.forgottenTunnels[hdr.ID]:
 				delete(c.forgotten, hdr.ID)
-				c.mu.Unlock()
+				delete(c.forgottenTunnels, hdr.ID)
 			}
+			c.mu.Unlock()
 			return nil
 		}
 		if err := s.push(ev); err != nil {
 			return &protocolError{fmt.Sprintf("request %d: %v", hdr.ID, err)}
 		}
-		if hdr.Kind == kindEnd || hdr.Kind == kindAbort {
+		if hdr.Kind == kindAbort || hdr.Kind == kindEnd && !s.tunneled() {
 			c.mu.Lock()
 			delete(c.pending, hdr.ID)
 			c.mu.Unlock()
@@ -667,6 +677,7 @@ func (c *child) fail(err error, dead func() bool) {
 	pending := c.pending
 	c.pending = map[uint64]*stream{}
 	clear(c.forgotten)
+	clear(c.forgottenTunnels)
 	c.mu.Unlock()
 	if len(pending) == 0 {
 		return

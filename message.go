@@ -21,7 +21,8 @@ import (
 // whenever a message or a frame kind changes meaning.
 const protocolVersion = 5
 
-// Frame kinds. Every frame carries a request id; kinds marked "id 0" are not
+// Frame kinds. PROTOCOL.md says which side may send which kind in each
+// state of a stream. Every frame carries a request id; kinds marked "id 0" are not
 // about a request. Payloads are gob-encoded messages, raw body bytes, or
 // nothing, as noted.
 //
@@ -47,6 +48,7 @@ const (
 	kindStop                      // parent → child, id 0: cancel the requests left, end their handlers and exit
 	kindDrain                     // parent → child, id 0: a drain began; cancel the ModuleFunc's context
 	kindStacks                    // parent → child, id 0: write every goroutine's stack to the module's log
+	kindHijack                    // child → parent: the handler hijacked the connection; the stream is a tunnel (see PROTOCOL.md)
 )
 
 // Frame flags.
@@ -153,6 +155,7 @@ type requestHead struct {
 	RequestURI       string
 	TLS              *tlsState
 	Deadline         int64 // when the request's context ends, in Unix nanoseconds; 0 for never
+	Hijackable       bool  // the parent can hijack the client's connection: the module's Hijack may succeed
 
 	// Pattern is the pattern the request matched in the parent, with
 	// ServeMux or Route (r.Pattern), and PathValues its wildcards' values
@@ -255,6 +258,15 @@ var hopHeaders = []string{
 	"Upgrade",
 }
 
+// upgradeType returns the protocol a request asks to upgrade to: its
+// Upgrade header if Connection lists "upgrade", else "".
+func upgradeType(h http.Header) string {
+	if !headerHasToken(h["Connection"], "upgrade") {
+		return ""
+	}
+	return h.Get("Upgrade")
+}
+
 // removeHopByHop removes hop-by-hop headers from h, as
 // httputil.ReverseProxy does: those listed above, and those named by
 // Connection.
@@ -347,9 +359,16 @@ func newRequestHead(r *http.Request) *requestHead {
 		}
 	}
 	teTrailers := headerHasToken(r.Header["Te"], "trailers")
+	upgrade := upgradeType(r.Header)
 	removeHopByHop(h.Header)
 	if teTrailers {
 		h.Header.Set("Te", "trailers")
+	}
+	if upgrade != "" {
+		// As httputil.ReverseProxy forwards an upgrade: the module
+		// decides whether to switch protocols.
+		h.Header.Set("Connection", "Upgrade")
+		h.Header.Set("Upgrade", upgrade)
 	}
 	for k := range r.Trailer {
 		h.Trailer = append(h.Trailer, k)

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"runtime/debug"
@@ -63,6 +64,7 @@ type serverStream struct {
 	cancel context.CancelCauseFunc // cancels the request's context
 	body   *bodyReader             // nil for a request without a body
 	rw     *responseWriter
+	tunnel atomic.Pointer[hijackedConn] // set when the handler hijacks (see PROTOCOL.md)
 }
 
 // newServer returns a server for the requests that arrive on c. Canceling
@@ -209,11 +211,19 @@ func (s *server) dispatch(hdr frame.Header, scratch *[]byte) error {
 			return err
 		}
 		st := s.stream(hdr.ID)
-		if st == nil || st.body == nil {
+		if st == nil {
 			putChunk(buf)
 			return nil
 		}
-		if err := st.body.push(buf, int(hdr.Len)); err != nil {
+		in := st.body
+		if t := st.tunnel.Load(); t != nil {
+			in = t.in
+		}
+		if in == nil {
+			putChunk(buf)
+			return nil
+		}
+		if err := in.push(buf, int(hdr.Len)); err != nil {
 			return &protocolError{err.Error()}
 		}
 		return nil
@@ -228,8 +238,12 @@ func (s *server) dispatch(hdr frame.Header, scratch *[]byte) error {
 				return err
 			}
 		}
-		if st := s.stream(hdr.ID); st != nil && st.body != nil {
-			st.body.end(io.EOF, end.Trailer)
+		if st := s.stream(hdr.ID); st != nil {
+			if t := st.tunnel.Load(); t != nil {
+				t.in.end(io.EOF, nil) // the client closed its side
+			} else if st.body != nil {
+				st.body.end(io.EOF, end.Trailer)
+			}
 		}
 		return nil
 
@@ -257,6 +271,9 @@ func (s *server) dispatch(hdr frame.Header, scratch *[]byte) error {
 			st.cancel(cause)
 			if st.body != nil {
 				st.body.end(errClientGone, nil)
+			}
+			if t := st.tunnel.Load(); t != nil {
+				t.reset()
 			}
 		}
 		return s.fr.Discard(int(hdr.Len))
@@ -375,12 +392,53 @@ func (s *server) open(id uint64, flags uint8, head *requestHead) (startingReques
 	}
 	req = req.WithContext(ctx)
 	st.rw = newResponseWriter(s.conn, id, req, head.ResponseHeader)
+	if st.body != nil {
+		st.body.deadline = st.rw.rdl.wait
+	}
+	if head.Hijackable {
+		st.rw.hijack = func() (*hijackedConn, error) { return s.hijack(id, st, req) }
+	}
 	s.streams[id] = st
 	s.active.Add(1)
 	h := s.handler
 	s.mu.Unlock()
 	s.accept.raise(id)
 	return startingRequest{id: id, st: st, req: req, h: h}, nil
+}
+
+// hijack turns stream id into a tunnel (see PROTOCOL.md, "Upgrades") and
+// returns its conn. It fails if the request body is not complete, or the
+// request is gone. The caller holds st.rw.mu.
+func (s *server) hijack(id uint64, st *serverStream, req *http.Request) (*hijackedConn, error) {
+	if b := st.body; b != nil {
+		b.mu.Lock()
+		complete := b.err == io.EOF && len(b.chunks) == 0
+		b.mu.Unlock()
+		if !complete {
+			return nil, errors.New("subproc: Hijack before the request body was read to its end: read it all first")
+		}
+	}
+	if err := req.Context().Err(); err != nil {
+		return nil, fmt.Errorf("subproc: Hijack: the request is gone: %w", err)
+	}
+	hc := newHijackedConn(s, id, &st.rw.win, req, func() {
+		s.mu.Lock()
+		if s.streams[id] == st {
+			delete(s.streams, id)
+		}
+		s.mu.Unlock()
+	})
+	st.tunnel.Store(hc)
+	if err := s.send(outFrame{kind: kindHijack, id: id}, nil); err != nil {
+		hc.reset()
+		return nil, err
+	}
+	if req.Context().Err() != nil {
+		// The parent's kindCancel came in between: it found no tunnel to
+		// reset.
+		hc.reset()
+	}
+	return hc, nil
 }
 
 // serve runs the handler for one request and ends its stream.
@@ -399,9 +457,13 @@ func (s *server) serve(id uint64, st *serverStream, req *http.Request, h http.Ha
 			}
 			st.rw.abort(v == http.ErrAbortHandler)
 		}
-		s.mu.Lock()
-		delete(s.streams, id)
-		s.mu.Unlock()
+		if st.tunnel.Load() == nil {
+			// A hijacked conn outlives the handler, as in net/http: its
+			// Close forgets the stream.
+			s.mu.Lock()
+			delete(s.streams, id)
+			s.mu.Unlock()
+		}
 		st.cancel(nil)
 		if st.body != nil {
 			st.body.Close()
@@ -446,6 +508,10 @@ type responseWriter struct {
 	done          bool        // the handler has returned, or panicked
 	aborted       bool        // kindAbort has ended the stream: nothing more is sent
 	err           error       // a failure to send; writes return it
+
+	hijack   func() (*hijackedConn, error) // turns the stream into a tunnel; nil if the parent cannot hijack; fixed
+	rdl, wdl connDeadline                  // http.ResponseController's read and write deadlines, before a hijack
+	hijacked bool                          // Hijack succeeded: the conn is the handler's, the writer is done
 }
 
 // newResponseWriter returns the writer for the response to request id.
@@ -457,6 +523,8 @@ func newResponseWriter(c *conn, id uint64, req *http.Request, header http.Header
 	}
 	w := &responseWriter{c: c, id: id, req: req, header: header, clen: -1}
 	w.win.init(initialWindow)
+	w.rdl.init()
+	w.wdl.init()
 	return w
 }
 
@@ -472,6 +540,10 @@ func (w *responseWriter) WriteHeader(code int) {
 	}
 	w.mu.Lock()
 	defer w.mu.Unlock()
+	if w.hijacked {
+		fmt.Fprintf(os.Stderr, "http: response.WriteHeader on hijacked connection from %s %s\n", w.req.Method, w.req.URL.Path)
+		return
+	}
 	if w.done {
 		return
 	}
@@ -519,6 +591,9 @@ func bodyAllowed(status int) bool {
 func (w *responseWriter) Write(p []byte) (int, error) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
+	if w.hijacked {
+		return 0, http.ErrHijacked
+	}
 	if w.done {
 		return 0, errAfterHandler
 	}
@@ -579,6 +654,9 @@ func (w *responseWriter) Flush() { w.FlushError() }
 func (w *responseWriter) FlushError() error {
 	w.mu.Lock()
 	defer w.mu.Unlock()
+	if w.hijacked {
+		return http.ErrHijacked
+	}
 	if w.done {
 		return errAfterHandler
 	}
@@ -589,6 +667,24 @@ func (w *responseWriter) FlushError() error {
 		return w.err
 	}
 	return w.sendBodyLocked(flagFlush, nil)
+}
+
+// SetReadDeadline makes the handler's reads of the request body fail with
+// os.ErrDeadlineExceeded from t on, as net/http's does; the zero time
+// means none. http.ResponseController uses it.
+func (w *responseWriter) SetReadDeadline(t time.Time) error {
+	w.rdl.set(t)
+	return nil
+}
+
+// SetWriteDeadline makes the handler's writes fail with
+// os.ErrDeadlineExceeded if they must still wait for the parent at t
+// (the parent's client reads too slowly), as net/http's fail when the
+// connection's write times out; the failure sticks. The zero time means
+// none. http.ResponseController uses it.
+func (w *responseWriter) SetWriteDeadline(t time.Time) error {
+	w.wdl.set(t)
+	return nil
 }
 
 // EnableFullDuplex asks, as net/http's does, that the handler may go on
@@ -621,8 +717,11 @@ func (w *responseWriter) sendBodyLocked(flags uint8, end *outFrame) error {
 		fs = append(fs, outFrame{kind: kindResponse, id: w.id, msg: &responseHead{Status: w.status, Header: w.sent, Trailer: w.trailers, FullDuplex: w.fullDuplex}})
 	}
 	for w.err == nil && (w.n > 0 || flags != 0) {
-		credit, err := w.win.take(frameCost(min(w.n, 1)), frameCost(w.n), w.req.Context().Done())
+		credit, err := w.win.takeEither(frameCost(min(w.n, 1)), frameCost(w.n), w.req.Context().Done(), w.wdl.wait())
 		if err != nil {
+			if err == errCanceled && w.req.Context().Err() == nil {
+				err = &net.OpError{Op: "write", Net: "tcp", Err: os.ErrDeadlineExceeded}
+			}
 			w.fail(err)
 			break
 		}
@@ -710,6 +809,10 @@ func (w *responseWriter) fail(err error) {
 func (w *responseWriter) finish() {
 	w.mu.Lock()
 	defer w.mu.Unlock()
+	if w.hijacked {
+		w.done = true // the stream is the conn's now
+		return
+	}
 	if !w.wroteHeader {
 		w.writeHeaderLocked(http.StatusOK)
 	}
@@ -768,7 +871,7 @@ func (w *responseWriter) abort(always bool) {
 	putChunk(w.buf)
 	w.buf, w.n = nil, 0
 	w.err = nil
-	if w.aborted {
+	if w.aborted || w.hijacked {
 		return // the stream is ended
 	}
 	if always || w.wroteHeader || w.headSent {

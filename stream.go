@@ -4,7 +4,9 @@ import (
 	"encoding/binary"
 	"errors"
 	"io"
+	"net"
 	"net/http"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -106,6 +108,11 @@ func (w *sendWindow) init(credit int) {
 // up to most of them. least must not exceed window. take returns early with
 // the window's error if it is closed, or errCanceled if cancel is closed.
 func (w *sendWindow) take(least, most int, cancel <-chan struct{}) (int, error) {
+	return w.takeEither(least, most, cancel, nil)
+}
+
+// takeEither is take with two channels that cancel it.
+func (w *sendWindow) takeEither(least, most int, cancel, cancel2 <-chan struct{}) (int, error) {
 	for {
 		w.mu.Lock()
 		if w.err != nil {
@@ -123,6 +130,8 @@ func (w *sendWindow) take(least, most int, cancel <-chan struct{}) (int, error) 
 		select {
 		case <-w.wake:
 		case <-cancel:
+			return 0, errCanceled
+		case <-cancel2:
 			return 0, errCanceled
 		}
 	}
@@ -358,6 +367,11 @@ type bodyReader struct {
 	err    error      // returned once the queue is empty: io.EOF at the end
 	closed bool       // the handler closed the body, or returned
 	expect bool       // the parent waits for a first read before sending (Expect: 100-continue)
+
+	// deadline, if set, returns a channel closed when the handler's read
+	// deadline (http.ResponseController.SetReadDeadline) passes; fixed
+	// before the handler runs.
+	deadline func() <-chan struct{}
 }
 
 // newBodyReader returns the body of a request whose window updates grant
@@ -421,7 +435,20 @@ func (b *bodyReader) signal() {
 }
 
 // Read reads body bytes, waiting for the parent to send them.
+// After the handler's read deadline it fails with os.ErrDeadlineExceeded.
 func (b *bodyReader) Read(p []byte) (int, error) {
+	if b.deadline == nil {
+		return b.read(p, nil)
+	}
+	n, err := b.read(p, b.deadline())
+	if err == errCanceled {
+		err = &net.OpError{Op: "read", Net: "tcp", Err: os.ErrDeadlineExceeded}
+	}
+	return n, err
+}
+
+// read is Read, giving up with errCanceled when cancel is closed.
+func (b *bodyReader) read(p []byte, cancel <-chan struct{}) (int, error) {
 	b.mu.Lock()
 	if b.expect {
 		// The parent sends nothing of an Expect: 100-continue body until
@@ -434,7 +461,11 @@ func (b *bodyReader) Read(p []byte) (int, error) {
 	}
 	for len(b.chunks) == 0 && b.err == nil && !b.closed {
 		b.mu.Unlock()
-		<-b.wake
+		select {
+		case <-b.wake:
+		case <-cancel:
+			return 0, errCanceled
+		}
 		b.mu.Lock()
 	}
 	if b.closed {
@@ -508,7 +539,9 @@ type stream struct {
 	recv      recvWindow // the response's window, granted to the child
 	informal  int        // 1xx response heads received
 	final     bool       // the final (non-1xx) response head has arrived
-	ended     bool       // kindEnd or kindAbort has arrived: the child is done with the stream
+	ended     bool       // kindEnd or kindAbort has arrived: the child is done with the stream (on a tunnel, kindAbort only)
+	tunnel    bool       // kindHijack has arrived: the stream carries a hijacked connection's bytes (see PROTOCOL.md)
+	wclosed   bool       // on a tunnel, the child's kindEnd has arrived: it sends no more data
 	err       error      // the stream failed: the child can no longer answer
 	abandoned bool       // the request's goroutine has gone; what arrives is dropped
 }
@@ -595,9 +628,17 @@ func (s *stream) checkLocked(ev event) error {
 				return errors.New("too many 1xx responses")
 			}
 		}
+	case kindHijack:
+		if s.final {
+			return errors.New("hijack after the response head")
+		}
+		s.final, s.tunnel = true, true
 	case kindData:
 		if !s.final {
 			return errors.New("response body before the response head")
+		}
+		if s.wclosed {
+			return errors.New("tunnel data after its end")
 		}
 		if err := s.recv.receive(frameCost(ev.n)); err != nil {
 			return errors.New("response body exceeds the flow-control window")
@@ -605,6 +646,14 @@ func (s *stream) checkLocked(ev event) error {
 	case kindEnd:
 		if !s.final {
 			return errors.New("end of response before the response head")
+		}
+		if s.tunnel {
+			// A half-close: the stream ends with kindAbort.
+			if s.wclosed {
+				return errors.New("second end of a tunnel")
+			}
+			s.wclosed = true
+			break
 		}
 		s.ended = true
 	case kindAbort:
@@ -637,6 +686,14 @@ func (s *stream) abandon() {
 	}
 	s.events, s.queued = nil, 0
 	s.recv.release()
+}
+
+// tunneled reports whether the stream is a tunnel: its child's kindEnd
+// does not end it.
+func (s *stream) tunneled() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.tunnel
 }
 
 // answered reports whether the child ended the response, with kindEnd or

@@ -185,6 +185,7 @@ const (
 	headResponseHeader // requestHead: a ResponseHeader follows the Header
 	headDeadline       // requestHead: a Deadline follows
 	headPattern        // requestHead: a Pattern and its PathValues follow
+	headHijackable     // requestHead: the parent can hijack the client's connection
 )
 
 // GobEncode encodes h for gob.
@@ -215,6 +216,9 @@ func (h *requestHead) GobEncode() ([]byte, error) {
 	}
 	if h.Pattern != "" {
 		flags |= headPattern // else nothing on the wire
+	}
+	if h.Hijackable {
+		flags |= headHijackable
 	}
 	w.uint(flags)
 	for _, s := range []string{h.Method, h.Scheme, h.Opaque, h.User, h.URLHost, h.Path, h.RawPath, h.RawQuery, h.Fragment, h.Proto, h.Host, h.RemoteAddr, h.RequestURI} {
@@ -255,6 +259,7 @@ func (h *requestHead) GobDecode(p []byte) error {
 	h.ForceQuery = flags&headForceQuery != 0
 	h.OmitHost = flags&headOmitHost != 0
 	h.Close = flags&headClose != 0
+	h.Hijackable = flags&headHijackable != 0
 	for _, s := range []*string{&h.Method, &h.Scheme, &h.Opaque, &h.User, &h.URLHost, &h.Path, &h.RawPath, &h.RawQuery, &h.Fragment, &h.Proto, &h.Host, &h.RemoteAddr, &h.RequestURI} {
 		*s = r.string()
 	}

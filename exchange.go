@@ -1,0 +1,528 @@
+package subproc
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// This file holds the parent's side of one request's exchange with a child,
+// once the request is on a stream: an exchange pumps the client's body to
+// the child (bodySender) and the child's response to the client (run and
+// the helpers named for each frame it handles: writeHead, writeData,
+// writeTrailers, abort), and classifies what ends it early: the client
+// leaving, the deadline passing, the child dying. It is modelled on
+// httputil.ReverseProxy's ServeHTTP, handleUpgradeResponse and
+// switchProtocolCopier. The states a stream goes through, and what each
+// side may send in each, are written down in PROTOCOL.md.
+
+// giveUp drops what the child sends for s from now on and tells the child
+// the request is gone, so that its handler's context is canceled.
+func giveUp(ctx context.Context, c *child, s *stream) {
+	s.abandon()
+	c.forget(s)
+	var flags uint8
+	if ctx.Err() == context.DeadlineExceeded {
+		flags = flagDeadline
+	}
+	c.send(outFrame{kind: kindCancel, flags: flags, id: s.id}, nil)
+}
+
+// proxy copies the request body to the child and the child's response to w.
+// It returns true, having written nothing, if the child died without reading
+// the request and before any of the request's body was consumed: then the
+// request may go to the next child.
+func (h *Handle) proxy(w http.ResponseWriter, r *http.Request, c *child, s *stream) (retry bool) {
+	x := &exchange{h: h, w: w, r: r, ctx: r.Context(), c: c, s: s}
+	return x.run()
+}
+
+// An exchange is one request's exchange with a child, in the parent: the
+// request r from the client, answered on w, carried by stream s of child c.
+// Its methods run on the goroutine of ServeHTTP, but for the body pump's.
+type exchange struct {
+	h   *Handle
+	w   http.ResponseWriter
+	r   *http.Request
+	ctx context.Context // r's
+	c   *child
+	s   *stream
+
+	rc   *http.ResponseController // made when first needed (see controller): most responses need none
+	body *bodySender              // nil for a request without a body
+
+	// The child's handler ends at the same deadline, and what it sends
+	// then arrives after it: too late. Checked against the clock, as the
+	// context's own timer may not have fired yet.
+	deadline    time.Time
+	hasDeadline bool
+
+	declared map[string]bool // trailers announced in the response head
+	started  bool            // the final response head was written to w
+}
+
+// controller returns w's ResponseController.
+func (x *exchange) controller() *http.ResponseController {
+	if x.rc == nil {
+		x.rc = http.NewResponseController(x.w)
+	}
+	return x.rc
+}
+
+// late reports whether the request's deadline has passed, by the context
+// or by the clock.
+func (x *exchange) late() bool {
+	return x.ctx.Err() == context.DeadlineExceeded || x.hasDeadline && !time.Now().Before(x.deadline)
+}
+
+// run starts the body pump and writes what the child sends for the stream
+// to w until the response ends, is aborted, or the exchange fails. It
+// returns true, having written nothing, if the request may go to the next
+// child (see proxy). It panics with http.ErrAbortHandler to abort a
+// response that had started, as httputil.ReverseProxy does.
+func (x *exchange) run() (retry bool) {
+	if hasBody(x.r) {
+		x.body = startBody(x.c, x.s, x.r, x.controller())
+		defer x.body.halt()
+	}
+	x.deadline, x.hasDeadline = x.ctx.Deadline()
+	for {
+		ev, err := x.s.next(x.ctx.Done())
+		if err == nil && x.hasDeadline && x.late() {
+			// What the child sent at its deadline, which has passed here
+			// too, comes too late: the request has timed out.
+			putChunk(ev.buf)
+			err = errCanceled
+		}
+		if err == errCanceled {
+			x.canceled()
+			return false
+		}
+		if err != nil {
+			return x.failed(err)
+		}
+		switch ev.kind {
+		case kindResponse:
+			if !x.writeHead(ev) {
+				continue // a 1xx head
+			}
+		case kindData:
+			if !x.writeData(ev) {
+				return false
+			}
+		case kindEnd:
+			x.writeTrailers(ev)
+			return false
+		case kindAbort:
+			x.abort(ev)
+			return false
+		case kindHijack:
+			x.tunnel()
+			return false
+		}
+	}
+}
+
+// canHijack reports whether w, or a ResponseWriter it wraps (Unwrap, as
+// http.ResponseController follows it), is an http.Hijacker.
+func canHijack(w http.ResponseWriter) bool {
+	for {
+		switch t := w.(type) {
+		case http.Hijacker:
+			return true
+		case interface{ Unwrap() http.ResponseWriter }:
+			w = t.Unwrap()
+		default:
+			return false
+		}
+	}
+}
+
+// tunnel serves a stream whose handler hijacked the connection (see
+// PROTOCOL.md, "Upgrades"): it hijacks the client's connection and copies
+// raw bytes both ways, each direction under its stream window, as
+// httputil.ReverseProxy's switchProtocolCopier does, until the child closes
+// its conn (kindAbort) or dies, or the client's connection fails. The
+// parent writes no head of its own: the handler wrote its 101 into its
+// conn, and those bytes come first.
+func (x *exchange) tunnel() {
+	h := x.h
+	x.body.halt() // the child hijacks only once the body is complete
+	conn, brw, err := x.controller().Hijack()
+	if err != nil {
+		x.endTunnel()
+		h.count(&h.stats.BadGateway)
+		http.Error(x.w, fmt.Sprintf("subproc: module %q hijacked the connection, which the parent cannot do here: %v", h.name, err), http.StatusBadGateway)
+		return
+	}
+	x.started = true
+	// The Server's timeouts no longer apply: the module's conn has
+	// deadlines of its own.
+	conn.SetDeadline(time.Time{})
+	stop := make(chan struct{}) // closed when the tunnel ends
+	up := make(chan struct{})   // closed when pumpClient returns
+	go func() {
+		defer close(up)
+		x.pumpClient(conn, brw.Reader, stop)
+	}()
+	defer func() {
+		close(stop)
+		conn.Close() // wakes pumpClient's read
+		<-up
+	}()
+	for {
+		ev, err := x.s.next(nil)
+		if err != nil {
+			// The child died: its connections end with it.
+			x.s.abandon()
+			return
+		}
+		switch ev.kind {
+		case kindData:
+			_, werr := conn.Write((*ev.buf)[:ev.n])
+			putChunk(ev.buf)
+			if werr != nil {
+				x.endTunnel()
+				return
+			}
+			if n := x.s.consume(ev.n); n > 0 {
+				x.c.sendWindowUpdate(x.s.id, n, stop)
+			}
+		case kindEnd:
+			// The handler closed its conn for writing.
+			if cw, ok := conn.(interface{ CloseWrite() error }); ok {
+				cw.CloseWrite()
+			}
+		case kindAbort:
+			// The handler closed its conn: the client's closes with it.
+			return
+		}
+	}
+}
+
+// endTunnel tells the child that the client's connection is gone: its
+// handler's conn fails. The child answers with kindAbort, which removes the
+// stream; what it sends until then is dropped.
+func (x *exchange) endTunnel() {
+	x.s.abandon()
+	x.c.send(outFrame{kind: kindCancel, id: x.s.id}, nil)
+}
+
+// pumpClient copies what the client sends on its hijacked connection
+// (first what net/http had read ahead into br) to the child, within the
+// credit the child grants, then the end of it: kindEnd at EOF, kindCancel
+// if the read fails before stop is closed.
+func (x *exchange) pumpClient(conn net.Conn, br *bufio.Reader, stop <-chan struct{}) {
+	var src io.Reader = conn
+	if n := br.Buffered(); n > 0 {
+		src = io.MultiReader(io.LimitReader(br, int64(n)), conn)
+	}
+	c, s := x.c, x.s
+	for {
+		credit, err := s.win.take(frameCost(1), frameCost(chunkSize), stop)
+		if err != nil {
+			return
+		}
+		n := credit - frameOverhead
+		buf := getChunk()
+		m, rerr := src.Read((*buf)[:n])
+		switch {
+		case m == 0:
+			s.win.add(credit)
+			putChunk(buf)
+		case m < n:
+			s.win.add(n - m)
+		}
+		if m > 0 && c.send(outFrame{kind: kindData, id: s.id, data: (*buf)[:m], buf: buf}, stop) != nil {
+			return
+		}
+		switch {
+		case rerr == io.EOF:
+			c.send(outFrame{kind: kindEnd, id: s.id}, stop)
+			return
+		case rerr != nil:
+			select {
+			case <-stop: // the tunnel ended here
+			default:
+				x.endTunnel()
+			}
+			return
+		}
+	}
+}
+
+// canceled ends an exchange whose request's context ended: the client went
+// away, or the deadline passed (504, or an abort once the response has
+// started).
+func (x *exchange) canceled() {
+	h, w := x.h, x.w
+	giveUp(x.ctx, x.c, x.s)
+	if x.late() {
+		h.count(&h.stats.Timeouts)
+		if x.started {
+			panic(http.ErrAbortHandler)
+		}
+		http.Error(w, fmt.Sprintf("subproc: module %q did not answer before the request's deadline (%v)", h.name, context.Cause(x.ctx)), http.StatusGatewayTimeout)
+		return
+	}
+	if !x.started {
+		// Usually nobody reads this. But if the context ended with the
+		// client still there, it must not see an empty 200 that looks
+		// like the module's answer.
+		http.Error(w, fmt.Sprintf("subproc: module %q: request canceled: %v", h.name, context.Cause(x.ctx)), http.StatusServiceUnavailable)
+	}
+}
+
+// failed ends an exchange whose stream failed with err (the child died, or
+// broke the protocol): 502 before the response started, an abort after. It
+// returns true if the request never reached the module and may be retried.
+func (x *exchange) failed(err error) (retry bool) {
+	h := x.h
+	x.s.abandon()
+	var nd *notDeliveredError
+	if errors.As(err, &nd) && !x.started {
+		x.body.halt()
+		if !x.s.bodyTouched.Load() {
+			return true
+		}
+	}
+	if !x.started {
+		h.count(&h.stats.BadGateway)
+		http.Error(x.w, fmt.Sprintf("subproc: module %q failed before it answered: %v; it is being restarted", h.name, err), http.StatusBadGateway)
+		return false
+	}
+	h.count(&h.stats.Aborted)
+	panic(http.ErrAbortHandler)
+}
+
+// writeHead writes a response head of the child's to w, translating its
+// header: hop-by-hop fields are dropped, the announced trailers recorded.
+// It reports whether the head was the final one.
+func (x *exchange) writeHead(ev event) (final bool) {
+	w := x.w
+	if ev.head.FullDuplex {
+		// Else net/http, at the first write of an HTTP/1 response,
+		// discards what is left of the request body, as it would for the
+		// handler in-process.
+		x.controller().EnableFullDuplex()
+	}
+	// The module's header map started as w's (see
+	// requestHead.ResponseHeader); each head, 1xx or final, makes w's what
+	// the module's was then, as net/http writes a handler's current map at
+	// each WriteHeader.
+	announced := ev.head.Header["Trailer"] // hop-by-hop, but announces the trailers
+	removeHopByHop(ev.head.Header)
+	dst := w.Header()
+	adoptHeader(dst, ev.head.Header) // decoded for this response alone
+	if ev.head.Status < 200 && ev.head.Status != http.StatusSwitchingProtocols {
+		w.WriteHeader(ev.head.Status)
+		return false
+	}
+	if len(ev.head.Trailer) > 0 {
+		x.declared = make(map[string]bool, len(ev.head.Trailer))
+		for _, k := range ev.head.Trailer {
+			x.declared[k] = true
+		}
+		dst["Trailer"] = announced
+	}
+	w.WriteHeader(ev.head.Status)
+	x.started = true
+	return true
+}
+
+// writeData writes a data frame's bytes to w and returns their credit to
+// the child. It reports false if the client is gone, the exchange given up.
+func (x *exchange) writeData(ev event) bool {
+	_, err := x.w.Write((*ev.buf)[:ev.n])
+	putChunk(ev.buf)
+	if err != nil && !errors.Is(err, http.ErrBodyNotAllowed) {
+		// The client is gone.
+		giveUp(x.ctx, x.c, x.s)
+		return false
+	}
+	// Credit goes back half a window at a time, with the window's growth
+	// while the stream drains quickly (see recvWindow.consume).
+	if n := x.s.consume(ev.n); n > 0 {
+		x.c.sendWindowUpdate(x.s.id, n, x.ctx.Done())
+	}
+	if ev.flags&flagFlush != 0 {
+		x.controller().Flush()
+	}
+	return true
+}
+
+// writeTrailers sets the trailers of the response's end in w's header:
+// those announced in the head under their names, the others with
+// http.TrailerPrefix, as a handler in-process would.
+func (x *exchange) writeTrailers(ev event) {
+	dst := x.w.Header()
+	for k, v := range ev.trailer {
+		if x.declared[k] {
+			dst[k] = v
+		} else {
+			dst[http.TrailerPrefix+k] = v
+		}
+	}
+}
+
+// abort ends an exchange that the child aborted: 502 if its head was too
+// large to send and nothing was written, else an aborted response.
+func (x *exchange) abort(ev event) {
+	h := x.h
+	if ev.flags&flagTooLarge != 0 && !x.started {
+		h.count(&h.stats.BadGateway)
+		http.Error(x.w, fmt.Sprintf("subproc: module %q: its response's head exceeds the %d bytes a message from the module can carry", h.name, maxHeadSize), http.StatusBadGateway)
+		return
+	}
+	h.count(&h.stats.Aborted)
+	panic(http.ErrAbortHandler)
+}
+
+// A bodySender copies a request's body to the child, within the window the
+// child grants, until the body ends or it is halted.
+type bodySender struct {
+	c    *child
+	s    *stream
+	r    *http.Request
+	rc   *http.ResponseController // r's
+	stop chan struct{}            // closed by halt
+	done chan struct{}            // closed when pumpRequestBody returns
+	once sync.Once
+
+	// reading is set while pumpRequestBody reads r.Body. It checks stop
+	// after setting it, so that halt, having closed stop, finds it clear
+	// only if no read is under way or will start.
+	reading atomic.Bool
+}
+
+// startBody starts sending r's body on stream s. rc is r's
+// ResponseController, used to interrupt a blocked read of the body.
+func startBody(c *child, s *stream, r *http.Request, rc *http.ResponseController) *bodySender {
+	b := &bodySender{c: c, s: s, r: r, rc: rc, stop: make(chan struct{}), done: make(chan struct{})}
+	go b.pumpRequestBody()
+	return b
+}
+
+// halt stops the sender and returns once it has stopped. It may be called
+// more than once, and on a nil *bodySender (no body), where it does
+// nothing.
+func (b *bodySender) halt() {
+	if b == nil {
+		return
+	}
+	b.once.Do(func() {
+		close(b.stop)
+		if !b.reading.Load() {
+			<-b.done
+			return
+		}
+		// pumpRequestBody may be blocked reading the client's body, which nobody
+		// needs any more: a read deadline in the past wakes it.
+		b.rc.SetReadDeadline(time.Now())
+		<-b.done
+		// Then lift it: net/http reads what is left of the body after
+		// the handler returns, and a failed read there would cancel the
+		// context of the connection's next request.
+		b.rc.SetReadDeadline(time.Time{})
+	})
+}
+
+// pumpRequestBody reads r's body and sends it to the child in data frames,
+// each within the credit the child granted, then its end (with trailers,
+// or saying how reading failed). It returns when the body is sent, the
+// sender is halted, or the child is gone.
+func (b *bodySender) pumpRequestBody() {
+	defer close(b.done)
+	c, s, r := b.c, b.s, b.r
+	var sent int64 // body bytes read so far
+	for {
+		if r.ContentLength > 0 && sent >= r.ContentLength && len(r.Trailer) == 0 {
+			// The declared body is all sent, and net/http's ends there:
+			// the end costs no credit, so it goes without waiting for the
+			// child to return any (a body of one window would otherwise
+			// wait a round trip for it).
+			c.send(outFrame{kind: kindEnd, id: s.id}, b.stop)
+			return
+		}
+		credit, err := s.win.take(frameCost(1), frameCost(chunkSize), b.stop)
+		if err != nil {
+			return
+		}
+		n := credit - frameOverhead
+		b.reading.Store(true)
+		select {
+		case <-b.stop:
+			b.reading.Store(false)
+			s.win.add(credit)
+			return
+		default:
+		}
+		size := n
+		if left := r.ContentLength - sent; r.ContentLength > 0 && left < int64(size) {
+			size = max(1, int(left))
+		}
+		buf := getBuffer(size)
+		if len(*buf) < n {
+			s.win.add(n - len(*buf))
+			credit -= n - len(*buf)
+			n = len(*buf)
+		}
+		s.bodyTouched.Store(true)
+		m, rerr := r.Body.Read((*buf)[:n])
+		sent += int64(m)
+		b.reading.Store(false)
+		switch {
+		case m == 0:
+			s.win.add(credit) // no frame is sent
+		case m < n:
+			s.win.add(n - m)
+		}
+		var batch [2]outFrame
+		fs := batch[:0]
+		if m > 0 {
+			fs = append(fs, outFrame{kind: kindData, id: s.id, data: (*buf)[:m], buf: buf})
+		} else {
+			putChunk(buf)
+		}
+		if rerr == io.EOF {
+			// net/http's bodies report the end with the last bytes: both
+			// go in one write.
+			end := outFrame{kind: kindEnd, id: s.id}
+			switch {
+			case len(r.Trailer) == 0:
+			case headerSize(r.Trailer) > maxHeadSize:
+				// Too large for a message: the module sees the body fail.
+				end.flags, end.data = flagBodyError, []byte{bodyErrOther}
+			default:
+				end.msg = &bodyEnd{Trailer: r.Trailer}
+			}
+			fs = append(fs, end)
+		}
+		if len(fs) > 0 && c.sendFrames(fs, b.stop) != nil {
+			return
+		}
+		switch {
+		case rerr == io.EOF:
+			return
+		case rerr != nil:
+			select {
+			case <-b.stop:
+				// The response is complete; the body is not needed.
+			default:
+				// The handler's read fails as it would in-process: with
+				// the *http.MaxBytesError of a MaxBytesReader in front of
+				// the Handle, or saying that the client went away.
+				var p [maxBodyErrorLen]byte
+				c.send(outFrame{kind: kindEnd, flags: flagBodyError, id: s.id, data: appendBodyError(p[:0], rerr, r.Context().Err())}, b.stop)
+			}
+			return
+		}
+	}
+}

@@ -1,0 +1,342 @@
+package subproc
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"sync"
+	"time"
+)
+
+// This file holds the child's side of a hijacked connection (see
+// PROTOCOL.md, "Upgrades"): the net.Conn that a handler gets from Hijack,
+// whose bytes travel to and from the client's connection as the data frames
+// of its stream, under the stream's windows.
+
+// errConnReset is what a hijacked conn's Read and Write return once the
+// client's connection has failed, or the parent ended the tunnel.
+var errConnReset = errors.New("subproc: the client's connection was reset or closed by the parent")
+
+// A hijackedConn is the net.Conn that Hijack returns in the child. Read,
+// Write, Close and CloseWrite may be called concurrently, as on a TCP
+// connection.
+type hijackedConn struct {
+	c             *conn       // fixed
+	id            uint64      // fixed
+	win           *sendWindow // fixed; the credit for the conn's writes (the response's)
+	in            *bodyReader // fixed; what the client sends
+	local, remote net.Addr    // fixed
+	release       func()      // fixed; forgets the stream in the child
+
+	rdl, wdl  connDeadline // read and write deadlines; closed for good by Close
+	closeOnce sync.Once
+
+	wmu     sync.Mutex // one Write at a time, so that bytes keep their order; guards wclosed
+	wclosed bool       // CloseWrite or Close was called, or the tunnel failed
+}
+
+// newHijackedConn returns the conn of stream id, registered with the
+// server by the caller, with release to unregister it.
+func newHijackedConn(s *server, id uint64, win *sendWindow, req *http.Request, release func()) *hijackedConn {
+	hc := &hijackedConn{c: s.conn, id: id, win: win, release: release}
+	hc.rdl.init()
+	hc.wdl.init()
+	hc.in = newBodyReader(func(n int) { s.sendWindowUpdate(id, n, hc.rdl.closed) }, nil, false, &s.flow)
+	hc.remote = parseAddr(req.RemoteAddr)
+	hc.local = parseAddr(req.Host) // the parent's view: the address the client asked for
+	if a, ok := req.Context().Value(http.LocalAddrContextKey).(net.Addr); ok {
+		hc.local = a
+	}
+	return hc
+}
+
+// Read reads what the client sent, waiting for it. It returns io.EOF once
+// the client has closed its side, os.ErrDeadlineExceeded after the read
+// deadline, net.ErrClosed after Close.
+func (hc *hijackedConn) Read(p []byte) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
+	n, err := hc.in.read(p, hc.rdl.wait())
+	switch {
+	case err == errCanceled || err == http.ErrBodyReadAfterClose:
+		return n, hc.opError("read", hc.rdl.cause())
+	case err != nil && err != io.EOF:
+		return n, hc.opError("read", err)
+	}
+	return n, err
+}
+
+// Write sends p to the client, waiting for credit; it fails after the
+// write deadline, CloseWrite or Close, or once the client's connection is
+// gone.
+func (hc *hijackedConn) Write(p []byte) (int, error) {
+	hc.wmu.Lock()
+	defer hc.wmu.Unlock()
+	if hc.wclosed {
+		if err := hc.wdl.cause(); err == net.ErrClosed {
+			return 0, hc.opError("write", err)
+		}
+		return 0, hc.opError("write", errors.New("write after CloseWrite"))
+	}
+	n := 0
+	for n < len(p) {
+		cancel := hc.wdl.wait()
+		credit, err := hc.win.take(frameCost(1), frameCost(min(len(p)-n, chunkSize)), cancel)
+		if err == errCanceled {
+			return n, hc.opError("write", hc.wdl.cause())
+		}
+		if err != nil {
+			return n, hc.opError("write", errConnReset)
+		}
+		k := credit - frameOverhead
+		if err := hc.c.send(outFrame{kind: kindData, id: hc.id, data: p[n : n+k]}, nil); err != nil {
+			return n, hc.opError("write", err)
+		}
+		n += k
+	}
+	return n, nil
+}
+
+// CloseWrite ends what the conn sends: the client's connection is
+// half-closed, and the client reads EOF. Reading goes on.
+func (hc *hijackedConn) CloseWrite() error {
+	hc.wmu.Lock()
+	defer hc.wmu.Unlock()
+	if hc.wclosed {
+		return nil
+	}
+	hc.wclosed = true
+	return hc.c.send(outFrame{kind: kindEnd, id: hc.id}, nil)
+}
+
+// Close closes the conn: the client's connection is closed once what was
+// written before is delivered; blocked and later reads and writes fail with
+// net.ErrClosed.
+func (hc *hijackedConn) Close() error {
+	err := hc.opError("close", net.ErrClosed)
+	hc.closeOnce.Do(func() {
+		err = nil
+		hc.end(net.ErrClosed)
+	})
+	return err
+}
+
+// reset ends the conn because the parent ended the tunnel (kindCancel):
+// reads and writes fail with errConnReset.
+func (hc *hijackedConn) reset() {
+	hc.closeOnce.Do(func() { hc.end(errConnReset) })
+}
+
+// end closes the conn with cause and tells the parent.
+func (hc *hijackedConn) end(cause error) {
+	hc.rdl.close(cause)
+	hc.wdl.close(cause)
+	hc.win.close(cause)
+	hc.wmu.Lock()
+	hc.wclosed = true
+	hc.c.send(outFrame{kind: kindAbort, id: hc.id}, nil)
+	hc.wmu.Unlock()
+	hc.in.Close()
+	hc.release()
+}
+
+// LocalAddr returns the address the client connected to, as the parent's
+// server saw it (its Host header if the parent's address is unknown).
+func (hc *hijackedConn) LocalAddr() net.Addr { return hc.local }
+
+// RemoteAddr returns the client's address, as the parent's server saw it
+// (the request's RemoteAddr).
+func (hc *hijackedConn) RemoteAddr() net.Addr { return hc.remote }
+
+// SetDeadline sets both deadlines.
+func (hc *hijackedConn) SetDeadline(t time.Time) error {
+	if err := hc.SetReadDeadline(t); err != nil {
+		return err
+	}
+	return hc.SetWriteDeadline(t)
+}
+
+// SetReadDeadline makes pending and later reads fail with
+// os.ErrDeadlineExceeded from t on; the zero time means none.
+func (hc *hijackedConn) SetReadDeadline(t time.Time) error {
+	if !hc.rdl.set(t) {
+		return hc.opError("set", net.ErrClosed)
+	}
+	return nil
+}
+
+// SetWriteDeadline makes pending and later writes fail with
+// os.ErrDeadlineExceeded from t on; the zero time means none.
+func (hc *hijackedConn) SetWriteDeadline(t time.Time) error {
+	if !hc.wdl.set(t) {
+		return hc.opError("set", net.ErrClosed)
+	}
+	return nil
+}
+
+func (hc *hijackedConn) opError(op string, err error) error {
+	return &net.OpError{Op: op, Net: "tcp", Source: hc.local, Addr: hc.remote, Err: err}
+}
+
+var _ net.Conn = (*hijackedConn)(nil)
+
+// A connDeadline is one deadline of a hijackedConn: a channel closed when
+// it passes or the conn closes, replaced when it is moved after it passed.
+type connDeadline struct {
+	mu     sync.Mutex
+	timer  *time.Timer
+	ch     chan struct{} // closed when the deadline passes
+	closed chan struct{} // closed by close; fixed
+	err    error         // the cause close was given
+}
+
+func (d *connDeadline) init() {
+	d.ch = make(chan struct{})
+	d.closed = make(chan struct{})
+}
+
+// set moves the deadline to t; the zero time means none. It reports false
+// if the conn is closed.
+func (d *connDeadline) set(t time.Time) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.err != nil {
+		return false
+	}
+	if d.timer != nil && !d.timer.Stop() {
+		<-d.ch // the timer fired: wait for it to close ch
+	}
+	d.timer = nil
+	select {
+	case <-d.ch:
+		d.ch = make(chan struct{})
+	default:
+	}
+	if t.IsZero() {
+		return true
+	}
+	if dur := time.Until(t); dur > 0 {
+		ch := d.ch
+		d.timer = time.AfterFunc(dur, func() { close(ch) })
+	} else {
+		close(d.ch)
+	}
+	return true
+}
+
+// wait returns a channel closed when the deadline passes or the conn is
+// closed. A closed conn's channel is closed for good.
+func (d *connDeadline) wait() <-chan struct{} {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.err != nil {
+		return d.closed
+	}
+	return d.ch
+}
+
+// cause says why a wait's channel was closed.
+func (d *connDeadline) cause() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.err != nil {
+		return d.err
+	}
+	return os.ErrDeadlineExceeded
+}
+
+// close ends the deadline for good, with err as the cause. It wakes the
+// waits on the deadline's channel too.
+func (d *connDeadline) close(err error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.err != nil {
+		return
+	}
+	d.err = err
+	close(d.closed)
+	if d.timer != nil && !d.timer.Stop() {
+		<-d.ch
+	}
+	d.timer = nil
+	select {
+	case <-d.ch:
+	default:
+		close(d.ch)
+	}
+}
+
+// parseAddr returns s ("host:port") as a *net.TCPAddr if it is an IP
+// address and port, else as an addr that reads as s.
+func parseAddr(s string) net.Addr {
+	if ap, err := netip.ParseAddrPort(s); err == nil {
+		return net.TCPAddrFromAddrPort(ap)
+	}
+	return stringAddr(s)
+}
+
+// A stringAddr is a net.Addr known only by its string.
+type stringAddr string
+
+func (a stringAddr) Network() string { return "tcp" }
+func (a stringAddr) String() string  { return string(a) }
+
+// appendRawHead appends the HTTP/1.1 response head that net/http writes
+// for status and header when a handler hijacks after WriteHeader: the
+// status line, the fields (with a Date if there is none), a blank line.
+func appendRawHead(b []byte, status int, header http.Header) []byte {
+	b = fmt.Appendf(b, "HTTP/1.1 %03d %s\r\n", status, http.StatusText(status))
+	var buf bytes.Buffer
+	header.Write(&buf)
+	if header.Get("Date") == "" {
+		fmt.Fprintf(&buf, "Date: %s\r\n", time.Now().UTC().Format(http.TimeFormat))
+	}
+	b = append(b, buf.Bytes()...)
+	return append(b, "\r\n"...)
+}
+
+// Hijack lets the handler take over the connection, as net/http's does
+// (see PROTOCOL.md, "Upgrades"): it returns a conn whose bytes go to and
+// come from the client's connection, and a bufio.ReadWriter on it. If the
+// handler called WriteHeader (a 101, say), that head is the conn's first
+// bytes, as net/http writes it at Hijack. It fails with
+// http.ErrNotSupported where net/http would not offer Hijack (an HTTP/2
+// request) or the parent cannot hijack; and if the response was sent,
+// the handler returned, or the request body is not all read.
+func (w *responseWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	switch {
+	case w.hijack == nil:
+		return nil, nil, fmt.Errorf("subproc: Hijack: the parent cannot hijack the client's connection (an HTTP/2 request, or a ResponseWriter that is not an http.Hijacker in front of the Handle): %w", http.ErrNotSupported)
+	case w.hijacked:
+		return nil, nil, http.ErrHijacked
+	case w.done:
+		return nil, nil, errAfterHandler
+	case w.headSent || w.n > 0:
+		return nil, nil, errors.New("subproc: Hijack after the response was written: hijack before writing, or write the response into the conn")
+	}
+	var prefix []byte
+	if w.wroteHeader {
+		prefix = appendRawHead(nil, w.status, w.sent)
+	}
+	hc, err := w.hijack()
+	if err != nil {
+		return nil, nil, err
+	}
+	w.hijacked = true
+	if len(prefix) > 0 {
+		if _, err := hc.Write(prefix); err != nil {
+			hc.Close()
+			return nil, nil, err
+		}
+	}
+	return hc, bufio.NewReadWriter(bufio.NewReader(hc), bufio.NewWriter(hc)), nil
+}

@@ -1,0 +1,435 @@
+package subproc
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// The modules of this file answer upgrades to "upg-echo", a protocol that
+// echoes what the client sends until it closes its side.
+func init() {
+	Register("upg", func(ctx context.Context, env *Env) (http.Handler, error) {
+		var (
+			mu       sync.Mutex
+			lastErr  = "none" // how the last /vanish handler's read ended
+			drainSaw = false  // a /drain handler saw the ModuleFunc's ctx end
+		)
+		mux := http.NewServeMux()
+		mux.HandleFunc("/headers", func(w http.ResponseWriter, r *http.Request) {
+			fmt.Fprintf(w, "%q %q %q", r.Header.Get("Connection"), r.Header.Get("Upgrade"), r.Header.Get("Keep-Alive"))
+		})
+		// As gorilla/websocket does: hijack, then write the 101 into the
+		// conn.
+		mux.HandleFunc("/echo", func(w http.ResponseWriter, r *http.Request) {
+			conn, brw, err := http.NewResponseController(w).Hijack()
+			if err != nil {
+				http.Error(w, err.Error(), http.StatusNotImplemented)
+				return
+			}
+			defer conn.Close()
+			io.WriteString(conn, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: upg-echo\r\n\r\n")
+			io.Copy(conn, brw)
+			conn.(interface{ CloseWrite() error }).CloseWrite()
+		})
+		// As coder/websocket does: WriteHeader(101), then hijack.
+		mux.HandleFunc("/echo-wh", func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Connection", "Upgrade")
+			w.Header().Set("Upgrade", "upg-echo")
+			w.WriteHeader(http.StatusSwitchingProtocols)
+			conn, brw, err := w.(http.Hijacker).Hijack()
+			if err != nil {
+				panic(err)
+			}
+			defer conn.Close()
+			io.Copy(conn, brw)
+		})
+		mux.HandleFunc("/vanish", func(w http.ResponseWriter, r *http.Request) {
+			conn, _, err := http.NewResponseController(w).Hijack()
+			if err != nil {
+				panic(err)
+			}
+			defer conn.Close()
+			io.WriteString(conn, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: upg-echo\r\n\r\n")
+			_, err = io.Copy(io.Discard, conn)
+			mu.Lock()
+			lastErr = fmt.Sprint(err) // nil: EOF
+			mu.Unlock()
+		})
+		mux.HandleFunc("/status", func(w http.ResponseWriter, r *http.Request) {
+			mu.Lock()
+			defer mu.Unlock()
+			fmt.Fprintf(w, "%s %v", lastErr, drainSaw)
+		})
+		mux.HandleFunc("/deadline", func(w http.ResponseWriter, r *http.Request) {
+			conn, _, err := http.NewResponseController(w).Hijack()
+			if err != nil {
+				panic(err)
+			}
+			defer conn.Close()
+			io.WriteString(conn, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: upg-echo\r\n\r\n")
+			conn.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+			_, err = conn.Read(make([]byte, 1))
+			fmt.Fprintf(conn, "%v", errors.Is(err, os.ErrDeadlineExceeded))
+		})
+		// Closes its conn with a last word when the ModuleFunc's ctx ends.
+		mux.HandleFunc("/drain", func(w http.ResponseWriter, r *http.Request) {
+			conn, _, err := http.NewResponseController(w).Hijack()
+			if err != nil {
+				panic(err)
+			}
+			defer conn.Close()
+			io.WriteString(conn, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: upg-echo\r\n\r\nready")
+			<-ctx.Done()
+			io.WriteString(conn, "bye")
+		})
+		// Half-closes: writes its address view and "hello", closes its
+		// side, then counts what the client sends until EOF; then
+		// Close makes reads and writes fail with net.ErrClosed.
+		mux.HandleFunc("/half", func(w http.ResponseWriter, r *http.Request) {
+			conn, _, err := http.NewResponseController(w).Hijack()
+			if err != nil {
+				panic(err)
+			}
+			fmt.Fprintf(conn, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: upg-echo\r\n\r\n%s|%v|hello", conn.RemoteAddr(), conn.RemoteAddr().String() == r.RemoteAddr)
+			conn.(interface{ CloseWrite() error }).CloseWrite()
+			n, err := io.Copy(io.Discard, conn)
+			conn.Close()
+			_, rerr := conn.Read(make([]byte, 1))
+			_, werr := conn.Write([]byte("x"))
+			mu.Lock()
+			lastErr = fmt.Sprintf("%d,%v,%v,%v", n, err, errors.Is(rerr, net.ErrClosed), errors.Is(werr, net.ErrClosed))
+			mu.Unlock()
+		})
+		// Hijack after the response was written fails.
+		mux.HandleFunc("/late", func(w http.ResponseWriter, r *http.Request) {
+			io.WriteString(w, "body ")
+			w.(http.Flusher).Flush()
+			_, _, err := http.NewResponseController(w).Hijack()
+			fmt.Fprintf(w, "%v", err != nil)
+		})
+		// Deadlines before a hijack, through http.ResponseController.
+		mux.HandleFunc("/rdl", func(w http.ResponseWriter, r *http.Request) {
+			rc := http.NewResponseController(w)
+			rc.EnableFullDuplex()
+			if err := rc.SetReadDeadline(time.Now().Add(50 * time.Millisecond)); err != nil {
+				fmt.Fprintf(w, "SetReadDeadline: %v", err)
+				return
+			}
+			_, err := io.ReadAll(r.Body)
+			fmt.Fprintf(w, "%v", errors.Is(err, os.ErrDeadlineExceeded))
+		})
+		mux.HandleFunc("/wdl", func(w http.ResponseWriter, r *http.Request) {
+			rc := http.NewResponseController(w)
+			if err := rc.SetWriteDeadline(time.Now().Add(200 * time.Millisecond)); err != nil {
+				panic(err)
+			}
+			rc.Flush()
+			p := make([]byte, 64<<10)
+			var err error
+			for i := 0; i < 10_000 && err == nil; i++ { // 640 MiB: more than every buffer on the way
+				_, err = w.Write(p)
+			}
+			mu.Lock()
+			lastErr = fmt.Sprint(errors.Is(err, os.ErrDeadlineExceeded))
+			mu.Unlock()
+		})
+		mux.HandleFunc("/h2", func(w http.ResponseWriter, r *http.Request) {
+			_, _, err := http.NewResponseController(w).Hijack()
+			fmt.Fprintf(w, "%v", errors.Is(err, http.ErrNotSupported))
+		})
+		return mux, nil
+	})
+}
+
+// upgDial sends an upgrade request for path to srv and returns the
+// connection, its reader, and the response head.
+func upgDial(t *testing.T, srv *httptest.Server, path string) (net.Conn, *bufio.Reader, *http.Response) {
+	t.Helper()
+	conn, err := net.Dial("tcp", srv.Listener.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	conn.SetDeadline(time.Now().Add(60 * time.Second))
+	fmt.Fprintf(conn, "GET %s HTTP/1.1\r\nHost: example.com\r\nConnection: keep-alive, Upgrade\r\nUpgrade: upg-echo\r\nKeep-Alive: timeout=5\r\n\r\n", path)
+	br := bufio.NewReader(conn)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatalf("reading the response to the upgrade: %v", err)
+	}
+	return conn, br, resp
+}
+
+func TestUpgradeHeadersReachModule(t *testing.T) {
+	h := startModule(t, "upg", Options{})
+	srv := httptest.NewServer(h)
+	defer srv.Close()
+	conn, br, resp := upgDial(t, srv, "/headers")
+	defer conn.Close()
+	body, _ := io.ReadAll(io.LimitReader(br, resp.ContentLength))
+	if got, want := string(body), `"Upgrade" "upg-echo" ""`; got != want {
+		t.Fatalf("the module saw Connection, Upgrade, Keep-Alive = %s, want %s", got, want)
+	}
+	// Without Connection: upgrade, Upgrade is hop-by-hop as before.
+	req, _ := http.NewRequest("GET", srv.URL+"/headers", nil)
+	req.Header.Set("Upgrade", "upg-echo")
+	res, err := srv.Client().Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(res.Body)
+	res.Body.Close()
+	if got, want := string(b), `"" "" ""`; got != want {
+		t.Fatalf("without Connection: upgrade the module saw %s, want %s", got, want)
+	}
+}
+
+// TestUpgradeEcho sends 8 MiB through an upgraded connection while reading
+// the echo, both directions at once, and checks every byte, for both ways
+// a handler writes its 101.
+func TestUpgradeEcho(t *testing.T) {
+	h := startModule(t, "upg", Options{})
+	srv := httptest.NewServer(h)
+	defer srv.Close()
+	for _, path := range []string{"/echo", "/echo-wh"} {
+		t.Run(path, func(t *testing.T) {
+			conn, br, resp := upgDial(t, srv, path)
+			if resp.StatusCode != http.StatusSwitchingProtocols || resp.Header.Get("Upgrade") != "upg-echo" {
+				t.Fatalf("response %d %v, want 101 with Upgrade: upg-echo", resp.StatusCode, resp.Header)
+			}
+			data := make([]byte, 8<<20)
+			rand.Read(data)
+			werr := make(chan error, 1)
+			go func() {
+				for p := data; len(p) > 0; {
+					n := min(len(p), 100_000)
+					if _, err := conn.Write(p[:n]); err != nil {
+						werr <- err
+						return
+					}
+					p = p[n:]
+				}
+				werr <- conn.(*net.TCPConn).CloseWrite()
+			}()
+			got, err := io.ReadAll(br)
+			if err != nil {
+				t.Fatalf("reading the echo: %v", err)
+			}
+			if err := <-werr; err != nil {
+				t.Fatalf("writing: %v", err)
+			}
+			if !bytes.Equal(got, data) {
+				t.Fatalf("echo of %d bytes differs: got %d bytes", len(data), len(got))
+			}
+		})
+	}
+}
+
+// TestUpgradeChildDies: the client's upgraded connection ends as soon as
+// the child dies.
+func TestUpgradeChildDies(t *testing.T) {
+	h := startModule(t, "upg", Options{})
+	srv := httptest.NewServer(h)
+	defer srv.Close()
+	conn, br, _ := upgDial(t, srv, "/echo")
+	io.WriteString(conn, "ping")
+	p := make([]byte, 4)
+	if _, err := io.ReadFull(br, p); err != nil || string(p) != "ping" {
+		t.Fatalf("echo: %q, %v", p, err)
+	}
+	syscall.Kill(h.Stats().Pid, syscall.SIGKILL)
+	conn.SetReadDeadline(time.Now().Add(20 * time.Second))
+	if _, err := br.ReadByte(); err != io.EOF {
+		t.Fatalf("after the child died, the client read %v, want io.EOF", err)
+	}
+}
+
+// TestUpgradeClientVanishes: the handler's conn reads EOF when the client
+// closes its connection, and its handler returns.
+func TestUpgradeClientVanishes(t *testing.T) {
+	h := startModule(t, "upg", Options{})
+	srv := httptest.NewServer(h)
+	defer srv.Close()
+	conn, _, _ := upgDial(t, srv, "/vanish")
+	io.WriteString(conn, "some bytes")
+	conn.Close()
+	failWaitUntil(t, 20*time.Second, "the handler's read to end", func() bool {
+		res, err := srv.Client().Get(srv.URL + "/status")
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(res.Body)
+		res.Body.Close()
+		return string(b) == "<nil> false"
+	})
+}
+
+// TestUpgradeDeadline: a hijacked conn's read deadline makes Read fail
+// with os.ErrDeadlineExceeded.
+func TestUpgradeDeadline(t *testing.T) {
+	h := startModule(t, "upg", Options{})
+	srv := httptest.NewServer(h)
+	defer srv.Close()
+	_, br, _ := upgDial(t, srv, "/deadline")
+	got, err := io.ReadAll(br)
+	if err != nil || string(got) != "true" {
+		t.Fatalf("the handler's read after its deadline: errors.Is(err, os.ErrDeadlineExceeded) = %q (%v), want true", got, err)
+	}
+}
+
+// TestUpgradeDrain: Shutdown cancels the ModuleFunc's context, and the
+// module's last words reach the client before its connection closes.
+func TestUpgradeDrain(t *testing.T) {
+	h, err := Start(context.Background(), "upg", testOptions(t, Options{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(h)
+	defer srv.Close()
+	_, br, _ := upgDial(t, srv, "/drain")
+	p := make([]byte, 5)
+	if _, err := io.ReadFull(br, p); err != nil || string(p) != "ready" {
+		t.Fatalf("read %q, %v", p, err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		stopAndReap(t, h)
+	}()
+	rest, err := io.ReadAll(br)
+	if err != nil || string(rest) != "bye" {
+		t.Fatalf("after Shutdown began the client read %q, %v; want \"bye\" then EOF", rest, err)
+	}
+	<-done
+}
+
+// TestUpgradeHTTP2: Hijack fails for an HTTP/2 request, as in-process.
+func TestUpgradeHTTP2(t *testing.T) {
+	h := startModule(t, "upg", Options{})
+	srv := httptest.NewUnstartedServer(h)
+	srv.EnableHTTP2 = true
+	srv.StartTLS()
+	defer srv.Close()
+	res, err := srv.Client().Get(srv.URL + "/h2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(res.Body)
+	res.Body.Close()
+	if res.ProtoMajor != 2 || string(b) != "true" {
+		t.Fatalf("over HTTP/%d, Hijack's error is ErrNotSupported: %s, want true over HTTP/2", res.ProtoMajor, b)
+	}
+}
+
+// TestResponseControllerReadDeadline: SetReadDeadline works in the child,
+// as in-process: a body read that waits past it fails with
+// os.ErrDeadlineExceeded.
+func TestResponseControllerReadDeadline(t *testing.T) {
+	h := startModule(t, "upg", Options{})
+	srv := httptest.NewServer(h)
+	defer srv.Close()
+	pr, pw := io.Pipe()
+	defer pw.Close()
+	res, err := srv.Client().Post(srv.URL+"/rdl", "text/plain", pr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(res.Body)
+	res.Body.Close()
+	if string(b) != "true" {
+		t.Fatalf("the body read after the read deadline: errors.Is(err, os.ErrDeadlineExceeded) = %s, want true", b)
+	}
+}
+
+// TestResponseControllerWriteDeadline: SetWriteDeadline works in the
+// child: a write that waits past it, the client reading nothing, fails
+// with os.ErrDeadlineExceeded.
+func TestResponseControllerWriteDeadline(t *testing.T) {
+	h := startModule(t, "upg", Options{})
+	srv := httptest.NewServer(h)
+	defer srv.Close()
+	res, err := srv.Client().Get(srv.URL + "/wdl")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Body.Close() // read nothing until the handler gave up
+	failWaitUntil(t, 30*time.Second, "the handler's write to fail", func() bool {
+		res, err := srv.Client().Get(srv.URL + "/status")
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(res.Body)
+		res.Body.Close()
+		if string(b) == "false false" {
+			t.Fatal("the handler's write failed, but not with os.ErrDeadlineExceeded")
+		}
+		return string(b) == "true false"
+	})
+}
+
+// TestUpgradeHalfClose: the handler's CloseWrite half-closes the client's
+// connection (it reads EOF) while the handler goes on reading; its
+// RemoteAddr is the client's as the parent saw it; after Close, reads and
+// writes fail with net.ErrClosed.
+func TestUpgradeHalfClose(t *testing.T) {
+	h := startModule(t, "upg", Options{})
+	srv := httptest.NewServer(h)
+	defer srv.Close()
+	conn, br, _ := upgDial(t, srv, "/half")
+	got, err := io.ReadAll(br)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := conn.LocalAddr().String() + "|true|hello"; string(got) != want {
+		t.Fatalf("before the handler's CloseWrite the client read %q, want %q", got, want)
+	}
+	io.WriteString(conn, "abc")
+	conn.(*net.TCPConn).CloseWrite()
+	failWaitUntil(t, 20*time.Second, "the handler to read the client's end", func() bool {
+		res, err := srv.Client().Get(srv.URL + "/status")
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(res.Body)
+		res.Body.Close()
+		if s := string(b); s != "none false" {
+			if s != "3,<nil>,true,true false" {
+				t.Fatalf("the handler read %s, want \"3,<nil>,true,true\" (bytes, error, Read and Write after Close fail with net.ErrClosed)", s)
+			}
+			return true
+		}
+		return false
+	})
+}
+
+// TestUpgradeHijackLate: Hijack after the response was flushed fails with
+// an error (net/http would hand over the raw connection; here the head has
+// gone through the parent's ResponseWriter, which can no longer be
+// hijacked cleanly), and the response goes on.
+func TestUpgradeHijackLate(t *testing.T) {
+	h := startModule(t, "upg", Options{})
+	srv := httptest.NewServer(h)
+	defer srv.Close()
+	res, err := srv.Client().Get(srv.URL + "/late")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(res.Body)
+	res.Body.Close()
+	if string(b) != "body true" {
+		t.Fatalf("Hijack after a flush: %q, want an error", b)
+	}
+}
