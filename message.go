@@ -19,7 +19,7 @@ import (
 
 // protocolVersion is written in the preamble of both directions. Bump it
 // whenever a message or a frame kind changes meaning.
-const protocolVersion = 5
+const protocolVersion = 6
 
 // Frame kinds. PROTOCOL.md says which side may send which kind in each
 // state of a stream. Every frame carries a request id; kinds marked "id 0" are not
