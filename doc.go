@@ -33,6 +33,18 @@
 // Server Error; after, the client's connection is aborted. Either way the
 // child survives.
 //
+// # Upgrades and WebSocket
+//
+// A request that asks for a protocol upgrade reaches the module with its
+// Connection and Upgrade headers, as httputil.ReverseProxy forwards it. A
+// handler that hijacks its connection (http.Hijacker, or
+// http.ResponseController.Hijack), as WebSocket libraries do, gets a
+// net.Conn whose bytes flow to and from the client's connection in both
+// directions under the same flow control; its deadlines, Close and
+// CloseWrite behave as on a real connection. The parent hijacks the
+// client's HTTP/1.1 connection; for an HTTP/2 request Hijack fails, as it
+// does in-process. When the child dies its upgraded connections close.
+//
 // # Streaming and flow control
 //
 // Bodies move in chunks of 64 KiB with flow control per request and
