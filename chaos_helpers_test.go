@@ -8,12 +8,10 @@ import (
 	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"hash/crc32"
 	"io"
 	"math/rand/v2"
-	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -506,56 +504,18 @@ func chaosStart(t *testing.T, name string, cfg chaosConfig, opts Options) (*Hand
 	return h, stop
 }
 
-// chaosAwait waits until cond holds for h's Stats, waking whenever the
-// handle installs or retires a child, and reports whether it held within
-// timeout.
-func chaosAwait(h *Handle, timeout time.Duration, cond func(Stats) bool) bool {
-	timer := time.NewTimer(timeout)
-	defer timer.Stop()
-	for {
-		h.mu.Lock()
-		changed := h.changed
-		h.mu.Unlock()
-		if cond(h.Stats()) {
-			return true
-		}
-		select {
-		case <-changed:
-		case <-timer.C:
-			return cond(h.Stats())
-		}
-	}
-}
-
 // chaosPid returns the pid of the running child, waiting for one: never 0,
 // which kill(2) would take for the test's own process group.
 func chaosPid(t *testing.T, h *Handle) int {
 	t.Helper()
 	var pid int
-	if !chaosAwait(h, 30*time.Second, func(st Stats) bool { pid = st.Pid; return st.State == "running" && pid != 0 }) {
-		t.Fatalf("no child running within 30s: %+v", h.Stats())
-	}
+	awaitStats(t, h, 30*time.Second, "a child running", func(st Stats) bool { pid = st.Pid; return st.State == "running" && pid != 0 })
 	return pid
 }
 
 // chaosRunningOtherThan is a condition: a child other than pid serves.
 func chaosRunningOtherThan(pid int) func(Stats) bool {
 	return func(st Stats) bool { return st.State == "running" && st.Pid != 0 && st.Pid != pid }
-}
-
-// chaosAwaitGone waits until process pid no longer exists (reaped), and
-// reports whether it happened within timeout.
-func chaosAwaitGone(pid int, timeout time.Duration) bool {
-	deadline := time.Now().Add(timeout)
-	for {
-		if err := syscall.Kill(pid, 0); errors.Is(err, syscall.ESRCH) {
-			return true
-		}
-		if time.Now().After(deadline) {
-			return false
-		}
-		time.Sleep(5 * time.Millisecond) // another process's fate: poll
-	}
 }
 
 // chaosClient returns an HTTP client for a storm of concurrent clients.
@@ -609,21 +569,6 @@ func (l *chaosLatencies) pct(p float64) time.Duration {
 
 func (l *chaosLatencies) String() string {
 	return fmt.Sprintf("p50 %v p99 %v (n=%d)", l.pct(0.50).Round(10*time.Microsecond), l.pct(0.99).Round(10*time.Microsecond), len(l.d))
-}
-
-// smallBufListener sets a small send buffer on every accepted connection,
-// so that a slow client's backpressure reaches the server soon.
-type smallBufListener struct {
-	net.Listener
-	size int
-}
-
-func (l smallBufListener) Accept() (net.Conn, error) {
-	c, err := l.Listener.Accept()
-	if err == nil {
-		c.(*net.TCPConn).SetWriteBuffer(l.size)
-	}
-	return c, err
 }
 
 // count502 counts the answer to a request whose child dies under it, which

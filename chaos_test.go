@@ -199,9 +199,7 @@ func TestChaosKillStorm(t *testing.T) {
 			t.Fatalf("kill %d: %v", pid, err)
 		}
 		kills++
-		if !chaosAwait(h, 30*time.Second, chaosRunningOtherThan(pid)) {
-			t.Fatalf("no new child 30s after kill %d: %+v", kills, h.Stats())
-		}
+		awaitStats(t, h, 30*time.Second, fmt.Sprintf("a new child after kill %d", kills), chaosRunningOtherThan(pid))
 		slowest = max(slowest, time.Since(killed))
 		if err := syscall.Kill(pid, 0); !errors.Is(err, syscall.ESRCH) {
 			t.Errorf("killed child %d not reaped once its successor serves", pid)
@@ -269,9 +267,7 @@ func TestChaosHangStorm(t *testing.T) {
 			res, err := client.Do(req)
 			f.count502(t, ctx, "GET /hang?how="+how, res, err)
 		}()
-		if !chaosAwait(h, 60*time.Second, chaosRunningOtherThan(pid)) {
-			t.Fatalf("hang %d (%s): child %d not replaced within 60s: %+v", i, how, pid, h.Stats())
-		}
+		awaitStats(t, h, 60*time.Second, fmt.Sprintf("hang %d (%s): child %d replaced", i, how, pid), chaosRunningOtherThan(pid))
 		detect = append(detect, time.Since(start))
 		if err := syscall.Kill(pid, 0); !errors.Is(err, syscall.ESRCH) {
 			t.Errorf("hang %d (%s): frozen child %d not reaped once replaced", i, how, pid)
@@ -490,9 +486,7 @@ func chaosGarbageChild(t *testing.T) {
 				res.Body.Close()
 			}
 		}()
-		if !chaosAwait(h, 60*time.Second, chaosRunningOtherThan(pid)) {
-			t.Fatalf("garbage %q: child %d not replaced within 60s: %+v", how, pid, h.Stats())
-		}
+		awaitStats(t, h, 60*time.Second, fmt.Sprintf("garbage %q: child %d replaced", how, pid), chaosRunningOtherThan(pid))
 		if err := syscall.Kill(pid, 0); !errors.Is(err, syscall.ESRCH) {
 			t.Errorf("garbage %q: child %d not reaped once replaced", how, pid)
 		}
@@ -752,9 +746,7 @@ func TestChaosRestartChurn(t *testing.T) {
 			f.count502(t, context.Background(), "GET /exit", res, err)
 		}
 		how[i%3]++
-		if !chaosAwait(h, 30*time.Second, chaosRunningOtherThan(pid)) {
-			t.Fatalf("restart %d: no new child within 30s: %+v", i, h.Stats())
-		}
+		awaitStats(t, h, 30*time.Second, fmt.Sprintf("restart %d: a new child", i), chaosRunningOtherThan(pid))
 		if i%3 == 1 {
 			if _, err := os.Stat(marker); err == nil {
 				t.Fatalf("restart %d: the new child serves but did not crash on init", i)
@@ -877,10 +869,10 @@ func TestChaosParentDeath(t *testing.T) {
 		cancel()
 		var alive []int
 		for _, pid := range pids {
-			for !failGone(pid) && time.Since(killed) < time.Second {
+			for !gone(pid) && time.Since(killed) < time.Second {
 				time.Sleep(2 * time.Millisecond) // another process's fate: poll
 			}
-			if !failGone(pid) {
+			if !gone(pid) {
 				alive = append(alive, pid)
 				syscall.Kill(pid, syscall.SIGKILL)
 			}

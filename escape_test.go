@@ -164,7 +164,7 @@ func escapeGroup(pgid int) []int {
 func escapeCleanup(t *testing.T, pgid int, pids []int) {
 	t.Cleanup(func() {
 		for _, pid := range append(escapeGroup(pgid), pids...) {
-			if !failGone(pid) {
+			if !gone(pid) {
 				syscall.Kill(pid, syscall.SIGKILL)
 			}
 		}
@@ -179,7 +179,7 @@ func escapeAwaitGone(t *testing.T, since time.Time, pgid int, pids []int) time.D
 	alive := func() []int {
 		var left []int
 		for _, pid := range append(pids, escapeGroup(pgid)...) {
-			if !failGone(pid) && !slices.Contains(left, pid) {
+			if !gone(pid) && !slices.Contains(left, pid) {
 				left = append(left, pid)
 			}
 		}
@@ -193,7 +193,7 @@ func escapeAwaitGone(t *testing.T, since time.Time, pgid int, pids []int) time.D
 		if time.Since(since) > escapeDeadline {
 			var states []string
 			for _, pid := range left {
-				states = append(states, fmt.Sprintf("%d (state %q)", pid, failProcState(pid)))
+				states = append(states, fmt.Sprintf("%d (state %q)", pid, procState(pid)))
 			}
 			t.Fatalf("%v after the child's end, processes it started still run: %s", escapeDeadline, strings.Join(states, ", "))
 		}
@@ -205,7 +205,7 @@ func escapeAwaitGone(t *testing.T, since time.Time, pgid int, pids []int) time.D
 func escapeAssertAlive(t *testing.T, pids []int) {
 	t.Helper()
 	for _, pid := range pids {
-		if failGone(pid) {
+		if gone(pid) {
 			t.Fatalf("process %d, started by the module, is not running", pid)
 		}
 	}
@@ -382,19 +382,11 @@ func TestEscapeParentDeath(t *testing.T) {
 			case "stopped":
 				// A process of ours in the child's group keeps the group
 				// from being orphaned when the parent dies.
-				anchor := exec.Command("sleep", "60")
-				anchor.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pgid: pid}
-				if err := anchor.Start(); err != nil {
-					t.Fatalf("starting a process in the child's process group: %v", err)
-				}
-				t.Cleanup(func() {
-					anchor.Process.Kill()
-					anchor.Wait()
-				})
+				anchorGroup(t, pid)
 				if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
 					t.Fatal(err)
 				}
-				failWaitUntil(t, 10*time.Second, "the child to stop", func() bool { return failProcState(pid) == "T" })
+				waitFor(t, 10*time.Second, "the child to stop", func() bool { return procState(pid) == "T" })
 			case "starved":
 				io.WriteString(stdin, "starve\n")
 				await("starved")
@@ -413,22 +405,6 @@ func TestEscapeParentDeath(t *testing.T) {
 	}
 }
 
-// escapeAnchor starts "sleep 60" in a process group of its own (or, with
-// pgid > 0, in group pgid) and kills it when the test ends.
-func escapeAnchor(t *testing.T, pgid int) *exec.Cmd {
-	t.Helper()
-	cmd := exec.Command("sleep", "60")
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pgid: pgid}
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("starting sleep: %v", err)
-	}
-	t.Cleanup(func() {
-		cmd.Process.Kill()
-		cmd.Wait()
-	})
-	return cmd
-}
-
 // escapeRunWatcher runs this binary as a watcher by hand, with envWatcher
 // set to value and stdin reading input (nil: /dev/null) to its end, and
 // returns how it ended and what it wrote to stderr.
@@ -436,7 +412,7 @@ func escapeRunWatcher(t *testing.T, value string, input []byte) (error, string) 
 	t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), envWatcher+"="+value)
-	stderr := newFailLog()
+	stderr := newLogSink()
 	cmd.Stderr = stderr
 	if input != nil {
 		// Written, and closed, before the watcher starts: it finds all of
@@ -484,7 +460,7 @@ func TestEscapeWatcherMisuse(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			pgid := escapeAnchor(t, 0).Process.Pid // what the watcher must not kill
+			pgid := anchorGroup(t, 0).Process.Pid // what the watcher must not kill
 			var input []byte
 			if tt.input != nil {
 				input = tt.input(pgid)
@@ -499,7 +475,7 @@ func TestEscapeWatcherMisuse(t *testing.T) {
 					t.Errorf("the watcher's stderr does not say %q:\n%s", want, stderr)
 				}
 			}
-			if failGone(pgid) {
+			if gone(pgid) {
 				t.Errorf("the watcher killed a process group it was not given by a parent")
 			}
 		})
@@ -509,7 +485,7 @@ func TestEscapeWatcherMisuse(t *testing.T) {
 // A watcher whose stdin ends kills the groups registered and not
 // unregistered in what was left in the pipe, and no other, and exits.
 func TestEscapeWatcherKills(t *testing.T) {
-	kept, unregistered, other := escapeAnchor(t, 0), escapeAnchor(t, 0), escapeAnchor(t, 0)
+	kept, unregistered, other := anchorGroup(t, 0), anchorGroup(t, 0), anchorGroup(t, 0)
 	input := fmt.Appendf(nil, "%s+%d\n+%d\n-%d\n+0\n+junk\n+%d", watcherHello(os.Getpid()),
 		kept.Process.Pid, unregistered.Process.Pid, unregistered.Process.Pid, other.Process.Pid) // the last line is cut off
 	err, stderr := escapeRunWatcher(t, strconv.Itoa(os.Getpid()), input)
@@ -520,7 +496,7 @@ func TestEscapeWatcherKills(t *testing.T) {
 		t.Errorf("the registered group: sleep ended with %v, want killed", err)
 	}
 	for _, a := range []*exec.Cmd{unregistered, other} {
-		if failGone(a.Process.Pid) {
+		if gone(a.Process.Pid) {
 			t.Errorf("the watcher killed group %d, which it was not to kill", a.Process.Pid)
 		}
 	}
@@ -690,7 +666,7 @@ type escapeParent struct {
 	t        *testing.T
 	cmd      *exec.Cmd
 	stdin    io.WriteCloser
-	stderr   *failLog
+	stderr   *logSink
 	lines    chan string   // the lines it prints
 	readDone chan struct{} // closed when its stdout has ended
 }
@@ -786,11 +762,11 @@ func (p *escapeParent) kill() time.Time {
 // cannot help: only a watcher kills the processes the child started.
 func escapeStop(t *testing.T, pid int) {
 	t.Helper()
-	escapeAnchor(t, pid)
+	anchorGroup(t, pid)
 	if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
 		t.Fatal(err)
 	}
-	failWaitUntil(t, 10*time.Second, "the child to stop", func() bool { return failProcState(pid) == "T" })
+	waitFor(t, 10*time.Second, "the child to stop", func() bool { return procState(pid) == "T" })
 }
 
 // escapeAwaitGroupsGone waits until every process of the groups pgids has

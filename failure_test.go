@@ -21,11 +21,11 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/require"
 	"go.uber.org/goleak"
 )
 
@@ -221,97 +221,12 @@ func failOpts(t *testing.T, cfg failConfig, opts Options) Options {
 	return opts
 }
 
-// failLog is a log destination that tests can read and wait on.
-type failLog struct {
-	wrote chan struct{} // capacity 1; signalled on every write
-
-	mu  sync.Mutex // guards buf
-	buf bytes.Buffer
-}
-
-func newFailLog() *failLog { return &failLog{wrote: make(chan struct{}, 1)} }
-
-func (l *failLog) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	l.buf.Write(p)
-	l.mu.Unlock()
-	select {
-	case l.wrote <- struct{}{}:
-	default:
-	}
-	return len(p), nil
-}
-
-func (l *failLog) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.String()
-}
-
-// await waits until the log contains s, and reports whether it did within
-// timeout.
-func (l *failLog) await(s string, timeout time.Duration) bool {
-	timer := time.NewTimer(timeout)
-	defer timer.Stop()
-	for !strings.Contains(l.String(), s) {
-		select {
-		case <-l.wrote:
-		case <-timer.C:
-			return strings.Contains(l.String(), s)
-		}
-	}
-	return true
-}
-
-// failWaitUntil polls cond until it holds, failing the test after timeout.
-// Use it only for what another process does, or for state that only Stats
-// shows.
-func failWaitUntil(t *testing.T, timeout time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", timeout, what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
 // failFileExists reports whether path exists.
 func failFileExists(path string) func() bool {
 	return func() bool {
 		_, err := os.Stat(path)
 		return err == nil
 	}
-}
-
-// failFetch GETs url within timeout and returns the response, whose body
-// has been read into body and closed.
-func failFetch(url string, timeout time.Duration) (res *http.Response, body string, err error) {
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
-	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
-	if err != nil {
-		return nil, "", err
-	}
-	res, err = http.DefaultClient.Do(req)
-	if err != nil {
-		return nil, "", err
-	}
-	defer res.Body.Close()
-	b, err := io.ReadAll(res.Body)
-	return res, string(b), err
-}
-
-// failMustFetch is failFetch on the test goroutine, failing on a transport
-// error.
-func failMustFetch(t *testing.T, url string) (*http.Response, string) {
-	t.Helper()
-	res, body, err := failFetch(url, 30*time.Second)
-	if err != nil {
-		t.Fatalf("GET %s: %v", url, err)
-	}
-	return res, body
 }
 
 // failOpen GETs url, checks that the response is a 200 whose body starts
@@ -363,14 +278,6 @@ func failAwaitBody(t *testing.T, c <-chan failBody, what string) failBody {
 	}
 }
 
-// failRunning returns a condition: the handle runs incarnation n.
-func failRunning(h *Handle, n int) func() bool {
-	return func() bool {
-		st := h.Stats()
-		return st.Incarnation == n && st.State == "running" && st.Pid != 0
-	}
-}
-
 func TestFailCrashNoticedAtOnce(t *testing.T) {
 	// Health checks are an hour apart: only noticing the exit itself can
 	// fail the requests and restart the module within the test.
@@ -382,7 +289,7 @@ func TestFailCrashNoticedAtOnce(t *testing.T) {
 	started := failOpen(t, srv.URL+"/stream", "partial\n")
 	rest := failReadAll(started.Body)
 
-	res, body, err := failFetch(srv.URL+"/exit", 30*time.Second)
+	res, body, err := fetchErr(srv.URL+"/exit", 30*time.Second)
 	if err != nil {
 		t.Fatalf("GET /exit: %v (the child's exit was not noticed)", err)
 	}
@@ -393,9 +300,9 @@ func TestFailCrashNoticedAtOnce(t *testing.T) {
 		t.Errorf("GET /stream: body ended cleanly with %q after the child died; want an aborted body", b.data)
 	}
 
-	res, body = failMustFetch(t, srv.URL+"/inc")
-	if res.StatusCode != http.StatusOK || !strings.HasPrefix(body, "inc=1 ") {
-		t.Errorf("GET /inc after the crash: %d %q, want 200 from incarnation 1", res.StatusCode, body)
+	code, body := fetch(t, srv.URL+"/inc")
+	if code != http.StatusOK || !strings.HasPrefix(body, "inc=1 ") {
+		t.Errorf("GET /inc after the crash: %d %q, want 200 from incarnation 1", code, body)
 	}
 	st := h.Stats()
 	if st.Incarnation != 1 || st.Pid == 0 || st.Pid == pid0 {
@@ -423,14 +330,14 @@ func TestFailSIGKILLDuringRequest(t *testing.T) {
 	}
 	done := make(chan result, 1)
 	go func() {
-		res, body, err := failFetch(srv.URL+"/block", 30*time.Second)
+		res, body, err := fetchErr(srv.URL+"/block", 30*time.Second)
 		if err != nil {
 			done <- result{err: err}
 			return
 		}
 		done <- result{res.StatusCode, body, nil}
 	}()
-	failWaitUntil(t, 10*time.Second, "the request to reach the module", failFileExists(filepath.Join(dir, "block")))
+	waitFor(t, 10*time.Second, "the request to reach the module", failFileExists(filepath.Join(dir, "block")))
 	if err := syscall.Kill(pid0, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
@@ -442,9 +349,9 @@ func TestFailSIGKILLDuringRequest(t *testing.T) {
 		t.Errorf("GET /block: %d %q, want 502", r.code, r.body)
 	}
 
-	res, body := failMustFetch(t, srv.URL+"/inc")
-	if res.StatusCode != http.StatusOK || !strings.HasPrefix(body, "inc=1 ") {
-		t.Errorf("GET /inc after SIGKILL: %d %q, want 200 from incarnation 1", res.StatusCode, body)
+	code, body := fetch(t, srv.URL+"/inc")
+	if code != http.StatusOK || !strings.HasPrefix(body, "inc=1 ") {
+		t.Errorf("GET /inc after SIGKILL: %d %q, want 200 from incarnation 1", code, body)
 	}
 	if st := h.Stats(); st.Incarnation != 1 || st.Pid == pid0 || st.Restarts != 1 {
 		t.Errorf("after SIGKILL: Stats = %+v, want incarnation 1, one restart, a new pid (old %d)", st, pid0)
@@ -461,13 +368,13 @@ func TestFailRequestDuringRestartWaits(t *testing.T) {
 	if err := syscall.Kill(pid0, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
-	failWaitUntil(t, 10*time.Second, "the parent to notice the kill", func() bool { return h.Stats().Pid != pid0 })
+	waitFor(t, 10*time.Second, "the parent to notice the kill", func() bool { return h.Stats().Pid != pid0 })
 	if st := h.Stats(); st.State != "restarting" {
 		t.Fatalf("Stats right after the kill was noticed: %+v, want state restarting (the restart takes a second)", st)
 	}
-	res, body := failMustFetch(t, srv.URL+"/inc")
-	if res.StatusCode != http.StatusOK || !strings.HasPrefix(body, "inc=1 ") {
-		t.Errorf("GET /inc during the restart: %d %q, want 200 from incarnation 1", res.StatusCode, body)
+	code, body := fetch(t, srv.URL+"/inc")
+	if code != http.StatusOK || !strings.HasPrefix(body, "inc=1 ") {
+		t.Errorf("GET /inc during the restart: %d %q, want 200 from incarnation 1", code, body)
 	}
 }
 
@@ -483,14 +390,14 @@ func TestFailRequestRightAfterKillWaits(t *testing.T) {
 		if err := syscall.Kill(h.Stats().Pid, syscall.SIGKILL); err != nil {
 			t.Fatal(err)
 		}
-		res, body := failMustFetch(t, srv.URL+"/inc")
+		code, body := fetch(t, srv.URL+"/inc")
 		want := fmt.Sprintf("inc=%d ", round)
-		if res.StatusCode != http.StatusOK || !strings.HasPrefix(body, want) {
-			t.Errorf("round %d: GET /inc sent right after the kill: %d %q, want 200 from incarnation %d", round, res.StatusCode, body, round)
+		if code != http.StatusOK || !strings.HasPrefix(body, want) {
+			t.Errorf("round %d: GET /inc sent right after the kill: %d %q, want 200 from incarnation %d", round, code, body, round)
 			// Let the new child answer, so that the next kill restarts
 			// it at once.
-			if res, body := failMustFetch(t, srv.URL+"/inc"); res.StatusCode != http.StatusOK || !strings.HasPrefix(body, want) {
-				t.Fatalf("round %d: GET /inc after the restart: %d %q", round, res.StatusCode, body)
+			if code, body := fetch(t, srv.URL+"/inc"); code != http.StatusOK || !strings.HasPrefix(body, want) {
+				t.Fatalf("round %d: GET /inc after the restart: %d %q", round, code, body)
 			}
 		}
 	}
@@ -506,11 +413,12 @@ func TestFailRestartWaitBounded(t *testing.T) {
 	if err := syscall.Kill(pid0, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
-	failWaitUntil(t, 10*time.Second, "the parent to notice the kill", func() bool { return h.Stats().State == "restarting" })
+	waitFor(t, 10*time.Second, "the parent to notice the kill", func() bool { return h.Stats().State == "restarting" })
 
 	start := time.Now()
-	res, body := failMustFetch(t, srv.URL+"/inc")
+	res, body, err := fetchErr(srv.URL+"/inc", fetchTimeout)
 	took := time.Since(start)
+	require.NoError(t, err, "GET /inc")
 	if res.StatusCode != http.StatusServiceUnavailable {
 		t.Fatalf("GET /inc while the restart takes a minute: %d %q, want 503", res.StatusCode, body)
 	}
@@ -566,14 +474,14 @@ func TestFailRestartBackoff(t *testing.T) {
 		Options{HealthInterval: time.Hour, MaxRestartDelay: maxDelay}))
 	srv := serve(t, h)
 	// Incarnation 0 answers a request, so its death restarts at once.
-	if res, body := failMustFetch(t, srv.URL+"/inc"); res.StatusCode != http.StatusOK {
-		t.Fatalf("GET /inc: %d %q", res.StatusCode, body)
+	if code, body := fetch(t, srv.URL+"/inc"); code != http.StatusOK {
+		t.Fatalf("GET /inc: %d %q", code, body)
 	}
 	if err := syscall.Kill(h.Stats().Pid, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
 	const n = 9 // incarnations 0 to 8
-	failWaitUntil(t, 30*time.Second, fmt.Sprintf("%d starts", n), func() bool { return len(failReadStarts(t, dir)) >= n })
+	waitFor(t, 30*time.Second, fmt.Sprintf("%d starts", n), func() bool { return len(failReadStarts(t, dir)) >= n })
 	starts := failReadStarts(t, dir)[:n]
 	for i, s := range starts {
 		if s.incarnation != i {
@@ -610,7 +518,7 @@ func TestFailRestartBackoff(t *testing.T) {
 
 func TestFailHangDetected(t *testing.T) {
 	const mark = "fail-hang-marker-7f3a"
-	logs := newFailLog()
+	logs := newLogSink()
 	h := startModule(t, "fail-mod", failOpts(t, failConfig{}, Options{
 		HealthInterval: 50 * time.Millisecond,
 		HealthTimeout:  100 * time.Millisecond,
@@ -620,14 +528,14 @@ func TestFailHangDetected(t *testing.T) {
 	srv := serve(t, h)
 	pid0 := h.Stats().Pid
 
-	res, body, err := failFetch(srv.URL+"/stop?mark="+mark, 30*time.Second)
+	res, body, err := fetchErr(srv.URL+"/stop?mark="+mark, 30*time.Second)
 	if err != nil {
 		t.Fatalf("GET /stop: %v; want 502 once the stopped child is killed", err)
 	}
 	if res.StatusCode != http.StatusBadGateway {
 		t.Errorf("GET /stop: %d %q, want 502", res.StatusCode, body)
 	}
-	failWaitUntil(t, 20*time.Second, "incarnation 1", failRunning(h, 1))
+	awaitStats(t, h, 20*time.Second, "incarnation 1", runningInc(1))
 	assertReaped(t, pid0)
 	if st := h.Stats(); st.Pid == pid0 || !strings.Contains(st.LastExit, "health") {
 		t.Errorf("Stats = %+v, want a new pid (old %d) and a LastExit that names the failed health checks", st, pid0)
@@ -648,8 +556,8 @@ func TestFailHangDetected(t *testing.T) {
 	} else if !strings.Contains(record, mark) {
 		t.Errorf("the parent's record of the unhealthy child lacks the module's last line %q:\n%s", mark, record)
 	}
-	if res, body := failMustFetch(t, srv.URL+"/inc"); res.StatusCode != http.StatusOK || !strings.HasPrefix(body, "inc=1 ") {
-		t.Errorf("GET /inc after the restart: %d %q, want 200 from incarnation 1", res.StatusCode, body)
+	if code, body := fetch(t, srv.URL+"/inc"); code != http.StatusOK || !strings.HasPrefix(body, "inc=1 ") {
+		t.Errorf("GET /inc after the restart: %d %q, want 200 from incarnation 1", code, body)
 	}
 }
 
@@ -663,7 +571,7 @@ func TestFailOldIncarnationMessagesDropped(t *testing.T) {
 	if err := syscall.Kill(pid0, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
-	failWaitUntil(t, 10*time.Second, "the parent to notice the kill", func() bool { return h.Stats().Pid != pid0 })
+	waitFor(t, 10*time.Second, "the parent to notice the kill", func() bool { return h.Stats().Pid != pid0 })
 
 	// Requests to the next incarnation, sent while it starts.
 	const n = 20
@@ -676,7 +584,7 @@ func TestFailOldIncarnationMessagesDropped(t *testing.T) {
 	results := make(chan result, n)
 	for i := range n {
 		go func() {
-			res, body, err := failFetch(fmt.Sprintf("%s/echo?id=%d", srv.URL, i), 30*time.Second)
+			res, body, err := fetchErr(fmt.Sprintf("%s/echo?id=%d", srv.URL, i), 30*time.Second)
 			r := result{id: i, body: body, err: err}
 			if res != nil {
 				r.code = res.StatusCode
@@ -722,11 +630,11 @@ func TestFailShutdownGraceful(t *testing.T) {
 		defer cancel()
 		shutdown <- h.Shutdown(ctx)
 	}()
-	failWaitUntil(t, 10*time.Second, "Shutdown to begin", func() bool { return h.Stats().State != "running" })
+	waitFor(t, 10*time.Second, "Shutdown to begin", func() bool { return h.Stats().State != "running" })
 
-	res, body := failMustFetch(t, srv.URL+"/inc")
-	if res.StatusCode != http.StatusServiceUnavailable {
-		t.Errorf("GET /inc during Shutdown: %d %q, want 503", res.StatusCode, body)
+	code, body := fetch(t, srv.URL+"/inc")
+	if code != http.StatusServiceUnavailable {
+		t.Errorf("GET /inc during Shutdown: %d %q, want 503", code, body)
 	}
 	select {
 	case err := <-shutdown:
@@ -851,30 +759,6 @@ func TestHelperParent(t *testing.T) {
 	h.Close()
 }
 
-// failProcState returns the state letter of a process in /proc, or "" if
-// it cannot be read.
-func failProcState(pid int) string {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return ""
-	}
-	for _, l := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(l, "State:"); ok {
-			return strings.TrimSpace(v)[:1]
-		}
-	}
-	return ""
-}
-
-// failGone reports whether a process that is not ours has exited: it no
-// longer exists, or is a zombie waiting for whoever inherited it.
-func failGone(pid int) bool {
-	if err := syscall.Kill(pid, 0); errors.Is(err, syscall.ESRCH) {
-		return true
-	}
-	return failProcState(pid) == "Z"
-}
-
 func TestFailOrphan(t *testing.T) {
 	for _, stopped := range []bool{false, true} {
 		name := "running child"
@@ -917,7 +801,7 @@ func TestFailOrphan(t *testing.T) {
 				t.Fatalf("the helper parent printed no child pid in 30s; its stderr:\n%s", stderr)
 			}
 			t.Cleanup(func() {
-				if !failGone(pid) {
+				if !gone(pid) {
 					syscall.Kill(pid, syscall.SIGKILL) // the test failed: leave nothing behind
 				}
 			})
@@ -929,19 +813,11 @@ func TestFailOrphan(t *testing.T) {
 				// being orphaned, so that only the parent-death signal (or
 				// the child's watcher, which then kills the group) can end
 				// the stopped child.
-				anchor := exec.Command("sleep", "60")
-				anchor.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pgid: pid}
-				if err := anchor.Start(); err != nil {
-					t.Fatalf("starting a process in the child's process group: %v", err)
-				}
-				t.Cleanup(func() {
-					anchor.Process.Kill()
-					anchor.Wait()
-				})
+				anchorGroup(t, pid)
 				if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
 					t.Fatal(err)
 				}
-				failWaitUntil(t, 10*time.Second, "the child to stop", func() bool { return failProcState(pid) == "T" })
+				waitFor(t, 10*time.Second, "the child to stop", func() bool { return procState(pid) == "T" })
 			}
 
 			killed := time.Now()
@@ -953,13 +829,7 @@ func TestFailOrphan(t *testing.T) {
 			if err := cmd.Wait(); err == nil || !strings.Contains(err.Error(), "killed") {
 				t.Errorf("the helper parent ended with %v, want killed", err)
 			}
-			deadline := time.Now().Add(5 * time.Second)
-			for !failGone(pid) {
-				if time.Now().After(deadline) {
-					t.Fatalf("child pid %d still runs 5s after its parent was killed (state %s)", pid, failProcState(pid))
-				}
-				time.Sleep(20 * time.Millisecond)
-			}
+			awaitGone(t, pid, 5*time.Second) // the child of the killed parent
 			t.Logf("the child exited %v after its parent was killed", time.Since(killed))
 		})
 	}
@@ -1090,7 +960,7 @@ func TestFailStartErrors(t *testing.T) {
 			if tt.wantChild {
 				// os.WriteFile truncates, then writes: wait for the pid.
 				var b []byte
-				failWaitUntil(t, 10*time.Second, "the module's pid", func() bool {
+				waitFor(t, 10*time.Second, "the module's pid", func() bool {
 					b, _ = os.ReadFile(pidFile)
 					return len(b) > 0
 				})
@@ -1106,11 +976,11 @@ func TestFailStartErrors(t *testing.T) {
 }
 
 func TestFailStartInitWritesStdout(t *testing.T) {
-	out := newFailLog()
+	out := newLogSink()
 	h := startModule(t, "fail-init-stdout", failOpts(t, failConfig{}, Options{Stderr: out, HealthInterval: time.Hour}))
 	srv := serve(t, h)
-	if res, body := failMustFetch(t, srv.URL+"/"); res.StatusCode != http.StatusOK || body != "ok" {
-		t.Errorf("GET / of a module that printed to stdout in init: %d %q, want 200 ok", res.StatusCode, body)
+	if code, body := fetch(t, srv.URL+"/"); code != http.StatusOK || body != "ok" {
+		t.Errorf("GET / of a module that printed to stdout in init: %d %q, want 200 ok", code, body)
 	}
 	for _, how := range []string{"fmt.Println", "os.Stdout", "fd 1"} {
 		line := "[fail-init-stdout] " + failInitStdoutText + " (" + how + ")"
@@ -1176,17 +1046,17 @@ func TestFailModulesIndependent(t *testing.T) {
 	if err := syscall.Kill(pa, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
-	failWaitUntil(t, 20*time.Second, "fail-twin-a's incarnation 1", failRunning(a, 1))
-	if res, body := failMustFetch(t, sa.URL+"/inc"); res.StatusCode != http.StatusOK || !strings.HasPrefix(body, "inc=1 ") {
-		t.Errorf("fail-twin-a after its kill: %d %q, want 200 from incarnation 1", res.StatusCode, body)
+	awaitStats(t, a, 20*time.Second, "fail-twin-a's incarnation 1", runningInc(1))
+	if code, body := fetch(t, sa.URL+"/inc"); code != http.StatusOK || !strings.HasPrefix(body, "inc=1 ") {
+		t.Errorf("fail-twin-a after its kill: %d %q, want 200 from incarnation 1", code, body)
 	}
 
 	if st := b.Stats(); st.Pid != pb || st.Incarnation != 0 || st.Restarts != 0 || st.State != "running" {
 		t.Errorf("fail-twin-b after fail-twin-a's kill: Stats = %+v, want its first child pid %d still running", st, pb)
 	}
 	want := fmt.Sprintf("inc=0 pid=%d", pb)
-	if res, body := failMustFetch(t, sb.URL+"/inc"); res.StatusCode != http.StatusOK || body != want {
-		t.Errorf("fail-twin-b after fail-twin-a's kill: %d %q, want 200 %q", res.StatusCode, body, want)
+	if code, body := fetch(t, sb.URL+"/inc"); code != http.StatusOK || body != want {
+		t.Errorf("fail-twin-b after fail-twin-a's kill: %d %q, want 200 %q", code, body, want)
 	}
 	if err := os.WriteFile(filepath.Join(dir, "release"), nil, 0o644); err != nil {
 		t.Fatal(err)

@@ -99,13 +99,13 @@ func TestLogsFullDisk(t *testing.T) {
 			t.Errorf("unmounting the tmpfs: %v", err)
 		}
 	})
-	logs := newFailLog()
+	logs := newLogSink()
 	h := startModule(t, "logsc-writer", Options{LogDir: dir, Logger: slog.New(slog.NewTextHandler(logs, nil))})
 	srv := serve(t, h)
 
 	fill(t, filepath.Join(dir, "filler"))
-	if res, body := failMustFetch(t, srv.URL+"/write?n=1000&tag=lost"); res.StatusCode != http.StatusOK || body != "written" {
-		t.Fatalf("GET /write on a full disk: %d %q, want 200 written", res.StatusCode, body)
+	if code, body := fetch(t, srv.URL+"/write?n=1000&tag=lost"); code != http.StatusOK || body != "written" {
+		t.Fatalf("GET /write on a full disk: %d %q, want 200 written", code, body)
 	}
 	if !logs.await("cannot write its err output", 30*time.Second) {
 		t.Fatalf("the parent did not report the lost lines; its log:\n%s", logs)
@@ -113,15 +113,15 @@ func TestLogsFullDisk(t *testing.T) {
 	if got := logs.String(); !strings.Contains(got, "no space left on device") || !strings.Contains(got, `\"logsc-writer\"`) {
 		t.Errorf("the report does not name the module and the cause:\n%s", got)
 	}
-	if res, body := failMustFetch(t, srv.URL+"/"); res.StatusCode != http.StatusOK || body != "ok" {
-		t.Errorf("GET / with the disk full: %d %q, want 200 ok", res.StatusCode, body)
+	if code, body := fetch(t, srv.URL+"/"); code != http.StatusOK || body != "ok" {
+		t.Errorf("GET / with the disk full: %d %q, want 200 ok", code, body)
 	}
 
 	if err := os.Remove(filepath.Join(dir, "filler")); err != nil {
 		t.Fatal(err)
 	}
-	if res, body := failMustFetch(t, srv.URL+"/write?n=3&tag=kept"); res.StatusCode != http.StatusOK || body != "written" {
-		t.Fatalf("GET /write after freeing space: %d %q, want 200 written", res.StatusCode, body)
+	if code, body := fetch(t, srv.URL+"/write?n=3&tag=kept"); code != http.StatusOK || body != "written" {
+		t.Fatalf("GET /write after freeing space: %d %q, want 200 written", code, body)
 	}
 	if !logs.await("writing its err output again", 30*time.Second) {
 		t.Fatalf("the parent did not report that writing resumed; its log:\n%s", logs)
@@ -132,7 +132,7 @@ func TestLogsFullDisk(t *testing.T) {
 	}
 	errFile := filepath.Join(dir, "logsc-writer.err")
 	var text string
-	failWaitUntil(t, 30*time.Second, "the lines written after space returned", func() bool {
+	waitFor(t, 30*time.Second, "the lines written after space returned", func() bool {
 		b, _ := os.ReadFile(errFile)
 		text = string(b)
 		return strings.HasSuffix(text, "kept 0\nkept 1\nkept 2\n")
@@ -176,7 +176,7 @@ func fill(t *testing.T, path string) {
 // control characters reach Options.Stderr escaped, so that its lines
 // cannot move the cursor or forge another module's line.
 func TestLogsPrefixEscapesControls(t *testing.T) {
-	var out syncBuffer
+	var out logSink
 	h := startModule(t, "logsc-forger", Options{Stderr: &out})
 	if err := h.Close(); err != nil {
 		t.Fatal(err)

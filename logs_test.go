@@ -1,7 +1,6 @@
 package subproc
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"net/http"
@@ -9,7 +8,6 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -28,34 +26,16 @@ func init() {
 	})
 }
 
-// waitIncarnation waits until the handle runs the given incarnation.
-func waitIncarnation(t *testing.T, h *Handle, want int) {
-	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		st := h.Stats()
-		if st.State == "running" && st.Incarnation == want {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("module never ran incarnation %d: %+v", want, st)
-		}
-		time.Sleep(5 * time.Millisecond) // another process's progress: poll
-	}
-}
-
-// With LogDir, each stream goes to its own file, and every incarnation
-// appends to the same files.
 func TestLogFilesAcrossIncarnations(t *testing.T) {
 	dir := t.TempDir()
 	h := startModule(t, "logs-writer", Options{LogDir: dir})
 	srv := serve(t, h)
-	if code, body := get(t, srv.URL+"/first"); code != 200 || body != "0" {
+	if code, body := fetch(t, srv.URL+"/first"); code != 200 || body != "0" {
 		t.Fatalf("first request: %d %q", code, body)
 	}
 	syscall.Kill(h.Stats().Pid, syscall.SIGKILL)
-	waitIncarnation(t, h, 1)
-	if code, body := get(t, srv.URL+"/second"); code != 200 || body != "1" {
+	awaitStats(t, h, 20*time.Second, "incarnation 1 running", runningInc(1))
+	if code, body := fetch(t, srv.URL+"/second"); code != 200 || body != "1" {
 		t.Fatalf("second request: %d %q", code, body)
 	}
 	if err := h.Close(); err != nil {
@@ -92,28 +72,8 @@ func TestLogFilesAcrossIncarnations(t *testing.T) {
 	}
 }
 
-// syncBuffer is a bytes.Buffer safe for concurrent writes.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
-}
-
-// Without LogDir, the module's output goes to Options.Stderr, each line
-// prefixed with the module's name.
 func TestLogsWithoutLogDirArePrefixed(t *testing.T) {
-	var out syncBuffer
+	var out logSink
 	h := startModule(t, "logs-writer", Options{Stderr: &out})
 	if err := h.Close(); err != nil {
 		t.Fatal(err)

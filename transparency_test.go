@@ -1244,7 +1244,7 @@ func TestTransparencyStreamSlowClient(t *testing.T) {
 	// Small socket buffers, so that the parent's writes to the client
 	// block soon after the client stops reading.
 	srv := httptest.NewUnstartedServer(h)
-	srv.Listener = trSmallBufListener{srv.Listener}
+	srv.Listener = smallBufListener{srv.Listener, 16 << 10}
 	srv.Start()
 	t.Cleanup(srv.Close)
 	client := srv.Client()
@@ -1298,17 +1298,6 @@ func TestTransparencyStreamSlowClient(t *testing.T) {
 	if st := h.Stats(); st.Pid != pid || st.Restarts != 0 {
 		t.Errorf("Stats %+v: the child was replaced (first pid %d)", st, pid)
 	}
-}
-
-// trSmallBufListener gives each accepted connection a small send buffer.
-type trSmallBufListener struct{ net.Listener }
-
-func (l trSmallBufListener) Accept() (net.Conn, error) {
-	c, err := l.Listener.Accept()
-	if tc, ok := c.(*net.TCPConn); ok {
-		tc.SetWriteBuffer(16 << 10)
-	}
-	return c, err
 }
 
 // TestTransparencyPanic checks handlers that panic: before writing, the
@@ -1479,7 +1468,7 @@ func TestTransparencyEnv(t *testing.T) {
 // cannot corrupt the protocol: every response is right, the child is never
 // restarted, and what it wrote ends up in its output.
 func TestTransparencyNoisyModule(t *testing.T) {
-	var out syncBuffer
+	var out logSink
 	h := startModule(t, "tr-noisy", Options{Stderr: &out})
 	pid := h.Stats().Pid
 	srv := serve(t, h)
@@ -1679,7 +1668,7 @@ func TestTransparencyRayModules(t *testing.T) {
 			path string
 			pid  int
 		}{{"/api/a/pid", pa}, {"/api/b/pid", pb}} {
-			if code, body := get(t, srv.URL+c.path); code != 200 || body != strconv.Itoa(c.pid) {
+			if code, body := fetch(t, srv.URL+c.path); code != 200 || body != strconv.Itoa(c.pid) {
 				t.Errorf("GET %s: %d %q, want pid %d", c.path, code, body, c.pid)
 			}
 		}

@@ -82,7 +82,7 @@ func TestWindowCeilingWithStalledClients(t *testing.T) {
 	// Each stalled stream's first chunk is stuck in the parent's write to
 	// its client; the child has no credit for more.
 	perStream := int64(frameCost(chunkSize))
-	failWaitUntil(t, 30*time.Second, "every stalled stream holds its first chunk", func() bool {
+	waitFor(t, 30*time.Second, "every stalled stream holds its first chunk", func() bool {
 		return b.held.Load() >= stalled*perStream
 	})
 	if held := b.held.Load(); held > stalled*perStream {
@@ -117,7 +117,7 @@ func TestWindowCeilingWithStalledClients(t *testing.T) {
 		c.Close()
 	}
 	conns = nil
-	failWaitUntil(t, 30*time.Second, "the stalled streams return what they held", func() bool {
+	waitFor(t, 30*time.Second, "the stalled streams return what they held", func() bool {
 		return b.held.Load() == 0 && b.reserved.Load() == 0
 	})
 }
