@@ -25,6 +25,9 @@ import (
 	"testing"
 	"time"
 	"unsafe"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 )
 
 // chaosConfig is what the chaos modules read from Env.Config.
@@ -464,9 +467,7 @@ func (f *chaosFigures) check(t *testing.T, heapSlack uint64) {
 	if d := f.after.children - f.before.children; d > 0 {
 		t.Errorf("%d child processes left: %v", d, chaosChildren())
 	}
-	if f.after.heap > f.before.heap+heapSlack {
-		t.Errorf("parent heap grew from %s to %s (slack %s)", mib(f.before.heap), mib(f.after.heap), mib(heapSlack))
-	}
+	assert.LessOrEqual(t, f.after.heap, f.before.heap+heapSlack, "parent heap grew from %s to %s (slack %s)", mib(f.before.heap), mib(f.after.heap), mib(heapSlack))
 }
 
 // settle takes the after snapshot once goroutines, fds and children are
@@ -495,9 +496,7 @@ func chaosStart(t *testing.T, name string, cfg chaosConfig, opts Options) (*Hand
 		opts.Stderr = io.Discard
 	}
 	h, err := Start(context.Background(), name, opts)
-	if err != nil {
-		t.Fatalf("Start(%q): %v", name, err)
-	}
+	require.NoError(t, err, "Start(%q)", name)
 	var once sync.Once
 	stop := func() { once.Do(func() { stopAndReap(t, h) }) }
 	t.Cleanup(stop)

@@ -74,6 +74,8 @@ import (
 	"time"
 
 	"github.com/fbbf71ac/subproc/internal/frame"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 	"go.uber.org/goleak"
 )
 
@@ -195,15 +197,12 @@ func TestChaosKillStorm(t *testing.T) {
 		time.Sleep(200*time.Millisecond + rand.N(600*time.Millisecond)) // the pace of the kills
 		pid := chaosPid(t, h)
 		killed := time.Now()
-		if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
-			t.Fatalf("kill %d: %v", pid, err)
-		}
+		require.NoError(t, syscall.Kill(pid, syscall.SIGKILL), "kill %d", pid)
 		kills++
 		awaitStats(t, h, 30*time.Second, fmt.Sprintf("a new child after kill %d", kills), chaosRunningOtherThan(pid))
 		slowest = max(slowest, time.Since(killed))
-		if err := syscall.Kill(pid, 0); !errors.Is(err, syscall.ESRCH) {
-			t.Errorf("killed child %d not reaped once its successor serves", pid)
-		}
+		err := syscall.Kill(pid, 0)
+		assert.ErrorIs(t, err, syscall.ESRCH, "killed child %d not reaped once its successor serves", pid)
 	}
 	close(stop)
 	wait()
@@ -222,12 +221,8 @@ func TestChaosKillStorm(t *testing.T) {
 	f.addf("clients %d for %v, kills %d, slowest recovery (kill to new child serving) %v", clients, dur, kills, slowest.Round(time.Millisecond))
 	f.report(t, "kill storm")
 	f.check(t, 16<<20)
-	if f.ok.Load() == 0 {
-		t.Error("no request succeeded")
-	}
-	if f.restarts < kills {
-		t.Errorf("%d restarts for %d kills", f.restarts, kills)
-	}
+	assert.NotZero(t, f.ok.Load(), "no request succeeded")
+	assert.GreaterOrEqual(t, f.restarts, kills, "%d restarts for %d kills", f.restarts, kills)
 }
 
 // A child that freezes — stopped by SIGSTOP, or with its Go runtime starved
@@ -327,9 +322,7 @@ func chaosGarbageSeam(t *testing.T) {
 		for _, f := range fs {
 			if f.msg != nil {
 				p, err := enc.encode(f.msg)
-				if err != nil {
-					t.Fatal(err)
-				}
+				require.NoError(t, err)
 				f.data = append([]byte(nil), p...)
 			}
 			w.WriteFrame(f.kind, f.flags, f.id, f.data)
@@ -406,9 +399,7 @@ func chaosGarbageSeam(t *testing.T) {
 		c.readLoop() // fails the pending requests when it ends
 		c.proc.Kill()
 		<-c.exited
-		if err := <-c.ready; err != nil {
-			t.Fatalf("%s: handshake: %v", tt.name, err)
-		}
+		require.NoError(t, <-c.ready, "%s: handshake", tt.name)
 		err := c.doneErr()
 		var pe *protocolError
 		if tt.protocol && !errors.As(err, &pe) {
@@ -418,9 +409,7 @@ func chaosGarbageSeam(t *testing.T) {
 			s.mu.Lock()
 			q := s.queued
 			s.mu.Unlock()
-			if q > window {
-				t.Errorf("%s: request %d holds %d bytes, over the window", tt.name, s.id, q)
-			}
+			assert.LessOrEqual(t, q, window, "%s: request %d holds %d bytes, over the window", tt.name, s.id, q)
 		}
 		// Request 2 gets its head and "two", then fails.
 		var got []string
@@ -439,14 +428,11 @@ func chaosGarbageSeam(t *testing.T) {
 				got = append(got, fmt.Sprintf("kind %d", ev.kind))
 			}
 		}
-		if want := []string{"head 200 map[X:[two]]", "data two"}; fmt.Sprint(got) != fmt.Sprint(want) {
-			t.Errorf("%s: request 2 got %q, want %q then a failure", tt.name, got, want)
-		}
+		want := []string{"head 200 map[X:[two]]", "data two"}
+		assert.Equal(t, fmt.Sprint(want), fmt.Sprint(got), "%s: request 2 got %q, want %q then a failure", tt.name, got, want)
 		s1.abandon()
 		c.mu.Lock()
-		if len(c.pending) != 0 {
-			t.Errorf("%s: %d requests still pending after the failure", tt.name, len(c.pending))
-		}
+		assert.Len(t, c.pending, 0, "%s: %d requests still pending after the failure", tt.name, len(c.pending))
 		c.mu.Unlock()
 	}
 	t.Logf("%d bad inputs: each ended the reader with an error, no panic, request 2 intact", len(cases))
@@ -508,9 +494,7 @@ func chaosGarbageChild(t *testing.T) {
 	}
 	// A request whose handler ran is never given to another child.
 	b, err := os.ReadFile(filepath.Join(dir, "garbage"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	runs := map[string][]string{}
 	for _, l := range strings.Split(strings.TrimSpace(string(b)), "\n") {
 		round, pid, _ := strings.Cut(l, " ")
@@ -537,9 +521,7 @@ func TestChaosSlowClients(t *testing.T) {
 	f := &chaosFigures{before: chaosSnap()}
 	h, stopHandle := chaosStart(t, "chaos", chaosConfig{}, Options{})
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	srv := httptest.NewUnstartedServer(h)
 	srv.Listener.Close()
 	srv.Listener = smallBufListener{ln, 4096}
@@ -669,9 +651,7 @@ func TestChaosSlowClients(t *testing.T) {
 		}
 		time.Sleep(50 * time.Millisecond) // the child's progress: poll
 	}
-	if atEnd.Canceled < mid {
-		t.Errorf("%d clients left mid-stream but only %d handlers were canceled", mid, atEnd.Canceled)
-	}
+	assert.GreaterOrEqual(t, atEnd.Canceled, mid, "%d clients left mid-stream but only %d handlers were canceled", mid, atEnd.Canceled)
 	close(stopSlow)
 	slowWG.Wait()
 	var final chaosCounts
@@ -707,12 +687,9 @@ func TestChaosSlowClients(t *testing.T) {
 	if raceEnabled {
 		rssBound *= 4 // shadow memory
 	}
-	if rssPeak > rss0+rssBound {
-		t.Errorf("child RSS peaked at %s, over %s idle + %s", mib(rssPeak), mib(rss0), mib(rssBound))
-	}
-	if p50b, p50d := before.pct(0.5), during.pct(0.5); p50d > 10*p50b+50*time.Millisecond {
-		t.Errorf("small GETs took %v (p50) during the slow streams, %v before", p50d, p50b)
-	}
+	assert.LessOrEqual(t, rssPeak, rss0+rssBound, "child RSS peaked at %s, over %s idle + %s", mib(rssPeak), mib(rss0), mib(rssBound))
+	p50b, p50d := before.pct(0.5), during.pct(0.5)
+	assert.LessOrEqual(t, p50d, 10*p50b+50*time.Millisecond, "small GETs took %v (p50) during the slow streams, %v before", p50d, p50b)
 }
 
 // A thousand restarts in a row, by SIGKILL, crash on init and exit 0,
@@ -736,9 +713,7 @@ func TestChaosRestartChurn(t *testing.T) {
 		case 0:
 			syscall.Kill(pid, syscall.SIGKILL)
 		case 1: // crash on init: the next child panics in its ModuleFunc
-			if err := os.WriteFile(marker, nil, 0o644); err != nil {
-				t.Fatal(err)
-			}
+			require.NoError(t, os.WriteFile(marker, nil, 0o644))
 			syscall.Kill(pid, syscall.SIGKILL)
 		case 2:
 			f.sent.Add(1)
@@ -766,9 +741,8 @@ func TestChaosRestartChurn(t *testing.T) {
 	f.addf("midway: %d goroutines, %d fds, %d children, heap %s", mid.goroutines, mid.fds, mid.children, mib(mid.heap))
 	f.report(t, "restart churn")
 	f.check(t, 4<<20)
-	if want := n + how[1]; f.restarts != want {
-		t.Errorf("%d restarts, want %d", f.restarts, want)
-	}
+	want := n + how[1]
+	assert.Equal(t, want, f.restarts, "%d restarts, want %d", f.restarts, want)
 }
 
 // chaosHelperParentEnv makes TestChaosHelperParent act as a parent process
@@ -788,9 +762,7 @@ func TestChaosHelperParent(t *testing.T) {
 	client := chaosClient(32)
 	for _, name := range []string{"chaos", "chaos-b"} {
 		h, err := Start(context.Background(), name, Options{HealthInterval: time.Hour, Stderr: io.Discard, Logger: discardLogger()})
-		if err != nil {
-			t.Fatal(err)
-		}
+		require.NoError(t, err)
 		srv := httptest.NewServer(h)
 		for _, path := range []string{"/block", "/block", "/block", "/forever", "/forever", "/slow?bytes=1073741824", "/slow?bytes=1073741824"} {
 			go func() {
@@ -933,13 +905,9 @@ func TestChaosStartFailures(t *testing.T) {
 			if !slices.ContainsFunc(strings.Split(tt.wantIn, "|"), func(w string) bool { return strings.Contains(err.Error(), w) }) {
 				t.Errorf("Start's error does not say %q: %v", tt.wantIn, err)
 			}
-			if took > startTimeout+20*time.Second {
-				t.Errorf("Start returned after %v; StartTimeout is %v", took, startTimeout)
-			}
+			assert.LessOrEqual(t, took, startTimeout+20*time.Second, "Start returned after %v; StartTimeout is %v", took, startTimeout)
 			b, rerr := os.ReadFile(filepath.Join(dir, "pid"))
-			if rerr != nil {
-				t.Fatalf("the module did not record its pid: %v", rerr)
-			}
+			require.NoError(t, rerr, "the module did not record its pid: %v", rerr)
 			pid, _ := strconv.Atoi(string(b))
 			assertReaped(t, pid)
 			goleak.VerifyNone(t, before)

@@ -23,6 +23,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 )
 
 // escapeGrandchildEnv makes TestEscapeGrandchild block: the escape module
@@ -115,20 +118,14 @@ func escapeSpawn(t testing.TB, h http.Handler) []int {
 	t.Helper()
 	rec := httptest.NewRecorder()
 	h.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/spawn", nil))
-	if rec.Code != http.StatusOK {
-		t.Fatalf("GET /spawn: %d %s", rec.Code, rec.Body)
-	}
+	require.Equal(t, http.StatusOK, rec.Code, "GET /spawn: %d %s", rec.Code, rec.Body)
 	var pids []int
 	for _, f := range strings.Fields(rec.Body.String()) {
 		pid, err := strconv.Atoi(f)
-		if err != nil {
-			t.Fatalf("GET /spawn answered %q", rec.Body)
-		}
+		require.NoError(t, err, "GET /spawn answered %q", rec.Body)
 		pids = append(pids, pid)
 	}
-	if len(pids) != 2 {
-		t.Fatalf("GET /spawn answered %q, want two pids", rec.Body)
-	}
+	require.Len(t, pids, 2, "GET /spawn answered %q, want two pids", rec.Body)
 	return pids
 }
 
@@ -205,9 +202,7 @@ func escapeAwaitGone(t *testing.T, since time.Time, pgid int, pids []int) time.D
 func escapeAssertAlive(t *testing.T, pids []int) {
 	t.Helper()
 	for _, pid := range pids {
-		if gone(pid) {
-			t.Fatalf("process %d, started by the module, is not running", pid)
-		}
+		require.False(t, gone(pid), "process %d, started by the module, is not running", pid)
 	}
 }
 
@@ -222,9 +217,7 @@ func TestEscapeChildEnds(t *testing.T) {
 		{
 			name: "close",
 			end: func(t *testing.T, h *Handle, pid int) {
-				if err := h.Close(); err != nil {
-					t.Errorf("Close: %v", err)
-				}
+				assert.NoError(t, h.Close(), "Close")
 			},
 		},
 		{
@@ -232,9 +225,7 @@ func TestEscapeChildEnds(t *testing.T) {
 			end: func(t *testing.T, h *Handle, pid int) {
 				rec := httptest.NewRecorder()
 				h.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/exit", nil))
-				if rec.Code != http.StatusBadGateway {
-					t.Errorf("GET /exit: %d, want 502", rec.Code)
-				}
+				assert.Equal(t, http.StatusBadGateway, rec.Code, "GET /exit: %d, want 502", rec.Code)
 			},
 		},
 		{
@@ -242,18 +233,14 @@ func TestEscapeChildEnds(t *testing.T) {
 			end: func(t *testing.T, h *Handle, pid int) {
 				rec := httptest.NewRecorder()
 				h.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/panic", nil))
-				if rec.Code != http.StatusBadGateway {
-					t.Errorf("GET /panic: %d, want 502", rec.Code)
-				}
+				assert.Equal(t, http.StatusBadGateway, rec.Code, "GET /panic: %d, want 502", rec.Code)
 			},
 		},
 		{
 			name: "health",
 			opts: Options{HealthInterval: 50 * time.Millisecond, HealthTimeout: 200 * time.Millisecond, HealthFailures: 2},
 			end: func(t *testing.T, h *Handle, pid int) {
-				if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
-					t.Fatal(err)
-				}
+				require.NoError(t, syscall.Kill(pid, syscall.SIGSTOP))
 			},
 		},
 	}
@@ -268,9 +255,8 @@ func TestEscapeChildEnds(t *testing.T) {
 			pids := escapeSpawn(t, h)
 			escapeCleanup(t, pid, pids)
 			escapeAssertAlive(t, pids)
-			if g := escapeGroup(pid); len(g) < 3 {
-				t.Fatalf("the child's process group %d holds %v, want the child and the processes it started", pid, g)
-			}
+			g := escapeGroup(pid)
+			require.GreaterOrEqual(t, len(g), 3, "the child's process group %d holds %v, want the child and the processes it started", pid, g)
 			ended := time.Now()
 			tt.end(t, h, pid)
 			took := escapeAwaitGone(t, ended, pid, append(pids, pid))
@@ -294,9 +280,7 @@ func TestEscapeHelperParent(t *testing.T) {
 		t.Skip("a helper process for TestEscapeParentDeath")
 	}
 	h, err := Start(context.Background(), "escape-mod", Options{HealthInterval: time.Hour, Stderr: io.Discard, Logger: discardLogger()})
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	pids := escapeSpawn(t, h)
 	fmt.Printf("pids %d %d %d\n", h.Stats().Pid, pids[0], pids[1])
 	sc := bufio.NewScanner(os.Stdin)
@@ -367,14 +351,10 @@ func TestEscapeParentDeath(t *testing.T) {
 			var pids []int
 			for _, f := range strings.Fields(strings.TrimPrefix(await("pids"), "pids ")) {
 				p, err := strconv.Atoi(f)
-				if err != nil {
-					t.Fatalf("bad pid %q from the helper parent", f)
-				}
+				require.NoError(t, err, "bad pid %q from the helper parent", f)
 				pids = append(pids, p)
 			}
-			if len(pids) != 3 {
-				t.Fatalf("the helper parent printed pids %v, want three", pids)
-			}
+			require.Len(t, pids, 3, "the helper parent printed pids %v, want three", pids)
 			pid, pids = pids[0], pids[1:]
 			escapeCleanup(t, pid, append(pids, pid))
 			escapeAssertAlive(t, append(pids, pid))
@@ -383,9 +363,7 @@ func TestEscapeParentDeath(t *testing.T) {
 				// A process of ours in the child's group keeps the group
 				// from being orphaned when the parent dies.
 				anchorGroup(t, pid)
-				if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
-					t.Fatal(err)
-				}
+				require.NoError(t, syscall.Kill(pid, syscall.SIGSTOP))
 				waitFor(t, 10*time.Second, "the child to stop", func() bool { return procState(pid) == "T" })
 			case "starved":
 				io.WriteString(stdin, "starve\n")
@@ -393,9 +371,7 @@ func TestEscapeParentDeath(t *testing.T) {
 			}
 
 			killed := time.Now()
-			if err := cmd.Process.Signal(syscall.SIGKILL); err != nil {
-				t.Fatal(err)
-			}
+			require.NoError(t, cmd.Process.Signal(syscall.SIGKILL))
 			<-readDone
 			waited = true
 			cmd.Wait()
@@ -418,9 +394,7 @@ func escapeRunWatcher(t *testing.T, value string, input []byte) (error, string) 
 		// Written, and closed, before the watcher starts: it finds all of
 		// it in the pipe, as it would after its parent's death.
 		r, w, err := os.Pipe()
-		if err != nil {
-			t.Fatal(err)
-		}
+		require.NoError(t, err)
 		defer r.Close()
 		if _, err := w.Write(input); err != nil {
 			t.Fatal(err)
@@ -428,9 +402,7 @@ func escapeRunWatcher(t *testing.T, value string, input []byte) (error, string) 
 		w.Close()
 		cmd.Stdin = r
 	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, cmd.Start())
 	done := make(chan error, 1)
 	go func() { done <- cmd.Wait() }()
 	select {
@@ -471,13 +443,9 @@ func TestEscapeWatcherMisuse(t *testing.T) {
 				t.Errorf("the watcher ended with %v, want exit status %d", err, exitMisused)
 			}
 			for _, want := range []string{envWatcher, "not by subproc.Start", "Unset"} {
-				if !strings.Contains(stderr, want) {
-					t.Errorf("the watcher's stderr does not say %q:\n%s", want, stderr)
-				}
+				assert.Contains(t, stderr, want, "the watcher's stderr does not say %q:\n%s", want, stderr)
 			}
-			if gone(pgid) {
-				t.Errorf("the watcher killed a process group it was not given by a parent")
-			}
+			assert.False(t, gone(pgid), "the watcher killed a process group it was not given by a parent")
 		})
 	}
 }
@@ -489,16 +457,12 @@ func TestEscapeWatcherKills(t *testing.T) {
 	input := fmt.Appendf(nil, "%s+%d\n+%d\n-%d\n+0\n+junk\n+%d", watcherHello(os.Getpid()),
 		kept.Process.Pid, unregistered.Process.Pid, unregistered.Process.Pid, other.Process.Pid) // the last line is cut off
 	err, stderr := escapeRunWatcher(t, strconv.Itoa(os.Getpid()), input)
-	if err != nil {
-		t.Errorf("the watcher ended with %v, want exit status 0; its stderr:\n%s", err, stderr)
-	}
+	assert.NoError(t, err, "the watcher ended with %v, want exit status 0; its stderr:\n%s", err, stderr)
 	if err := kept.Wait(); err == nil || !strings.Contains(err.Error(), "killed") {
 		t.Errorf("the registered group: sleep ended with %v, want killed", err)
 	}
 	for _, a := range []*exec.Cmd{unregistered, other} {
-		if gone(a.Process.Pid) {
-			t.Errorf("the watcher killed group %d, which it was not to kill", a.Process.Pid)
-		}
+		assert.False(t, gone(a.Process.Pid), "the watcher killed group %d, which it was not to kill", a.Process.Pid)
 	}
 }
 
@@ -551,16 +515,11 @@ func TestEscapeOneWatcher(t *testing.T) {
 	}
 	h1 := startModule(t, "escape-mod", Options{HealthInterval: time.Hour})
 	h2 := startModule(t, "escape-mod2", Options{HealthInterval: time.Hour, Children: 2})
-	if n := len(h1.Stats().Children) + len(h2.Stats().Children); n != 3 {
-		t.Fatalf("%d children run, want 3", n)
-	}
+	n := len(h1.Stats().Children) + len(h2.Stats().Children)
+	require.EqualValues(t, 3, n, "%d children run, want 3", n)
 	w := escapeWatchers(os.Getpid())
-	if len(w) != 1 {
-		t.Fatalf("%d watchers run while two Handles (three children) do: %v, want 1", len(w), w)
-	}
-	if w[0] != theWatcher.pid() {
-		t.Errorf("the watcher that runs is pid %d, the one the parent knows %d", w[0], theWatcher.pid())
-	}
+	require.Len(t, w, 1, "%d watchers run while two Handles (three children) do: %v, want 1", len(w), w)
+	assert.Equal(t, theWatcher.pid(), w[0], "the watcher that runs is pid %d, the one the parent knows %d", w[0], theWatcher.pid())
 	t.Logf("the watcher, pid %d: %s", w[0], escapeMemory(w[0]))
 
 	// A child's group is registered while it runs, and not once it is
@@ -572,13 +531,9 @@ func TestEscapeOneWatcher(t *testing.T) {
 		return ok
 	}
 	pid := h1.Stats().Pid
-	if !registered(pid) {
-		t.Errorf("the group of running child %d is not registered with the watcher", pid)
-	}
+	assert.True(t, registered(pid), "the group of running child %d is not registered with the watcher", pid)
 	stopAndReap(t, h1)
-	if registered(pid) {
-		t.Errorf("the group of reaped child %d is still registered with the watcher", pid)
-	}
+	assert.False(t, registered(pid), "the group of reaped child %d is still registered with the watcher", pid)
 }
 
 // escapeMemory returns the memory and thread figures of process pid.
@@ -763,9 +718,7 @@ func (p *escapeParent) kill() time.Time {
 func escapeStop(t *testing.T, pid int) {
 	t.Helper()
 	anchorGroup(t, pid)
-	if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, syscall.Kill(pid, syscall.SIGSTOP))
 	waitFor(t, 10*time.Second, "the child to stop", func() bool { return procState(pid) == "T" })
 }
 
@@ -789,9 +742,9 @@ func TestEscapeParentDeathPool(t *testing.T) {
 	}
 	p := startEscapeParent(t)
 	pids := append(p.start("escape-mod", 3), p.start("escape-mod2", 1)...)
-	if f := p.do("watchers", "watchers"); len(f) != 2 || f[0] != f[1] {
-		t.Fatalf("the helper parent's watcher, and those that run: %v, want one, the same", f)
-	}
+	f := p.do("watchers", "watchers")
+	require.Len(t, f, 2, "the helper parent's watcher, and those that run: %v, want one, the same", f)
+	require.Equal(t, f[1], f[0], "the helper parent's watcher, and those that run: %v, want one, the same", f)
 	for _, pid := range pids {
 		escapeStop(t, pid)
 	}
@@ -852,17 +805,13 @@ func TestEscapeAwaitWatcher(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			r, w, err := os.Pipe()
-			if err != nil {
-				t.Fatal(err)
-			}
+			require.NoError(t, err)
 			defer r.Close()
 			io.WriteString(w, tt.output)
 			w.Close() // the watcher's exit
 			err = awaitWatcher(r)
 			if tt.wantErr == "" {
-				if err != nil {
-					t.Errorf("awaitWatcher: %v, want nil", err)
-				}
+				assert.NoError(t, err, "awaitWatcher: %v, want nil", err)
 				return
 			}
 			if err == nil || err.Error() != tt.wantErr {

@@ -25,8 +25,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"go.uber.org/goleak"
+	"golang.org/x/sync/errgroup"
 )
 
 // failConfig is what the fail- modules read from Env.Config.
@@ -203,9 +205,7 @@ func failModule(ctx context.Context, env *Env) (http.Handler, error) {
 func withConfig(t *testing.T, cfg any, opts Options) Options {
 	t.Helper()
 	b, err := json.Marshal(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	opts.Config = b
 	return opts
 }
@@ -235,13 +235,9 @@ func failFileExists(path string) func() bool {
 func failOpen(t *testing.T, url, first string) *http.Response {
 	t.Helper()
 	res, err := http.Get(url)
-	if err != nil {
-		t.Fatalf("GET %s: %v", url, err)
-	}
+	require.NoError(t, err, "GET %s", url)
 	t.Cleanup(func() { res.Body.Close() })
-	if res.StatusCode != http.StatusOK {
-		t.Fatalf("GET %s: status %d, want 200", url, res.StatusCode)
-	}
+	require.Equal(t, http.StatusOK, res.StatusCode, "GET %s: status %d, want 200", url, res.StatusCode)
 	buf := make([]byte, len(first))
 	if _, err := io.ReadFull(res.Body, buf); err != nil || string(buf) != first {
 		t.Fatalf("GET %s: body starts %q (%v), want %q", url, buf, err, first)
@@ -290,15 +286,10 @@ func TestFailCrashNoticedAtOnce(t *testing.T) {
 	rest := failReadAll(started.Body)
 
 	res, body, err := fetchErr(srv.URL+"/exit", 30*time.Second)
-	if err != nil {
-		t.Fatalf("GET /exit: %v (the child's exit was not noticed)", err)
-	}
-	if res.StatusCode != http.StatusBadGateway {
-		t.Errorf("GET /exit: status %d, want 502 (body %q)", res.StatusCode, body)
-	}
-	if b := failAwaitBody(t, rest, "GET /stream"); b.err == nil {
-		t.Errorf("GET /stream: body ended cleanly with %q after the child died; want an aborted body", b.data)
-	}
+	require.NoError(t, err, "GET /exit: %v (the child's exit was not noticed)", err)
+	assert.Equal(t, http.StatusBadGateway, res.StatusCode, "GET /exit: status %d, want 502 (body %q)", res.StatusCode, body)
+	b := failAwaitBody(t, rest, "GET /stream")
+	assert.Error(t, b.err, "GET /stream: body ended cleanly with %q after the child died; want an aborted body", b.data)
 
 	code, body := fetch(t, srv.URL+"/inc")
 	if code != http.StatusOK || !strings.HasPrefix(body, "inc=1 ") {
@@ -308,12 +299,8 @@ func TestFailCrashNoticedAtOnce(t *testing.T) {
 	if st.Incarnation != 1 || st.Pid == 0 || st.Pid == pid0 {
 		t.Errorf("after the crash: Stats = %+v, want incarnation 1 with a new pid (old %d)", st, pid0)
 	}
-	if body != fmt.Sprintf("inc=1 pid=%d", st.Pid) {
-		t.Errorf("GET /inc answered %q, not by the new child pid %d", body, st.Pid)
-	}
-	if !strings.Contains(st.LastExit, "exit status 3") {
-		t.Errorf("Stats().LastExit = %q, want it to mention exit status 3", st.LastExit)
-	}
+	assert.Equal(t, fmt.Sprintf("inc=1 pid=%d", st.Pid), body, "GET /inc answered %q, not by the new child pid %d", body, st.Pid)
+	assert.Contains(t, st.LastExit, "exit status 3", "Stats().LastExit = %q, want it to mention exit status 3", st.LastExit)
 	assertReaped(t, pid0)
 }
 
@@ -338,9 +325,7 @@ func TestFailSIGKILLDuringRequest(t *testing.T) {
 		done <- result{res.StatusCode, body, nil}
 	}()
 	waitFor(t, 10*time.Second, "the request to reach the module", failFileExists(filepath.Join(dir, "block")))
-	if err := syscall.Kill(pid0, syscall.SIGKILL); err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, syscall.Kill(pid0, syscall.SIGKILL))
 	r := <-done
 	switch {
 	case r.err != nil:
@@ -365,13 +350,10 @@ func TestFailRequestDuringRestartWaits(t *testing.T) {
 	h := startModule(t, "fail-mod", failOpts(t, failConfig{RestartInitSleep: time.Second}, Options{HealthInterval: time.Hour}))
 	srv := serve(t, h)
 	pid0 := h.Stats().Pid
-	if err := syscall.Kill(pid0, syscall.SIGKILL); err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, syscall.Kill(pid0, syscall.SIGKILL))
 	waitFor(t, 10*time.Second, "the parent to notice the kill", func() bool { return h.Stats().Pid != pid0 })
-	if st := h.Stats(); st.State != "restarting" {
-		t.Fatalf("Stats right after the kill was noticed: %+v, want state restarting (the restart takes a second)", st)
-	}
+	st := h.Stats()
+	require.Equal(t, "restarting", st.State, "Stats right after the kill was noticed: %+v, want state restarting (the restart takes a second)", st)
 	code, body := fetch(t, srv.URL+"/inc")
 	if code != http.StatusOK || !strings.HasPrefix(body, "inc=1 ") {
 		t.Errorf("GET /inc during the restart: %d %q, want 200 from incarnation 1", code, body)
@@ -387,9 +369,7 @@ func TestFailRequestRightAfterKillWaits(t *testing.T) {
 	h := startModule(t, "fail-mod", failOpts(t, failConfig{RestartInitSleep: 300 * time.Millisecond}, Options{HealthInterval: time.Hour}))
 	srv := serve(t, h)
 	for round := 1; round <= 5; round++ {
-		if err := syscall.Kill(h.Stats().Pid, syscall.SIGKILL); err != nil {
-			t.Fatal(err)
-		}
+		require.NoError(t, syscall.Kill(h.Stats().Pid, syscall.SIGKILL))
 		code, body := fetch(t, srv.URL+"/inc")
 		want := fmt.Sprintf("inc=%d ", round)
 		if code != http.StatusOK || !strings.HasPrefix(body, want) {
@@ -410,28 +390,20 @@ func TestFailRestartWaitBounded(t *testing.T) {
 		Options{HealthInterval: time.Hour, RestartWait: restartWait}))
 	srv := serve(t, h)
 	pid0 := h.Stats().Pid
-	if err := syscall.Kill(pid0, syscall.SIGKILL); err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, syscall.Kill(pid0, syscall.SIGKILL))
 	waitFor(t, 10*time.Second, "the parent to notice the kill", func() bool { return h.Stats().State == "restarting" })
 
 	start := time.Now()
 	res, body, err := fetchErr(srv.URL+"/inc", fetchTimeout)
 	took := time.Since(start)
 	require.NoError(t, err, "GET /inc")
-	if res.StatusCode != http.StatusServiceUnavailable {
-		t.Fatalf("GET /inc while the restart takes a minute: %d %q, want 503", res.StatusCode, body)
-	}
+	require.Equal(t, http.StatusServiceUnavailable, res.StatusCode, "GET /inc while the restart takes a minute: %d %q, want 503", res.StatusCode, body)
 	ra := res.Header.Get("Retry-After")
 	if n, err := strconv.Atoi(ra); err != nil || n <= 0 {
 		t.Errorf("Retry-After = %q, want a positive number of seconds", ra)
 	}
-	if took < restartWait {
-		t.Errorf("the 503 came after %v, before RestartWait (%v) had passed", took, restartWait)
-	}
-	if took > 20*time.Second {
-		t.Errorf("the 503 came after %v; RestartWait is %v", took, restartWait)
-	}
+	assert.GreaterOrEqual(t, took, restartWait, "the 503 came after %v, before RestartWait (%v) had passed", took, restartWait)
+	assert.LessOrEqual(t, took, 20*time.Second, "the 503 came after %v; RestartWait is %v", took, restartWait)
 	t.Logf("503 after %v, Retry-After %s", took, ra)
 }
 
@@ -474,19 +446,14 @@ func TestFailRestartBackoff(t *testing.T) {
 		Options{HealthInterval: time.Hour, MaxRestartDelay: maxDelay}))
 	srv := serve(t, h)
 	// Incarnation 0 answers a request, so its death restarts at once.
-	if code, body := fetch(t, srv.URL+"/inc"); code != http.StatusOK {
-		t.Fatalf("GET /inc: %d %q", code, body)
-	}
-	if err := syscall.Kill(h.Stats().Pid, syscall.SIGKILL); err != nil {
-		t.Fatal(err)
-	}
+	code, body := fetch(t, srv.URL+"/inc")
+	require.Equal(t, http.StatusOK, code, "GET /inc: %d %q", code, body)
+	require.NoError(t, syscall.Kill(h.Stats().Pid, syscall.SIGKILL))
 	const n = 9 // incarnations 0 to 8
 	waitFor(t, 30*time.Second, fmt.Sprintf("%d starts", n), func() bool { return len(failReadStarts(t, dir)) >= n })
 	starts := failReadStarts(t, dir)[:n]
 	for i, s := range starts {
-		if s.incarnation != i {
-			t.Fatalf("start %d was of incarnation %d", i, s.incarnation)
-		}
+		require.Equal(t, i, s.incarnation, "start %d was of incarnation %d", i, s.incarnation)
 	}
 	// The delay before incarnation i+1, after incarnation i failed.
 	wantDelay := func(i int) time.Duration {
@@ -500,20 +467,14 @@ func TestFailRestartBackoff(t *testing.T) {
 		gap := starts[i+1].at.Sub(starts[i].at)
 		want := wantDelay(i)
 		t.Logf("incarnation %d → %d: %v (backoff %v)", i, i+1, gap.Round(time.Millisecond), want)
-		if gap < want-5*time.Millisecond {
-			t.Errorf("incarnation %d started %v after incarnation %d failed its start; the backoff is %v", i+1, gap, i, want)
-		}
-		if gap > maxDelay+slack {
-			t.Errorf("incarnation %d started %v after incarnation %d; MaxRestartDelay is %v", i+1, gap, i, maxDelay)
-		}
+		assert.GreaterOrEqual(t, gap, want-5*time.Millisecond, "incarnation %d started %v after incarnation %d failed its start; the backoff is %v", i+1, gap, i, want)
+		assert.LessOrEqual(t, gap, maxDelay+slack, "incarnation %d started %v after incarnation %d; MaxRestartDelay is %v", i+1, gap, i, maxDelay)
 	}
 	st := h.Stats()
 	if st.Restarts < n-2 || st.State != "restarting" {
 		t.Errorf("Stats = %+v, want state restarting with at least %d restarts", st, n-2)
 	}
-	if !strings.Contains(st.LastExit, "refuses to start") {
-		t.Errorf("Stats().LastExit = %q, want the module's init error", st.LastExit)
-	}
+	assert.Contains(t, st.LastExit, "refuses to start", "Stats().LastExit = %q, want the module's init error", st.LastExit)
 }
 
 func TestFailHangDetected(t *testing.T) {
@@ -529,12 +490,8 @@ func TestFailHangDetected(t *testing.T) {
 	pid0 := h.Stats().Pid
 
 	res, body, err := fetchErr(srv.URL+"/stop?mark="+mark, 30*time.Second)
-	if err != nil {
-		t.Fatalf("GET /stop: %v; want 502 once the stopped child is killed", err)
-	}
-	if res.StatusCode != http.StatusBadGateway {
-		t.Errorf("GET /stop: %d %q, want 502", res.StatusCode, body)
-	}
+	require.NoError(t, err, "GET /stop: %v; want 502 once the stopped child is killed", err)
+	assert.Equal(t, http.StatusBadGateway, res.StatusCode, "GET /stop: %d %q, want 502", res.StatusCode, body)
 	awaitStats(t, h, 20*time.Second, "incarnation 1", runningInc(1))
 	assertReaped(t, pid0)
 	if st := h.Stats(); st.Pid == pid0 || !strings.Contains(st.LastExit, "health") {
@@ -568,9 +525,7 @@ func TestFailOldIncarnationMessagesDropped(t *testing.T) {
 
 	drip := failOpen(t, srv.URL+"/drip", "inc0-0\n")
 	dripped := failReadAll(drip.Body)
-	if err := syscall.Kill(pid0, syscall.SIGKILL); err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, syscall.Kill(pid0, syscall.SIGKILL))
 	waitFor(t, 10*time.Second, "the parent to notice the kill", func() bool { return h.Stats().Pid != pid0 })
 
 	// Requests to the next incarnation, sent while it starts.
@@ -601,9 +556,7 @@ func TestFailOldIncarnationMessagesDropped(t *testing.T) {
 	}
 
 	b := failAwaitBody(t, dripped, "GET /drip")
-	if b.err == nil {
-		t.Errorf("GET /drip: body ended cleanly after its child was killed; want it aborted")
-	}
+	assert.Error(t, b.err, "GET /drip: body ended cleanly after its child was killed; want it aborted")
 	// Every line is incarnation 0's; an abort may cut the last one short.
 	line := regexp.MustCompile(`^inc0-\d+$`)
 	lines := strings.Split(string(b.data), "\n")
@@ -611,9 +564,7 @@ func TestFailOldIncarnationMessagesDropped(t *testing.T) {
 		t.Errorf("GET /drip to incarnation 0 received %q", cut)
 	}
 	for _, l := range lines[:len(lines)-1] {
-		if !line.MatchString(l) {
-			t.Errorf("GET /drip to incarnation 0 received %q", l)
-		}
+		assert.True(t, line.MatchString(l), "GET /drip to incarnation 0 received %q", l)
 	}
 }
 
@@ -633,26 +584,20 @@ func TestFailShutdownGraceful(t *testing.T) {
 	waitFor(t, 10*time.Second, "Shutdown to begin", func() bool { return h.Stats().State != "running" })
 
 	code, body := fetch(t, srv.URL+"/inc")
-	if code != http.StatusServiceUnavailable {
-		t.Errorf("GET /inc during Shutdown: %d %q, want 503", code, body)
-	}
+	assert.Equal(t, http.StatusServiceUnavailable, code, "GET /inc during Shutdown: %d %q, want 503", code, body)
 	select {
 	case err := <-shutdown:
 		t.Fatalf("Shutdown returned (%v) while a request was in flight", err)
 	default:
 	}
-	if err := os.WriteFile(filepath.Join(dir, "release"), nil, 0o644); err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "release"), nil, 0o644))
 	rest := failAwaitBody(t, failReadAll(held.Body), "GET /hold")
 	if rest.err != nil || string(rest.data) != "part2\n" {
 		t.Errorf("GET /hold during Shutdown: rest of body %q (%v), want %q", rest.data, rest.err, "part2\n")
 	}
 	select {
 	case err := <-shutdown:
-		if err != nil {
-			t.Errorf("Shutdown: %v, want nil", err)
-		}
+		assert.NoError(t, err, "Shutdown: %v, want nil", err)
 	case <-time.After(30 * time.Second):
 		t.Fatal("Shutdown did not return after the last request finished")
 	}
@@ -676,43 +621,28 @@ func TestFailShutdownForced(t *testing.T) {
 	start := time.Now()
 	err := h.Shutdown(ctx)
 	took := time.Since(start)
-	if !errors.Is(err, context.DeadlineExceeded) {
-		t.Errorf("Shutdown with a handler that never returns: %v, want an error wrapping context.DeadlineExceeded", err)
-	}
+	assert.ErrorIs(t, err, context.DeadlineExceeded, "Shutdown with a handler that never returns: %v, want an error wrapping context.DeadlineExceeded", err)
 	if err != nil && !strings.Contains(err.Error(), "fail-mod") {
 		t.Errorf("Shutdown's error %q does not name the module", err)
 	}
-	if took < grace {
-		t.Errorf("Shutdown returned after %v, before its context ended (%v)", took, grace)
-	}
-	if took > 20*time.Second {
-		t.Errorf("Shutdown returned %v after its context ended", took-grace)
-	}
+	assert.GreaterOrEqual(t, took, grace, "Shutdown returned after %v, before its context ended (%v)", took, grace)
+	assert.LessOrEqual(t, took, 20*time.Second, "Shutdown returned %v after its context ended", took-grace)
 	assertReaped(t, pid)
-	if b := failAwaitBody(t, rest, "GET /forever"); b.err == nil {
-		t.Errorf("GET /forever: body ended cleanly (%q) although the child was killed", b.data)
-	}
+	b := failAwaitBody(t, rest, "GET /forever")
+	assert.Error(t, b.err, "GET /forever: body ended cleanly (%q) although the child was killed", b.data)
 }
 
 func TestFailCloseConcurrent(t *testing.T) {
 	h := startModule(t, "fail-mod", failOpts(t, failConfig{}, Options{HealthInterval: time.Hour}))
 	pid := h.Stats().Pid
 
-	errs := make(chan error, 3)
-	go func() { errs <- h.Close() }()
-	go func() { errs <- h.Shutdown(context.Background()) }()
-	go func() { errs <- h.Close() }()
-	for range 3 {
-		if err := <-errs; err != nil {
-			t.Errorf("concurrent Close/Shutdown: %v", err)
-		}
-	}
-	if err := h.Close(); err != nil {
-		t.Errorf("second Close: %v", err)
-	}
-	if err := h.Shutdown(context.Background()); err != nil {
-		t.Errorf("Shutdown after Close: %v", err)
-	}
+	var g errgroup.Group
+	g.Go(h.Close)
+	g.Go(func() error { return h.Shutdown(context.Background()) })
+	g.Go(h.Close)
+	assert.NoError(t, g.Wait(), "concurrent Close/Shutdown")
+	assert.NoError(t, h.Close(), "second Close")
+	assert.NoError(t, h.Shutdown(context.Background()), "Shutdown after Close")
 	assertReaped(t, pid)
 	if st := h.Stats(); st.State != "stopped" || st.Pid != 0 {
 		t.Errorf("after Close: Stats = %+v, want stopped", st)
@@ -727,13 +657,9 @@ func TestFailHealthCheck(t *testing.T) {
 	if err != nil || d <= 0 {
 		t.Errorf("HealthCheck on a live handle: %v, %v; want a positive round trip", d, err)
 	}
-	if err := h.Close(); err != nil {
-		t.Fatalf("Close: %v", err)
-	}
+	require.NoError(t, h.Close(), "Close")
 	_, err = h.HealthCheck(ctx)
-	if !errors.Is(err, ErrClosed) {
-		t.Errorf("HealthCheck after Close: %v, want ErrClosed", err)
-	}
+	assert.ErrorIs(t, err, ErrClosed, "HealthCheck after Close: %v, want ErrClosed", err)
 	if err != nil && !strings.Contains(err.Error(), "fail-mod") {
 		t.Errorf("HealthCheck's error %q does not name the module", err)
 	}
@@ -751,9 +677,7 @@ func TestHelperParent(t *testing.T) {
 		t.Skip("a helper process for TestFailOrphan")
 	}
 	h, err := Start(context.Background(), "fail-mod", Options{HealthInterval: time.Hour})
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	fmt.Printf("child-pid %d\n", h.Stats().Pid)
 	io.Copy(io.Discard, os.Stdin) // until TestFailOrphan kills this process, or goes away
 	h.Close()
@@ -814,16 +738,12 @@ func TestFailOrphan(t *testing.T) {
 				// the child's watcher, which then kills the group) can end
 				// the stopped child.
 				anchorGroup(t, pid)
-				if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
-					t.Fatal(err)
-				}
+				require.NoError(t, syscall.Kill(pid, syscall.SIGSTOP))
 				waitFor(t, 10*time.Second, "the child to stop", func() bool { return procState(pid) == "T" })
 			}
 
 			killed := time.Now()
-			if err := cmd.Process.Signal(syscall.SIGKILL); err != nil {
-				t.Fatal(err)
-			}
+			require.NoError(t, cmd.Process.Signal(syscall.SIGKILL))
 			<-readDone
 			waited = true
 			if err := cmd.Wait(); err == nil || !strings.Contains(err.Error(), "killed") {
@@ -839,15 +759,11 @@ func TestFailChildOwnProcessGroup(t *testing.T) {
 	h := startModule(t, "fail-mod", failOpts(t, failConfig{}, Options{HealthInterval: time.Hour}))
 	pid := h.Stats().Pid
 	pgid, err := syscall.Getpgid(pid)
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	if own := syscall.Getpgrp(); pgid == own {
 		t.Errorf("the child (pid %d) is in the parent's process group %d", pid, own)
 	}
-	if pgid != pid {
-		t.Errorf("the child (pid %d) is in process group %d, want its own", pid, pgid)
-	}
+	assert.Equal(t, pid, pgid, "the child (pid %d) is in process group %d, want its own", pid, pgid)
 }
 
 func TestFailStartErrors(t *testing.T) {
@@ -935,9 +851,7 @@ func TestFailStartErrors(t *testing.T) {
 				h.Close()
 				t.Fatalf("Start(%q) succeeded, want an error", tt.module)
 			}
-			if h != nil {
-				t.Errorf("Start(%q) returned a Handle with its error", tt.module)
-			}
+			assert.Nil(t, h, "Start(%q) returned a Handle with its error", tt.module)
 			t.Logf("Start(%q) after %v: %v", tt.module, took.Round(time.Millisecond), err)
 			var se *StartError
 			if !errors.As(err, &se) || se.Module != tt.module {
@@ -947,16 +861,12 @@ func TestFailStartErrors(t *testing.T) {
 				t.Errorf("Start's error does not match %v: %v", tt.wantIs, err)
 			}
 			for _, s := range append([]string{`"` + tt.module + `"`}, tt.wantIn...) {
-				if !strings.Contains(err.Error(), s) {
-					t.Errorf("Start's error does not say %q:\n%v", s, err)
-				}
+				assert.Contains(t, err.Error(), s, "Start's error does not say %q:\n%v", s, err)
 			}
 			if tt.wantWithin > 0 && took > tt.wantWithin {
 				t.Errorf("Start returned after %v, want within %v", took, tt.wantWithin)
 			}
-			if took < tt.wantAtLeastIn {
-				t.Errorf("Start returned after %v, before StartTimeout %v", took, tt.wantAtLeastIn)
-			}
+			assert.GreaterOrEqual(t, took, tt.wantAtLeastIn, "Start returned after %v, before StartTimeout %v", took, tt.wantAtLeastIn)
 			if tt.wantChild {
 				// os.WriteFile truncates, then writes: wait for the pid.
 				var b []byte
@@ -965,9 +875,7 @@ func TestFailStartErrors(t *testing.T) {
 					return len(b) > 0
 				})
 				pid, err := strconv.Atoi(string(b))
-				if err != nil {
-					t.Fatal(err)
-				}
+				require.NoError(t, err)
 				assertReaped(t, pid)
 			}
 			goleak.VerifyNone(t, before)
@@ -984,17 +892,13 @@ func TestFailStartInitWritesStdout(t *testing.T) {
 	}
 	for _, how := range []string{"fmt.Println", "os.Stdout", "fd 1"} {
 		line := "[fail-init-stdout] " + failInitStdoutText + " (" + how + ")"
-		if !out.await(line, 10*time.Second) {
-			t.Errorf("the module's stdout line %q did not reach its log; got:\n%s", line, out)
-		}
+		assert.True(t, out.await(line, 10*time.Second), "the module's stdout line %q did not reach its log; got:\n%s", line, out)
 	}
 }
 
 func TestFailChildModeByHand(t *testing.T) {
 	devNull, err := os.Open(os.DevNull)
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	defer devNull.Close()
 	tests := []struct {
 		name  string
@@ -1025,9 +929,7 @@ func TestFailChildModeByHand(t *testing.T) {
 			if !strings.Contains(msg, "not started by subproc.Start") && !strings.Contains(msg, "not by subproc.Start") {
 				t.Errorf("stderr does not say the process was not started by subproc.Start:\n%s", msg)
 			}
-			if !strings.Contains(strings.ToLower(msg), "unset "+strings.ToLower(envModule)) {
-				t.Errorf("stderr does not say to unset %s:\n%s", envModule, msg)
-			}
+			assert.Contains(t, strings.ToLower(msg), "unset "+strings.ToLower(envModule), "stderr does not say to unset %s:\n%s", envModule, msg)
 		})
 	}
 }
@@ -1043,9 +945,7 @@ func TestFailModulesIndependent(t *testing.T) {
 	}
 
 	held := failOpen(t, sb.URL+"/hold?file=release", "part1\n")
-	if err := syscall.Kill(pa, syscall.SIGKILL); err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, syscall.Kill(pa, syscall.SIGKILL))
 	awaitStats(t, a, 20*time.Second, "fail-twin-a's incarnation 1", runningInc(1))
 	if code, body := fetch(t, sa.URL+"/inc"); code != http.StatusOK || !strings.HasPrefix(body, "inc=1 ") {
 		t.Errorf("fail-twin-a after its kill: %d %q, want 200 from incarnation 1", code, body)
@@ -1058,9 +958,7 @@ func TestFailModulesIndependent(t *testing.T) {
 	if code, body := fetch(t, sb.URL+"/inc"); code != http.StatusOK || body != want {
 		t.Errorf("fail-twin-b after fail-twin-a's kill: %d %q, want 200 %q", code, body, want)
 	}
-	if err := os.WriteFile(filepath.Join(dir, "release"), nil, 0o644); err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "release"), nil, 0o644))
 	if rest := failAwaitBody(t, failReadAll(held.Body), "fail-twin-b GET /hold"); rest.err != nil || string(rest.data) != "part2\n" {
 		t.Errorf("fail-twin-b's request in flight across fail-twin-a's kill: rest %q (%v), want %q", rest.data, rest.err, "part2\n")
 	}

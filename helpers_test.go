@@ -163,9 +163,7 @@ func statsHolds(h *Handle, timeout time.Duration, cond func(Stats) bool) bool {
 // failing the test with what and the last Stats after timeout.
 func awaitStats(t *testing.T, h *Handle, timeout time.Duration, what string, cond func(Stats) bool) {
 	t.Helper()
-	if !statsHolds(h, timeout, cond) {
-		t.Fatalf("timed out after %v waiting for %s: %+v", timeout, what, h.Stats())
-	}
+	require.True(t, statsHolds(h, timeout, cond), "timed out after %v waiting for %s: %+v", timeout, what, h.Stats())
 }
 
 // runningInc is a Stats condition: the handle runs incarnation n.

@@ -21,6 +21,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sync/errgroup"
 )
 
 // What /leak holds, in a child of the limits- module.
@@ -234,23 +235,22 @@ func TestLimitsStuck(t *testing.T) {
 	runtime.GC()
 	runtime.ReadMemStats(&ms0)
 	n := chaosN(50, 5000)
-	var wg sync.WaitGroup
 	client := chaosClient(200)
 	defer client.CloseIdleConnections()
-	sem := make(chan struct{}, 200)
+	var g errgroup.Group
+	g.SetLimit(200) // clients at a time
 	for range n {
-		sem <- struct{}{}
-		wg.Go(func() {
-			defer func() { <-sem }()
+		g.Go(func() error {
 			ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 			defer cancel()
 			req, _ := http.NewRequestWithContext(ctx, "GET", srv.URL+"/stuck", nil)
 			if res, err := client.Do(req); err == nil {
 				res.Body.Close()
 			}
+			return nil // the clients give up: that is the test
 		})
 	}
-	wg.Wait()
+	g.Wait()
 	gaveUp := time.Now() // when the last was given up, about
 	waitFor(t, 30*time.Second, "ChildStuck", func() bool { return events.count(ChildStuck, "stuck") == 1 })
 	noticed := time.Since(gaveUp)

@@ -2,7 +2,6 @@ package subproc
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"log/slog"
@@ -17,6 +16,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 	"go.uber.org/goleak"
 )
 
@@ -65,9 +66,7 @@ func TestLogsNoGoroutinePerLogDir(t *testing.T) {
 	for i := range *logscCycles {
 		dir := filepath.Join(root, strconv.Itoa(i))
 		h, err := Start(context.Background(), "logsc-quiet", testOptions(t, Options{LogDir: dir}))
-		if err != nil {
-			t.Fatalf("cycle %d: Start: %v", i, err)
-		}
+		require.NoError(t, err, "cycle %d: Start", i)
 		stopAndReap(t, h)
 		if t.Failed() {
 			t.FailNow()
@@ -78,9 +77,7 @@ func TestLogsNoGoroutinePerLogDir(t *testing.T) {
 	}
 	err := goleak.Find(before)
 	t.Logf("after %d Start/Close cycles, each with its own LogDir: %d goroutines more than before", *logscCycles, runtime.NumGoroutine()-n0)
-	if err != nil {
-		t.Error(err)
-	}
+	assert.NoError(t, err)
 }
 
 // TestLogsFullDisk runs a module with its LogDir on a tiny tmpfs, fills it,
@@ -95,9 +92,7 @@ func TestLogsFullDisk(t *testing.T) {
 		t.Skipf("cannot mount a tmpfs on %s (%v): run the tests as root with CAP_SYS_ADMIN to test a real full disk; internal/logcapture's TestWriteErrors tests the logic through a seam", dir, err)
 	}
 	t.Cleanup(func() {
-		if err := syscall.Unmount(dir, 0); err != nil {
-			t.Errorf("unmounting the tmpfs: %v", err)
-		}
+		assert.NoError(t, syscall.Unmount(dir, 0), "unmounting the tmpfs")
 	})
 	logs := newLogSink()
 	h := startModule(t, "logsc-writer", Options{LogDir: dir, Logger: slog.New(slog.NewTextHandler(logs, nil))})
@@ -107,9 +102,7 @@ func TestLogsFullDisk(t *testing.T) {
 	if code, body := fetch(t, srv.URL+"/write?n=1000&tag=lost"); code != http.StatusOK || body != "written" {
 		t.Fatalf("GET /write on a full disk: %d %q, want 200 written", code, body)
 	}
-	if !logs.await("cannot write its err output", 30*time.Second) {
-		t.Fatalf("the parent did not report the lost lines; its log:\n%s", logs)
-	}
+	require.True(t, logs.await("cannot write its err output", 30*time.Second), "the parent did not report the lost lines; its log:\n%s", logs)
 	if got := logs.String(); !strings.Contains(got, "no space left on device") || !strings.Contains(got, `\"logsc-writer\"`) {
 		t.Errorf("the report does not name the module and the cause:\n%s", got)
 	}
@@ -117,19 +110,13 @@ func TestLogsFullDisk(t *testing.T) {
 		t.Errorf("GET / with the disk full: %d %q, want 200 ok", code, body)
 	}
 
-	if err := os.Remove(filepath.Join(dir, "filler")); err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, os.Remove(filepath.Join(dir, "filler")))
 	if code, body := fetch(t, srv.URL+"/write?n=3&tag=kept"); code != http.StatusOK || body != "written" {
 		t.Fatalf("GET /write after freeing space: %d %q, want 200 written", code, body)
 	}
-	if !logs.await("writing its err output again", 30*time.Second) {
-		t.Fatalf("the parent did not report that writing resumed; its log:\n%s", logs)
-	}
+	require.True(t, logs.await("writing its err output again", 30*time.Second), "the parent did not report that writing resumed; its log:\n%s", logs)
 	m := regexp.MustCompile(`lines lost while it failed: (\d+)`).FindStringSubmatch(logs.String())
-	if m == nil {
-		t.Fatalf("the report of recovery does not count the lost lines:\n%s", logs)
-	}
+	require.NotNil(t, m, "the report of recovery does not count the lost lines:\n%s", logs)
 	errFile := filepath.Join(dir, "logsc-writer.err")
 	var text string
 	waitFor(t, 30*time.Second, "the lines written after space returned", func() bool {
@@ -143,9 +130,8 @@ func TestLogsFullDisk(t *testing.T) {
 	if kept := strings.Count(text, "lost "); lost < 1 || lost+kept != 1000 {
 		t.Errorf("the parent reports %d lines lost, and %d are in the file; want at least one lost, 1000 in all", lost, kept)
 	}
-	if st := h.Stats(); st.Restarts != 0 {
-		t.Errorf("the module was restarted %d times, want it served throughout", st.Restarts)
-	}
+	st := h.Stats()
+	assert.Zero(t, st.Restarts, "the module was restarted %d times, want it served throughout", st.Restarts)
 	t.Logf("the parent's log:\n%s", logs)
 }
 
@@ -155,17 +141,13 @@ func TestLogsFullDisk(t *testing.T) {
 func fill(t *testing.T, path string) {
 	t.Helper()
 	f, err := os.Create(path)
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	defer f.Close()
 	buf := make([]byte, 64<<10)
 	for size := len(buf); size > 0; size /= 2 {
 		for {
 			if _, err := f.Write(buf[:size]); err != nil {
-				if !errors.Is(err, syscall.ENOSPC) {
-					t.Fatalf("filling the file system: %v", err)
-				}
+				require.ErrorIs(t, err, syscall.ENOSPC, "filling the file system: %v", err)
 				break
 			}
 		}
@@ -178,19 +160,14 @@ func fill(t *testing.T, path string) {
 func TestLogsPrefixEscapesControls(t *testing.T) {
 	var out logSink
 	h := startModule(t, "logsc-forger", Options{Stderr: &out})
-	if err := h.Close(); err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, h.Close())
 	text := out.String()
 	for _, want := range []string{
 		`[logsc-forger] \x1b[1A\x1b[2K\r[logsc-other] forged` + "\n",
 		`[logsc-forger] half\rwritten\u009b\x7f\xff` + "\n",
 	} {
-		if !strings.Contains(text, want) {
-			t.Errorf("output lacks %q:\n%q", want, text)
-		}
+		assert.Contains(t, text, want, "output lacks %q:\n%q", want, text)
 	}
-	if i := strings.IndexAny(text, "\x1b\r\x7f\u009b"); i >= 0 {
-		t.Errorf("output holds a control character at %d: %q", i, text)
-	}
+	i := strings.IndexAny(text, "\x1b\r\x7f\u009b")
+	assert.Less(t, i, 0, "output holds a control character at %d: %q", i, text)
 }

@@ -12,6 +12,8 @@ import (
 	"testing"
 
 	"github.com/fbbf71ac/subproc/internal/frame"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 )
 
 func TestRequestHeadRoundTrip(t *testing.T) {
@@ -29,17 +31,11 @@ func TestRequestHeadRoundTrip(t *testing.T) {
 
 	enc, dec := newEncoder(), newDecoder()
 	p, err := enc.encode(newRequestHead(r))
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	var head requestHead
-	if err := dec.decode(p, &head); err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, dec.decode(p, &head))
 	got, err := head.request()
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	if got.Method != "PATCH" || got.URL.Path != "/a/b/c" || got.URL.RawPath != "/a%2Fb/c" || got.URL.RawQuery != "x=1&x=2&y" {
 		t.Errorf("URL: %s %q raw %q query %q", got.Method, got.URL.Path, got.URL.RawPath, got.URL.RawQuery)
 	}
@@ -63,12 +59,8 @@ func TestRequestHeadRoundTrip(t *testing.T) {
 
 	// A second message of the same type reuses the gob type description.
 	p2, err := enc.encode(&requestHead{Method: "GET", Path: "/"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(p2) >= len(p) {
-		t.Errorf("second message is %d bytes, first %d: type info sent twice?", len(p2), len(p))
-	}
+	require.NoError(t, err)
+	assert.Less(t, len(p2), len(p), "second message is %d bytes, first %d: type info sent twice?", len(p2), len(p))
 	var head2 requestHead
 	if err := dec.decode(p2, &head2); err != nil || head2.Method != "GET" || head2.Header != nil {
 		t.Fatalf("second message: %+v, %v", head2, err)
@@ -78,9 +70,7 @@ func TestRequestHeadRoundTrip(t *testing.T) {
 func TestDecodeRejectsBadFraming(t *testing.T) {
 	enc := newEncoder()
 	p, err := enc.encode(&responseHead{Status: 200, Header: http.Header{"A": {"b"}}})
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	good := append([]byte(nil), p...)
 	tests := []struct {
 		name string
@@ -166,23 +156,17 @@ func TestReadLoopRejectsBadInput(t *testing.T) {
 			c.pending[1] = s
 			err := c.readFrames()
 			var pe *protocolError
-			if !errors.As(err, &pe) {
-				t.Fatalf("readFrames: %v, want a protocol error", err)
-			}
+			require.True(t, errors.As(err, &pe), "readFrames: %v, want a protocol error", err)
 			c.fail(err, nil)
 			for {
 				ev, err := s.next(nil)
 				if err != nil {
-					if !errors.As(err, &pe) {
-						t.Fatalf("pending request failed with %v, want the protocol error", err)
-					}
+					require.True(t, errors.As(err, &pe), "pending request failed with %v, want the protocol error", err)
 					break
 				}
 				putChunk(ev.buf)
 				if ev.kind == kindEnd {
-					if !tt.completes {
-						t.Fatal("the pending request completed")
-					}
+					require.True(t, tt.completes, "the pending request completed")
 					break
 				}
 			}
@@ -228,15 +212,11 @@ func FuzzReadFrames(f *testing.F) {
 		c.pending[1] = s
 		c.pending[2] = newStream(2, window)
 		err := c.readFrames()
-		if err == nil {
-			t.Fatal("readFrames returned nil at the end of input")
-		}
+		require.Error(t, err, "readFrames returned nil at the end of input")
 		c.fail(err, nil)
 		s.mu.Lock()
 		defer s.mu.Unlock()
-		if s.queued > window {
-			t.Fatalf("stream holds %d bytes", s.queued)
-		}
+		require.LessOrEqual(t, s.queued, window, "stream holds %d bytes", s.queued)
 	})
 }
 
@@ -264,15 +244,9 @@ func TestHeadEncoding(t *testing.T) {
 		{&responseHead{}, new(responseHead)},
 	} {
 		p, err := tt.in.GobEncode()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := tt.out.GobDecode(p); err != nil {
-			t.Fatalf("%T: %v", tt.in, err)
-		}
-		if !reflect.DeepEqual(tt.in, tt.out) {
-			t.Errorf("round trip:\n got %+v\nwant %+v", tt.out, tt.in)
-		}
+		require.NoError(t, err)
+		require.NoError(t, tt.out.GobDecode(p), "%T", tt.in)
+		assert.Equal(t, tt.in, tt.out, "round trip:\n got %+v\nwant %+v", tt.out, tt.in)
 		for n := range len(p) {
 			if err := reflect.New(reflect.TypeOf(tt.out).Elem()).Interface().(interface{ GobDecode([]byte) error }).GobDecode(p[:n]); err == nil {
 				t.Errorf("%T: truncated to %d of %d bytes: no error", tt.in, n, len(p))
@@ -286,9 +260,7 @@ func TestHeadEncoding(t *testing.T) {
 	// announces one and an empty header is malformed.
 	plain, _ := (&requestHead{Method: "GET", Path: "/"}).GobEncode()
 	empty, _ := (&requestHead{Method: "GET", Path: "/", ResponseHeader: http.Header{}}).GobEncode()
-	if !bytes.Equal(plain, empty) {
-		t.Errorf("an empty ResponseHeader changes the encoding:\n%x\n%x", plain, empty)
-	}
+	assert.Equal(t, plain, empty, "an empty ResponseHeader changes the encoding:\n%x\n%x", plain, empty)
 	flagged := append([]byte(nil), plain...)
 	flagged[1] |= headResponseHeader
 	flagged = binary.AppendUvarint(flagged, 0)
@@ -305,9 +277,7 @@ func TestHeadEncoding(t *testing.T) {
 			t.Fatal("a billion keys in 8 bytes: no error")
 		}
 	})
-	if allocs > 2 {
-		t.Errorf("%v allocations to reject a huge count", allocs)
-	}
+	assert.LessOrEqual(t, allocs, 2.0, "%v allocations to reject a huge count", allocs)
 }
 
 // BenchmarkHeads measures encoding and decoding a typical request head and

@@ -11,6 +11,8 @@ import (
 
 	"github.com/fbbf71ac/subproc"
 	"github.com/fbbf71ac/subproc/subproctest"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 )
 
 // routeNames are the wildcard names routeHandler reports.
@@ -50,18 +52,12 @@ type routeAnswer struct {
 func routeDo(t *testing.T, srv *httptest.Server, method, path string) routeAnswer {
 	t.Helper()
 	req, err := http.NewRequest(method, srv.URL+path, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	res, err := srv.Client().Do(req)
-	if err != nil {
-		t.Fatalf("%s %s: %v", method, path, err)
-	}
+	require.NoError(t, err, "%s %s", method, path)
 	defer res.Body.Close()
 	b, err := io.ReadAll(res.Body)
-	if err != nil {
-		t.Fatalf("%s %s: %v", method, path, err)
-	}
+	require.NoError(t, err, "%s %s", method, path)
 	return routeAnswer{res.StatusCode, res.Header.Get("Allow"), string(b)}
 }
 
@@ -198,9 +194,8 @@ func TestRoutePathValuesCross(t *testing.T) {
 			if tt.inProcess == nil {
 				continue
 			}
-			if want := routeDo(t, inProcess, "GET", p); got != want {
-				t.Errorf("%s: GET %s: through the module %+v, in-process %+v", tt.name, p, got, want)
-			}
+			want := routeDo(t, inProcess, "GET", p)
+			assert.Equal(t, want, got, "%s: GET %s: through the module %+v, in-process %+v", tt.name, p, got, want)
 		}
 	}
 }

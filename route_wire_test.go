@@ -3,9 +3,11 @@ package subproc
 import (
 	"net/http"
 	"net/http/httptest"
-	"reflect"
 	"slices"
 	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 )
 
 // The pattern and path values round-trip in the request head, cost
@@ -14,16 +16,10 @@ import (
 func TestHeadPathValues(t *testing.T) {
 	in := &requestHead{Method: "GET", Path: "/pv/1/a", Pattern: "GET /pv/{id}/{rest...}", PathValues: []string{"id", "1", "rest", "a"}}
 	p, err := in.GobEncode()
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	var out requestHead
-	if err := out.GobDecode(p); err != nil {
-		t.Fatal(err)
-	}
-	if !reflect.DeepEqual(in, &out) {
-		t.Errorf("round trip:\n got %+v\nwant %+v", out, *in)
-	}
+	require.NoError(t, out.GobDecode(p))
+	assert.Equal(t, in, &out, "round trip:\n got %+v\nwant %+v", out, *in)
 	for n := range len(p) {
 		if err := new(requestHead).GobDecode(p[:n]); err == nil {
 			t.Errorf("truncated to %d of %d bytes: no error", n, len(p))
@@ -49,18 +45,15 @@ func TestHeadPathValues(t *testing.T) {
 	}
 	// The flag, with an empty pattern. plain is the version, the flags
 	// (0, one byte) and the rest; headPattern's flags take two bytes.
-	if plain[1] != 0 || headPattern != 0x100 {
-		t.Fatalf("test out of date: flags %#x, headPattern %#x", plain[1], headPattern)
-	}
+	require.Zero(t, plain[1], "test out of date: flags %#x, headPattern %#x", plain[1], headPattern)
+	require.Equal(t, 0x100, headPattern, "test out of date: flags %#x, headPattern %#x", plain[1], headPattern)
 	flagged := slices.Concat(plain[:1], []byte{0x80, 0x02}, plain[2:], []byte{0, 0}) // empty Pattern, no PathValues
 	if err := new(requestHead).GobDecode(flagged); err == nil {
 		t.Error("an announced Pattern that is empty: no error")
 	}
 	flagged[len(flagged)-2] = 1 // Pattern "\x00"
 	flagged = append(flagged[:len(flagged)-1], 0, 0)
-	if err := new(requestHead).GobDecode(flagged); err != nil {
-		t.Errorf("the same with a pattern: %v", err)
-	}
+	assert.NoError(t, new(requestHead).GobDecode(flagged), "the same with a pattern")
 }
 
 func TestPatternWildcards(t *testing.T) {
@@ -77,9 +70,8 @@ func TestPatternWildcards(t *testing.T) {
 		{"/{}/{...}/lit{x}", nil},
 		{"no slash", nil},
 	} {
-		if got := slices.Collect(patternWildcards(tt.pattern)); !slices.Equal(got, tt.want) {
-			t.Errorf("patternWildcards(%q) = %q, want %q", tt.pattern, got, tt.want)
-		}
+		got := slices.Collect(patternWildcards(tt.pattern))
+		assert.True(t, slices.Equal(got, tt.want), "patternWildcards(%q) = %q, want %q", tt.pattern, got, tt.want)
 	}
 }
 

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/fbbf71ac/subproc/internal/frame"
+	"github.com/stretchr/testify/require"
 )
 
 // fakeProcess stands in for a child process in tests that run both sides of
@@ -70,9 +71,7 @@ func newPipePairFlow(t *testing.T, handler http.Handler, limit int64, now func()
 		srvDone <- srv.readLoop()
 	}()
 	go c.readLoop()
-	if err := <-c.ready; err != nil {
-		t.Fatalf("handshake: %v", err)
-	}
+	require.NoError(t, <-c.ready, "handshake")
 	t.Cleanup(func() {
 		cancel()
 		c.stopWriting()
@@ -100,9 +99,7 @@ func waitFull(t *testing.T, what string, queued func() int, wake <-chan struct{}
 	deadline := time.After(10 * time.Second)
 	for {
 		q := queued()
-		if q > limit {
-			t.Fatalf("%s costs %d, more than %d", what, q, limit)
-		}
+		require.LessOrEqual(t, q, limit, "%s costs %d, more than %d", what, q, limit)
 		if q+nextCost > limit {
 			return
 		}
@@ -130,9 +127,7 @@ func readAll(t *testing.T, c *child, s *stream) (status int, body []byte) {
 	t.Helper()
 	for {
 		ev, err := s.next(nil)
-		if err != nil {
-			t.Fatalf("stream %d: %v", s.id, err)
-		}
+		require.NoError(t, err, "stream %d", s.id)
 		switch ev.kind {
 		case kindResponse:
 			status = ev.head.Status
@@ -153,9 +148,7 @@ func readAll(t *testing.T, c *child, s *stream) (status int, body []byte) {
 func openRequest(t *testing.T, c *child, r *http.Request) *stream {
 	t.Helper()
 	s, err := c.open(r, newRequestHead(r))
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	return s
 }
 
@@ -186,25 +179,21 @@ func TestResponseFlowControlBoundsBuffering(t *testing.T) {
 	waitFull(t, "parent's queue", queuedOf(big), big.wake, frameCost(chunkSize), frameCost(1))
 
 	small := openRequest(t, pp.c, httptest.NewRequest("GET", "/small", nil))
-	if st, body := readAll(t, pp.c, small); st != 200 || string(body) != "small" {
-		t.Fatalf("small request: %d %q", st, body)
-	}
+	st, body := readAll(t, pp.c, small)
+	require.EqualValues(t, 200, st, "small request: %d %q", st, body)
+	require.Equal(t, "small", string(body), "small request: %d %q", st, body)
 	// The handler is stalled: it wrote at most the initial window plus what
 	// its buffer and one Write hold.
-	if w := written.Load(); w > chunkSize+chunkSize+4096 {
-		t.Fatalf("handler wrote %d bytes with nothing read; the initial window is %d", w, initialWindow)
-	}
-	if q := queuedOf(big)(); q != frameCost(chunkSize) {
-		t.Fatalf("parent's queue for the stalled response costs %d; want one chunk (%d)", q, frameCost(chunkSize))
-	}
-	if r := pp.c.flow.reserved.Load(); r != 0 {
-		t.Fatalf("the stalled response reserved %d bytes of window growth", r)
-	}
+	w := written.Load()
+	require.LessOrEqual(t, w, int64(chunkSize+chunkSize+4096), "handler wrote %d bytes with nothing read; the initial window is %d", w, initialWindow)
+	q := queuedOf(big)()
+	require.Equal(t, frameCost(chunkSize), q, "parent's queue for the stalled response costs %d; want one chunk (%d)", q, frameCost(chunkSize))
+	r := pp.c.flow.reserved.Load()
+	require.Zero(t, r, "the stalled response reserved %d bytes of window growth", r)
 
 	_, rest := readAll(t, pp.c, big)
-	if got := len(rest); got != total {
-		t.Fatalf("big response: %d bytes, want %d", got, total)
-	}
+	got := len(rest)
+	require.Equal(t, total, got, "big response: %d bytes, want %d", got, total)
 }
 
 // A request body the handler does not read stalls the parent's sender after
@@ -294,7 +283,7 @@ func TestResponseGrowsPastSmallBuffer(t *testing.T) {
 		w.Write(tail)
 	}))
 	s := openRequest(t, pp.c, httptest.NewRequest("GET", "/", nil))
-	if st, b := readAll(t, pp.c, s); st != 200 || !bytes.Equal(b, want) {
-		t.Fatalf("got %d, %d bytes; want 200, %d bytes", st, len(b), len(want))
-	}
+	st, b := readAll(t, pp.c, s)
+	require.EqualValues(t, 200, st, "got %d, %d bytes; want 200, %d bytes", st, len(b), len(want))
+	require.Equal(t, b, want, "got %d, %d bytes; want 200, %d bytes", st, len(b), len(want))
 }

@@ -29,6 +29,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 )
 
 // This file checks DESIGN.md's first promise, transparency: a handler
@@ -688,9 +691,7 @@ func trViews(t *testing.T, targets []trTarget, mk func(base string) *http.Reques
 		for try := 0; try < 3 && err != nil && (errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)); try++ {
 			res, _, err = trDo(tg.client, mk(tg.url))
 		}
-		if err != nil {
-			t.Fatalf("%s: %v", tg.name, err)
-		}
+		require.NoError(t, err, "%s", tg.name)
 		views = append(views, res)
 	}
 	return views
@@ -699,9 +700,8 @@ func trViews(t *testing.T, targets []trTarget, mk func(base string) *http.Reques
 // trCompare fails the test if the subproc view differs from net/http's.
 func trCompare(t *testing.T, views []*trResponse) {
 	t.Helper()
-	if d := trDiff(views[0], views[1]); d != "" {
-		t.Errorf("the client sees a different response through subproc:%s", d)
-	}
+	d := trDiff(views[0], views[1])
+	assert.Equal(t, "", d, "the client sees a different response through subproc:%s", d)
 }
 
 // trWaitFile waits for a file to appear, polling: it is written by another
@@ -802,9 +802,7 @@ func TestTransparencyRequest(t *testing.T) {
 					body = tt.body()
 				}
 				req, err := http.NewRequestWithContext(ctx, tt.method, tg.url+tt.path, body)
-				if err != nil {
-					t.Fatal(err)
-				}
+				require.NoError(t, err)
 				for k, v := range tt.header {
 					req.Header[k] = v
 				}
@@ -825,9 +823,7 @@ func TestTransparencyRequest(t *testing.T) {
 					// A HEAD response has no body to carry the view;
 					// the handler reports the method in a header.
 					res, _, err := trDo(tg.client, req)
-					if err != nil {
-						t.Fatalf("%s: %v", tg.name, err)
-					}
+					require.NoError(t, err, "%s", tg.name)
 					if res.Status != http.StatusOK || res.Header.Get("X-Method") != "HEAD" || res.Body != "" {
 						t.Errorf("%s: HEAD got %d, X-Method %q, body %q; want 200, HEAD and no body", tg.name, res.Status, res.Header.Get("X-Method"), res.Body)
 					}
@@ -835,26 +831,16 @@ func TestTransparencyRequest(t *testing.T) {
 					continue
 				}
 				res, local, err := trDo(tg.client, req)
-				if err != nil {
-					t.Fatalf("%s: %v", tg.name, err)
-				}
-				if res.Status != http.StatusOK {
-					t.Fatalf("%s: status %d, body %q", tg.name, res.Status, res.Body)
-				}
+				require.NoError(t, err, "%s", tg.name)
+				require.Equal(t, http.StatusOK, res.Status, "%s: status %d, body %q", tg.name, res.Status, res.Body)
 				v := new(trRequestView)
-				if err := json.Unmarshal([]byte(res.Body), v); err != nil {
-					t.Fatalf("%s: decoding the echo: %v", tg.name, err)
-				}
-				if v.RemoteAddr != local {
-					t.Errorf("%s: handler's RemoteAddr is %q, want the client's address %q", tg.name, v.RemoteAddr, local)
-				}
+				require.NoError(t, json.Unmarshal([]byte(res.Body), v), "%s: decoding the echo", tg.name)
+				assert.Equal(t, local, v.RemoteAddr, "%s: handler's RemoteAddr is %q, want the client's address %q", tg.name, v.RemoteAddr, local)
 				wantHost := strings.TrimPrefix(tg.url, "http://")
 				if tt.host != "" {
 					wantHost = tt.host
 				}
-				if v.Host != wantHost {
-					t.Errorf("%s: handler's Host is %q, want %q", tg.name, v.Host, wantHost)
-				}
+				assert.Equal(t, wantHost, v.Host, "%s: handler's Host is %q, want %q", tg.name, v.Host, wantHost)
 				v.RemoteAddr, v.Host = "", "" // they differ between the two servers
 				v.Header, v.Trailer = trNorm(v.Header), trNorm(v.Trailer)
 				views = append(views, v)
@@ -862,9 +848,8 @@ func TestTransparencyRequest(t *testing.T) {
 			if views[0] == nil {
 				return
 			}
-			if d := trDiff(views[0], views[1]); d != "" {
-				t.Errorf("the handler sees a different request through subproc:%s", d)
-			}
+			d := trDiff(views[0], views[1])
+			assert.Equal(t, "", d, "the handler sees a different request through subproc:%s", d)
 			// The reference itself must show what the case is about.
 			if tt.trailer != nil && !reflect.DeepEqual(views[0].Trailer, tt.trailer) {
 				t.Errorf("net/http handler saw trailers %v, want %v", views[0].Trailer, tt.trailer)
@@ -881,9 +866,7 @@ func TestTransparencyHopByHopRequestHeaders(t *testing.T) {
 	backend := httptest.NewServer(trMux(&Env{Name: "tr-mux"}))
 	t.Cleanup(backend.Close)
 	target, err := url.Parse(backend.URL)
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	rp := &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			pr.SetURL(target)
@@ -931,20 +914,14 @@ func TestTransparencyHopByHopRequestHeaders(t *testing.T) {
 			var views []*trRequestView
 			for _, base := range []string{front.URL, sp.URL} {
 				req, err := http.NewRequestWithContext(ctx, "GET", base+"/echo-request/hop", nil)
-				if err != nil {
-					t.Fatal(err)
-				}
+				require.NoError(t, err)
 				for k, v := range tt.header {
 					req.Header[k] = v
 				}
 				res, _, err := trDo(http.DefaultClient, req)
-				if err != nil {
-					t.Fatal(err)
-				}
+				require.NoError(t, err)
 				v := new(trRequestView)
-				if err := json.Unmarshal([]byte(res.Body), v); err != nil {
-					t.Fatalf("decoding the echo %q: %v", res.Body, err)
-				}
+				require.NoError(t, json.Unmarshal([]byte(res.Body), v), "decoding the echo %q", res.Body)
 				views = append(views, v)
 			}
 			rpv, spv := views[0], views[1]
@@ -958,9 +935,7 @@ func TestTransparencyHopByHopRequestHeaders(t *testing.T) {
 					t.Errorf("end-to-end header %s did not reach the module", k)
 				}
 			}
-			if !reflect.DeepEqual(rpv.Header, spv.Header) {
-				t.Errorf("the module sees other headers than behind httputil.ReverseProxy:\n\treverse proxy: %v\n\tsubproc:       %v", rpv.Header, spv.Header)
-			}
+			assert.Equal(t, rpv.Header, spv.Header, "the module sees other headers than behind httputil.ReverseProxy:\n\treverse proxy: %v\n\tsubproc:       %v", rpv.Header, spv.Header)
 		})
 	}
 }
@@ -1090,15 +1065,12 @@ func TestTransparencyResponse(t *testing.T) {
 		t.Run(tt.method+" "+tt.path, func(t *testing.T) {
 			views := trViews(t, targets, func(base string) *http.Request {
 				req, err := http.NewRequestWithContext(ctx, tt.method, base+tt.path, nil)
-				if err != nil {
-					t.Fatal(err)
-				}
+				require.NoError(t, err)
 				return req
 			})
 			if tt.check != nil {
-				if msg := tt.check(views[0]); msg != "" {
-					t.Fatalf("the net/http reference does not show what the case is for: %s", msg)
-				}
+				msg := tt.check(views[0])
+				require.Equal(t, "", msg, "the net/http reference does not show what the case is for: %s", msg)
 			}
 			trCompare(t, views)
 		})
@@ -1122,15 +1094,11 @@ func TestTransparencyRequestBodyStreamed(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			views := trViews(t, targets, func(base string) *http.Request {
 				req, err := http.NewRequestWithContext(ctx, "POST", base+"/echo-body", struct{ io.Reader }{bytes.NewReader(body)})
-				if err != nil {
-					t.Fatal(err)
-				}
+				require.NoError(t, err)
 				req.ContentLength = tt.clen
 				return req
 			})
-			if views[0].Body != string(body) {
-				t.Fatalf("the net/http reference did not echo the body: %s", trShow(views[0].Body))
-			}
+			require.Equal(t, string(body), views[0].Body, "the net/http reference did not echo the body: %s", trShow(views[0].Body))
 			trCompare(t, views)
 		})
 	}
@@ -1154,9 +1122,7 @@ func TestTransparencyUnreadRequestBody(t *testing.T) {
 			t.Run(path+" "+tt.name, func(t *testing.T) {
 				views := trViews(t, targets, func(base string) *http.Request {
 					req, err := http.NewRequestWithContext(ctx, "POST", base+path, struct{ io.Reader }{bytes.NewReader(body)})
-					if err != nil {
-						t.Fatal(err)
-					}
+					require.NoError(t, err)
 					req.ContentLength = tt.clen
 					return req
 				})
@@ -1199,13 +1165,9 @@ func TestTransparencyFullDuplex(t *testing.T) {
 				stop := context.AfterFunc(ctx, func() { pw.CloseWithError(ctx.Err()) })
 				defer stop()
 				req, err := http.NewRequestWithContext(ctx, "POST", tg.url+path, pr)
-				if err != nil {
-					t.Fatal(err)
-				}
+				require.NoError(t, err)
 				res, err := tg.client.Do(req)
-				if err != nil {
-					t.Fatalf("the response head did not arrive before the body was sent: %v", err)
-				}
+				require.NoError(t, err, "the response head did not arrive before the body was sent")
 				defer res.Body.Close()
 				br := bufio.NewReader(res.Body)
 				for i := range 3 {
@@ -1214,18 +1176,13 @@ func TestTransparencyFullDuplex(t *testing.T) {
 						t.Fatalf("writing %q: %v", line, err)
 					}
 					got, err := br.ReadString('\n')
-					if err != nil {
-						t.Fatalf("reading the echo of %q: %v", line, err)
-					}
-					if want := "echo " + line + "\n"; got != want {
-						t.Fatalf("got %q, want %q", got, want)
-					}
+					require.NoError(t, err, "reading the echo of %q", line)
+					want := "echo " + line + "\n"
+					require.Equal(t, want, got, "got %q, want %q", got, want)
 				}
 				pw.Close()
 				rest, err := io.ReadAll(br)
-				if err != nil {
-					t.Fatalf("reading the end: %v", err)
-				}
+				require.NoError(t, err, "reading the end")
 				if want := "done, read error: <nil>\n"; string(rest) != want {
 					t.Errorf("end of the response %q, want %q", rest, want)
 				}
@@ -1265,9 +1222,7 @@ func TestTransparencyStreamSlowClient(t *testing.T) {
 	marker := filepath.Join(dir, "slow")
 	req, _ := http.NewRequestWithContext(ctx, "GET", srv.URL+"/stream-slow?marker=slow", nil)
 	res, err := client.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	defer res.Body.Close()
 
 	// Read nothing until the handler has written what fits in the window.
@@ -1276,25 +1231,20 @@ func TestTransparencyStreamSlowClient(t *testing.T) {
 		if _, err := os.Stat(marker); err == nil {
 			break
 		}
-		if st := h.Stats(); st.Restarts != 0 {
-			t.Fatalf("the child was replaced while the client did not read: %+v", st)
-		}
+		st := h.Stats()
+		require.Zero(t, st.Restarts, "the child was replaced while the client did not read: %+v", st)
 		if time.Now().After(deadline) {
 			t.Fatalf("the handler did not write %d chunks while the client did not read", trSlowMarkAt+1)
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
 	body, err := io.ReadAll(res.Body)
-	if err != nil {
-		t.Errorf("reading the body: %v", err)
-	}
+	assert.NoError(t, err, "reading the body")
 	var want strings.Builder
 	for i := range trSlowChunks {
 		want.WriteString(trBigChunk(i))
 	}
-	if string(body) != want.String() {
-		t.Errorf("body %s, want %s", trShow(string(body)), trShow(want.String()))
-	}
+	assert.Equal(t, want.String(), string(body), "body %s, want %s", trShow(string(body)), trShow(want.String()))
 	if st := h.Stats(); st.Pid != pid || st.Restarts != 0 {
 		t.Errorf("Stats %+v: the child was replaced (first pid %d)", st, pid)
 	}
@@ -1310,9 +1260,7 @@ func TestTransparencyPanic(t *testing.T) {
 	ctx := trContext(t, time.Minute)
 	get := func(tg trTarget, path string) (*trResponse, error) {
 		req, err := http.NewRequestWithContext(ctx, "GET", tg.url+path, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
+		require.NoError(t, err)
 		res, _, err := trDo(tg.client, req)
 		return res, err
 	}
@@ -1320,9 +1268,7 @@ func TestTransparencyPanic(t *testing.T) {
 
 	t.Run("before-write", func(t *testing.T) {
 		res, err := get(sp, "/panic/before-write")
-		if err != nil {
-			t.Fatalf("the request failed (%v), want 500", err)
-		}
+		require.NoError(t, err, "the request failed (%v), want 500", err)
 		if res.Status != http.StatusInternalServerError || res.Body != "Internal Server Error\n" || res.BodyErr {
 			t.Errorf("got %d %q (body error %v), want 500 \"Internal Server Error\\n\"", res.Status, res.Body, res.BodyErr)
 		}
@@ -1352,9 +1298,7 @@ func TestTransparencyPanic(t *testing.T) {
 	}
 	t.Run("child survives", func(t *testing.T) {
 		res, err := get(sp, "/pid")
-		if err != nil {
-			t.Fatal(err)
-		}
+		require.NoError(t, err)
 		st := sp.h.Stats()
 		if res.Body != strconv.Itoa(pid) || st.Pid != pid || st.Restarts != 0 {
 			t.Errorf("after the panics: served by pid %s, Stats %+v; want pid %d and no restart", res.Body, st, pid)
@@ -1375,18 +1319,14 @@ func TestTransparencyCancel(t *testing.T) {
 			defer cancel()
 			req, _ := http.NewRequestWithContext(ctx, "GET", tg.url+"/cancel/after-header?marker="+filepath.Base(marker), nil)
 			res, err := tg.client.Do(req)
-			if err != nil {
-				t.Fatal(err)
-			}
+			require.NoError(t, err)
 			defer res.Body.Close()
 			line, err := bufio.NewReader(res.Body).ReadString('\n')
-			if err != nil || line != "started\n" {
-				t.Fatalf("read %q, %v; want the handler's first line", line, err)
-			}
+			require.NoError(t, err, "read %q, %v; want the handler's first line", line, err)
+			require.Equal(t, "started\n", line, "read %q, %v; want the handler's first line", line, err)
 			cancel()
-			if got := trWaitFile(t, marker, 10*time.Second); got != context.Canceled.Error() {
-				t.Errorf("the handler's context ended with %q, want %q", got, context.Canceled)
-			}
+			got := trWaitFile(t, marker, 10*time.Second)
+			assert.Equal(t, context.Canceled.Error(), got, "the handler's context ended with %q, want %q", got, context.Canceled)
 		})
 		t.Run("before-header "+tg.name, func(t *testing.T) {
 			marker := filepath.Join(dir, tg.name[:3]+"-before")
@@ -1437,28 +1377,15 @@ func TestTransparencyEnv(t *testing.T) {
 			srv := serve(t, h)
 			req, _ := http.NewRequestWithContext(trContext(t, time.Minute), "GET", srv.URL+"/", nil)
 			res, _, err := trDo(srv.Client(), req)
-			if err != nil {
-				t.Fatal(err)
-			}
+			require.NoError(t, err)
 			var env trEnvView
-			if err := json.Unmarshal([]byte(res.Body), &env); err != nil {
-				t.Fatalf("decoding %q: %v", res.Body, err)
-			}
-			if env.Name != "tr-env" {
-				t.Errorf("Env.Name = %q, want %q", env.Name, "tr-env")
-			}
-			if env.Incarnation != 0 {
-				t.Errorf("Env.Incarnation = %d, want 0", env.Incarnation)
-			}
-			if !bytes.Equal(env.Config, tt.config) {
-				t.Errorf("Env.Config = %s, want %s", trShow(string(env.Config)), trShow(string(tt.config)))
-			}
-			if env.LogDir != opts.LogDir {
-				t.Errorf("Env.LogDir = %q, want %q", env.LogDir, opts.LogDir)
-			}
-			if st := h.Stats(); env.Pid != st.Pid {
-				t.Errorf("served by pid %d, Stats().Pid = %d", env.Pid, st.Pid)
-			}
+			require.NoError(t, json.Unmarshal([]byte(res.Body), &env), "decoding %q", res.Body)
+			assert.Equal(t, "tr-env", env.Name, "Env.Name = %q, want %q", env.Name, "tr-env")
+			assert.Zero(t, env.Incarnation, "Env.Incarnation = %d, want 0", env.Incarnation)
+			assert.Equal(t, env.Config, tt.config, "Env.Config = %s, want %s", trShow(string(env.Config)), trShow(string(tt.config)))
+			assert.Equal(t, opts.LogDir, env.LogDir, "Env.LogDir = %q, want %q", env.LogDir, opts.LogDir)
+			st := h.Stats()
+			assert.Equal(t, st.Pid, env.Pid, "served by pid %d, Stats().Pid = %d", env.Pid, st.Pid)
 		})
 	}
 }
@@ -1508,9 +1435,7 @@ func TestTransparencyNoisyModule(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	if len(missing) > 0 {
-		t.Errorf("the module's output lacks %q", missing)
-	}
+	assert.Empty(t, missing, "the module's output lacks %q", missing)
 }
 
 // TestTransparencyConcurrentRequests checks that concurrent requests get the
@@ -1632,30 +1557,20 @@ func TestTransparencyRayModules(t *testing.T) {
 				body = strings.NewReader(tt.body)
 			}
 			req, err := http.NewRequestWithContext(ctx, tt.method, srv.URL+tt.path, body)
-			if err != nil {
-				t.Fatal(err)
-			}
+			require.NoError(t, err)
 			client := noFollow
 			if tt.follow {
 				client = follow
 			}
 			res, _, err := trDo(client, req)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if res.Status != tt.wantStatus {
-				t.Errorf("status %d, want %d (body %q)", res.Status, tt.wantStatus, res.Body)
-			}
+			require.NoError(t, err)
+			assert.Equal(t, tt.wantStatus, res.Status, "status %d, want %d (body %q)", res.Status, tt.wantStatus, res.Body)
 			if tt.wantBody != "" && res.Body != tt.wantBody {
 				t.Errorf("body %s, want %s", trShow(res.Body), trShow(tt.wantBody))
 			}
-			if res.BodyErr != tt.wantBodyErr {
-				t.Errorf("body read error: %v, want %v", res.BodyErr, tt.wantBodyErr)
-			}
+			assert.Equal(t, tt.wantBodyErr, res.BodyErr, "body read error: %v, want %v", res.BodyErr, tt.wantBodyErr)
 			for k, v := range tt.wantHeader {
-				if !slices.Equal(res.Header[k], v) {
-					t.Errorf("header %s: %q, want %q", k, res.Header[k], v)
-				}
+				assert.True(t, slices.Equal(res.Header[k], v), "header %s: %q, want %q", k, res.Header[k], v)
 			}
 		})
 	}

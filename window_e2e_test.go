@@ -12,6 +12,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/stretchr/testify/require"
 )
 
 // End-to-end tests of the module-wide ceiling on buffered response bytes,
@@ -49,9 +51,7 @@ func winStalledClient(t *testing.T, addr string) net.Conn {
 		return serr
 	}}
 	conn, err := d.Dial("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	fmt.Fprintf(conn, "GET /stream?bytes=%d HTTP/1.1\r\nHost: stalled\r\n\r\n", 1<<40)
 	return conn
 }
@@ -88,25 +88,20 @@ func TestWindowCeilingWithStalledClients(t *testing.T) {
 	if held := b.held.Load(); held > stalled*perStream {
 		t.Fatalf("%d stalled streams hold %d bytes in the parent, more than a chunk (%d) each", stalled, held, perStream)
 	}
-	if r := b.reserved.Load(); r != 0 {
-		t.Fatalf("stalled streams reserved %d bytes of window growth", r)
-	}
+	r := b.reserved.Load()
+	require.Zero(t, r, "stalled streams reserved %d bytes of window growth", r)
 
 	// A fast stream beside them.
 	const fastBytes = 64 << 20
 	res, err := srv.Client().Get(srv.URL + "/stream?bytes=" + strconv.Itoa(fastBytes))
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	n, err := io.Copy(io.Discard, res.Body)
 	res.Body.Close()
-	if err != nil || n != fastBytes {
-		t.Fatalf("fast stream beside %d stalled ones: %d bytes, %v; want %d", stalled, n, err, fastBytes)
-	}
+	require.NoError(t, err, "fast stream beside %d stalled ones: %d bytes, %v; want %d", stalled, n, err, fastBytes)
+	require.EqualValues(t, fastBytes, n, "fast stream beside %d stalled ones: %d bytes, %v; want %d", stalled, n, err, fastBytes)
 	ceiling := int64(flowBudgetSize) + (stalled+1)*int64(initialWindow)
-	if p := b.peak.Load(); p > ceiling {
-		t.Fatalf("the parent buffered up to %d bytes of responses, over the ceiling %d", p, ceiling)
-	}
+	p := b.peak.Load()
+	require.LessOrEqual(t, p, ceiling, "the parent buffered up to %d bytes of responses, over the ceiling %d", p, ceiling)
 	if held := b.held.Load(); held > stalled*perStream {
 		t.Fatalf("after the fast stream: %d bytes held by %d stalled streams", held, stalled)
 	}
