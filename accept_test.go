@@ -42,9 +42,8 @@ func TestAcceptWordNeverGoesBackwards(t *testing.T) {
 	assert.GreaterOrEqual(t, got, s2.id, "accept word is %d with the handler of request %d running: if the child died, the parent would run it again", got, s2.id)
 	close(release)
 	for _, s := range []*stream{s1, s2} {
-		if st, _ := readAll(t, c, s); st != 200 {
-			t.Errorf("request %d: status %d", s.id, st)
-		}
+		st, _ := readAll(t, c, s)
+		assert.Equal(t, http.StatusOK, st, "request %d: status", s.id)
 	}
 }
 
@@ -79,10 +78,6 @@ func TestSendIsNotBlamedForLaterFrames(t *testing.T) {
 	<-w.writing // the first sender writes its frame, and goes on writing
 	require.NoError(t, c.send(outFrame{kind: kindPing, id: 2}, nil), "a frame appended behind a write")
 	close(w.release)
-	if err := <-first; err != nil {
-		t.Errorf("the sender whose frame was written got %v, from the write of another's", err)
-	}
-	if err := c.send(outFrame{kind: kindPing, id: 3}, nil); err == nil {
-		t.Error("a send after the pipe failed succeeded")
-	}
+	assert.NoError(t, <-first, "the sender whose frame was written got the error of another's write")
+	assert.Error(t, c.send(outFrame{kind: kindPing, id: 3}, nil), "a send after the pipe failed succeeded")
 }

@@ -264,9 +264,7 @@ func TestChaosHangStorm(t *testing.T) {
 		}()
 		awaitStats(t, h, 60*time.Second, fmt.Sprintf("hang %d (%s): child %d replaced", i, how, pid), chaosRunningOtherThan(pid))
 		detect = append(detect, time.Since(start))
-		if err := syscall.Kill(pid, 0); !errors.Is(err, syscall.ESRCH) {
-			t.Errorf("hang %d (%s): frozen child %d not reaped once replaced", i, how, pid)
-		}
+		assert.ErrorIs(t, syscall.Kill(pid, 0), syscall.ESRCH, "hang %d (%s): frozen child %d not reaped once replaced", i, how, pid)
 		if st := h.Stats(); strings.Contains(st.LastExit, "health") {
 			byHealth++
 		} else {
@@ -473,9 +471,7 @@ func chaosGarbageChild(t *testing.T) {
 			}
 		}()
 		awaitStats(t, h, 60*time.Second, fmt.Sprintf("garbage %q: child %d replaced", how, pid), chaosRunningOtherThan(pid))
-		if err := syscall.Kill(pid, 0); !errors.Is(err, syscall.ESRCH) {
-			t.Errorf("garbage %q: child %d not reaped once replaced", how, pid)
-		}
+		assert.ErrorIs(t, syscall.Kill(pid, 0), syscall.ESRCH, "garbage %q: child %d not reaped once replaced", how, pid)
 		st := h.Stats()
 		seen[how+": "+st.LastExit]++
 		if how != "close" && !strings.Contains(st.LastExit, "protocol error") {
@@ -663,9 +659,8 @@ func TestChaosSlowClients(t *testing.T) {
 		}
 		time.Sleep(50 * time.Millisecond) // the child's progress: poll
 	}
-	if final.Active != 0 || final.Canceled != int64(n) {
-		t.Errorf("after every client left: %+v, want all %d handlers canceled", final, n)
-	}
+	assert.Zero(t, final.Active, "after every client left: %+v, want all %d handlers canceled", final, n)
+	assert.Equal(t, int64(n), final.Canceled, "after every client left: %+v, want all %d handlers canceled", final, n)
 	client.CloseIdleConnections()
 	srv.Close()
 	stopHandle()
@@ -680,9 +675,7 @@ func TestChaosSlowClients(t *testing.T) {
 	f.addf("small GET latency: before %v; during %v", &before, &during)
 	f.report(t, "slow and vanishing clients")
 	f.check(t, 16<<20)
-	if heapPeak > heap0+uint64(n)*perStream+32<<20 {
-		t.Errorf("parent heap peaked at %s, over %s idle + %d streams × %d KiB", mib(heapPeak), mib(heap0), n, perStream>>10)
-	}
+	assert.LessOrEqual(t, heapPeak, heap0+uint64(n)*perStream+32<<20, "parent heap peaked at %s, over %s idle + %d streams × %d KiB", mib(heapPeak), mib(heap0), n, perStream>>10)
 	rssBound := uint64(n)*perStream + 64<<20
 	if raceEnabled {
 		rssBound *= 4 // shadow memory

@@ -132,25 +132,10 @@ func escapeSpawn(t testing.TB, h http.Handler) []int {
 // escapeGroup returns the processes of process group pgid that have not
 // exited (zombies left out), from /proc.
 func escapeGroup(pgid int) []int {
-	ents, _ := os.ReadDir("/proc")
 	var pids []int
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		b, err := os.ReadFile("/proc/" + e.Name() + "/stat")
-		if err != nil {
-			continue
-		}
-		// pid (comm) state ppid pgrp ...; comm may hold anything but ')'.
-		s := string(b)
-		f := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
-		if len(f) < 3 || f[0] == "Z" || f[0] == "X" {
-			continue
-		}
-		if g, _ := strconv.Atoi(f[2]); g == pgid {
-			pids = append(pids, pid)
+	for _, p := range procList() {
+		if !p.exited() && p.pgrp == pgid {
+			pids = append(pids, p.pid)
 		}
 	}
 	return pids
@@ -471,24 +456,13 @@ func TestEscapeWatcherKills(t *testing.T) {
 // but /proc/<pid>/environ keeps what the process started with).
 func escapeWatchers(ppid int) []int {
 	var pids []int
-	ents, _ := os.ReadDir("/proc")
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
+	for _, p := range procList() {
+		if p.exited() || p.ppid != ppid {
 			continue
 		}
-		b, err := os.ReadFile("/proc/" + e.Name() + "/stat")
-		if err != nil {
-			continue
-		}
-		s := string(b)
-		f := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
-		if len(f) < 2 || f[0] == "Z" || f[0] == "X" || f[1] != strconv.Itoa(ppid) {
-			continue
-		}
-		env, _ := os.ReadFile("/proc/" + e.Name() + "/environ")
+		env, _ := os.ReadFile(fmt.Sprintf("/proc/%d/environ", p.pid))
 		if slices.Contains(strings.Split(string(env), "\x00"), envWatcher+"="+strconv.Itoa(ppid)) {
-			pids = append(pids, pid)
+			pids = append(pids, p.pid)
 		}
 	}
 	return pids

@@ -292,9 +292,8 @@ func TestFailCrashNoticedAtOnce(t *testing.T) {
 	assert.Error(t, b.err, "GET /stream: body ended cleanly with %q after the child died; want an aborted body", b.data)
 
 	code, body := fetch(t, srv.URL+"/inc")
-	if code != http.StatusOK || !strings.HasPrefix(body, "inc=1 ") {
-		t.Errorf("GET /inc after the crash: %d %q, want 200 from incarnation 1", code, body)
-	}
+	assert.Equal(t, http.StatusOK, code, "GET /inc after the crash: %d %q, want 200 from incarnation 1", code, body)
+	assert.True(t, strings.HasPrefix(body, "inc=1 "), "GET /inc after the crash: %d %q, want 200 from incarnation 1", code, body)
 	st := h.Stats()
 	if st.Incarnation != 1 || st.Pid == 0 || st.Pid == pid0 {
 		t.Errorf("after the crash: Stats = %+v, want incarnation 1 with a new pid (old %d)", st, pid0)
@@ -335,9 +334,8 @@ func TestFailSIGKILLDuringRequest(t *testing.T) {
 	}
 
 	code, body := fetch(t, srv.URL+"/inc")
-	if code != http.StatusOK || !strings.HasPrefix(body, "inc=1 ") {
-		t.Errorf("GET /inc after SIGKILL: %d %q, want 200 from incarnation 1", code, body)
-	}
+	assert.Equal(t, http.StatusOK, code, "GET /inc after SIGKILL: %d %q, want 200 from incarnation 1", code, body)
+	assert.True(t, strings.HasPrefix(body, "inc=1 "), "GET /inc after SIGKILL: %d %q, want 200 from incarnation 1", code, body)
 	if st := h.Stats(); st.Incarnation != 1 || st.Pid == pid0 || st.Restarts != 1 {
 		t.Errorf("after SIGKILL: Stats = %+v, want incarnation 1, one restart, a new pid (old %d)", st, pid0)
 	}
@@ -355,9 +353,8 @@ func TestFailRequestDuringRestartWaits(t *testing.T) {
 	st := h.Stats()
 	require.Equal(t, "restarting", st.State, "Stats right after the kill was noticed: %+v, want state restarting (the restart takes a second)", st)
 	code, body := fetch(t, srv.URL+"/inc")
-	if code != http.StatusOK || !strings.HasPrefix(body, "inc=1 ") {
-		t.Errorf("GET /inc during the restart: %d %q, want 200 from incarnation 1", code, body)
-	}
+	assert.Equal(t, http.StatusOK, code, "GET /inc during the restart: %d %q, want 200 from incarnation 1", code, body)
+	assert.True(t, strings.HasPrefix(body, "inc=1 "), "GET /inc during the restart: %d %q, want 200 from incarnation 1", code, body)
 }
 
 func TestFailRequestRightAfterKillWaits(t *testing.T) {
@@ -471,9 +468,8 @@ func TestFailRestartBackoff(t *testing.T) {
 		assert.LessOrEqual(t, gap, maxDelay+slack, "incarnation %d started %v after incarnation %d; MaxRestartDelay is %v", i+1, gap, i, maxDelay)
 	}
 	st := h.Stats()
-	if st.Restarts < n-2 || st.State != "restarting" {
-		t.Errorf("Stats = %+v, want state restarting with at least %d restarts", st, n-2)
-	}
+	assert.GreaterOrEqual(t, st.Restarts, n-2, "Stats = %+v, want state restarting with at least %d restarts", st, n-2)
+	assert.Equal(t, "restarting", st.State, "Stats = %+v, want state restarting with at least %d restarts", st, n-2)
 	assert.Contains(t, st.LastExit, "refuses to start", "Stats().LastExit = %q, want the module's init error", st.LastExit)
 }
 
@@ -602,9 +598,9 @@ func TestFailShutdownGraceful(t *testing.T) {
 		t.Fatal("Shutdown did not return after the last request finished")
 	}
 	assertReaped(t, pid)
-	if st := h.Stats(); st.State != "stopped" || st.Pid != 0 {
-		t.Errorf("after Shutdown: Stats = %+v, want stopped", st)
-	}
+	st := h.Stats()
+	assert.Equal(t, "stopped", st.State, "after Shutdown: Stats = %+v, want stopped", st)
+	assert.Zero(t, st.Pid, "after Shutdown: Stats = %+v, want stopped", st)
 }
 
 func TestFailShutdownForced(t *testing.T) {
@@ -644,9 +640,9 @@ func TestFailCloseConcurrent(t *testing.T) {
 	assert.NoError(t, h.Close(), "second Close")
 	assert.NoError(t, h.Shutdown(context.Background()), "Shutdown after Close")
 	assertReaped(t, pid)
-	if st := h.Stats(); st.State != "stopped" || st.Pid != 0 {
-		t.Errorf("after Close: Stats = %+v, want stopped", st)
-	}
+	st := h.Stats()
+	assert.Equal(t, "stopped", st.State, "after Close: Stats = %+v, want stopped", st)
+	assert.Zero(t, st.Pid, "after Close: Stats = %+v, want stopped", st)
 }
 
 func TestFailHealthCheck(t *testing.T) {
@@ -887,9 +883,9 @@ func TestFailStartInitWritesStdout(t *testing.T) {
 	out := newLogSink()
 	h := startModule(t, "fail-init-stdout", failOpts(t, failConfig{}, Options{Stderr: out, HealthInterval: time.Hour}))
 	srv := serve(t, h)
-	if code, body := fetch(t, srv.URL+"/"); code != http.StatusOK || body != "ok" {
-		t.Errorf("GET / of a module that printed to stdout in init: %d %q, want 200 ok", code, body)
-	}
+	code, body := fetch(t, srv.URL+"/")
+	assert.Equal(t, http.StatusOK, code, "GET / of a module that printed to stdout in init: %d %q, want 200 ok", code, body)
+	assert.Equal(t, "ok", body, "GET / of a module that printed to stdout in init: %d %q, want 200 ok", code, body)
 	for _, how := range []string{"fmt.Println", "os.Stdout", "fd 1"} {
 		line := "[fail-init-stdout] " + failInitStdoutText + " (" + how + ")"
 		assert.True(t, out.await(line, 10*time.Second), "the module's stdout line %q did not reach its log; got:\n%s", line, out)
@@ -951,9 +947,11 @@ func TestFailModulesIndependent(t *testing.T) {
 		t.Errorf("fail-twin-a after its kill: %d %q, want 200 from incarnation 1", code, body)
 	}
 
-	if st := b.Stats(); st.Pid != pb || st.Incarnation != 0 || st.Restarts != 0 || st.State != "running" {
-		t.Errorf("fail-twin-b after fail-twin-a's kill: Stats = %+v, want its first child pid %d still running", st, pb)
-	}
+	st := b.Stats()
+	assert.Equal(t, pb, st.Pid, "fail-twin-b after fail-twin-a's kill: Stats = %+v, want its first child pid %d still running", st, pb)
+	assert.Zero(t, st.Incarnation, "fail-twin-b after fail-twin-a's kill: Stats = %+v, want its first child pid %d still running", st, pb)
+	assert.Zero(t, st.Restarts, "fail-twin-b after fail-twin-a's kill: Stats = %+v, want its first child pid %d still running", st, pb)
+	assert.Equal(t, "running", st.State, "fail-twin-b after fail-twin-a's kill: Stats = %+v, want its first child pid %d still running", st, pb)
 	want := fmt.Sprintf("inc=0 pid=%d", pb)
 	if code, body := fetch(t, sb.URL+"/inc"); code != http.StatusOK || body != want {
 		t.Errorf("fail-twin-b after fail-twin-a's kill: %d %q, want 200 %q", code, body, want)

@@ -17,6 +17,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"os/exec"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -194,6 +195,46 @@ func gone(pid int) bool {
 		return true
 	}
 	return procState(pid) == "Z"
+}
+
+// procEntry is one process as /proc/<pid>/stat shows it.
+type procEntry struct {
+	pid, ppid, pgrp int
+	state           string // the state letter: R, S, T, Z, …
+}
+
+// exited reports whether the process has exited: a zombie, or dead.
+func (p procEntry) exited() bool { return p.state == "Z" || p.state == "X" }
+
+// procList returns the processes in /proc whose stat could be read.
+func procList() []procEntry {
+	ents, _ := os.ReadDir("/proc")
+	var ps []procEntry
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile("/proc/" + e.Name() + "/stat")
+		if err != nil {
+			continue
+		}
+		// pid (comm) state ppid pgrp ...; comm may hold anything but ')'.
+		s := string(b)
+		i := strings.LastIndexByte(s, ')')
+		if i < 0 {
+			continue
+		}
+		f := strings.Fields(s[i+1:])
+		if len(f) < 3 {
+			continue
+		}
+		p := procEntry{pid: pid, state: f[0]}
+		p.ppid, _ = strconv.Atoi(f[1])
+		p.pgrp, _ = strconv.Atoi(f[2])
+		ps = append(ps, p)
+	}
+	return ps
 }
 
 // awaitGone waits until process pid is gone (see gone), failing the test

@@ -72,9 +72,7 @@ func TestLogsNoGoroutinePerLogDir(t *testing.T) {
 			t.FailNow()
 		}
 	}
-	if _, err := os.Stat(filepath.Join(root, "0", "logsc-quiet.err")); err != nil {
-		t.Errorf("the first cycle's log file: %v", err)
-	}
+	assert.FileExists(t, filepath.Join(root, "0", "logsc-quiet.err"), "the first cycle's log file")
 	err := goleak.Find(before)
 	t.Logf("after %d Start/Close cycles, each with its own LogDir: %d goroutines more than before", *logscCycles, runtime.NumGoroutine()-n0)
 	assert.NoError(t, err)
@@ -99,21 +97,20 @@ func TestLogsFullDisk(t *testing.T) {
 	srv := serve(t, h)
 
 	fill(t, filepath.Join(dir, "filler"))
-	if code, body := fetch(t, srv.URL+"/write?n=1000&tag=lost"); code != http.StatusOK || body != "written" {
-		t.Fatalf("GET /write on a full disk: %d %q, want 200 written", code, body)
-	}
+	code, body := fetch(t, srv.URL+"/write?n=1000&tag=lost")
+	require.Equal(t, http.StatusOK, code, "GET /write on a full disk: %q", body)
+	require.Equal(t, "written", body, "GET /write on a full disk")
 	require.True(t, logs.await("cannot write its err output", 30*time.Second), "the parent did not report the lost lines; its log:\n%s", logs)
-	if got := logs.String(); !strings.Contains(got, "no space left on device") || !strings.Contains(got, `\"logsc-writer\"`) {
-		t.Errorf("the report does not name the module and the cause:\n%s", got)
-	}
-	if code, body := fetch(t, srv.URL+"/"); code != http.StatusOK || body != "ok" {
-		t.Errorf("GET / with the disk full: %d %q, want 200 ok", code, body)
-	}
+	assert.Contains(t, logs.String(), "no space left on device", "the report does not name the cause")
+	assert.Contains(t, logs.String(), `\"logsc-writer\"`, "the report does not name the module")
+	code, body = fetch(t, srv.URL+"/")
+	assert.Equal(t, http.StatusOK, code, "GET / with the disk full: %q", body)
+	assert.Equal(t, "ok", body, "GET / with the disk full")
 
 	require.NoError(t, os.Remove(filepath.Join(dir, "filler")))
-	if code, body := fetch(t, srv.URL+"/write?n=3&tag=kept"); code != http.StatusOK || body != "written" {
-		t.Fatalf("GET /write after freeing space: %d %q, want 200 written", code, body)
-	}
+	code, body = fetch(t, srv.URL+"/write?n=3&tag=kept")
+	require.Equal(t, http.StatusOK, code, "GET /write after freeing space: %q", body)
+	require.Equal(t, "written", body, "GET /write after freeing space")
 	require.True(t, logs.await("writing its err output again", 30*time.Second), "the parent did not report that writing resumed; its log:\n%s", logs)
 	m := regexp.MustCompile(`lines lost while it failed: (\d+)`).FindStringSubmatch(logs.String())
 	require.NotNil(t, m, "the report of recovery does not count the lost lines:\n%s", logs)
@@ -127,9 +124,9 @@ func TestLogsFullDisk(t *testing.T) {
 	// The parent may still be copying the 1000 lines when the space
 	// returns: each of them is either lost, and counted, or in the file.
 	lost, _ := strconv.Atoi(m[1])
-	if kept := strings.Count(text, "lost "); lost < 1 || lost+kept != 1000 {
-		t.Errorf("the parent reports %d lines lost, and %d are in the file; want at least one lost, 1000 in all", lost, kept)
-	}
+	kept := strings.Count(text, "lost ")
+	assert.GreaterOrEqual(t, lost, 1, "the parent reports %d lines lost, and %d are in the file; want at least one lost", lost, kept)
+	assert.Equal(t, 1000, lost+kept, "the parent reports %d lines lost, and %d are in the file; want 1000 in all", lost, kept)
 	st := h.Stats()
 	assert.Zero(t, st.Restarts, "the module was restarted %d times, want it served throughout", st.Restarts)
 	t.Logf("the parent's log:\n%s", logs)

@@ -36,12 +36,14 @@ func TestRequestHeadRoundTrip(t *testing.T) {
 	require.NoError(t, dec.decode(p, &head))
 	got, err := head.request()
 	require.NoError(t, err)
-	if got.Method != "PATCH" || got.URL.Path != "/a/b/c" || got.URL.RawPath != "/a%2Fb/c" || got.URL.RawQuery != "x=1&x=2&y" {
-		t.Errorf("URL: %s %q raw %q query %q", got.Method, got.URL.Path, got.URL.RawPath, got.URL.RawQuery)
-	}
-	if got.Host != "example.com" || got.RemoteAddr != r.RemoteAddr || got.RequestURI != r.RequestURI || got.ContentLength != 4 {
-		t.Errorf("host %q remote %q uri %q length %d", got.Host, got.RemoteAddr, got.RequestURI, got.ContentLength)
-	}
+	assert.Equal(t, "PATCH", got.Method, "URL: %s %q raw %q query %q", got.Method, got.URL.Path, got.URL.RawPath, got.URL.RawQuery)
+	assert.Equal(t, "/a/b/c", got.URL.Path, "URL: %s %q raw %q query %q", got.Method, got.URL.Path, got.URL.RawPath, got.URL.RawQuery)
+	assert.Equal(t, "/a%2Fb/c", got.URL.RawPath, "URL: %s %q raw %q query %q", got.Method, got.URL.Path, got.URL.RawPath, got.URL.RawQuery)
+	assert.Equal(t, "x=1&x=2&y", got.URL.RawQuery, "URL: %s %q raw %q query %q", got.Method, got.URL.Path, got.URL.RawPath, got.URL.RawQuery)
+	assert.Equal(t, "example.com", got.Host, "host %q remote %q uri %q length %d", got.Host, got.RemoteAddr, got.RequestURI, got.ContentLength)
+	assert.Equal(t, r.RemoteAddr, got.RemoteAddr, "host %q remote %q uri %q length %d", got.Host, got.RemoteAddr, got.RequestURI, got.ContentLength)
+	assert.Equal(t, r.RequestURI, got.RequestURI, "host %q remote %q uri %q length %d", got.Host, got.RemoteAddr, got.RequestURI, got.ContentLength)
+	assert.EqualValues(t, 4, got.ContentLength, "host %q remote %q uri %q length %d", got.Host, got.RemoteAddr, got.RequestURI, got.ContentLength)
 	if v := got.Header["X-Multi"]; !reflect.DeepEqual(v, []string{"one", "two"}) {
 		t.Errorf("X-Multi = %q", v)
 	}
@@ -248,13 +250,9 @@ func TestHeadEncoding(t *testing.T) {
 		require.NoError(t, tt.out.GobDecode(p), "%T", tt.in)
 		assert.Equal(t, tt.in, tt.out, "round trip:\n got %+v\nwant %+v", tt.out, tt.in)
 		for n := range len(p) {
-			if err := reflect.New(reflect.TypeOf(tt.out).Elem()).Interface().(interface{ GobDecode([]byte) error }).GobDecode(p[:n]); err == nil {
-				t.Errorf("%T: truncated to %d of %d bytes: no error", tt.in, n, len(p))
-			}
+			assert.Error(t, reflect.New(reflect.TypeOf(tt.out).Elem()).Interface().(interface{ GobDecode([]byte) error }).GobDecode(p[:n]), "%T: truncated to %d of %d bytes: no error", tt.in, n, len(p))
 		}
-		if err := tt.out.GobDecode(append(p, 0)); err == nil {
-			t.Errorf("%T: trailing byte: no error", tt.in)
-		}
+		assert.Error(t, tt.out.GobDecode(append(p, 0)), "%T: trailing byte: no error", tt.in)
 	}
 	// An empty ResponseHeader costs nothing on the wire; a flag that
 	// announces one and an empty header is malformed.
@@ -264,18 +262,14 @@ func TestHeadEncoding(t *testing.T) {
 	flagged := append([]byte(nil), plain...)
 	flagged[1] |= headResponseHeader
 	flagged = binary.AppendUvarint(flagged, 0)
-	if err := new(requestHead).GobDecode(flagged); err == nil {
-		t.Error("an announced ResponseHeader without keys: no error")
-	}
+	assert.Error(t, new(requestHead).GobDecode(flagged), "an announced ResponseHeader without keys: no error")
 
 	// A header that claims a billion keys in a few bytes.
 	huge := []byte{wireVersion, 0, 0x00}
 	huge = binary.AppendUvarint(huge[:2], 200) // status
 	huge = binary.AppendUvarint(huge, 1<<30)   // keys
 	allocs := testing.AllocsPerRun(10, func() {
-		if err := new(responseHead).GobDecode(huge); err == nil {
-			t.Fatal("a billion keys in 8 bytes: no error")
-		}
+		require.Error(t, new(responseHead).GobDecode(huge), "a billion keys in 8 bytes: no error")
 	})
 	assert.LessOrEqual(t, allocs, 2.0, "%v allocations to reject a huge count", allocs)
 }

@@ -134,9 +134,7 @@ func TestRouteMatchesAsServeMux(t *testing.T) {
 		module := newRouteServer(t, h.Route(tt.path, tt.method))
 		for _, req := range tt.requests {
 			got := routeDo(t, module, req.method, req.path)
-			if want := routeDo(t, inProcess, req.method, req.path); got != want {
-				t.Errorf("Route(%q, %q): %s %s got %+v, in-process %+v", tt.path, tt.method, req.method, req.path, got, want)
-			}
+			assert.Equal(t, routeDo(t, inProcess, req.method, req.path), got, "Route(%q, %q): %s %s through the module, want as in-process", tt.path, tt.method, req.method, req.path)
 			w := req.want
 			if w.status != 0 && (got.status != w.status || got.allow != w.allow || (w.body != "" && got.body != w.body)) {
 				t.Errorf("Route(%q, %q): %s %s got %+v, want %+v", tt.path, tt.method, req.method, req.path, got, w)
@@ -233,9 +231,10 @@ func TestRouteRejectsBadPatterns(t *testing.T) {
 			defer func() {
 				v := recover()
 				prefix := fmt.Sprintf(`subproc: Route(%q, %q) for module "route-pv": `, tt.path, tt.method)
-				if s := fmt.Sprint(v); v == nil || !strings.HasPrefix(s, prefix) || !strings.Contains(s, tt.want) {
-					t.Errorf("Route(%q, %q) panicked with %v; want %s…%s", tt.path, tt.method, v, prefix, tt.want)
-				}
+				s := fmt.Sprint(v)
+				assert.NotNil(t, v, "Route(%q, %q) panicked with %v; want %s…%s", tt.path, tt.method, v, prefix, tt.want)
+				assert.True(t, strings.HasPrefix(s, prefix), "Route(%q, %q) panicked with %v; want %s…%s", tt.path, tt.method, v, prefix, tt.want)
+				assert.Contains(t, s, tt.want, "Route(%q, %q) panicked with %v; want %s…%s", tt.path, tt.method, v, prefix, tt.want)
 			}()
 			h.Route(tt.path, tt.method)
 		}()

@@ -21,36 +21,27 @@ func TestHeadPathValues(t *testing.T) {
 	require.NoError(t, out.GobDecode(p))
 	assert.Equal(t, in, &out, "round trip:\n got %+v\nwant %+v", out, *in)
 	for n := range len(p) {
-		if err := new(requestHead).GobDecode(p[:n]); err == nil {
-			t.Errorf("truncated to %d of %d bytes: no error", n, len(p))
-		}
+		assert.Error(t, new(requestHead).GobDecode(p[:n]), "truncated to %d of %d bytes: no error", n, len(p))
 	}
-	if n := in.wireSize(); n < len(p) {
-		t.Errorf("wireSize %d < encoding %d", n, len(p))
-	}
+	assert.GreaterOrEqual(t, in.wireSize(), len(p), "wireSize below the encoding's size")
 
 	plain, _ := (&requestHead{Method: "GET", Path: "/"}).GobEncode()
 	head := newRequestHead(httptest.NewRequest("GET", "/", nil))
-	if head.Pattern != "" || head.PathValues != nil {
-		t.Errorf("a request that matched no pattern: Pattern %q, PathValues %q", head.Pattern, head.PathValues)
-	}
+	assert.Empty(t, head.Pattern, "a request that matched no pattern: Pattern")
+	assert.Nil(t, head.PathValues, "a request that matched no pattern: PathValues")
 	for _, bad := range []*requestHead{
 		{Method: "GET", Path: "/", Pattern: "/x", PathValues: []string{"odd"}},
 		{Method: "GET", Path: "/", Pattern: "/x", PathValues: []string{"a", "1", "b"}},
 	} {
 		p, _ := bad.GobEncode()
-		if err := new(requestHead).GobDecode(p); err == nil {
-			t.Errorf("PathValues %q: no error", bad.PathValues)
-		}
+		assert.Error(t, new(requestHead).GobDecode(p), "PathValues %q: no error", bad.PathValues)
 	}
 	// The flag, with an empty pattern. plain is the version, the flags
 	// (0, one byte) and the rest; headPattern's flags take two bytes.
 	require.Zero(t, plain[1], "test out of date: flags %#x, headPattern %#x", plain[1], headPattern)
 	require.Equal(t, 0x100, headPattern, "test out of date: flags %#x, headPattern %#x", plain[1], headPattern)
 	flagged := slices.Concat(plain[:1], []byte{0x80, 0x02}, plain[2:], []byte{0, 0}) // empty Pattern, no PathValues
-	if err := new(requestHead).GobDecode(flagged); err == nil {
-		t.Error("an announced Pattern that is empty: no error")
-	}
+	assert.Error(t, new(requestHead).GobDecode(flagged), "an announced Pattern that is empty: no error")
 	flagged[len(flagged)-2] = 1 // Pattern "\x00"
 	flagged = append(flagged[:len(flagged)-1], 0, 0)
 	assert.NoError(t, new(requestHead).GobDecode(flagged), "the same with a pattern")
@@ -85,7 +76,6 @@ func TestPathValuesOfRequest(t *testing.T) {
 		pattern, values = pathValues(r)
 	})
 	mux.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("GET", "/pv/1/a%2Fb/c", nil))
-	if want := []string{"id", "changed", "rest", "a/b/c"}; pattern != "GET /pv/{id}/{rest...}" || !slices.Equal(values, want) {
-		t.Errorf("pathValues = %q, %q; want %q", pattern, values, want)
-	}
+	assert.Equal(t, "GET /pv/{id}/{rest...}", pattern, "pathValues: pattern")
+	assert.Equal(t, []string{"id", "changed", "rest", "a/b/c"}, values, "pathValues: values")
 }

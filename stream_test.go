@@ -173,9 +173,9 @@ func TestResponseFlowControlBoundsBuffering(t *testing.T) {
 
 	big := openRequest(t, pp.c, httptest.NewRequest("GET", "/big", nil))
 	// Take the head, then read nothing: the child may send a window.
-	if ev, err := big.next(nil); err != nil || ev.kind != kindResponse {
-		t.Fatalf("first event: %+v, %v", ev, err)
-	}
+	ev, err := big.next(nil)
+	require.NoError(t, err, "first event: %+v", ev)
+	require.Equal(t, kindResponse, ev.kind, "first event: %+v", ev)
 	waitFull(t, "parent's queue", queuedOf(big), big.wake, frameCost(chunkSize), frameCost(1))
 
 	small := openRequest(t, pp.c, httptest.NewRequest("GET", "/small", nil))
@@ -239,21 +239,17 @@ func TestRequestFlowControlBoundsBuffering(t *testing.T) {
 		defer received.mu.Unlock()
 		return received.queued
 	}, received.wake, frameCost(chunkSize), frameCost(1))
-	if r := read.Load(); r > chunkSize {
-		t.Fatalf("parent read %d bytes of the client's body with an initial window of %d", r, initialWindow)
-	}
-	if r := pp.srv.flow.reserved.Load(); r != 0 {
-		t.Fatalf("the stalled body reserved %d bytes of window growth", r)
-	}
+	require.LessOrEqual(t, read.Load(), int64(chunkSize), "parent read more of the client's body than the initial window of %d lets it", initialWindow)
+	require.Zero(t, pp.srv.flow.reserved.Load(), "the stalled body reserved bytes of window growth")
 
 	small := openRequest(t, pp.c, httptest.NewRequest("GET", "/small", nil))
-	if st, b := readAll(t, pp.c, small); st != 200 || string(b) != "small" {
-		t.Fatalf("small request: %d %q", st, b)
-	}
+	st, b := readAll(t, pp.c, small)
+	require.Equal(t, http.StatusOK, st, "small request: %q", b)
+	require.Equal(t, "small", string(b), "small request")
 	unblock()
-	if st, b := readAll(t, pp.c, s); st != 200 || string(b) != fmt.Sprint(total) {
-		t.Fatalf("upload: %d %q, want 200 %d", st, b, total)
-	}
+	st, b = readAll(t, pp.c, s)
+	require.Equal(t, http.StatusOK, st, "upload: %q", b)
+	require.Equal(t, fmt.Sprint(total), string(b), "upload")
 }
 
 type countingReader struct {

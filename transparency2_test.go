@@ -21,6 +21,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
 
@@ -238,9 +239,8 @@ func TestTransparencyBodyClientGone(t *testing.T) {
 	res, _, err := trDo(srv.Client(), req)
 	require.NoError(t, err)
 	want := fmt.Sprintf("read 1000 bytes, then: %v (unexpected EOF: true)\n", errClientGone)
-	if res.Status != http.StatusBadRequest || res.Body != want {
-		t.Errorf("got %d %q, want 400 %q", res.Status, res.Body, want)
-	}
+	assert.Equal(t, http.StatusBadRequest, res.Status, "got %d %q, want 400 %q", res.Status, res.Body, want)
+	assert.Equal(t, want, res.Body, "got %d %q, want 400 %q", res.Status, res.Body, want)
 }
 
 // The payload of a body error round-trips its kind, and a malformed one is

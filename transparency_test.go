@@ -824,9 +824,9 @@ func TestTransparencyRequest(t *testing.T) {
 					// the handler reports the method in a header.
 					res, _, err := trDo(tg.client, req)
 					require.NoError(t, err, "%s", tg.name)
-					if res.Status != http.StatusOK || res.Header.Get("X-Method") != "HEAD" || res.Body != "" {
-						t.Errorf("%s: HEAD got %d, X-Method %q, body %q; want 200, HEAD and no body", tg.name, res.Status, res.Header.Get("X-Method"), res.Body)
-					}
+					assert.Equal(t, http.StatusOK, res.Status, "%s: HEAD got %d, X-Method %q, body %q; want 200, HEAD and no body", tg.name, res.Status, res.Header.Get("X-Method"), res.Body)
+					assert.Equal(t, "HEAD", res.Header.Get("X-Method"), "%s: HEAD got %d, X-Method %q, body %q; want 200, HEAD and no body", tg.name, res.Status, res.Header.Get("X-Method"), res.Body)
+					assert.Equal(t, "", res.Body, "%s: HEAD got %d, X-Method %q, body %q; want 200, HEAD and no body", tg.name, res.Status, res.Header.Get("X-Method"), res.Body)
 					views = append(views, nil)
 					continue
 				}
@@ -1269,9 +1269,9 @@ func TestTransparencyPanic(t *testing.T) {
 	t.Run("before-write", func(t *testing.T) {
 		res, err := get(sp, "/panic/before-write")
 		require.NoError(t, err, "the request failed (%v), want 500", err)
-		if res.Status != http.StatusInternalServerError || res.Body != "Internal Server Error\n" || res.BodyErr {
-			t.Errorf("got %d %q (body error %v), want 500 \"Internal Server Error\\n\"", res.Status, res.Body, res.BodyErr)
-		}
+		assert.Equal(t, http.StatusInternalServerError, res.Status, "got %d %q (body error %v), want 500 \"Internal Server Error\\n\"", res.Status, res.Body, res.BodyErr)
+		assert.Equal(t, "Internal Server Error\n", res.Body, "got %d %q (body error %v), want 500 \"Internal Server Error\\n\"", res.Status, res.Body, res.BodyErr)
+		assert.False(t, res.BodyErr, "got %d %q (body error %v), want 500 \"Internal Server Error\\n\"", res.Status, res.Body, res.BodyErr)
 	})
 	for _, tt := range []struct {
 		how         string
@@ -1300,9 +1300,9 @@ func TestTransparencyPanic(t *testing.T) {
 		res, err := get(sp, "/pid")
 		require.NoError(t, err)
 		st := sp.h.Stats()
-		if res.Body != strconv.Itoa(pid) || st.Pid != pid || st.Restarts != 0 {
-			t.Errorf("after the panics: served by pid %s, Stats %+v; want pid %d and no restart", res.Body, st, pid)
-		}
+		assert.Equal(t, strconv.Itoa(pid), res.Body, "after the panics: served by pid %s, Stats %+v; want pid %d and no restart", res.Body, st, pid)
+		assert.Equal(t, pid, st.Pid, "after the panics: served by pid %s, Stats %+v; want pid %d and no restart", res.Body, st, pid)
+		assert.Zero(t, st.Restarts, "after the panics: served by pid %s, Stats %+v; want pid %d and no restart", res.Body, st, pid)
 	})
 }
 
@@ -1343,9 +1343,7 @@ func TestTransparencyCancel(t *testing.T) {
 			}()
 			trWaitFile(t, marker+".started", 10*time.Second)
 			cancel()
-			if err := <-done; err == nil {
-				t.Errorf("the canceled request succeeded")
-			}
+			assert.Error(t, <-done, "the canceled request succeeded")
 			if got := trWaitFile(t, marker, 10*time.Second); got != context.Canceled.Error() {
 				t.Errorf("the handler's context ended with %q, want %q", got, context.Canceled)
 			}
@@ -1415,9 +1413,9 @@ func TestTransparencyNoisyModule(t *testing.T) {
 			t.Errorf("request %d: status %d, body %s", i, res.Status, trShow(res.Body))
 		}
 	}
-	if st := h.Stats(); st.Pid != pid || st.Restarts != 0 {
-		t.Errorf("Stats %+v: the child was replaced (first pid %d)", st, pid)
-	}
+	st := h.Stats()
+	assert.Equal(t, pid, st.Pid, "Stats %+v: the child was replaced (first pid %d)", st, pid)
+	assert.Zero(t, st.Restarts, "Stats %+v: the child was replaced (first pid %d)", st, pid)
 	// The output travels its own pipes; wait for the last request's.
 	last := fmt.Sprintf("request %d", requests-1)
 	var missing []string
@@ -1488,9 +1486,9 @@ func TestTransparencyConcurrentRequests(t *testing.T) {
 		for e := range errs {
 			t.Error(e)
 		}
-		if st := tg.h.Stats(); st.Pid != pid || st.Restarts != 0 {
-			t.Errorf("Stats %+v: the child was replaced (first pid %d)", st, pid)
-		}
+		st := tg.h.Stats()
+		assert.Equal(t, pid, st.Pid, "Stats %+v: the child was replaced (first pid %d)", st, pid)
+		assert.Zero(t, st.Restarts, "Stats %+v: the child was replaced (first pid %d)", st, pid)
 	}
 }
 
@@ -1587,8 +1585,7 @@ func TestTransparencyRayModules(t *testing.T) {
 				t.Errorf("GET %s: %d %q, want pid %d", c.path, code, body, c.pid)
 			}
 		}
-		if a.Stats().Restarts != 0 || b.Stats().Restarts != 0 {
-			t.Errorf("restarts: a %d, b %d; want none (the stream error must not kill b)", a.Stats().Restarts, b.Stats().Restarts)
-		}
+		assert.Zero(t, a.Stats().Restarts, "restarts: a %d, b %d; want none (the stream error must not kill b)", a.Stats().Restarts, b.Stats().Restarts)
+		assert.Zero(t, b.Stats().Restarts, "restarts: a %d, b %d; want none (the stream error must not kill b)", a.Stats().Restarts, b.Stats().Restarts)
 	})
 }

@@ -105,12 +105,8 @@ func TestFlowBudgetReserve(t *testing.T) {
 		})
 	}
 	wg.Wait()
-	if r := over.Load(); r != 0 {
-		t.Fatalf("reserved %d of a budget of %d", r, b.limit)
-	}
-	if r := b.reserved.Load(); r != 0 {
-		t.Fatalf("%d bytes left reserved after every release", r)
-	}
+	require.Zero(t, over.Load(), "reserved %d of a budget of %d", over.Load(), b.limit)
+	require.Zero(t, b.reserved.Load(), "%d bytes left reserved after every release", b.reserved.Load())
 }
 
 // A stream whose receiver keeps up doubles its window up to window; one
@@ -136,9 +132,8 @@ func TestWindowGrowth(t *testing.T) {
 			t.Fatalf("the sender has %d of credit and the receiver owes %d, with nothing in flight; want the window %d in all", s.credit, s.w.owed, window)
 		}
 		s.w.release()
-		if r, h := b.reserved.Load(), b.held.Load(); r != 0 || h != 0 {
-			t.Fatalf("after release: reserved %d, held %d", r, h)
-		}
+		require.Zero(t, b.reserved.Load(), "after release: reserved %d, held %d", b.reserved.Load(), b.held.Load())
+		require.Zero(t, b.held.Load(), "after release: reserved %d, held %d", b.reserved.Load(), b.held.Load())
 	})
 	t.Run("slow", func(t *testing.T) {
 		b := &flowBudget{now: crawlingClock()}
@@ -171,9 +166,7 @@ func TestWindowGrowth(t *testing.T) {
 		}
 		require.Equal(t, initialWindow, s.w.size, "a stalled stream's window grew to %d", s.w.size)
 		require.Zero(t, b.reserved.Load(), "a stalled stream's window grew to %d", s.w.size)
-		if h := b.held.Load(); h != initialWindow {
-			t.Fatalf("a stalled stream holds %d, want its initial window %d", h, initialWindow)
-		}
+		require.EqualValues(t, initialWindow, b.held.Load(), "a stalled stream holds %d, want its initial window %d", b.held.Load(), initialWindow)
 	})
 	t.Run("overrun", func(t *testing.T) {
 		s := newSimStream(t, &flowBudget{now: frozenClock})
@@ -219,9 +212,7 @@ func TestWindowBudgetShared(t *testing.T) {
 			require.LessOrEqual(t, int64(sum), b.limit+int64(len(streams))*initialWindow, "round %d: windows total %d, over the budget plus the initial windows", round, sum)
 		}
 	}
-	if r := b.reserved.Load(); r != b.limit {
-		t.Fatalf("the fast streams reserved %d of %d", r, b.limit)
-	}
+	require.Equal(t, b.limit, b.reserved.Load(), "the fast streams reserved %d of %d", b.reserved.Load(), b.limit)
 	last := streams[len(streams)-1]
 	require.Equal(t, initialWindow, last.w.size, "the last stream grew to %d with the budget spent", last.w.size)
 	// The spent budget starves no one: the last stream still moves a
@@ -270,15 +261,12 @@ func TestBodyWindowGrowth(t *testing.T) {
 	}
 	require.NoError(t, body.push(getChunk(), chunkSize))
 	body.Close()
-	if r, h := b.reserved.Load(), b.held.Load(); r != 0 || h != 0 {
-		t.Fatalf("after Close: reserved %d, held %d", r, h)
-	}
+	require.Zero(t, b.reserved.Load(), "after Close: reserved %d, held %d", b.reserved.Load(), b.held.Load())
+	require.Zero(t, b.held.Load(), "after Close: reserved %d, held %d", b.reserved.Load(), b.held.Load())
 	// A parent that sends beyond its credit breaks the protocol.
 	body = newBodyReader(func(int) {}, nil, false, b)
 	body.push(getChunk(), chunkSize)
-	if err := body.push(getBuffer(1), 1); err == nil {
-		t.Fatal("a chunk beyond the window was accepted")
-	}
+	require.Error(t, body.push(getBuffer(1), 1), "a chunk beyond the window was accepted")
 	body.Close()
 }
 
@@ -402,12 +390,8 @@ func TestWindowStalledDoesNotStarveFast(t *testing.T) {
 	if _, body := readAll(t, pp.c, fast); len(body) != total {
 		t.Fatalf("fast stream: %d bytes, want %d", len(body), total)
 	}
-	if size := sizeOf(fast); size != window {
-		t.Fatalf("the fast stream's window grew to %d beside a stalled one, want %d", size, window)
-	}
-	if r := b.reserved.Load(); r != 0 {
-		t.Fatalf("%d bytes still reserved with only a stalled stream left", r)
-	}
+	require.Equal(t, window, sizeOf(fast), "the fast stream's window grew to %d beside a stalled one, want %d", sizeOf(fast), window)
+	require.Zero(t, b.reserved.Load(), "%d bytes still reserved with only a stalled stream left", b.reserved.Load())
 
 	// A stream grows, spends the budget, then stalls.
 	grown := openRequest(t, pp.c, httptest.NewRequest("GET", "/stream", nil))
@@ -428,16 +412,13 @@ func TestWindowStalledDoesNotStarveFast(t *testing.T) {
 	if _, body := readAll(t, pp.c, fast); len(body) != total {
 		t.Fatalf("fast stream with the budget spent: %d bytes, want %d", len(body), total)
 	}
-	if size := sizeOf(fast); size != initialWindow {
-		t.Fatalf("the fast stream grew to %d with the budget spent", size)
-	}
+	require.Equal(t, initialWindow, sizeOf(fast), "the fast stream grew to %d with the budget spent", sizeOf(fast))
 	// The stalled streams finish.
 	for _, s := range []*stream{stalled, grown} {
 		readAll(t, pp.c, s)
 	}
-	if r, h := b.reserved.Load(), b.held.Load(); r != 0 || h != 0 {
-		t.Fatalf("after every stream ended: %d reserved, %d held", r, h)
-	}
+	require.Zero(t, b.reserved.Load(), "after every stream ended: %d reserved, %d held", b.reserved.Load(), b.held.Load())
+	require.Zero(t, b.held.Load(), "after every stream ended: %d reserved, %d held", b.reserved.Load(), b.held.Load())
 }
 
 // heldOf reports what a parent stream holds against its window: queued, and
