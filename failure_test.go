@@ -295,9 +295,9 @@ func TestFailCrashNoticedAtOnce(t *testing.T) {
 	assert.Equal(t, http.StatusOK, code, "GET /inc after the crash: %d %q, want 200 from incarnation 1", code, body)
 	assert.True(t, strings.HasPrefix(body, "inc=1 "), "GET /inc after the crash: %d %q, want 200 from incarnation 1", code, body)
 	st := h.Stats()
-	if st.Incarnation != 1 || st.Pid == 0 || st.Pid == pid0 {
-		t.Errorf("after the crash: Stats = %+v, want incarnation 1 with a new pid (old %d)", st, pid0)
-	}
+	assert.Equal(t, 1, st.Incarnation, "after the crash: Stats = %+v, want incarnation 1 with a new pid (old %d)", st, pid0)
+	assert.NotZero(t, st.Pid, "after the crash: Stats = %+v, want incarnation 1 with a new pid (old %d)", st, pid0)
+	assert.NotEqual(t, pid0, st.Pid, "after the crash: Stats = %+v, want incarnation 1 with a new pid (old %d)", st, pid0)
 	assert.Equal(t, fmt.Sprintf("inc=1 pid=%d", st.Pid), body, "GET /inc answered %q, not by the new child pid %d", body, st.Pid)
 	assert.Contains(t, st.LastExit, "exit status 3", "Stats().LastExit = %q, want it to mention exit status 3", st.LastExit)
 	assertReaped(t, pid0)
@@ -369,8 +369,9 @@ func TestFailRequestRightAfterKillWaits(t *testing.T) {
 		require.NoError(t, syscall.Kill(h.Stats().Pid, syscall.SIGKILL))
 		code, body := fetch(t, srv.URL+"/inc")
 		want := fmt.Sprintf("inc=%d ", round)
-		if code != http.StatusOK || !strings.HasPrefix(body, want) {
-			t.Errorf("round %d: GET /inc sent right after the kill: %d %q, want 200 from incarnation %d", round, code, body, round)
+		sent := assert.Equal(t, http.StatusOK, code, "round %d: GET /inc sent right after the kill: %q", round, body) &&
+			assert.True(t, strings.HasPrefix(body, want), "round %d: GET /inc sent right after the kill: %q, want 200 from incarnation %d", round, body, round)
+		if !sent {
 			// Let the new child answer, so that the next kill restarts
 			// it at once.
 			if code, body := fetch(t, srv.URL+"/inc"); code != http.StatusOK || !strings.HasPrefix(body, want) {
@@ -396,9 +397,9 @@ func TestFailRestartWaitBounded(t *testing.T) {
 	require.NoError(t, err, "GET /inc")
 	require.Equal(t, http.StatusServiceUnavailable, res.StatusCode, "GET /inc while the restart takes a minute: %d %q, want 503", res.StatusCode, body)
 	ra := res.Header.Get("Retry-After")
-	if n, err := strconv.Atoi(ra); err != nil || n <= 0 {
-		t.Errorf("Retry-After = %q, want a positive number of seconds", ra)
-	}
+	n, err := strconv.Atoi(ra)
+	assert.NoError(t, err, "Retry-After = %q, want a positive number of seconds", ra)
+	assert.Greater(t, n, 0, "Retry-After = %q, want a positive number of seconds", ra)
 	assert.GreaterOrEqual(t, took, restartWait, "the 503 came after %v, before RestartWait (%v) had passed", took, restartWait)
 	assert.LessOrEqual(t, took, 20*time.Second, "the 503 came after %v; RestartWait is %v", took, restartWait)
 	t.Logf("503 after %v, Retry-After %s", took, ra)
@@ -546,9 +547,9 @@ func TestFailOldIncarnationMessagesDropped(t *testing.T) {
 	for range n {
 		r := <-results
 		want := fmt.Sprintf("inc=1 id=%d", r.id)
-		if r.err != nil || r.code != http.StatusOK || r.body != want {
-			t.Errorf("request %d: %d %q (%v), want 200 %q", r.id, r.code, r.body, r.err, want)
-		}
+		assert.NoError(t, r.err, "request %d", r.id)
+		assert.Equal(t, http.StatusOK, r.code, "request %d: %d %q, want 200 %q", r.id, r.code, r.body, want)
+		assert.Equal(t, want, r.body, "request %d", r.id)
 	}
 
 	b := failAwaitBody(t, dripped, "GET /drip")
@@ -588,9 +589,8 @@ func TestFailShutdownGraceful(t *testing.T) {
 	}
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "release"), nil, 0o644))
 	rest := failAwaitBody(t, failReadAll(held.Body), "GET /hold")
-	if rest.err != nil || string(rest.data) != "part2\n" {
-		t.Errorf("GET /hold during Shutdown: rest of body %q (%v), want %q", rest.data, rest.err, "part2\n")
-	}
+	assert.NoError(t, rest.err, "GET /hold during Shutdown: rest of body %q", rest.data)
+	assert.Equal(t, "part2\n", string(rest.data), "GET /hold during Shutdown: rest of body")
 	select {
 	case err := <-shutdown:
 		assert.NoError(t, err, "Shutdown: %v, want nil", err)
@@ -650,9 +650,8 @@ func TestFailHealthCheck(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	d, err := h.HealthCheck(ctx)
-	if err != nil || d <= 0 {
-		t.Errorf("HealthCheck on a live handle: %v, %v; want a positive round trip", d, err)
-	}
+	assert.NoError(t, err, "HealthCheck on a live handle")
+	assert.Greater(t, d, time.Duration(0), "HealthCheck on a live handle: want a positive round trip")
 	require.NoError(t, h.Close(), "Close")
 	_, err = h.HealthCheck(ctx)
 	assert.ErrorIs(t, err, ErrClosed, "HealthCheck after Close: %v, want ErrClosed", err)
@@ -756,9 +755,7 @@ func TestFailChildOwnProcessGroup(t *testing.T) {
 	pid := h.Stats().Pid
 	pgid, err := syscall.Getpgid(pid)
 	require.NoError(t, err)
-	if own := syscall.Getpgrp(); pgid == own {
-		t.Errorf("the child (pid %d) is in the parent's process group %d", pid, own)
-	}
+	assert.NotEqual(t, syscall.Getpgrp(), pgid, "the child (pid %d) is in the parent's process group", pid)
 	assert.Equal(t, pid, pgid, "the child (pid %d) is in process group %d, want its own", pid, pgid)
 }
 
@@ -859,8 +856,8 @@ func TestFailStartErrors(t *testing.T) {
 			for _, s := range append([]string{`"` + tt.module + `"`}, tt.wantIn...) {
 				assert.Contains(t, err.Error(), s, "Start's error does not say %q:\n%v", s, err)
 			}
-			if tt.wantWithin > 0 && took > tt.wantWithin {
-				t.Errorf("Start returned after %v, want within %v", took, tt.wantWithin)
+			if tt.wantWithin > 0 {
+				assert.LessOrEqual(t, took, tt.wantWithin, "Start returned after %v, want within %v", took, tt.wantWithin)
 			}
 			assert.GreaterOrEqual(t, took, tt.wantAtLeastIn, "Start returned after %v, before StartTimeout %v", took, tt.wantAtLeastIn)
 			if tt.wantChild {

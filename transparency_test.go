@@ -926,14 +926,10 @@ func TestTransparencyHopByHopRequestHeaders(t *testing.T) {
 			}
 			rpv, spv := views[0], views[1]
 			for _, k := range tt.gone {
-				if v, ok := spv.Header[k]; ok {
-					t.Errorf("hop-by-hop header %s: %q reached the module", k, v)
-				}
+				assert.NotContains(t, spv.Header, k, "hop-by-hop header %s: %q reached the module", k, spv.Header[k])
 			}
 			for _, k := range tt.kept {
-				if _, ok := spv.Header[k]; !ok {
-					t.Errorf("end-to-end header %s did not reach the module", k)
-				}
+				assert.Contains(t, spv.Header, k, "end-to-end header %s did not reach the module", k)
 			}
 			assert.Equal(t, rpv.Header, spv.Header, "the module sees other headers than behind httputil.ReverseProxy:\n\treverse proxy: %v\n\tsubproc:       %v", rpv.Header, spv.Header)
 		})
@@ -1128,9 +1124,8 @@ func TestTransparencyUnreadRequestBody(t *testing.T) {
 				})
 				trCompare(t, views)
 				for i, tg := range targets {
-					if views[i].Status != http.StatusOK || views[i].BodyErr {
-						t.Errorf("%s: status %d, body %q, read error %v", tg.name, views[i].Status, views[i].Body, views[i].BodyErr)
-					}
+					assert.Equal(t, http.StatusOK, views[i].Status, "%s: status %d, body %q, read error %v", tg.name, views[i].Status, views[i].Body, views[i].BodyErr)
+					assert.False(t, views[i].BodyErr, "%s: status %d, body %q, read error %v", tg.name, views[i].Status, views[i].Body, views[i].BodyErr)
 				}
 				// The server is still fine.
 				views = trViews(t, targets, func(base string) *http.Request {
@@ -1138,9 +1133,8 @@ func TestTransparencyUnreadRequestBody(t *testing.T) {
 					return req
 				})
 				for i, tg := range targets {
-					if views[i].Status != http.StatusOK || views[i].Body != "hello" {
-						t.Errorf("%s: next request: status %d, body %q", tg.name, views[i].Status, views[i].Body)
-					}
+					assert.Equal(t, http.StatusOK, views[i].Status, "%s: next request: status %d, body %q", tg.name, views[i].Status, views[i].Body)
+					assert.Equal(t, "hello", views[i].Body, "%s: next request: status %d, body %q", tg.name, views[i].Status, views[i].Body)
 				}
 			})
 		}
@@ -1172,9 +1166,8 @@ func TestTransparencyFullDuplex(t *testing.T) {
 				br := bufio.NewReader(res.Body)
 				for i := range 3 {
 					line := fmt.Sprintf("line %d", i)
-					if _, err := io.WriteString(pw, line+"\n"); err != nil {
-						t.Fatalf("writing %q: %v", line, err)
-					}
+					_, err := io.WriteString(pw, line+"\n")
+					require.NoError(t, err, "writing %q", line)
 					got, err := br.ReadString('\n')
 					require.NoError(t, err, "reading the echo of %q", line)
 					want := "echo " + line + "\n"
@@ -1183,9 +1176,7 @@ func TestTransparencyFullDuplex(t *testing.T) {
 				pw.Close()
 				rest, err := io.ReadAll(br)
 				require.NoError(t, err, "reading the end")
-				if want := "done, read error: <nil>\n"; string(rest) != want {
-					t.Errorf("end of the response %q, want %q", rest, want)
-				}
+				assert.Equal(t, "done, read error: <nil>\n", string(rest), "end of the response")
 			})
 		}
 	}
@@ -1344,9 +1335,7 @@ func TestTransparencyCancel(t *testing.T) {
 			trWaitFile(t, marker+".started", 10*time.Second)
 			cancel()
 			assert.Error(t, <-done, "the canceled request succeeded")
-			if got := trWaitFile(t, marker, 10*time.Second); got != context.Canceled.Error() {
-				t.Errorf("the handler's context ended with %q, want %q", got, context.Canceled)
-			}
+			assert.Equal(t, context.Canceled.Error(), trWaitFile(t, marker, 10*time.Second), "the handler's context ended otherwise")
 		})
 	}
 }
@@ -1563,8 +1552,8 @@ func TestTransparencyRayModules(t *testing.T) {
 			res, _, err := trDo(client, req)
 			require.NoError(t, err)
 			assert.Equal(t, tt.wantStatus, res.Status, "status %d, want %d (body %q)", res.Status, tt.wantStatus, res.Body)
-			if tt.wantBody != "" && res.Body != tt.wantBody {
-				t.Errorf("body %s, want %s", trShow(res.Body), trShow(tt.wantBody))
+			if tt.wantBody != "" {
+				assert.Equal(t, tt.wantBody, res.Body, "body %s, want %s", trShow(res.Body), trShow(tt.wantBody))
 			}
 			assert.Equal(t, tt.wantBodyErr, res.BodyErr, "body read error: %v, want %v", res.BodyErr, tt.wantBodyErr)
 			for k, v := range tt.wantHeader {
@@ -1574,16 +1563,16 @@ func TestTransparencyRayModules(t *testing.T) {
 	}
 	t.Run("separate children", func(t *testing.T) {
 		pa, pb := a.Stats().Pid, b.Stats().Pid
-		if pa == 0 || pb == 0 || pa == pb {
-			t.Fatalf("pids %d and %d, want two distinct children", pa, pb)
-		}
+		require.NotZero(t, pa, "pids %d and %d, want two distinct children", pa, pb)
+		require.NotZero(t, pb, "pids %d and %d, want two distinct children", pa, pb)
+		require.NotEqual(t, pa, pb, "pids %d and %d, want two distinct children", pa, pb)
 		for _, c := range []struct {
 			path string
 			pid  int
 		}{{"/api/a/pid", pa}, {"/api/b/pid", pb}} {
-			if code, body := fetch(t, srv.URL+c.path); code != 200 || body != strconv.Itoa(c.pid) {
-				t.Errorf("GET %s: %d %q, want pid %d", c.path, code, body, c.pid)
-			}
+			code, body := fetch(t, srv.URL+c.path)
+			assert.Equal(t, http.StatusOK, code, "GET %s: %d %q, want pid %d", c.path, code, body, c.pid)
+			assert.Equal(t, strconv.Itoa(c.pid), body, "GET %s: %d %q, want pid %d", c.path, code, body, c.pid)
 		}
 		assert.Zero(t, a.Stats().Restarts, "restarts: a %d, b %d; want none (the stream error must not kill b)", a.Stats().Restarts, b.Stats().Restarts)
 		assert.Zero(t, b.Stats().Restarts, "restarts: a %d, b %d; want none (the stream error must not kill b)", a.Stats().Restarts, b.Stats().Restarts)
