@@ -44,20 +44,13 @@ func TestRequestHeadRoundTrip(t *testing.T) {
 	assert.Equal(t, r.RemoteAddr, got.RemoteAddr, "host %q remote %q uri %q length %d", got.Host, got.RemoteAddr, got.RequestURI, got.ContentLength)
 	assert.Equal(t, r.RequestURI, got.RequestURI, "host %q remote %q uri %q length %d", got.Host, got.RemoteAddr, got.RequestURI, got.ContentLength)
 	assert.EqualValues(t, 4, got.ContentLength, "host %q remote %q uri %q length %d", got.Host, got.RemoteAddr, got.RequestURI, got.ContentLength)
-	if v := got.Header["X-Multi"]; !reflect.DeepEqual(v, []string{"one", "two"}) {
-		t.Errorf("X-Multi = %q", v)
-	}
+	assert.Equal(t, []string{"one", "two"}, got.Header["X-Multi"], "X-Multi")
 	for _, k := range []string{"Connection", "X-Private", "Keep-Alive", "Proxy-Authorization", "Upgrade"} {
-		if v, ok := got.Header[k]; ok {
-			t.Errorf("hop-by-hop header %s = %q reached the child", k, v)
-		}
+		assert.NotContains(t, got.Header, k, "hop-by-hop header %s = %q reached the child", k, got.Header[k])
 	}
-	if v := got.Header.Get("Te"); v != "trailers" {
-		t.Errorf("Te = %q, want trailers", v)
-	}
-	if _, ok := got.Trailer["X-Sum"]; !ok || len(got.Trailer) != 1 {
-		t.Errorf("Trailer = %v, want the declared X-Sum", got.Trailer)
-	}
+	assert.Equal(t, "trailers", got.Header.Get("Te"), "Te")
+	assert.Contains(t, got.Trailer, "X-Sum", "Trailer = %v, want the declared X-Sum", got.Trailer)
+	assert.Len(t, got.Trailer, 1, "Trailer = %v, want the declared X-Sum", got.Trailer)
 
 	// A second message of the same type reuses the gob type description.
 	p2, err := enc.encode(&requestHead{Method: "GET", Path: "/"})

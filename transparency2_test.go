@@ -167,9 +167,8 @@ func TestTransparencyMiddlewareConnectionClose(t *testing.T) {
 		require.NoError(t, err, "%s", tg.name)
 		io.Copy(io.Discard, res.Body)
 		res.Body.Close()
-		if !res.Close { // the client takes "Connection: close" out of the header
-			t.Errorf("%s: the response does not close the connection", tg.name)
-		}
+		// The client takes "Connection: close" out of the header.
+		assert.True(t, res.Close, "%s: the response does not close the connection", tg.name)
 	}
 }
 
