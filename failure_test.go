@@ -221,14 +221,6 @@ func failOpts(t *testing.T, cfg failConfig, opts Options) Options {
 	return opts
 }
 
-// failFileExists reports whether path exists.
-func failFileExists(path string) func() bool {
-	return func() bool {
-		_, err := os.Stat(path)
-		return err == nil
-	}
-}
-
 // failOpen GETs url, checks that the response is a 200 whose body starts
 // with first, and returns it with the rest of the body unread. The body is
 // closed when the test ends.
@@ -323,7 +315,7 @@ func TestFailSIGKILLDuringRequest(t *testing.T) {
 		}
 		done <- result{res.StatusCode, body, nil}
 	}()
-	waitFor(t, 10*time.Second, "the request to reach the module", failFileExists(filepath.Join(dir, "block")))
+	waitFor(t, 10*time.Second, "the request to reach the module", fileExists(filepath.Join(dir, "block")))
 	require.NoError(t, syscall.Kill(pid0, syscall.SIGKILL))
 	r := <-done
 	switch {
@@ -826,7 +818,7 @@ func TestFailStartErrors(t *testing.T) {
 				defer func() { close(stop); <-watched }()
 				go func() {
 					defer close(watched)
-					for !failFileExists(pidFile)() {
+					for !fileExists(pidFile)() {
 						select {
 						case <-stop:
 							return

@@ -134,6 +134,14 @@ func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool)
 	}
 }
 
+// fileExists returns a condition for waitFor: path exists.
+func fileExists(path string) func() bool {
+	return func() bool {
+		_, err := os.Stat(path)
+		return err == nil
+	}
+}
+
 // statsHolds waits until cond holds for h's Stats and reports whether it
 // did within timeout. It wakes whenever the handle installs or retires a
 // child (Handle.changed), and every 20 ms for the changes that signal

@@ -708,17 +708,13 @@ func trCompare(t *testing.T, views []*trResponse) {
 // process, and there is no event to wait on across processes.
 func trWaitFile(t *testing.T, name string, timeout time.Duration) string {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		b, err := os.ReadFile(name)
-		if err == nil {
-			return string(b)
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s did not appear within %v", filepath.Base(name), timeout)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	var b []byte
+	waitFor(t, timeout, filepath.Base(name)+" to appear", func() bool {
+		var err error
+		b, err = os.ReadFile(name)
+		return err == nil
+	})
+	return string(b)
 }
 
 // trTrailerBody is a request body that sets the request's trailers when it
