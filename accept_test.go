@@ -7,6 +7,9 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 )
 
 // Requests may reach the child in another order than their ids were issued
@@ -35,14 +38,12 @@ func TestAcceptWordNeverGoesBackwards(t *testing.T) {
 	c.send(outFrame{kind: kindRequest, flags: flagNoBody, id: s2.id, msg: head}, nil)
 	c.send(outFrame{kind: kindRequest, flags: flagNoBody, id: s1.id, msg: head}, nil)
 	started.Wait() // both handlers run: the module saw both requests
-	if got := c.accept.load(); got < s2.id {
-		t.Errorf("accept word is %d with the handler of request %d running: if the child died, the parent would run it again", got, s2.id)
-	}
+	got := c.accept.load()
+	assert.GreaterOrEqual(t, got, s2.id, "accept word is %d with the handler of request %d running: if the child died, the parent would run it again", got, s2.id)
 	close(release)
 	for _, s := range []*stream{s1, s2} {
-		if st, _ := readAll(t, c, s); st != 200 {
-			t.Errorf("request %d: status %d", s.id, st)
-		}
+		st, _ := readAll(t, c, s)
+		assert.Equal(t, http.StatusOK, st, "request %d: status", s.id)
 	}
 }
 
@@ -75,14 +76,8 @@ func TestSendIsNotBlamedForLaterFrames(t *testing.T) {
 	first := make(chan error, 1)
 	go func() { first <- c.send(outFrame{kind: kindPing, id: 1}, nil) }()
 	<-w.writing // the first sender writes its frame, and goes on writing
-	if err := c.send(outFrame{kind: kindPing, id: 2}, nil); err != nil {
-		t.Fatalf("a frame appended behind a write: %v", err)
-	}
+	require.NoError(t, c.send(outFrame{kind: kindPing, id: 2}, nil), "a frame appended behind a write")
 	close(w.release)
-	if err := <-first; err != nil {
-		t.Errorf("the sender whose frame was written got %v, from the write of another's", err)
-	}
-	if err := c.send(outFrame{kind: kindPing, id: 3}, nil); err == nil {
-		t.Error("a send after the pipe failed succeeded")
-	}
+	assert.NoError(t, <-first, "the sender whose frame was written got the error of another's write")
+	assert.Error(t, c.send(outFrame{kind: kindPing, id: 3}, nil), "a send after the pipe failed succeeded")
 }

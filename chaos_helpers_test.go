@@ -8,12 +8,10 @@ import (
 	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"hash/crc32"
 	"io"
 	"math/rand/v2"
-	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -27,6 +25,9 @@ import (
 	"testing"
 	"time"
 	"unsafe"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 )
 
 // chaosConfig is what the chaos modules read from Env.Config.
@@ -369,28 +370,11 @@ func chaosSnap() chaosSnapshot {
 
 // chaosChildren returns the pids of this process's child processes.
 func chaosChildren() []int {
-	ents, _ := os.ReadDir("/proc")
 	me := os.Getpid()
 	var pids []int
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		b, err := os.ReadFile("/proc/" + e.Name() + "/stat")
-		if err != nil {
-			continue
-		}
-		s := string(b)
-		i := strings.LastIndexByte(s, ')')
-		if i < 0 {
-			continue
-		}
-		f := strings.Fields(s[i+1:])
-		if len(f) > 1 {
-			if ppid, _ := strconv.Atoi(f[1]); ppid == me {
-				pids = append(pids, pid)
-			}
+	for _, p := range procList() {
+		if p.ppid == me {
+			pids = append(pids, p.pid)
 		}
 	}
 	return pids
@@ -451,24 +435,12 @@ func (f *chaosFigures) report(t *testing.T, name string) {
 // check fails the test on any hung request, wrong answer or leak.
 func (f *chaosFigures) check(t *testing.T, heapSlack uint64) {
 	t.Helper()
-	if n := f.hung.Load(); n > 0 {
-		t.Errorf("%d requests hung past their deadline", n)
-	}
-	if n := f.wrong.Load(); n > 0 {
-		t.Errorf("%d wrong bodies or statuses", n)
-	}
-	if d := f.after.goroutines - f.before.goroutines; d > 0 {
-		t.Errorf("%d goroutines leaked", d)
-	}
-	if d := f.after.fds - f.before.fds; d > 0 {
-		t.Errorf("%d file descriptors leaked", d)
-	}
-	if d := f.after.children - f.before.children; d > 0 {
-		t.Errorf("%d child processes left: %v", d, chaosChildren())
-	}
-	if f.after.heap > f.before.heap+heapSlack {
-		t.Errorf("parent heap grew from %s to %s (slack %s)", mib(f.before.heap), mib(f.after.heap), mib(heapSlack))
-	}
+	assert.Zero(t, f.hung.Load(), "requests hung past their deadline")
+	assert.Zero(t, f.wrong.Load(), "wrong bodies or statuses")
+	assert.LessOrEqual(t, f.after.goroutines, f.before.goroutines, "goroutines leaked")
+	assert.LessOrEqual(t, f.after.fds, f.before.fds, "file descriptors leaked")
+	assert.LessOrEqual(t, f.after.children, f.before.children, "child processes left: %v", chaosChildren())
+	assert.LessOrEqual(t, f.after.heap, f.before.heap+heapSlack, "parent heap grew from %s to %s (slack %s)", mib(f.before.heap), mib(f.after.heap), mib(heapSlack))
 }
 
 // settle takes the after snapshot once goroutines, fds and children are
@@ -497,34 +469,11 @@ func chaosStart(t *testing.T, name string, cfg chaosConfig, opts Options) (*Hand
 		opts.Stderr = io.Discard
 	}
 	h, err := Start(context.Background(), name, opts)
-	if err != nil {
-		t.Fatalf("Start(%q): %v", name, err)
-	}
+	require.NoError(t, err, "Start(%q)", name)
 	var once sync.Once
 	stop := func() { once.Do(func() { stopAndReap(t, h) }) }
 	t.Cleanup(stop)
 	return h, stop
-}
-
-// chaosAwait waits until cond holds for h's Stats, waking whenever the
-// handle installs or retires a child, and reports whether it held within
-// timeout.
-func chaosAwait(h *Handle, timeout time.Duration, cond func(Stats) bool) bool {
-	timer := time.NewTimer(timeout)
-	defer timer.Stop()
-	for {
-		h.mu.Lock()
-		changed := h.changed
-		h.mu.Unlock()
-		if cond(h.Stats()) {
-			return true
-		}
-		select {
-		case <-changed:
-		case <-timer.C:
-			return cond(h.Stats())
-		}
-	}
 }
 
 // chaosPid returns the pid of the running child, waiting for one: never 0,
@@ -532,30 +481,13 @@ func chaosAwait(h *Handle, timeout time.Duration, cond func(Stats) bool) bool {
 func chaosPid(t *testing.T, h *Handle) int {
 	t.Helper()
 	var pid int
-	if !chaosAwait(h, 30*time.Second, func(st Stats) bool { pid = st.Pid; return st.State == "running" && pid != 0 }) {
-		t.Fatalf("no child running within 30s: %+v", h.Stats())
-	}
+	awaitStats(t, h, 30*time.Second, "a child running", func(st Stats) bool { pid = st.Pid; return st.State == "running" && pid != 0 })
 	return pid
 }
 
 // chaosRunningOtherThan is a condition: a child other than pid serves.
 func chaosRunningOtherThan(pid int) func(Stats) bool {
 	return func(st Stats) bool { return st.State == "running" && st.Pid != 0 && st.Pid != pid }
-}
-
-// chaosAwaitGone waits until process pid no longer exists (reaped), and
-// reports whether it happened within timeout.
-func chaosAwaitGone(pid int, timeout time.Duration) bool {
-	deadline := time.Now().Add(timeout)
-	for {
-		if err := syscall.Kill(pid, 0); errors.Is(err, syscall.ESRCH) {
-			return true
-		}
-		if time.Now().After(deadline) {
-			return false
-		}
-		time.Sleep(5 * time.Millisecond) // another process's fate: poll
-	}
 }
 
 // chaosClient returns an HTTP client for a storm of concurrent clients.
@@ -609,21 +541,6 @@ func (l *chaosLatencies) pct(p float64) time.Duration {
 
 func (l *chaosLatencies) String() string {
 	return fmt.Sprintf("p50 %v p99 %v (n=%d)", l.pct(0.50).Round(10*time.Microsecond), l.pct(0.99).Round(10*time.Microsecond), len(l.d))
-}
-
-// smallBufListener sets a small send buffer on every accepted connection,
-// so that a slow client's backpressure reaches the server soon.
-type smallBufListener struct {
-	net.Listener
-	size int
-}
-
-func (l smallBufListener) Accept() (net.Conn, error) {
-	c, err := l.Listener.Accept()
-	if err == nil {
-		c.(*net.TCPConn).SetWriteBuffer(l.size)
-	}
-	return c, err
 }
 
 // count502 counts the answer to a request whose child dies under it, which

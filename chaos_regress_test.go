@@ -11,8 +11,10 @@ import (
 	"net/http"
 	"reflect"
 	"runtime"
-	"strings"
 	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 )
 
 // hugeMapCount returns the gob payload of msg from enc, whose one map holds
@@ -21,9 +23,7 @@ import (
 func hugeMapCount(t *testing.T, enc *encoder, msg any) []byte {
 	t.Helper()
 	p, err := enc.encode(msg)
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	// The last gob message of the payload is the value.
 	var start, size, w int
 	for off := 0; off < len(p); {
@@ -34,9 +34,7 @@ func hugeMapCount(t *testing.T, enc *encoder, msg any) []byte {
 	value := p[start+w : start+w+size]
 	entry := []byte("\x01\x01A\x01\x01b") // count 1, "A", one value, "b"
 	i := bytes.Index(value, entry)
-	if i < 0 {
-		t.Fatalf("no map entry in %q", value)
-	}
+	require.GreaterOrEqual(t, i, 0, "no map entry in %q", value)
 	huge := []byte{0xFC, 0xFA, 0x00, 0x00, 0x00} // 0xFA000000 entries
 	nv := append(append(append([]byte(nil), value[:i]...), huge...), value[i+1:]...)
 	out := append([]byte(nil), p[:start]...)
@@ -65,9 +63,7 @@ func TestDecodeHugeMapCount(t *testing.T) {
 			runtime.ReadMemStats(&before)
 			err := newDecoder().decode(p, tt.into())
 			runtime.ReadMemStats(&after)
-			if err == nil {
-				t.Errorf("decode of a map claiming 4e9 entries in %d bytes succeeded", len(p))
-			}
+			assert.Error(t, err, "decode of a map claiming 4e9 entries in %d bytes succeeded", len(p))
 			if d := after.TotalAlloc - before.TotalAlloc; d > 1<<20 {
 				t.Errorf("decoding %d bytes allocated %d bytes", len(p), d)
 			}
@@ -81,16 +77,10 @@ func TestDecodeMapsNilWhenEmpty(t *testing.T) {
 	enc, dec := newEncoder(), newDecoder()
 	for _, msg := range []*responseHead{{Status: 204}, {Status: 200, Header: http.Header{"A": {"b"}}}} {
 		p, err := enc.encode(msg)
-		if err != nil {
-			t.Fatal(err)
-		}
+		require.NoError(t, err)
 		var got responseHead
-		if err := dec.decode(p, &got); err != nil {
-			t.Fatal(err)
-		}
-		if !reflect.DeepEqual(&got, msg) {
-			t.Errorf("decoded %+v, want %+v", got, *msg)
-		}
+		require.NoError(t, dec.decode(p, &got))
+		assert.Equal(t, &got, msg, "decoded %+v, want %+v", got, *msg)
 	}
 }
 
@@ -114,9 +104,7 @@ func TestMessageMapsListed(t *testing.T) {
 		walk(reflect.TypeOf(v).Elem())
 		m := messageMap(v)
 		if _, ok := v.(gob.GobDecoder); ok {
-			if m != nil {
-				t.Errorf("messageMap returns a map for %T, which decodes itself", v)
-			}
+			assert.Nil(t, m, "messageMap returns a map for %T, which decodes itself", v)
 			continue
 		}
 		switch {
@@ -146,8 +134,6 @@ func TestStartErrorSaysHowTheChildEnded(t *testing.T) {
 			h.Close()
 			t.Fatalf("%s: Start succeeded", tt.mode)
 		}
-		if !strings.Contains(err.Error(), tt.want) {
-			t.Errorf("%s: Start's error %q does not say %q", tt.mode, err, tt.want)
-		}
+		assert.Contains(t, err.Error(), tt.want, "%s: Start's error %q does not say %q", tt.mode, err, tt.want)
 	}
 }

@@ -74,6 +74,8 @@ import (
 	"time"
 
 	"github.com/fbbf71ac/subproc/internal/frame"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 	"go.uber.org/goleak"
 )
 
@@ -195,17 +197,12 @@ func TestChaosKillStorm(t *testing.T) {
 		time.Sleep(200*time.Millisecond + rand.N(600*time.Millisecond)) // the pace of the kills
 		pid := chaosPid(t, h)
 		killed := time.Now()
-		if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
-			t.Fatalf("kill %d: %v", pid, err)
-		}
+		require.NoError(t, syscall.Kill(pid, syscall.SIGKILL), "kill %d", pid)
 		kills++
-		if !chaosAwait(h, 30*time.Second, chaosRunningOtherThan(pid)) {
-			t.Fatalf("no new child 30s after kill %d: %+v", kills, h.Stats())
-		}
+		awaitStats(t, h, 30*time.Second, fmt.Sprintf("a new child after kill %d", kills), chaosRunningOtherThan(pid))
 		slowest = max(slowest, time.Since(killed))
-		if err := syscall.Kill(pid, 0); !errors.Is(err, syscall.ESRCH) {
-			t.Errorf("killed child %d not reaped once its successor serves", pid)
-		}
+		err := syscall.Kill(pid, 0)
+		assert.ErrorIs(t, err, syscall.ESRCH, "killed child %d not reaped once its successor serves", pid)
 	}
 	close(stop)
 	wait()
@@ -224,12 +221,8 @@ func TestChaosKillStorm(t *testing.T) {
 	f.addf("clients %d for %v, kills %d, slowest recovery (kill to new child serving) %v", clients, dur, kills, slowest.Round(time.Millisecond))
 	f.report(t, "kill storm")
 	f.check(t, 16<<20)
-	if f.ok.Load() == 0 {
-		t.Error("no request succeeded")
-	}
-	if f.restarts < kills {
-		t.Errorf("%d restarts for %d kills", f.restarts, kills)
-	}
+	assert.NotZero(t, f.ok.Load(), "no request succeeded")
+	assert.GreaterOrEqual(t, f.restarts, kills, "%d restarts for %d kills", f.restarts, kills)
 }
 
 // A child that freezes — stopped by SIGSTOP, or with its Go runtime starved
@@ -269,13 +262,9 @@ func TestChaosHangStorm(t *testing.T) {
 			res, err := client.Do(req)
 			f.count502(t, ctx, "GET /hang?how="+how, res, err)
 		}()
-		if !chaosAwait(h, 60*time.Second, chaosRunningOtherThan(pid)) {
-			t.Fatalf("hang %d (%s): child %d not replaced within 60s: %+v", i, how, pid, h.Stats())
-		}
+		awaitStats(t, h, 60*time.Second, fmt.Sprintf("hang %d (%s): child %d replaced", i, how, pid), chaosRunningOtherThan(pid))
 		detect = append(detect, time.Since(start))
-		if err := syscall.Kill(pid, 0); !errors.Is(err, syscall.ESRCH) {
-			t.Errorf("hang %d (%s): frozen child %d not reaped once replaced", i, how, pid)
-		}
+		assert.ErrorIs(t, syscall.Kill(pid, 0), syscall.ESRCH, "hang %d (%s): frozen child %d not reaped once replaced", i, how, pid)
 		if st := h.Stats(); strings.Contains(st.LastExit, "health") {
 			byHealth++
 		} else {
@@ -331,9 +320,7 @@ func chaosGarbageSeam(t *testing.T) {
 		for _, f := range fs {
 			if f.msg != nil {
 				p, err := enc.encode(f.msg)
-				if err != nil {
-					t.Fatal(err)
-				}
+				require.NoError(t, err)
 				f.data = append([]byte(nil), p...)
 			}
 			w.WriteFrame(f.kind, f.flags, f.id, f.data)
@@ -410,9 +397,7 @@ func chaosGarbageSeam(t *testing.T) {
 		c.readLoop() // fails the pending requests when it ends
 		c.proc.Kill()
 		<-c.exited
-		if err := <-c.ready; err != nil {
-			t.Fatalf("%s: handshake: %v", tt.name, err)
-		}
+		require.NoError(t, <-c.ready, "%s: handshake", tt.name)
 		err := c.doneErr()
 		var pe *protocolError
 		if tt.protocol && !errors.As(err, &pe) {
@@ -422,9 +407,7 @@ func chaosGarbageSeam(t *testing.T) {
 			s.mu.Lock()
 			q := s.queued
 			s.mu.Unlock()
-			if q > window {
-				t.Errorf("%s: request %d holds %d bytes, over the window", tt.name, s.id, q)
-			}
+			assert.LessOrEqual(t, q, window, "%s: request %d holds %d bytes, over the window", tt.name, s.id, q)
 		}
 		// Request 2 gets its head and "two", then fails.
 		var got []string
@@ -443,14 +426,11 @@ func chaosGarbageSeam(t *testing.T) {
 				got = append(got, fmt.Sprintf("kind %d", ev.kind))
 			}
 		}
-		if want := []string{"head 200 map[X:[two]]", "data two"}; fmt.Sprint(got) != fmt.Sprint(want) {
-			t.Errorf("%s: request 2 got %q, want %q then a failure", tt.name, got, want)
-		}
+		want := []string{"head 200 map[X:[two]]", "data two"}
+		assert.Equal(t, fmt.Sprint(want), fmt.Sprint(got), "%s: request 2 got %q, want %q then a failure", tt.name, got, want)
 		s1.abandon()
 		c.mu.Lock()
-		if len(c.pending) != 0 {
-			t.Errorf("%s: %d requests still pending after the failure", tt.name, len(c.pending))
-		}
+		assert.Len(t, c.pending, 0, "%s: %d requests still pending after the failure", tt.name, len(c.pending))
 		c.mu.Unlock()
 	}
 	t.Logf("%d bad inputs: each ended the reader with an error, no panic, request 2 intact", len(cases))
@@ -490,12 +470,8 @@ func chaosGarbageChild(t *testing.T) {
 				res.Body.Close()
 			}
 		}()
-		if !chaosAwait(h, 60*time.Second, chaosRunningOtherThan(pid)) {
-			t.Fatalf("garbage %q: child %d not replaced within 60s: %+v", how, pid, h.Stats())
-		}
-		if err := syscall.Kill(pid, 0); !errors.Is(err, syscall.ESRCH) {
-			t.Errorf("garbage %q: child %d not reaped once replaced", how, pid)
-		}
+		awaitStats(t, h, 60*time.Second, fmt.Sprintf("garbage %q: child %d replaced", how, pid), chaosRunningOtherThan(pid))
+		assert.ErrorIs(t, syscall.Kill(pid, 0), syscall.ESRCH, "garbage %q: child %d not reaped once replaced", how, pid)
 		st := h.Stats()
 		seen[how+": "+st.LastExit]++
 		if how != "close" && !strings.Contains(st.LastExit, "protocol error") {
@@ -514,9 +490,7 @@ func chaosGarbageChild(t *testing.T) {
 	}
 	// A request whose handler ran is never given to another child.
 	b, err := os.ReadFile(filepath.Join(dir, "garbage"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	runs := map[string][]string{}
 	for _, l := range strings.Split(strings.TrimSpace(string(b)), "\n") {
 		round, pid, _ := strings.Cut(l, " ")
@@ -543,9 +517,7 @@ func TestChaosSlowClients(t *testing.T) {
 	f := &chaosFigures{before: chaosSnap()}
 	h, stopHandle := chaosStart(t, "chaos", chaosConfig{}, Options{})
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	srv := httptest.NewUnstartedServer(h)
 	srv.Listener.Close()
 	srv.Listener = smallBufListener{ln, 4096}
@@ -675,9 +647,7 @@ func TestChaosSlowClients(t *testing.T) {
 		}
 		time.Sleep(50 * time.Millisecond) // the child's progress: poll
 	}
-	if atEnd.Canceled < mid {
-		t.Errorf("%d clients left mid-stream but only %d handlers were canceled", mid, atEnd.Canceled)
-	}
+	assert.GreaterOrEqual(t, atEnd.Canceled, mid, "%d clients left mid-stream but only %d handlers were canceled", mid, atEnd.Canceled)
 	close(stopSlow)
 	slowWG.Wait()
 	var final chaosCounts
@@ -689,9 +659,8 @@ func TestChaosSlowClients(t *testing.T) {
 		}
 		time.Sleep(50 * time.Millisecond) // the child's progress: poll
 	}
-	if final.Active != 0 || final.Canceled != int64(n) {
-		t.Errorf("after every client left: %+v, want all %d handlers canceled", final, n)
-	}
+	assert.Zero(t, final.Active, "after every client left: %+v, want all %d handlers canceled", final, n)
+	assert.Equal(t, int64(n), final.Canceled, "after every client left: %+v, want all %d handlers canceled", final, n)
 	client.CloseIdleConnections()
 	srv.Close()
 	stopHandle()
@@ -706,19 +675,14 @@ func TestChaosSlowClients(t *testing.T) {
 	f.addf("small GET latency: before %v; during %v", &before, &during)
 	f.report(t, "slow and vanishing clients")
 	f.check(t, 16<<20)
-	if heapPeak > heap0+uint64(n)*perStream+32<<20 {
-		t.Errorf("parent heap peaked at %s, over %s idle + %d streams × %d KiB", mib(heapPeak), mib(heap0), n, perStream>>10)
-	}
+	assert.LessOrEqual(t, heapPeak, heap0+uint64(n)*perStream+32<<20, "parent heap peaked at %s, over %s idle + %d streams × %d KiB", mib(heapPeak), mib(heap0), n, perStream>>10)
 	rssBound := uint64(n)*perStream + 64<<20
 	if raceEnabled {
 		rssBound *= 4 // shadow memory
 	}
-	if rssPeak > rss0+rssBound {
-		t.Errorf("child RSS peaked at %s, over %s idle + %s", mib(rssPeak), mib(rss0), mib(rssBound))
-	}
-	if p50b, p50d := before.pct(0.5), during.pct(0.5); p50d > 10*p50b+50*time.Millisecond {
-		t.Errorf("small GETs took %v (p50) during the slow streams, %v before", p50d, p50b)
-	}
+	assert.LessOrEqual(t, rssPeak, rss0+rssBound, "child RSS peaked at %s, over %s idle + %s", mib(rssPeak), mib(rss0), mib(rssBound))
+	p50b, p50d := before.pct(0.5), during.pct(0.5)
+	assert.LessOrEqual(t, p50d, 10*p50b+50*time.Millisecond, "small GETs took %v (p50) during the slow streams, %v before", p50d, p50b)
 }
 
 // A thousand restarts in a row, by SIGKILL, crash on init and exit 0,
@@ -742,9 +706,7 @@ func TestChaosRestartChurn(t *testing.T) {
 		case 0:
 			syscall.Kill(pid, syscall.SIGKILL)
 		case 1: // crash on init: the next child panics in its ModuleFunc
-			if err := os.WriteFile(marker, nil, 0o644); err != nil {
-				t.Fatal(err)
-			}
+			require.NoError(t, os.WriteFile(marker, nil, 0o644))
 			syscall.Kill(pid, syscall.SIGKILL)
 		case 2:
 			f.sent.Add(1)
@@ -752,9 +714,7 @@ func TestChaosRestartChurn(t *testing.T) {
 			f.count502(t, context.Background(), "GET /exit", res, err)
 		}
 		how[i%3]++
-		if !chaosAwait(h, 30*time.Second, chaosRunningOtherThan(pid)) {
-			t.Fatalf("restart %d: no new child within 30s: %+v", i, h.Stats())
-		}
+		awaitStats(t, h, 30*time.Second, fmt.Sprintf("restart %d: a new child", i), chaosRunningOtherThan(pid))
 		if i%3 == 1 {
 			if _, err := os.Stat(marker); err == nil {
 				t.Fatalf("restart %d: the new child serves but did not crash on init", i)
@@ -774,9 +734,8 @@ func TestChaosRestartChurn(t *testing.T) {
 	f.addf("midway: %d goroutines, %d fds, %d children, heap %s", mid.goroutines, mid.fds, mid.children, mib(mid.heap))
 	f.report(t, "restart churn")
 	f.check(t, 4<<20)
-	if want := n + how[1]; f.restarts != want {
-		t.Errorf("%d restarts, want %d", f.restarts, want)
-	}
+	want := n + how[1]
+	assert.Equal(t, want, f.restarts, "%d restarts, want %d", f.restarts, want)
 }
 
 // chaosHelperParentEnv makes TestChaosHelperParent act as a parent process
@@ -796,9 +755,7 @@ func TestChaosHelperParent(t *testing.T) {
 	client := chaosClient(32)
 	for _, name := range []string{"chaos", "chaos-b"} {
 		h, err := Start(context.Background(), name, Options{HealthInterval: time.Hour, Stderr: io.Discard, Logger: discardLogger()})
-		if err != nil {
-			t.Fatal(err)
-		}
+		require.NoError(t, err)
 		srv := httptest.NewServer(h)
 		for _, path := range []string{"/block", "/block", "/block", "/forever", "/forever", "/slow?bytes=1073741824", "/slow?bytes=1073741824"} {
 			go func() {
@@ -877,10 +834,10 @@ func TestChaosParentDeath(t *testing.T) {
 		cancel()
 		var alive []int
 		for _, pid := range pids {
-			for !failGone(pid) && time.Since(killed) < time.Second {
+			for !gone(pid) && time.Since(killed) < time.Second {
 				time.Sleep(2 * time.Millisecond) // another process's fate: poll
 			}
-			if !failGone(pid) {
+			if !gone(pid) {
 				alive = append(alive, pid)
 				syscall.Kill(pid, syscall.SIGKILL)
 			}
@@ -941,13 +898,9 @@ func TestChaosStartFailures(t *testing.T) {
 			if !slices.ContainsFunc(strings.Split(tt.wantIn, "|"), func(w string) bool { return strings.Contains(err.Error(), w) }) {
 				t.Errorf("Start's error does not say %q: %v", tt.wantIn, err)
 			}
-			if took > startTimeout+20*time.Second {
-				t.Errorf("Start returned after %v; StartTimeout is %v", took, startTimeout)
-			}
+			assert.LessOrEqual(t, took, startTimeout+20*time.Second, "Start returned after %v; StartTimeout is %v", took, startTimeout)
 			b, rerr := os.ReadFile(filepath.Join(dir, "pid"))
-			if rerr != nil {
-				t.Fatalf("the module did not record its pid: %v", rerr)
-			}
+			require.NoError(t, rerr, "the module did not record its pid: %v", rerr)
 			pid, _ := strconv.Atoi(string(b))
 			assertReaped(t, pid)
 			goleak.VerifyNone(t, before)

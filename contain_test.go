@@ -73,7 +73,7 @@ var containLastError = make(chan string, 1)
 // containPid fetches the pid of the child that serves url.
 func containPid(t *testing.T, url string) string {
 	t.Helper()
-	code, body := get(t, url+"/pid")
+	code, body := fetch(t, url+"/pid")
 	require.Equal(t, http.StatusOK, code, body)
 	return body
 }
@@ -128,10 +128,10 @@ func TestContainOversizedResponseHead(t *testing.T) {
 	srv := serve(t, h)
 	pid := containPid(t, srv.URL)
 
-	code, body := get(t, srv.URL+"/big-head")
+	code, body := fetch(t, srv.URL+"/big-head")
 	assert.Equal(t, http.StatusBadGateway, code)
 	assert.Contains(t, body, `module "contain-mod"`)
-	_, lastErr := get(t, srv.URL+"/last-error")
+	_, lastErr := fetch(t, srv.URL+"/last-error")
 	assert.Contains(t, lastErr, "exceeds", "the handler's write should have failed")
 
 	res, err := http.Get(srv.URL + "/big-trailer")
@@ -140,7 +140,7 @@ func TestContainOversizedResponseHead(t *testing.T) {
 	res.Body.Close()
 	assert.Error(t, err, "a response whose trailers cannot be sent must be aborted (read %q)", b)
 
-	code, body = get(t, srv.URL+"/big-1xx")
+	code, body = fetch(t, srv.URL+"/big-1xx")
 	assert.Equal(t, http.StatusOK, code)
 	assert.Equal(t, "after the hints", body)
 
@@ -179,7 +179,7 @@ func TestContainGivenUpRequestReleased(t *testing.T) {
 		}
 		cancel()
 	}
-	failWaitUntil(t, 10*time.Second, "the requests to end in the parent", func() bool { return h.Stats().InFlight == 0 })
+	waitFor(t, 10*time.Second, "the requests to end in the parent", func() bool { return h.Stats().InFlight == 0 })
 	runtime.GC()
 	runtime.ReadMemStats(&ms1)
 	h.mu.Lock()

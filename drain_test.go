@@ -128,7 +128,7 @@ func TestDrainHungChildIsKilled(t *testing.T) {
 
 	done := make(chan error, 1)
 	go func() { done <- h.Shutdown(context.Background()) }()
-	failWaitUntil(t, 10*time.Second, "the drain to begin", func() bool { return h.Stats().State == "stopping" })
+	waitFor(t, 10*time.Second, "the drain to begin", func() bool { return h.Stats().State == "stopping" })
 	require.NoError(t, syscall.Kill(pid, syscall.SIGSTOP))
 	select {
 	case <-done:
@@ -143,7 +143,7 @@ func TestDrainHungChildIsKilled(t *testing.T) {
 // clients, restarts the module with backoff, although each child answered
 // requests before it died.
 func TestDrainCrashLoopBacksOff(t *testing.T) {
-	logs := newFailLog()
+	logs := newLogSink()
 	h := startModule(t, "drain-mod", Options{
 		HealthInterval: time.Hour,
 		Logger:         slog.New(slog.NewTextHandler(logs, nil)),
@@ -172,7 +172,7 @@ func TestDrainCrashLoopBacksOff(t *testing.T) {
 // A single crash of a module that has served for a while restarts it at
 // once, without backoff.
 func TestDrainSingleCrashRestartsAtOnce(t *testing.T) {
-	logs := newFailLog()
+	logs := newLogSink()
 	h := startModule(t, "drain-mod", Options{
 		HealthInterval:  time.Hour,
 		MaxRestartDelay: time.Minute, // a backoff would show
@@ -182,7 +182,7 @@ func TestDrainSingleCrashRestartsAtOnce(t *testing.T) {
 		pid := h.Stats().Pid
 		time.Sleep(stableUptime + 100*time.Millisecond) // the child's uptime, which is what makes it healthy
 		require.NoError(t, syscall.Kill(pid, syscall.SIGKILL))
-		failWaitUntil(t, 20*time.Second, fmt.Sprintf("restart %d", round+1), func() bool {
+		waitFor(t, 20*time.Second, fmt.Sprintf("restart %d", round+1), func() bool {
 			st := h.Stats()
 			return st.State == "running" && st.Pid != pid
 		})
@@ -201,7 +201,7 @@ func TestDrainUnhealthyShowsAtOnce(t *testing.T) {
 	pid := h.Stats().Pid
 	freeze := func() {
 		require.NoError(t, syscall.Kill(pid, syscall.SIGSTOP))
-		failWaitUntil(t, 10*time.Second, "the child to stop", func() bool { return failProcState(pid) == "T" })
+		waitFor(t, 10*time.Second, "the child to stop", func() bool { return procState(pid) == "T" })
 	}
 	freeze()
 	defer syscall.Kill(pid, syscall.SIGCONT)
@@ -225,7 +225,7 @@ func TestDrainUnhealthyShowsAtOnce(t *testing.T) {
 	freeze()
 	h.HealthCheck(context.Background())
 	h.HealthCheck(context.Background())
-	failWaitUntil(t, 20*time.Second, "a new child", func() bool {
+	waitFor(t, 20*time.Second, "a new child", func() bool {
 		st := h.Stats()
 		return st.State == "running" && st.Pid != pid
 	})
@@ -236,7 +236,7 @@ func TestDrainUnhealthyShowsAtOnce(t *testing.T) {
 // gets a 502 that says so, and the parent logs the child's last lines once.
 func TestDrainHungChildMessages(t *testing.T) {
 	const mark = "drain-hang-marker-51c2"
-	logs := newFailLog()
+	logs := newLogSink()
 	h := startModule(t, "fail-mod", failOpts(t, failConfig{}, Options{
 		HealthInterval: 50 * time.Millisecond,
 		HealthTimeout:  100 * time.Millisecond,
@@ -244,12 +244,12 @@ func TestDrainHungChildMessages(t *testing.T) {
 		Logger:         slog.New(slog.NewTextHandler(logs, nil)),
 	}))
 	srv := serve(t, h)
-	res, body, err := failFetch(srv.URL+"/stop?mark="+mark, 30*time.Second)
+	res, body, err := fetchErr(srv.URL+"/stop?mark="+mark, 30*time.Second)
 	require.NoError(t, err)
 	assert.Equal(t, http.StatusBadGateway, res.StatusCode)
 	assert.Contains(t, body, "killed after failing 3 health checks")
 	assert.NotContains(t, body, "exited")
-	failWaitUntil(t, 20*time.Second, "incarnation 1", failRunning(h, 1))
+	awaitStats(t, h, 20*time.Second, "incarnation 1", runningInc(1))
 	require.True(t, logs.await("ended:", 10*time.Second), "no record of the child's end:\n%s", logs)
 	assert.Equal(t, 1, strings.Count(logs.String(), "Last lines of its output"), "the last lines should be logged once for one hang:\n%s", logs)
 }

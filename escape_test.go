@@ -23,6 +23,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 )
 
 // escapeGrandchildEnv makes TestEscapeGrandchild block: the escape module
@@ -115,45 +118,24 @@ func escapeSpawn(t testing.TB, h http.Handler) []int {
 	t.Helper()
 	rec := httptest.NewRecorder()
 	h.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/spawn", nil))
-	if rec.Code != http.StatusOK {
-		t.Fatalf("GET /spawn: %d %s", rec.Code, rec.Body)
-	}
+	require.Equal(t, http.StatusOK, rec.Code, "GET /spawn: %d %s", rec.Code, rec.Body)
 	var pids []int
 	for _, f := range strings.Fields(rec.Body.String()) {
 		pid, err := strconv.Atoi(f)
-		if err != nil {
-			t.Fatalf("GET /spawn answered %q", rec.Body)
-		}
+		require.NoError(t, err, "GET /spawn answered %q", rec.Body)
 		pids = append(pids, pid)
 	}
-	if len(pids) != 2 {
-		t.Fatalf("GET /spawn answered %q, want two pids", rec.Body)
-	}
+	require.Len(t, pids, 2, "GET /spawn answered %q, want two pids", rec.Body)
 	return pids
 }
 
 // escapeGroup returns the processes of process group pgid that have not
 // exited (zombies left out), from /proc.
 func escapeGroup(pgid int) []int {
-	ents, _ := os.ReadDir("/proc")
 	var pids []int
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		b, err := os.ReadFile("/proc/" + e.Name() + "/stat")
-		if err != nil {
-			continue
-		}
-		// pid (comm) state ppid pgrp ...; comm may hold anything but ')'.
-		s := string(b)
-		f := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
-		if len(f) < 3 || f[0] == "Z" || f[0] == "X" {
-			continue
-		}
-		if g, _ := strconv.Atoi(f[2]); g == pgid {
-			pids = append(pids, pid)
+	for _, p := range procList() {
+		if !p.exited() && p.pgrp == pgid {
+			pids = append(pids, p.pid)
 		}
 	}
 	return pids
@@ -164,7 +146,7 @@ func escapeGroup(pgid int) []int {
 func escapeCleanup(t *testing.T, pgid int, pids []int) {
 	t.Cleanup(func() {
 		for _, pid := range append(escapeGroup(pgid), pids...) {
-			if !failGone(pid) {
+			if !gone(pid) {
 				syscall.Kill(pid, syscall.SIGKILL)
 			}
 		}
@@ -179,7 +161,7 @@ func escapeAwaitGone(t *testing.T, since time.Time, pgid int, pids []int) time.D
 	alive := func() []int {
 		var left []int
 		for _, pid := range append(pids, escapeGroup(pgid)...) {
-			if !failGone(pid) && !slices.Contains(left, pid) {
+			if !gone(pid) && !slices.Contains(left, pid) {
 				left = append(left, pid)
 			}
 		}
@@ -193,7 +175,7 @@ func escapeAwaitGone(t *testing.T, since time.Time, pgid int, pids []int) time.D
 		if time.Since(since) > escapeDeadline {
 			var states []string
 			for _, pid := range left {
-				states = append(states, fmt.Sprintf("%d (state %q)", pid, failProcState(pid)))
+				states = append(states, fmt.Sprintf("%d (state %q)", pid, procState(pid)))
 			}
 			t.Fatalf("%v after the child's end, processes it started still run: %s", escapeDeadline, strings.Join(states, ", "))
 		}
@@ -205,9 +187,7 @@ func escapeAwaitGone(t *testing.T, since time.Time, pgid int, pids []int) time.D
 func escapeAssertAlive(t *testing.T, pids []int) {
 	t.Helper()
 	for _, pid := range pids {
-		if failGone(pid) {
-			t.Fatalf("process %d, started by the module, is not running", pid)
-		}
+		require.False(t, gone(pid), "process %d, started by the module, is not running", pid)
 	}
 }
 
@@ -222,9 +202,7 @@ func TestEscapeChildEnds(t *testing.T) {
 		{
 			name: "close",
 			end: func(t *testing.T, h *Handle, pid int) {
-				if err := h.Close(); err != nil {
-					t.Errorf("Close: %v", err)
-				}
+				assert.NoError(t, h.Close(), "Close")
 			},
 		},
 		{
@@ -232,9 +210,7 @@ func TestEscapeChildEnds(t *testing.T) {
 			end: func(t *testing.T, h *Handle, pid int) {
 				rec := httptest.NewRecorder()
 				h.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/exit", nil))
-				if rec.Code != http.StatusBadGateway {
-					t.Errorf("GET /exit: %d, want 502", rec.Code)
-				}
+				assert.Equal(t, http.StatusBadGateway, rec.Code, "GET /exit: %d, want 502", rec.Code)
 			},
 		},
 		{
@@ -242,18 +218,14 @@ func TestEscapeChildEnds(t *testing.T) {
 			end: func(t *testing.T, h *Handle, pid int) {
 				rec := httptest.NewRecorder()
 				h.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/panic", nil))
-				if rec.Code != http.StatusBadGateway {
-					t.Errorf("GET /panic: %d, want 502", rec.Code)
-				}
+				assert.Equal(t, http.StatusBadGateway, rec.Code, "GET /panic: %d, want 502", rec.Code)
 			},
 		},
 		{
 			name: "health",
 			opts: Options{HealthInterval: 50 * time.Millisecond, HealthTimeout: 200 * time.Millisecond, HealthFailures: 2},
 			end: func(t *testing.T, h *Handle, pid int) {
-				if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
-					t.Fatal(err)
-				}
+				require.NoError(t, syscall.Kill(pid, syscall.SIGSTOP))
 			},
 		},
 	}
@@ -268,9 +240,8 @@ func TestEscapeChildEnds(t *testing.T) {
 			pids := escapeSpawn(t, h)
 			escapeCleanup(t, pid, pids)
 			escapeAssertAlive(t, pids)
-			if g := escapeGroup(pid); len(g) < 3 {
-				t.Fatalf("the child's process group %d holds %v, want the child and the processes it started", pid, g)
-			}
+			g := escapeGroup(pid)
+			require.GreaterOrEqual(t, len(g), 3, "the child's process group %d holds %v, want the child and the processes it started", pid, g)
 			ended := time.Now()
 			tt.end(t, h, pid)
 			took := escapeAwaitGone(t, ended, pid, append(pids, pid))
@@ -294,9 +265,7 @@ func TestEscapeHelperParent(t *testing.T) {
 		t.Skip("a helper process for TestEscapeParentDeath")
 	}
 	h, err := Start(context.Background(), "escape-mod", Options{HealthInterval: time.Hour, Stderr: io.Discard, Logger: discardLogger()})
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	pids := escapeSpawn(t, h)
 	fmt.Printf("pids %d %d %d\n", h.Stats().Pid, pids[0], pids[1])
 	sc := bufio.NewScanner(os.Stdin)
@@ -367,14 +336,10 @@ func TestEscapeParentDeath(t *testing.T) {
 			var pids []int
 			for _, f := range strings.Fields(strings.TrimPrefix(await("pids"), "pids ")) {
 				p, err := strconv.Atoi(f)
-				if err != nil {
-					t.Fatalf("bad pid %q from the helper parent", f)
-				}
+				require.NoError(t, err, "bad pid %q from the helper parent", f)
 				pids = append(pids, p)
 			}
-			if len(pids) != 3 {
-				t.Fatalf("the helper parent printed pids %v, want three", pids)
-			}
+			require.Len(t, pids, 3, "the helper parent printed pids %v, want three", pids)
 			pid, pids = pids[0], pids[1:]
 			escapeCleanup(t, pid, append(pids, pid))
 			escapeAssertAlive(t, append(pids, pid))
@@ -382,28 +347,16 @@ func TestEscapeParentDeath(t *testing.T) {
 			case "stopped":
 				// A process of ours in the child's group keeps the group
 				// from being orphaned when the parent dies.
-				anchor := exec.Command("sleep", "60")
-				anchor.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pgid: pid}
-				if err := anchor.Start(); err != nil {
-					t.Fatalf("starting a process in the child's process group: %v", err)
-				}
-				t.Cleanup(func() {
-					anchor.Process.Kill()
-					anchor.Wait()
-				})
-				if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
-					t.Fatal(err)
-				}
-				failWaitUntil(t, 10*time.Second, "the child to stop", func() bool { return failProcState(pid) == "T" })
+				anchorGroup(t, pid)
+				require.NoError(t, syscall.Kill(pid, syscall.SIGSTOP))
+				waitFor(t, 10*time.Second, "the child to stop", func() bool { return procState(pid) == "T" })
 			case "starved":
 				io.WriteString(stdin, "starve\n")
 				await("starved")
 			}
 
 			killed := time.Now()
-			if err := cmd.Process.Signal(syscall.SIGKILL); err != nil {
-				t.Fatal(err)
-			}
+			require.NoError(t, cmd.Process.Signal(syscall.SIGKILL))
 			<-readDone
 			waited = true
 			cmd.Wait()
@@ -413,22 +366,6 @@ func TestEscapeParentDeath(t *testing.T) {
 	}
 }
 
-// escapeAnchor starts "sleep 60" in a process group of its own (or, with
-// pgid > 0, in group pgid) and kills it when the test ends.
-func escapeAnchor(t *testing.T, pgid int) *exec.Cmd {
-	t.Helper()
-	cmd := exec.Command("sleep", "60")
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pgid: pgid}
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("starting sleep: %v", err)
-	}
-	t.Cleanup(func() {
-		cmd.Process.Kill()
-		cmd.Wait()
-	})
-	return cmd
-}
-
 // escapeRunWatcher runs this binary as a watcher by hand, with envWatcher
 // set to value and stdin reading input (nil: /dev/null) to its end, and
 // returns how it ended and what it wrote to stderr.
@@ -436,15 +373,13 @@ func escapeRunWatcher(t *testing.T, value string, input []byte) (error, string) 
 	t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), envWatcher+"="+value)
-	stderr := newFailLog()
+	stderr := newLogSink()
 	cmd.Stderr = stderr
 	if input != nil {
 		// Written, and closed, before the watcher starts: it finds all of
 		// it in the pipe, as it would after its parent's death.
 		r, w, err := os.Pipe()
-		if err != nil {
-			t.Fatal(err)
-		}
+		require.NoError(t, err)
 		defer r.Close()
 		if _, err := w.Write(input); err != nil {
 			t.Fatal(err)
@@ -452,9 +387,7 @@ func escapeRunWatcher(t *testing.T, value string, input []byte) (error, string) 
 		w.Close()
 		cmd.Stdin = r
 	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, cmd.Start())
 	done := make(chan error, 1)
 	go func() { done <- cmd.Wait() }()
 	select {
@@ -484,7 +417,7 @@ func TestEscapeWatcherMisuse(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			pgid := escapeAnchor(t, 0).Process.Pid // what the watcher must not kill
+			pgid := anchorGroup(t, 0).Process.Pid // what the watcher must not kill
 			var input []byte
 			if tt.input != nil {
 				input = tt.input(pgid)
@@ -495,13 +428,9 @@ func TestEscapeWatcherMisuse(t *testing.T) {
 				t.Errorf("the watcher ended with %v, want exit status %d", err, exitMisused)
 			}
 			for _, want := range []string{envWatcher, "not by subproc.Start", "Unset"} {
-				if !strings.Contains(stderr, want) {
-					t.Errorf("the watcher's stderr does not say %q:\n%s", want, stderr)
-				}
+				assert.Contains(t, stderr, want, "the watcher's stderr does not say %q:\n%s", want, stderr)
 			}
-			if failGone(pgid) {
-				t.Errorf("the watcher killed a process group it was not given by a parent")
-			}
+			assert.False(t, gone(pgid), "the watcher killed a process group it was not given by a parent")
 		})
 	}
 }
@@ -509,20 +438,16 @@ func TestEscapeWatcherMisuse(t *testing.T) {
 // A watcher whose stdin ends kills the groups registered and not
 // unregistered in what was left in the pipe, and no other, and exits.
 func TestEscapeWatcherKills(t *testing.T) {
-	kept, unregistered, other := escapeAnchor(t, 0), escapeAnchor(t, 0), escapeAnchor(t, 0)
+	kept, unregistered, other := anchorGroup(t, 0), anchorGroup(t, 0), anchorGroup(t, 0)
 	input := fmt.Appendf(nil, "%s+%d\n+%d\n-%d\n+0\n+junk\n+%d", watcherHello(os.Getpid()),
 		kept.Process.Pid, unregistered.Process.Pid, unregistered.Process.Pid, other.Process.Pid) // the last line is cut off
 	err, stderr := escapeRunWatcher(t, strconv.Itoa(os.Getpid()), input)
-	if err != nil {
-		t.Errorf("the watcher ended with %v, want exit status 0; its stderr:\n%s", err, stderr)
-	}
+	assert.NoError(t, err, "the watcher ended with %v, want exit status 0; its stderr:\n%s", err, stderr)
 	if err := kept.Wait(); err == nil || !strings.Contains(err.Error(), "killed") {
 		t.Errorf("the registered group: sleep ended with %v, want killed", err)
 	}
 	for _, a := range []*exec.Cmd{unregistered, other} {
-		if failGone(a.Process.Pid) {
-			t.Errorf("the watcher killed group %d, which it was not to kill", a.Process.Pid)
-		}
+		assert.False(t, gone(a.Process.Pid), "the watcher killed group %d, which it was not to kill", a.Process.Pid)
 	}
 }
 
@@ -531,24 +456,13 @@ func TestEscapeWatcherKills(t *testing.T) {
 // but /proc/<pid>/environ keeps what the process started with).
 func escapeWatchers(ppid int) []int {
 	var pids []int
-	ents, _ := os.ReadDir("/proc")
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
+	for _, p := range procList() {
+		if p.exited() || p.ppid != ppid {
 			continue
 		}
-		b, err := os.ReadFile("/proc/" + e.Name() + "/stat")
-		if err != nil {
-			continue
-		}
-		s := string(b)
-		f := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
-		if len(f) < 2 || f[0] == "Z" || f[0] == "X" || f[1] != strconv.Itoa(ppid) {
-			continue
-		}
-		env, _ := os.ReadFile("/proc/" + e.Name() + "/environ")
+		env, _ := os.ReadFile(fmt.Sprintf("/proc/%d/environ", p.pid))
 		if slices.Contains(strings.Split(string(env), "\x00"), envWatcher+"="+strconv.Itoa(ppid)) {
-			pids = append(pids, pid)
+			pids = append(pids, p.pid)
 		}
 	}
 	return pids
@@ -575,16 +489,11 @@ func TestEscapeOneWatcher(t *testing.T) {
 	}
 	h1 := startModule(t, "escape-mod", Options{HealthInterval: time.Hour})
 	h2 := startModule(t, "escape-mod2", Options{HealthInterval: time.Hour, Children: 2})
-	if n := len(h1.Stats().Children) + len(h2.Stats().Children); n != 3 {
-		t.Fatalf("%d children run, want 3", n)
-	}
+	n := len(h1.Stats().Children) + len(h2.Stats().Children)
+	require.EqualValues(t, 3, n, "%d children run, want 3", n)
 	w := escapeWatchers(os.Getpid())
-	if len(w) != 1 {
-		t.Fatalf("%d watchers run while two Handles (three children) do: %v, want 1", len(w), w)
-	}
-	if w[0] != theWatcher.pid() {
-		t.Errorf("the watcher that runs is pid %d, the one the parent knows %d", w[0], theWatcher.pid())
-	}
+	require.Len(t, w, 1, "%d watchers run while two Handles (three children) do: %v, want 1", len(w), w)
+	assert.Equal(t, theWatcher.pid(), w[0], "the watcher that runs is pid %d, the one the parent knows %d", w[0], theWatcher.pid())
 	t.Logf("the watcher, pid %d: %s", w[0], escapeMemory(w[0]))
 
 	// A child's group is registered while it runs, and not once it is
@@ -596,13 +505,9 @@ func TestEscapeOneWatcher(t *testing.T) {
 		return ok
 	}
 	pid := h1.Stats().Pid
-	if !registered(pid) {
-		t.Errorf("the group of running child %d is not registered with the watcher", pid)
-	}
+	assert.True(t, registered(pid), "the group of running child %d is not registered with the watcher", pid)
 	stopAndReap(t, h1)
-	if registered(pid) {
-		t.Errorf("the group of reaped child %d is still registered with the watcher", pid)
-	}
+	assert.False(t, registered(pid), "the group of reaped child %d is still registered with the watcher", pid)
 }
 
 // escapeMemory returns the memory and thread figures of process pid.
@@ -690,7 +595,7 @@ type escapeParent struct {
 	t        *testing.T
 	cmd      *exec.Cmd
 	stdin    io.WriteCloser
-	stderr   *failLog
+	stderr   *logSink
 	lines    chan string   // the lines it prints
 	readDone chan struct{} // closed when its stdout has ended
 }
@@ -786,11 +691,9 @@ func (p *escapeParent) kill() time.Time {
 // cannot help: only a watcher kills the processes the child started.
 func escapeStop(t *testing.T, pid int) {
 	t.Helper()
-	escapeAnchor(t, pid)
-	if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
-		t.Fatal(err)
-	}
-	failWaitUntil(t, 10*time.Second, "the child to stop", func() bool { return failProcState(pid) == "T" })
+	anchorGroup(t, pid)
+	require.NoError(t, syscall.Kill(pid, syscall.SIGSTOP))
+	waitFor(t, 10*time.Second, "the child to stop", func() bool { return procState(pid) == "T" })
 }
 
 // escapeAwaitGroupsGone waits until every process of the groups pgids has
@@ -813,9 +716,9 @@ func TestEscapeParentDeathPool(t *testing.T) {
 	}
 	p := startEscapeParent(t)
 	pids := append(p.start("escape-mod", 3), p.start("escape-mod2", 1)...)
-	if f := p.do("watchers", "watchers"); len(f) != 2 || f[0] != f[1] {
-		t.Fatalf("the helper parent's watcher, and those that run: %v, want one, the same", f)
-	}
+	f := p.do("watchers", "watchers")
+	require.Len(t, f, 2, "the helper parent's watcher, and those that run: %v, want one, the same", f)
+	require.Equal(t, f[1], f[0], "the helper parent's watcher, and those that run: %v, want one, the same", f)
 	for _, pid := range pids {
 		escapeStop(t, pid)
 	}
@@ -876,17 +779,13 @@ func TestEscapeAwaitWatcher(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			r, w, err := os.Pipe()
-			if err != nil {
-				t.Fatal(err)
-			}
+			require.NoError(t, err)
 			defer r.Close()
 			io.WriteString(w, tt.output)
 			w.Close() // the watcher's exit
 			err = awaitWatcher(r)
 			if tt.wantErr == "" {
-				if err != nil {
-					t.Errorf("awaitWatcher: %v, want nil", err)
-				}
+				assert.NoError(t, err, "awaitWatcher: %v, want nil", err)
 				return
 			}
 			if err == nil || err.Error() != tt.wantErr {

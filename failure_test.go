@@ -21,12 +21,14 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 	"go.uber.org/goleak"
+	"golang.org/x/sync/errgroup"
 )
 
 // failConfig is what the fail- modules read from Env.Config.
@@ -203,9 +205,7 @@ func failModule(ctx context.Context, env *Env) (http.Handler, error) {
 func withConfig(t *testing.T, cfg any, opts Options) Options {
 	t.Helper()
 	b, err := json.Marshal(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	opts.Config = b
 	return opts
 }
@@ -221,112 +221,15 @@ func failOpts(t *testing.T, cfg failConfig, opts Options) Options {
 	return opts
 }
 
-// failLog is a log destination that tests can read and wait on.
-type failLog struct {
-	wrote chan struct{} // capacity 1; signalled on every write
-
-	mu  sync.Mutex // guards buf
-	buf bytes.Buffer
-}
-
-func newFailLog() *failLog { return &failLog{wrote: make(chan struct{}, 1)} }
-
-func (l *failLog) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	l.buf.Write(p)
-	l.mu.Unlock()
-	select {
-	case l.wrote <- struct{}{}:
-	default:
-	}
-	return len(p), nil
-}
-
-func (l *failLog) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.String()
-}
-
-// await waits until the log contains s, and reports whether it did within
-// timeout.
-func (l *failLog) await(s string, timeout time.Duration) bool {
-	timer := time.NewTimer(timeout)
-	defer timer.Stop()
-	for !strings.Contains(l.String(), s) {
-		select {
-		case <-l.wrote:
-		case <-timer.C:
-			return strings.Contains(l.String(), s)
-		}
-	}
-	return true
-}
-
-// failWaitUntil polls cond until it holds, failing the test after timeout.
-// Use it only for what another process does, or for state that only Stats
-// shows.
-func failWaitUntil(t *testing.T, timeout time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", timeout, what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
-// failFileExists reports whether path exists.
-func failFileExists(path string) func() bool {
-	return func() bool {
-		_, err := os.Stat(path)
-		return err == nil
-	}
-}
-
-// failFetch GETs url within timeout and returns the response, whose body
-// has been read into body and closed.
-func failFetch(url string, timeout time.Duration) (res *http.Response, body string, err error) {
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
-	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
-	if err != nil {
-		return nil, "", err
-	}
-	res, err = http.DefaultClient.Do(req)
-	if err != nil {
-		return nil, "", err
-	}
-	defer res.Body.Close()
-	b, err := io.ReadAll(res.Body)
-	return res, string(b), err
-}
-
-// failMustFetch is failFetch on the test goroutine, failing on a transport
-// error.
-func failMustFetch(t *testing.T, url string) (*http.Response, string) {
-	t.Helper()
-	res, body, err := failFetch(url, 30*time.Second)
-	if err != nil {
-		t.Fatalf("GET %s: %v", url, err)
-	}
-	return res, body
-}
-
 // failOpen GETs url, checks that the response is a 200 whose body starts
 // with first, and returns it with the rest of the body unread. The body is
 // closed when the test ends.
 func failOpen(t *testing.T, url, first string) *http.Response {
 	t.Helper()
 	res, err := http.Get(url)
-	if err != nil {
-		t.Fatalf("GET %s: %v", url, err)
-	}
+	require.NoError(t, err, "GET %s", url)
 	t.Cleanup(func() { res.Body.Close() })
-	if res.StatusCode != http.StatusOK {
-		t.Fatalf("GET %s: status %d, want 200", url, res.StatusCode)
-	}
+	require.Equal(t, http.StatusOK, res.StatusCode, "GET %s: status %d, want 200", url, res.StatusCode)
 	buf := make([]byte, len(first))
 	if _, err := io.ReadFull(res.Body, buf); err != nil || string(buf) != first {
 		t.Fatalf("GET %s: body starts %q (%v), want %q", url, buf, err, first)
@@ -363,14 +266,6 @@ func failAwaitBody(t *testing.T, c <-chan failBody, what string) failBody {
 	}
 }
 
-// failRunning returns a condition: the handle runs incarnation n.
-func failRunning(h *Handle, n int) func() bool {
-	return func() bool {
-		st := h.Stats()
-		return st.Incarnation == n && st.State == "running" && st.Pid != 0
-	}
-}
-
 func TestFailCrashNoticedAtOnce(t *testing.T) {
 	// Health checks are an hour apart: only noticing the exit itself can
 	// fail the requests and restart the module within the test.
@@ -382,31 +277,21 @@ func TestFailCrashNoticedAtOnce(t *testing.T) {
 	started := failOpen(t, srv.URL+"/stream", "partial\n")
 	rest := failReadAll(started.Body)
 
-	res, body, err := failFetch(srv.URL+"/exit", 30*time.Second)
-	if err != nil {
-		t.Fatalf("GET /exit: %v (the child's exit was not noticed)", err)
-	}
-	if res.StatusCode != http.StatusBadGateway {
-		t.Errorf("GET /exit: status %d, want 502 (body %q)", res.StatusCode, body)
-	}
-	if b := failAwaitBody(t, rest, "GET /stream"); b.err == nil {
-		t.Errorf("GET /stream: body ended cleanly with %q after the child died; want an aborted body", b.data)
-	}
+	res, body, err := fetchErr(srv.URL+"/exit", 30*time.Second)
+	require.NoError(t, err, "GET /exit: %v (the child's exit was not noticed)", err)
+	assert.Equal(t, http.StatusBadGateway, res.StatusCode, "GET /exit: status %d, want 502 (body %q)", res.StatusCode, body)
+	b := failAwaitBody(t, rest, "GET /stream")
+	assert.Error(t, b.err, "GET /stream: body ended cleanly with %q after the child died; want an aborted body", b.data)
 
-	res, body = failMustFetch(t, srv.URL+"/inc")
-	if res.StatusCode != http.StatusOK || !strings.HasPrefix(body, "inc=1 ") {
-		t.Errorf("GET /inc after the crash: %d %q, want 200 from incarnation 1", res.StatusCode, body)
-	}
+	code, body := fetch(t, srv.URL+"/inc")
+	assert.Equal(t, http.StatusOK, code, "GET /inc after the crash: %d %q, want 200 from incarnation 1", code, body)
+	assert.True(t, strings.HasPrefix(body, "inc=1 "), "GET /inc after the crash: %d %q, want 200 from incarnation 1", code, body)
 	st := h.Stats()
-	if st.Incarnation != 1 || st.Pid == 0 || st.Pid == pid0 {
-		t.Errorf("after the crash: Stats = %+v, want incarnation 1 with a new pid (old %d)", st, pid0)
-	}
-	if body != fmt.Sprintf("inc=1 pid=%d", st.Pid) {
-		t.Errorf("GET /inc answered %q, not by the new child pid %d", body, st.Pid)
-	}
-	if !strings.Contains(st.LastExit, "exit status 3") {
-		t.Errorf("Stats().LastExit = %q, want it to mention exit status 3", st.LastExit)
-	}
+	assert.Equal(t, 1, st.Incarnation, "after the crash: Stats = %+v, want incarnation 1 with a new pid (old %d)", st, pid0)
+	assert.NotZero(t, st.Pid, "after the crash: Stats = %+v, want incarnation 1 with a new pid (old %d)", st, pid0)
+	assert.NotEqual(t, pid0, st.Pid, "after the crash: Stats = %+v, want incarnation 1 with a new pid (old %d)", st, pid0)
+	assert.Equal(t, fmt.Sprintf("inc=1 pid=%d", st.Pid), body, "GET /inc answered %q, not by the new child pid %d", body, st.Pid)
+	assert.Contains(t, st.LastExit, "exit status 3", "Stats().LastExit = %q, want it to mention exit status 3", st.LastExit)
 	assertReaped(t, pid0)
 }
 
@@ -423,17 +308,15 @@ func TestFailSIGKILLDuringRequest(t *testing.T) {
 	}
 	done := make(chan result, 1)
 	go func() {
-		res, body, err := failFetch(srv.URL+"/block", 30*time.Second)
+		res, body, err := fetchErr(srv.URL+"/block", 30*time.Second)
 		if err != nil {
 			done <- result{err: err}
 			return
 		}
 		done <- result{res.StatusCode, body, nil}
 	}()
-	failWaitUntil(t, 10*time.Second, "the request to reach the module", failFileExists(filepath.Join(dir, "block")))
-	if err := syscall.Kill(pid0, syscall.SIGKILL); err != nil {
-		t.Fatal(err)
-	}
+	waitFor(t, 10*time.Second, "the request to reach the module", fileExists(filepath.Join(dir, "block")))
+	require.NoError(t, syscall.Kill(pid0, syscall.SIGKILL))
 	r := <-done
 	switch {
 	case r.err != nil:
@@ -442,10 +325,9 @@ func TestFailSIGKILLDuringRequest(t *testing.T) {
 		t.Errorf("GET /block: %d %q, want 502", r.code, r.body)
 	}
 
-	res, body := failMustFetch(t, srv.URL+"/inc")
-	if res.StatusCode != http.StatusOK || !strings.HasPrefix(body, "inc=1 ") {
-		t.Errorf("GET /inc after SIGKILL: %d %q, want 200 from incarnation 1", res.StatusCode, body)
-	}
+	code, body := fetch(t, srv.URL+"/inc")
+	assert.Equal(t, http.StatusOK, code, "GET /inc after SIGKILL: %d %q, want 200 from incarnation 1", code, body)
+	assert.True(t, strings.HasPrefix(body, "inc=1 "), "GET /inc after SIGKILL: %d %q, want 200 from incarnation 1", code, body)
 	if st := h.Stats(); st.Incarnation != 1 || st.Pid == pid0 || st.Restarts != 1 {
 		t.Errorf("after SIGKILL: Stats = %+v, want incarnation 1, one restart, a new pid (old %d)", st, pid0)
 	}
@@ -458,17 +340,13 @@ func TestFailRequestDuringRestartWaits(t *testing.T) {
 	h := startModule(t, "fail-mod", failOpts(t, failConfig{RestartInitSleep: time.Second}, Options{HealthInterval: time.Hour}))
 	srv := serve(t, h)
 	pid0 := h.Stats().Pid
-	if err := syscall.Kill(pid0, syscall.SIGKILL); err != nil {
-		t.Fatal(err)
-	}
-	failWaitUntil(t, 10*time.Second, "the parent to notice the kill", func() bool { return h.Stats().Pid != pid0 })
-	if st := h.Stats(); st.State != "restarting" {
-		t.Fatalf("Stats right after the kill was noticed: %+v, want state restarting (the restart takes a second)", st)
-	}
-	res, body := failMustFetch(t, srv.URL+"/inc")
-	if res.StatusCode != http.StatusOK || !strings.HasPrefix(body, "inc=1 ") {
-		t.Errorf("GET /inc during the restart: %d %q, want 200 from incarnation 1", res.StatusCode, body)
-	}
+	require.NoError(t, syscall.Kill(pid0, syscall.SIGKILL))
+	waitFor(t, 10*time.Second, "the parent to notice the kill", func() bool { return h.Stats().Pid != pid0 })
+	st := h.Stats()
+	require.Equal(t, "restarting", st.State, "Stats right after the kill was noticed: %+v, want state restarting (the restart takes a second)", st)
+	code, body := fetch(t, srv.URL+"/inc")
+	assert.Equal(t, http.StatusOK, code, "GET /inc during the restart: %d %q, want 200 from incarnation 1", code, body)
+	assert.True(t, strings.HasPrefix(body, "inc=1 "), "GET /inc during the restart: %d %q, want 200 from incarnation 1", code, body)
 }
 
 func TestFailRequestRightAfterKillWaits(t *testing.T) {
@@ -480,17 +358,16 @@ func TestFailRequestRightAfterKillWaits(t *testing.T) {
 	h := startModule(t, "fail-mod", failOpts(t, failConfig{RestartInitSleep: 300 * time.Millisecond}, Options{HealthInterval: time.Hour}))
 	srv := serve(t, h)
 	for round := 1; round <= 5; round++ {
-		if err := syscall.Kill(h.Stats().Pid, syscall.SIGKILL); err != nil {
-			t.Fatal(err)
-		}
-		res, body := failMustFetch(t, srv.URL+"/inc")
+		require.NoError(t, syscall.Kill(h.Stats().Pid, syscall.SIGKILL))
+		code, body := fetch(t, srv.URL+"/inc")
 		want := fmt.Sprintf("inc=%d ", round)
-		if res.StatusCode != http.StatusOK || !strings.HasPrefix(body, want) {
-			t.Errorf("round %d: GET /inc sent right after the kill: %d %q, want 200 from incarnation %d", round, res.StatusCode, body, round)
+		sent := assert.Equal(t, http.StatusOK, code, "round %d: GET /inc sent right after the kill: %q", round, body) &&
+			assert.True(t, strings.HasPrefix(body, want), "round %d: GET /inc sent right after the kill: %q, want 200 from incarnation %d", round, body, round)
+		if !sent {
 			// Let the new child answer, so that the next kill restarts
 			// it at once.
-			if res, body := failMustFetch(t, srv.URL+"/inc"); res.StatusCode != http.StatusOK || !strings.HasPrefix(body, want) {
-				t.Fatalf("round %d: GET /inc after the restart: %d %q", round, res.StatusCode, body)
+			if code, body := fetch(t, srv.URL+"/inc"); code != http.StatusOK || !strings.HasPrefix(body, want) {
+				t.Fatalf("round %d: GET /inc after the restart: %d %q", round, code, body)
 			}
 		}
 	}
@@ -503,27 +380,20 @@ func TestFailRestartWaitBounded(t *testing.T) {
 		Options{HealthInterval: time.Hour, RestartWait: restartWait}))
 	srv := serve(t, h)
 	pid0 := h.Stats().Pid
-	if err := syscall.Kill(pid0, syscall.SIGKILL); err != nil {
-		t.Fatal(err)
-	}
-	failWaitUntil(t, 10*time.Second, "the parent to notice the kill", func() bool { return h.Stats().State == "restarting" })
+	require.NoError(t, syscall.Kill(pid0, syscall.SIGKILL))
+	waitFor(t, 10*time.Second, "the parent to notice the kill", func() bool { return h.Stats().State == "restarting" })
 
 	start := time.Now()
-	res, body := failMustFetch(t, srv.URL+"/inc")
+	res, body, err := fetchErr(srv.URL+"/inc", fetchTimeout)
 	took := time.Since(start)
-	if res.StatusCode != http.StatusServiceUnavailable {
-		t.Fatalf("GET /inc while the restart takes a minute: %d %q, want 503", res.StatusCode, body)
-	}
+	require.NoError(t, err, "GET /inc")
+	require.Equal(t, http.StatusServiceUnavailable, res.StatusCode, "GET /inc while the restart takes a minute: %d %q, want 503", res.StatusCode, body)
 	ra := res.Header.Get("Retry-After")
-	if n, err := strconv.Atoi(ra); err != nil || n <= 0 {
-		t.Errorf("Retry-After = %q, want a positive number of seconds", ra)
-	}
-	if took < restartWait {
-		t.Errorf("the 503 came after %v, before RestartWait (%v) had passed", took, restartWait)
-	}
-	if took > 20*time.Second {
-		t.Errorf("the 503 came after %v; RestartWait is %v", took, restartWait)
-	}
+	n, err := strconv.Atoi(ra)
+	assert.NoError(t, err, "Retry-After = %q, want a positive number of seconds", ra)
+	assert.Greater(t, n, 0, "Retry-After = %q, want a positive number of seconds", ra)
+	assert.GreaterOrEqual(t, took, restartWait, "the 503 came after %v, before RestartWait (%v) had passed", took, restartWait)
+	assert.LessOrEqual(t, took, 20*time.Second, "the 503 came after %v; RestartWait is %v", took, restartWait)
 	t.Logf("503 after %v, Retry-After %s", took, ra)
 }
 
@@ -566,19 +436,14 @@ func TestFailRestartBackoff(t *testing.T) {
 		Options{HealthInterval: time.Hour, MaxRestartDelay: maxDelay}))
 	srv := serve(t, h)
 	// Incarnation 0 answers a request, so its death restarts at once.
-	if res, body := failMustFetch(t, srv.URL+"/inc"); res.StatusCode != http.StatusOK {
-		t.Fatalf("GET /inc: %d %q", res.StatusCode, body)
-	}
-	if err := syscall.Kill(h.Stats().Pid, syscall.SIGKILL); err != nil {
-		t.Fatal(err)
-	}
+	code, body := fetch(t, srv.URL+"/inc")
+	require.Equal(t, http.StatusOK, code, "GET /inc: %d %q", code, body)
+	require.NoError(t, syscall.Kill(h.Stats().Pid, syscall.SIGKILL))
 	const n = 9 // incarnations 0 to 8
-	failWaitUntil(t, 30*time.Second, fmt.Sprintf("%d starts", n), func() bool { return len(failReadStarts(t, dir)) >= n })
+	waitFor(t, 30*time.Second, fmt.Sprintf("%d starts", n), func() bool { return len(failReadStarts(t, dir)) >= n })
 	starts := failReadStarts(t, dir)[:n]
 	for i, s := range starts {
-		if s.incarnation != i {
-			t.Fatalf("start %d was of incarnation %d", i, s.incarnation)
-		}
+		require.Equal(t, i, s.incarnation, "start %d was of incarnation %d", i, s.incarnation)
 	}
 	// The delay before incarnation i+1, after incarnation i failed.
 	wantDelay := func(i int) time.Duration {
@@ -592,25 +457,18 @@ func TestFailRestartBackoff(t *testing.T) {
 		gap := starts[i+1].at.Sub(starts[i].at)
 		want := wantDelay(i)
 		t.Logf("incarnation %d → %d: %v (backoff %v)", i, i+1, gap.Round(time.Millisecond), want)
-		if gap < want-5*time.Millisecond {
-			t.Errorf("incarnation %d started %v after incarnation %d failed its start; the backoff is %v", i+1, gap, i, want)
-		}
-		if gap > maxDelay+slack {
-			t.Errorf("incarnation %d started %v after incarnation %d; MaxRestartDelay is %v", i+1, gap, i, maxDelay)
-		}
+		assert.GreaterOrEqual(t, gap, want-5*time.Millisecond, "incarnation %d started %v after incarnation %d failed its start; the backoff is %v", i+1, gap, i, want)
+		assert.LessOrEqual(t, gap, maxDelay+slack, "incarnation %d started %v after incarnation %d; MaxRestartDelay is %v", i+1, gap, i, maxDelay)
 	}
 	st := h.Stats()
-	if st.Restarts < n-2 || st.State != "restarting" {
-		t.Errorf("Stats = %+v, want state restarting with at least %d restarts", st, n-2)
-	}
-	if !strings.Contains(st.LastExit, "refuses to start") {
-		t.Errorf("Stats().LastExit = %q, want the module's init error", st.LastExit)
-	}
+	assert.GreaterOrEqual(t, st.Restarts, n-2, "Stats = %+v, want state restarting with at least %d restarts", st, n-2)
+	assert.Equal(t, "restarting", st.State, "Stats = %+v, want state restarting with at least %d restarts", st, n-2)
+	assert.Contains(t, st.LastExit, "refuses to start", "Stats().LastExit = %q, want the module's init error", st.LastExit)
 }
 
 func TestFailHangDetected(t *testing.T) {
 	const mark = "fail-hang-marker-7f3a"
-	logs := newFailLog()
+	logs := newLogSink()
 	h := startModule(t, "fail-mod", failOpts(t, failConfig{}, Options{
 		HealthInterval: 50 * time.Millisecond,
 		HealthTimeout:  100 * time.Millisecond,
@@ -620,14 +478,10 @@ func TestFailHangDetected(t *testing.T) {
 	srv := serve(t, h)
 	pid0 := h.Stats().Pid
 
-	res, body, err := failFetch(srv.URL+"/stop?mark="+mark, 30*time.Second)
-	if err != nil {
-		t.Fatalf("GET /stop: %v; want 502 once the stopped child is killed", err)
-	}
-	if res.StatusCode != http.StatusBadGateway {
-		t.Errorf("GET /stop: %d %q, want 502", res.StatusCode, body)
-	}
-	failWaitUntil(t, 20*time.Second, "incarnation 1", failRunning(h, 1))
+	res, body, err := fetchErr(srv.URL+"/stop?mark="+mark, 30*time.Second)
+	require.NoError(t, err, "GET /stop: %v; want 502 once the stopped child is killed", err)
+	assert.Equal(t, http.StatusBadGateway, res.StatusCode, "GET /stop: %d %q, want 502", res.StatusCode, body)
+	awaitStats(t, h, 20*time.Second, "incarnation 1", runningInc(1))
 	assertReaped(t, pid0)
 	if st := h.Stats(); st.Pid == pid0 || !strings.Contains(st.LastExit, "health") {
 		t.Errorf("Stats = %+v, want a new pid (old %d) and a LastExit that names the failed health checks", st, pid0)
@@ -648,8 +502,8 @@ func TestFailHangDetected(t *testing.T) {
 	} else if !strings.Contains(record, mark) {
 		t.Errorf("the parent's record of the unhealthy child lacks the module's last line %q:\n%s", mark, record)
 	}
-	if res, body := failMustFetch(t, srv.URL+"/inc"); res.StatusCode != http.StatusOK || !strings.HasPrefix(body, "inc=1 ") {
-		t.Errorf("GET /inc after the restart: %d %q, want 200 from incarnation 1", res.StatusCode, body)
+	if code, body := fetch(t, srv.URL+"/inc"); code != http.StatusOK || !strings.HasPrefix(body, "inc=1 ") {
+		t.Errorf("GET /inc after the restart: %d %q, want 200 from incarnation 1", code, body)
 	}
 }
 
@@ -660,10 +514,8 @@ func TestFailOldIncarnationMessagesDropped(t *testing.T) {
 
 	drip := failOpen(t, srv.URL+"/drip", "inc0-0\n")
 	dripped := failReadAll(drip.Body)
-	if err := syscall.Kill(pid0, syscall.SIGKILL); err != nil {
-		t.Fatal(err)
-	}
-	failWaitUntil(t, 10*time.Second, "the parent to notice the kill", func() bool { return h.Stats().Pid != pid0 })
+	require.NoError(t, syscall.Kill(pid0, syscall.SIGKILL))
+	waitFor(t, 10*time.Second, "the parent to notice the kill", func() bool { return h.Stats().Pid != pid0 })
 
 	// Requests to the next incarnation, sent while it starts.
 	const n = 20
@@ -676,7 +528,7 @@ func TestFailOldIncarnationMessagesDropped(t *testing.T) {
 	results := make(chan result, n)
 	for i := range n {
 		go func() {
-			res, body, err := failFetch(fmt.Sprintf("%s/echo?id=%d", srv.URL, i), 30*time.Second)
+			res, body, err := fetchErr(fmt.Sprintf("%s/echo?id=%d", srv.URL, i), 30*time.Second)
 			r := result{id: i, body: body, err: err}
 			if res != nil {
 				r.code = res.StatusCode
@@ -687,15 +539,13 @@ func TestFailOldIncarnationMessagesDropped(t *testing.T) {
 	for range n {
 		r := <-results
 		want := fmt.Sprintf("inc=1 id=%d", r.id)
-		if r.err != nil || r.code != http.StatusOK || r.body != want {
-			t.Errorf("request %d: %d %q (%v), want 200 %q", r.id, r.code, r.body, r.err, want)
-		}
+		assert.NoError(t, r.err, "request %d", r.id)
+		assert.Equal(t, http.StatusOK, r.code, "request %d: %d %q, want 200 %q", r.id, r.code, r.body, want)
+		assert.Equal(t, want, r.body, "request %d", r.id)
 	}
 
 	b := failAwaitBody(t, dripped, "GET /drip")
-	if b.err == nil {
-		t.Errorf("GET /drip: body ended cleanly after its child was killed; want it aborted")
-	}
+	assert.Error(t, b.err, "GET /drip: body ended cleanly after its child was killed; want it aborted")
 	// Every line is incarnation 0's; an abort may cut the last one short.
 	line := regexp.MustCompile(`^inc0-\d+$`)
 	lines := strings.Split(string(b.data), "\n")
@@ -703,9 +553,7 @@ func TestFailOldIncarnationMessagesDropped(t *testing.T) {
 		t.Errorf("GET /drip to incarnation 0 received %q", cut)
 	}
 	for _, l := range lines[:len(lines)-1] {
-		if !line.MatchString(l) {
-			t.Errorf("GET /drip to incarnation 0 received %q", l)
-		}
+		assert.True(t, line.MatchString(l), "GET /drip to incarnation 0 received %q", l)
 	}
 }
 
@@ -722,36 +570,29 @@ func TestFailShutdownGraceful(t *testing.T) {
 		defer cancel()
 		shutdown <- h.Shutdown(ctx)
 	}()
-	failWaitUntil(t, 10*time.Second, "Shutdown to begin", func() bool { return h.Stats().State != "running" })
+	waitFor(t, 10*time.Second, "Shutdown to begin", func() bool { return h.Stats().State != "running" })
 
-	res, body := failMustFetch(t, srv.URL+"/inc")
-	if res.StatusCode != http.StatusServiceUnavailable {
-		t.Errorf("GET /inc during Shutdown: %d %q, want 503", res.StatusCode, body)
-	}
+	code, body := fetch(t, srv.URL+"/inc")
+	assert.Equal(t, http.StatusServiceUnavailable, code, "GET /inc during Shutdown: %d %q, want 503", code, body)
 	select {
 	case err := <-shutdown:
 		t.Fatalf("Shutdown returned (%v) while a request was in flight", err)
 	default:
 	}
-	if err := os.WriteFile(filepath.Join(dir, "release"), nil, 0o644); err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "release"), nil, 0o644))
 	rest := failAwaitBody(t, failReadAll(held.Body), "GET /hold")
-	if rest.err != nil || string(rest.data) != "part2\n" {
-		t.Errorf("GET /hold during Shutdown: rest of body %q (%v), want %q", rest.data, rest.err, "part2\n")
-	}
+	assert.NoError(t, rest.err, "GET /hold during Shutdown: rest of body %q", rest.data)
+	assert.Equal(t, "part2\n", string(rest.data), "GET /hold during Shutdown: rest of body")
 	select {
 	case err := <-shutdown:
-		if err != nil {
-			t.Errorf("Shutdown: %v, want nil", err)
-		}
+		assert.NoError(t, err, "Shutdown: %v, want nil", err)
 	case <-time.After(30 * time.Second):
 		t.Fatal("Shutdown did not return after the last request finished")
 	}
 	assertReaped(t, pid)
-	if st := h.Stats(); st.State != "stopped" || st.Pid != 0 {
-		t.Errorf("after Shutdown: Stats = %+v, want stopped", st)
-	}
+	st := h.Stats()
+	assert.Equal(t, "stopped", st.State, "after Shutdown: Stats = %+v, want stopped", st)
+	assert.Zero(t, st.Pid, "after Shutdown: Stats = %+v, want stopped", st)
 }
 
 func TestFailShutdownForced(t *testing.T) {
@@ -768,47 +609,32 @@ func TestFailShutdownForced(t *testing.T) {
 	start := time.Now()
 	err := h.Shutdown(ctx)
 	took := time.Since(start)
-	if !errors.Is(err, context.DeadlineExceeded) {
-		t.Errorf("Shutdown with a handler that never returns: %v, want an error wrapping context.DeadlineExceeded", err)
-	}
+	assert.ErrorIs(t, err, context.DeadlineExceeded, "Shutdown with a handler that never returns: %v, want an error wrapping context.DeadlineExceeded", err)
 	if err != nil && !strings.Contains(err.Error(), "fail-mod") {
 		t.Errorf("Shutdown's error %q does not name the module", err)
 	}
-	if took < grace {
-		t.Errorf("Shutdown returned after %v, before its context ended (%v)", took, grace)
-	}
-	if took > 20*time.Second {
-		t.Errorf("Shutdown returned %v after its context ended", took-grace)
-	}
+	assert.GreaterOrEqual(t, took, grace, "Shutdown returned after %v, before its context ended (%v)", took, grace)
+	assert.LessOrEqual(t, took, 20*time.Second, "Shutdown returned %v after its context ended", took-grace)
 	assertReaped(t, pid)
-	if b := failAwaitBody(t, rest, "GET /forever"); b.err == nil {
-		t.Errorf("GET /forever: body ended cleanly (%q) although the child was killed", b.data)
-	}
+	b := failAwaitBody(t, rest, "GET /forever")
+	assert.Error(t, b.err, "GET /forever: body ended cleanly (%q) although the child was killed", b.data)
 }
 
 func TestFailCloseConcurrent(t *testing.T) {
 	h := startModule(t, "fail-mod", failOpts(t, failConfig{}, Options{HealthInterval: time.Hour}))
 	pid := h.Stats().Pid
 
-	errs := make(chan error, 3)
-	go func() { errs <- h.Close() }()
-	go func() { errs <- h.Shutdown(context.Background()) }()
-	go func() { errs <- h.Close() }()
-	for range 3 {
-		if err := <-errs; err != nil {
-			t.Errorf("concurrent Close/Shutdown: %v", err)
-		}
-	}
-	if err := h.Close(); err != nil {
-		t.Errorf("second Close: %v", err)
-	}
-	if err := h.Shutdown(context.Background()); err != nil {
-		t.Errorf("Shutdown after Close: %v", err)
-	}
+	var g errgroup.Group
+	g.Go(h.Close)
+	g.Go(func() error { return h.Shutdown(context.Background()) })
+	g.Go(h.Close)
+	assert.NoError(t, g.Wait(), "concurrent Close/Shutdown")
+	assert.NoError(t, h.Close(), "second Close")
+	assert.NoError(t, h.Shutdown(context.Background()), "Shutdown after Close")
 	assertReaped(t, pid)
-	if st := h.Stats(); st.State != "stopped" || st.Pid != 0 {
-		t.Errorf("after Close: Stats = %+v, want stopped", st)
-	}
+	st := h.Stats()
+	assert.Equal(t, "stopped", st.State, "after Close: Stats = %+v, want stopped", st)
+	assert.Zero(t, st.Pid, "after Close: Stats = %+v, want stopped", st)
 }
 
 func TestFailHealthCheck(t *testing.T) {
@@ -816,16 +642,11 @@ func TestFailHealthCheck(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	d, err := h.HealthCheck(ctx)
-	if err != nil || d <= 0 {
-		t.Errorf("HealthCheck on a live handle: %v, %v; want a positive round trip", d, err)
-	}
-	if err := h.Close(); err != nil {
-		t.Fatalf("Close: %v", err)
-	}
+	assert.NoError(t, err, "HealthCheck on a live handle")
+	assert.Greater(t, d, time.Duration(0), "HealthCheck on a live handle: want a positive round trip")
+	require.NoError(t, h.Close(), "Close")
 	_, err = h.HealthCheck(ctx)
-	if !errors.Is(err, ErrClosed) {
-		t.Errorf("HealthCheck after Close: %v, want ErrClosed", err)
-	}
+	assert.ErrorIs(t, err, ErrClosed, "HealthCheck after Close: %v, want ErrClosed", err)
 	if err != nil && !strings.Contains(err.Error(), "fail-mod") {
 		t.Errorf("HealthCheck's error %q does not name the module", err)
 	}
@@ -843,36 +664,10 @@ func TestHelperParent(t *testing.T) {
 		t.Skip("a helper process for TestFailOrphan")
 	}
 	h, err := Start(context.Background(), "fail-mod", Options{HealthInterval: time.Hour})
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	fmt.Printf("child-pid %d\n", h.Stats().Pid)
 	io.Copy(io.Discard, os.Stdin) // until TestFailOrphan kills this process, or goes away
 	h.Close()
-}
-
-// failProcState returns the state letter of a process in /proc, or "" if
-// it cannot be read.
-func failProcState(pid int) string {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return ""
-	}
-	for _, l := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(l, "State:"); ok {
-			return strings.TrimSpace(v)[:1]
-		}
-	}
-	return ""
-}
-
-// failGone reports whether a process that is not ours has exited: it no
-// longer exists, or is a zombie waiting for whoever inherited it.
-func failGone(pid int) bool {
-	if err := syscall.Kill(pid, 0); errors.Is(err, syscall.ESRCH) {
-		return true
-	}
-	return failProcState(pid) == "Z"
 }
 
 func TestFailOrphan(t *testing.T) {
@@ -917,7 +712,7 @@ func TestFailOrphan(t *testing.T) {
 				t.Fatalf("the helper parent printed no child pid in 30s; its stderr:\n%s", stderr)
 			}
 			t.Cleanup(func() {
-				if !failGone(pid) {
+				if !gone(pid) {
 					syscall.Kill(pid, syscall.SIGKILL) // the test failed: leave nothing behind
 				}
 			})
@@ -929,37 +724,19 @@ func TestFailOrphan(t *testing.T) {
 				// being orphaned, so that only the parent-death signal (or
 				// the child's watcher, which then kills the group) can end
 				// the stopped child.
-				anchor := exec.Command("sleep", "60")
-				anchor.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pgid: pid}
-				if err := anchor.Start(); err != nil {
-					t.Fatalf("starting a process in the child's process group: %v", err)
-				}
-				t.Cleanup(func() {
-					anchor.Process.Kill()
-					anchor.Wait()
-				})
-				if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
-					t.Fatal(err)
-				}
-				failWaitUntil(t, 10*time.Second, "the child to stop", func() bool { return failProcState(pid) == "T" })
+				anchorGroup(t, pid)
+				require.NoError(t, syscall.Kill(pid, syscall.SIGSTOP))
+				waitFor(t, 10*time.Second, "the child to stop", func() bool { return procState(pid) == "T" })
 			}
 
 			killed := time.Now()
-			if err := cmd.Process.Signal(syscall.SIGKILL); err != nil {
-				t.Fatal(err)
-			}
+			require.NoError(t, cmd.Process.Signal(syscall.SIGKILL))
 			<-readDone
 			waited = true
 			if err := cmd.Wait(); err == nil || !strings.Contains(err.Error(), "killed") {
 				t.Errorf("the helper parent ended with %v, want killed", err)
 			}
-			deadline := time.Now().Add(5 * time.Second)
-			for !failGone(pid) {
-				if time.Now().After(deadline) {
-					t.Fatalf("child pid %d still runs 5s after its parent was killed (state %s)", pid, failProcState(pid))
-				}
-				time.Sleep(20 * time.Millisecond)
-			}
+			awaitGone(t, pid, 5*time.Second) // the child of the killed parent
 			t.Logf("the child exited %v after its parent was killed", time.Since(killed))
 		})
 	}
@@ -969,15 +746,9 @@ func TestFailChildOwnProcessGroup(t *testing.T) {
 	h := startModule(t, "fail-mod", failOpts(t, failConfig{}, Options{HealthInterval: time.Hour}))
 	pid := h.Stats().Pid
 	pgid, err := syscall.Getpgid(pid)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if own := syscall.Getpgrp(); pgid == own {
-		t.Errorf("the child (pid %d) is in the parent's process group %d", pid, own)
-	}
-	if pgid != pid {
-		t.Errorf("the child (pid %d) is in process group %d, want its own", pid, pgid)
-	}
+	require.NoError(t, err)
+	assert.NotEqual(t, syscall.Getpgrp(), pgid, "the child (pid %d) is in the parent's process group", pid)
+	assert.Equal(t, pid, pgid, "the child (pid %d) is in process group %d, want its own", pid, pgid)
 }
 
 func TestFailStartErrors(t *testing.T) {
@@ -1047,7 +818,7 @@ func TestFailStartErrors(t *testing.T) {
 				defer func() { close(stop); <-watched }()
 				go func() {
 					defer close(watched)
-					for !failFileExists(pidFile)() {
+					for !fileExists(pidFile)() {
 						select {
 						case <-stop:
 							return
@@ -1065,9 +836,7 @@ func TestFailStartErrors(t *testing.T) {
 				h.Close()
 				t.Fatalf("Start(%q) succeeded, want an error", tt.module)
 			}
-			if h != nil {
-				t.Errorf("Start(%q) returned a Handle with its error", tt.module)
-			}
+			assert.Nil(t, h, "Start(%q) returned a Handle with its error", tt.module)
 			t.Logf("Start(%q) after %v: %v", tt.module, took.Round(time.Millisecond), err)
 			var se *StartError
 			if !errors.As(err, &se) || se.Module != tt.module {
@@ -1077,27 +846,21 @@ func TestFailStartErrors(t *testing.T) {
 				t.Errorf("Start's error does not match %v: %v", tt.wantIs, err)
 			}
 			for _, s := range append([]string{`"` + tt.module + `"`}, tt.wantIn...) {
-				if !strings.Contains(err.Error(), s) {
-					t.Errorf("Start's error does not say %q:\n%v", s, err)
-				}
+				assert.Contains(t, err.Error(), s, "Start's error does not say %q:\n%v", s, err)
 			}
-			if tt.wantWithin > 0 && took > tt.wantWithin {
-				t.Errorf("Start returned after %v, want within %v", took, tt.wantWithin)
+			if tt.wantWithin > 0 {
+				assert.LessOrEqual(t, took, tt.wantWithin, "Start returned after %v, want within %v", took, tt.wantWithin)
 			}
-			if took < tt.wantAtLeastIn {
-				t.Errorf("Start returned after %v, before StartTimeout %v", took, tt.wantAtLeastIn)
-			}
+			assert.GreaterOrEqual(t, took, tt.wantAtLeastIn, "Start returned after %v, before StartTimeout %v", took, tt.wantAtLeastIn)
 			if tt.wantChild {
 				// os.WriteFile truncates, then writes: wait for the pid.
 				var b []byte
-				failWaitUntil(t, 10*time.Second, "the module's pid", func() bool {
+				waitFor(t, 10*time.Second, "the module's pid", func() bool {
 					b, _ = os.ReadFile(pidFile)
 					return len(b) > 0
 				})
 				pid, err := strconv.Atoi(string(b))
-				if err != nil {
-					t.Fatal(err)
-				}
+				require.NoError(t, err)
 				assertReaped(t, pid)
 			}
 			goleak.VerifyNone(t, before)
@@ -1106,25 +869,21 @@ func TestFailStartErrors(t *testing.T) {
 }
 
 func TestFailStartInitWritesStdout(t *testing.T) {
-	out := newFailLog()
+	out := newLogSink()
 	h := startModule(t, "fail-init-stdout", failOpts(t, failConfig{}, Options{Stderr: out, HealthInterval: time.Hour}))
 	srv := serve(t, h)
-	if res, body := failMustFetch(t, srv.URL+"/"); res.StatusCode != http.StatusOK || body != "ok" {
-		t.Errorf("GET / of a module that printed to stdout in init: %d %q, want 200 ok", res.StatusCode, body)
-	}
+	code, body := fetch(t, srv.URL+"/")
+	assert.Equal(t, http.StatusOK, code, "GET / of a module that printed to stdout in init: %d %q, want 200 ok", code, body)
+	assert.Equal(t, "ok", body, "GET / of a module that printed to stdout in init: %d %q, want 200 ok", code, body)
 	for _, how := range []string{"fmt.Println", "os.Stdout", "fd 1"} {
 		line := "[fail-init-stdout] " + failInitStdoutText + " (" + how + ")"
-		if !out.await(line, 10*time.Second) {
-			t.Errorf("the module's stdout line %q did not reach its log; got:\n%s", line, out)
-		}
+		assert.True(t, out.await(line, 10*time.Second), "the module's stdout line %q did not reach its log; got:\n%s", line, out)
 	}
 }
 
 func TestFailChildModeByHand(t *testing.T) {
 	devNull, err := os.Open(os.DevNull)
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	defer devNull.Close()
 	tests := []struct {
 		name  string
@@ -1155,9 +914,7 @@ func TestFailChildModeByHand(t *testing.T) {
 			if !strings.Contains(msg, "not started by subproc.Start") && !strings.Contains(msg, "not by subproc.Start") {
 				t.Errorf("stderr does not say the process was not started by subproc.Start:\n%s", msg)
 			}
-			if !strings.Contains(strings.ToLower(msg), "unset "+strings.ToLower(envModule)) {
-				t.Errorf("stderr does not say to unset %s:\n%s", envModule, msg)
-			}
+			assert.Contains(t, strings.ToLower(msg), "unset "+strings.ToLower(envModule), "stderr does not say to unset %s:\n%s", envModule, msg)
 		})
 	}
 }
@@ -1173,24 +930,22 @@ func TestFailModulesIndependent(t *testing.T) {
 	}
 
 	held := failOpen(t, sb.URL+"/hold?file=release", "part1\n")
-	if err := syscall.Kill(pa, syscall.SIGKILL); err != nil {
-		t.Fatal(err)
-	}
-	failWaitUntil(t, 20*time.Second, "fail-twin-a's incarnation 1", failRunning(a, 1))
-	if res, body := failMustFetch(t, sa.URL+"/inc"); res.StatusCode != http.StatusOK || !strings.HasPrefix(body, "inc=1 ") {
-		t.Errorf("fail-twin-a after its kill: %d %q, want 200 from incarnation 1", res.StatusCode, body)
+	require.NoError(t, syscall.Kill(pa, syscall.SIGKILL))
+	awaitStats(t, a, 20*time.Second, "fail-twin-a's incarnation 1", runningInc(1))
+	if code, body := fetch(t, sa.URL+"/inc"); code != http.StatusOK || !strings.HasPrefix(body, "inc=1 ") {
+		t.Errorf("fail-twin-a after its kill: %d %q, want 200 from incarnation 1", code, body)
 	}
 
-	if st := b.Stats(); st.Pid != pb || st.Incarnation != 0 || st.Restarts != 0 || st.State != "running" {
-		t.Errorf("fail-twin-b after fail-twin-a's kill: Stats = %+v, want its first child pid %d still running", st, pb)
-	}
+	st := b.Stats()
+	assert.Equal(t, pb, st.Pid, "fail-twin-b after fail-twin-a's kill: Stats = %+v, want its first child pid %d still running", st, pb)
+	assert.Zero(t, st.Incarnation, "fail-twin-b after fail-twin-a's kill: Stats = %+v, want its first child pid %d still running", st, pb)
+	assert.Zero(t, st.Restarts, "fail-twin-b after fail-twin-a's kill: Stats = %+v, want its first child pid %d still running", st, pb)
+	assert.Equal(t, "running", st.State, "fail-twin-b after fail-twin-a's kill: Stats = %+v, want its first child pid %d still running", st, pb)
 	want := fmt.Sprintf("inc=0 pid=%d", pb)
-	if res, body := failMustFetch(t, sb.URL+"/inc"); res.StatusCode != http.StatusOK || body != want {
-		t.Errorf("fail-twin-b after fail-twin-a's kill: %d %q, want 200 %q", res.StatusCode, body, want)
+	if code, body := fetch(t, sb.URL+"/inc"); code != http.StatusOK || body != want {
+		t.Errorf("fail-twin-b after fail-twin-a's kill: %d %q, want 200 %q", code, body, want)
 	}
-	if err := os.WriteFile(filepath.Join(dir, "release"), nil, 0o644); err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "release"), nil, 0o644))
 	if rest := failAwaitBody(t, failReadAll(held.Body), "fail-twin-b GET /hold"); rest.err != nil || string(rest.data) != "part2\n" {
 		t.Errorf("fail-twin-b's request in flight across fail-twin-a's kill: rest %q (%v), want %q", rest.data, rest.err, "part2\n")
 	}

@@ -21,6 +21,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sync/errgroup"
 )
 
 // What /leak holds, in a child of the limits- module.
@@ -123,15 +124,15 @@ func TestLimitsMemory(t *testing.T) {
 		const high = 96 << 20
 		h := startModule(t, "limits-mod", Options{MemoryHigh: high, HealthInterval: 50 * time.Millisecond, OnEvent: events.add})
 		srv := serve(t, h)
-		_, limit := get(t, srv.URL+"/env?k=GOMEMLIMIT")
+		_, limit := fetch(t, srv.URL+"/env?k=GOMEMLIMIT")
 		assert.Equal(t, strconv.Itoa(high/10*9), limit, "the child's GOMEMLIMIT")
 		var peak int64
 		failures := 0
 		for round := range 3 {
 			pid := containPid(t, srv.URL)
-			get(t, srv.URL+"/leak?mb=16&every=20ms") // 800 MiB/s
+			fetch(t, srv.URL+"/leak?mb=16&every=20ms") // 800 MiB/s
 			for {
-				code, body := get(t, srv.URL+"/pid")
+				code, body := fetch(t, srv.URL+"/pid")
 				if code != http.StatusOK {
 					failures++
 				}
@@ -146,7 +147,7 @@ func TestLimitsMemory(t *testing.T) {
 		}
 		t.Logf("peak resident memory seen %s with MemoryHigh %s", inMiB(peak), inMiB(high))
 		assert.Zero(t, failures, "requests failed while children were replaced")
-		failWaitUntil(t, 10*time.Second, "3 recycling events", func() bool { return events.count(ChildRecycling, "memory") >= 3 })
+		waitFor(t, 10*time.Second, "3 recycling events", func() bool { return events.count(ChildRecycling, "memory") >= 3 })
 		assert.Zero(t, h.Stats().Restarts, "a recycle is not a crash")
 	})
 	t.Run("max", func(t *testing.T) {
@@ -154,13 +155,13 @@ func TestLimitsMemory(t *testing.T) {
 		h := startModule(t, "limits-mod", Options{MemoryMax: 96 << 20, HealthInterval: 50 * time.Millisecond, OnEvent: events.add})
 		srv := serve(t, h)
 		pid := containPid(t, srv.URL)
-		get(t, srv.URL+"/leak?mb=16&every=20ms")
-		failWaitUntil(t, 20*time.Second, "the child killed and replaced", func() bool {
+		fetch(t, srv.URL+"/leak?mb=16&every=20ms")
+		waitFor(t, 20*time.Second, "the child killed and replaced", func() bool {
 			st := h.Stats()
 			return st.State == "running" && st.Pid != 0 && strconv.Itoa(st.Pid) != pid
 		})
 		assert.Contains(t, h.Stats().LastExit, "MemoryMax")
-		failWaitUntil(t, 10*time.Second, "the exit event", func() bool { return events.count(ChildExited, "memory") == 1 })
+		waitFor(t, 10*time.Second, "the exit event", func() bool { return events.count(ChildExited, "memory") == 1 })
 	})
 }
 
@@ -172,10 +173,10 @@ func TestLimitsTime(t *testing.T) {
 	srv := serve(t, h)
 
 	start := time.Now()
-	code, body := get(t, srv.URL+"/deadline")
+	code, body := fetch(t, srv.URL+"/deadline")
 	assert.Equal(t, http.StatusGatewayTimeout, code, body)
 	assert.Less(t, time.Since(start), 10*time.Second)
-	_, saw := get(t, srv.URL+"/saw")
+	_, saw := fetch(t, srv.URL+"/saw")
 	var ns int64
 	var ok bool
 	var cause string
@@ -191,7 +192,7 @@ func TestLimitsTime(t *testing.T) {
 	_, err = io.ReadAll(res.Body)
 	res.Body.Close()
 	assert.Error(t, err, "a started response cut by the deadline must be aborted")
-	get(t, srv.URL+"/saw")
+	fetch(t, srv.URL+"/saw")
 
 	// A deadline of the parent's own, sooner than RequestTimeout.
 	mw := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -206,7 +207,7 @@ func TestLimitsTime(t *testing.T) {
 	require.NoError(t, err)
 	res.Body.Close()
 	assert.Equal(t, http.StatusGatewayTimeout, res.StatusCode)
-	_, saw = get(t, srv.URL+"/saw")
+	_, saw = fetch(t, srv.URL+"/saw")
 	_, err = fmt.Sscanf(saw, "%d", &ns)
 	require.NoError(t, err)
 	want, _ := strconv.ParseInt(res.Header.Get("X-Deadline"), 10, 64)
@@ -234,27 +235,26 @@ func TestLimitsStuck(t *testing.T) {
 	runtime.GC()
 	runtime.ReadMemStats(&ms0)
 	n := chaosN(50, 5000)
-	var wg sync.WaitGroup
 	client := chaosClient(200)
 	defer client.CloseIdleConnections()
-	sem := make(chan struct{}, 200)
+	var g errgroup.Group
+	g.SetLimit(200) // clients at a time
 	for range n {
-		sem <- struct{}{}
-		wg.Go(func() {
-			defer func() { <-sem }()
+		g.Go(func() error {
 			ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 			defer cancel()
 			req, _ := http.NewRequestWithContext(ctx, "GET", srv.URL+"/stuck", nil)
 			if res, err := client.Do(req); err == nil {
 				res.Body.Close()
 			}
+			return nil // the clients give up: that is the test
 		})
 	}
-	wg.Wait()
+	g.Wait()
 	gaveUp := time.Now() // when the last was given up, about
-	failWaitUntil(t, 30*time.Second, "ChildStuck", func() bool { return events.count(ChildStuck, "stuck") == 1 })
+	waitFor(t, 30*time.Second, "ChildStuck", func() bool { return events.count(ChildStuck, "stuck") == 1 })
 	noticed := time.Since(gaveUp)
-	failWaitUntil(t, 30*time.Second, "the stuck child replaced", func() bool {
+	waitFor(t, 30*time.Second, "the stuck child replaced", func() bool {
 		st := h.Stats()
 		return len(st.Children) == 1 && strconv.Itoa(st.Children[0].Pid) != pid && st.Children[0].State == "running"
 	})
@@ -294,7 +294,7 @@ func TestLimitsHungChildStacks(t *testing.T) {
 	if res, err := http.DefaultClient.Do(req); err == nil {
 		res.Body.Close()
 	}
-	failWaitUntil(t, 30*time.Second, "the hung child replaced", func() bool {
+	waitFor(t, 30*time.Second, "the hung child replaced", func() bool {
 		st := h.Stats()
 		return st.State == "running" && st.Pid != 0 && strconv.Itoa(st.Pid) != pid
 	})
@@ -350,7 +350,7 @@ func TestLimitsAdmission(t *testing.T) {
 			}
 		})
 	}
-	failWaitUntil(t, 20*time.Second, "the shed requests", func() bool { return shed.Load() == int64(n-inFlight-queued) })
+	waitFor(t, 20*time.Second, "the shed requests", func() bool { return shed.Load() == int64(n-inFlight-queued) })
 	runtime.ReadMemStats(&ms1)
 	t.Logf("parent heap with %d requests admitted or queued and %d shed: %s (before: %s)", inFlight+queued, n-inFlight-queued, inMiB(int64(ms1.HeapAlloc)), inMiB(int64(ms0.HeapAlloc)))
 	st := h.Stats()
@@ -395,7 +395,7 @@ func TestChaosLeak(t *testing.T) {
 		pid := string(b)
 		if !leaking[pid] {
 			leaking[pid] = true
-			get(t, srv.URL+"/leak?mb=5&every=100ms") // 50 MB/s, in the child that served /pid
+			fetch(t, srv.URL+"/leak?mb=5&every=100ms") // 50 MB/s, in the child that served /pid
 		}
 		for _, c := range h.Stats().Children {
 			peak = max(peak, chaosRSS(c.Pid))

@@ -2,7 +2,6 @@ package subproc
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"log/slog"
@@ -17,6 +16,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 	"go.uber.org/goleak"
 )
 
@@ -65,22 +66,16 @@ func TestLogsNoGoroutinePerLogDir(t *testing.T) {
 	for i := range *logscCycles {
 		dir := filepath.Join(root, strconv.Itoa(i))
 		h, err := Start(context.Background(), "logsc-quiet", testOptions(t, Options{LogDir: dir}))
-		if err != nil {
-			t.Fatalf("cycle %d: Start: %v", i, err)
-		}
+		require.NoError(t, err, "cycle %d: Start", i)
 		stopAndReap(t, h)
 		if t.Failed() {
 			t.FailNow()
 		}
 	}
-	if _, err := os.Stat(filepath.Join(root, "0", "logsc-quiet.err")); err != nil {
-		t.Errorf("the first cycle's log file: %v", err)
-	}
+	assert.FileExists(t, filepath.Join(root, "0", "logsc-quiet.err"), "the first cycle's log file")
 	err := goleak.Find(before)
 	t.Logf("after %d Start/Close cycles, each with its own LogDir: %d goroutines more than before", *logscCycles, runtime.NumGoroutine()-n0)
-	if err != nil {
-		t.Error(err)
-	}
+	assert.NoError(t, err)
 }
 
 // TestLogsFullDisk runs a module with its LogDir on a tiny tmpfs, fills it,
@@ -95,44 +90,33 @@ func TestLogsFullDisk(t *testing.T) {
 		t.Skipf("cannot mount a tmpfs on %s (%v): run the tests as root with CAP_SYS_ADMIN to test a real full disk; internal/logcapture's TestWriteErrors tests the logic through a seam", dir, err)
 	}
 	t.Cleanup(func() {
-		if err := syscall.Unmount(dir, 0); err != nil {
-			t.Errorf("unmounting the tmpfs: %v", err)
-		}
+		assert.NoError(t, syscall.Unmount(dir, 0), "unmounting the tmpfs")
 	})
-	logs := newFailLog()
+	logs := newLogSink()
 	h := startModule(t, "logsc-writer", Options{LogDir: dir, Logger: slog.New(slog.NewTextHandler(logs, nil))})
 	srv := serve(t, h)
 
 	fill(t, filepath.Join(dir, "filler"))
-	if res, body := failMustFetch(t, srv.URL+"/write?n=1000&tag=lost"); res.StatusCode != http.StatusOK || body != "written" {
-		t.Fatalf("GET /write on a full disk: %d %q, want 200 written", res.StatusCode, body)
-	}
-	if !logs.await("cannot write its err output", 30*time.Second) {
-		t.Fatalf("the parent did not report the lost lines; its log:\n%s", logs)
-	}
-	if got := logs.String(); !strings.Contains(got, "no space left on device") || !strings.Contains(got, `\"logsc-writer\"`) {
-		t.Errorf("the report does not name the module and the cause:\n%s", got)
-	}
-	if res, body := failMustFetch(t, srv.URL+"/"); res.StatusCode != http.StatusOK || body != "ok" {
-		t.Errorf("GET / with the disk full: %d %q, want 200 ok", res.StatusCode, body)
-	}
+	code, body := fetch(t, srv.URL+"/write?n=1000&tag=lost")
+	require.Equal(t, http.StatusOK, code, "GET /write on a full disk: %q", body)
+	require.Equal(t, "written", body, "GET /write on a full disk")
+	require.True(t, logs.await("cannot write its err output", 30*time.Second), "the parent did not report the lost lines; its log:\n%s", logs)
+	assert.Contains(t, logs.String(), "no space left on device", "the report does not name the cause")
+	assert.Contains(t, logs.String(), `\"logsc-writer\"`, "the report does not name the module")
+	code, body = fetch(t, srv.URL+"/")
+	assert.Equal(t, http.StatusOK, code, "GET / with the disk full: %q", body)
+	assert.Equal(t, "ok", body, "GET / with the disk full")
 
-	if err := os.Remove(filepath.Join(dir, "filler")); err != nil {
-		t.Fatal(err)
-	}
-	if res, body := failMustFetch(t, srv.URL+"/write?n=3&tag=kept"); res.StatusCode != http.StatusOK || body != "written" {
-		t.Fatalf("GET /write after freeing space: %d %q, want 200 written", res.StatusCode, body)
-	}
-	if !logs.await("writing its err output again", 30*time.Second) {
-		t.Fatalf("the parent did not report that writing resumed; its log:\n%s", logs)
-	}
+	require.NoError(t, os.Remove(filepath.Join(dir, "filler")))
+	code, body = fetch(t, srv.URL+"/write?n=3&tag=kept")
+	require.Equal(t, http.StatusOK, code, "GET /write after freeing space: %q", body)
+	require.Equal(t, "written", body, "GET /write after freeing space")
+	require.True(t, logs.await("writing its err output again", 30*time.Second), "the parent did not report that writing resumed; its log:\n%s", logs)
 	m := regexp.MustCompile(`lines lost while it failed: (\d+)`).FindStringSubmatch(logs.String())
-	if m == nil {
-		t.Fatalf("the report of recovery does not count the lost lines:\n%s", logs)
-	}
+	require.NotNil(t, m, "the report of recovery does not count the lost lines:\n%s", logs)
 	errFile := filepath.Join(dir, "logsc-writer.err")
 	var text string
-	failWaitUntil(t, 30*time.Second, "the lines written after space returned", func() bool {
+	waitFor(t, 30*time.Second, "the lines written after space returned", func() bool {
 		b, _ := os.ReadFile(errFile)
 		text = string(b)
 		return strings.HasSuffix(text, "kept 0\nkept 1\nkept 2\n")
@@ -140,12 +124,11 @@ func TestLogsFullDisk(t *testing.T) {
 	// The parent may still be copying the 1000 lines when the space
 	// returns: each of them is either lost, and counted, or in the file.
 	lost, _ := strconv.Atoi(m[1])
-	if kept := strings.Count(text, "lost "); lost < 1 || lost+kept != 1000 {
-		t.Errorf("the parent reports %d lines lost, and %d are in the file; want at least one lost, 1000 in all", lost, kept)
-	}
-	if st := h.Stats(); st.Restarts != 0 {
-		t.Errorf("the module was restarted %d times, want it served throughout", st.Restarts)
-	}
+	kept := strings.Count(text, "lost ")
+	assert.GreaterOrEqual(t, lost, 1, "the parent reports %d lines lost, and %d are in the file; want at least one lost", lost, kept)
+	assert.Equal(t, 1000, lost+kept, "the parent reports %d lines lost, and %d are in the file; want 1000 in all", lost, kept)
+	st := h.Stats()
+	assert.Zero(t, st.Restarts, "the module was restarted %d times, want it served throughout", st.Restarts)
 	t.Logf("the parent's log:\n%s", logs)
 }
 
@@ -155,17 +138,13 @@ func TestLogsFullDisk(t *testing.T) {
 func fill(t *testing.T, path string) {
 	t.Helper()
 	f, err := os.Create(path)
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	defer f.Close()
 	buf := make([]byte, 64<<10)
 	for size := len(buf); size > 0; size /= 2 {
 		for {
 			if _, err := f.Write(buf[:size]); err != nil {
-				if !errors.Is(err, syscall.ENOSPC) {
-					t.Fatalf("filling the file system: %v", err)
-				}
+				require.ErrorIs(t, err, syscall.ENOSPC, "filling the file system: %v", err)
 				break
 			}
 		}
@@ -176,21 +155,16 @@ func fill(t *testing.T, path string) {
 // control characters reach Options.Stderr escaped, so that its lines
 // cannot move the cursor or forge another module's line.
 func TestLogsPrefixEscapesControls(t *testing.T) {
-	var out syncBuffer
+	var out logSink
 	h := startModule(t, "logsc-forger", Options{Stderr: &out})
-	if err := h.Close(); err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, h.Close())
 	text := out.String()
 	for _, want := range []string{
 		`[logsc-forger] \x1b[1A\x1b[2K\r[logsc-other] forged` + "\n",
 		`[logsc-forger] half\rwritten\u009b\x7f\xff` + "\n",
 	} {
-		if !strings.Contains(text, want) {
-			t.Errorf("output lacks %q:\n%q", want, text)
-		}
+		assert.Contains(t, text, want, "output lacks %q:\n%q", want, text)
 	}
-	if i := strings.IndexAny(text, "\x1b\r\x7f\u009b"); i >= 0 {
-		t.Errorf("output holds a control character at %d: %q", i, text)
-	}
+	i := strings.IndexAny(text, "\x1b\r\x7f\u009b")
+	assert.Less(t, i, 0, "output holds a control character at %d: %q", i, text)
 }

@@ -1,7 +1,6 @@
 package subproc
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"net/http"
@@ -9,10 +8,12 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 )
 
 func init() {
@@ -28,45 +29,23 @@ func init() {
 	})
 }
 
-// waitIncarnation waits until the handle runs the given incarnation.
-func waitIncarnation(t *testing.T, h *Handle, want int) {
-	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		st := h.Stats()
-		if st.State == "running" && st.Incarnation == want {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("module never ran incarnation %d: %+v", want, st)
-		}
-		time.Sleep(5 * time.Millisecond) // another process's progress: poll
-	}
-}
-
-// With LogDir, each stream goes to its own file, and every incarnation
-// appends to the same files.
 func TestLogFilesAcrossIncarnations(t *testing.T) {
 	dir := t.TempDir()
 	h := startModule(t, "logs-writer", Options{LogDir: dir})
 	srv := serve(t, h)
-	if code, body := get(t, srv.URL+"/first"); code != 200 || body != "0" {
-		t.Fatalf("first request: %d %q", code, body)
-	}
+	code, body := fetch(t, srv.URL+"/first")
+	require.Equal(t, http.StatusOK, code, "first request: %q", body)
+	require.Equal(t, "0", body, "first request")
 	syscall.Kill(h.Stats().Pid, syscall.SIGKILL)
-	waitIncarnation(t, h, 1)
-	if code, body := get(t, srv.URL+"/second"); code != 200 || body != "1" {
-		t.Fatalf("second request: %d %q", code, body)
-	}
-	if err := h.Close(); err != nil {
-		t.Fatal(err)
-	}
+	awaitStats(t, h, 20*time.Second, "incarnation 1 running", runningInc(1))
+	code, body = fetch(t, srv.URL+"/second")
+	require.Equal(t, http.StatusOK, code, "second request: %q", body)
+	require.Equal(t, "1", body, "second request")
+	require.NoError(t, h.Close())
 
 	read := func(name string) string {
 		b, err := os.ReadFile(filepath.Join(dir, name))
-		if err != nil {
-			t.Fatal(err)
-		}
+		require.NoError(t, err)
 		return string(b)
 	}
 	logText := read("logs-writer.log")
@@ -76,64 +55,30 @@ func TestLogFilesAcrossIncarnations(t *testing.T) {
 	for _, m := range record.FindAllStringSubmatch(logText, -1) {
 		msgs = append(msgs, m[2])
 	}
-	if want := []string{"init", "serving", "init", "serving"}; strings.Join(msgs, ",") != strings.Join(want, ",") {
-		t.Errorf("log records %q, want %q; log:\n%s", msgs, want, logText)
-	}
+	assert.Equal(t, []string{"init", "serving", "init", "serving"}, msgs, "log records; log:\n%s", logText)
 	for _, want := range []string{"incarnation=0", "incarnation=1", "path=/first", "path=/second"} {
-		if !strings.Contains(logText, want) {
-			t.Errorf("log lacks %q:\n%s", want, logText)
-		}
+		assert.Contains(t, logText, want, "log lacks %q:\n%s", want, logText)
 	}
-	if out, want := read("logs-writer.out"), "stdout at init 0\nraw fd 1 at init 0\nstdout at init 1\nraw fd 1 at init 1\n"; out != want {
-		t.Errorf("stdout file:\n%s\nwant:\n%s", out, want)
-	}
-	if errText := read("logs-writer.err"); !strings.Contains(errText, "stderr at init 0\n") || !strings.Contains(errText, "stderr at init 1\n") {
-		t.Errorf("stderr file lacks an incarnation's line:\n%s", errText)
-	}
+	assert.Equal(t, "stdout at init 0\nraw fd 1 at init 0\nstdout at init 1\nraw fd 1 at init 1\n", read("logs-writer.out"), "stdout file")
+	errText := read("logs-writer.err")
+	assert.Contains(t, errText, "stderr at init 0\n", "stderr file lacks incarnation 0's line")
+	assert.Contains(t, errText, "stderr at init 1\n", "stderr file lacks incarnation 1's line")
 }
 
-// syncBuffer is a bytes.Buffer safe for concurrent writes.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
-}
-
-// Without LogDir, the module's output goes to Options.Stderr, each line
-// prefixed with the module's name.
 func TestLogsWithoutLogDirArePrefixed(t *testing.T) {
-	var out syncBuffer
+	var out logSink
 	h := startModule(t, "logs-writer", Options{Stderr: &out})
-	if err := h.Close(); err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, h.Close())
 	text := out.String()
 	for _, want := range []string{
 		"[logs-writer] stdout at init 0\n",
 		"[logs-writer] stderr at init 0\n",
 		"[logs-writer] raw fd 1 at init 0\n",
 	} {
-		if !strings.Contains(text, want) {
-			t.Errorf("output lacks %q:\n%s", want, text)
-		}
+		assert.Contains(t, text, want, "output lacks %q:\n%s", want, text)
 	}
-	if !regexp.MustCompile(`(?m)^\[logs-writer\] time=\S+ level=INFO source=\S+:\d+ msg=init incarnation=0$`).MatchString(text) {
-		t.Errorf("output lacks the prefixed log record:\n%s", text)
-	}
+	assert.Regexp(t, `(?m)^\[logs-writer\] time=\S+ level=INFO source=\S+:\d+ msg=init incarnation=0$`, text, "output lacks the prefixed log record")
 	for _, line := range strings.Split(strings.TrimSuffix(text, "\n"), "\n") {
-		if !strings.HasPrefix(line, "[logs-writer] ") {
-			t.Errorf("unprefixed line %q", line)
-		}
+		assert.True(t, strings.HasPrefix(line, "[logs-writer] "), "unprefixed line %q", line)
 	}
 }

@@ -12,6 +12,8 @@ import (
 	"testing"
 
 	"github.com/fbbf71ac/subproc/internal/frame"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 )
 
 func TestRequestHeadRoundTrip(t *testing.T) {
@@ -29,46 +31,31 @@ func TestRequestHeadRoundTrip(t *testing.T) {
 
 	enc, dec := newEncoder(), newDecoder()
 	p, err := enc.encode(newRequestHead(r))
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	var head requestHead
-	if err := dec.decode(p, &head); err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, dec.decode(p, &head))
 	got, err := head.request()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got.Method != "PATCH" || got.URL.Path != "/a/b/c" || got.URL.RawPath != "/a%2Fb/c" || got.URL.RawQuery != "x=1&x=2&y" {
-		t.Errorf("URL: %s %q raw %q query %q", got.Method, got.URL.Path, got.URL.RawPath, got.URL.RawQuery)
-	}
-	if got.Host != "example.com" || got.RemoteAddr != r.RemoteAddr || got.RequestURI != r.RequestURI || got.ContentLength != 4 {
-		t.Errorf("host %q remote %q uri %q length %d", got.Host, got.RemoteAddr, got.RequestURI, got.ContentLength)
-	}
-	if v := got.Header["X-Multi"]; !reflect.DeepEqual(v, []string{"one", "two"}) {
-		t.Errorf("X-Multi = %q", v)
-	}
+	require.NoError(t, err)
+	assert.Equal(t, "PATCH", got.Method, "URL: %s %q raw %q query %q", got.Method, got.URL.Path, got.URL.RawPath, got.URL.RawQuery)
+	assert.Equal(t, "/a/b/c", got.URL.Path, "URL: %s %q raw %q query %q", got.Method, got.URL.Path, got.URL.RawPath, got.URL.RawQuery)
+	assert.Equal(t, "/a%2Fb/c", got.URL.RawPath, "URL: %s %q raw %q query %q", got.Method, got.URL.Path, got.URL.RawPath, got.URL.RawQuery)
+	assert.Equal(t, "x=1&x=2&y", got.URL.RawQuery, "URL: %s %q raw %q query %q", got.Method, got.URL.Path, got.URL.RawPath, got.URL.RawQuery)
+	assert.Equal(t, "example.com", got.Host, "host %q remote %q uri %q length %d", got.Host, got.RemoteAddr, got.RequestURI, got.ContentLength)
+	assert.Equal(t, r.RemoteAddr, got.RemoteAddr, "host %q remote %q uri %q length %d", got.Host, got.RemoteAddr, got.RequestURI, got.ContentLength)
+	assert.Equal(t, r.RequestURI, got.RequestURI, "host %q remote %q uri %q length %d", got.Host, got.RemoteAddr, got.RequestURI, got.ContentLength)
+	assert.EqualValues(t, 4, got.ContentLength, "host %q remote %q uri %q length %d", got.Host, got.RemoteAddr, got.RequestURI, got.ContentLength)
+	assert.Equal(t, []string{"one", "two"}, got.Header["X-Multi"], "X-Multi")
 	for _, k := range []string{"Connection", "X-Private", "Keep-Alive", "Proxy-Authorization", "Upgrade"} {
-		if v, ok := got.Header[k]; ok {
-			t.Errorf("hop-by-hop header %s = %q reached the child", k, v)
-		}
+		assert.NotContains(t, got.Header, k, "hop-by-hop header %s = %q reached the child", k, got.Header[k])
 	}
-	if v := got.Header.Get("Te"); v != "trailers" {
-		t.Errorf("Te = %q, want trailers", v)
-	}
-	if _, ok := got.Trailer["X-Sum"]; !ok || len(got.Trailer) != 1 {
-		t.Errorf("Trailer = %v, want the declared X-Sum", got.Trailer)
-	}
+	assert.Equal(t, "trailers", got.Header.Get("Te"), "Te")
+	assert.Contains(t, got.Trailer, "X-Sum", "Trailer = %v, want the declared X-Sum", got.Trailer)
+	assert.Len(t, got.Trailer, 1, "Trailer = %v, want the declared X-Sum", got.Trailer)
 
 	// A second message of the same type reuses the gob type description.
 	p2, err := enc.encode(&requestHead{Method: "GET", Path: "/"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(p2) >= len(p) {
-		t.Errorf("second message is %d bytes, first %d: type info sent twice?", len(p2), len(p))
-	}
+	require.NoError(t, err)
+	assert.Less(t, len(p2), len(p), "second message is %d bytes, first %d: type info sent twice?", len(p2), len(p))
 	var head2 requestHead
 	if err := dec.decode(p2, &head2); err != nil || head2.Method != "GET" || head2.Header != nil {
 		t.Fatalf("second message: %+v, %v", head2, err)
@@ -78,9 +65,7 @@ func TestRequestHeadRoundTrip(t *testing.T) {
 func TestDecodeRejectsBadFraming(t *testing.T) {
 	enc := newEncoder()
 	p, err := enc.encode(&responseHead{Status: 200, Header: http.Header{"A": {"b"}}})
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	good := append([]byte(nil), p...)
 	tests := []struct {
 		name string
@@ -166,23 +151,17 @@ func TestReadLoopRejectsBadInput(t *testing.T) {
 			c.pending[1] = s
 			err := c.readFrames()
 			var pe *protocolError
-			if !errors.As(err, &pe) {
-				t.Fatalf("readFrames: %v, want a protocol error", err)
-			}
+			require.True(t, errors.As(err, &pe), "readFrames: %v, want a protocol error", err)
 			c.fail(err, nil)
 			for {
 				ev, err := s.next(nil)
 				if err != nil {
-					if !errors.As(err, &pe) {
-						t.Fatalf("pending request failed with %v, want the protocol error", err)
-					}
+					require.True(t, errors.As(err, &pe), "pending request failed with %v, want the protocol error", err)
 					break
 				}
 				putChunk(ev.buf)
 				if ev.kind == kindEnd {
-					if !tt.completes {
-						t.Fatal("the pending request completed")
-					}
+					require.True(t, tt.completes, "the pending request completed")
 					break
 				}
 			}
@@ -228,15 +207,11 @@ func FuzzReadFrames(f *testing.F) {
 		c.pending[1] = s
 		c.pending[2] = newStream(2, window)
 		err := c.readFrames()
-		if err == nil {
-			t.Fatal("readFrames returned nil at the end of input")
-		}
+		require.Error(t, err, "readFrames returned nil at the end of input")
 		c.fail(err, nil)
 		s.mu.Lock()
 		defer s.mu.Unlock()
-		if s.queued > window {
-			t.Fatalf("stream holds %d bytes", s.queued)
-		}
+		require.LessOrEqual(t, s.queued, window, "stream holds %d bytes", s.queued)
 	})
 }
 
@@ -264,50 +239,32 @@ func TestHeadEncoding(t *testing.T) {
 		{&responseHead{}, new(responseHead)},
 	} {
 		p, err := tt.in.GobEncode()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := tt.out.GobDecode(p); err != nil {
-			t.Fatalf("%T: %v", tt.in, err)
-		}
-		if !reflect.DeepEqual(tt.in, tt.out) {
-			t.Errorf("round trip:\n got %+v\nwant %+v", tt.out, tt.in)
-		}
+		require.NoError(t, err)
+		require.NoError(t, tt.out.GobDecode(p), "%T", tt.in)
+		assert.Equal(t, tt.in, tt.out, "round trip:\n got %+v\nwant %+v", tt.out, tt.in)
 		for n := range len(p) {
-			if err := reflect.New(reflect.TypeOf(tt.out).Elem()).Interface().(interface{ GobDecode([]byte) error }).GobDecode(p[:n]); err == nil {
-				t.Errorf("%T: truncated to %d of %d bytes: no error", tt.in, n, len(p))
-			}
+			assert.Error(t, reflect.New(reflect.TypeOf(tt.out).Elem()).Interface().(interface{ GobDecode([]byte) error }).GobDecode(p[:n]), "%T: truncated to %d of %d bytes: no error", tt.in, n, len(p))
 		}
-		if err := tt.out.GobDecode(append(p, 0)); err == nil {
-			t.Errorf("%T: trailing byte: no error", tt.in)
-		}
+		assert.Error(t, tt.out.GobDecode(append(p, 0)), "%T: trailing byte: no error", tt.in)
 	}
 	// An empty ResponseHeader costs nothing on the wire; a flag that
 	// announces one and an empty header is malformed.
 	plain, _ := (&requestHead{Method: "GET", Path: "/"}).GobEncode()
 	empty, _ := (&requestHead{Method: "GET", Path: "/", ResponseHeader: http.Header{}}).GobEncode()
-	if !bytes.Equal(plain, empty) {
-		t.Errorf("an empty ResponseHeader changes the encoding:\n%x\n%x", plain, empty)
-	}
+	assert.Equal(t, plain, empty, "an empty ResponseHeader changes the encoding:\n%x\n%x", plain, empty)
 	flagged := append([]byte(nil), plain...)
 	flagged[1] |= headResponseHeader
 	flagged = binary.AppendUvarint(flagged, 0)
-	if err := new(requestHead).GobDecode(flagged); err == nil {
-		t.Error("an announced ResponseHeader without keys: no error")
-	}
+	assert.Error(t, new(requestHead).GobDecode(flagged), "an announced ResponseHeader without keys: no error")
 
 	// A header that claims a billion keys in a few bytes.
 	huge := []byte{wireVersion, 0, 0x00}
 	huge = binary.AppendUvarint(huge[:2], 200) // status
 	huge = binary.AppendUvarint(huge, 1<<30)   // keys
 	allocs := testing.AllocsPerRun(10, func() {
-		if err := new(responseHead).GobDecode(huge); err == nil {
-			t.Fatal("a billion keys in 8 bytes: no error")
-		}
+		require.Error(t, new(responseHead).GobDecode(huge), "a billion keys in 8 bytes: no error")
 	})
-	if allocs > 2 {
-		t.Errorf("%v allocations to reject a huge count", allocs)
-	}
+	assert.LessOrEqual(t, allocs, 2.0, "%v allocations to reject a huge count", allocs)
 }
 
 // BenchmarkHeads measures encoding and decoding a typical request head and

@@ -111,7 +111,7 @@ func poolPattern(off, n int) []byte {
 // poolID fetches /id and parses it.
 func poolID(t *testing.T, url string) (pid, slot, inc int) {
 	t.Helper()
-	code, body := get(t, url+"/id")
+	code, body := fetch(t, url+"/id")
 	require.Equal(t, http.StatusOK, code, body)
 	_, err := fmt.Sscanf(body, "pid=%d slot=%d inc=%d", &pid, &slot, &inc)
 	require.NoError(t, err, body)
@@ -178,7 +178,7 @@ func TestPoolCrashFailsOnlyItsRequests(t *testing.T) {
 		assert.NoError(t, err, "slot %d", slot)
 		assert.Equal(t, "done\n", string(b), "slot %d", slot)
 	}
-	failWaitUntil(t, 20*time.Second, "a new child in slot 0", func() bool {
+	waitFor(t, 20*time.Second, "a new child in slot 0", func() bool {
 		p := poolPids(h)
 		return len(p) == 3 && p[0] != pids[0]
 	})
@@ -436,7 +436,7 @@ func TestPoolEvents(t *testing.T) {
 	pid, _, _ := poolID(t, srv.URL)
 	require.NoError(t, syscall.Kill(pid, syscall.SIGKILL))
 	// The callback is blocked on the exit; the module restarts and serves.
-	failWaitUntil(t, 20*time.Second, "a new child", func() bool { p := poolPids(h); return p[0] != 0 && p[0] != pid })
+	waitFor(t, 20*time.Second, "a new child", func() bool { p := poolPids(h); return p[0] != 0 && p[0] != pid })
 	for range 5 {
 		poolID(t, srv.URL)
 	}
@@ -467,7 +467,7 @@ func TestPoolEnvAndDir(t *testing.T) {
 		Dir: dir,
 	})
 	srv := serve(t, h)
-	_, body := get(t, srv.URL+"/env?k=POOL_TEST_VAR")
+	_, body := fetch(t, srv.URL+"/env?k=POOL_TEST_VAR")
 	lines := strings.Split(body, "\n")
 	require.Len(t, lines, 2)
 	assert.Equal(t, "from-the-parent", lines[0])
@@ -475,54 +475,6 @@ func TestPoolEnvAndDir(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, real, lines[1])
 	// Main takes its variable out of the child's environment.
-	_, body = get(t, srv.URL+"/env?k="+envModule)
+	_, body = fetch(t, srv.URL+"/env?k="+envModule)
 	assert.True(t, strings.HasPrefix(body, "\n"), "the module sees %s=%q", envModule, body)
-}
-
-// eventLog collects events for a test.
-type eventLog struct {
-	mu     sync.Mutex
-	events []Event
-}
-
-func (l *eventLog) add(ev Event) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	l.events = append(l.events, ev)
-}
-
-// count returns how many events of kind, with reason if not "", arrived.
-func (l *eventLog) count(kind EventKind, reason string) int {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	n := 0
-	for _, ev := range l.events {
-		if ev.Kind == kind && (reason == "" || ev.Reason == reason) {
-			n++
-		}
-	}
-	return n
-}
-
-// kinds returns "Kind reason" for each event, in order.
-func (l *eventLog) kinds() []string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	var ks []string
-	for _, ev := range l.events {
-		ks = append(ks, ev.Kind.String()+" "+ev.Reason)
-	}
-	return ks
-}
-
-// first returns the first event of kind.
-func (l *eventLog) first(kind EventKind) Event {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	for _, ev := range l.events {
-		if ev.Kind == kind {
-			return ev
-		}
-	}
-	return Event{}
 }

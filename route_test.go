@@ -11,6 +11,8 @@ import (
 
 	"github.com/fbbf71ac/subproc"
 	"github.com/fbbf71ac/subproc/subproctest"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 )
 
 // routeNames are the wildcard names routeHandler reports.
@@ -50,18 +52,12 @@ type routeAnswer struct {
 func routeDo(t *testing.T, srv *httptest.Server, method, path string) routeAnswer {
 	t.Helper()
 	req, err := http.NewRequest(method, srv.URL+path, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	res, err := srv.Client().Do(req)
-	if err != nil {
-		t.Fatalf("%s %s: %v", method, path, err)
-	}
+	require.NoError(t, err, "%s %s", method, path)
 	defer res.Body.Close()
 	b, err := io.ReadAll(res.Body)
-	if err != nil {
-		t.Fatalf("%s %s: %v", method, path, err)
-	}
+	require.NoError(t, err, "%s %s", method, path)
 	return routeAnswer{res.StatusCode, res.Header.Get("Allow"), string(b)}
 }
 
@@ -138,9 +134,7 @@ func TestRouteMatchesAsServeMux(t *testing.T) {
 		module := newRouteServer(t, h.Route(tt.path, tt.method))
 		for _, req := range tt.requests {
 			got := routeDo(t, module, req.method, req.path)
-			if want := routeDo(t, inProcess, req.method, req.path); got != want {
-				t.Errorf("Route(%q, %q): %s %s got %+v, in-process %+v", tt.path, tt.method, req.method, req.path, got, want)
-			}
+			assert.Equal(t, routeDo(t, inProcess, req.method, req.path), got, "Route(%q, %q): %s %s through the module, want as in-process", tt.path, tt.method, req.method, req.path)
 			w := req.want
 			if w.status != 0 && (got.status != w.status || got.allow != w.allow || (w.body != "" && got.body != w.body)) {
 				t.Errorf("Route(%q, %q): %s %s got %+v, want %+v", tt.path, tt.method, req.method, req.path, got, w)
@@ -198,9 +192,8 @@ func TestRoutePathValuesCross(t *testing.T) {
 			if tt.inProcess == nil {
 				continue
 			}
-			if want := routeDo(t, inProcess, "GET", p); got != want {
-				t.Errorf("%s: GET %s: through the module %+v, in-process %+v", tt.name, p, got, want)
-			}
+			want := routeDo(t, inProcess, "GET", p)
+			assert.Equal(t, want, got, "%s: GET %s: through the module %+v, in-process %+v", tt.name, p, got, want)
 		}
 	}
 }
@@ -238,9 +231,10 @@ func TestRouteRejectsBadPatterns(t *testing.T) {
 			defer func() {
 				v := recover()
 				prefix := fmt.Sprintf(`subproc: Route(%q, %q) for module "route-pv": `, tt.path, tt.method)
-				if s := fmt.Sprint(v); v == nil || !strings.HasPrefix(s, prefix) || !strings.Contains(s, tt.want) {
-					t.Errorf("Route(%q, %q) panicked with %v; want %s…%s", tt.path, tt.method, v, prefix, tt.want)
-				}
+				s := fmt.Sprint(v)
+				assert.NotNil(t, v, "Route(%q, %q) panicked with %v; want %s…%s", tt.path, tt.method, v, prefix, tt.want)
+				assert.True(t, strings.HasPrefix(s, prefix), "Route(%q, %q) panicked with %v; want %s…%s", tt.path, tt.method, v, prefix, tt.want)
+				assert.Contains(t, s, tt.want, "Route(%q, %q) panicked with %v; want %s…%s", tt.path, tt.method, v, prefix, tt.want)
 			}()
 			h.Route(tt.path, tt.method)
 		}()

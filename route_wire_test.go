@@ -3,9 +3,11 @@ package subproc
 import (
 	"net/http"
 	"net/http/httptest"
-	"reflect"
 	"slices"
 	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 )
 
 // The pattern and path values round-trip in the request head, cost
@@ -14,53 +16,35 @@ import (
 func TestHeadPathValues(t *testing.T) {
 	in := &requestHead{Method: "GET", Path: "/pv/1/a", Pattern: "GET /pv/{id}/{rest...}", PathValues: []string{"id", "1", "rest", "a"}}
 	p, err := in.GobEncode()
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	var out requestHead
-	if err := out.GobDecode(p); err != nil {
-		t.Fatal(err)
-	}
-	if !reflect.DeepEqual(in, &out) {
-		t.Errorf("round trip:\n got %+v\nwant %+v", out, *in)
-	}
+	require.NoError(t, out.GobDecode(p))
+	assert.Equal(t, in, &out, "round trip:\n got %+v\nwant %+v", out, *in)
 	for n := range len(p) {
-		if err := new(requestHead).GobDecode(p[:n]); err == nil {
-			t.Errorf("truncated to %d of %d bytes: no error", n, len(p))
-		}
+		assert.Error(t, new(requestHead).GobDecode(p[:n]), "truncated to %d of %d bytes: no error", n, len(p))
 	}
-	if n := in.wireSize(); n < len(p) {
-		t.Errorf("wireSize %d < encoding %d", n, len(p))
-	}
+	assert.GreaterOrEqual(t, in.wireSize(), len(p), "wireSize below the encoding's size")
 
 	plain, _ := (&requestHead{Method: "GET", Path: "/"}).GobEncode()
 	head := newRequestHead(httptest.NewRequest("GET", "/", nil))
-	if head.Pattern != "" || head.PathValues != nil {
-		t.Errorf("a request that matched no pattern: Pattern %q, PathValues %q", head.Pattern, head.PathValues)
-	}
+	assert.Empty(t, head.Pattern, "a request that matched no pattern: Pattern")
+	assert.Nil(t, head.PathValues, "a request that matched no pattern: PathValues")
 	for _, bad := range []*requestHead{
 		{Method: "GET", Path: "/", Pattern: "/x", PathValues: []string{"odd"}},
 		{Method: "GET", Path: "/", Pattern: "/x", PathValues: []string{"a", "1", "b"}},
 	} {
 		p, _ := bad.GobEncode()
-		if err := new(requestHead).GobDecode(p); err == nil {
-			t.Errorf("PathValues %q: no error", bad.PathValues)
-		}
+		assert.Error(t, new(requestHead).GobDecode(p), "PathValues %q: no error", bad.PathValues)
 	}
 	// The flag, with an empty pattern. plain is the version, the flags
 	// (0, one byte) and the rest; headPattern's flags take two bytes.
-	if plain[1] != 0 || headPattern != 0x100 {
-		t.Fatalf("test out of date: flags %#x, headPattern %#x", plain[1], headPattern)
-	}
+	require.Zero(t, plain[1], "test out of date: flags %#x, headPattern %#x", plain[1], headPattern)
+	require.Equal(t, 0x100, headPattern, "test out of date: flags %#x, headPattern %#x", plain[1], headPattern)
 	flagged := slices.Concat(plain[:1], []byte{0x80, 0x02}, plain[2:], []byte{0, 0}) // empty Pattern, no PathValues
-	if err := new(requestHead).GobDecode(flagged); err == nil {
-		t.Error("an announced Pattern that is empty: no error")
-	}
+	assert.Error(t, new(requestHead).GobDecode(flagged), "an announced Pattern that is empty: no error")
 	flagged[len(flagged)-2] = 1 // Pattern "\x00"
 	flagged = append(flagged[:len(flagged)-1], 0, 0)
-	if err := new(requestHead).GobDecode(flagged); err != nil {
-		t.Errorf("the same with a pattern: %v", err)
-	}
+	assert.NoError(t, new(requestHead).GobDecode(flagged), "the same with a pattern")
 }
 
 func TestPatternWildcards(t *testing.T) {
@@ -77,9 +61,8 @@ func TestPatternWildcards(t *testing.T) {
 		{"/{}/{...}/lit{x}", nil},
 		{"no slash", nil},
 	} {
-		if got := slices.Collect(patternWildcards(tt.pattern)); !slices.Equal(got, tt.want) {
-			t.Errorf("patternWildcards(%q) = %q, want %q", tt.pattern, got, tt.want)
-		}
+		got := slices.Collect(patternWildcards(tt.pattern))
+		assert.True(t, slices.Equal(got, tt.want), "patternWildcards(%q) = %q, want %q", tt.pattern, got, tt.want)
 	}
 }
 
@@ -93,7 +76,6 @@ func TestPathValuesOfRequest(t *testing.T) {
 		pattern, values = pathValues(r)
 	})
 	mux.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("GET", "/pv/1/a%2Fb/c", nil))
-	if want := []string{"id", "changed", "rest", "a/b/c"}; pattern != "GET /pv/{id}/{rest...}" || !slices.Equal(values, want) {
-		t.Errorf("pathValues = %q, %q; want %q", pattern, values, want)
-	}
+	assert.Equal(t, "GET /pv/{id}/{rest...}", pattern, "pathValues: pattern")
+	assert.Equal(t, []string{"id", "changed", "rest", "a/b/c"}, values, "pathValues: values")
 }

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/fbbf71ac/subproc/internal/frame"
+	"github.com/stretchr/testify/require"
 )
 
 // fakeProcess stands in for a child process in tests that run both sides of
@@ -70,9 +71,7 @@ func newPipePairFlow(t *testing.T, handler http.Handler, limit int64, now func()
 		srvDone <- srv.readLoop()
 	}()
 	go c.readLoop()
-	if err := <-c.ready; err != nil {
-		t.Fatalf("handshake: %v", err)
-	}
+	require.NoError(t, <-c.ready, "handshake")
 	t.Cleanup(func() {
 		cancel()
 		c.stopWriting()
@@ -100,9 +99,7 @@ func waitFull(t *testing.T, what string, queued func() int, wake <-chan struct{}
 	deadline := time.After(10 * time.Second)
 	for {
 		q := queued()
-		if q > limit {
-			t.Fatalf("%s costs %d, more than %d", what, q, limit)
-		}
+		require.LessOrEqual(t, q, limit, "%s costs %d, more than %d", what, q, limit)
 		if q+nextCost > limit {
 			return
 		}
@@ -130,9 +127,7 @@ func readAll(t *testing.T, c *child, s *stream) (status int, body []byte) {
 	t.Helper()
 	for {
 		ev, err := s.next(nil)
-		if err != nil {
-			t.Fatalf("stream %d: %v", s.id, err)
-		}
+		require.NoError(t, err, "stream %d", s.id)
 		switch ev.kind {
 		case kindResponse:
 			status = ev.head.Status
@@ -153,9 +148,7 @@ func readAll(t *testing.T, c *child, s *stream) (status int, body []byte) {
 func openRequest(t *testing.T, c *child, r *http.Request) *stream {
 	t.Helper()
 	s, err := c.open(r, newRequestHead(r))
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	return s
 }
 
@@ -180,31 +173,27 @@ func TestResponseFlowControlBoundsBuffering(t *testing.T) {
 
 	big := openRequest(t, pp.c, httptest.NewRequest("GET", "/big", nil))
 	// Take the head, then read nothing: the child may send a window.
-	if ev, err := big.next(nil); err != nil || ev.kind != kindResponse {
-		t.Fatalf("first event: %+v, %v", ev, err)
-	}
+	ev, err := big.next(nil)
+	require.NoError(t, err, "first event: %+v", ev)
+	require.Equal(t, kindResponse, ev.kind, "first event: %+v", ev)
 	waitFull(t, "parent's queue", queuedOf(big), big.wake, frameCost(chunkSize), frameCost(1))
 
 	small := openRequest(t, pp.c, httptest.NewRequest("GET", "/small", nil))
-	if st, body := readAll(t, pp.c, small); st != 200 || string(body) != "small" {
-		t.Fatalf("small request: %d %q", st, body)
-	}
+	st, body := readAll(t, pp.c, small)
+	require.EqualValues(t, 200, st, "small request: %d %q", st, body)
+	require.Equal(t, "small", string(body), "small request: %d %q", st, body)
 	// The handler is stalled: it wrote at most the initial window plus what
 	// its buffer and one Write hold.
-	if w := written.Load(); w > chunkSize+chunkSize+4096 {
-		t.Fatalf("handler wrote %d bytes with nothing read; the initial window is %d", w, initialWindow)
-	}
-	if q := queuedOf(big)(); q != frameCost(chunkSize) {
-		t.Fatalf("parent's queue for the stalled response costs %d; want one chunk (%d)", q, frameCost(chunkSize))
-	}
-	if r := pp.c.flow.reserved.Load(); r != 0 {
-		t.Fatalf("the stalled response reserved %d bytes of window growth", r)
-	}
+	w := written.Load()
+	require.LessOrEqual(t, w, int64(chunkSize+chunkSize+4096), "handler wrote %d bytes with nothing read; the initial window is %d", w, initialWindow)
+	q := queuedOf(big)()
+	require.Equal(t, frameCost(chunkSize), q, "parent's queue for the stalled response costs %d; want one chunk (%d)", q, frameCost(chunkSize))
+	r := pp.c.flow.reserved.Load()
+	require.Zero(t, r, "the stalled response reserved %d bytes of window growth", r)
 
 	_, rest := readAll(t, pp.c, big)
-	if got := len(rest); got != total {
-		t.Fatalf("big response: %d bytes, want %d", got, total)
-	}
+	got := len(rest)
+	require.Equal(t, total, got, "big response: %d bytes, want %d", got, total)
 }
 
 // A request body the handler does not read stalls the parent's sender after
@@ -250,21 +239,17 @@ func TestRequestFlowControlBoundsBuffering(t *testing.T) {
 		defer received.mu.Unlock()
 		return received.queued
 	}, received.wake, frameCost(chunkSize), frameCost(1))
-	if r := read.Load(); r > chunkSize {
-		t.Fatalf("parent read %d bytes of the client's body with an initial window of %d", r, initialWindow)
-	}
-	if r := pp.srv.flow.reserved.Load(); r != 0 {
-		t.Fatalf("the stalled body reserved %d bytes of window growth", r)
-	}
+	require.LessOrEqual(t, read.Load(), int64(chunkSize), "parent read more of the client's body than the initial window of %d lets it", initialWindow)
+	require.Zero(t, pp.srv.flow.reserved.Load(), "the stalled body reserved bytes of window growth")
 
 	small := openRequest(t, pp.c, httptest.NewRequest("GET", "/small", nil))
-	if st, b := readAll(t, pp.c, small); st != 200 || string(b) != "small" {
-		t.Fatalf("small request: %d %q", st, b)
-	}
+	st, b := readAll(t, pp.c, small)
+	require.Equal(t, http.StatusOK, st, "small request: %q", b)
+	require.Equal(t, "small", string(b), "small request")
 	unblock()
-	if st, b := readAll(t, pp.c, s); st != 200 || string(b) != fmt.Sprint(total) {
-		t.Fatalf("upload: %d %q, want 200 %d", st, b, total)
-	}
+	st, b = readAll(t, pp.c, s)
+	require.Equal(t, http.StatusOK, st, "upload: %q", b)
+	require.Equal(t, fmt.Sprint(total), string(b), "upload")
 }
 
 type countingReader struct {
@@ -294,7 +279,7 @@ func TestResponseGrowsPastSmallBuffer(t *testing.T) {
 		w.Write(tail)
 	}))
 	s := openRequest(t, pp.c, httptest.NewRequest("GET", "/", nil))
-	if st, b := readAll(t, pp.c, s); st != 200 || !bytes.Equal(b, want) {
-		t.Fatalf("got %d, %d bytes; want 200, %d bytes", st, len(b), len(want))
-	}
+	st, b := readAll(t, pp.c, s)
+	require.EqualValues(t, 200, st, "got %d, %d bytes; want 200, %d bytes", st, len(b), len(want))
+	require.Equal(t, b, want, "got %d, %d bytes; want 200, %d bytes", st, len(b), len(want))
 }

@@ -186,7 +186,7 @@ func TestSuperviseFake(t *testing.T) {
 			return fakeBehaviour{dieAfter: 10 * time.Millisecond}
 		},
 		check: func(t *testing.T, h *Handle, f *fakeChildren, events *eventLog) {
-			failWaitUntil(t, 20*time.Second, "7 starts", func() bool { return len(f.startsOf()) >= 7 })
+			waitFor(t, 20*time.Second, "7 starts", func() bool { return len(f.startsOf()) >= 7 })
 			starts := f.startsOf()
 			// The delay before start i+1: none after the first death, then
 			// 100ms doubling up to maxDelay.
@@ -205,7 +205,7 @@ func TestSuperviseFake(t *testing.T) {
 			return fakeBehaviour{hang: inc == 0}
 		},
 		check: func(t *testing.T, h *Handle, f *fakeChildren, events *eventLog) {
-			failWaitUntil(t, 20*time.Second, "a second child", func() bool {
+			waitFor(t, 20*time.Second, "a second child", func() bool {
 				st := h.Stats()
 				return st.State == "running" && st.Incarnation == 1
 			})
@@ -245,7 +245,7 @@ func TestSuperviseFake(t *testing.T) {
 			return fakeBehaviour{}
 		},
 		check: func(t *testing.T, h *Handle, f *fakeChildren, events *eventLog) {
-			failWaitUntil(t, 20*time.Second, "slot 1 restarted 4 times", func() bool {
+			waitFor(t, 20*time.Second, "slot 1 restarted 4 times", func() bool {
 				n := 0
 				for _, s := range f.startsOf() {
 					if s.slot == 1 {
@@ -275,13 +275,13 @@ func TestSuperviseFake(t *testing.T) {
 			seen := map[string]bool{}
 			for deadline := time.Now().Add(20 * time.Second); len(seen) < 6; {
 				require.True(t, time.Now().Before(deadline), "children seen: %v", seen)
-				code, body := get(t, srv.URL)
+				code, body := fetch(t, srv.URL)
 				require.Equal(t, http.StatusOK, code, body)
 				seen[body] = true
 			}
 			assert.GreaterOrEqual(t, len(seen), 6, "children seen: %v", seen)
 			// Each child but the last was recycled; the events may lag.
-			failWaitUntil(t, 10*time.Second, "the recycling events", func() bool {
+			waitFor(t, 10*time.Second, "the recycling events", func() bool {
 				return events.count(ChildRecycling, "max-requests") >= len(seen)-1
 			})
 			assert.Zero(t, events.count(ModuleBackoff, ""))

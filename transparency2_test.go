@@ -20,6 +20,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 )
 
 // This file checks what a handler shares with the parent's middleware in
@@ -135,15 +138,14 @@ func TestTransparencyMiddlewareHeaders(t *testing.T) {
 	ctx := trContext(t, time.Minute)
 	views := trViews(t, targets, func(base string) *http.Request {
 		req, err := http.NewRequestWithContext(ctx, "GET", base+"/headers", nil)
-		if err != nil {
-			t.Fatal(err)
-		}
+		require.NoError(t, err)
 		return req
 	})
 	ref := views[0]
-	if len(ref.Informational) != 1 || ref.Informational[0].Header.Get("X-Mw") != "middleware" || ref.Header.Get("Content-Type") != "text/x-module" || !strings.Contains(ref.Body, "X-Mw-Del=") {
-		t.Fatalf("the net/http reference does not show what the test is for: %+v", ref)
-	}
+	require.Len(t, ref.Informational, 1, "the net/http reference does not show what the test is for: %+v", ref)
+	require.Equal(t, "middleware", ref.Informational[0].Header.Get("X-Mw"), "the net/http reference does not show what the test is for: %+v", ref)
+	require.Equal(t, "text/x-module", ref.Header.Get("Content-Type"), "the net/http reference does not show what the test is for: %+v", ref)
+	require.Contains(t, ref.Body, "X-Mw-Del=", "the net/http reference does not show what the test is for: %+v", ref)
 	trCompare(t, views)
 }
 
@@ -160,18 +162,13 @@ func TestTransparencyMiddlewareConnectionClose(t *testing.T) {
 	ctx := trContext(t, time.Minute)
 	for _, tg := range tp2Targets(t, mw, Options{}) {
 		req, err := http.NewRequestWithContext(ctx, "GET", tg.url+"/headers", nil)
-		if err != nil {
-			t.Fatal(err)
-		}
+		require.NoError(t, err)
 		res, err := tg.client.Do(req)
-		if err != nil {
-			t.Fatalf("%s: %v", tg.name, err)
-		}
+		require.NoError(t, err, "%s", tg.name)
 		io.Copy(io.Discard, res.Body)
 		res.Body.Close()
-		if !res.Close { // the client takes "Connection: close" out of the header
-			t.Errorf("%s: the response does not close the connection", tg.name)
-		}
+		// The client takes "Connection: close" out of the header.
+		assert.True(t, res.Close, "%s: the response does not close the connection", tg.name)
 	}
 }
 
@@ -193,18 +190,14 @@ func TestTransparencyMaxBytesReader(t *testing.T) {
 		t.Run(strconv.Itoa(size), func(t *testing.T) {
 			views := trViews(t, targets, func(base string) *http.Request {
 				req, err := http.NewRequestWithContext(ctx, "POST", base+"/read-body", bytes.NewReader(make([]byte, size)))
-				if err != nil {
-					t.Fatal(err)
-				}
+				require.NoError(t, err)
 				return req
 			})
 			want := http.StatusOK
 			if size > limit {
 				want = http.StatusRequestEntityTooLarge
 			}
-			if views[0].Status != want {
-				t.Fatalf("the net/http reference answered %d %q, want %d", views[0].Status, views[0].Body, want)
-			}
+			require.Equal(t, want, views[0].Status, "the net/http reference answered %d %q, want %d", views[0].Status, views[0].Body, want)
 			trCompare(t, views)
 		})
 	}
@@ -241,17 +234,12 @@ func TestTransparencyBodyClientGone(t *testing.T) {
 	srv := serve(t, mw(h))
 	ctx := trContext(t, time.Minute)
 	req, err := http.NewRequestWithContext(ctx, "POST", srv.URL+"/read-body", bytes.NewReader(make([]byte, 5000)))
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	res, _, err := trDo(srv.Client(), req)
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	want := fmt.Sprintf("read 1000 bytes, then: %v (unexpected EOF: true)\n", errClientGone)
-	if res.Status != http.StatusBadRequest || res.Body != want {
-		t.Errorf("got %d %q, want 400 %q", res.Status, res.Body, want)
-	}
+	assert.Equal(t, http.StatusBadRequest, res.Status, "got %d %q, want 400 %q", res.Status, res.Body, want)
+	assert.Equal(t, want, res.Body, "got %d %q, want 400 %q", res.Status, res.Body, want)
 }
 
 // The payload of a body error round-trips its kind, and a malformed one is
@@ -285,9 +273,7 @@ func TestBodyErrorPayload(t *testing.T) {
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			p := appendBodyError(nil, tt.err, tt.ctxErr)
-			if len(p) > maxBodyErrorLen {
-				t.Fatalf("payload of %d bytes, more than %d", len(p), maxBodyErrorLen)
-			}
+			require.LessOrEqual(t, len(p), maxBodyErrorLen, "payload of %d bytes, more than %d", len(p), maxBodyErrorLen)
 			err, ok := parseBodyError(p)
 			if !ok || !tt.check(err) {
 				t.Errorf("payload %x decodes to %v, %t", p, err, ok)
@@ -338,25 +324,17 @@ func TestServerBodyError(t *testing.T) {
 			defer cancel()
 			srv := newServer(ctx, nil, newConn(bytes.NewReader(input), nopWriteCloser{io.Discard}), newLocalWord(), http.NotFoundHandler())
 			r, err := srv.open(1, 0, &requestHead{Method: "POST", Path: "/", ContentLength: -1})
-			if err != nil {
-				t.Fatal(err)
-			}
+			require.NoError(t, err)
 			defer r.st.cancel(nil)
 			hdr, err := srv.fr.ReadHeader()
-			if err != nil {
-				t.Fatal(err)
-			}
+			require.NoError(t, err)
 			err = srv.dispatch(hdr, &srv.scratch)
 			var pe *protocolError
 			if tt.want == nil {
-				if !errors.As(err, &pe) {
-					t.Fatalf("dispatch: %v, want a protocol error", err)
-				}
+				require.True(t, errors.As(err, &pe), "dispatch: %v, want a protocol error", err)
 				return
 			}
-			if err != nil {
-				t.Fatalf("dispatch: %v", err)
-			}
+			require.NoError(t, err, "dispatch")
 			n, err := r.req.Body.Read(make([]byte, 10))
 			if n != 0 || !tt.want(err) {
 				t.Errorf("the handler's read returned %d, %v", n, err)
@@ -378,17 +356,13 @@ func TestMultipartTempFilesRemoved(t *testing.T) {
 	var body bytes.Buffer
 	mp := multipart.NewWriter(&body)
 	fw, err := mp.CreateFormFile("upload", "upload.bin")
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	fw.Write(bytes.Repeat([]byte("0123456789abcdef"), 3<<20/16))
 	mp.Close()
 
 	temporary := func() []string {
 		files, err := filepath.Glob(filepath.Join(dir, "multipart-*"))
-		if err != nil {
-			t.Fatal(err)
-		}
+		require.NoError(t, err)
 		return files
 	}
 	for _, tt := range []struct {
@@ -401,17 +375,12 @@ func TestMultipartTempFilesRemoved(t *testing.T) {
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			req, err := http.NewRequestWithContext(ctx, "POST", srv.URL+"/multipart"+tt.query, bytes.NewReader(body.Bytes()))
-			if err != nil {
-				t.Fatal(err)
-			}
+			require.NoError(t, err)
 			req.Header.Set("Content-Type", mp.FormDataContentType())
 			res, _, err := trDo(srv.Client(), req)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if res.Status != tt.status || res.Body != tt.body {
-				t.Fatalf("got %d %q, want %d %q", res.Status, res.Body, tt.status, tt.body)
-			}
+			require.NoError(t, err)
+			require.Equal(t, tt.status, res.Status, "got %d %q, want %d %q", res.Status, res.Body, tt.status, tt.body)
+			require.Equal(t, tt.body, res.Body, "got %d %q, want %d %q", res.Status, res.Body, tt.status, tt.body)
 			// The child removes the files after it has sent the end of
 			// the response, as net/http does; it says nothing when done.
 			deadline := time.Now().Add(10 * time.Second)

@@ -29,6 +29,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 )
 
 // This file checks DESIGN.md's first promise, transparency: a handler
@@ -688,9 +691,7 @@ func trViews(t *testing.T, targets []trTarget, mk func(base string) *http.Reques
 		for try := 0; try < 3 && err != nil && (errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)); try++ {
 			res, _, err = trDo(tg.client, mk(tg.url))
 		}
-		if err != nil {
-			t.Fatalf("%s: %v", tg.name, err)
-		}
+		require.NoError(t, err, "%s", tg.name)
 		views = append(views, res)
 	}
 	return views
@@ -699,26 +700,21 @@ func trViews(t *testing.T, targets []trTarget, mk func(base string) *http.Reques
 // trCompare fails the test if the subproc view differs from net/http's.
 func trCompare(t *testing.T, views []*trResponse) {
 	t.Helper()
-	if d := trDiff(views[0], views[1]); d != "" {
-		t.Errorf("the client sees a different response through subproc:%s", d)
-	}
+	d := trDiff(views[0], views[1])
+	assert.Equal(t, "", d, "the client sees a different response through subproc:%s", d)
 }
 
 // trWaitFile waits for a file to appear, polling: it is written by another
 // process, and there is no event to wait on across processes.
 func trWaitFile(t *testing.T, name string, timeout time.Duration) string {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		b, err := os.ReadFile(name)
-		if err == nil {
-			return string(b)
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s did not appear within %v", filepath.Base(name), timeout)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	var b []byte
+	waitFor(t, timeout, filepath.Base(name)+" to appear", func() bool {
+		var err error
+		b, err = os.ReadFile(name)
+		return err == nil
+	})
+	return string(b)
 }
 
 // trTrailerBody is a request body that sets the request's trailers when it
@@ -802,9 +798,7 @@ func TestTransparencyRequest(t *testing.T) {
 					body = tt.body()
 				}
 				req, err := http.NewRequestWithContext(ctx, tt.method, tg.url+tt.path, body)
-				if err != nil {
-					t.Fatal(err)
-				}
+				require.NoError(t, err)
 				for k, v := range tt.header {
 					req.Header[k] = v
 				}
@@ -825,36 +819,24 @@ func TestTransparencyRequest(t *testing.T) {
 					// A HEAD response has no body to carry the view;
 					// the handler reports the method in a header.
 					res, _, err := trDo(tg.client, req)
-					if err != nil {
-						t.Fatalf("%s: %v", tg.name, err)
-					}
-					if res.Status != http.StatusOK || res.Header.Get("X-Method") != "HEAD" || res.Body != "" {
-						t.Errorf("%s: HEAD got %d, X-Method %q, body %q; want 200, HEAD and no body", tg.name, res.Status, res.Header.Get("X-Method"), res.Body)
-					}
+					require.NoError(t, err, "%s", tg.name)
+					assert.Equal(t, http.StatusOK, res.Status, "%s: HEAD got %d, X-Method %q, body %q; want 200, HEAD and no body", tg.name, res.Status, res.Header.Get("X-Method"), res.Body)
+					assert.Equal(t, "HEAD", res.Header.Get("X-Method"), "%s: HEAD got %d, X-Method %q, body %q; want 200, HEAD and no body", tg.name, res.Status, res.Header.Get("X-Method"), res.Body)
+					assert.Equal(t, "", res.Body, "%s: HEAD got %d, X-Method %q, body %q; want 200, HEAD and no body", tg.name, res.Status, res.Header.Get("X-Method"), res.Body)
 					views = append(views, nil)
 					continue
 				}
 				res, local, err := trDo(tg.client, req)
-				if err != nil {
-					t.Fatalf("%s: %v", tg.name, err)
-				}
-				if res.Status != http.StatusOK {
-					t.Fatalf("%s: status %d, body %q", tg.name, res.Status, res.Body)
-				}
+				require.NoError(t, err, "%s", tg.name)
+				require.Equal(t, http.StatusOK, res.Status, "%s: status %d, body %q", tg.name, res.Status, res.Body)
 				v := new(trRequestView)
-				if err := json.Unmarshal([]byte(res.Body), v); err != nil {
-					t.Fatalf("%s: decoding the echo: %v", tg.name, err)
-				}
-				if v.RemoteAddr != local {
-					t.Errorf("%s: handler's RemoteAddr is %q, want the client's address %q", tg.name, v.RemoteAddr, local)
-				}
+				require.NoError(t, json.Unmarshal([]byte(res.Body), v), "%s: decoding the echo", tg.name)
+				assert.Equal(t, local, v.RemoteAddr, "%s: handler's RemoteAddr is %q, want the client's address %q", tg.name, v.RemoteAddr, local)
 				wantHost := strings.TrimPrefix(tg.url, "http://")
 				if tt.host != "" {
 					wantHost = tt.host
 				}
-				if v.Host != wantHost {
-					t.Errorf("%s: handler's Host is %q, want %q", tg.name, v.Host, wantHost)
-				}
+				assert.Equal(t, wantHost, v.Host, "%s: handler's Host is %q, want %q", tg.name, v.Host, wantHost)
 				v.RemoteAddr, v.Host = "", "" // they differ between the two servers
 				v.Header, v.Trailer = trNorm(v.Header), trNorm(v.Trailer)
 				views = append(views, v)
@@ -862,9 +844,8 @@ func TestTransparencyRequest(t *testing.T) {
 			if views[0] == nil {
 				return
 			}
-			if d := trDiff(views[0], views[1]); d != "" {
-				t.Errorf("the handler sees a different request through subproc:%s", d)
-			}
+			d := trDiff(views[0], views[1])
+			assert.Equal(t, "", d, "the handler sees a different request through subproc:%s", d)
 			// The reference itself must show what the case is about.
 			if tt.trailer != nil && !reflect.DeepEqual(views[0].Trailer, tt.trailer) {
 				t.Errorf("net/http handler saw trailers %v, want %v", views[0].Trailer, tt.trailer)
@@ -881,9 +862,7 @@ func TestTransparencyHopByHopRequestHeaders(t *testing.T) {
 	backend := httptest.NewServer(trMux(&Env{Name: "tr-mux"}))
 	t.Cleanup(backend.Close)
 	target, err := url.Parse(backend.URL)
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	rp := &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			pr.SetURL(target)
@@ -931,36 +910,24 @@ func TestTransparencyHopByHopRequestHeaders(t *testing.T) {
 			var views []*trRequestView
 			for _, base := range []string{front.URL, sp.URL} {
 				req, err := http.NewRequestWithContext(ctx, "GET", base+"/echo-request/hop", nil)
-				if err != nil {
-					t.Fatal(err)
-				}
+				require.NoError(t, err)
 				for k, v := range tt.header {
 					req.Header[k] = v
 				}
 				res, _, err := trDo(http.DefaultClient, req)
-				if err != nil {
-					t.Fatal(err)
-				}
+				require.NoError(t, err)
 				v := new(trRequestView)
-				if err := json.Unmarshal([]byte(res.Body), v); err != nil {
-					t.Fatalf("decoding the echo %q: %v", res.Body, err)
-				}
+				require.NoError(t, json.Unmarshal([]byte(res.Body), v), "decoding the echo %q", res.Body)
 				views = append(views, v)
 			}
 			rpv, spv := views[0], views[1]
 			for _, k := range tt.gone {
-				if v, ok := spv.Header[k]; ok {
-					t.Errorf("hop-by-hop header %s: %q reached the module", k, v)
-				}
+				assert.NotContains(t, spv.Header, k, "hop-by-hop header %s: %q reached the module", k, spv.Header[k])
 			}
 			for _, k := range tt.kept {
-				if _, ok := spv.Header[k]; !ok {
-					t.Errorf("end-to-end header %s did not reach the module", k)
-				}
+				assert.Contains(t, spv.Header, k, "end-to-end header %s did not reach the module", k)
 			}
-			if !reflect.DeepEqual(rpv.Header, spv.Header) {
-				t.Errorf("the module sees other headers than behind httputil.ReverseProxy:\n\treverse proxy: %v\n\tsubproc:       %v", rpv.Header, spv.Header)
-			}
+			assert.Equal(t, rpv.Header, spv.Header, "the module sees other headers than behind httputil.ReverseProxy:\n\treverse proxy: %v\n\tsubproc:       %v", rpv.Header, spv.Header)
 		})
 	}
 }
@@ -1090,15 +1057,12 @@ func TestTransparencyResponse(t *testing.T) {
 		t.Run(tt.method+" "+tt.path, func(t *testing.T) {
 			views := trViews(t, targets, func(base string) *http.Request {
 				req, err := http.NewRequestWithContext(ctx, tt.method, base+tt.path, nil)
-				if err != nil {
-					t.Fatal(err)
-				}
+				require.NoError(t, err)
 				return req
 			})
 			if tt.check != nil {
-				if msg := tt.check(views[0]); msg != "" {
-					t.Fatalf("the net/http reference does not show what the case is for: %s", msg)
-				}
+				msg := tt.check(views[0])
+				require.Equal(t, "", msg, "the net/http reference does not show what the case is for: %s", msg)
 			}
 			trCompare(t, views)
 		})
@@ -1122,15 +1086,11 @@ func TestTransparencyRequestBodyStreamed(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			views := trViews(t, targets, func(base string) *http.Request {
 				req, err := http.NewRequestWithContext(ctx, "POST", base+"/echo-body", struct{ io.Reader }{bytes.NewReader(body)})
-				if err != nil {
-					t.Fatal(err)
-				}
+				require.NoError(t, err)
 				req.ContentLength = tt.clen
 				return req
 			})
-			if views[0].Body != string(body) {
-				t.Fatalf("the net/http reference did not echo the body: %s", trShow(views[0].Body))
-			}
+			require.Equal(t, string(body), views[0].Body, "the net/http reference did not echo the body: %s", trShow(views[0].Body))
 			trCompare(t, views)
 		})
 	}
@@ -1154,17 +1114,14 @@ func TestTransparencyUnreadRequestBody(t *testing.T) {
 			t.Run(path+" "+tt.name, func(t *testing.T) {
 				views := trViews(t, targets, func(base string) *http.Request {
 					req, err := http.NewRequestWithContext(ctx, "POST", base+path, struct{ io.Reader }{bytes.NewReader(body)})
-					if err != nil {
-						t.Fatal(err)
-					}
+					require.NoError(t, err)
 					req.ContentLength = tt.clen
 					return req
 				})
 				trCompare(t, views)
 				for i, tg := range targets {
-					if views[i].Status != http.StatusOK || views[i].BodyErr {
-						t.Errorf("%s: status %d, body %q, read error %v", tg.name, views[i].Status, views[i].Body, views[i].BodyErr)
-					}
+					assert.Equal(t, http.StatusOK, views[i].Status, "%s: status %d, body %q, read error %v", tg.name, views[i].Status, views[i].Body, views[i].BodyErr)
+					assert.False(t, views[i].BodyErr, "%s: status %d, body %q, read error %v", tg.name, views[i].Status, views[i].Body, views[i].BodyErr)
 				}
 				// The server is still fine.
 				views = trViews(t, targets, func(base string) *http.Request {
@@ -1172,9 +1129,8 @@ func TestTransparencyUnreadRequestBody(t *testing.T) {
 					return req
 				})
 				for i, tg := range targets {
-					if views[i].Status != http.StatusOK || views[i].Body != "hello" {
-						t.Errorf("%s: next request: status %d, body %q", tg.name, views[i].Status, views[i].Body)
-					}
+					assert.Equal(t, http.StatusOK, views[i].Status, "%s: next request: status %d, body %q", tg.name, views[i].Status, views[i].Body)
+					assert.Equal(t, "hello", views[i].Body, "%s: next request: status %d, body %q", tg.name, views[i].Status, views[i].Body)
 				}
 			})
 		}
@@ -1199,36 +1155,24 @@ func TestTransparencyFullDuplex(t *testing.T) {
 				stop := context.AfterFunc(ctx, func() { pw.CloseWithError(ctx.Err()) })
 				defer stop()
 				req, err := http.NewRequestWithContext(ctx, "POST", tg.url+path, pr)
-				if err != nil {
-					t.Fatal(err)
-				}
+				require.NoError(t, err)
 				res, err := tg.client.Do(req)
-				if err != nil {
-					t.Fatalf("the response head did not arrive before the body was sent: %v", err)
-				}
+				require.NoError(t, err, "the response head did not arrive before the body was sent")
 				defer res.Body.Close()
 				br := bufio.NewReader(res.Body)
 				for i := range 3 {
 					line := fmt.Sprintf("line %d", i)
-					if _, err := io.WriteString(pw, line+"\n"); err != nil {
-						t.Fatalf("writing %q: %v", line, err)
-					}
+					_, err := io.WriteString(pw, line+"\n")
+					require.NoError(t, err, "writing %q", line)
 					got, err := br.ReadString('\n')
-					if err != nil {
-						t.Fatalf("reading the echo of %q: %v", line, err)
-					}
-					if want := "echo " + line + "\n"; got != want {
-						t.Fatalf("got %q, want %q", got, want)
-					}
+					require.NoError(t, err, "reading the echo of %q", line)
+					want := "echo " + line + "\n"
+					require.Equal(t, want, got, "got %q, want %q", got, want)
 				}
 				pw.Close()
 				rest, err := io.ReadAll(br)
-				if err != nil {
-					t.Fatalf("reading the end: %v", err)
-				}
-				if want := "done, read error: <nil>\n"; string(rest) != want {
-					t.Errorf("end of the response %q, want %q", rest, want)
-				}
+				require.NoError(t, err, "reading the end")
+				assert.Equal(t, "done, read error: <nil>\n", string(rest), "end of the response")
 			})
 		}
 	}
@@ -1244,7 +1188,7 @@ func TestTransparencyStreamSlowClient(t *testing.T) {
 	// Small socket buffers, so that the parent's writes to the client
 	// block soon after the client stops reading.
 	srv := httptest.NewUnstartedServer(h)
-	srv.Listener = trSmallBufListener{srv.Listener}
+	srv.Listener = smallBufListener{srv.Listener, 16 << 10}
 	srv.Start()
 	t.Cleanup(srv.Close)
 	client := srv.Client()
@@ -1265,9 +1209,7 @@ func TestTransparencyStreamSlowClient(t *testing.T) {
 	marker := filepath.Join(dir, "slow")
 	req, _ := http.NewRequestWithContext(ctx, "GET", srv.URL+"/stream-slow?marker=slow", nil)
 	res, err := client.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	defer res.Body.Close()
 
 	// Read nothing until the handler has written what fits in the window.
@@ -1276,39 +1218,23 @@ func TestTransparencyStreamSlowClient(t *testing.T) {
 		if _, err := os.Stat(marker); err == nil {
 			break
 		}
-		if st := h.Stats(); st.Restarts != 0 {
-			t.Fatalf("the child was replaced while the client did not read: %+v", st)
-		}
+		st := h.Stats()
+		require.Zero(t, st.Restarts, "the child was replaced while the client did not read: %+v", st)
 		if time.Now().After(deadline) {
 			t.Fatalf("the handler did not write %d chunks while the client did not read", trSlowMarkAt+1)
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
 	body, err := io.ReadAll(res.Body)
-	if err != nil {
-		t.Errorf("reading the body: %v", err)
-	}
+	assert.NoError(t, err, "reading the body")
 	var want strings.Builder
 	for i := range trSlowChunks {
 		want.WriteString(trBigChunk(i))
 	}
-	if string(body) != want.String() {
-		t.Errorf("body %s, want %s", trShow(string(body)), trShow(want.String()))
-	}
+	assert.Equal(t, want.String(), string(body), "body %s, want %s", trShow(string(body)), trShow(want.String()))
 	if st := h.Stats(); st.Pid != pid || st.Restarts != 0 {
 		t.Errorf("Stats %+v: the child was replaced (first pid %d)", st, pid)
 	}
-}
-
-// trSmallBufListener gives each accepted connection a small send buffer.
-type trSmallBufListener struct{ net.Listener }
-
-func (l trSmallBufListener) Accept() (net.Conn, error) {
-	c, err := l.Listener.Accept()
-	if tc, ok := c.(*net.TCPConn); ok {
-		tc.SetWriteBuffer(16 << 10)
-	}
-	return c, err
 }
 
 // TestTransparencyPanic checks handlers that panic: before writing, the
@@ -1321,9 +1247,7 @@ func TestTransparencyPanic(t *testing.T) {
 	ctx := trContext(t, time.Minute)
 	get := func(tg trTarget, path string) (*trResponse, error) {
 		req, err := http.NewRequestWithContext(ctx, "GET", tg.url+path, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
+		require.NoError(t, err)
 		res, _, err := trDo(tg.client, req)
 		return res, err
 	}
@@ -1331,12 +1255,10 @@ func TestTransparencyPanic(t *testing.T) {
 
 	t.Run("before-write", func(t *testing.T) {
 		res, err := get(sp, "/panic/before-write")
-		if err != nil {
-			t.Fatalf("the request failed (%v), want 500", err)
-		}
-		if res.Status != http.StatusInternalServerError || res.Body != "Internal Server Error\n" || res.BodyErr {
-			t.Errorf("got %d %q (body error %v), want 500 \"Internal Server Error\\n\"", res.Status, res.Body, res.BodyErr)
-		}
+		require.NoError(t, err, "the request failed (%v), want 500", err)
+		assert.Equal(t, http.StatusInternalServerError, res.Status, "got %d %q (body error %v), want 500 \"Internal Server Error\\n\"", res.Status, res.Body, res.BodyErr)
+		assert.Equal(t, "Internal Server Error\n", res.Body, "got %d %q (body error %v), want 500 \"Internal Server Error\\n\"", res.Status, res.Body, res.BodyErr)
+		assert.False(t, res.BodyErr, "got %d %q (body error %v), want 500 \"Internal Server Error\\n\"", res.Status, res.Body, res.BodyErr)
 	})
 	for _, tt := range []struct {
 		how         string
@@ -1363,13 +1285,11 @@ func TestTransparencyPanic(t *testing.T) {
 	}
 	t.Run("child survives", func(t *testing.T) {
 		res, err := get(sp, "/pid")
-		if err != nil {
-			t.Fatal(err)
-		}
+		require.NoError(t, err)
 		st := sp.h.Stats()
-		if res.Body != strconv.Itoa(pid) || st.Pid != pid || st.Restarts != 0 {
-			t.Errorf("after the panics: served by pid %s, Stats %+v; want pid %d and no restart", res.Body, st, pid)
-		}
+		assert.Equal(t, strconv.Itoa(pid), res.Body, "after the panics: served by pid %s, Stats %+v; want pid %d and no restart", res.Body, st, pid)
+		assert.Equal(t, pid, st.Pid, "after the panics: served by pid %s, Stats %+v; want pid %d and no restart", res.Body, st, pid)
+		assert.Zero(t, st.Restarts, "after the panics: served by pid %s, Stats %+v; want pid %d and no restart", res.Body, st, pid)
 	})
 }
 
@@ -1386,18 +1306,14 @@ func TestTransparencyCancel(t *testing.T) {
 			defer cancel()
 			req, _ := http.NewRequestWithContext(ctx, "GET", tg.url+"/cancel/after-header?marker="+filepath.Base(marker), nil)
 			res, err := tg.client.Do(req)
-			if err != nil {
-				t.Fatal(err)
-			}
+			require.NoError(t, err)
 			defer res.Body.Close()
 			line, err := bufio.NewReader(res.Body).ReadString('\n')
-			if err != nil || line != "started\n" {
-				t.Fatalf("read %q, %v; want the handler's first line", line, err)
-			}
+			require.NoError(t, err, "read %q, %v; want the handler's first line", line, err)
+			require.Equal(t, "started\n", line, "read %q, %v; want the handler's first line", line, err)
 			cancel()
-			if got := trWaitFile(t, marker, 10*time.Second); got != context.Canceled.Error() {
-				t.Errorf("the handler's context ended with %q, want %q", got, context.Canceled)
-			}
+			got := trWaitFile(t, marker, 10*time.Second)
+			assert.Equal(t, context.Canceled.Error(), got, "the handler's context ended with %q, want %q", got, context.Canceled)
 		})
 		t.Run("before-header "+tg.name, func(t *testing.T) {
 			marker := filepath.Join(dir, tg.name[:3]+"-before")
@@ -1414,12 +1330,8 @@ func TestTransparencyCancel(t *testing.T) {
 			}()
 			trWaitFile(t, marker+".started", 10*time.Second)
 			cancel()
-			if err := <-done; err == nil {
-				t.Errorf("the canceled request succeeded")
-			}
-			if got := trWaitFile(t, marker, 10*time.Second); got != context.Canceled.Error() {
-				t.Errorf("the handler's context ended with %q, want %q", got, context.Canceled)
-			}
+			assert.Error(t, <-done, "the canceled request succeeded")
+			assert.Equal(t, context.Canceled.Error(), trWaitFile(t, marker, 10*time.Second), "the handler's context ended otherwise")
 		})
 	}
 }
@@ -1448,28 +1360,15 @@ func TestTransparencyEnv(t *testing.T) {
 			srv := serve(t, h)
 			req, _ := http.NewRequestWithContext(trContext(t, time.Minute), "GET", srv.URL+"/", nil)
 			res, _, err := trDo(srv.Client(), req)
-			if err != nil {
-				t.Fatal(err)
-			}
+			require.NoError(t, err)
 			var env trEnvView
-			if err := json.Unmarshal([]byte(res.Body), &env); err != nil {
-				t.Fatalf("decoding %q: %v", res.Body, err)
-			}
-			if env.Name != "tr-env" {
-				t.Errorf("Env.Name = %q, want %q", env.Name, "tr-env")
-			}
-			if env.Incarnation != 0 {
-				t.Errorf("Env.Incarnation = %d, want 0", env.Incarnation)
-			}
-			if !bytes.Equal(env.Config, tt.config) {
-				t.Errorf("Env.Config = %s, want %s", trShow(string(env.Config)), trShow(string(tt.config)))
-			}
-			if env.LogDir != opts.LogDir {
-				t.Errorf("Env.LogDir = %q, want %q", env.LogDir, opts.LogDir)
-			}
-			if st := h.Stats(); env.Pid != st.Pid {
-				t.Errorf("served by pid %d, Stats().Pid = %d", env.Pid, st.Pid)
-			}
+			require.NoError(t, json.Unmarshal([]byte(res.Body), &env), "decoding %q", res.Body)
+			assert.Equal(t, "tr-env", env.Name, "Env.Name = %q, want %q", env.Name, "tr-env")
+			assert.Zero(t, env.Incarnation, "Env.Incarnation = %d, want 0", env.Incarnation)
+			assert.Equal(t, env.Config, tt.config, "Env.Config = %s, want %s", trShow(string(env.Config)), trShow(string(tt.config)))
+			assert.Equal(t, opts.LogDir, env.LogDir, "Env.LogDir = %q, want %q", env.LogDir, opts.LogDir)
+			st := h.Stats()
+			assert.Equal(t, st.Pid, env.Pid, "served by pid %d, Stats().Pid = %d", env.Pid, st.Pid)
 		})
 	}
 }
@@ -1479,7 +1378,7 @@ func TestTransparencyEnv(t *testing.T) {
 // cannot corrupt the protocol: every response is right, the child is never
 // restarted, and what it wrote ends up in its output.
 func TestTransparencyNoisyModule(t *testing.T) {
-	var out syncBuffer
+	var out logSink
 	h := startModule(t, "tr-noisy", Options{Stderr: &out})
 	pid := h.Stats().Pid
 	srv := serve(t, h)
@@ -1499,9 +1398,9 @@ func TestTransparencyNoisyModule(t *testing.T) {
 			t.Errorf("request %d: status %d, body %s", i, res.Status, trShow(res.Body))
 		}
 	}
-	if st := h.Stats(); st.Pid != pid || st.Restarts != 0 {
-		t.Errorf("Stats %+v: the child was replaced (first pid %d)", st, pid)
-	}
+	st := h.Stats()
+	assert.Equal(t, pid, st.Pid, "Stats %+v: the child was replaced (first pid %d)", st, pid)
+	assert.Zero(t, st.Restarts, "Stats %+v: the child was replaced (first pid %d)", st, pid)
 	// The output travels its own pipes; wait for the last request's.
 	last := fmt.Sprintf("request %d", requests-1)
 	var missing []string
@@ -1519,9 +1418,7 @@ func TestTransparencyNoisyModule(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	if len(missing) > 0 {
-		t.Errorf("the module's output lacks %q", missing)
-	}
+	assert.Empty(t, missing, "the module's output lacks %q", missing)
 }
 
 // TestTransparencyConcurrentRequests checks that concurrent requests get the
@@ -1574,9 +1471,9 @@ func TestTransparencyConcurrentRequests(t *testing.T) {
 		for e := range errs {
 			t.Error(e)
 		}
-		if st := tg.h.Stats(); st.Pid != pid || st.Restarts != 0 {
-			t.Errorf("Stats %+v: the child was replaced (first pid %d)", st, pid)
-		}
+		st := tg.h.Stats()
+		assert.Equal(t, pid, st.Pid, "Stats %+v: the child was replaced (first pid %d)", st, pid)
+		assert.Zero(t, st.Restarts, "Stats %+v: the child was replaced (first pid %d)", st, pid)
 	}
 }
 
@@ -1643,48 +1540,37 @@ func TestTransparencyRayModules(t *testing.T) {
 				body = strings.NewReader(tt.body)
 			}
 			req, err := http.NewRequestWithContext(ctx, tt.method, srv.URL+tt.path, body)
-			if err != nil {
-				t.Fatal(err)
-			}
+			require.NoError(t, err)
 			client := noFollow
 			if tt.follow {
 				client = follow
 			}
 			res, _, err := trDo(client, req)
-			if err != nil {
-				t.Fatal(err)
+			require.NoError(t, err)
+			assert.Equal(t, tt.wantStatus, res.Status, "status %d, want %d (body %q)", res.Status, tt.wantStatus, res.Body)
+			if tt.wantBody != "" {
+				assert.Equal(t, tt.wantBody, res.Body, "body %s, want %s", trShow(res.Body), trShow(tt.wantBody))
 			}
-			if res.Status != tt.wantStatus {
-				t.Errorf("status %d, want %d (body %q)", res.Status, tt.wantStatus, res.Body)
-			}
-			if tt.wantBody != "" && res.Body != tt.wantBody {
-				t.Errorf("body %s, want %s", trShow(res.Body), trShow(tt.wantBody))
-			}
-			if res.BodyErr != tt.wantBodyErr {
-				t.Errorf("body read error: %v, want %v", res.BodyErr, tt.wantBodyErr)
-			}
+			assert.Equal(t, tt.wantBodyErr, res.BodyErr, "body read error: %v, want %v", res.BodyErr, tt.wantBodyErr)
 			for k, v := range tt.wantHeader {
-				if !slices.Equal(res.Header[k], v) {
-					t.Errorf("header %s: %q, want %q", k, res.Header[k], v)
-				}
+				assert.True(t, slices.Equal(res.Header[k], v), "header %s: %q, want %q", k, res.Header[k], v)
 			}
 		})
 	}
 	t.Run("separate children", func(t *testing.T) {
 		pa, pb := a.Stats().Pid, b.Stats().Pid
-		if pa == 0 || pb == 0 || pa == pb {
-			t.Fatalf("pids %d and %d, want two distinct children", pa, pb)
-		}
+		require.NotZero(t, pa, "pids %d and %d, want two distinct children", pa, pb)
+		require.NotZero(t, pb, "pids %d and %d, want two distinct children", pa, pb)
+		require.NotEqual(t, pa, pb, "pids %d and %d, want two distinct children", pa, pb)
 		for _, c := range []struct {
 			path string
 			pid  int
 		}{{"/api/a/pid", pa}, {"/api/b/pid", pb}} {
-			if code, body := get(t, srv.URL+c.path); code != 200 || body != strconv.Itoa(c.pid) {
-				t.Errorf("GET %s: %d %q, want pid %d", c.path, code, body, c.pid)
-			}
+			code, body := fetch(t, srv.URL+c.path)
+			assert.Equal(t, http.StatusOK, code, "GET %s: %d %q, want pid %d", c.path, code, body, c.pid)
+			assert.Equal(t, strconv.Itoa(c.pid), body, "GET %s: %d %q, want pid %d", c.path, code, body, c.pid)
 		}
-		if a.Stats().Restarts != 0 || b.Stats().Restarts != 0 {
-			t.Errorf("restarts: a %d, b %d; want none (the stream error must not kill b)", a.Stats().Restarts, b.Stats().Restarts)
-		}
+		assert.Zero(t, a.Stats().Restarts, "restarts: a %d, b %d; want none (the stream error must not kill b)", a.Stats().Restarts, b.Stats().Restarts)
+		assert.Zero(t, b.Stats().Restarts, "restarts: a %d, b %d; want none (the stream error must not kill b)", a.Stats().Restarts, b.Stats().Restarts)
 	})
 }

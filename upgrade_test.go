@@ -266,7 +266,7 @@ func TestUpgradeClientVanishes(t *testing.T) {
 	conn, _, _ := upgDial(t, srv, "/vanish")
 	io.WriteString(conn, "some bytes")
 	conn.Close()
-	failWaitUntil(t, 20*time.Second, "the handler's read to end", func() bool {
+	waitFor(t, 20*time.Second, "the handler's read to end", func() bool {
 		res, err := srv.Client().Get(srv.URL + "/status")
 		if err != nil {
 			t.Fatal(err)
@@ -366,7 +366,7 @@ func TestResponseControllerWriteDeadline(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer res.Body.Close() // read nothing until the handler gave up
-	failWaitUntil(t, 30*time.Second, "the handler's write to fail", func() bool {
+	waitFor(t, 30*time.Second, "the handler's write to fail", func() bool {
 		res, err := srv.Client().Get(srv.URL + "/status")
 		if err != nil {
 			t.Fatal(err)
@@ -398,7 +398,7 @@ func TestUpgradeHalfClose(t *testing.T) {
 	}
 	io.WriteString(conn, "abc")
 	conn.(*net.TCPConn).CloseWrite()
-	failWaitUntil(t, 20*time.Second, "the handler to read the client's end", func() bool {
+	waitFor(t, 20*time.Second, "the handler to read the client's end", func() bool {
 		res, err := srv.Client().Get(srv.URL + "/status")
 		if err != nil {
 			t.Fatal(err)

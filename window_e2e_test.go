@@ -12,6 +12,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/stretchr/testify/require"
 )
 
 // End-to-end tests of the module-wide ceiling on buffered response bytes,
@@ -49,9 +51,7 @@ func winStalledClient(t *testing.T, addr string) net.Conn {
 		return serr
 	}}
 	conn, err := d.Dial("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	fmt.Fprintf(conn, "GET /stream?bytes=%d HTTP/1.1\r\nHost: stalled\r\n\r\n", 1<<40)
 	return conn
 }
@@ -82,34 +82,25 @@ func TestWindowCeilingWithStalledClients(t *testing.T) {
 	// Each stalled stream's first chunk is stuck in the parent's write to
 	// its client; the child has no credit for more.
 	perStream := int64(frameCost(chunkSize))
-	failWaitUntil(t, 30*time.Second, "every stalled stream holds its first chunk", func() bool {
+	waitFor(t, 30*time.Second, "every stalled stream holds its first chunk", func() bool {
 		return b.held.Load() >= stalled*perStream
 	})
-	if held := b.held.Load(); held > stalled*perStream {
-		t.Fatalf("%d stalled streams hold %d bytes in the parent, more than a chunk (%d) each", stalled, held, perStream)
-	}
-	if r := b.reserved.Load(); r != 0 {
-		t.Fatalf("stalled streams reserved %d bytes of window growth", r)
-	}
+	require.LessOrEqual(t, b.held.Load(), stalled*perStream, "%d stalled streams hold more than a chunk (%d) each in the parent", stalled, perStream)
+	r := b.reserved.Load()
+	require.Zero(t, r, "stalled streams reserved %d bytes of window growth", r)
 
 	// A fast stream beside them.
 	const fastBytes = 64 << 20
 	res, err := srv.Client().Get(srv.URL + "/stream?bytes=" + strconv.Itoa(fastBytes))
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	n, err := io.Copy(io.Discard, res.Body)
 	res.Body.Close()
-	if err != nil || n != fastBytes {
-		t.Fatalf("fast stream beside %d stalled ones: %d bytes, %v; want %d", stalled, n, err, fastBytes)
-	}
+	require.NoError(t, err, "fast stream beside %d stalled ones: %d bytes, %v; want %d", stalled, n, err, fastBytes)
+	require.EqualValues(t, fastBytes, n, "fast stream beside %d stalled ones: %d bytes, %v; want %d", stalled, n, err, fastBytes)
 	ceiling := int64(flowBudgetSize) + (stalled+1)*int64(initialWindow)
-	if p := b.peak.Load(); p > ceiling {
-		t.Fatalf("the parent buffered up to %d bytes of responses, over the ceiling %d", p, ceiling)
-	}
-	if held := b.held.Load(); held > stalled*perStream {
-		t.Fatalf("after the fast stream: %d bytes held by %d stalled streams", held, stalled)
-	}
+	p := b.peak.Load()
+	require.LessOrEqual(t, p, ceiling, "the parent buffered up to %d bytes of responses, over the ceiling %d", p, ceiling)
+	require.LessOrEqual(t, b.held.Load(), stalled*perStream, "after the fast stream: bytes held by %d stalled streams", stalled)
 
 	// The clients go away: the parent's writes to them fail, and their
 	// streams return what they held.
@@ -117,7 +108,7 @@ func TestWindowCeilingWithStalledClients(t *testing.T) {
 		c.Close()
 	}
 	conns = nil
-	failWaitUntil(t, 30*time.Second, "the stalled streams return what they held", func() bool {
+	waitFor(t, 30*time.Second, "the stalled streams return what they held", func() bool {
 		return b.held.Load() == 0 && b.reserved.Load() == 0
 	})
 }

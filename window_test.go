@@ -11,6 +11,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/stretchr/testify/require"
 )
 
 // Tests of the adaptive windows and of the module's flowBudget (stream.go).
@@ -75,23 +77,15 @@ func (s *simStream) run(rounds int) {
 
 func TestFlowBudgetReserve(t *testing.T) {
 	var zero flowBudget
-	if got := zero.size(); got != flowBudgetSize {
-		t.Fatalf("zero budget: size %d, want flowBudgetSize (%d)", got, flowBudgetSize)
-	}
+	got := zero.size()
+	require.EqualValues(t, flowBudgetSize, got, "zero budget: size %d, want flowBudgetSize (%d)", got, flowBudgetSize)
 	b := &flowBudget{limit: 100}
-	if !b.reserve(60) || !b.reserve(40) {
-		t.Fatal("reserving up to the limit failed")
-	}
-	if b.reserve(1) {
-		t.Fatal("reserved beyond the limit")
-	}
+	require.True(t, b.reserve(60), "reserving up to the limit failed")
+	require.True(t, b.reserve(40), "reserving up to the limit failed")
+	require.False(t, b.reserve(1), "reserved beyond the limit")
 	b.release(40)
-	if b.reserve(41) {
-		t.Fatal("reserved beyond the limit after a release")
-	}
-	if !b.reserve(40) {
-		t.Fatal("a release did not return its bytes")
-	}
+	require.False(t, b.reserve(41), "reserved beyond the limit after a release")
+	require.True(t, b.reserve(40), "a release did not return its bytes")
 
 	// Concurrent reservations never take more than the budget together.
 	b = &flowBudget{limit: 10 * initialWindow}
@@ -111,12 +105,8 @@ func TestFlowBudgetReserve(t *testing.T) {
 		})
 	}
 	wg.Wait()
-	if r := over.Load(); r != 0 {
-		t.Fatalf("reserved %d of a budget of %d", r, b.limit)
-	}
-	if r := b.reserved.Load(); r != 0 {
-		t.Fatalf("%d bytes left reserved after every release", r)
-	}
+	require.Zero(t, over.Load(), "reserved %d of a budget of %d", over.Load(), b.limit)
+	require.Zero(t, b.reserved.Load(), "%d bytes left reserved after every release", b.reserved.Load())
 }
 
 // A stream whose receiver keeps up doubles its window up to window; one
@@ -134,9 +124,7 @@ func TestWindowGrowth(t *testing.T) {
 			}
 		}
 		want := []int{initialWindow, 2 * initialWindow, 4 * initialWindow, 8 * initialWindow, window}
-		if !equalInts(sizes, want) {
-			t.Fatalf("window sizes %v, want %v", sizes, want)
-		}
+		require.True(t, equalInts(sizes, want), "window sizes %v, want %v", sizes, want)
 		if r := b.reserved.Load(); r != window-initialWindow {
 			t.Fatalf("budget reserved %d, want %d", r, window-initialWindow)
 		}
@@ -144,17 +132,15 @@ func TestWindowGrowth(t *testing.T) {
 			t.Fatalf("the sender has %d of credit and the receiver owes %d, with nothing in flight; want the window %d in all", s.credit, s.w.owed, window)
 		}
 		s.w.release()
-		if r, h := b.reserved.Load(), b.held.Load(); r != 0 || h != 0 {
-			t.Fatalf("after release: reserved %d, held %d", r, h)
-		}
+		require.Zero(t, b.reserved.Load(), "after release: reserved %d, held %d", b.reserved.Load(), b.held.Load())
+		require.Zero(t, b.held.Load(), "after release: reserved %d, held %d", b.reserved.Load(), b.held.Load())
 	})
 	t.Run("slow", func(t *testing.T) {
 		b := &flowBudget{now: crawlingClock()}
 		s := newSimStream(t, b)
 		s.run(50)
-		if s.w.size != initialWindow || b.reserved.Load() != 0 {
-			t.Fatalf("a slow stream's window grew to %d (budget reserved %d)", s.w.size, b.reserved.Load())
-		}
+		require.Equal(t, initialWindow, s.w.size, "a slow stream's window grew to %d (budget reserved %d)", s.w.size, b.reserved.Load())
+		require.Zero(t, b.reserved.Load(), "a slow stream's window grew to %d (budget reserved %d)", s.w.size, b.reserved.Load())
 	})
 	t.Run("consumer bound", func(t *testing.T) {
 		// Frames are still queued when credit goes back: the consumer,
@@ -167,13 +153,10 @@ func TestWindowGrowth(t *testing.T) {
 			for credit := s.credit; s.credit == credit; {
 				s.consume()
 			}
-			if len(s.queue) == 0 {
-				t.Fatal("the simulation does not keep frames queued")
-			}
+			require.NotEmpty(t, s.queue, "the simulation does not keep frames queued")
 		}
-		if s.w.size != initialWindow || b.reserved.Load() != 0 {
-			t.Fatalf("a consumer-bound stream's window grew to %d", s.w.size)
-		}
+		require.Equal(t, initialWindow, s.w.size, "a consumer-bound stream's window grew to %d", s.w.size)
+		require.Zero(t, b.reserved.Load(), "a consumer-bound stream's window grew to %d", s.w.size)
 	})
 	t.Run("stalled", func(t *testing.T) {
 		b := &flowBudget{now: frozenClock}
@@ -181,19 +164,15 @@ func TestWindowGrowth(t *testing.T) {
 		for range 10 {
 			s.send()
 		}
-		if s.w.size != initialWindow || b.reserved.Load() != 0 {
-			t.Fatalf("a stalled stream's window grew to %d", s.w.size)
-		}
-		if h := b.held.Load(); h != initialWindow {
-			t.Fatalf("a stalled stream holds %d, want its initial window %d", h, initialWindow)
-		}
+		require.Equal(t, initialWindow, s.w.size, "a stalled stream's window grew to %d", s.w.size)
+		require.Zero(t, b.reserved.Load(), "a stalled stream's window grew to %d", s.w.size)
+		require.EqualValues(t, initialWindow, b.held.Load(), "a stalled stream holds %d, want its initial window %d", b.held.Load(), initialWindow)
 	})
 	t.Run("overrun", func(t *testing.T) {
 		s := newSimStream(t, &flowBudget{now: frozenClock})
 		s.send()
-		if err := s.w.receive(frameCost(1)); err == nil {
-			t.Fatal("a frame beyond the credit was accepted")
-		}
+		err := s.w.receive(frameCost(1))
+		require.Error(t, err, "a frame beyond the credit was accepted")
 	})
 }
 
@@ -227,28 +206,20 @@ func TestWindowBudgetShared(t *testing.T) {
 	for round := range 20 {
 		for _, s := range streams {
 			s.run(1)
-			if r := b.reserved.Load(); r > b.limit {
-				t.Fatalf("round %d: %d reserved of a budget of %d", round, r, b.limit)
-			}
-			if sum := total(); int64(sum) > b.limit+int64(len(streams))*initialWindow {
-				t.Fatalf("round %d: windows total %d, over the budget plus the initial windows", round, sum)
-			}
+			r := b.reserved.Load()
+			require.LessOrEqual(t, r, b.limit, "round %d: %d reserved of a budget of %d", round, r, b.limit)
+			sum := total()
+			require.LessOrEqual(t, int64(sum), b.limit+int64(len(streams))*initialWindow, "round %d: windows total %d, over the budget plus the initial windows", round, sum)
 		}
 	}
-	if r := b.reserved.Load(); r != b.limit {
-		t.Fatalf("the fast streams reserved %d of %d", r, b.limit)
-	}
+	require.Equal(t, b.limit, b.reserved.Load(), "the fast streams reserved %d of %d", b.reserved.Load(), b.limit)
 	last := streams[len(streams)-1]
-	if last.w.size != initialWindow {
-		t.Fatalf("the last stream grew to %d with the budget spent", last.w.size)
-	}
+	require.Equal(t, initialWindow, last.w.size, "the last stream grew to %d with the budget spent", last.w.size)
 	// The spent budget starves no one: the last stream still moves a
 	// window per round.
 	moved := last.w.received
 	last.run(1)
-	if last.w.received-moved < initialWindow {
-		t.Fatalf("the last stream moved %d in a round", last.w.received-moved)
-	}
+	require.GreaterOrEqual(t, last.w.received-moved, int64(initialWindow), "the last stream moved %d in a round", last.w.received-moved)
 	// The first stream ends: the last grows.
 	streams[0].w.release()
 	streams = streams[1:]
@@ -271,9 +242,7 @@ func TestBodyWindowGrowth(t *testing.T) {
 	for range 64 {
 		for credit.Load() >= int64(frameCost(chunkSize)) {
 			credit.Add(-int64(frameCost(chunkSize)))
-			if err := body.push(getChunk(), chunkSize); err != nil {
-				t.Fatal(err)
-			}
+			require.NoError(t, body.push(getChunk(), chunkSize))
 		}
 		for {
 			body.mu.Lock()
@@ -290,19 +259,14 @@ func TestBodyWindowGrowth(t *testing.T) {
 	if r := b.reserved.Load(); r != window-initialWindow {
 		t.Fatalf("a fast body reserved %d, want %d", r, window-initialWindow)
 	}
-	if err := body.push(getChunk(), chunkSize); err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, body.push(getChunk(), chunkSize))
 	body.Close()
-	if r, h := b.reserved.Load(), b.held.Load(); r != 0 || h != 0 {
-		t.Fatalf("after Close: reserved %d, held %d", r, h)
-	}
+	require.Zero(t, b.reserved.Load(), "after Close: reserved %d, held %d", b.reserved.Load(), b.held.Load())
+	require.Zero(t, b.held.Load(), "after Close: reserved %d, held %d", b.reserved.Load(), b.held.Load())
 	// A parent that sends beyond its credit breaks the protocol.
 	body = newBodyReader(func(int) {}, nil, false, b)
 	body.push(getChunk(), chunkSize)
-	if err := body.push(getBuffer(1), 1); err == nil {
-		t.Fatal("a chunk beyond the window was accepted")
-	}
+	require.Error(t, body.push(getBuffer(1), 1), "a chunk beyond the window was accepted")
 	body.Close()
 }
 
@@ -390,13 +354,12 @@ func TestWindowReleasedOnEveryEnd(t *testing.T) {
 				}()
 				pp.c.h.proxy(w, r, pp.c, s)
 			}()
-			if size := sizeOf(s); size <= initialWindow {
-				t.Fatalf("the stream's window never grew (%d): the test tests nothing", size)
-			}
+			size := sizeOf(s)
+			require.Greater(t, size, initialWindow, "the stream's window never grew (%d): the test tests nothing", size)
 			b := pp.c.flow
-			if res, held := b.reserved.Load(), b.held.Load(); res != 0 || held != 0 {
-				t.Fatalf("after the response ended: %d reserved, %d held", res, held)
-			}
+			res, held := b.reserved.Load(), b.held.Load()
+			require.Zero(t, res, "after the response ended: %d reserved, %d held", res, held)
+			require.Zero(t, held, "after the response ended: %d reserved, %d held", res, held)
 		})
 	}
 }
@@ -427,20 +390,14 @@ func TestWindowStalledDoesNotStarveFast(t *testing.T) {
 	if _, body := readAll(t, pp.c, fast); len(body) != total {
 		t.Fatalf("fast stream: %d bytes, want %d", len(body), total)
 	}
-	if size := sizeOf(fast); size != window {
-		t.Fatalf("the fast stream's window grew to %d beside a stalled one, want %d", size, window)
-	}
-	if r := b.reserved.Load(); r != 0 {
-		t.Fatalf("%d bytes still reserved with only a stalled stream left", r)
-	}
+	require.Equal(t, window, sizeOf(fast), "the fast stream's window grew to %d beside a stalled one, want %d", sizeOf(fast), window)
+	require.Zero(t, b.reserved.Load(), "%d bytes still reserved with only a stalled stream left", b.reserved.Load())
 
 	// A stream grows, spends the budget, then stalls.
 	grown := openRequest(t, pp.c, httptest.NewRequest("GET", "/stream", nil))
 	for b.reserved.Load() < b.limit {
 		ev, err := grown.next(nil)
-		if err != nil {
-			t.Fatal(err)
-		}
+		require.NoError(t, err)
 		if ev.kind == kindEnd {
 			t.Fatalf("the stream ended with %d reserved of %d", b.reserved.Load(), b.limit)
 		}
@@ -455,16 +412,13 @@ func TestWindowStalledDoesNotStarveFast(t *testing.T) {
 	if _, body := readAll(t, pp.c, fast); len(body) != total {
 		t.Fatalf("fast stream with the budget spent: %d bytes, want %d", len(body), total)
 	}
-	if size := sizeOf(fast); size != initialWindow {
-		t.Fatalf("the fast stream grew to %d with the budget spent", size)
-	}
+	require.Equal(t, initialWindow, sizeOf(fast), "the fast stream grew to %d with the budget spent", sizeOf(fast))
 	// The stalled streams finish.
 	for _, s := range []*stream{stalled, grown} {
 		readAll(t, pp.c, s)
 	}
-	if r, h := b.reserved.Load(), b.held.Load(); r != 0 || h != 0 {
-		t.Fatalf("after every stream ended: %d reserved, %d held", r, h)
-	}
+	require.Zero(t, b.reserved.Load(), "after every stream ended: %d reserved, %d held", b.reserved.Load(), b.held.Load())
+	require.Zero(t, b.held.Load(), "after every stream ended: %d reserved, %d held", b.reserved.Load(), b.held.Load())
 }
 
 // heldOf reports what a parent stream holds against its window: queued, and
@@ -503,9 +457,7 @@ func TestResponseSendsWhatCreditAllows(t *testing.T) {
 	var body []byte
 	for {
 		ev, err := s.next(timeout)
-		if err != nil {
-			t.Fatalf("after %d bytes of the body: %v (the child waits for credit the parent holds back)", len(body), err)
-		}
+		require.NoError(t, err, "after %d bytes of the body: %v (the child waits for credit the parent holds back)", len(body), err)
 		if ev.kind == kindData {
 			body = append(body, (*ev.buf)[:ev.n]...)
 			putChunk(ev.buf)
@@ -517,7 +469,6 @@ func TestResponseSendsWhatCreditAllows(t *testing.T) {
 			break
 		}
 	}
-	if want := first + 3*chunkSize; len(body) != want {
-		t.Fatalf("body of %d bytes, want %d", len(body), want)
-	}
+	want := first + 3*chunkSize
+	require.Len(t, body, want, "body of %d bytes, want %d", len(body), want)
 }
