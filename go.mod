@@ -4,7 +4,7 @@ go 1.26.0
 
 require go.uber.org/goleak v1.3.0
 
-require golang.org/x/sync v0.25.0 // indirect
+require golang.org/x/sync v0.25.0
 
 require (
 	github.com/stretchr/testify v1.12.1
