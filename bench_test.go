@@ -179,21 +179,9 @@ func BenchmarkServeHTTP(b *testing.B) {
 // sharing the pipe.
 func BenchmarkServeHTTPParallel(b *testing.B) {
 	h := startBench(b)
-	b.ReportAllocs()
-	b.SetParallelism(16)
 	c := measureCost(b, h)
 	defer c.report(b)
-	b.RunParallel(func(pb *testing.PB) {
-		req := httptest.NewRequest("GET", "/small", nil)
-		for pb.Next() {
-			w := &discardWriter{h: make(http.Header)}
-			h.ServeHTTP(w, req)
-			if w.n != 100 {
-				b.Errorf("body of %d bytes", w.n)
-				return
-			}
-		}
-	})
+	getSmallParallel(b, h)
 }
 
 // BenchmarkServeHTTPPool is BenchmarkServeHTTPParallel through pools of
@@ -206,21 +194,26 @@ func BenchmarkServeHTTPPool(b *testing.B) {
 				b.Fatal(err)
 			}
 			b.Cleanup(func() { h.Close() })
-			b.ReportAllocs()
-			b.SetParallelism(16)
-			b.RunParallel(func(pb *testing.PB) {
-				req := httptest.NewRequest("GET", "/small", nil)
-				for pb.Next() {
-					w := &discardWriter{h: make(http.Header)}
-					h.ServeHTTP(w, req)
-					if w.n != 100 {
-						b.Errorf("body of %d bytes", w.n)
-						return
-					}
-				}
-			})
+			getSmallParallel(b, h)
 		})
 	}
+}
+
+// getSmallParallel runs b.N GET /small through h, 16 goroutines per CPU.
+func getSmallParallel(b *testing.B, h *Handle) {
+	b.ReportAllocs()
+	b.SetParallelism(16)
+	b.RunParallel(func(pb *testing.PB) {
+		req := httptest.NewRequest("GET", "/small", nil)
+		for pb.Next() {
+			w := &discardWriter{h: make(http.Header)}
+			h.ServeHTTP(w, req)
+			if w.n != 100 {
+				b.Errorf("body of %d bytes", w.n)
+				return
+			}
+		}
+	})
 }
 
 // BenchmarkEcho measures a 64 KiB POST echoed back.
