@@ -231,25 +231,3 @@ func TestDrainUnhealthyShowsAtOnce(t *testing.T) {
 	})
 	assert.Contains(t, h.Stats().LastExit, "health checks")
 }
-
-// A request in flight on a child killed for failing its health checks
-// gets a 502 that says so, and the parent logs the child's last lines once.
-func TestDrainHungChildMessages(t *testing.T) {
-	const mark = "drain-hang-marker-51c2"
-	logs := newLogSink()
-	h := startModule(t, "fail-mod", failOpts(t, failConfig{}, Options{
-		HealthInterval: 50 * time.Millisecond,
-		HealthTimeout:  100 * time.Millisecond,
-		HealthFailures: 3,
-		Logger:         slog.New(slog.NewTextHandler(logs, nil)),
-	}))
-	srv := serve(t, h)
-	res, body, err := fetchErr(srv.URL+"/stop?mark="+mark, 30*time.Second)
-	require.NoError(t, err)
-	assert.Equal(t, http.StatusBadGateway, res.StatusCode)
-	assert.Contains(t, body, "killed after failing 3 health checks")
-	assert.NotContains(t, body, "exited")
-	awaitStats(t, h, 20*time.Second, "incarnation 1", runningInc(1))
-	require.True(t, logs.await("ended:", 10*time.Second), "no record of the child's end:\n%s", logs)
-	assert.Equal(t, 1, strings.Count(logs.String(), "Last lines of its output"), "the last lines should be logged once for one hang:\n%s", logs)
-}

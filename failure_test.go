@@ -481,8 +481,13 @@ func TestFailHangDetected(t *testing.T) {
 	res, body, err := fetchErr(srv.URL+"/stop?mark="+mark, 30*time.Second)
 	require.NoError(t, err, "GET /stop: %v; want 502 once the stopped child is killed", err)
 	assert.Equal(t, http.StatusBadGateway, res.StatusCode, "GET /stop: %d %q, want 502", res.StatusCode, body)
+	// The 502 says why the child ended: it was killed, it did not exit.
+	assert.Contains(t, body, "killed after failing 3 health checks")
+	assert.NotContains(t, body, "exited")
 	awaitStats(t, h, 20*time.Second, "incarnation 1", runningInc(1))
 	assertReaped(t, pid0)
+	require.True(t, logs.await("ended:", 10*time.Second), "no record of the child's end:\n%s", logs)
+	assert.Equal(t, 1, strings.Count(logs.String(), "Last lines of its output"), "the last lines should be logged once for one hang:\n%s", logs)
 	if st := h.Stats(); st.Pid == pid0 || !strings.Contains(st.LastExit, "health") {
 		t.Errorf("Stats = %+v, want a new pid (old %d) and a LastExit that names the failed health checks", st, pid0)
 	}

@@ -375,9 +375,7 @@ func (h *Handle) drain(c *child, reason string, grace time.Duration) {
 	}
 	h.teardown(c)
 	if !stopped {
-		var word string
-		_, word = c.endReason()
-		if word != "crash" || c.exitErr != nil {
+		if _, word := c.endReason(); word != "crash" || c.exitErr != nil {
 			reason = word
 		}
 	}
