@@ -40,10 +40,15 @@
 // handler that hijacks its connection (http.Hijacker, or
 // http.ResponseController.Hijack), as WebSocket libraries do, gets a
 // net.Conn whose bytes flow to and from the client's connection in both
-// directions under the same flow control; its deadlines, Close and
-// CloseWrite behave as on a real connection. The parent hijacks the
-// client's HTTP/1.1 connection; for an HTTP/2 request Hijack fails, as it
-// does in-process. When the child dies its upgraded connections close.
+// directions under the same flow control; its deadlines, Close,
+// CloseWrite, LocalAddr and RemoteAddr behave as on a real connection, and
+// a handler may hijack after its response started, as in net/http. The
+// parent hijacks the client's HTTP/1.1 connection; for an HTTP/2 request
+// Hijack fails, as it does in-process. When the child dies its upgraded
+// connections close; when it drains, the ModuleFunc's context is canceled
+// so that the module can close them itself (with a WebSocket close frame),
+// and those still open at the grace's end are closed. RequestTimeout ends
+// an upgraded request's context but not its connection.
 //
 // # Streaming and flow control
 //

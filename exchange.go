@@ -151,13 +151,20 @@ func canHijack(w http.ResponseWriter) bool {
 // httputil.ReverseProxy's switchProtocolCopier does, until the child closes
 // its conn (kindAbort) or dies, or the client's connection fails. The
 // parent writes no head of its own: the handler wrote its 101 into its
-// conn, and those bytes come first.
+// conn, and those bytes come first; or the handler had started a response,
+// which the parent has written and flushed, and the bytes follow it.
 func (x *exchange) tunnel() {
 	h := x.h
 	x.body.halt() // the child hijacks only once the body is complete
 	conn, brw, err := x.controller().Hijack()
 	if err != nil {
 		x.endTunnel()
+		if x.started {
+			// The response the handler started went out: the client can
+			// only see it end.
+			h.count(&h.stats.Aborted)
+			panic(http.ErrAbortHandler)
+		}
 		h.count(&h.stats.BadGateway)
 		http.Error(x.w, fmt.Sprintf("subproc: module %q hijacked the connection, which the parent cannot do here: %v", h.name, err), http.StatusBadGateway)
 		return

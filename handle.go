@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"os"
 	"slices"
@@ -129,8 +130,11 @@ type Options struct {
 	// context, in the parent and in the child's handler, ends at most this
 	// long after it arrived, or at its own deadline if that comes first.
 	// At the deadline the client gets 504 Gateway Timeout if nothing was
-	// sent yet, an aborted response otherwise. Zero means no bound but the
-	// request's own deadline, which reaches the child all the same.
+	// sent yet, an aborted response otherwise. A connection the handler
+	// hijacked (a WebSocket) outlives it: its handler's context ends at
+	// the deadline, as any request's, but the connection carries bytes
+	// until a side closes it. Zero means no bound but the request's own
+	// deadline, which reaches the child all the same.
 	RequestTimeout time.Duration
 
 	// StuckTimeout is how long a handler may run on after its request's
@@ -318,10 +322,11 @@ type Handle struct {
 	kill      chan struct{}       // closed when a Shutdown's context ends: end the drains
 	flow      flowBudget          // the window growth of the responses of every child (see flowBudget)
 	killOnce  sync.Once
-	drains    sync.WaitGroup      // drains of replaced children
-	done      chan struct{}       // closed when every supervisor and drain has returned and every child is reaped
-	admission *semaphore.Weighted // fixed; nil without Options.MaxInFlight
-	queued    atomic.Int64        // requests waiting for admission
+	drains    sync.WaitGroup             // drains of replaced children
+	done      chan struct{}              // closed when every supervisor and drain has returned and every child is reaped
+	admission *semaphore.Weighted        // fixed; nil without Options.MaxInFlight
+	queued    atomic.Int64               // requests waiting for admission
+	local     atomic.Pointer[addrString] // the last local address sent (see localAddr)
 
 	mu              sync.Mutex    // guards the fields below, and the fields of children and supervisors that say so
 	changed         chan struct{} // closed, and replaced, whenever a slot's child changes or Shutdown begins
@@ -477,7 +482,9 @@ func (h *Handle) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	// The module's header map starts as w's. It is encoded when the head
 	// is sent, before proxy changes it.
 	head.ResponseHeader = w.Header()
-	head.Hijackable = r.ProtoMajor == 1 && canHijack(w)
+	if head.Hijackable = r.ProtoMajor == 1 && canHijack(w); head.Hijackable {
+		head.LocalAddr = h.localAddr(r)
+	}
 	if n := head.wireSize(); n > maxHeadSize {
 		// Checked before it is sent: a message too large for a frame would
 		// break the pipe, and every request on it.
@@ -866,4 +873,37 @@ func (h *Handle) Stats() Stats {
 		st.State = "restarting"
 	}
 	return st
+}
+
+// An addrString is a local address and its String.
+type addrString struct {
+	addr net.Addr
+	s    string
+}
+
+// localAddr returns the address of the connection r came on, in the parent
+// (http.LocalAddrContextKey), as its network, a space and its String: the
+// child's http.LocalAddrContextKey, and a hijacked conn's LocalAddr. The last one is kept, since almost every request comes
+// through the same listener: it costs no allocation then.
+func (h *Handle) localAddr(r *http.Request) string {
+	a, ok := r.Context().Value(http.LocalAddrContextKey).(net.Addr)
+	if !ok {
+		return ""
+	}
+	if c := h.local.Load(); c != nil && sameAddr(c.addr, a) {
+		return c.s
+	}
+	c := &addrString{a, a.Network() + " " + a.String()}
+	h.local.Store(c)
+	return c.s
+}
+
+// sameAddr reports whether x and y are the same address.
+func sameAddr(x, y net.Addr) bool {
+	if x == y {
+		return true
+	}
+	tx, ok := x.(*net.TCPAddr)
+	ty, ok2 := y.(*net.TCPAddr)
+	return ok && ok2 && tx.Port == ty.Port && tx.Zone == ty.Zone && tx.IP.Equal(ty.IP)
 }

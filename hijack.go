@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"strings"
 	"sync"
 	"time"
 )
@@ -49,9 +50,9 @@ func newHijackedConn(s *server, id uint64, win *sendWindow, req *http.Request, r
 	hc.wdl.init()
 	hc.in = newBodyReader(func(n int) { s.sendWindowUpdate(id, n, hc.rdl.closed) }, nil, false, &s.flow)
 	hc.remote = parseAddr(req.RemoteAddr)
-	hc.local = parseAddr(req.Host) // the parent's view: the address the client asked for
-	if a, ok := req.Context().Value(http.LocalAddrContextKey).(net.Addr); ok {
-		hc.local = a
+	hc.local, _ = req.Context().Value(http.LocalAddrContextKey).(net.Addr)
+	if hc.local == nil {
+		hc.local = stringAddr("") // the parent's ResponseWriter had no connection
 	}
 	return hc
 }
@@ -147,8 +148,9 @@ func (hc *hijackedConn) end(cause error) {
 	hc.release()
 }
 
-// LocalAddr returns the address the client connected to, as the parent's
-// server saw it (its Host header if the parent's address is unknown).
+// LocalAddr returns the local address of the client's connection in the
+// parent (the parent's server's address), as net/http's conn would; an
+// empty address if the parent's ResponseWriter had none.
 func (hc *hijackedConn) LocalAddr() net.Addr { return hc.local }
 
 // RemoteAddr returns the client's address, as the parent's server saw it
@@ -282,11 +284,34 @@ func parseAddr(s string) net.Addr {
 	return stringAddr(s)
 }
 
-// A stringAddr is a net.Addr known only by its string.
+// parseLocalAddr returns the address that requestHead.LocalAddr carries:
+// its network, a space, and the address. An IP address and port is a
+// *net.TCPAddr, a unix socket's a *net.UnixAddr, anything else an addr
+// that reads as the parent's did.
+func parseLocalAddr(s string) net.Addr {
+	network, addr, _ := strings.Cut(s, " ")
+	switch network {
+	case "tcp", "tcp4", "tcp6":
+		if ap, err := netip.ParseAddrPort(addr); err == nil {
+			return net.TCPAddrFromAddrPort(ap)
+		}
+	case "unix", "unixpacket":
+		return &net.UnixAddr{Name: addr, Net: network}
+	}
+	return netAddr{network, addr}
+}
+
+// A stringAddr is a TCP address known only by its string.
 type stringAddr string
 
 func (a stringAddr) Network() string { return "tcp" }
 func (a stringAddr) String() string  { return string(a) }
+
+// A netAddr is an address known only by its network and string.
+type netAddr struct{ network, addr string }
+
+func (a netAddr) Network() string { return a.network }
+func (a netAddr) String() string  { return a.addr }
 
 // appendRawHead appends the HTTP/1.1 response head that net/http writes
 // for status and header when a handler hijacks after WriteHeader: the
@@ -308,8 +333,11 @@ func appendRawHead(b []byte, status int, header http.Header) []byte {
 // handler called WriteHeader (a 101, say), that head is the conn's first
 // bytes, as net/http writes it at Hijack. It fails with
 // http.ErrNotSupported where net/http would not offer Hijack (an HTTP/2
-// request) or the parent cannot hijack; and if the response was sent,
-// the handler returned, or the request body is not all read.
+// request) or the parent cannot hijack; and if the handler returned, or
+// the request body is not all read. A response the handler had started
+// (written or flushed) goes to the client first, all of it, flushed: the
+// conn's bytes follow it. (net/http drops body bytes still buffered at
+// Hijack; here none are lost.)
 func (w *responseWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
@@ -320,11 +348,17 @@ func (w *responseWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 		return nil, nil, http.ErrHijacked
 	case w.done:
 		return nil, nil, errAfterHandler
-	case w.headSent || w.n > 0:
-		return nil, nil, errors.New("subproc: Hijack after the response was written: hijack before writing, or write the response into the conn")
 	}
 	var prefix []byte
-	if w.wroteHeader {
+	switch {
+	case w.headSent || w.n > 0:
+		// The response has started: what the handler wrote goes to the
+		// client first, flushed, and the conn's bytes follow it, as they
+		// follow a flushed response in net/http.
+		if err := w.sendBodyLocked(flagFlush, nil); err != nil {
+			return nil, nil, err
+		}
+	case w.wroteHeader:
 		prefix = appendRawHead(nil, w.status, w.sent)
 	}
 	hc, err := w.hijack()

@@ -19,7 +19,7 @@ import (
 
 // protocolVersion is written in the preamble of both directions. Bump it
 // whenever a message or a frame kind changes meaning.
-const protocolVersion = 6
+const protocolVersion = 7
 
 // Frame kinds. PROTOCOL.md says which side may send which kind in each
 // state of a stream. Every frame carries a request id; kinds marked "id 0" are not
@@ -154,8 +154,9 @@ type requestHead struct {
 	RemoteAddr       string
 	RequestURI       string
 	TLS              *tlsState
-	Deadline         int64 // when the request's context ends, in Unix nanoseconds; 0 for never
-	Hijackable       bool  // the parent can hijack the client's connection: the module's Hijack may succeed
+	Deadline         int64  // when the request's context ends, in Unix nanoseconds; 0 for never
+	Hijackable       bool   // the parent can hijack the client's connection: the module's Hijack may succeed
+	LocalAddr        string // the client connection's local address in the parent (http.LocalAddrContextKey), as "network address"; sent with Hijackable
 
 	// Pattern is the pattern the request matched in the parent, with
 	// ServeMux or Route (r.Pattern), and PathValues its wildcards' values

@@ -44,6 +44,13 @@ type server struct {
 
 	scratch []byte // for decoding messages; owned by the goroutine that reads (see read)
 
+	// The base context of the last request with a local address: ctx with
+	// http.LocalAddrContextKey set to it, as net/http sets it. Owned by
+	// the goroutine that reads, like scratch: almost every request comes
+	// through the same listener of the parent's, and then reuses it.
+	local    string
+	localCtx context.Context
+
 	flow flowBudget // the window growth of all request bodies (see flowBudget)
 
 	mu      sync.Mutex // guards the fields below
@@ -372,7 +379,7 @@ func (s *server) open(id uint64, flags uint8, head *requestHead) (startingReques
 	}
 	// Canceled with a nil cause (context.Canceled), as net/http cancels a
 	// request whose client went away, or with errDeadline.
-	ctx, cancel := context.WithCancelCause(s.ctx)
+	ctx, cancel := context.WithCancelCause(s.baseContext(head.LocalAddr))
 	st := &serverStream{cancel: cancel}
 	if head.Deadline != 0 {
 		// The parent's request ends at the same moment, with a 504.
@@ -404,6 +411,21 @@ func (s *server) open(id uint64, flags uint8, head *requestHead) (startingReques
 	s.mu.Unlock()
 	s.accept.raise(id)
 	return startingRequest{id: id, st: st, req: req, h: h}, nil
+}
+
+// baseContext returns the context a request whose connection has the local
+// address local in the parent starts from: the server's, with
+// http.LocalAddrContextKey set when local is known. It is called by the
+// goroutine that reads.
+func (s *server) baseContext(local string) context.Context {
+	if local == "" {
+		return s.ctx
+	}
+	if local != s.local {
+		s.local = local
+		s.localCtx = context.WithValue(s.ctx, http.LocalAddrContextKey, parseLocalAddr(local))
+	}
+	return s.localCtx
 }
 
 // hijack turns stream id into a tunnel (see PROTOCOL.md, "Upgrades") and

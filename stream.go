@@ -629,8 +629,10 @@ func (s *stream) checkLocked(ev event) error {
 			}
 		}
 	case kindHijack:
-		if s.final {
-			return errors.New("hijack after the response head")
+		// Before the final head, or after it, the response started (see
+		// PROTOCOL.md, "Hijack in the child").
+		if s.tunnel {
+			return errors.New("second hijack")
 		}
 		s.final, s.tunnel = true, true
 	case kindData:

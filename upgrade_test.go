@@ -12,10 +12,14 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"regexp"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 )
 
 // The modules of this file answer upgrades to "upg-echo", a protocol that
@@ -103,7 +107,7 @@ func init() {
 			if err != nil {
 				panic(err)
 			}
-			fmt.Fprintf(conn, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: upg-echo\r\n\r\n%s|%v|hello", conn.RemoteAddr(), conn.RemoteAddr().String() == r.RemoteAddr)
+			fmt.Fprintf(conn, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: upg-echo\r\n\r\n%s|%v|%s|hello", conn.RemoteAddr(), conn.RemoteAddr().String() == r.RemoteAddr, conn.LocalAddr())
 			conn.(interface{ CloseWrite() error }).CloseWrite()
 			n, err := io.Copy(io.Discard, conn)
 			conn.Close()
@@ -113,12 +117,22 @@ func init() {
 			lastErr = fmt.Sprintf("%d,%v,%v,%v", n, err, errors.Is(rerr, net.ErrClosed), errors.Is(werr, net.ErrClosed))
 			mu.Unlock()
 		})
-		// Hijack after the response was written fails.
-		mux.HandleFunc("/late", func(w http.ResponseWriter, r *http.Request) {
-			io.WriteString(w, "body ")
-			w.(http.Flusher).Flush()
-			_, _, err := http.NewResponseController(w).Hijack()
-			fmt.Fprintf(w, "%v", err != nil)
+		mux.HandleFunc("/late", hijackLate)
+		// Says when its request's context ends, then echoes until EOF.
+		mux.HandleFunc("/outlive", func(w http.ResponseWriter, r *http.Request) {
+			conn, _, err := http.NewResponseController(w).Hijack()
+			if err != nil {
+				panic(err)
+			}
+			defer conn.Close()
+			io.WriteString(conn, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: upg-echo\r\n\r\n")
+			<-r.Context().Done()
+			fmt.Fprintf(conn, "done: %v\n", context.Cause(r.Context()))
+			io.Copy(conn, conn)
+		})
+		mux.HandleFunc("/local", func(w http.ResponseWriter, r *http.Request) {
+			a, _ := r.Context().Value(http.LocalAddrContextKey).(net.Addr)
+			fmt.Fprintf(w, "%v", a)
 		})
 		// Deadlines before a hijack, through http.ResponseController.
 		mux.HandleFunc("/rdl", func(w http.ResponseWriter, r *http.Request) {
@@ -393,7 +407,7 @@ func TestUpgradeHalfClose(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if want := conn.LocalAddr().String() + "|true|hello"; string(got) != want {
+	if want := conn.LocalAddr().String() + "|true|" + srv.Listener.Addr().String() + "|hello"; string(got) != want {
 		t.Fatalf("before the handler's CloseWrite the client read %q, want %q", got, want)
 	}
 	io.WriteString(conn, "abc")
@@ -415,21 +429,81 @@ func TestUpgradeHalfClose(t *testing.T) {
 	})
 }
 
-// TestUpgradeHijackLate: Hijack after the response was flushed fails with
-// an error (net/http would hand over the raw connection; here the head has
-// gone through the parent's ResponseWriter, which can no longer be
-// hijacked cleanly), and the response goes on.
+// hijackLate starts a response, flushes part of it, writes more, then
+// hijacks the connection and writes raw bytes into it.
+func hijackLate(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("X-Late", "1")
+	io.WriteString(w, "flushed ")
+	w.(http.Flusher).Flush()
+	conn, brw, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		fmt.Fprintf(w, "Hijack: %v", err)
+		return
+	}
+	defer conn.Close()
+	brw.WriteString("raw bytes")
+	brw.Flush()
+}
+
+// rawResponse sends a GET for path to addr and returns every byte the
+// server sends until it closes the connection, its Date field removed.
+func rawResponse(t *testing.T, addr, path string) string {
+	t.Helper()
+	conn, err := net.Dial("tcp", addr)
+	require.NoError(t, err)
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(30 * time.Second))
+	fmt.Fprintf(conn, "GET %s HTTP/1.1\r\nHost: example.com\r\n\r\n", path)
+	b, err := io.ReadAll(conn)
+	require.NoError(t, err)
+	return regexp.MustCompile(`\r\nDate: [^\r]*`).ReplaceAllString(string(b), "")
+}
+
+// TestUpgradeHijackLate: a handler that hijacks after its response started
+// (flushed) gets the connection, as in net/http: the client reads the same
+// bytes as from the handler in-process, the started response and then the
+// raw bytes.
 func TestUpgradeHijackLate(t *testing.T) {
 	h := startModule(t, "upg", Options{})
 	srv := httptest.NewServer(h)
 	defer srv.Close()
-	res, err := srv.Client().Get(srv.URL + "/late")
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, _ := io.ReadAll(res.Body)
-	res.Body.Close()
-	if string(b) != "body true" {
-		t.Fatalf("Hijack after a flush: %q, want an error", b)
+	local := httptest.NewServer(http.HandlerFunc(hijackLate))
+	defer local.Close()
+	want := rawResponse(t, local.Listener.Addr().String(), "/late")
+	require.Contains(t, want, "raw bytes", "in-process, the hijack must work")
+	assert.Equal(t, want, rawResponse(t, srv.Listener.Addr().String(), "/late"))
+}
+
+// TestUpgradeOutlivesRequestTimeout: RequestTimeout ends an upgraded
+// request's context, as any request's, but not its connection, which goes
+// on carrying bytes both ways.
+func TestUpgradeOutlivesRequestTimeout(t *testing.T) {
+	h := startModule(t, "upg", Options{RequestTimeout: 100 * time.Millisecond})
+	srv := httptest.NewServer(h)
+	defer srv.Close()
+	conn, br, resp := upgDial(t, srv, "/outlive")
+	require.Equal(t, http.StatusSwitchingProtocols, resp.StatusCode)
+	line, err := br.ReadString('\n')
+	require.NoError(t, err)
+	assert.Contains(t, line, "done: ")
+	assert.Contains(t, line, "RequestTimeout")
+	io.WriteString(conn, "still here")
+	conn.(*net.TCPConn).CloseWrite()
+	rest, err := io.ReadAll(br)
+	require.NoError(t, err)
+	assert.Equal(t, "still here", string(rest))
+}
+
+// TestLocalAddrReachesModule: the child's request has the parent's
+// connection's local address under http.LocalAddrContextKey, as it would
+// in-process, and a hijacked conn's LocalAddr is the same.
+func TestLocalAddrReachesModule(t *testing.T) {
+	h := startModule(t, "upg", Options{})
+	srv := httptest.NewServer(h)
+	defer srv.Close()
+	for range 2 { // the second from the child's cache of it
+		status, body := fetch(t, srv.URL+"/local")
+		require.Equal(t, http.StatusOK, status)
+		assert.Equal(t, srv.Listener.Addr().String(), body)
 	}
 }

@@ -185,7 +185,7 @@ const (
 	headResponseHeader // requestHead: a ResponseHeader follows the Header
 	headDeadline       // requestHead: a Deadline follows
 	headPattern        // requestHead: a Pattern and its PathValues follow
-	headHijackable     // requestHead: the parent can hijack the client's connection
+	headHijackable     // requestHead: the parent can hijack the client's connection; a LocalAddr follows
 )
 
 // GobEncode encodes h for gob.
@@ -240,6 +240,9 @@ func (h *requestHead) GobEncode() ([]byte, error) {
 		w.string(h.Pattern)
 		w.strings(h.PathValues)
 	}
+	if flags&headHijackable != 0 {
+		w.string(h.LocalAddr)
+	}
 	if t := h.TLS; t != nil {
 		w.uint(uint64(t.Version))
 		w.uint(uint64(t.CipherSuite))
@@ -285,6 +288,9 @@ func (h *requestHead) GobDecode(p []byte) error {
 		if h.Pattern == "" || len(h.PathValues)%2 != 0 {
 			r.fail() // the flag says there is one; values come in pairs
 		}
+	}
+	if flags&headHijackable != 0 {
+		h.LocalAddr = r.string()
 	}
 	if flags&headTLS != 0 {
 		h.TLS = &tlsState{
@@ -359,6 +365,7 @@ func headerSize(h http.Header) int {
 func (h *requestHead) wireSize() int {
 	n := 64 + stringsSize(h.TransferEncoding) + stringsSize(h.Trailer) + headerSize(h.Header) + headerSize(h.ResponseHeader)
 	n += varintMax + len(h.Pattern) + stringsSize(h.PathValues)
+	n += varintMax + len(h.LocalAddr)
 	for _, s := range []string{h.Method, h.Scheme, h.Opaque, h.User, h.URLHost, h.Path, h.RawPath, h.RawQuery, h.Fragment, h.Proto, h.Host, h.RemoteAddr, h.RequestURI} {
 		n += varintMax + len(s)
 	}
