@@ -18,9 +18,11 @@
 // (server-sent events, with each module's last five minutes of requests/s,
 // p50/p99 latency, memory by slot and ended children, which the parent
 // measures itself: see live.go and metrics.go), a rolling restart of a
-// module at POST /api/modules/{name}/restart, and a readiness probe at
-// /readyz (see server.go); everything under /api/logs and /api/chaos is
-// forwarded to a module's child. Run it with
+// module at POST /api/modules/{name}/restart, a readiness probe at /readyz
+// (see server.go), and every module's metrics for Prometheus at /metrics
+// (the collector of github.com/fbbf71ac/subproc/prometheus, with the Go
+// runtime's and the process's); everything under /api/logs and /api/chaos
+// is forwarded to a module's child. Run it with
 //
 //	go run ./examples/dashboard
 //
@@ -48,6 +50,10 @@ import (
 	"time"
 
 	"github.com/fbbf71ac/subproc"
+	subprocprom "github.com/fbbf71ac/subproc/prometheus"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
 
 // shutdownTimeout bounds how long a Ctrl-C waits for in-flight requests,
@@ -161,9 +167,15 @@ func run(ctx context.Context, cfg config, ready func(url string)) (err error) {
 	// events outlives the modules: their last events arrive before
 	// stopModules returns.
 	events := new(eventRing)
-	modules, err := startModules(ctx, cfg, events.add)
+	// The collector counts the events, so it exists before the modules
+	// start; it reads their Stats at each scrape.
+	collector := subprocprom.NewCollector()
+	modules, err := startModules(ctx, cfg, collector.OnEvent(events.add))
 	if err != nil {
 		return err
+	}
+	for _, m := range modules {
+		collector.Add(m.h)
 	}
 	// The modules stop after the HTTP server, which stops first so that
 	// no new requests reach them.
@@ -181,6 +193,7 @@ func run(ctx context.Context, cfg config, ready func(url string)) (err error) {
 		w.Write(indexHTML)
 	})
 	newServer(modules, events, closing).register(mux)
+	mux.Handle("GET /metrics", metricsHandler(collector))
 	byName := make(map[string]*module)
 	for _, m := range modules {
 		byName[m.name] = m
@@ -326,6 +339,16 @@ func stopModules(modules []*module) error {
 		err = errors.Join(err, <-errs)
 	}
 	return err
+}
+
+// metricsHandler serves the metrics of collector, the Go runtime and the
+// process, in a registry of their own, in the Prometheus formats.
+func metricsHandler(collector *subprocprom.Collector) http.Handler {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collector,
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return promhttp.HandlerFor(reg, promhttp.HandlerOpts{})
 }
 
 // endOnShutdown cancels the requests h serves when stop is canceled.

@@ -21,6 +21,11 @@ import (
 	"time"
 
 	"github.com/fbbf71ac/subproc"
+	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 	"go.uber.org/goleak"
 )
 
@@ -1311,4 +1316,104 @@ func TestLogResume(t *testing.T) {
 	if !slices.Equal(got, want) {
 		t.Errorf("the streams gave\n%s\nwant the file's lines from byte %d to %d:\n%s", strings.Join(got, "\n"), start, end, strings.Join(want, "\n"))
 	}
+}
+
+// scrape returns GET /metrics, parsed by Prometheus's own text parser.
+func (d *testDashboard) scrape() map[string]*dto.MetricFamily {
+	d.t.Helper()
+	body := d.expect("GET", "/metrics", http.StatusOK)
+	p := expfmt.NewTextParser(model.UTF8Validation)
+	fams, err := p.TextToMetricFamilies(strings.NewReader(body))
+	require.NoError(d.t, err, "GET /metrics is not in the text format:\n%s", body)
+	return fams
+}
+
+// metricValue returns the value of the series of family name in fams with
+// the labels given as name, value pairs (and any others), failing the test
+// unless exactly one series has them.
+func metricValue(t *testing.T, fams map[string]*dto.MetricFamily, name string, labels ...string) float64 {
+	t.Helper()
+	fam := fams[name]
+	require.NotNil(t, fam, "GET /metrics has no %s", name)
+	var found []*dto.Metric
+	for _, m := range fam.Metric {
+		have := make(map[string]string)
+		for _, l := range m.Label {
+			have[l.GetName()] = l.GetValue()
+		}
+		ok := true
+		for i := 0; i+1 < len(labels); i += 2 {
+			ok = ok && have[labels[i]] == labels[i+1]
+		}
+		if ok {
+			found = append(found, m)
+		}
+	}
+	require.Len(t, found, 1, "the series of %s with labels %v", name, labels)
+	m := found[0]
+	switch {
+	case m.Gauge != nil:
+		return m.Gauge.GetValue()
+	case m.Counter != nil:
+		return m.Counter.GetValue()
+	case m.Untyped != nil:
+		return m.Untyped.GetValue()
+	}
+	t.Fatalf("%s%v is neither a gauge nor a counter: %v", name, labels, m)
+	return 0
+}
+
+// TestPrometheusMetrics scrapes GET /metrics, which the page links to: the
+// chaos pool's children and requests are those /api/state shows, and a
+// crash shows as a restart, an exit for the reason crash and a 502.
+func TestPrometheusMetrics(t *testing.T) {
+	d := startDashboard(t, testConfig())
+	d.waitPool("chaos", "a full pool", func(map[int]int) bool { return true })
+	assert.True(t, strings.Contains(d.expect("GET", "/", http.StatusOK), `href="/metrics"`), "the page does not link to /metrics")
+
+	for range 5 {
+		d.hello()
+	}
+	fams := d.scrape()
+	chaos := d.module(d.state(), "chaos")
+	running := 0
+	for _, c := range chaos.Children {
+		if c.State == "running" {
+			running++
+		}
+	}
+	require.Equal(t, 3, chaos.PoolSize)
+	assert.Equal(t, float64(chaos.PoolSize), metricValue(t, fams, "subproc_children", "module", "chaos", "state", "running"),
+		"the chaos pool's running children")
+	assert.Equal(t, float64(running), metricValue(t, fams, "subproc_children", "module", "chaos", "state", "running"))
+	assert.Equal(t, 1.0, metricValue(t, fams, "subproc_children", "module", "logs", "state", "running"))
+	for _, name := range moduleNames {
+		assert.Equal(t, 1.0, metricValue(t, fams, "subproc_ready", "module", name), "module %s ready", name)
+		assert.Equal(t, 1.0, metricValue(t, fams, "subproc_module_state", "module", name, "state", "running"), "module %s running", name)
+	}
+	assert.GreaterOrEqual(t, chaos.Requests, uint64(5))
+	assert.Equal(t, float64(chaos.Requests), metricValue(t, fams, "subproc_requests_total", "module", "chaos"),
+		"the chaos module's requests, as /api/state counts them")
+	assert.Equal(t, 0.0, metricValue(t, fams, "subproc_restarts_total", "module", "chaos"))
+	assert.Equal(t, 0.0, metricValue(t, fams, "subproc_child_exits_total", "module", "chaos", "reason", "crash"))
+	for slot := range 3 {
+		assert.Positive(t, metricValue(t, fams, "subproc_child_start_time_seconds", "module", "chaos", "slot", strconv.Itoa(slot)),
+			"slot %d's start time", slot)
+	}
+	// The Go runtime's and the process's metrics are there too.
+	assert.Positive(t, metricValue(t, fams, "go_goroutines"))
+	assert.Positive(t, metricValue(t, fams, "process_resident_memory_bytes"))
+
+	// A crash: a restart, an exit for the reason crash, and a 502. The
+	// collector counts the event before the dashboard's list shows it.
+	pool := d.waitPool("chaos", "a full pool", func(map[int]int) bool { return true })
+	d.expect("POST", "/api/chaos/crash", http.StatusBadGateway)
+	after := d.waitPool("chaos", "a new child after a crash", func(p map[int]int) bool { return len(changedSlots(pool, p)) == 1 })
+	d.waitEvent("chaos", "ChildExited", pool[changedSlots(pool, after)[0]])
+	fams = d.scrape()
+	assert.Equal(t, 1.0, metricValue(t, fams, "subproc_restarts_total", "module", "chaos"))
+	assert.Equal(t, 1.0, metricValue(t, fams, "subproc_child_exits_total", "module", "chaos", "reason", "crash"))
+	assert.Equal(t, 1.0, metricValue(t, fams, "subproc_request_failures_total", "module", "chaos", "outcome", "bad_gateway"))
+	assert.Equal(t, 3.0, metricValue(t, fams, "subproc_children", "module", "chaos", "state", "running"))
+	assert.Equal(t, 0.0, metricValue(t, fams, "subproc_restarts_total", "module", "logs"))
 }
