@@ -3,6 +3,7 @@ module github.com/fbbf71ac/subproc/examples/dashboard
 go 1.26.0
 
 require (
+	github.com/coder/websocket v1.8.14
 	github.com/fbbf71ac/subproc v0.0.0
 	github.com/fbbf71ac/subproc/prometheus v0.0.0
 	github.com/prometheus/client_golang v1.25.0

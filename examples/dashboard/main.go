@@ -22,7 +22,8 @@
 // (see server.go), and every module's metrics for Prometheus at /metrics
 // (the collector of github.com/fbbf71ac/subproc/prometheus, with the Go
 // runtime's and the process's); everything under /api/logs and /api/chaos
-// is forwarded to a module's child. Run it with
+// is forwarded to a module's child, the WebSocket of the page's live log,
+// GET /api/logs/ws, included (see logsws.go). Run it with
 //
 //	go run ./examples/dashboard
 //
@@ -75,6 +76,7 @@ type route struct {
 var routes = []route{
 	{"logs", http.MethodGet, "/api/logs/tail"},
 	{"logs", http.MethodGet, "/api/logs/stream"},
+	{"logs", http.MethodGet, "/api/logs/ws"},
 	{"chaos", http.MethodGet, "/api/chaos/hello"},
 	{"chaos", http.MethodPost, "/api/chaos/crash"},
 	{"chaos", http.MethodPost, "/api/chaos/panic"},
@@ -88,8 +90,14 @@ var routes = []route{
 
 // streamingPaths are the routes whose responses never end by themselves.
 // Their requests are canceled when the server shuts down, so that the
-// shutdown does not wait for them.
+// shutdown does not wait for them. (GET /api/logs/ws is not one: once its
+// connection is hijacked, the server no longer waits for it, and the logs
+// module ends it when its child drains.)
 var streamingPaths = map[string]bool{"/api/logs/stream": true, "/api/chaos/leak": true}
+
+// unmeasured are the routes that never end by themselves and so have no
+// latency to chart.
+var unmeasured = map[string]bool{"/api/logs/stream": true, "/api/logs/ws": true}
 
 // moduleNames is the order in which modules are started and listed.
 var moduleNames = []string{"logs", "chaos"}
@@ -201,8 +209,7 @@ func run(ctx context.Context, cfg config, ready func(url string)) (err error) {
 	for _, rt := range routes {
 		m := byName[rt.module]
 		var h http.Handler = m.h.Route(rt.path, rt.method)
-		if rt.path != "/api/logs/stream" {
-			// A stream that never ends by itself has no latency to chart.
+		if !unmeasured[rt.path] {
 			h = measure(m.metrics, h)
 		}
 		if streamingPaths[rt.path] {

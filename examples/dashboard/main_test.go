@@ -20,6 +20,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/coder/websocket"
+	"github.com/coder/websocket/wsjson"
 	"github.com/fbbf71ac/subproc"
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
@@ -1416,4 +1418,240 @@ func TestPrometheusMetrics(t *testing.T) {
 	assert.Equal(t, 1.0, metricValue(t, fams, "subproc_request_failures_total", "module", "chaos", "outcome", "bad_gateway"))
 	assert.Equal(t, 3.0, metricValue(t, fams, "subproc_children", "module", "chaos", "state", "running"))
 	assert.Equal(t, 0.0, metricValue(t, fams, "subproc_restarts_total", "module", "logs"))
+}
+
+// A logSocket is a client of GET /api/logs/ws: coder/websocket's.
+type logSocket struct {
+	t    *testing.T
+	c    *websocket.Conn
+	res  *http.Response // the answer to the handshake
+	msgs chan wsMessage // what the module sends; closed when a read fails
+	err  error          // the read's error; set before msgs is closed
+	done context.CancelFunc
+}
+
+// dialLogs opens GET /api/logs/ws?query, and reads its messages until it
+// closes, or the test ends.
+func dialLogs(t *testing.T, d *testDashboard, query string) *logSocket {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	url := "ws" + strings.TrimPrefix(d.base, "http") + "api/logs/ws?" + query
+	hctx, hcancel := context.WithTimeout(ctx, waitFor)
+	defer hcancel()
+	c, res, err := websocket.Dial(hctx, url, &websocket.DialOptions{
+		HTTPClient:      d.client,
+		CompressionMode: websocket.CompressionContextTakeover,
+	})
+	if err != nil {
+		cancel()
+		t.Fatalf("dialing %s: %v", url, err)
+	}
+	s := &logSocket{t: t, c: c, res: res, msgs: make(chan wsMessage, 1024), done: cancel}
+	go s.readLoop(ctx)
+	t.Cleanup(func() {
+		cancel()
+		c.CloseNow()
+		for range s.msgs {
+		}
+	})
+	return s
+}
+
+// readLoop sends each message to s.msgs until a read fails.
+func (s *logSocket) readLoop(ctx context.Context) {
+	defer close(s.msgs)
+	for {
+		var msg wsMessage
+		if err := wsjson.Read(ctx, s.c, &msg); err != nil {
+			s.err = err
+			return
+		}
+		select {
+		case s.msgs <- msg:
+		case <-ctx.Done():
+			s.err = ctx.Err()
+			return
+		}
+	}
+}
+
+// next returns the next message, failing the test if the socket closes or
+// none comes within waitFor.
+func (s *logSocket) next() wsMessage {
+	s.t.Helper()
+	select {
+	case msg, ok := <-s.msgs:
+		if !ok {
+			s.t.Fatalf("GET /api/logs/ws closed: %v", s.err)
+		}
+		return msg
+	case <-time.After(waitFor):
+		s.t.Fatalf("GET /api/logs/ws: no message within %v", waitFor)
+		return wsMessage{}
+	}
+}
+
+// send sends msg to the module.
+func (s *logSocket) send(msg wsMessage) {
+	s.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), waitFor)
+	defer cancel()
+	require.NoError(s.t, wsjson.Write(ctx, s.c, msg), "sending %+v", msg)
+}
+
+// lines reads messages, appending the lines to *got and failing the test
+// at another kind, until until holds for the last line.
+func (s *logSocket) lines(got *[]wsMessage, until func(wsMessage) bool) {
+	s.t.Helper()
+	for {
+		msg := s.next()
+		require.Equal(s.t, "line", msg.Type, "a message of GET /api/logs/ws: %+v", msg)
+		*got = append(*got, msg)
+		if until(msg) {
+			return
+		}
+	}
+}
+
+// waitClose reads the socket until it closes, appending its lines to *got,
+// and returns why it closed.
+func (s *logSocket) waitClose(got *[]wsMessage) error {
+	s.t.Helper()
+	timeout := time.After(waitFor)
+	for {
+		select {
+		case msg, ok := <-s.msgs:
+			if !ok {
+				return s.err
+			}
+			require.Equal(s.t, "line", msg.Type, "a message of GET /api/logs/ws: %+v", msg)
+			*got = append(*got, msg)
+		case <-timeout:
+			s.t.Fatalf("GET /api/logs/ws did not close within %v", waitFor)
+		}
+	}
+}
+
+// TestLogWebSocket follows the log over GET /api/logs/ws, as the page does:
+// the lines come in order with their offsets, a mark sent up the socket
+// comes back down as a line, a restart of the logs module closes the socket
+// with 1001 going away, and a new socket from the last line's next resumes
+// in the new child without a gap or a line twice. A shutdown ends an open
+// socket the same way, without waiting for the drain's grace.
+func TestLogWebSocket(t *testing.T) {
+	d := startDashboard(t, testConfig())
+	file := filepath.Join(d.logdir, "events.txt")
+	d.waitState("three lines in the file", func(stateView) bool {
+		b, _ := os.ReadFile(file)
+		return strings.Count(string(b), "\n") >= 3
+	})
+	oldPid := d.module(d.state(), "logs").Pid
+
+	// What the module refuses before the upgrade.
+	d.expect("GET", "/api/logs/ws", http.StatusUpgradeRequired)
+	d.expect("GET", "/api/logs/ws?from=x", http.StatusBadRequest)
+	d.expect("GET", "/api/logs/ws?tail=0", http.StatusBadRequest)
+
+	s := dialLogs(t, d, "tail=3")
+	assert.Contains(t, s.res.Header.Get("Sec-WebSocket-Extensions"), "permessage-deflate", "compression negotiated through the parent")
+	hello := s.next()
+	require.Equal(t, "hello", hello.Type, "the first message: %+v", hello)
+	assert.Equal(t, oldPid, hello.Pid, "the socket is served by the logs module's child")
+	assert.NotEqual(t, os.Getpid(), hello.Pid)
+
+	var got []wsMessage
+	s.lines(&got, func(wsMessage) bool { return len(got) == 3 })
+	assert.Equal(t, hello.Offset, got[0].Offset, "the first line starts where hello says")
+
+	// A mark comes back as a line, its newline a space; bad messages get
+	// an error, and the socket stays open.
+	s.send(wsMessage{Type: "mark", Text: "  from the\ntest  "})
+	s.lines(&got, func(l wsMessage) bool { return strings.Contains(l.Text, " mark: ") })
+	assert.Contains(t, got[len(got)-1].Text, fmt.Sprintf("pid=%d incarnation=", oldPid))
+	assert.True(t, strings.HasSuffix(got[len(got)-1].Text, " mark: from the test"), "the mark's line %q", got[len(got)-1].Text)
+	for _, bad := range []wsMessage{{Type: "mark", Text: " \n "}, {Type: "mark", Text: strings.Repeat("x", maxMark+1)}, {Type: "nosuch"}} {
+		s.send(bad)
+		for {
+			msg := s.next()
+			if msg.Type == "line" {
+				got = append(got, msg)
+				continue
+			}
+			require.Equal(t, "error", msg.Type, "the answer to %+v", bad)
+			assert.Regexp(t, `1 to 200 characters|unknown message type "nosuch"`, msg.Text)
+			break
+		}
+	}
+
+	// A restart closes the socket with a close frame, 1001, and does not
+	// wait for the drain's grace (longer than the client's timeout).
+	restarted := make(chan restartResult, 1)
+	go func() {
+		// Not d.restart: it may fail the test, and this is not the
+		// test's goroutine.
+		var res restartResult
+		status, _, body, err := d.try("POST", "/api/modules/logs/restart")
+		if err == nil && status == http.StatusOK {
+			err = json.Unmarshal([]byte(body), &res)
+		} else if err == nil {
+			res.Error = fmt.Sprintf("status %d: %s", status, body)
+		}
+		if err != nil {
+			res.Error = err.Error()
+		}
+		restarted <- res
+	}()
+	err := s.waitClose(&got)
+	assert.Equal(t, websocket.StatusGoingAway, websocket.CloseStatus(err), "the socket's end at the restart: %v", err)
+	var ce websocket.CloseError
+	if errors.As(err, &ce) {
+		assert.Equal(t, goingAway, ce.Reason)
+	}
+	res := <-restarted
+	require.True(t, res.OK, "restart of logs: %+v", res)
+	t.Logf("the logs module restarted in %s with a socket open", res.Took)
+
+	// A new socket from the last line's next reaches the new child and
+	// resumes there.
+	newPid := d.module(d.state(), "logs").Pid
+	require.NotEqual(t, oldPid, newPid)
+	last := got[len(got)-1].Next
+	s = dialLogs(t, d, "from="+strconv.FormatInt(last, 10))
+	hello = s.next()
+	require.Equal(t, "hello", hello.Type, "the first message: %+v", hello)
+	assert.Equal(t, newPid, hello.Pid, "the new socket is served by the new child")
+	assert.Equal(t, last, hello.Offset, "the new socket starts where the old one ended")
+	newLine := fmt.Sprintf("pid=%d ", newPid)
+	s.lines(&got, func(l wsMessage) bool { return strings.Contains(l.Text, newLine) })
+	s.send(wsMessage{Type: "mark", Text: "after the restart"})
+	s.lines(&got, func(l wsMessage) bool { return strings.HasSuffix(l.Text, " mark: after the restart") })
+	assert.Contains(t, got[len(got)-1].Text, newLine, "the new child appended the mark")
+
+	// The lines of both sockets are the file's, from the first on, each
+	// once, each at its offset.
+	b, err := os.ReadFile(file)
+	require.NoError(t, err)
+	for i, l := range got {
+		if i > 0 && l.Offset != got[i-1].Next {
+			t.Fatalf("line %d starts at byte %d, the one before it ended at %d: %+v after %+v", i, l.Offset, got[i-1].Next, l, got[i-1])
+		}
+		require.Less(t, l.Offset, l.Next)
+		require.LessOrEqual(t, l.Next, int64(len(b)))
+		require.Equal(t, string(b[l.Offset:l.Next]), l.Text+"\n", "line %d against the file", i)
+	}
+	start, end := got[0].Offset, got[len(got)-1].Next
+	want := strings.Split(strings.TrimSuffix(string(b[start:end]), "\n"), "\n")
+	texts := make([]string, len(got))
+	for i, l := range got {
+		texts[i] = l.Text
+	}
+	assert.Equal(t, want, texts, "the sockets' lines against the file's from byte %d to %d", start, end)
+
+	// A shutdown closes the socket with 1001 too; run returns nil, so the
+	// drain did not wait for its grace (longer than shutdownTimeout).
+	stopped := make(chan error, 1)
+	go func() { stopped <- d.stop() }()
+	err = s.waitClose(&got)
+	assert.Equal(t, websocket.StatusGoingAway, websocket.CloseStatus(err), "the socket's end at the shutdown: %v", err)
+	require.NoError(t, <-stopped, "run, with a socket open")
 }
