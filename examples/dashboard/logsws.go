@@ -62,14 +62,20 @@ const (
 // close frame's reason must fit in 123 bytes.
 const goingAway = "this child of the logs module is draining: reconnect with ?from="
 
-// wsMessage is one message of GET /api/logs/ws, either way.
+// wsMessage is one message of GET /api/logs/ws, either way, but hello.
 type wsMessage struct {
-	Type        string `json:"type"`                  // "hello", "line" or "error" from the module; "mark" from the client
-	Pid         int    `json:"pid,omitempty"`         // hello: the child's
-	Incarnation int    `json:"incarnation,omitempty"` // hello: the child's
-	Offset      int64  `json:"offset"`                // hello: where the lines start; line: where it starts
-	Next        int64  `json:"next,omitempty"`        // line: the offset just past it
-	Text        string `json:"text,omitempty"`        // line: the line; error: what went wrong; mark: what to append
+	Type   string `json:"type"`           // "line" or "error" from the module; "mark" from the client
+	Offset int64  `json:"offset"`         // line: where it starts
+	Next   int64  `json:"next,omitempty"` // line: the offset just past it
+	Text   string `json:"text,omitempty"` // line: the line; error: what went wrong; mark: what to append
+}
+
+// wsHello is the module's first message of GET /api/logs/ws.
+type wsHello struct {
+	Type        string `json:"type"` // "hello"
+	Pid         int    `json:"pid"`
+	Incarnation int    `json:"incarnation"`
+	Offset      int64  `json:"offset"` // where the lines start
 }
 
 // serveWebSocket answers GET /api/logs/ws: it follows the file from the
@@ -111,7 +117,10 @@ func (m *logsModule) serveWebSocket(w http.ResponseWriter, r *http.Request) {
 	read := make(chan error, 1) // readLoop's end
 	go func() { read <- m.readLoop(ctx, c, send) }()
 
-	if send(wsMessage{Type: "hello", Pid: os.Getpid(), Incarnation: m.env.Incarnation, Offset: off}) != nil {
+	hctx, cancel := context.WithTimeout(ctx, wsWriteTimeout)
+	err = wsjson.Write(hctx, c, wsHello{Type: "hello", Pid: os.Getpid(), Incarnation: m.env.Incarnation, Offset: off})
+	cancel()
+	if err != nil {
 		return
 	}
 	tick := time.NewTicker(followInterval)

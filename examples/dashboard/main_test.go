@@ -1420,13 +1420,21 @@ func TestPrometheusMetrics(t *testing.T) {
 	assert.Equal(t, 0.0, metricValue(t, fams, "subproc_restarts_total", "module", "logs"))
 }
 
+// wsReceived is a message of the module's on GET /api/logs/ws: a
+// wsMessage, or a wsHello.
+type wsReceived struct {
+	wsMessage
+	Pid         int `json:"pid"`
+	Incarnation int `json:"incarnation"`
+}
+
 // A logSocket is a client of GET /api/logs/ws: coder/websocket's.
 type logSocket struct {
 	t    *testing.T
 	c    *websocket.Conn
-	res  *http.Response // the answer to the handshake
-	msgs chan wsMessage // what the module sends; closed when a read fails
-	err  error          // the read's error; set before msgs is closed
+	res  *http.Response  // the answer to the handshake
+	msgs chan wsReceived // what the module sends; closed when a read fails
+	err  error           // the read's error; set before msgs is closed
 	done context.CancelFunc
 }
 
@@ -1446,7 +1454,7 @@ func dialLogs(t *testing.T, d *testDashboard, query string) *logSocket {
 		cancel()
 		t.Fatalf("dialing %s: %v", url, err)
 	}
-	s := &logSocket{t: t, c: c, res: res, msgs: make(chan wsMessage, 1024), done: cancel}
+	s := &logSocket{t: t, c: c, res: res, msgs: make(chan wsReceived, 1024), done: cancel}
 	go s.readLoop(ctx)
 	t.Cleanup(func() {
 		cancel()
@@ -1461,7 +1469,7 @@ func dialLogs(t *testing.T, d *testDashboard, query string) *logSocket {
 func (s *logSocket) readLoop(ctx context.Context) {
 	defer close(s.msgs)
 	for {
-		var msg wsMessage
+		var msg wsReceived
 		if err := wsjson.Read(ctx, s.c, &msg); err != nil {
 			s.err = err
 			return
@@ -1477,7 +1485,7 @@ func (s *logSocket) readLoop(ctx context.Context) {
 
 // next returns the next message, failing the test if the socket closes or
 // none comes within waitFor.
-func (s *logSocket) next() wsMessage {
+func (s *logSocket) next() wsReceived {
 	s.t.Helper()
 	select {
 	case msg, ok := <-s.msgs:
@@ -1487,7 +1495,7 @@ func (s *logSocket) next() wsMessage {
 		return msg
 	case <-time.After(waitFor):
 		s.t.Fatalf("GET /api/logs/ws: no message within %v", waitFor)
-		return wsMessage{}
+		return wsReceived{}
 	}
 }
 
@@ -1506,8 +1514,8 @@ func (s *logSocket) lines(got *[]wsMessage, until func(wsMessage) bool) {
 	for {
 		msg := s.next()
 		require.Equal(s.t, "line", msg.Type, "a message of GET /api/logs/ws: %+v", msg)
-		*got = append(*got, msg)
-		if until(msg) {
+		*got = append(*got, msg.wsMessage)
+		if until(msg.wsMessage) {
 			return
 		}
 	}
@@ -1525,7 +1533,7 @@ func (s *logSocket) waitClose(got *[]wsMessage) error {
 				return s.err
 			}
 			require.Equal(s.t, "line", msg.Type, "a message of GET /api/logs/ws: %+v", msg)
-			*got = append(*got, msg)
+			*got = append(*got, msg.wsMessage)
 		case <-timeout:
 			s.t.Fatalf("GET /api/logs/ws did not close within %v", waitFor)
 		}
@@ -1557,6 +1565,7 @@ func TestLogWebSocket(t *testing.T) {
 	hello := s.next()
 	require.Equal(t, "hello", hello.Type, "the first message: %+v", hello)
 	assert.Equal(t, oldPid, hello.Pid, "the socket is served by the logs module's child")
+	assert.Equal(t, d.module(d.state(), "logs").Incarnation, hello.Incarnation)
 	assert.NotEqual(t, os.Getpid(), hello.Pid)
 
 	var got []wsMessage
@@ -1574,7 +1583,7 @@ func TestLogWebSocket(t *testing.T) {
 		for {
 			msg := s.next()
 			if msg.Type == "line" {
-				got = append(got, msg)
+				got = append(got, msg.wsMessage)
 				continue
 			}
 			require.Equal(t, "error", msg.Type, "the answer to %+v", bad)
@@ -1620,6 +1629,7 @@ func TestLogWebSocket(t *testing.T) {
 	hello = s.next()
 	require.Equal(t, "hello", hello.Type, "the first message: %+v", hello)
 	assert.Equal(t, newPid, hello.Pid, "the new socket is served by the new child")
+	assert.Equal(t, d.module(d.state(), "logs").Incarnation, hello.Incarnation)
 	assert.Equal(t, last, hello.Offset, "the new socket starts where the old one ended")
 	newLine := fmt.Sprintf("pid=%d ", newPid)
 	s.lines(&got, func(l wsMessage) bool { return strings.Contains(l.Text, newLine) })
