@@ -2,7 +2,8 @@
 // modules, each in its own child process:
 //
 //   - logs appends a line to a file every 500ms and serves its tail and a
-//     live stream of it;
+//     live stream of it, also as a WebSocket, served in its child, that
+//     takes marks to append: the page's live log;
 //   - chaos runs in a pool of children (three by default, each replaced
 //     after about 100 requests) and has endpoints that crash, panic, hang
 //     or otherwise abuse the child that serves them, so that you can watch
