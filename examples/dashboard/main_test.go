@@ -1376,8 +1376,12 @@ func TestPrometheusMetrics(t *testing.T) {
 	for range 5 {
 		d.hello()
 	}
+	// The parent counts a request once its handler returns, which may be
+	// just after the client has the answer.
+	chaos := d.module(d.waitState("5 requests counted", func(st stateView) bool {
+		return d.module(st, "chaos").Requests == 5
+	}), "chaos")
 	fams := d.scrape()
-	chaos := d.module(d.state(), "chaos")
 	running := 0
 	for _, c := range chaos.Children {
 		if c.State == "running" {
@@ -1393,8 +1397,7 @@ func TestPrometheusMetrics(t *testing.T) {
 		assert.Equal(t, 1.0, metricValue(t, fams, "subproc_ready", "module", name), "module %s ready", name)
 		assert.Equal(t, 1.0, metricValue(t, fams, "subproc_module_state", "module", name, "state", "running"), "module %s running", name)
 	}
-	assert.GreaterOrEqual(t, chaos.Requests, uint64(5))
-	assert.Equal(t, float64(chaos.Requests), metricValue(t, fams, "subproc_requests_total", "module", "chaos"),
+	assert.Equal(t, 5.0, metricValue(t, fams, "subproc_requests_total", "module", "chaos"),
 		"the chaos module's requests, as /api/state counts them")
 	assert.Equal(t, 0.0, metricValue(t, fams, "subproc_restarts_total", "module", "chaos"))
 	assert.Equal(t, 0.0, metricValue(t, fams, "subproc_child_exits_total", "module", "chaos", "reason", "crash"))
@@ -1544,8 +1547,9 @@ func (s *logSocket) waitClose(got *[]wsMessage) error {
 // the lines come in order with their offsets, a mark sent up the socket
 // comes back down as a line, a restart of the logs module closes the socket
 // with 1001 going away, and a new socket from the last line's next resumes
-// in the new child without a gap or a line twice. A shutdown ends an open
-// socket the same way, without waiting for the drain's grace.
+// in the new child without a gap or a line twice; so does one after the
+// child is killed. A shutdown ends an open socket with 1001 too, without
+// waiting for the drain's grace.
 func TestLogWebSocket(t *testing.T) {
 	d := startDashboard(t, testConfig())
 	file := filepath.Join(d.logdir, "events.txt")
@@ -1637,7 +1641,28 @@ func TestLogWebSocket(t *testing.T) {
 	s.lines(&got, func(l wsMessage) bool { return strings.HasSuffix(l.Text, " mark: after the restart") })
 	assert.Contains(t, got[len(got)-1].Text, newLine, "the new child appended the mark")
 
-	// The lines of both sockets are the file's, from the first on, each
+	// A crash of the logs child ends the socket without a close frame;
+	// a new socket from the last line's next resumes in the child that
+	// replaces it.
+	require.NoError(t, syscall.Kill(newPid, syscall.SIGKILL))
+	err = s.waitClose(&got)
+	assert.Equal(t, websocket.StatusCode(-1), websocket.CloseStatus(err), "the socket's end at the crash, without a close frame: %v", err)
+	d.waitEvent("logs", "ChildExited", newPid)
+	var crashPid int
+	d.waitState("a new logs child after the crash", func(st stateView) bool {
+		ms := d.module(st, "logs")
+		crashPid = ms.Pid
+		return ms.Ready && ms.Pid != newPid && ms.Pid != 0
+	})
+	last = got[len(got)-1].Next
+	s = dialLogs(t, d, "from="+strconv.FormatInt(last, 10))
+	hello = s.next()
+	require.Equal(t, "hello", hello.Type, "the first message: %+v", hello)
+	assert.Equal(t, crashPid, hello.Pid, "the socket after the crash is served by the new child")
+	assert.Equal(t, last, hello.Offset, "the socket after the crash starts where the one before ended")
+	s.lines(&got, func(l wsMessage) bool { return strings.Contains(l.Text, fmt.Sprintf("pid=%d ", crashPid)) })
+
+	// The lines of all the sockets are the file's, from the first on, each
 	// once, each at its offset.
 	b, err := os.ReadFile(file)
 	require.NoError(t, err)
