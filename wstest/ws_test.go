@@ -1,7 +1,7 @@
 // Package wstest runs gorilla/websocket and coder/websocket servers in
-// subproc modules, driven by each library's own Go client, through a
-// Handle. It is a module of its own so that the WebSocket libraries stay
-// out of the library's go.mod.
+// subproc modules, driven by each library's own Go client, and by headless
+// Chromium (browser_test.go), through a Handle. It is a module of its own so
+// that the WebSocket libraries and chromedp stay out of the library's go.mod.
 package wstest
 
 import (

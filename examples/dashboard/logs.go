@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/fbbf71ac/subproc"
@@ -19,16 +20,18 @@ import (
 
 // The logs module stands for a module that owns a log file: it appends a
 // timestamped line to the file every half second, serves the file's last
-// lines (GET /api/logs/tail?n=20) and follows it as a server-sent event
-// stream (GET /api/logs/stream).
+// lines (GET /api/logs/tail?n=20), follows it as a server-sent event stream
+// (GET /api/logs/stream), and as a WebSocket (GET /api/logs/ws, in
+// logsws.go) that also takes lines to append, which the page's log pane
+// uses.
 //
-// The stream resumes where it left off: each line's event id is the offset
-// in the file just past it, and a stream starts at the offset of the
-// Last-Event-ID header, which EventSource sends when it reconnects, or else
-// of ?from=, which the tail's X-Log-Offset header gives. The file is
-// appended to by every incarnation of the module, so a client that
-// reconnects after a restart gets the lines the old child wrote after the
-// stream ended, then the new child's, and none twice.
+// Both follows resume where they left off: each line comes with the offset
+// in the file just past it, and a follow starts at such an offset: the
+// Last-Event-ID header, which EventSource sends when it reconnects, or
+// ?from=, which the tail's X-Log-Offset header gives. The file is appended
+// to by every incarnation of the module, so a client that reconnects after
+// a restart gets the lines the old child wrote after it lost the old one,
+// then the new child's, and none twice.
 
 func init() { subproc.Register("logs", newLogsModule) }
 
@@ -49,7 +52,12 @@ const maxTail = 1000
 // logsModule serves one log file.
 type logsModule struct {
 	file string          // fixed
+	env  *subproc.Env    // fixed
 	ctx  context.Context // fixed; the ModuleFunc's: ends when the child begins to drain
+
+	mu      sync.Mutex    // guards the fields below
+	out     *os.File      // the file, open for appending; nil once appendLoop has closed it
+	changed chan struct{} // closed, and replaced, when this child appends a line
 }
 
 // newLogsModule is the logs module's subproc.ModuleFunc. It starts the
@@ -72,37 +80,71 @@ func newLogsModule(ctx context.Context, env *subproc.Env) (http.Handler, error) 
 		return nil, err // the parent's *StartError shows it
 	}
 	env.Logger.Info("logs module started", "file", cfg.File, "incarnation", env.Incarnation)
-	go appendLoop(ctx, env, f)
+	m := &logsModule{file: cfg.File, env: env, ctx: ctx, out: f, changed: make(chan struct{})}
+	go m.appendLoop()
 
-	m := &logsModule{file: cfg.File, ctx: ctx}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /api/logs/tail", m.serveTail)
 	mux.HandleFunc("GET /api/logs/stream", m.serveStream)
+	mux.HandleFunc("GET /api/logs/ws", m.serveWebSocket)
 	return mux, nil
 }
 
-// appendLoop appends a timestamped line to f now and every appendInterval,
-// until ctx ends; then it closes f. It also records every tenth line in the
-// module's own log, env.Logger.
-func appendLoop(ctx context.Context, env *subproc.Env, f *os.File) {
-	defer f.Close()
+// appendLoop appends a timestamped line to the file now and every
+// appendInterval, until the module's ctx ends; then it closes the file. It
+// also records every tenth line in the module's own log, env.Logger.
+func (m *logsModule) appendLoop() {
+	defer func() {
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		m.out.Close()
+		m.out = nil
+	}()
 	tick := time.NewTicker(appendInterval)
 	defer tick.Stop()
 	for seq := 0; ; seq++ {
-		line := fmt.Sprintf("%s pid=%d incarnation=%d seq=%d\n",
-			time.Now().Format(time.RFC3339Nano), os.Getpid(), env.Incarnation, seq)
-		if _, err := f.WriteString(line); err != nil {
-			env.Logger.Error("appending to the file", "err", err)
+		if err := m.appendLine(fmt.Sprintf("seq=%d", seq)); err != nil {
+			m.env.Logger.Error("appending to the file", "err", err)
 		}
 		if seq%10 == 0 {
-			env.Logger.Info("appended", "seq", seq)
+			m.env.Logger.Info("appended", "seq", seq)
 		}
 		select {
-		case <-ctx.Done():
+		case <-m.ctx.Done():
 			return
 		case <-tick.C:
 		}
 	}
+}
+
+// appendLine appends a line to the file: the time, the child's pid and
+// incarnation, then text, which must hold no newline. The line is one
+// write to a file opened with O_APPEND, so that it lands whole after the
+// lines of every other writer, another incarnation's too. Then it wakes
+// the follows of this child.
+func (m *logsModule) appendLine(text string) error {
+	line := fmt.Sprintf("%s pid=%d incarnation=%d %s\n",
+		time.Now().Format(time.RFC3339Nano), os.Getpid(), m.env.Incarnation, text)
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.out == nil {
+		return errors.New("this child of the logs module is draining and appends no more: send it again once the page has reconnected")
+	}
+	if _, err := m.out.WriteString(line); err != nil {
+		return err
+	}
+	close(m.changed)
+	m.changed = make(chan struct{})
+	return nil
+}
+
+// appended returns a channel closed when this child next appends a line.
+// Lines another child appends (as while one replaces the other) show no
+// sooner than the next followInterval.
+func (m *logsModule) appended() <-chan struct{} {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.changed
 }
 
 // serveTail answers with the file's last n lines as plain text.
@@ -198,29 +240,24 @@ func startOffset(r *http.Request, size int64) (int64, error) {
 
 // serveStream follows the file as text/event-stream: one event per line
 // from the offset startOffset gives, with the offset past the line as its
-// id, flushed as it comes, until the client
-// goes away or the child begins to drain (at a restart or a shutdown). A
-// stream never ends by itself, so it must end at a drain, or the drain
-// would wait for it until its grace period ends; the client (EventSource
-// does) reconnects, and reaches the child that replaces this one.
+// id, flushed as it comes, until the client goes away or the child begins
+// to drain (at a restart or a shutdown). A stream never ends by itself, so
+// it must end at a drain, or the drain would wait for it until its grace
+// period ends; the client (EventSource does) reconnects, and reaches the
+// child that replaces this one.
 func (m *logsModule) serveStream(w http.ResponseWriter, r *http.Request) {
-	f, err := os.Open(m.file)
+	fl, err := openFollower(m.file)
 	if err != nil {
 		http.Error(w, err.Error(), http.StatusInternalServerError)
 		return
 	}
-	defer f.Close()
-	fi, err := f.Stat()
-	if err != nil {
-		http.Error(w, err.Error(), http.StatusInternalServerError)
-		return
-	}
-	off, err := startOffset(r, fi.Size())
+	defer fl.close()
+	off, err := startOffset(r, fl.size)
 	if err != nil {
 		http.Error(w, err.Error(), http.StatusBadRequest)
 		return
 	}
-	if _, err := f.Seek(off, io.SeekStart); err != nil {
+	if err := fl.seek(off); err != nil {
 		http.Error(w, err.Error(), http.StatusInternalServerError)
 		return
 	}
@@ -235,22 +272,17 @@ func (m *logsModule) serveStream(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 
-	rd := bufio.NewReader(f)
-	var partial []byte // a line read up to the file's current end
 	tick := time.NewTicker(followInterval)
 	defer tick.Stop()
 	for {
+		changed := m.appended() // before reading, so that no line is missed
 		sent := false
 		for {
-			chunk, err := rd.ReadBytes('\n')
-			partial = append(partial, chunk...)
-			if err != nil {
-				break // io.EOF: wait for more
+			line, _, end, ok := fl.next()
+			if !ok {
+				break
 			}
-			off += int64(len(partial))
-			line := bytes.TrimRight(partial, "\r\n")
-			partial = partial[:0]
-			if _, err := fmt.Fprintf(w, "id: %d\ndata: %s\n\n", off, line); err != nil {
+			if _, err := fmt.Fprintf(w, "id: %d\ndata: %s\n\n", end, line); err != nil {
 				return
 			}
 			sent = true
@@ -265,7 +297,63 @@ func (m *logsModule) serveStream(w http.ResponseWriter, r *http.Request) {
 			return
 		case <-m.ctx.Done():
 			return
+		case <-changed:
 		case <-tick.C:
 		}
 	}
 }
+
+// A follower reads a file's complete lines, from an offset on, as they are
+// appended. It is used by one goroutine.
+type follower struct {
+	f       *os.File      // fixed
+	size    int64         // fixed; the file's size when it was opened
+	rd      *bufio.Reader // reads f from off + len(partial)
+	off     int64         // the offset of the next line
+	partial []byte        // the start of the next line, read up to the file's end
+}
+
+// openFollower opens the file at path, to follow from its start until
+// seek says otherwise.
+func openFollower(path string) (*follower, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	return &follower{f: f, size: fi.Size(), rd: bufio.NewReader(f)}, nil
+}
+
+// seek makes off the offset of the next line.
+func (fl *follower) seek(off int64) error {
+	if _, err := fl.f.Seek(off, io.SeekStart); err != nil {
+		return err
+	}
+	fl.rd.Reset(fl.f)
+	fl.off, fl.partial = off, fl.partial[:0]
+	return nil
+}
+
+// next returns the next complete line in the file, without its newline,
+// the offset where it starts and the one just past it; ok is false if the
+// file holds no complete line past the last one returned yet. The line is
+// valid until the next call.
+func (fl *follower) next() (line []byte, start, end int64, ok bool) {
+	chunk, err := fl.rd.ReadBytes('\n')
+	fl.partial = append(fl.partial, chunk...)
+	if err != nil {
+		return nil, 0, 0, false // io.EOF: a later call reads on
+	}
+	start = fl.off
+	fl.off += int64(len(fl.partial))
+	line = bytes.TrimRight(fl.partial, "\r\n")
+	fl.partial = fl.partial[:0]
+	return line, start, fl.off, true
+}
+
+// close closes the file.
+func (fl *follower) close() { fl.f.Close() }

@@ -2,7 +2,8 @@
 // modules, each in its own child process:
 //
 //   - logs appends a line to a file every 500ms and serves its tail and a
-//     live stream of it;
+//     live stream of it, also as a WebSocket, served in its child, that
+//     takes marks to append: the page's live log;
 //   - chaos runs in a pool of children (three by default, each replaced
 //     after about 100 requests) and has endpoints that crash, panic, hang
 //     or otherwise abuse the child that serves them, so that you can watch
@@ -18,9 +19,12 @@
 // (server-sent events, with each module's last five minutes of requests/s,
 // p50/p99 latency, memory by slot and ended children, which the parent
 // measures itself: see live.go and metrics.go), a rolling restart of a
-// module at POST /api/modules/{name}/restart, and a readiness probe at
-// /readyz (see server.go); everything under /api/logs and /api/chaos is
-// forwarded to a module's child. Run it with
+// module at POST /api/modules/{name}/restart, a readiness probe at /readyz
+// (see server.go), and every module's metrics for Prometheus at /metrics
+// (the collector of github.com/fbbf71ac/subproc/prometheus, with the Go
+// runtime's and the process's); everything under /api/logs and /api/chaos
+// is forwarded to a module's child, the WebSocket of the page's live log,
+// GET /api/logs/ws, included (see logsws.go). Run it with
 //
 //	go run ./examples/dashboard
 //
@@ -48,6 +52,10 @@ import (
 	"time"
 
 	"github.com/fbbf71ac/subproc"
+	subprocprom "github.com/fbbf71ac/subproc/prometheus"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
 
 // shutdownTimeout bounds how long a Ctrl-C waits for in-flight requests,
@@ -69,6 +77,7 @@ type route struct {
 var routes = []route{
 	{"logs", http.MethodGet, "/api/logs/tail"},
 	{"logs", http.MethodGet, "/api/logs/stream"},
+	{"logs", http.MethodGet, "/api/logs/ws"},
 	{"chaos", http.MethodGet, "/api/chaos/hello"},
 	{"chaos", http.MethodPost, "/api/chaos/crash"},
 	{"chaos", http.MethodPost, "/api/chaos/panic"},
@@ -82,8 +91,14 @@ var routes = []route{
 
 // streamingPaths are the routes whose responses never end by themselves.
 // Their requests are canceled when the server shuts down, so that the
-// shutdown does not wait for them.
+// shutdown does not wait for them. (GET /api/logs/ws is not one: once its
+// connection is hijacked, the server no longer waits for it, and the logs
+// module ends it when its child drains.)
 var streamingPaths = map[string]bool{"/api/logs/stream": true, "/api/chaos/leak": true}
+
+// unmeasured are the routes that never end by themselves and so have no
+// latency to chart.
+var unmeasured = map[string]bool{"/api/logs/stream": true, "/api/logs/ws": true}
 
 // moduleNames is the order in which modules are started and listed.
 var moduleNames = []string{"logs", "chaos"}
@@ -161,9 +176,15 @@ func run(ctx context.Context, cfg config, ready func(url string)) (err error) {
 	// events outlives the modules: their last events arrive before
 	// stopModules returns.
 	events := new(eventRing)
-	modules, err := startModules(ctx, cfg, events.add)
+	// The collector counts the events, so it exists before the modules
+	// start; it reads their Stats at each scrape.
+	collector := subprocprom.NewCollector()
+	modules, err := startModules(ctx, cfg, collector.OnEvent(events.add))
 	if err != nil {
 		return err
+	}
+	for _, m := range modules {
+		collector.Add(m.h)
 	}
 	// The modules stop after the HTTP server, which stops first so that
 	// no new requests reach them.
@@ -181,6 +202,7 @@ func run(ctx context.Context, cfg config, ready func(url string)) (err error) {
 		w.Write(indexHTML)
 	})
 	newServer(modules, events, closing).register(mux)
+	mux.Handle("GET /metrics", metricsHandler(collector))
 	byName := make(map[string]*module)
 	for _, m := range modules {
 		byName[m.name] = m
@@ -188,8 +210,7 @@ func run(ctx context.Context, cfg config, ready func(url string)) (err error) {
 	for _, rt := range routes {
 		m := byName[rt.module]
 		var h http.Handler = m.h.Route(rt.path, rt.method)
-		if rt.path != "/api/logs/stream" {
-			// A stream that never ends by itself has no latency to chart.
+		if !unmeasured[rt.path] {
 			h = measure(m.metrics, h)
 		}
 		if streamingPaths[rt.path] {
@@ -326,6 +347,16 @@ func stopModules(modules []*module) error {
 		err = errors.Join(err, <-errs)
 	}
 	return err
+}
+
+// metricsHandler serves the metrics of collector, the Go runtime and the
+// process, in a registry of their own, in the Prometheus formats.
+func metricsHandler(collector *subprocprom.Collector) http.Handler {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collector,
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return promhttp.HandlerFor(reg, promhttp.HandlerOpts{})
 }
 
 // endOnShutdown cancels the requests h serves when stop is canceled.

@@ -20,7 +20,14 @@ import (
 	"testing"
 	"time"
 
+	"github.com/coder/websocket"
+	"github.com/coder/websocket/wsjson"
 	"github.com/fbbf71ac/subproc"
+	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 	"go.uber.org/goleak"
 )
 
@@ -1311,4 +1318,369 @@ func TestLogResume(t *testing.T) {
 	if !slices.Equal(got, want) {
 		t.Errorf("the streams gave\n%s\nwant the file's lines from byte %d to %d:\n%s", strings.Join(got, "\n"), start, end, strings.Join(want, "\n"))
 	}
+}
+
+// scrape returns GET /metrics, parsed by Prometheus's own text parser.
+func (d *testDashboard) scrape() map[string]*dto.MetricFamily {
+	d.t.Helper()
+	body := d.expect("GET", "/metrics", http.StatusOK)
+	p := expfmt.NewTextParser(model.UTF8Validation)
+	fams, err := p.TextToMetricFamilies(strings.NewReader(body))
+	require.NoError(d.t, err, "GET /metrics is not in the text format:\n%s", body)
+	return fams
+}
+
+// metricValue returns the value of the series of family name in fams with
+// the labels given as name, value pairs (and any others), failing the test
+// unless exactly one series has them.
+func metricValue(t *testing.T, fams map[string]*dto.MetricFamily, name string, labels ...string) float64 {
+	t.Helper()
+	fam := fams[name]
+	require.NotNil(t, fam, "GET /metrics has no %s", name)
+	var found []*dto.Metric
+	for _, m := range fam.Metric {
+		have := make(map[string]string)
+		for _, l := range m.Label {
+			have[l.GetName()] = l.GetValue()
+		}
+		ok := true
+		for i := 0; i+1 < len(labels); i += 2 {
+			ok = ok && have[labels[i]] == labels[i+1]
+		}
+		if ok {
+			found = append(found, m)
+		}
+	}
+	require.Len(t, found, 1, "the series of %s with labels %v", name, labels)
+	m := found[0]
+	switch {
+	case m.Gauge != nil:
+		return m.Gauge.GetValue()
+	case m.Counter != nil:
+		return m.Counter.GetValue()
+	case m.Untyped != nil:
+		return m.Untyped.GetValue()
+	}
+	t.Fatalf("%s%v is neither a gauge nor a counter: %v", name, labels, m)
+	return 0
+}
+
+// TestPrometheusMetrics scrapes GET /metrics, which the page links to: the
+// chaos pool's children and requests are those /api/state shows, and a
+// crash shows as a restart, an exit for the reason crash and a 502.
+func TestPrometheusMetrics(t *testing.T) {
+	d := startDashboard(t, testConfig())
+	d.waitPool("chaos", "a full pool", func(map[int]int) bool { return true })
+	assert.True(t, strings.Contains(d.expect("GET", "/", http.StatusOK), `href="/metrics"`), "the page does not link to /metrics")
+
+	for range 5 {
+		d.hello()
+	}
+	// The parent counts a request once its handler returns, which may be
+	// just after the client has the answer.
+	chaos := d.module(d.waitState("5 requests counted", func(st stateView) bool {
+		return d.module(st, "chaos").Requests == 5
+	}), "chaos")
+	fams := d.scrape()
+	running := 0
+	for _, c := range chaos.Children {
+		if c.State == "running" {
+			running++
+		}
+	}
+	require.Equal(t, 3, chaos.PoolSize)
+	assert.Equal(t, float64(chaos.PoolSize), metricValue(t, fams, "subproc_children", "module", "chaos", "state", "running"),
+		"the chaos pool's running children")
+	assert.Equal(t, float64(running), metricValue(t, fams, "subproc_children", "module", "chaos", "state", "running"))
+	assert.Equal(t, 1.0, metricValue(t, fams, "subproc_children", "module", "logs", "state", "running"))
+	for _, name := range moduleNames {
+		assert.Equal(t, 1.0, metricValue(t, fams, "subproc_ready", "module", name), "module %s ready", name)
+		assert.Equal(t, 1.0, metricValue(t, fams, "subproc_module_state", "module", name, "state", "running"), "module %s running", name)
+	}
+	assert.Equal(t, 5.0, metricValue(t, fams, "subproc_requests_total", "module", "chaos"),
+		"the chaos module's requests, as /api/state counts them")
+	assert.Equal(t, 0.0, metricValue(t, fams, "subproc_restarts_total", "module", "chaos"))
+	assert.Equal(t, 0.0, metricValue(t, fams, "subproc_child_exits_total", "module", "chaos", "reason", "crash"))
+	for slot := range 3 {
+		assert.Positive(t, metricValue(t, fams, "subproc_child_start_time_seconds", "module", "chaos", "slot", strconv.Itoa(slot)),
+			"slot %d's start time", slot)
+	}
+	// The Go runtime's and the process's metrics are there too.
+	assert.Positive(t, metricValue(t, fams, "go_goroutines"))
+	assert.Positive(t, metricValue(t, fams, "process_resident_memory_bytes"))
+
+	// A crash: a restart, an exit for the reason crash, and a 502. The
+	// collector counts the event before the dashboard's list shows it.
+	pool := d.waitPool("chaos", "a full pool", func(map[int]int) bool { return true })
+	d.expect("POST", "/api/chaos/crash", http.StatusBadGateway)
+	after := d.waitPool("chaos", "a new child after a crash", func(p map[int]int) bool { return len(changedSlots(pool, p)) == 1 })
+	d.waitEvent("chaos", "ChildExited", pool[changedSlots(pool, after)[0]])
+	fams = d.scrape()
+	assert.Equal(t, 1.0, metricValue(t, fams, "subproc_restarts_total", "module", "chaos"))
+	assert.Equal(t, 1.0, metricValue(t, fams, "subproc_child_exits_total", "module", "chaos", "reason", "crash"))
+	assert.Equal(t, 1.0, metricValue(t, fams, "subproc_request_failures_total", "module", "chaos", "outcome", "bad_gateway"))
+	assert.Equal(t, 3.0, metricValue(t, fams, "subproc_children", "module", "chaos", "state", "running"))
+	assert.Equal(t, 0.0, metricValue(t, fams, "subproc_restarts_total", "module", "logs"))
+}
+
+// wsReceived is a message of the module's on GET /api/logs/ws: a
+// wsMessage, or a wsHello.
+type wsReceived struct {
+	wsMessage
+	Pid         int `json:"pid"`
+	Incarnation int `json:"incarnation"`
+}
+
+// A logSocket is a client of GET /api/logs/ws: coder/websocket's.
+type logSocket struct {
+	t    *testing.T
+	c    *websocket.Conn
+	msgs chan wsReceived // what the module sends; closed when a read fails
+	err  error           // the read's error; set before msgs is closed
+}
+
+// dialLogs opens GET /api/logs/ws?query, and reads its messages until it
+// closes, or the test ends.
+func dialLogs(t *testing.T, d *testDashboard, query string) *logSocket {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	url := "ws" + strings.TrimPrefix(d.base, "http") + "api/logs/ws?" + query
+	hctx, hcancel := context.WithTimeout(ctx, waitFor)
+	defer hcancel()
+	c, _, err := websocket.Dial(hctx, url, &websocket.DialOptions{HTTPClient: d.client})
+	if err != nil {
+		cancel()
+		t.Fatalf("dialing %s: %v", url, err)
+	}
+	s := &logSocket{t: t, c: c, msgs: make(chan wsReceived, 1024)}
+	go s.readLoop(ctx)
+	t.Cleanup(func() {
+		cancel()
+		c.CloseNow()
+		for range s.msgs {
+		}
+	})
+	return s
+}
+
+// readLoop sends each message to s.msgs until a read fails.
+func (s *logSocket) readLoop(ctx context.Context) {
+	defer close(s.msgs)
+	for {
+		var msg wsReceived
+		if err := wsjson.Read(ctx, s.c, &msg); err != nil {
+			s.err = err
+			return
+		}
+		select {
+		case s.msgs <- msg:
+		case <-ctx.Done():
+			s.err = ctx.Err()
+			return
+		}
+	}
+}
+
+// next returns the next message, failing the test if the socket closes or
+// none comes within waitFor.
+func (s *logSocket) next() wsReceived {
+	s.t.Helper()
+	select {
+	case msg, ok := <-s.msgs:
+		if !ok {
+			s.t.Fatalf("GET /api/logs/ws closed: %v", s.err)
+		}
+		return msg
+	case <-time.After(waitFor):
+		s.t.Fatalf("GET /api/logs/ws: no message within %v", waitFor)
+		return wsReceived{}
+	}
+}
+
+// send sends msg to the module.
+func (s *logSocket) send(msg wsMessage) {
+	s.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), waitFor)
+	defer cancel()
+	require.NoError(s.t, wsjson.Write(ctx, s.c, msg), "sending %+v", msg)
+}
+
+// lines reads messages, appending the lines to *got and failing the test
+// at another kind, until until holds for the last line.
+func (s *logSocket) lines(got *[]wsMessage, until func(wsMessage) bool) {
+	s.t.Helper()
+	for {
+		msg := s.next()
+		require.Equal(s.t, "line", msg.Type, "a message of GET /api/logs/ws: %+v", msg)
+		*got = append(*got, msg.wsMessage)
+		if until(msg.wsMessage) {
+			return
+		}
+	}
+}
+
+// waitClose reads the socket until it closes, appending its lines to *got,
+// and returns why it closed.
+func (s *logSocket) waitClose(got *[]wsMessage) error {
+	s.t.Helper()
+	timeout := time.After(waitFor)
+	for {
+		select {
+		case msg, ok := <-s.msgs:
+			if !ok {
+				return s.err
+			}
+			require.Equal(s.t, "line", msg.Type, "a message of GET /api/logs/ws: %+v", msg)
+			*got = append(*got, msg.wsMessage)
+		case <-timeout:
+			s.t.Fatalf("GET /api/logs/ws did not close within %v", waitFor)
+		}
+	}
+}
+
+// TestLogWebSocket follows the log over GET /api/logs/ws, as the page does:
+// the lines come in order with their offsets, a mark sent up the socket
+// comes back down as a line, a restart of the logs module closes the socket
+// with 1001 going away, and a new socket from the last line's next resumes
+// in the new child without a gap or a line twice; so does one after the
+// child is killed. A shutdown ends an open socket with 1001 too, without
+// waiting for the drain's grace.
+func TestLogWebSocket(t *testing.T) {
+	d := startDashboard(t, testConfig())
+	file := filepath.Join(d.logdir, "events.txt")
+	d.waitState("three lines in the file", func(stateView) bool {
+		b, _ := os.ReadFile(file)
+		return strings.Count(string(b), "\n") >= 3
+	})
+	oldPid := d.module(d.state(), "logs").Pid
+
+	// What the module refuses before the upgrade.
+	d.expect("GET", "/api/logs/ws", http.StatusUpgradeRequired)
+	d.expect("GET", "/api/logs/ws?from=x", http.StatusBadRequest)
+	d.expect("GET", "/api/logs/ws?tail=0", http.StatusBadRequest)
+
+	s := dialLogs(t, d, "tail=3")
+	hello := s.next()
+	require.Equal(t, "hello", hello.Type, "the first message: %+v", hello)
+	assert.Equal(t, oldPid, hello.Pid, "the socket is served by the logs module's child")
+	assert.Equal(t, d.module(d.state(), "logs").Incarnation, hello.Incarnation)
+	assert.NotEqual(t, os.Getpid(), hello.Pid)
+
+	var got []wsMessage
+	s.lines(&got, func(wsMessage) bool { return len(got) == 3 })
+	assert.Equal(t, hello.Offset, got[0].Offset, "the first line starts where hello says")
+
+	// A mark comes back as a line, its newline a space; bad messages get
+	// an error, and the socket stays open.
+	s.send(wsMessage{Type: "mark", Text: "  from the\ntest  "})
+	s.lines(&got, func(l wsMessage) bool { return strings.Contains(l.Text, " mark: ") })
+	assert.Contains(t, got[len(got)-1].Text, fmt.Sprintf("pid=%d incarnation=", oldPid))
+	assert.True(t, strings.HasSuffix(got[len(got)-1].Text, " mark: from the test"), "the mark's line %q", got[len(got)-1].Text)
+	for _, bad := range []wsMessage{{Type: "mark", Text: " \n "}, {Type: "mark", Text: strings.Repeat("x", maxMark+1)}, {Type: "nosuch"}} {
+		s.send(bad)
+		for {
+			msg := s.next()
+			if msg.Type == "line" {
+				got = append(got, msg.wsMessage)
+				continue
+			}
+			require.Equal(t, "error", msg.Type, "the answer to %+v", bad)
+			assert.Regexp(t, `1 to 200 characters|unknown message type "nosuch"`, msg.Text)
+			break
+		}
+	}
+
+	// A restart closes the socket with a close frame, 1001, and does not
+	// wait for the drain's grace (longer than the client's timeout).
+	restarted := make(chan restartResult, 1)
+	go func() {
+		// Not d.restart: it may fail the test, and this is not the
+		// test's goroutine.
+		var res restartResult
+		status, _, body, err := d.try("POST", "/api/modules/logs/restart")
+		if err == nil && status == http.StatusOK {
+			err = json.Unmarshal([]byte(body), &res)
+		} else if err == nil {
+			res.Error = fmt.Sprintf("status %d: %s", status, body)
+		}
+		if err != nil {
+			res.Error = err.Error()
+		}
+		restarted <- res
+	}()
+	err := s.waitClose(&got)
+	assert.Equal(t, websocket.StatusGoingAway, websocket.CloseStatus(err), "the socket's end at the restart: %v", err)
+	var ce websocket.CloseError
+	if errors.As(err, &ce) {
+		assert.Equal(t, goingAway, ce.Reason)
+	}
+	res := <-restarted
+	require.True(t, res.OK, "restart of logs: %+v", res)
+	t.Logf("the logs module restarted in %s with a socket open", res.Took)
+
+	// A new socket from the last line's next reaches the new child and
+	// resumes there.
+	newPid := d.module(d.state(), "logs").Pid
+	require.NotEqual(t, oldPid, newPid)
+	last := got[len(got)-1].Next
+	s = dialLogs(t, d, "from="+strconv.FormatInt(last, 10))
+	hello = s.next()
+	require.Equal(t, "hello", hello.Type, "the first message: %+v", hello)
+	assert.Equal(t, newPid, hello.Pid, "the new socket is served by the new child")
+	assert.Equal(t, d.module(d.state(), "logs").Incarnation, hello.Incarnation)
+	assert.Equal(t, last, hello.Offset, "the new socket starts where the old one ended")
+	newLine := fmt.Sprintf("pid=%d ", newPid)
+	s.lines(&got, func(l wsMessage) bool { return strings.Contains(l.Text, newLine) })
+	s.send(wsMessage{Type: "mark", Text: "after the restart"})
+	s.lines(&got, func(l wsMessage) bool { return strings.HasSuffix(l.Text, " mark: after the restart") })
+	assert.Contains(t, got[len(got)-1].Text, newLine, "the new child appended the mark")
+
+	// A crash of the logs child ends the socket without a close frame;
+	// a new socket from the last line's next resumes in the child that
+	// replaces it.
+	require.NoError(t, syscall.Kill(newPid, syscall.SIGKILL))
+	err = s.waitClose(&got)
+	assert.Equal(t, websocket.StatusCode(-1), websocket.CloseStatus(err), "the socket's end at the crash, without a close frame: %v", err)
+	d.waitEvent("logs", "ChildExited", newPid)
+	var crashPid int
+	d.waitState("a new logs child after the crash", func(st stateView) bool {
+		ms := d.module(st, "logs")
+		crashPid = ms.Pid
+		return ms.Ready && ms.Pid != newPid && ms.Pid != 0
+	})
+	last = got[len(got)-1].Next
+	s = dialLogs(t, d, "from="+strconv.FormatInt(last, 10))
+	hello = s.next()
+	require.Equal(t, "hello", hello.Type, "the first message: %+v", hello)
+	assert.Equal(t, crashPid, hello.Pid, "the socket after the crash is served by the new child")
+	assert.Equal(t, last, hello.Offset, "the socket after the crash starts where the one before ended")
+	s.lines(&got, func(l wsMessage) bool { return strings.Contains(l.Text, fmt.Sprintf("pid=%d ", crashPid)) })
+
+	// The lines of all the sockets are the file's, from the first on, each
+	// once, each at its offset.
+	b, err := os.ReadFile(file)
+	require.NoError(t, err)
+	for i, l := range got {
+		if i > 0 && l.Offset != got[i-1].Next {
+			t.Fatalf("line %d starts at byte %d, the one before it ended at %d: %+v after %+v", i, l.Offset, got[i-1].Next, l, got[i-1])
+		}
+		require.Less(t, l.Offset, l.Next)
+		require.LessOrEqual(t, l.Next, int64(len(b)))
+		require.Equal(t, string(b[l.Offset:l.Next]), l.Text+"\n", "line %d against the file", i)
+	}
+	start, end := got[0].Offset, got[len(got)-1].Next
+	want := strings.Split(strings.TrimSuffix(string(b[start:end]), "\n"), "\n")
+	texts := make([]string, len(got))
+	for i, l := range got {
+		texts[i] = l.Text
+	}
+	assert.Equal(t, want, texts, "the sockets' lines against the file's from byte %d to %d", start, end)
+
+	// A shutdown closes the socket with 1001 too; run returns nil, so the
+	// drain did not wait for its grace (longer than shutdownTimeout).
+	stopped := make(chan error, 1)
+	go func() { stopped <- d.stop() }()
+	err = s.waitClose(&got)
+	assert.Equal(t, websocket.StatusGoingAway, websocket.CloseStatus(err), "the socket's end at the shutdown: %v", err)
+	require.NoError(t, <-stopped, "run, with a socket open")
 }

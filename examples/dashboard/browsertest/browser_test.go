@@ -18,6 +18,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -84,27 +85,42 @@ func startDashboard(t *testing.T) string {
 	}
 }
 
-// TestCrashFromThePage loads the page, presses "crash (os.Exit)", and checks
-// that the page shows the crashed child's ChildExited event, pushed, and a
-// new child in the pool's table.
-func TestCrashFromThePage(t *testing.T) {
+// lookChromium returns the path of Debian's chromium, or skips the test.
+func lookChromium(t *testing.T) string {
+	t.Helper()
 	browser, err := exec.LookPath("chromium")
 	if err != nil {
 		t.Skip("chromium is not installed (apt-get install chromium): the browser test needs it")
 	}
-	url := startDashboard(t)
+	return browser
+}
 
+// newBrowser starts headless chromium at path, and returns a context for
+// chromedp's actions in a tab of it, ended when the test ends and bounded
+// by 3×waitFor.
+func newBrowser(t *testing.T, path string) context.Context {
+	t.Helper()
 	opts := append(chromedp.DefaultExecAllocatorOptions[:],
-		chromedp.ExecPath(browser),
+		chromedp.ExecPath(path),
 		chromedp.NoSandbox,
 		chromedp.WindowSize(1400, 1800),
 	)
 	actx, cancelAlloc := chromedp.NewExecAllocator(context.Background(), opts...)
-	defer cancelAlloc()
+	t.Cleanup(cancelAlloc)
 	ctx, cancel := chromedp.NewContext(actx)
-	defer cancel()
+	t.Cleanup(cancel)
 	ctx, cancelTimeout := context.WithTimeout(ctx, 3*waitFor)
-	defer cancelTimeout()
+	t.Cleanup(cancelTimeout)
+	return ctx
+}
+
+// TestCrashFromThePage loads the page, presses "crash (os.Exit)", and checks
+// that the page shows the crashed child's ChildExited event, pushed, and a
+// new child in the pool's table.
+func TestCrashFromThePage(t *testing.T) {
+	browser := lookChromium(t)
+	url := startDashboard(t)
+	ctx := newBrowser(t, browser)
 
 	// The chaos card's table lists three running children.
 	// (none before the first state has drawn the card)
@@ -174,4 +190,119 @@ func TestCrashFromThePage(t *testing.T) {
 		}
 		t.Logf("screenshot in %s", path)
 	}
+}
+
+// logLinesJS is the live log's lines of the file, as {offset, next, text}.
+const logLinesJS = `Array.from(document.querySelectorAll("#log span.line")).map(s => ({offset: +s.dataset.offset, next: +s.dataset.next, text: s.textContent.trimEnd()}))`
+
+// A logLine is one line of the page's live log.
+type logLine struct {
+	Offset, Next int64
+	Text         string
+}
+
+// TestLiveLogFromThePage follows the page's live log, which comes down the
+// logs module's WebSocket: the socket's indicator says live, a mark typed
+// into the input comes back in the tail, and after the logs module's
+// Restart button the indicator goes to reconnecting and back to live, with
+// the new child's pid, and the tail resumes: the new child's lines after
+// the old child's, each line once, each starting where the one before it
+// ended.
+func TestLiveLogFromThePage(t *testing.T) {
+	browser := lookChromium(t)
+	url := startDashboard(t)
+	ctx := newBrowser(t, browser)
+	poll := func(js string) chromedp.Action {
+		return chromedp.Poll(js, nil, chromedp.WithPollingTimeout(waitFor))
+	}
+
+	// The socket goes live, and lines come down it with their offsets.
+	// Every change of the indicator is recorded from now on.
+	var state string
+	if err := chromedp.Run(ctx,
+		chromedp.Navigate(url),
+		poll(`document.getElementById("log-state").dataset.state === "live"`),
+		chromedp.Evaluate(`window.logStates = [];
+			new MutationObserver(() => logStates.push(document.getElementById("log-state").dataset.state))
+				.observe(document.getElementById("log-state"), {attributes: true, attributeFilter: ["data-state"]});`, nil),
+		poll(`document.querySelectorAll("#log span.line").length >= 3`),
+		chromedp.Text("#log-state", &state, chromedp.ByID),
+	); err != nil {
+		t.Fatalf("loading the page and its live log: %v", err)
+	}
+	pid := regexp.MustCompile(`pid (\d+)`).FindStringSubmatch(state)
+	if pid == nil {
+		t.Fatalf("the socket's indicator %q does not name the logs child's pid", state)
+	}
+	t.Logf("the socket's indicator: %s", state)
+
+	// A mark typed into the input goes up the socket, and comes back down
+	// as a line the old child appended.
+	const mark = "typed in chromium"
+	if err := chromedp.Run(ctx,
+		chromedp.SendKeys("#mark", mark, chromedp.ByID),
+		chromedp.Click("#mark-send", chromedp.ByID),
+		poll(`Array.from(document.querySelectorAll("#log span.line.mark")).some(s => s.textContent.includes("pid=`+pid[1]+` ") && s.textContent.trimEnd().endsWith(" mark: `+mark+`"))`),
+	); err != nil {
+		t.Fatalf("sending a mark from the page: %v", err)
+	}
+
+	// The logs module's Restart button (the first card's): the socket
+	// closes with 1001, the page reconnects from its last offset, and the
+	// new child serves it.
+	var after string
+	var states []string
+	if err := chromedp.Run(ctx,
+		chromedp.Click(`.module button`, chromedp.ByQuery),
+		poll(`(() => { const s = document.getElementById("log-state");
+			return s.dataset.state === "live" && !s.textContent.includes("pid `+pid[1]+`,"); })()`),
+		poll(`document.getElementById("log").textContent.includes("resumed from byte")`),
+		chromedp.Text("#log-state", &after, chromedp.ByID),
+		chromedp.Evaluate(`logStates`, &states),
+	); err != nil {
+		t.Fatalf("restarting the logs module from the page: %v", err)
+	}
+	t.Logf("after the restart the indicator went %v, and says: %s", states, after)
+	newPid := regexp.MustCompile(`pid (\d+)`).FindStringSubmatch(after)
+	if newPid == nil {
+		t.Fatalf("the socket's indicator %q does not name the logs child's pid", after)
+	}
+	if i := slices.Index(states, "reconnecting"); i < 0 || !slices.Contains(states[i:], "live") {
+		t.Errorf("the socket's indicator went %v at the restart, want reconnecting, then live", states)
+	}
+	var notes string
+	if err := chromedp.Run(ctx, chromedp.Evaluate(`Array.from(document.querySelectorAll("#log span.note")).map(s => s.textContent).join("")`, &notes)); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(notes, "socket closed (1001 ") {
+		t.Errorf("the page's notes %q do not say the socket closed with 1001 (going away)", notes)
+	}
+	if strings.Contains(notes, "[gap:") {
+		t.Errorf("the page saw a gap: %q", notes)
+	}
+
+	// The tail resumes with the new child's lines, after the old one's:
+	// each line once, each where the one before it ended.
+	var lines []logLine
+	if err := chromedp.Run(ctx,
+		poll(`Array.from(document.querySelectorAll("#log span.line")).filter(s => s.textContent.includes("pid=`+newPid[1]+` ")).length >= 2`),
+		chromedp.Evaluate(logLinesJS, &lines),
+	); err != nil {
+		t.Fatalf("waiting for the new child's lines in the page: %v", err)
+	}
+	seen := make(map[string]bool)
+	for i, l := range lines {
+		if i > 0 && l.Offset != lines[i-1].Next {
+			t.Errorf("line %d %q starts at byte %d; the one before it, %q, ended at %d", i, l.Text, l.Offset, lines[i-1].Text, lines[i-1].Next)
+		}
+		if seen[l.Text] {
+			t.Errorf("line %d %q shown twice", i, l.Text)
+		}
+		seen[l.Text] = true
+	}
+	first, last := lines[0].Text, lines[len(lines)-1].Text
+	if !strings.Contains(first, "pid="+pid[1]+" ") || !strings.Contains(last, "pid="+newPid[1]+" ") {
+		t.Errorf("the log runs from %q to %q, want from the old child's (pid %s) lines to the new one's (pid %s)", first, last, pid[1], newPid[1])
+	}
+	t.Logf("%d lines, bytes %d to %d, from pid %s to pid %s", len(lines), lines[0].Offset, lines[len(lines)-1].Next, pid[1], newPid[1])
 }
