@@ -40,8 +40,8 @@ func giveUp(ctx context.Context, c *child, s *stream) {
 // the request and before any of the request's body was consumed: then the
 // request may go to the next child.
 func (h *Handle) proxy(w http.ResponseWriter, r *http.Request, c *child, s *stream) (retry bool) {
-	x := &exchange{h: h, w: w, r: r, ctx: r.Context(), c: c, s: s}
-	return x.run()
+	s.x = exchange{h: h, w: w, r: r, ctx: r.Context(), c: c, s: s}
+	return s.x.run()
 }
 
 // An exchange is one request's exchange with a child, in the parent: the

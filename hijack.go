@@ -46,8 +46,6 @@ type hijackedConn struct {
 // server by the caller, with release to unregister it.
 func newHijackedConn(s *server, id uint64, win *sendWindow, req *http.Request, release func()) *hijackedConn {
 	hc := &hijackedConn{c: s.conn, id: id, win: win, release: release}
-	hc.rdl.init()
-	hc.wdl.init()
 	hc.in = newBodyReader(func(n int) { s.sendWindowUpdate(id, n, hc.rdl.closed) }, nil, false, &s.flow)
 	hc.remote = parseAddr(req.RemoteAddr)
 	hc.local, _ = req.Context().Value(http.LocalAddrContextKey).(net.Addr)
@@ -189,19 +187,25 @@ func (hc *hijackedConn) opError(op string, err error) error {
 
 var _ net.Conn = (*hijackedConn)(nil)
 
-// A connDeadline is one deadline of a hijackedConn: a channel closed when
-// it passes or the conn closes, replaced when it is moved after it passed.
+// A connDeadline is one deadline of a hijackedConn, or of a request's
+// ResponseController: a channel closed when it passes or the conn closes,
+// replaced when it is moved after it passed. Its zero value has no
+// deadline; the channels are made when first needed, as most requests
+// never wait on them.
 type connDeadline struct {
 	mu     sync.Mutex
 	timer  *time.Timer
-	ch     chan struct{} // closed when the deadline passes
-	closed chan struct{} // closed by close; fixed
+	ch     chan struct{} // closed when the deadline passes; nil until needed
+	closed chan struct{} // closed by close; nil until then
 	err    error         // the cause close was given
 }
 
-func (d *connDeadline) init() {
-	d.ch = make(chan struct{})
-	d.closed = make(chan struct{})
+// chLocked returns d.ch, made if need be.
+func (d *connDeadline) chLocked() chan struct{} {
+	if d.ch == nil {
+		d.ch = make(chan struct{})
+	}
+	return d.ch
 }
 
 // set moves the deadline to t; the zero time means none. It reports false
@@ -217,18 +221,18 @@ func (d *connDeadline) set(t time.Time) bool {
 	}
 	d.timer = nil
 	select {
-	case <-d.ch:
-		d.ch = make(chan struct{})
+	case <-d.ch: // never ready while nil
+		d.ch = nil
 	default:
 	}
 	if t.IsZero() {
 		return true
 	}
+	ch := d.chLocked()
 	if dur := time.Until(t); dur > 0 {
-		ch := d.ch
 		d.timer = time.AfterFunc(dur, func() { close(ch) })
 	} else {
-		close(d.ch)
+		close(ch)
 	}
 	return true
 }
@@ -241,7 +245,7 @@ func (d *connDeadline) wait() <-chan struct{} {
 	if d.err != nil {
 		return d.closed
 	}
-	return d.ch
+	return d.chLocked()
 }
 
 // cause says why a wait's channel was closed.
@@ -263,15 +267,18 @@ func (d *connDeadline) close(err error) {
 		return
 	}
 	d.err = err
+	d.closed = make(chan struct{})
 	close(d.closed)
 	if d.timer != nil && !d.timer.Stop() {
 		<-d.ch
 	}
 	d.timer = nil
-	select {
-	case <-d.ch:
-	default:
-		close(d.ch)
+	if d.ch != nil {
+		select {
+		case <-d.ch:
+		default:
+			close(d.ch) // wakes the waits
+		}
 	}
 }
 

@@ -130,6 +130,8 @@ type ready struct {
 // requestHead carries an *http.Request without its body. The URL is flattened
 // because url.Userinfo cannot be gob-encoded.
 type requestHead struct {
+	wireScratch
+
 	Method     string
 	Scheme     string
 	Opaque     string
@@ -186,6 +188,8 @@ type tlsState struct {
 
 // responseHead carries a response's status and header.
 type responseHead struct {
+	wireScratch
+
 	Status     int
 	Header     http.Header
 	Trailer    []string // declared trailer keys (the "Trailer" header, which is hop-by-hop)
@@ -387,10 +391,10 @@ func newRequestHead(r *http.Request) *requestHead {
 	return h
 }
 
-// request rebuilds the *http.Request that h describes. The caller sets its
-// body and context.
-func (h *requestHead) request() (*http.Request, error) {
-	u := &url.URL{
+// request rebuilds the http.Request that h describes, with its URL in u.
+// The caller sets its body and context.
+func (h *requestHead) request(u *url.URL) (http.Request, error) {
+	*u = url.URL{
 		Scheme:     h.Scheme,
 		Opaque:     h.Opaque,
 		Host:       h.URLHost,
@@ -404,14 +408,14 @@ func (h *requestHead) request() (*http.Request, error) {
 	if h.User != "" {
 		pu, err := url.Parse("//" + h.User + "@x")
 		if err != nil || pu.User == nil {
-			return nil, fmt.Errorf("bad user info in request URL")
+			return http.Request{}, fmt.Errorf("bad user info in request URL")
 		}
 		u.User = pu.User
 	}
 	if h.Header == nil {
 		h.Header = http.Header{}
 	}
-	r := &http.Request{
+	r := http.Request{
 		Method:           h.Method,
 		URL:              u,
 		Proto:            h.Proto,
@@ -461,8 +465,9 @@ func declaredTrailers(h http.Header) []string {
 // all the frames of a connection, so a type is described only the first time
 // it is sent. It is owned by the writing goroutine.
 type encoder struct {
-	buf bytes.Buffer
-	enc *gob.Encoder
+	buf     bytes.Buffer
+	enc     *gob.Encoder
+	scratch []byte // lent to the heads' GobEncode (see wireScratch)
 }
 
 func newEncoder() *encoder {
@@ -474,6 +479,10 @@ func newEncoder() *encoder {
 // encode returns the payload for v, valid until the next call.
 func (e *encoder) encode(v any) ([]byte, error) {
 	e.buf.Reset()
+	if l, ok := v.(interface{ lend(*[]byte) }); ok {
+		l.lend(&e.scratch)
+		defer l.lend(nil)
+	}
 	if err := e.enc.Encode(v); err != nil {
 		return nil, err
 	}

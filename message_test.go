@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"reflect"
 	"strings"
 	"testing"
@@ -34,7 +35,7 @@ func TestRequestHeadRoundTrip(t *testing.T) {
 	require.NoError(t, err)
 	var head requestHead
 	require.NoError(t, dec.decode(p, &head))
-	got, err := head.request()
+	got, err := head.request(new(url.URL))
 	require.NoError(t, err)
 	assert.Equal(t, "PATCH", got.Method, "URL: %s %q raw %q query %q", got.Method, got.URL.Path, got.URL.RawPath, got.URL.RawQuery)
 	assert.Equal(t, "/a/b/c", got.URL.Path, "URL: %s %q raw %q query %q", got.Method, got.URL.Path, got.URL.RawPath, got.URL.RawQuery)

@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"runtime/debug"
 	"runtime/pprof"
@@ -42,7 +43,8 @@ type server struct {
 	idle     atomic.Int32 // workers waiting on work
 	readDone chan error   // why the reading ended; capacity 1
 
-	scratch []byte // for decoding messages; owned by the goroutine that reads (see read)
+	scratch []byte      // for decoding messages; owned by the goroutine that reads (see read)
+	head    requestHead // the head being opened; owned by the goroutine that reads
 
 	// The base context of the last request with a local address: ctx with
 	// http.LocalAddrContextKey set to it, as net/http sets it. Owned by
@@ -68,10 +70,14 @@ type startingRequest struct {
 
 // A serverStream is one request being served in the child.
 type serverStream struct {
-	cancel context.CancelCauseFunc // cancels the request's context
-	body   *bodyReader             // nil for a request without a body
-	rw     *responseWriter
+	cancel context.CancelCauseFunc      // cancels the request's context
+	body   *bodyReader                  // nil for a request without a body
+	rw     *responseWriter              // &w
 	tunnel atomic.Pointer[hijackedConn] // set when the handler hijacks (see PROTOCOL.md)
+
+	// Allocated with the stream, as most requests need nothing else.
+	w   responseWriter
+	url url.URL // the request's
 }
 
 // newServer returns a server for the requests that arrive on c. Canceling
@@ -198,11 +204,11 @@ func (s *server) read() (startingRequest, bool) {
 
 // openFrame reads a kindRequest frame's head and opens its request.
 func (s *server) openFrame(hdr frame.Header) (startingRequest, error) {
-	var head requestHead
-	if err := s.readMessage(hdr.Len, &s.scratch, &head); err != nil {
+	s.head = requestHead{}
+	if err := s.readMessage(hdr.Len, &s.scratch, &s.head); err != nil {
 		return startingRequest{}, err
 	}
-	return s.open(hdr.ID, hdr.Flags, &head)
+	return s.open(hdr.ID, hdr.Flags, &s.head)
 }
 
 // dispatch handles one frame of another kind than kindRequest (see read).
@@ -355,7 +361,9 @@ var errClientGone = fmt.Errorf("subproc: client disconnected before the end of t
 // if the child dies, the parent gives the requests it finds no record of to
 // the next child, as the module never saw them.
 func (s *server) open(id uint64, flags uint8, head *requestHead) (startingRequest, error) {
-	req, err := head.request()
+	st := new(serverStream)
+	// Built here, and copied once by WithContext below.
+	r, err := head.request(&st.url)
 	if err != nil {
 		return startingRequest{}, &protocolError{err.Error()}
 	}
@@ -364,9 +372,9 @@ func (s *server) open(id uint64, flags uint8, head *requestHead) (startingReques
 	// difference: there, a wildcard of the parent's pattern that is not
 	// one of the module's reads "" after the module's ServeMux matched;
 	// here, the parent's value, as SetPathValue keeps it apart.)
-	req.Pattern = head.Pattern
+	r.Pattern = head.Pattern
 	for i := 0; i+1 < len(head.PathValues); i += 2 {
-		req.SetPathValue(head.PathValues[i], head.PathValues[i+1])
+		r.SetPathValue(head.PathValues[i], head.PathValues[i+1])
 	}
 	s.mu.Lock()
 	if s.handler == nil {
@@ -380,7 +388,7 @@ func (s *server) open(id uint64, flags uint8, head *requestHead) (startingReques
 	// Canceled with a nil cause (context.Canceled), as net/http cancels a
 	// request whose client went away, or with errDeadline.
 	ctx, cancel := context.WithCancelCause(s.baseContext(head.LocalAddr))
-	st := &serverStream{cancel: cancel}
+	st.cancel = cancel
 	if head.Deadline != 0 {
 		// The parent's request ends at the same moment, with a 504.
 		var stop context.CancelFunc
@@ -391,14 +399,15 @@ func (s *server) open(id uint64, flags uint8, head *requestHead) (startingReques
 		}
 	}
 	if flags&flagNoBody != 0 {
-		req.Body = http.NoBody
+		r.Body = http.NoBody
 	} else {
-		expect := headerHasToken(req.Header["Expect"], "100-continue")
-		st.body = newBodyReader(func(n int) { s.sendWindowUpdate(id, n, ctx.Done()) }, req.Trailer, expect, &s.flow)
-		req.Body = st.body
+		expect := headerHasToken(r.Header["Expect"], "100-continue")
+		st.body = newBodyReader(func(n int) { s.sendWindowUpdate(id, n, ctx.Done()) }, r.Trailer, expect, &s.flow)
+		r.Body = st.body
 	}
-	req = req.WithContext(ctx)
-	st.rw = newResponseWriter(s.conn, id, req, head.ResponseHeader)
+	req := r.WithContext(ctx)
+	st.rw = &st.w
+	st.rw.init(s.conn, id, req, head.ResponseHeader)
 	if st.body != nil {
 		st.body.deadline = st.rw.rdl.wait
 	}
@@ -536,18 +545,15 @@ type responseWriter struct {
 	hijacked bool                          // Hijack succeeded: the conn is the handler's, the writer is done
 }
 
-// newResponseWriter returns the writer for the response to request id.
+// init prepares the zero w as the writer for the response to request id.
 // Its header map starts as header, the parent's (see
 // requestHead.ResponseHeader), which it takes; nil means empty.
-func newResponseWriter(c *conn, id uint64, req *http.Request, header http.Header) *responseWriter {
+func (w *responseWriter) init(c *conn, id uint64, req *http.Request, header http.Header) {
 	if header == nil {
 		header = make(http.Header)
 	}
-	w := &responseWriter{c: c, id: id, req: req, header: header, clen: -1}
+	w.c, w.id, w.req, w.header, w.clen = c, id, req, header, -1
 	w.win.init(initialWindow)
-	w.rdl.init()
-	w.wdl.init()
-	return w
 }
 
 // Header returns the header map that WriteHeader sends, as net/http's does.
@@ -739,7 +745,12 @@ func (w *responseWriter) sendBodyLocked(flags uint8, end *outFrame) error {
 		fs = append(fs, outFrame{kind: kindResponse, id: w.id, msg: &responseHead{Status: w.status, Header: w.sent, Trailer: w.trailers, FullDuplex: w.fullDuplex}})
 	}
 	for w.err == nil && (w.n > 0 || flags != 0) {
-		credit, err := w.win.takeEither(frameCost(min(w.n, 1)), frameCost(w.n), w.req.Context().Done(), w.wdl.wait())
+		least, most := frameCost(min(w.n, 1)), frameCost(w.n)
+		credit, ok, err := w.win.tryTake(least, most)
+		if !ok {
+			// Only a wait needs the channels (and makes them).
+			credit, err = w.win.takeEither(least, most, w.req.Context().Done(), w.wdl.wait())
+		}
 		if err != nil {
 			if err == errCanceled && w.req.Context().Err() == nil {
 				err = &net.OpError{Op: "write", Net: "tcp", Err: os.ErrDeadlineExceeded}

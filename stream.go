@@ -85,9 +85,8 @@ var errWindowOverflow = errors.New("window update overflows the send window")
 // called by the one goroutine that sends the stream's body; add and close may
 // be called from any goroutine.
 type sendWindow struct {
-	wake chan struct{} // capacity 1; signalled when credit grows or err is set
-
-	mu     sync.Mutex // guards the fields below
+	mu     sync.Mutex    // guards the fields below
+	wake   chan struct{} // capacity 1; signalled when credit grows or err is set; made by the first take that waits
 	credit int
 	err    error // once set, take fails with it
 }
@@ -101,7 +100,6 @@ func newSendWindow(credit int) *sendWindow {
 // init prepares a zero sendWindow with the given credit.
 func (w *sendWindow) init(credit int) {
 	w.credit = credit
-	w.wake = make(chan struct{}, 1)
 }
 
 // take waits until at least least bytes of credit are available and takes
@@ -126,9 +124,15 @@ func (w *sendWindow) takeEither(least, most int, cancel, cancel2 <-chan struct{}
 			w.mu.Unlock()
 			return n, nil
 		}
+		if w.wake == nil {
+			// Most windows never wait: their channel is made when one
+			// first does.
+			w.wake = make(chan struct{}, 1)
+		}
+		wake := w.wake
 		w.mu.Unlock()
 		select {
-		case <-w.wake:
+		case <-wake:
 		case <-cancel:
 			return 0, errCanceled
 		case <-cancel2:
@@ -160,11 +164,28 @@ func (w *sendWindow) close(err error) {
 	}
 }
 
+// signal wakes the take that waits, if any. The caller holds w.mu.
 func (w *sendWindow) signal() {
 	select {
-	case w.wake <- struct{}{}:
+	case w.wake <- struct{}{}: // a nil channel: no take has waited
 	default:
 	}
+}
+
+// tryTake is take without the wait: it reports false, taking nothing, if
+// the window has less than least bytes of credit and no error.
+func (w *sendWindow) tryTake(least, most int) (int, bool, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	switch {
+	case w.err != nil:
+		return 0, true, w.err
+	case w.credit >= least && w.credit > 0:
+		n := min(most, w.credit)
+		w.credit -= n
+		return n, true, nil
+	}
+	return 0, false, nil
 }
 
 // windowPayload encodes a window increment.
@@ -531,6 +552,7 @@ type stream struct {
 	bodyTouched atomic.Bool   // the request body has been read from
 	win         sendWindow    // request-body credit granted by the child
 	wake        chan struct{} // capacity 1; signalled on every push and on failure
+	x           exchange      // the request's exchange, allocated with the stream (see proxy); owned by ServeHTTP
 
 	mu        sync.Mutex // guards the fields below
 	events    []event

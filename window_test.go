@@ -386,12 +386,22 @@ func TestWindowStalledDoesNotStarveFast(t *testing.T) {
 
 	stalled := openRequest(t, pp.c, httptest.NewRequest("GET", "/stream", nil))
 	waitFull(t, "stalled stream", heldOf(stalled), stalled.wake, initialWindow, frameCost(1))
-	fast := openRequest(t, pp.c, httptest.NewRequest("GET", "/stream", nil))
-	if _, body := readAll(t, pp.c, fast); len(body) != total {
-		t.Fatalf("fast stream: %d bytes, want %d", len(body), total)
+	require.Zero(t, b.reserved.Load(), "a stream stalled from the start reserved %d bytes of the budget", b.reserved.Load())
+	// A window grows only when its stream has nothing queued as it
+	// returns credit, which a loaded machine may deny a stream now and
+	// then: one of a few fast streams in turn must grow all the way.
+	var sizes []int
+	for range 5 {
+		fast := openRequest(t, pp.c, httptest.NewRequest("GET", "/stream", nil))
+		if _, body := readAll(t, pp.c, fast); len(body) != total {
+			t.Fatalf("fast stream: %d bytes, want %d", len(body), total)
+		}
+		require.Zero(t, b.reserved.Load(), "%d bytes still reserved with only a stalled stream left", b.reserved.Load())
+		if sizes = append(sizes, sizeOf(fast)); sizeOf(fast) == window {
+			break
+		}
 	}
-	require.Equal(t, window, sizeOf(fast), "the fast stream's window grew to %d beside a stalled one, want %d", sizeOf(fast), window)
-	require.Zero(t, b.reserved.Load(), "%d bytes still reserved with only a stalled stream left", b.reserved.Load())
+	require.Equal(t, window, sizes[len(sizes)-1], "the fast streams' windows grew to %v beside a stalled one, want %d", sizes, window)
 
 	// A stream grows, spends the budget, then stalls.
 	grown := openRequest(t, pp.c, httptest.NewRequest("GET", "/stream", nil))
@@ -408,7 +418,7 @@ func TestWindowStalledDoesNotStarveFast(t *testing.T) {
 			}
 		}
 	}
-	fast = openRequest(t, pp.c, httptest.NewRequest("GET", "/stream", nil))
+	fast := openRequest(t, pp.c, httptest.NewRequest("GET", "/stream", nil))
 	if _, body := readAll(t, pp.c, fast); len(body) != total {
 		t.Fatalf("fast stream with the budget spent: %d bytes, want %d", len(body), total)
 	}

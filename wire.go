@@ -190,7 +190,7 @@ const (
 
 // GobEncode encodes h for gob.
 func (h *requestHead) GobEncode() ([]byte, error) {
-	w := wireWriter{b: make([]byte, 0, 256)}
+	w := wireWriter{b: h.start(256)}
 	w.uint(wireVersion)
 	var flags uint64
 	if h.ForceQuery {
@@ -249,7 +249,7 @@ func (h *requestHead) GobEncode() ([]byte, error) {
 		w.string(t.ServerName)
 		w.string(t.NegotiatedProtocol)
 	}
-	return w.b, nil
+	return h.keep(w.b), nil
 }
 
 // GobDecode decodes what GobEncode encoded into h.
@@ -306,7 +306,7 @@ func (h *requestHead) GobDecode(p []byte) error {
 
 // GobEncode encodes h for gob.
 func (h *responseHead) GobEncode() ([]byte, error) {
-	w := wireWriter{b: make([]byte, 0, 128)}
+	w := wireWriter{b: h.start(128)}
 	w.uint(wireVersion)
 	var flags uint64
 	if h.FullDuplex {
@@ -316,7 +316,7 @@ func (h *responseHead) GobEncode() ([]byte, error) {
 	w.int(int64(h.Status))
 	w.header(h.Header)
 	w.strings(h.Trailer)
-	return w.b, nil
+	return h.keep(w.b), nil
 }
 
 // GobDecode decodes what GobEncode encoded into h.
@@ -378,4 +378,33 @@ func (h *requestHead) wireSize() int {
 // wireSize bounds the size of h's encoding.
 func (h *responseHead) wireSize() int {
 	return 64 + headerSize(h.Header) + stringsSize(h.Trailer)
+}
+
+// A wireScratch lends a head's GobEncode a buffer that its encoder keeps
+// from one message to the next (see encoder.encode): gob copies what
+// GobEncode returns before Encode returns, so the buffer is free again
+// then, and a head costs no allocation to encode.
+type wireScratch struct {
+	buf *[]byte // lent for one Encode; nil otherwise
+}
+
+// lend makes GobEncode encode into *buf, and keep what it grew to there;
+// nil ends the loan.
+func (s *wireScratch) lend(buf *[]byte) { s.buf = buf }
+
+// start returns the buffer to encode into: the lent one, emptied, or a new
+// one of capacity size.
+func (s *wireScratch) start(size int) []byte {
+	if s.buf != nil {
+		return (*s.buf)[:0]
+	}
+	return make([]byte, 0, size)
+}
+
+// keep returns b, the encoding, having kept it as the lent buffer.
+func (s *wireScratch) keep(b []byte) []byte {
+	if s.buf != nil {
+		*s.buf = b
+	}
+	return b
 }
