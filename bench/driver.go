@@ -55,7 +55,7 @@ func drive(cfg Config, stdout io.Writer) error {
 		rd := Round{Round: i + 1}
 		for _, name := range cfg.Peers {
 			fmt.Fprintf(os.Stderr, "== round %d/%d: %s (%s)\n", i+1, cfg.Rounds, name, time.Since(t0).Round(time.Second))
-			pr := runPeer(cfg, name)
+			pr := runPeer(cfg, name, i+1)
 			for _, e := range pr.Errors {
 				fmt.Fprintf(os.Stderr, "   error: %s\n", e)
 			}
@@ -85,9 +85,9 @@ func drive(cfg Config, stdout io.Writer) error {
 // then the kills; then it stops the server. Every timed load has its own
 // warmup, and its CPU time is read around the timed part. A workload that
 // fails is recorded and the next runs.
-func runPeer(cfg Config, name string) PeerResult {
+func runPeer(cfg Config, name string, round int) PeerResult {
 	pr := PeerResult{Name: name, NotApplicable: notApplicable[name]}
-	srv, err := startServer(cfg, name)
+	srv, err := startServer(cfg, name, round)
 	if err != nil {
 		pr.Errors = append(pr.Errors, "starting server: "+err.Error())
 		return pr
@@ -177,10 +177,11 @@ type server struct {
 
 func (s *server) pid() int { return s.cmd.Process.Pid }
 
-// startServer starts the server process of a peer and waits for the
-// address it prints once ready. Its stderr goes to <out>/tmp/<peer>.log.
-func startServer(cfg Config, name string) (*server, error) {
-	logf, err := os.Create(filepath.Join(cfg.Out, "tmp", name+".log"))
+// startServer starts the server process of a peer for a round and waits
+// for the address it prints once ready. Its stderr goes to
+// <out>/tmp/<peer>-<round>.log.
+func startServer(cfg Config, name string, round int) (*server, error) {
+	logf, err := os.Create(filepath.Join(cfg.Out, "tmp", fmt.Sprintf("%s-%d.log", name, round)))
 	if err != nil {
 		return nil, err
 	}
