@@ -6,7 +6,7 @@
 //
 // Run it from this directory:
 //
-//	go run . -out results         # the full run: 3 interleaved rounds, about 9 minutes
+//	go run . -out results         # the full run: 3 interleaved rounds, about 7 minutes
 //	go run . -quick -out results  # every workload briefly, once: under a minute
 //
 // The peers run interleaved: in each round every peer in turn, each with a
