@@ -2,6 +2,8 @@ package main
 
 import (
 	"bytes"
+	"encoding/binary"
+	"encoding/json"
 	"encoding/xml"
 	"fmt"
 	"io"
@@ -14,6 +16,9 @@ import (
 	"time"
 
 	"github.com/fbbf71ac/subproc"
+	"github.com/gorilla/websocket"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 )
 
 // TestMain makes the test binary every process of the benchmark, as main
@@ -37,30 +42,24 @@ func TestClient(t *testing.T) {
 	c.setDeadline(time.Now().Add(time.Minute))
 
 	for range 3 {
-		if err := smallOp(c); err != nil {
-			t.Fatal(err)
-		}
+		require.NoError(t, smallOp(c))
 	}
 	for _, size := range []int{0, 1, 100, 64 << 10, 1 << 20} {
-		if err := echoOp(echoBody(size))(c); err != nil {
-			t.Fatalf("echo of %d bytes: %v", size, err)
-		}
+		require.NoError(t, echoOp(echoBody(size))(c), "echo of %d bytes", size)
 	}
 	for _, tc := range []struct {
 		n     int64
 		chunk int
 	}{{0, 1}, {1, 1}, {100_000, 4096}, {3 << 20, 64 << 10}} {
 		status, n, err := c.get(fmt.Sprintf("/stream?bytes=%d&chunk=%d", tc.n, tc.chunk))
-		if err != nil || status != 200 || n != tc.n {
-			t.Fatalf("stream %+v: status %d, %d bytes, %v", tc, status, n, err)
-		}
+		require.NoError(t, err, "stream %+v", tc)
+		require.Equal(t, 200, status, "stream %+v", tc)
+		require.Equal(t, tc.n, n, "stream %+v", tc)
 	}
-	if status, _, err := c.get("/nothing"); err != nil || status != 404 {
-		t.Fatalf("GET /nothing: status %d, %v", status, err)
-	}
-	if err := smallOp(c); err != nil {
-		t.Fatal("after a 404:", err)
-	}
+	status, _, err := c.get("/nothing")
+	require.NoError(t, err)
+	require.Equal(t, 404, status, "GET /nothing")
+	require.NoError(t, smallOp(c), "after a 404")
 }
 
 // TestEchoMismatch checks that a wrong echo is an error.
@@ -73,107 +72,294 @@ func TestEchoMismatch(t *testing.T) {
 	defer srv.Close()
 	c := newClient(strings.TrimPrefix(srv.URL, "http://"))
 	defer c.close()
-	if err := echoOp(echoBody(1000))(c); err != errMismatch {
-		t.Fatalf("got %v, want errMismatch", err)
-	}
+	require.ErrorIs(t, echoOp(echoBody(1000))(c), errMismatch)
 }
 
-// TestRunLoad checks the counting of a timed load.
+// TestRunLoad checks the counting of a timed load and that its CPU time
+// is measured: the server is this process, so the load generator's CPU
+// is the parent's.
 func TestRunLoad(t *testing.T) {
 	srv := httptest.NewServer(newHandler())
 	defer srv.Close()
-	r := runLoad(strings.TrimPrefix(srv.URL, "http://"), 4, 50*time.Millisecond, 200*time.Millisecond, 0, smallOp)
-	if r.Requests == 0 || r.Errors != 0 || r.P50us <= 0 || r.P99us < r.P50us || r.MaxUs < r.P99us {
-		t.Fatalf("implausible result %+v", r)
+	r := runLoad(4, 50*time.Millisecond, 300*time.Millisecond, 0, newCPUMeter(os.Getpid()), httpLoad(strings.TrimPrefix(srv.URL, "http://"), smallOp))
+	require.Positive(t, r.Requests)
+	assert.Zero(t, r.Errors, r.FirstErr)
+	assert.Positive(t, r.P50us)
+	assert.GreaterOrEqual(t, r.P99us, r.P50us)
+	assert.GreaterOrEqual(t, r.MaxUs, r.P99us)
+	require.NotNil(t, r.CPU, r.CPUError)
+	assert.Positive(t, r.CPU.LoadgenSec)
+	assert.GreaterOrEqual(t, r.CPU.ParentSec, 0.0)
+}
+
+// TestParseStatCPU checks the parsing of /proc/<pid>/stat, whose second
+// field may hold spaces and parentheses.
+func TestParseStatCPU(t *testing.T) {
+	line := []byte("4242 (a (b) c) S 17 4242 4242 0 -1 4194560 1000 0 0 0 250 75 3 4 20 0 9 0 100 1000000 500\n")
+	cpu, ppid, err := parseStatCPU(line)
+	require.NoError(t, err)
+	assert.Equal(t, 17, ppid)
+	assert.Equal(t, 325*clockTick, cpu, "utime 250 + stime 75 ticks")
+
+	for _, bad := range []string{"", "4242 (x S 17", "4242 (x) S 17 1 1"} {
+		_, _, err := parseStatCPU([]byte(bad))
+		assert.Error(t, err, "%q", bad)
 	}
+
+	cpu, ppid, err = procCPU(os.Getpid())
+	require.NoError(t, err)
+	assert.Equal(t, os.Getppid(), ppid)
+	assert.GreaterOrEqual(t, cpu, time.Duration(0))
+}
+
+// TestCPUMeter checks that a meter counts a child's CPU time as the
+// child's, and that a child that ends makes the reading an error.
+func TestCPUMeter(t *testing.T) {
+	pipe, err := startPipe()
+	require.NoError(t, err)
+	defer pipe.Close()
+	m := newCPUMeter(os.Getpid())
+	require.Contains(t, m.children, pipe.ChildPid())
+
+	// The pipe child writes 1 GiB to its pipe: hundreds of ms of system
+	// time, whatever the machine's load.
+	before := m.read()
+	require.NoError(t, before.err)
+	const n = 1 << 30
+	var req [16]byte
+	binary.BigEndian.PutUint64(req[:8], n)
+	binary.BigEndian.PutUint64(req[8:], 64<<10)
+	_, err = pipe.stdin.Write(req[:])
+	require.NoError(t, err)
+	got, err := io.CopyN(io.Discard, pipe.stdout, n)
+	require.NoError(t, err)
+	require.EqualValues(t, n, got)
+	after := m.read()
+	use, why := m.between(before, after)
+	require.NotNil(t, use, why)
+	assert.Positive(t, use.ChildSec, "the child's CPU time")
+	assert.Positive(t, use.LoadgenSec, "this process's CPU time")
+	assert.Equal(t, len(m.children), use.Children)
+
+	require.NoError(t, pipe.Close())
+	_, why = m.between(before, m.read())
+	assert.Contains(t, why, "ended during the load")
+}
+
+// TestWSEcho checks the WebSocket echo load against the handler, and that
+// a wrong echo is an error.
+func TestWSEcho(t *testing.T) {
+	srv := httptest.NewServer(newHandler())
+	defer srv.Close()
+	addr := strings.TrimPrefix(srv.URL, "http://")
+	r := runLoad(3, 50*time.Millisecond, 300*time.Millisecond, 0, nil, wsEchoLoad(addr, echoBody(64)))
+	require.Positive(t, r.Requests)
+	assert.Zero(t, r.Errors, r.FirstErr)
+	assert.Positive(t, r.P50us)
+	assert.Nil(t, r.CPU, "no meter, no CPU figure")
+
+	// A large message streams through the echo's 32 KiB buffer.
+	c := wsEchoLoad(addr, echoBody(1<<20))(time.Now().Add(time.Minute))
+	defer c.close()
+	require.NoError(t, c.op())
+	require.NoError(t, c.op())
+
+	flip := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		conn, err := wsUpgrader.Upgrade(w, r, nil)
+		if err != nil {
+			return
+		}
+		defer conn.Close()
+		_, p, err := conn.ReadMessage()
+		if err != nil {
+			return
+		}
+		p[len(p)/2] ^= 1
+		conn.WriteMessage(websocket.BinaryMessage, p)
+	}))
+	defer flip.Close()
+	bad := wsEchoLoad(strings.TrimPrefix(flip.URL, "http://"), echoBody(64))(time.Now().Add(time.Minute))
+	defer bad.close()
+	require.ErrorIs(t, bad.op(), errWSMismatch)
+}
+
+// TestWSStream checks the WebSocket stream's byte count, a last message
+// shorter than the others included, and its CPU figures.
+func TestWSStream(t *testing.T) {
+	srv := httptest.NewServer(newHandler())
+	defer srv.Close()
+	addr := strings.TrimPrefix(srv.URL, "http://")
+	for _, n := range []int64{0, 1, 3<<20 + 5} {
+		r, err := runWSStream(addr, n, 64<<10, newCPUMeter(os.Getpid()))
+		require.NoError(t, err, "%d bytes", n)
+		assert.Equal(t, n, r.Bytes)
+		assert.Positive(t, r.Seconds)
+		require.NotNil(t, r.CPU, r.CPUError)
+	}
+	short := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		r.URL.RawQuery = "bytes=1000"
+		serveWSStream(w, r)
+	}))
+	defer short.Close()
+	_, err := runWSStream(strings.TrimPrefix(short.URL, "http://"), 2000, 64<<10, nil)
+	require.ErrorContains(t, err, "1000 bytes of 2000")
 }
 
 // TestProcessTree checks that the RSS sampler finds a child.
 func TestProcessTree(t *testing.T) {
 	pipe, err := startPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, err)
 	defer pipe.Close()
-	tree := processTree(os.Getpid())
-	found := false
-	for _, pid := range tree {
-		found = found || pid == pipe.ChildPid()
-	}
-	if !found {
-		t.Fatalf("child %d not in tree %v", pipe.ChildPid(), tree)
-	}
-	if kb, ok := statusKB(os.Getpid(), "VmRSS:"); !ok || kb <= 0 {
-		t.Fatalf("VmRSS: %d, %v", kb, ok)
+	require.Contains(t, processTree(os.Getpid()), pipe.ChildPid())
+	kb, ok := statusKB(os.Getpid(), "VmRSS:")
+	require.True(t, ok)
+	require.Positive(t, kb)
+}
+
+// TestMedianRange checks the median of odd and even counts.
+func TestMedianRange(t *testing.T) {
+	for _, tc := range []struct {
+		xs          []float64
+		med, lo, hi float64
+	}{
+		{nil, 0, 0, 0}, {[]float64{2}, 2, 2, 2}, {[]float64{3, 1, 2}, 2, 1, 3}, {[]float64{4, 1, 3, 2}, 2.5, 1, 4},
+	} {
+		med, lo, hi := medianRange(tc.xs)
+		assert.Equal(t, []float64{tc.med, tc.lo, tc.hi}, []float64{med, lo, hi}, "%v", tc.xs)
 	}
 }
 
-// sampleResults is a made-up run with every kind of cell: figures, n/a,
-// and a failed workload.
+// sampleResults is a made-up run of three rounds with every kind of
+// cell: figures with ratios and ranges, n/a, a workload that failed in
+// every round, and one that failed in one round.
 func sampleResults() *Results {
-	load := func(rps, p50, p99 float64) *LoadResult {
-		return &LoadResult{Clients: 1, Seconds: 5, Requests: int64(rps * 5), ReqPerSec: rps, MBPerSec: rps * 65536 / 1e6, P50us: p50, P99us: p99, MaxUs: p99 * 2}
+	load := func(rps, p50, p99 float64, cpu *CPUUse) *LoadResult {
+		return &LoadResult{Clients: 1, Seconds: 5, Requests: int64(rps * 5), ReqPerSec: rps, MBPerSec: rps * 65536 / 1e6, P50us: p50, P99us: p99, MaxUs: p99 * 2, CPU: cpu}
 	}
-	return &Results{
+	// Per round, inproc and uds scale together (the machine's load) except
+	// for uds's /small with 1 client, whose ratio is 0.25, 0.20, 0.30.
+	round := func(i int, scale, udsSmall1 float64) Round {
+		// inproc: 5 µs (parent) and 2.5 µs (loadgen) per request in every
+		// round; uds: 20, 25 and 16.7 µs (parent) per request.
+		inCPU := &CPUUse{ParentSec: 0.5 * scale, LoadgenSec: 0.25 * scale}
+		udsCPU := &CPUUse{ParentSec: 0.5 * scale, ChildSec: 0.25, LoadgenSec: 0.125, Children: 1}
+		rd := Round{Round: i, Peers: []PeerResult{
+			{Name: "inproc", Small1: load(20000*scale, 50, 150, inCPU), Small64: load(70000*scale, 800, 4000, nil), Echo: load(16000*scale, 900, 3000, nil),
+				Stream:  &StreamResult{Bytes: 1e9, MBPerSec: 2000 * scale, CPU: &CPUUse{ParentSec: 1}},
+				WSEcho1: load(10000*scale, 90, 200, nil), WSEcho64: load(40000*scale, 1500, 6000, nil), WSStream: &StreamResult{Bytes: 1e9, MBPerSec: 1000 * scale},
+				RSS: &RSSResult{PeakMiB: 20, HWMMiB: 21}, NotApplicable: notApplicable["inproc"]},
+			{Name: "uds", Small1: load(20000*scale*udsSmall1, 200, 500, udsCPU), Small64: load(12000*scale, 5000, 14000, nil), Echo: load(4000*scale, 4000, 9000, nil),
+				Stream:  &StreamResult{Bytes: 1e9, MBPerSec: 800 * scale, CPU: &CPUUse{ParentSec: 1.5, ChildSec: 0.5, Children: 1}},
+				WSEcho1: load(3000*scale, 300, 900, nil), WSEcho64: load(20000*scale, 3000, 9000, nil), WSStream: &StreamResult{Bytes: 1e9, MBPerSec: 500 * scale},
+				Restart: &RestartResult{Kills: 3, SamplesMs: []float64{9, 10, 11}, MedianMs: 10 + float64(i), MinMs: 9, MaxMs: 11},
+				RSS:     &RSSResult{PeakMiB: 50, HWMMiB: 51}},
+			{Name: "goplugin", Small1: load(4000*scale, 250, 600, nil), NotApplicable: notApplicable["goplugin"], Errors: []string{"stream: boom"}},
+			{Name: "pipe", Stream: &StreamResult{Bytes: 1e9, MBPerSec: 1500 * scale}, NotApplicable: notApplicable["pipe"]},
+			{Name: "subproc", Small1: load(10000*scale, 100, 300, nil), WSEcho64: load(30000*scale, 2000, 7000, nil), WSStream: &StreamResult{Bytes: 1e9, MBPerSec: 550 * scale}},
+		}}
+		if i == 2 {
+			rd.Peers[1].Echo = nil // failed in round 2
+			rd.Peers[1].Errors = []string{"echo: boom"}
+		}
+		return rd
+	}
+	r := &Results{
 		Machine: Machine{Date: "2026-01-02T03:04:05Z", GoVersion: "go1.26", CPUModel: "Test <CPU> & co", NumCPU: 2, GOMAXPROCS: 2},
-		Config:  Config{Warmup: time.Second, Duration: 5 * time.Second, EchoBytes: 64 << 10, EchoClients: 16, StreamBytes: 1 << 30, StreamChunk: 64 << 10, Kills: 7},
-		Peers: []PeerResult{
-			{Name: "inproc", Small1: load(20000, 50, 150), Small64: load(70000, 800, 4000), Echo: load(16000, 900, 3000),
-				Stream: &StreamResult{MBPerSec: 2000}, RSS: &RSSResult{PeakMiB: 20, HWMMiB: 21}, NotApplicable: notApplicable["inproc"]},
-			{Name: "uds", Small1: load(5000, 200, 500), Small64: load(12000, 5000, 14000), Echo: load(4000, 4000, 9000),
-				Stream: &StreamResult{MBPerSec: 800}, Restart: &RestartResult{Kills: 7, SamplesMs: []float64{9, 10, 11}, MedianMs: 10, MinMs: 9, MaxMs: 11},
-				RSS: &RSSResult{PeakMiB: 50, HWMMiB: 51}},
-			{Name: "goplugin", Small1: load(4000, 250, 600), NotApplicable: notApplicable["goplugin"], Errors: []string{"stream: boom"}},
-			{Name: "pipe", Stream: &StreamResult{MBPerSec: 1500}, NotApplicable: notApplicable["pipe"]},
-		},
+		Config:  Config{Rounds: 3, Warmup: time.Second, Duration: 5 * time.Second, EchoBytes: 64 << 10, EchoClients: 16, StreamBytes: 1 << 30, StreamChunk: 64 << 10, Kills: 3, WSEchoBytes: 64},
+		Rounds:  []Round{round(1, 1, 0.25), round(2, 0.5, 0.2), round(3, 1.5, 0.3)},
 	}
+	r.summarize()
+	return r
 }
 
-// TestMarkdown checks the table's ratios and its n/a and failed cells.
+// TestSummarize checks the medians over the rounds and the per-round
+// ratios' medians and ranges.
+func TestSummarize(t *testing.T) {
+	r := sampleResults()
+	s := r.Summary["uds"]["small1_rps"]
+	assert.Equal(t, []float64{5000, 2000, 9000}, s.Values)
+	assert.Equal(t, []int{1, 2, 3}, s.Rounds)
+	assert.Equal(t, 5000.0, s.Median)
+	assert.InDeltaSlice(t, []float64{0.25, 0.2, 0.3}, s.Ratios, 1e-9)
+	assert.InDelta(t, 0.25, s.Ratio, 1e-9)
+	assert.InDelta(t, 0.2, s.RatioMin, 1e-9)
+	assert.InDelta(t, 0.3, s.RatioMax, 1e-9)
+
+	echo := r.Summary["uds"]["echo_rps"]
+	assert.Equal(t, []int{1, 3}, echo.Rounds, "round 2's echo failed")
+	assert.Equal(t, 5000.0, echo.Median, "rounds 1 and 3: the mean of the middle two")
+
+	restart := r.Summary["uds"]["restart_ms"]
+	assert.Equal(t, 12.0, restart.Median, "the median of the rounds' medians 11, 12, 13")
+	assert.Empty(t, restart.Ratios, "restart times have no ratio")
+
+	// CPU per request: parent 0.5×scale s over 20000×scale×0.25×5 requests.
+	assert.InDelta(t, 20, r.Summary["uds"]["small1_cpu_parent"].Median, 1e-6)
+	_, ok := r.Summary["inproc"]["small1_cpu_child"]
+	assert.False(t, ok, "inproc has no child")
+	// Stream CPU per GB, in ms: uds 1.5 + 0.5 s over 1 GB.
+	assert.InDelta(t, 2000, r.Summary["uds"]["stream_cpu"].Median, 1e-6)
+	assert.InDelta(t, 2, r.Summary["uds"]["stream_cpu"].Ratio, 1e-6)
+	assert.Empty(t, r.Summary["subproc"]["echo_rps"].Values)
+}
+
+// TestMarkdown checks the tables' medians, ratios with their ranges, the
+// n/a and failed cells, the CPU table, the goals and the notes.
 func TestMarkdown(t *testing.T) {
 	md := sampleResults().Markdown()
 	for _, want := range []string{
-		"| Workload | Metric | inproc | uds | goplugin | pipe |",
-		"| (a) GET /small, 1 client | req/s | 20,000 | 5,000 (0.25×) | 4,000 (0.20×) | n/a |",
-		"| (c) GET /stream, one response | MB/s | 2,000 | 800 (0.40×) | n/a | 1,500 (0.75×) |",
-		"| (d) SIGKILL child → next 200 | median ms | n/a | 10.0 | failed | n/a |",
-		"| (a) GET /small, 64 clients | req/s | 70,000 | 12,000 (0.17×) | failed | n/a |",
-		"goplugin: error: stream: boom",
+		"| Workload | Metric | inproc | uds | goplugin | pipe | subproc |",
+		"| (a) GET /small, 1 client | req/s | 20,000 | 5,000 · 0.25× (0.20–0.30) | 4,000 · 0.20× (0.20–0.20) | n/a | 10,000 · 0.50× (0.50–0.50) |",
+		"| (c) GET /stream, one response | MB/s | 2,000 | 800 · 0.40× (0.40–0.40) | n/a | 1,500 · 0.75× (0.75–0.75) | failed |",
+		"|  | server CPU, ms/GB (parent + child) | 1,000 | 2,000 · 2.00× (2.00–2.00) | n/a | failed | failed |",
+		"| (b) POST /echo 64 KiB, 16 clients | req/s | 16,000 | 5,000 [2 of 3 rounds] · 0.25× (0.25–0.25) | failed | n/a | failed |",
+		"| (d) SIGKILL child → next 200 | median ms | n/a | 12.0 | failed | n/a | failed |",
+		"| (f) WebSocket echo 64 B, 64 connections | messages/s | 40,000 | 20,000 · 0.50× (0.50–0.50) | n/a | n/a | 30,000 · 0.75× (0.75–0.75) |",
+		"| (a) GET /small, 1 client | µs/request | parent 5, loadgen 3 | parent 20, child 10, loadgen 5 | failed | n/a | failed |",
+		"(f) WebSocket echo, 64 connections, subproc ≥ uds in messages/s: subproc 30,000, uds 20,000, subproc ÷ uds 1.50× (1.50–1.50): **met** (in 3 of 3 rounds)",
+		"(g) WebSocket stream, subproc ≥ 0.6× inproc: subproc 550 MB/s, 0.55× (0.55–0.55) inproc's: **not met** (in 0 of 3 rounds)",
+		"uds: restart times in ms, round 1: 9.0, 10.0, 11.0; round 2: 9.0, 10.0, 11.0; round 3: 9.0, 10.0, 11.0",
+		"round 2: uds: error: echo: boom",
+		"goplugin: ws is n/a: ",
+		"Rounds: 3, the peers interleaved (each round: inproc, uds, goplugin, pipe, subproc)",
 		"GOMAXPROCS 2",
 	} {
-		if !strings.Contains(md, want) {
-			t.Errorf("markdown lacks %q:\n%s", want, md)
-		}
+		assert.Contains(t, md, want)
 	}
 }
 
-// TestSVG checks that the chart is well-formed XML with escaped text and
-// a bar per figure.
+// TestSVG checks that the chart is well-formed XML with escaped text, a
+// bar per figure and a whisker per range.
 func TestSVG(t *testing.T) {
 	svg := sampleResults().SVG()
 	d := xml.NewDecoder(strings.NewReader(svg))
-	rects := 0
+	rects, whiskers := 0, 0
 	for {
 		tok, err := d.Token()
 		if err == io.EOF {
 			break
 		}
-		if err != nil {
-			t.Fatalf("SVG is not well-formed XML: %v\n%s", err, svg)
+		require.NoError(t, err, "SVG is not well-formed XML:\n%s", svg)
+		if se, ok := tok.(xml.StartElement); ok {
+			switch se.Name.Local {
+			case "rect":
+				rects++
+			case "path":
+				whiskers++
+			}
 		}
-		if se, ok := tok.(xml.StartElement); ok && se.Name.Local == "rect" {
-			rects++
-		}
 	}
-	// Background, 4 legend squares, and the bars: throughput 2+1+1+2 (uds,
-	// goplugin in small1; uds in small64 and echo; uds, pipe in stream),
-	// latency 2+2+1+1, restart 1, RSS 2.
-	if want := 1 + 4 + 6 + 6 + 1 + 2; rects != want {
-		t.Errorf("%d rects, want %d", rects, want)
-	}
-	if !strings.Contains(svg, "Test &lt;CPU&gt; &amp; co") {
-		t.Error("the CPU model is not escaped")
-	}
+	// Background, 5 legend squares, and the bars. Throughput: small1 uds,
+	// goplugin, subproc; small64 uds; echo uds; stream uds, pipe; WS echo 1
+	// uds; WS echo 64 uds, subproc; WS stream uds, subproc: 12. Latency:
+	// small1 p50, p99 × 3; small64 p50, p99 × uds; WS 1 p50, p99 × uds;
+	// WS 64 p50, p99 × uds, subproc: 14. CPU: small1, stream × uds: 2.
+	// Restart uds: 1. RSS inproc, uds: 2.
+	assert.Equal(t, 1+5+12+14+2+1+2, rects)
+	// Only uds's /small with 1 client varies over the rounds, in ratio
+	// (throughput, CPU), and its restart time.
+	assert.Equal(t, 3, whiskers)
+	assert.Contains(t, svg, "Test &lt;CPU&gt; &amp; co", "the CPU model is escaped")
 }
 
 // TestNiceAxis checks the axis's ends and steps.
@@ -182,37 +368,81 @@ func TestNiceAxis(t *testing.T) {
 		{1, 0.2, 1.2}, {0.79, 0.2, 0.8}, {5.33, 2, 6}, {12.2, 2.5, 12.5}, {52.5, 20, 60}, {0, 0.2, 1},
 	} {
 		step, end := niceAxis(tc.max)
-		if step != tc.step || end != tc.end {
-			t.Errorf("niceAxis(%v) = %v, %v; want %v, %v", tc.max, step, end, tc.step, tc.end)
-		}
+		assert.Equal(t, []float64{tc.step, tc.end}, []float64{step, end}, "niceAxis(%v)", tc.max)
 	}
 }
 
-// TestQuick runs every peer end to end with tiny loads and checks that
-// each produces its figures. It takes about ten seconds; -short skips it.
+// TestParseFlags checks the rounds' defaults and their flag.
+func TestParseFlags(t *testing.T) {
+	for _, tc := range []struct {
+		args   []string
+		rounds int
+	}{{nil, 3}, {[]string{"-quick"}, 1}, {[]string{"-rounds", "5"}, 5}, {[]string{"-quick", "-rounds", "2"}, 2}} {
+		cfg, err := parseFlags(tc.args)
+		require.NoError(t, err, "%q", tc.args)
+		assert.Equal(t, tc.rounds, cfg.Rounds, "%q", tc.args)
+	}
+	_, err := parseFlags([]string{"-rounds", "-1"})
+	assert.ErrorContains(t, err, "-rounds")
+}
+
+// TestQuick runs every peer end to end, in two interleaved rounds, with
+// tiny loads, and checks that each produces its figures, the WebSocket
+// ones and the CPU ones included, and that results.json keeps both
+// rounds' raw figures. It takes about half a minute; -short skips it.
 func TestQuick(t *testing.T) {
 	if testing.Short() {
 		t.Skip("end to end; skipped with -short")
 	}
-	cfg, err := parseFlags([]string{"-quick", "-out", t.TempDir(), "-warmup", "100ms", "-duration", "300ms", "-stream-bytes", "8388608", "-kills", "1"})
-	if err != nil {
-		t.Fatal(err)
-	}
+	cfg, err := parseFlags([]string{"-quick", "-rounds", "2", "-out", t.TempDir(), "-warmup", "100ms", "-duration", "300ms", "-stream-bytes", "8388608", "-kills", "1"})
+	require.NoError(t, err)
 	var out bytes.Buffer
-	if err := drive(cfg, &out); err != nil {
-		t.Fatal(err)
-	}
+	require.NoError(t, drive(cfg, &out))
+	md := out.String()
 	for _, f := range []string{"results.md", "results.json", "results.svg"} {
-		if _, err := os.Stat(filepath.Join(cfg.Out, f)); err != nil {
-			t.Error(err)
+		require.FileExists(t, filepath.Join(cfg.Out, f))
+	}
+	assert.NotContains(t, md, " failed |", "a workload failed")
+	assert.NotContains(t, md, ": error: ", "a workload failed")
+	assert.NotContains(t, md, "not measured", "a CPU figure is missing")
+	for _, row := range []string{
+		"| (a) GET /small, 1 client |", "| (c) GET /stream, one response |", "| (d) SIGKILL child → next 200 |",
+		"| (f) WebSocket echo 64 B, 1 connection | messages/s |", "| (f) WebSocket echo 64 B, 64 connections | messages/s |",
+		"| (g) WebSocket stream, 64 KiB messages | MB/s |", "server CPU, µs/message (parent + child)",
+		"(f) WebSocket echo, 64 connections, subproc ≥ uds in messages/s", "(g) WebSocket stream, subproc ≥ 0.6× inproc",
+		"Rounds: 2",
+	} {
+		assert.Contains(t, md, row)
+	}
+
+	b, err := os.ReadFile(filepath.Join(cfg.Out, "results.json"))
+	require.NoError(t, err)
+	var res Results
+	require.NoError(t, json.Unmarshal(b, &res))
+	require.Len(t, res.Rounds, 2)
+	for _, rd := range res.Rounds {
+		require.Len(t, rd.Peers, len(allPeers), "round %d", rd.Round)
+		for i, p := range rd.Peers {
+			assert.Equal(t, allPeers[i], p.Name, "round %d: the peers in order", rd.Round)
+		}
+		for _, name := range []string{"inproc", "uds", "subproc"} {
+			p := rd.peer(name)
+			require.NotNil(t, p.WSEcho64, "round %d: %s", rd.Round, name)
+			require.NotNil(t, p.WSStream, "round %d: %s", rd.Round, name)
+			assert.Positive(t, p.WSEcho64.Requests, "round %d: %s", rd.Round, name)
+			require.NotNil(t, p.WSEcho64.CPU, "round %d: %s", rd.Round, name)
+			require.NotNil(t, p.Small1.CPU, "round %d: %s", rd.Round, name)
+			assert.Positive(t, p.Small1.CPU.LoadgenSec, "round %d: %s", rd.Round, name)
+			assert.Positive(t, p.Small1.CPU.ParentSec+p.Small1.CPU.ChildSec, "round %d: %s", rd.Round, name)
+			if name != "inproc" {
+				assert.Positive(t, p.Small1.CPU.Children, "round %d: %s", rd.Round, name)
+			}
 		}
 	}
-	if strings.Contains(out.String(), " failed |") || strings.Contains(out.String(), ": error: ") {
-		t.Errorf("a workload failed:\n%s", out.String())
-	}
-	for _, row := range []string{"| (a) GET /small, 1 client |", "| (c) GET /stream, one response |", "| (d) SIGKILL child → next 200 |"} {
-		if !strings.Contains(out.String(), row) {
-			t.Errorf("no row %q:\n%s", row, out.String())
-		}
-	}
+	assert.Len(t, res.Summary["subproc"]["wsecho64_rps"].Ratios, 2, "a ratio per round")
+
+	// -from rewrites the same markdown from the JSON.
+	var again bytes.Buffer
+	require.NoError(t, replot(filepath.Join(cfg.Out, "results.json"), t.TempDir(), &again))
+	assert.Equal(t, md, again.String())
 }

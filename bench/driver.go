@@ -23,10 +23,12 @@ var notApplicable = map[string]map[string]string{
 	},
 	"goplugin": {
 		"stream": "go-plugin's net/rpc is unary: the response would be buffered whole (and gob refuses messages of 1 GiB)",
+		"ws":     "go-plugin's net/rpc is unary: the child's handler cannot hijack the connection, so nothing can upgrade",
 	},
 	"pipe": {
 		"small":   "the pipe peer only streams",
 		"echo":    "the pipe peer only streams",
+		"ws":      "the pipe peer only streams raw bytes over HTTP",
 		"restart": "the pipe peer only streams",
 		"rss":     "measured during the /small loads, which the pipe peer does not serve",
 	},
@@ -38,41 +40,54 @@ func applies(peer, workload string) bool {
 	return !na
 }
 
-// drive runs every peer's workloads, writes the results to cfg.Out and
-// prints the markdown table to stdout.
+// drive runs cfg.Rounds rounds of every peer in turn (inproc, uds, ...,
+// then inproc, uds, ... again), each with a server process of its own,
+// writes the results to cfg.Out and prints the markdown to stdout.
+// Interleaving spreads a change in the machine's load over every peer
+// instead of biasing the one that ran during it.
 func drive(cfg Config, stdout io.Writer) error {
 	if err := os.MkdirAll(filepath.Join(cfg.Out, "tmp"), 0o755); err != nil {
 		return err
 	}
 	res := &Results{Machine: machineInfo(), Config: cfg}
-	for _, name := range cfg.Peers {
-		fmt.Fprintf(os.Stderr, "== %s\n", name)
-		pr := runPeer(cfg, name)
-		for _, e := range pr.Errors {
-			fmt.Fprintf(os.Stderr, "   error: %s\n", e)
+	t0 := time.Now()
+	for i := range cfg.Rounds {
+		rd := Round{Round: i + 1}
+		for _, name := range cfg.Peers {
+			fmt.Fprintf(os.Stderr, "== round %d/%d: %s (%s)\n", i+1, cfg.Rounds, name, time.Since(t0).Round(time.Second))
+			pr := runPeer(cfg, name, i+1)
+			for _, e := range pr.Errors {
+				fmt.Fprintf(os.Stderr, "   error: %s\n", e)
+			}
+			rd.Peers = append(rd.Peers, pr)
 		}
-		res.Peers = append(res.Peers, pr)
+		res.Rounds = append(res.Rounds, rd)
 	}
 	res.Finished = time.Now().UTC().Format(time.RFC3339)
+	res.LoadAvgEnd = loadAvg()
+	res.summarize()
 	md := res.Markdown()
 	if err := writeResults(cfg.Out, res, md); err != nil {
 		return err
 	}
 	fmt.Fprint(stdout, md)
-	fmt.Fprintf(os.Stderr, "wrote %s\n", strings.Join([]string{
+	fmt.Fprintf(os.Stderr, "wrote %s after %s\n", strings.Join([]string{
 		filepath.Join(cfg.Out, "results.md"),
 		filepath.Join(cfg.Out, "results.json"),
 		filepath.Join(cfg.Out, "results.svg"),
-	}, ", "))
+	}, ", "), time.Since(t0).Round(time.Second))
 	return nil
 }
 
 // runPeer starts the peer's server process and runs its workloads in
 // order: /small with 1 then 64 clients (sampling memory), /echo, /stream,
-// then the kills. A workload that fails is recorded and the next runs.
-func runPeer(cfg Config, name string) PeerResult {
+// the WebSocket echo with 1 then 64 connections and the WebSocket stream,
+// then the kills; then it stops the server. Every timed load has its own
+// warmup, and its CPU time is read around the timed part. A workload that
+// fails is recorded and the next runs.
+func runPeer(cfg Config, name string, round int) PeerResult {
 	pr := PeerResult{Name: name, NotApplicable: notApplicable[name]}
-	srv, err := startServer(cfg, name)
+	srv, err := startServer(cfg, name, round)
 	if err != nil {
 		pr.Errors = append(pr.Errors, "starting server: "+err.Error())
 		return pr
@@ -88,38 +103,57 @@ func runPeer(cfg Config, name string) PeerResult {
 	step := func(format string, args ...any) {
 		fmt.Fprintf(os.Stderr, "   "+format+"\n", args...)
 	}
+	cpuNote := func(c *CPUUse, units float64, unit string) string {
+		if c == nil {
+			return "CPU not measured"
+		}
+		return fmt.Sprintf("CPU %s: parent %.0f, child %.0f, loadgen %.0f", unit, c.ParentSec/units*1e6, c.ChildSec/units*1e6, c.LoadgenSec/units*1e6)
+	}
+	load := func(what string, clients int, bodyBytes int, newConn func(time.Time) loadConn) *LoadResult {
+		r := runLoad(clients, cfg.Warmup, cfg.Duration, bodyBytes, newCPUMeter(srv.pid()), newConn)
+		step("%s x%d: %.0f/s, p50 %.0f µs, p99 %.0f µs, %d errors; %s", what, clients, r.ReqPerSec, r.P50us, r.P99us, r.Errors,
+			cpuNote(r.CPU, float64(max(r.Requests, 1)), "µs each"))
+		return &r
+	}
+	stream := func(what string, run func(n int64, meter *cpuMeter) (StreamResult, error)) *StreamResult {
+		// A short stream first, so that the timed one finds warm paths.
+		if _, err := run(16<<20, nil); err != nil {
+			fail(what+" warmup", err)
+			return nil
+		}
+		r, err := run(cfg.StreamBytes, newCPUMeter(srv.pid()))
+		if err != nil {
+			fail(what, err)
+			return nil
+		}
+		step("%s %d MiB: %.0f MB/s; %s", what, r.Bytes>>20, r.MBPerSec, cpuNote(r.CPU, float64(r.Bytes)/1e6, "ms/GB"))
+		return &r
+	}
 
 	if applies(name, "small") {
 		sampler := startRSSSampler(srv.pid())
-		for _, clients := range []int{1, 64} {
-			r := runLoad(srv.addr, clients, cfg.Warmup, cfg.Duration, 0, smallOp)
-			step("small x%d: %.0f req/s, p50 %.0f µs, p99 %.0f µs, %d errors", clients, r.ReqPerSec, r.P50us, r.P99us, r.Errors)
-			if clients == 1 {
-				pr.Small1 = &r
-			} else {
-				pr.Small64 = &r
-			}
-		}
+		pr.Small1 = load("small", 1, 0, httpLoad(srv.addr, smallOp))
+		pr.Small64 = load("small", 64, 0, httpLoad(srv.addr, smallOp))
 		rss := sampler.finish()
 		step("rss: peak %.1f MiB over %d processes (VmHWM sum %.1f MiB)", rss.PeakMiB, rss.Processes, rss.HWMMiB)
 		pr.RSS = &rss
 	}
 	if applies(name, "echo") {
 		body := echoBody(cfg.EchoBytes)
-		r := runLoad(srv.addr, cfg.EchoClients, cfg.Warmup, cfg.Duration, len(body), echoOp(body))
-		step("echo x%d: %.0f req/s, %.1f MB/s, %d errors", cfg.EchoClients, r.ReqPerSec, r.MBPerSec, r.Errors)
-		pr.Echo = &r
+		pr.Echo = load("echo", cfg.EchoClients, len(body), httpLoad(srv.addr, echoOp(body)))
 	}
 	if applies(name, "stream") {
-		// A short stream first, so that the timed one finds warm paths.
-		if _, err := runStream(srv.addr, 16<<20, cfg.StreamChunk); err != nil {
-			fail("stream warmup", err)
-		} else if r, err := runStream(srv.addr, cfg.StreamBytes, cfg.StreamChunk); err != nil {
-			fail("stream", err)
-		} else {
-			step("stream %d MiB: %.0f MB/s", r.Bytes>>20, r.MBPerSec)
-			pr.Stream = &r
-		}
+		pr.Stream = stream("stream", func(n int64, meter *cpuMeter) (StreamResult, error) {
+			return runStream(srv.addr, n, cfg.StreamChunk, meter)
+		})
+	}
+	if applies(name, "ws") {
+		msg := echoBody(cfg.WSEchoBytes)
+		pr.WSEcho1 = load("ws echo", 1, 0, wsEchoLoad(srv.addr, msg))
+		pr.WSEcho64 = load("ws echo", 64, 0, wsEchoLoad(srv.addr, msg))
+		pr.WSStream = stream("ws stream", func(n int64, meter *cpuMeter) (StreamResult, error) {
+			return runWSStream(srv.addr, n, cfg.StreamChunk, meter)
+		})
 	}
 	if applies(name, "restart") {
 		r, err := runRestarts(srv.addr, cfg.Kills)
@@ -143,10 +177,11 @@ type server struct {
 
 func (s *server) pid() int { return s.cmd.Process.Pid }
 
-// startServer starts the server process of a peer and waits for the
-// address it prints once ready. Its stderr goes to <out>/tmp/<peer>.log.
-func startServer(cfg Config, name string) (*server, error) {
-	logf, err := os.Create(filepath.Join(cfg.Out, "tmp", name+".log"))
+// startServer starts the server process of a peer for a round and waits
+// for the address it prints once ready. Its stderr goes to
+// <out>/tmp/<peer>-<round>.log.
+func startServer(cfg Config, name string, round int) (*server, error) {
+	logf, err := os.Create(filepath.Join(cfg.Out, "tmp", fmt.Sprintf("%s-%d.log", name, round)))
 	if err != nil {
 		return nil, err
 	}
@@ -339,12 +374,7 @@ func machineInfo() Machine {
 	if b, err := os.ReadFile("/proc/sys/kernel/osrelease"); err == nil {
 		m.Kernel = strings.TrimSpace(string(b))
 	}
-	if b, err := os.ReadFile("/proc/loadavg"); err == nil {
-		f := strings.Fields(string(b))
-		if len(f) >= 3 {
-			m.LoadAvg = strings.Join(f[:3], " ")
-		}
-	}
+	m.LoadAvg = loadAvg()
 	if kb, ok := statusKBFile("/proc/meminfo", "MemTotal:"); ok {
 		m.MemTotalMiB = float64(kb) / 1024
 	}
@@ -355,4 +385,17 @@ func machineInfo() Machine {
 		}
 	}
 	return m
+}
+
+// loadAvg returns the first three figures of /proc/loadavg, or "".
+func loadAvg() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return ""
+	}
+	f := strings.Fields(string(b))
+	if len(f) < 3 {
+		return ""
+	}
+	return strings.Join(f[:3], " ")
 }

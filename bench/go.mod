@@ -4,8 +4,10 @@ go 1.26.0
 
 require (
 	github.com/fbbf71ac/subproc v0.0.0
+	github.com/gorilla/websocket v1.5.3
 	github.com/hashicorp/go-hclog v1.6.3
 	github.com/hashicorp/go-plugin v1.8.0
+	github.com/stretchr/testify v1.12.1
 )
 
 require (

@@ -7,9 +7,10 @@ import (
 	"sync"
 )
 
-// The handler every peer serves. It is the handler of the library's own
-// in-package benchmark module (bench_test.go at the repository root), with
-// the chunk size of /stream as a parameter.
+// The handler every peer serves. Its HTTP routes are the handler of the
+// library's own in-package benchmark module (bench_test.go at the
+// repository root), with the chunk size of /stream as a parameter; its
+// WebSocket routes are in ws.go.
 
 // smallBody is the body of GET /small.
 var smallBody = bytes.Repeat([]byte("s"), 100)
@@ -25,11 +26,15 @@ var echoBufs = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b 
 //	GET  /small                     a 100-byte body
 //	POST /echo                      the request body, streamed back
 //	GET  /stream?bytes=N&chunk=C    N bytes written C at a time, flushed after each write
+//	GET  /ws/echo                   WebSocket: every message echoed (ws.go)
+//	GET  /ws/stream?bytes=N&chunk=C WebSocket: N bytes in C-byte binary messages (ws.go)
 func newHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /small", serveSmall)
 	mux.HandleFunc("POST /echo", serveEcho)
 	mux.HandleFunc("GET /stream", serveStream)
+	mux.HandleFunc("GET /ws/echo", serveWSEcho)
+	mux.HandleFunc("GET /ws/stream", serveWSStream)
 	return mux
 }
 

@@ -201,7 +201,8 @@ func (c *client) get(path string) (int, int64, error) {
 	return c.do("GET "+path+" HTTP/1.1\r\nHost: bench\r\n", nil, nil)
 }
 
-// LoadResult is what a fixed-duration load measured.
+// LoadResult is what a fixed-duration load measured. For the WebSocket
+// echo a request is a message and its echo.
 type LoadResult struct {
 	Clients   int     `json:"clients"`
 	Seconds   float64 `json:"seconds"`
@@ -214,13 +215,46 @@ type LoadResult struct {
 	P99us     float64 `json:"p99_us"`
 	MaxUs     float64 `json:"max_us"`
 	FirstErr  string  `json:"first_error,omitempty"`
+	// CPU is what each process spent in the timed window, nil if it was
+	// not measured; CPUError says why not, if it could not be.
+	CPU      *CPUUse `json:"cpu,omitempty"`
+	CPUError string  `json:"cpu_error,omitempty"`
 }
 
-// runLoad runs op in a loop on each of clients connections: for warmup,
-// then for dur, which is timed. Requests that start in the timed window
-// count; their latency is from the first byte written to the last byte
-// read. bodyBytes is the request body size, for MB/s.
-func runLoad(addr string, clients int, warmup, dur time.Duration, bodyBytes int, op func(*client) error) LoadResult {
+// A loadConn is one connection of a timed load, used by one goroutine.
+type loadConn interface {
+	// op makes one round trip, (re)connecting first if needed; after an
+	// error the next op starts on a new connection.
+	op() error
+	close()
+}
+
+// httpLoad returns the connections of an HTTP load: op on a keep-alive
+// client of addr.
+func httpLoad(addr string, op func(*client) error) func(deadline time.Time) loadConn {
+	return func(deadline time.Time) loadConn {
+		c := newClient(addr)
+		c.setDeadline(deadline)
+		return httpConn{c, op}
+	}
+}
+
+type httpConn struct {
+	c  *client
+	do func(*client) error
+}
+
+func (h httpConn) op() error { return h.do(h.c) }
+func (h httpConn) close()    { h.c.close() }
+
+// runLoad runs op in a loop on each of clients connections made by
+// newConn (whose deadline bounds the whole load): for warmup, then for
+// dur, which is timed. Requests that start in the timed window count;
+// their latency is from the first byte written to the last byte read.
+// bodyBytes is the request body size, for MB/s. If meter is not nil, the
+// CPU time of its processes is read when the timed window starts and
+// once every request has ended.
+func runLoad(clients int, warmup, dur time.Duration, bodyBytes int, meter *cpuMeter, newConn func(deadline time.Time) loadConn) LoadResult {
 	start := time.Now().Add(warmup)
 	end := start.Add(dur)
 	type worker struct {
@@ -234,16 +268,15 @@ func runLoad(addr string, clients int, warmup, dur time.Duration, bodyBytes int,
 		wg.Add(1)
 		go func(w *worker) {
 			defer wg.Done()
-			c := newClient(addr)
+			c := newConn(end.Add(time.Minute))
 			defer c.close()
-			c.setDeadline(end.Add(time.Minute))
 			w.lat = make([]time.Duration, 0, 1<<16)
 			for {
 				t0 := time.Now()
 				if !t0.Before(end) {
 					return
 				}
-				err := op(c)
+				err := c.op()
 				t1 := time.Now()
 				if err != nil {
 					if !t0.Before(start) {
@@ -261,9 +294,25 @@ func runLoad(addr string, clients int, warmup, dur time.Duration, bodyBytes int,
 			}
 		}(&workers[i])
 	}
+	// The CPU reading at the window's start: a timer, as the window is
+	// fixed in advance; the requests in flight across either edge (warmup
+	// ones at the start, counted ones at the end) roughly cancel out.
+	var before cpuReading
+	started := make(chan struct{})
+	go func() {
+		defer close(started)
+		if meter != nil {
+			<-time.After(time.Until(start))
+			before = meter.read()
+		}
+	}()
 	wg.Wait()
+	<-started
 
 	res := LoadResult{Clients: clients, Seconds: dur.Seconds()}
+	if meter != nil {
+		res.CPU, res.CPUError = meter.between(before, meter.read())
+	}
 	var lat []time.Duration
 	for _, w := range workers {
 		lat = append(lat, w.lat...)
@@ -362,32 +411,56 @@ func echoBody(n int) []byte {
 	return b
 }
 
-// StreamResult is what the /stream workload measured.
+// StreamResult is what a stream workload measured: the HTTP /stream or
+// the WebSocket one.
 type StreamResult struct {
 	Bytes    int64   `json:"bytes"`
 	Chunk    int     `json:"chunk"`
 	Seconds  float64 `json:"seconds"`
 	MBPerSec float64 `json:"mb_per_sec"` // bytes / seconds / 1e6
+	// CPU is what each process spent from the request to the last byte,
+	// nil if it was not measured; CPUError says why not, if it could not
+	// be.
+	CPU      *CPUUse `json:"cpu,omitempty"`
+	CPUError string  `json:"cpu_error,omitempty"`
+}
+
+// timeStream times fetch, which must return the bytes it received, and
+// checks that they are n. If meter is not nil, the CPU time of its
+// processes is read just before and just after.
+func timeStream(n int64, chunk int, meter *cpuMeter, fetch func() (int64, error)) (StreamResult, error) {
+	var before cpuReading
+	if meter != nil {
+		before = meter.read()
+	}
+	t0 := time.Now()
+	got, err := fetch()
+	sec := time.Since(t0).Seconds()
+	res := StreamResult{Bytes: n, Chunk: chunk, Seconds: sec, MBPerSec: float64(n) / sec / 1e6}
+	if meter != nil {
+		res.CPU, res.CPUError = meter.between(before, meter.read())
+	}
+	if err != nil {
+		return StreamResult{}, err
+	}
+	if got != n {
+		return StreamResult{}, fmt.Errorf("%d bytes of %d", got, n)
+	}
+	return res, nil
 }
 
 // runStream fetches one /stream response of n bytes in chunk-byte writes
 // and times it from the request to the last byte.
-func runStream(addr string, n int64, chunk int) (StreamResult, error) {
+func runStream(addr string, n int64, chunk int, meter *cpuMeter) (StreamResult, error) {
 	c := newClient(addr)
 	defer c.close()
 	c.setDeadline(time.Now().Add(10 * time.Minute))
 	path := fmt.Sprintf("/stream?bytes=%d&chunk=%d", n, chunk)
-	t0 := time.Now()
-	status, got, err := c.get(path)
-	sec := time.Since(t0).Seconds()
-	if err != nil {
-		return StreamResult{}, err
-	}
-	if status != 200 {
-		return StreamResult{}, errStatus(status)
-	}
-	if got != n {
-		return StreamResult{}, fmt.Errorf("/stream: %d bytes of %d", got, n)
-	}
-	return StreamResult{Bytes: n, Chunk: chunk, Seconds: sec, MBPerSec: float64(n) / sec / 1e6}, nil
+	return timeStream(n, chunk, meter, func() (int64, error) {
+		status, got, err := c.get(path)
+		if err == nil && status != 200 {
+			err = errStatus(status)
+		}
+		return got, err
+	})
 }

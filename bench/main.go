@@ -6,8 +6,13 @@
 //
 // Run it from this directory:
 //
-//	go run . -out results         # the full run, a few minutes
-//	go run . -quick -out results  # every workload briefly, under a minute
+//	go run . -out results         # the full run: 3 interleaved rounds, about 7 minutes
+//	go run . -quick -out results  # every workload briefly, once: under a minute
+//
+// The peers run interleaved: in each round every peer in turn, each with a
+// freshly started server process, and the report gives each figure's
+// median over the rounds and each ratio to inproc as the median of the
+// per-round ratios, with their range.
 //
 // One binary plays every role; the role is chosen by the BENCH_ROLE
 // environment variable. Without it the process is the driver: it starts a
@@ -108,13 +113,15 @@ type Config struct {
 	From        string        `json:"-"`
 	Quick       bool          `json:"quick"`
 	Peers       []string      `json:"peers"`
+	Rounds      int           `json:"rounds"` // every peer runs once per round, in Peers's order
 	Warmup      time.Duration `json:"warmup_ns"`
 	Duration    time.Duration `json:"duration_ns"`
 	EchoBytes   int           `json:"echo_bytes"`
 	EchoClients int           `json:"echo_clients"`
 	StreamBytes int64         `json:"stream_bytes"`
-	StreamChunk int           `json:"stream_chunk"`
+	StreamChunk int           `json:"stream_chunk"` // also the WebSocket stream's message size
 	Kills       int           `json:"kills"`
+	WSEchoBytes int           `json:"ws_echo_bytes"` // the WebSocket echo's message size
 }
 
 // allPeers lists the peers in the order they run and are reported.
@@ -124,11 +131,12 @@ func parseFlags(args []string) (Config, error) {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
 	out := fs.String("out", "results", "directory for results.md, results.json, results.svg (and tmp/ with the servers' logs)")
 	from := fs.String("from", "", "measure nothing: rewrite results.md and results.svg (to -out) from this results.json")
-	quick := fs.Bool("quick", false, "run every workload briefly (smoke test, under a minute)")
-	peers := fs.String("peers", strings.Join(allPeers, ","), "comma-separated peers to run")
+	quick := fs.Bool("quick", false, "run every workload briefly, in one round (smoke test, under a minute)")
+	peers := fs.String("peers", strings.Join(allPeers, ","), "comma-separated peers to run, in this order in each round")
+	rounds := fs.Int("rounds", 0, "rounds of every peer in turn (default 3, quick 1)")
 	warmup := fs.Duration("warmup", 0, "warmup before each timed load (default 1s, quick 250ms)")
 	dur := fs.Duration("duration", 0, "length of each timed load (default 5s, quick 1s)")
-	stream := fs.Int64("stream-bytes", 0, "size of the /stream response (default 1 GiB, quick 64 MiB)")
+	stream := fs.Int64("stream-bytes", 0, "size of the /stream response and of the WebSocket stream (default 1 GiB, quick 64 MiB)")
 	kills := fs.Int("kills", 0, "SIGKILLs of the child for the restart workload (default 7, quick 3)")
 	if err := fs.Parse(args); err != nil {
 		return Config{}, err
@@ -136,15 +144,23 @@ func parseFlags(args []string) (Config, error) {
 	if fs.NArg() > 0 {
 		return Config{}, fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
+	if *rounds < 0 {
+		return Config{}, fmt.Errorf("-rounds %d: want at least 1 (0 for the default)", *rounds)
+	}
 	cfg := Config{
 		Out: *out, From: *from, Quick: *quick,
+		Rounds: 3,
 		Warmup: time.Second, Duration: 5 * time.Second,
 		EchoBytes: 64 << 10, EchoClients: 16,
 		StreamBytes: 1 << 30, StreamChunk: 64 << 10,
-		Kills: 7,
+		Kills:       7,
+		WSEchoBytes: 64,
 	}
 	if cfg.Quick {
-		cfg.Warmup, cfg.Duration, cfg.StreamBytes, cfg.Kills = 250*time.Millisecond, time.Second, 64<<20, 3
+		cfg.Rounds, cfg.Warmup, cfg.Duration, cfg.StreamBytes, cfg.Kills = 1, 250*time.Millisecond, time.Second, 64<<20, 3
+	}
+	if *rounds > 0 {
+		cfg.Rounds = *rounds
 	}
 	if *warmup > 0 {
 		cfg.Warmup = *warmup

@@ -12,218 +12,354 @@ import (
 
 // Results is everything a run measured; results.json is its JSON.
 type Results struct {
-	Machine  Machine      `json:"machine"`
-	Config   Config       `json:"config"`
-	Finished string       `json:"finished"`
-	Peers    []PeerResult `json:"peers"`
-	// Ratios holds, per peer and metric key, the peer's figure divided by
-	// inproc's (filled in by writeResults).
-	Ratios map[string]map[string]float64 `json:"ratios_to_inproc,omitempty"`
+	Machine  Machine `json:"machine"`
+	Config   Config  `json:"config"`
+	Finished string  `json:"finished"`
+	// LoadAvgEnd is /proc/loadavg's first three figures when the last
+	// round ended (Machine has them at the start).
+	LoadAvgEnd string `json:"loadavg_at_end,omitempty"`
+	// Rounds holds every round's raw figures, in the order they ran; in
+	// each, the peers ran one after the other, in Config.Peers's order.
+	Rounds []Round `json:"rounds"`
+	// Summary holds, per peer and metric key, the figures over the rounds
+	// (see Summary). It is computed from Rounds (by summarize, again when
+	// -from rereads the file) and written for the reader's convenience.
+	Summary map[string]map[string]Summary `json:"summary,omitempty"`
 }
 
-// PeerResult is one peer's figures. A nil workload was not run: see
-// NotApplicable and Errors.
+// PeerResult is one peer's figures in one round. A nil workload was not
+// run: see NotApplicable and Errors.
 type PeerResult struct {
 	Name          string            `json:"name"`
 	Small1        *LoadResult       `json:"small_1_client,omitempty"`
 	Small64       *LoadResult       `json:"small_64_clients,omitempty"`
 	Echo          *LoadResult       `json:"echo,omitempty"`
 	Stream        *StreamResult     `json:"stream,omitempty"`
+	WSEcho1       *LoadResult       `json:"ws_echo_1_conn,omitempty"`
+	WSEcho64      *LoadResult       `json:"ws_echo_64_conns,omitempty"`
+	WSStream      *StreamResult     `json:"ws_stream,omitempty"`
 	Restart       *RestartResult    `json:"restart,omitempty"`
 	RSS           *RSSResult        `json:"rss,omitempty"`
 	NotApplicable map[string]string `json:"not_applicable,omitempty"` // workload → why
 	Errors        []string          `json:"errors,omitempty"`
 }
 
-// A metric is one row of the table.
+// A metric is one figure of every peer in every round: a row of the main
+// table, or (the CPU time of each process) a cell of the CPU table.
 type metric struct {
 	key      string
 	workload string // the workload it belongs to, as in notApplicable
 	group    string // the table's first column
 	label    string // what is measured, with its unit
 	higher   bool   // higher is better
-	ratio    bool   // shown as a ratio to inproc
+	ratio    bool   // has a ratio to inproc
+	table    bool   // a row of the main table
 	format   func(float64) string
 	get      func(*PeerResult) (float64, bool)
 }
 
-func loadMetric(p *PeerResult, which string) *LoadResult {
-	switch which {
-	case "small1":
-		return p.Small1
-	case "small64":
-		return p.Small64
-	default:
-		return p.Echo
-	}
+// A timedLoad is one of the fixed-duration loads of a PeerResult.
+type timedLoad struct {
+	key, workload, group string
+	unit                 string // what a request is, for the CPU rows
+	get                  func(*PeerResult) *LoadResult
 }
 
-func loadGet(which string, f func(*LoadResult) float64) func(*PeerResult) (float64, bool) {
-	return func(p *PeerResult) (float64, bool) {
-		if r := loadMetric(p, which); r != nil {
+var timedLoads = []timedLoad{
+	{"small1", "small", "(a) GET /small, 1 client", "request", func(p *PeerResult) *LoadResult { return p.Small1 }},
+	{"small64", "small", "(a) GET /small, 64 clients", "request", func(p *PeerResult) *LoadResult { return p.Small64 }},
+	{"echo", "echo", "(b) POST /echo 64 KiB, 16 clients", "request", func(p *PeerResult) *LoadResult { return p.Echo }},
+	{"wsecho1", "ws", "(f) WebSocket echo 64 B, 1 connection", "message", func(p *PeerResult) *LoadResult { return p.WSEcho1 }},
+	{"wsecho64", "ws", "(f) WebSocket echo 64 B, 64 connections", "message", func(p *PeerResult) *LoadResult { return p.WSEcho64 }},
+}
+
+// A timedStream is one of the stream workloads of a PeerResult.
+type timedStream struct {
+	key, workload, group string
+	get                  func(*PeerResult) *StreamResult
+}
+
+var timedStreams = []timedStream{
+	{"stream", "stream", "(c) GET /stream, one response", func(p *PeerResult) *StreamResult { return p.Stream }},
+	{"wsstream", "ws", "(g) WebSocket stream, 64 KiB messages", func(p *PeerResult) *StreamResult { return p.WSStream }},
+}
+
+func findLoad(key string) timedLoad {
+	for _, l := range timedLoads {
+		if l.key == key {
+			return l
+		}
+	}
+	panic("no load " + key)
+}
+
+func findStream(key string) timedStream {
+	for _, s := range timedStreams {
+		if s.key == key {
+			return s
+		}
+	}
+	panic("no stream " + key)
+}
+
+// loadFigure returns the metric of figure f of load l.
+func loadFigure(l timedLoad, suffix, group, label string, higher, ratio bool, format func(float64) string, f func(*LoadResult) float64) metric {
+	return metric{l.key + "_" + suffix, l.workload, group, label, higher, ratio, true, format, func(p *PeerResult) (float64, bool) {
+		if r := l.get(p); r != nil {
 			return f(r), true
 		}
 		return 0, false
-	}
+	}}
 }
 
-// metrics lists the table's rows in order.
-var metrics = []metric{
-	{"small1_rps", "small", "(a) GET /small, 1 client", "req/s", true, true, fmtInt, loadGet("small1", func(r *LoadResult) float64 { return r.ReqPerSec })},
-	{"small1_p50", "small", "", "p50 latency, µs", false, true, fmtInt, loadGet("small1", func(r *LoadResult) float64 { return r.P50us })},
-	{"small1_p99", "small", "", "p99 latency, µs", false, true, fmtInt, loadGet("small1", func(r *LoadResult) float64 { return r.P99us })},
-	{"small64_rps", "small", "(a) GET /small, 64 clients", "req/s", true, true, fmtInt, loadGet("small64", func(r *LoadResult) float64 { return r.ReqPerSec })},
-	{"small64_p50", "small", "", "p50 latency, µs", false, true, fmtInt, loadGet("small64", func(r *LoadResult) float64 { return r.P50us })},
-	{"small64_p99", "small", "", "p99 latency, µs", false, true, fmtInt, loadGet("small64", func(r *LoadResult) float64 { return r.P99us })},
-	{"echo_rps", "echo", "(b) POST /echo 64 KiB, 16 clients", "req/s", true, true, fmtInt, loadGet("echo", func(r *LoadResult) float64 { return r.ReqPerSec })},
-	{"echo_mbps", "echo", "", "MB/s (request bodies)", true, true, fmtMB, loadGet("echo", func(r *LoadResult) float64 { return r.MBPerSec })},
-	{"echo_errors", "echo", "", "errors", false, false, fmtInt, loadGet("echo", func(r *LoadResult) float64 { return float64(r.Errors) })},
-	{"stream_mbps", "stream", "(c) GET /stream, one response", "MB/s", true, true, fmtMB, func(p *PeerResult) (float64, bool) {
-		if p.Stream == nil {
-			return 0, false
-		}
-		return p.Stream.MBPerSec, true
-	}},
-	{"restart_ms", "restart", "(d) SIGKILL child → next 200", "median ms", false, false, fmtMs, func(p *PeerResult) (float64, bool) {
-		if p.Restart == nil {
-			return 0, false
-		}
-		return p.Restart.MedianMs, true
-	}},
-	{"rss_mib", "rss", "(e) peak RSS during (a), parent + child", "MiB (sampled)", false, true, fmtMiB, func(p *PeerResult) (float64, bool) {
-		if p.RSS == nil {
-			return 0, false
-		}
-		return p.RSS.PeakMiB, true
-	}},
-	{"hwm_mib", "rss", "", "MiB (sum of VmHWM)", false, true, fmtMiB, func(p *PeerResult) (float64, bool) {
-		if p.RSS == nil {
-			return 0, false
-		}
-		return p.RSS.HWMMiB, true
-	}},
-	{"pss_mib", "rss", "", "MiB PSS (shared pages once)", false, true, fmtMiB, func(p *PeerResult) (float64, bool) {
-		if p.RSS == nil || p.RSS.PSSPeakMiB == 0 {
-			return 0, false
-		}
-		return p.RSS.PSSPeakMiB, true
-	}},
-}
-
-// inproc returns the inproc peer's result, or nil.
-func (r *Results) inproc() *PeerResult {
-	for i := range r.Peers {
-		if r.Peers[i].Name == "inproc" {
-			return &r.Peers[i]
-		}
-	}
-	return nil
-}
-
-// ratio returns m of p divided by m of inproc.
-func (r *Results) ratio(m metric, p *PeerResult) (float64, bool) {
-	base := r.inproc()
-	if base == nil || !m.ratio {
-		return 0, false
-	}
-	b, ok1 := m.get(base)
-	v, ok2 := m.get(p)
-	if !ok1 || !ok2 || b == 0 {
-		return 0, false
-	}
-	return v / b, true
-}
-
-// computeRatios fills r.Ratios.
-func (r *Results) computeRatios() {
-	r.Ratios = map[string]map[string]float64{}
-	for i := range r.Peers {
-		p := &r.Peers[i]
-		for _, m := range metrics {
-			if x, ok := r.ratio(m, p); ok {
-				if r.Ratios[p.Name] == nil {
-					r.Ratios[p.Name] = map[string]float64{}
-				}
-				r.Ratios[p.Name][m.key] = x
+// cpuMetrics returns the CPU metrics of a workload whose CPU use and
+// units of work (requests, GB) get returns, with the figure per unit
+// scaled by scale (1e6 for µs, 1e3 for ms): the server's (parent + child)
+// as a row of the main table with its ratio, and each process's for the
+// CPU table.
+func cpuMetrics(key, workload, label string, scale float64, get func(*PeerResult) (*CPUUse, float64)) []metric {
+	per := func(f func(*CPUUse) float64, needChild bool) func(*PeerResult) (float64, bool) {
+		return func(p *PeerResult) (float64, bool) {
+			c, units := get(p)
+			if c == nil || units <= 0 || (needChild && c.Children == 0) {
+				return 0, false
 			}
+			return f(c) / units * scale, true
 		}
+	}
+	return []metric{
+		{key + "_cpu", workload, "", label, false, true, true, fmtInt, per(func(c *CPUUse) float64 { return c.ParentSec + c.ChildSec }, false)},
+		{key + "_cpu_parent", workload, "", "", false, false, false, fmtInt, per(func(c *CPUUse) float64 { return c.ParentSec }, false)},
+		{key + "_cpu_child", workload, "", "", false, false, false, fmtInt, per(func(c *CPUUse) float64 { return c.ChildSec }, true)},
+		{key + "_cpu_loadgen", workload, "", "", false, false, false, fmtInt, per(func(c *CPUUse) float64 { return c.LoadgenSec }, false)},
 	}
 }
 
-// cell is the table's text for metric m of peer p.
-func (r *Results) cell(m metric, p *PeerResult) string {
-	v, ok := m.get(p)
-	if !ok {
-		if _, na := p.NotApplicable[m.workload]; na {
+func loadCPU(l timedLoad) []metric {
+	return cpuMetrics(l.key, l.workload, "server CPU, µs/"+l.unit+" (parent + child)", 1e6, func(p *PeerResult) (*CPUUse, float64) {
+		if r := l.get(p); r != nil {
+			return r.CPU, float64(r.Requests)
+		}
+		return nil, 0
+	})
+}
+
+func streamCPU(s timedStream) []metric {
+	return cpuMetrics(s.key, s.workload, "server CPU, ms/GB (parent + child)", 1e3, func(p *PeerResult) (*CPUUse, float64) {
+		if r := s.get(p); r != nil {
+			return r.CPU, float64(r.Bytes) / 1e9
+		}
+		return nil, 0
+	})
+}
+
+func streamRate(s timedStream) metric {
+	return metric{s.key + "_mbps", s.workload, s.group, "MB/s", true, true, true, fmtMB, func(p *PeerResult) (float64, bool) {
+		if r := s.get(p); r != nil {
+			return r.MBPerSec, true
+		}
+		return 0, false
+	}}
+}
+
+func rssMetric(key, group, label string, f func(*RSSResult) float64) metric {
+	return metric{key, "rss", group, label, false, true, true, fmtMiB, func(p *PeerResult) (float64, bool) {
+		if p.RSS == nil || f(p.RSS) == 0 {
+			return 0, false
+		}
+		return f(p.RSS), true
+	}}
+}
+
+// latencyAndRate returns a load's rate, p50 and p99 rows.
+func latencyAndRate(l timedLoad, rate string) []metric {
+	return []metric{
+		loadFigure(l, "rps", l.group, rate, true, true, fmtInt, func(r *LoadResult) float64 { return r.ReqPerSec }),
+		loadFigure(l, "p50", "", "p50 latency, µs", false, true, fmtInt, func(r *LoadResult) float64 { return r.P50us }),
+		loadFigure(l, "p99", "", "p99 latency, µs", false, true, fmtInt, func(r *LoadResult) float64 { return r.P99us }),
+	}
+}
+
+// metrics lists every metric, the main table's rows in order.
+var metrics = func() []metric {
+	var ms []metric
+	for _, k := range []string{"small1", "small64"} {
+		l := findLoad(k)
+		ms = append(ms, latencyAndRate(l, "req/s")...)
+		ms = append(ms, loadCPU(l)...)
+	}
+	echo := findLoad("echo")
+	ms = append(ms,
+		loadFigure(echo, "rps", echo.group, "req/s", true, true, fmtInt, func(r *LoadResult) float64 { return r.ReqPerSec }),
+		loadFigure(echo, "mbps", "", "MB/s (request bodies)", true, true, fmtMB, func(r *LoadResult) float64 { return r.MBPerSec }),
+		loadFigure(echo, "errors", "", "errors", false, false, fmtInt, func(r *LoadResult) float64 { return float64(r.Errors) }))
+	ms = append(ms, loadCPU(echo)...)
+	stream := findStream("stream")
+	ms = append(ms, streamRate(stream))
+	ms = append(ms, streamCPU(stream)...)
+	ms = append(ms,
+		metric{"restart_ms", "restart", "(d) SIGKILL child → next 200", "median ms", false, false, true, fmtMs, func(p *PeerResult) (float64, bool) {
+			if p.Restart == nil {
+				return 0, false
+			}
+			return p.Restart.MedianMs, true
+		}},
+		rssMetric("rss_mib", "(e) peak RSS during (a), parent + child", "MiB (sampled)", func(r *RSSResult) float64 { return r.PeakMiB }),
+		rssMetric("hwm_mib", "", "MiB (sum of VmHWM)", func(r *RSSResult) float64 { return r.HWMMiB }),
+		rssMetric("pss_mib", "", "MiB PSS (shared pages once)", func(r *RSSResult) float64 { return r.PSSPeakMiB }))
+	for _, k := range []string{"wsecho1", "wsecho64"} {
+		l := findLoad(k)
+		ms = append(ms, latencyAndRate(l, "messages/s")...)
+		ms = append(ms, loadCPU(l)...)
+	}
+	ws := findStream("wsstream")
+	ms = append(ms, streamRate(ws))
+	ms = append(ms, streamCPU(ws)...)
+	return ms
+}()
+
+// metricByKey returns the metric named key.
+func metricByKey(key string) metric {
+	for _, m := range metrics {
+		if m.key == key {
+			return m
+		}
+	}
+	panic("no metric " + key)
+}
+
+// cell is the main table's text for metric m of peer: the median over
+// the rounds and, but for inproc, the median ratio to inproc with its
+// range over the rounds.
+func (r *Results) cell(m metric, peer string) string {
+	s, ok := r.Summary[peer][m.key]
+	if !ok || len(s.Values) == 0 {
+		if r.notApplicable(peer, m.workload) != "" {
 			return "n/a"
 		}
 		return "failed"
 	}
-	s := m.format(v)
-	if x, ok := r.ratio(m, p); ok && p.Name != "inproc" {
-		s += fmt.Sprintf(" (%s×)", fmtRatio(x))
+	out := m.format(s.Median)
+	if n := len(s.Values); n < len(r.Rounds) {
+		out += fmt.Sprintf(" [%d of %d rounds]", n, len(r.Rounds))
 	}
-	return s
+	if len(s.Ratios) > 0 && peer != "inproc" {
+		out += " · " + ratioText(s)
+	}
+	return out
+}
+
+// ratioText is "0.58×", with " (0.52–0.63)", the range of the per-round
+// ratios, when there were several rounds.
+func ratioText(s Summary) string {
+	t := fmtRatio(s.Ratio) + "×"
+	if len(s.Ratios) > 1 {
+		t += fmt.Sprintf(" (%s–%s)", fmtRatio(s.RatioMin), fmtRatio(s.RatioMax))
+	}
+	return t
+}
+
+// cpuCell is the CPU table's text for the workload key of peer: the
+// median over the rounds of each process's CPU time per unit.
+func (r *Results) cpuCell(key, workload, peer string) string {
+	var parts []string
+	for _, who := range []string{"parent", "child", "loadgen"} {
+		if s, ok := r.Summary[peer][key+"_cpu_"+who]; ok && len(s.Values) > 0 {
+			parts = append(parts, who+" "+fmtInt(s.Median))
+		}
+	}
+	if len(parts) > 0 {
+		return strings.Join(parts, ", ")
+	}
+	if r.notApplicable(peer, workload) != "" {
+		return "n/a"
+	}
+	return "failed"
 }
 
 // Markdown renders the results as a markdown document: the machine, the
-// table, and notes.
+// main table, the CPU table, the goals, and notes.
 func (r *Results) Markdown() string {
 	var b strings.Builder
 	m := r.Machine
+	c := r.Config
+	peers := r.peerNames()
 	b.WriteString("# subproc benchmark results\n\n")
 	mode := "full"
-	if r.Config.Quick {
+	if c.Quick {
 		mode = "quick (smoke test: short runs, noisy)"
 	}
-	fmt.Fprintf(&b, "- Date: %s; run: %s\n", m.Date, mode)
-	fmt.Fprintf(&b, "- Machine: %s, %d CPUs, GOMAXPROCS %d, %.0f MiB, Linux %s, load average at start %s\n",
-		orDash(m.CPUModel), m.NumCPU, m.GOMAXPROCS, m.MemTotalMiB, orDash(m.Kernel), orDash(m.LoadAvg))
+	fmt.Fprintf(&b, "- Date: %s; run: %s; finished %s\n", m.Date, mode, orDash(r.Finished))
+	fmt.Fprintf(&b, "- Machine: %s, %d CPUs, GOMAXPROCS %d, %.0f MiB, Linux %s, load average at start %s, at end %s\n",
+		orDash(m.CPUModel), m.NumCPU, m.GOMAXPROCS, m.MemTotalMiB, orDash(m.Kernel), orDash(m.LoadAvg), orDash(r.LoadAvgEnd))
 	fmt.Fprintf(&b, "- Go: %s %s/%s; subproc revision: %s\n", m.GoVersion, m.GOOS, m.GOARCH, orDash(m.Revision))
-	fmt.Fprintf(&b, "- Loads: %v warmup + %v timed each; echo %d KiB × %d clients; stream %d MiB in %d KiB flushed writes; %d kills\n\n",
-		r.Config.Warmup, r.Config.Duration, r.Config.EchoBytes>>10, r.Config.EchoClients,
-		r.Config.StreamBytes>>20, r.Config.StreamChunk>>10, r.Config.Kills)
+	fmt.Fprintf(&b, "- Loads: %v warmup + %v timed each; echo %d KiB × %d clients; stream %d MiB in %d KiB flushed writes; WebSocket echo of %d B messages, stream of %d MiB in %d KiB messages; %d kills\n",
+		c.Warmup, c.Duration, c.EchoBytes>>10, c.EchoClients,
+		c.StreamBytes>>20, c.StreamChunk>>10, c.WSEchoBytes, c.StreamBytes>>20, c.StreamChunk>>10, c.Kills)
+	fmt.Fprintf(&b, "- Rounds: %d, the peers interleaved (each round: %s), each peer with a fresh server process per round\n\n",
+		len(r.Rounds), strings.Join(peers, ", "))
 
 	b.WriteString("| Workload | Metric |")
-	for _, p := range r.Peers {
-		fmt.Fprintf(&b, " %s |", p.Name)
+	for _, p := range peers {
+		fmt.Fprintf(&b, " %s |", p)
 	}
 	b.WriteString("\n|---|---|")
-	for range r.Peers {
+	for range peers {
 		b.WriteString("---:|")
 	}
 	b.WriteString("\n")
 	for _, mt := range metrics {
+		if !mt.table {
+			continue
+		}
 		fmt.Fprintf(&b, "| %s | %s |", mt.group, mt.label)
-		for i := range r.Peers {
-			fmt.Fprintf(&b, " %s |", r.cell(mt, &r.Peers[i]))
+		for _, p := range peers {
+			fmt.Fprintf(&b, " %s |", r.cell(mt, p))
 		}
 		b.WriteString("\n")
 	}
+	b.WriteString("\nEach figure is the median over the rounds. `· 0.58× (0.52–0.63)` is the median of the per-round ratios to inproc's figure in the same round, and their range: for req/s, messages/s and MB/s higher is better, for latency, CPU and memory lower is better.\n")
+	b.WriteString("Latency is from the request's (message's) first byte written to the response's (echo's) last byte read, at the load generator (a separate process).\n")
+	b.WriteString("MB/s is 10⁶ bytes per second, GB 10⁹ bytes; for (b) MB/s counts the request bodies sent (the same bytes come back).\n")
+	b.WriteString("Server CPU is user + system time of the server process and its descendants (from /proc/<pid>/stat), over each timed load, divided by the requests (messages, GB) it served.\n")
 
-	b.WriteString("\n(×) is the figure divided by inproc's in this run: for req/s and MB/s higher is better, for latency and memory lower is better.\n")
-	b.WriteString("Latency is from the request's first byte written to the response's last byte read, at the load generator (a separate process).\n")
-	b.WriteString("MB/s is 10⁶ bytes per second; for (b) it counts the request bodies sent (the same bytes come back).\n")
+	b.WriteString("\n## CPU per unit of work, by process\n\n")
+	b.WriteString("Median over the rounds, µs per request or message (ms per GB for the streams): the server process (parent), its descendants (child: for subproc the child and its watcher process) and the load generator.\n\n")
+	b.WriteString("| Workload | Unit |")
+	for _, p := range peers {
+		fmt.Fprintf(&b, " %s |", p)
+	}
+	b.WriteString("\n|---|---|")
+	for range peers {
+		b.WriteString("---|")
+	}
+	b.WriteString("\n")
+	cpuRow := func(key, workload, group, unit string) {
+		fmt.Fprintf(&b, "| %s | %s |", group, unit)
+		for _, p := range peers {
+			fmt.Fprintf(&b, " %s |", r.cpuCell(key, workload, p))
+		}
+		b.WriteString("\n")
+	}
+	for _, key := range []string{"small1", "small64", "echo"} {
+		l := findLoad(key)
+		cpuRow(l.key, l.workload, l.group, "µs/"+l.unit)
+	}
+	cpuRow("stream", "stream", findStream("stream").group, "ms/GB")
+	for _, key := range []string{"wsecho1", "wsecho64"} {
+		l := findLoad(key)
+		cpuRow(l.key, l.workload, l.group, "µs/"+l.unit)
+	}
+	cpuRow("wsstream", "ws", findStream("wsstream").group, "ms/GB")
 
-	var notes []string
-	for _, p := range r.Peers {
-		if p.Restart != nil {
-			notes = append(notes, fmt.Sprintf("%s: restart times %s ms (min %s, max %s); %d non-200 answers and %d failed polls while down",
-				p.Name, joinMs(p.Restart.SamplesMs), fmtMs(p.Restart.MinMs), fmtMs(p.Restart.MaxMs), p.Restart.Non200, p.Restart.FailedPolls))
-		}
-		for _, w := range sortedKeys(p.NotApplicable) {
-			notes = append(notes, fmt.Sprintf("%s: %s is n/a: %s", p.Name, w, p.NotApplicable[w]))
-		}
-		for _, l := range []*LoadResult{p.Small1, p.Small64, p.Echo} {
-			if l != nil && l.Errors > 0 {
-				notes = append(notes, fmt.Sprintf("%s: %d errors with %d clients; first: %s", p.Name, l.Errors, l.Clients, l.FirstErr))
-			}
-		}
-		for _, e := range p.Errors {
-			notes = append(notes, fmt.Sprintf("%s: error: %s", p.Name, e))
+	if goals := r.goals(); len(goals) > 0 {
+		b.WriteString("\n## Goals\n\n")
+		for _, g := range goals {
+			fmt.Fprintf(&b, "- %s\n", g)
 		}
 	}
-	if len(notes) > 0 {
+
+	if notes := r.notes(); len(notes) > 0 {
 		b.WriteString("\nNotes:\n\n")
 		for _, n := range notes {
 			fmt.Fprintf(&b, "- %s\n", n)
@@ -232,9 +368,100 @@ func (r *Results) Markdown() string {
 	return b.String()
 }
 
+// goals states the WebSocket goals, each met or not: at 64 connections
+// subproc's messages/s at least uds's, and subproc's WebSocket stream at
+// least 0.6× inproc's.
+func (r *Results) goals() []string {
+	var out []string
+	verdict := func(ok bool, rounds, of int) string {
+		w := "not met"
+		if ok {
+			w = "met"
+		}
+		return fmt.Sprintf("**%s** (in %d of %d rounds)", w, rounds, of)
+	}
+	if rs, ok := r.pairRatios("wsecho64_rps", "subproc", "uds"); ok {
+		s := ratioSummary(rs)
+		met := 0
+		for _, x := range rs {
+			if x >= 1 {
+				met++
+			}
+		}
+		sub, _ := r.Summary["subproc"]["wsecho64_rps"]
+		uds, _ := r.Summary["uds"]["wsecho64_rps"]
+		out = append(out, fmt.Sprintf("(f) WebSocket echo, 64 connections, subproc ≥ uds in messages/s: subproc %s, uds %s, subproc ÷ uds %s: %s",
+			fmtInt(sub.Median), fmtInt(uds.Median), ratioText(s), verdict(s.Ratio >= 1, met, len(rs))))
+	}
+	if s, ok := r.Summary["subproc"]["wsstream_mbps"]; ok && len(s.Ratios) > 0 {
+		met := 0
+		for _, x := range s.Ratios {
+			if x >= 0.6 {
+				met++
+			}
+		}
+		out = append(out, fmt.Sprintf("(g) WebSocket stream, subproc ≥ 0.6× inproc: subproc %s MB/s, %s inproc's: %s",
+			fmtMB(s.Median), ratioText(s), verdict(s.Ratio >= 0.6, met, len(s.Ratios))))
+	}
+	return out
+}
+
+// notes lists the restart samples, the workloads that are n/a and why,
+// and every error, by round.
+func (r *Results) notes() []string {
+	var notes []string
+	for _, name := range r.peerNames() {
+		var samples []string
+		non200, failed := 0, 0
+		for _, rd := range r.Rounds {
+			if p := rd.peer(name); p != nil && p.Restart != nil {
+				samples = append(samples, fmt.Sprintf("round %d: %s", rd.Round, joinMs(p.Restart.SamplesMs)))
+				non200 += p.Restart.Non200
+				failed += p.Restart.FailedPolls
+			}
+		}
+		if len(samples) > 0 {
+			notes = append(notes, fmt.Sprintf("%s: restart times in ms, %s; %d non-200 answers and %d failed polls while down, in all",
+				name, strings.Join(samples, "; "), non200, failed))
+		}
+		if len(r.Rounds) > 0 {
+			if p := r.Rounds[0].peer(name); p != nil {
+				for _, w := range sortedKeys(p.NotApplicable) {
+					notes = append(notes, fmt.Sprintf("%s: %s is n/a: %s", name, w, p.NotApplicable[w]))
+				}
+			}
+		}
+	}
+	for _, rd := range r.Rounds {
+		for i := range rd.Peers {
+			p := &rd.Peers[i]
+			for _, l := range timedLoads {
+				lr := l.get(p)
+				if lr == nil {
+					continue
+				}
+				if lr.Errors > 0 {
+					notes = append(notes, fmt.Sprintf("round %d: %s: %d errors in %s; first: %s", rd.Round, p.Name, lr.Errors, l.group, lr.FirstErr))
+				}
+				if lr.CPUError != "" {
+					notes = append(notes, fmt.Sprintf("round %d: %s: CPU of %s not measured: %s", rd.Round, p.Name, l.group, lr.CPUError))
+				}
+			}
+			for _, s := range timedStreams {
+				if sr := s.get(p); sr != nil && sr.CPUError != "" {
+					notes = append(notes, fmt.Sprintf("round %d: %s: CPU of %s not measured: %s", rd.Round, p.Name, s.group, sr.CPUError))
+				}
+			}
+			for _, e := range p.Errors {
+				notes = append(notes, fmt.Sprintf("round %d: %s: error: %s", rd.Round, p.Name, e))
+			}
+		}
+	}
+	return notes
+}
+
 // writeResults writes results.md, results.json and results.svg to dir.
 func writeResults(dir string, r *Results, md string) error {
-	r.computeRatios()
 	js, err := json.MarshalIndent(r, "", "  ")
 	if err != nil {
 		return err
@@ -252,7 +479,7 @@ func writeResults(dir string, r *Results, md string) error {
 }
 
 // replot rewrites the results in dir from a results.json, and prints the
-// table.
+// markdown.
 func replot(from, dir string, stdout io.Writer) error {
 	b, err := os.ReadFile(from)
 	if err != nil {
@@ -262,9 +489,13 @@ func replot(from, dir string, stdout io.Writer) error {
 	if err := json.Unmarshal(b, &r); err != nil {
 		return fmt.Errorf("%s: %w", from, err)
 	}
+	if len(r.Rounds) == 0 {
+		return fmt.Errorf("%s has no rounds: is it from a version of bench before -rounds? Run the benchmark again", from)
+	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
 	}
+	r.summarize()
 	md := r.Markdown()
 	if err := writeResults(dir, &r, md); err != nil {
 		return err
@@ -324,7 +555,7 @@ func orDash(s string) string {
 
 func sortedKeys(m map[string]string) []string {
 	var keys []string
-	for _, w := range []string{"small", "echo", "stream", "restart", "rss"} {
+	for _, w := range []string{"small", "echo", "stream", "ws", "restart", "rss"} {
 		if _, ok := m[w]; ok {
 			keys = append(keys, w)
 		}

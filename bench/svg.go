@@ -41,32 +41,31 @@ type barGroup struct {
 }
 
 type bar struct {
-	peer  string
-	value float64
-	ok    bool   // false: n/a or failed, shown as text
-	text  string // the value's label, or why there is none
+	peer   string
+	value  float64
+	lo, hi float64 // the range over the rounds, drawn as a whisker when lo < hi
+	ok     bool    // false: n/a or failed, shown as text
+	text   string  // the value's label, or why there is none
 }
 
-// panels builds the chart's panels from the results.
+// panels builds the chart's panels from the results' summary: medians
+// over the rounds, and the per-round range of each ratio.
 func (r *Results) panels() []panel {
-	byKey := map[string]metric{}
-	for _, m := range metrics {
-		byKey[m.key] = m
-	}
+	peers := r.peerNames()
 	ratioGroups := func(keys []string, labels []string) []barGroup {
 		var gs []barGroup
 		for i, k := range keys {
-			m := byKey[k]
+			m := metricByKey(k)
 			g := barGroup{label: labels[i]}
-			for j := range r.Peers {
-				p := &r.Peers[j]
-				if p.Name == "inproc" {
+			for _, name := range peers {
+				if name == "inproc" {
 					continue
 				}
-				x, ok := r.ratio(m, p)
-				b := bar{peer: p.Name, value: x, ok: ok, text: fmtRatio(x) + "×"}
+				s, ok := r.Summary[name][k]
+				ok = ok && len(s.Ratios) > 0
+				b := bar{peer: name, value: s.Ratio, lo: s.RatioMin, hi: s.RatioMax, ok: ok, text: ratioText(s)}
 				if !ok {
-					b.text = r.cell(m, p)
+					b.text = r.cell(m, name)
 				}
 				g.bars = append(g.bars, b)
 			}
@@ -75,17 +74,18 @@ func (r *Results) panels() []panel {
 		return gs
 	}
 	absGroup := func(key, label, unit string, withInproc bool) barGroup {
-		m := byKey[key]
+		m := metricByKey(key)
 		g := barGroup{label: label}
-		for j := range r.Peers {
-			p := &r.Peers[j]
-			if p.Name == "inproc" && !withInproc {
+		for _, name := range peers {
+			if name == "inproc" && !withInproc {
 				continue
 			}
-			v, ok := m.get(p)
-			b := bar{peer: p.Name, value: v, ok: ok, text: m.format(v) + " " + unit}
+			s, ok := r.Summary[name][key]
+			ok = ok && len(s.Values) > 0
+			_, lo, hi := medianRange(s.Values)
+			b := bar{peer: name, value: s.Median, lo: lo, hi: hi, ok: ok, text: m.format(s.Median) + " " + unit}
 			if !ok {
-				b.text = r.cell(m, p)
+				b.text = r.cell(m, name)
 			}
 			g.bars = append(g.bars, b)
 		}
@@ -93,18 +93,28 @@ func (r *Results) panels() []panel {
 	}
 	return []panel{
 		{
-			title: "Throughput relative to inproc (higher is better)",
-			axis:  "figure ÷ inproc's figure", ref: 1, refTxt: "inproc",
+			title: "Throughput relative to inproc (higher is better; whiskers: range over the rounds)",
+			axis:  "figure ÷ inproc's figure in the same round, median over the rounds", ref: 1, refTxt: "inproc",
 			groups: ratioGroups(
-				[]string{"small1_rps", "small64_rps", "echo_mbps", "stream_mbps"},
-				[]string{"(a) GET /small, 1 client", "(a) GET /small, 64 clients", "(b) POST /echo 64 KiB ×16", "(c) GET /stream"}),
+				[]string{"small1_rps", "small64_rps", "echo_mbps", "stream_mbps", "wsecho1_rps", "wsecho64_rps", "wsstream_mbps"},
+				[]string{"(a) GET /small, 1 client", "(a) GET /small, 64 clients", "(b) POST /echo 64 KiB ×16", "(c) GET /stream",
+					"(f) WebSocket echo, 1 conn", "(f) WebSocket echo, 64 conns", "(g) WebSocket stream"}),
 		},
 		{
 			title: "Latency relative to inproc (lower is better)",
-			axis:  "figure ÷ inproc's figure", ref: 1, refTxt: "inproc",
+			axis:  "figure ÷ inproc's figure in the same round, median over the rounds", ref: 1, refTxt: "inproc",
 			groups: ratioGroups(
-				[]string{"small1_p50", "small1_p99", "small64_p50", "small64_p99"},
-				[]string{"(a) 1 client, p50", "(a) 1 client, p99", "(a) 64 clients, p50", "(a) 64 clients, p99"}),
+				[]string{"small1_p50", "small1_p99", "small64_p50", "small64_p99", "wsecho1_p50", "wsecho1_p99", "wsecho64_p50", "wsecho64_p99"},
+				[]string{"(a) 1 client, p50", "(a) 1 client, p99", "(a) 64 clients, p50", "(a) 64 clients, p99",
+					"(f) WS 1 conn, p50", "(f) WS 1 conn, p99", "(f) WS 64 conns, p50", "(f) WS 64 conns, p99"}),
+		},
+		{
+			title: "Server CPU (parent + child) per unit of work relative to inproc (lower is better)",
+			axis:  "figure ÷ inproc's figure in the same round, median over the rounds", ref: 1, refTxt: "inproc",
+			groups: ratioGroups(
+				[]string{"small1_cpu", "small64_cpu", "echo_cpu", "stream_cpu", "wsecho1_cpu", "wsecho64_cpu", "wsstream_cpu"},
+				[]string{"(a) per request, 1 client", "(a) per request, 64 clients", "(b) per echo", "(c) per GB",
+					"(f) per message, 1 conn", "(f) per message, 64 conns", "(g) per GB"}),
 		},
 		{
 			title:  "Restart: SIGKILL of the child until the next 200, median (lower is better)",
@@ -150,7 +160,7 @@ func dropNotApplicable(p panel) panel {
 const (
 	svgWidth    = 960
 	plotLeft    = 250 // the bars' zero
-	plotRight   = 800 // leaves room for the value labels
+	plotRight   = 720 // leaves room for the value labels and ranges
 	barHeight   = 16
 	barGap      = 3
 	groupGap    = 14
@@ -177,13 +187,13 @@ func (r *Results) SVG() string {
 	m := r.Machine
 	fmt.Fprintf(&b, `<text x="16" y="24" font-size="17" font-weight="bold">%s</text>`+"\n", esc("subproc benchmark: every peer serves the same handler"))
 	fmt.Fprintf(&b, `<text x="16" y="42" fill="#444">%s</text>`+"\n", esc(fmt.Sprintf("%s · %s · %d CPUs, GOMAXPROCS %d · %s · subproc %s%s",
-		m.Date, orDash(m.CPUModel), m.NumCPU, m.GOMAXPROCS, m.GoVersion, orDash(m.Revision), map[bool]string{true: " · quick run", false: ""}[r.Config.Quick])))
+		m.Date, orDash(m.CPUModel), m.NumCPU, m.GOMAXPROCS, m.GoVersion, orDash(m.Revision), roundsText(r))))
 	// The legend.
 	x := 16.0
-	for _, p := range r.Peers {
-		fmt.Fprintf(&b, `<rect x="%.0f" y="52" width="12" height="12" fill="%s"/>`, x, peerColor(p.Name))
-		fmt.Fprintf(&b, `<text x="%.0f" y="62">%s</text>`+"\n", x+16, esc(p.Name))
-		x += 24 + 8*float64(len(p.Name)) + 12
+	for _, name := range r.peerNames() {
+		fmt.Fprintf(&b, `<rect x="%.0f" y="52" width="12" height="12" fill="%s"/>`, x, peerColor(name))
+		fmt.Fprintf(&b, `<text x="%.0f" y="62">%s</text>`+"\n", x+16, esc(name))
+		x += 24 + 8*float64(len(name)) + 12
 	}
 	b.WriteString(body.String())
 	b.WriteString("</svg>\n")
@@ -198,7 +208,7 @@ func writePanel(b *strings.Builder, p panel, y float64) float64 {
 	for _, g := range p.groups {
 		for _, br := range g.bars {
 			if br.ok {
-				maxV = max(maxV, br.value)
+				maxV = max(maxV, br.value, br.hi)
 			}
 		}
 	}
@@ -215,7 +225,15 @@ func writePanel(b *strings.Builder, p panel, y float64) float64 {
 				w := math.Max(br.value*scale, 1)
 				fmt.Fprintf(b, `<rect x="%d" y="%.1f" width="%.1f" height="%d" fill="%s"><title>%s</title></rect>`,
 					plotLeft, cy, w, barHeight, peerColor(br.peer), esc(br.peer+": "+br.text))
-				fmt.Fprintf(b, `<text x="%.1f" y="%.1f" dominant-baseline="middle">%s</text>`+"\n", plotLeft+w+4, cy+barHeight/2, esc(br.peer+" "+br.text))
+				label := plotLeft + w + 4
+				if br.lo < br.hi {
+					lx, hx := float64(plotLeft)+br.lo*scale, float64(plotLeft)+br.hi*scale
+					mid := cy + barHeight/2
+					fmt.Fprintf(b, `<path d="M%.1f %.1fH%.1fM%.1f %.1fV%.1fM%.1f %.1fV%.1f" stroke="#222" fill="none"/>`,
+						lx, mid, hx, lx, mid-4, mid+4, hx, mid-4, mid+4)
+					label = math.Max(label, hx+4)
+				}
+				fmt.Fprintf(b, `<text x="%.1f" y="%.1f" dominant-baseline="middle">%s</text>`+"\n", label, cy+barHeight/2, esc(br.peer+" "+br.text))
 			} else {
 				fmt.Fprintf(b, `<text x="%d" y="%.1f" dominant-baseline="middle" fill="#888">%s</text>`+"\n", plotLeft+4, cy+barHeight/2, esc(br.peer+": "+br.text))
 			}
@@ -279,3 +297,15 @@ func tickLabel(v, step float64) string {
 }
 
 func esc(s string) string { return html.EscapeString(s) }
+
+// roundsText says how many rounds the chart's medians are over.
+func roundsText(r *Results) string {
+	t := fmt.Sprintf(" · median of %d rounds", len(r.Rounds))
+	if len(r.Rounds) == 1 {
+		t = " · 1 round"
+	}
+	if r.Config.Quick {
+		t += " · quick run"
+	}
+	return t
+}
