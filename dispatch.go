@@ -151,6 +151,11 @@ func (c *conn) writeLocked() error {
 		c.mu.Lock()
 		if cap(out) <= 2*maxPending { // keep a buffer of reasonable size
 			c.spare = out[:0]
+		} else {
+			// Else the spare would still be the buffer that is now
+			// pending, and the next write's from it, while senders
+			// append to it.
+			c.spare = nil
 		}
 		if err != nil {
 			c.werr = err
