@@ -1,11 +1,13 @@
 package subproc
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -42,6 +44,26 @@ func init() {
 					return
 				}
 				w.(http.Flusher).Flush()
+				n -= k
+			}
+		})
+		// A hijacked connection that sends bytes= bytes in writes of 64 KiB
+		// and 10 bytes, as a WebSocket library sends a 64 KiB message
+		// with its header.
+		mux.HandleFunc("GET /tunnel", func(w http.ResponseWriter, r *http.Request) {
+			n, _ := strconv.Atoi(r.URL.Query().Get("bytes"))
+			conn, _, err := http.NewResponseController(w).Hijack()
+			if err != nil {
+				return
+			}
+			defer conn.Close()
+			io.WriteString(conn, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: bench\r\n\r\n")
+			msg := bytes.Repeat([]byte("t"), 64<<10+10)
+			for n > 0 {
+				k := min(n, len(msg))
+				if _, err := conn.Write(msg[:k]); err != nil {
+					return
+				}
 				n -= k
 			}
 		})
@@ -249,6 +271,36 @@ func BenchmarkStream(b *testing.B) {
 		if w.n != size {
 			b.Fatalf("streamed %d bytes", w.n)
 		}
+	}
+}
+
+// BenchmarkTunnel measures 64 MiB sent by a handler that hijacked its
+// connection, in writes of 64 KiB + 10 bytes (a WebSocket message of 64
+// KiB and its header), read by a client over loopback TCP.
+func BenchmarkTunnel(b *testing.B) {
+	h := startBench(b)
+	srv := httptest.NewServer(h)
+	defer srv.Close()
+	const size = 64 << 20
+	b.SetBytes(size)
+	b.ReportAllocs()
+	c := measureCost(b, h)
+	defer c.report(b)
+	for b.Loop() {
+		conn, err := net.Dial("tcp", srv.Listener.Addr().String())
+		if err != nil {
+			b.Fatal(err)
+		}
+		fmt.Fprintf(conn, "GET /tunnel?bytes=%d HTTP/1.1\r\nHost: bench\r\nConnection: Upgrade\r\nUpgrade: bench\r\n\r\n", size)
+		br := bufio.NewReaderSize(conn, 64<<10)
+		res, err := http.ReadResponse(br, nil)
+		if err != nil || res.StatusCode != http.StatusSwitchingProtocols {
+			b.Fatalf("upgrade: %v %v", res, err)
+		}
+		if n, err := io.Copy(io.Discard, br); n != size {
+			b.Fatalf("read %d bytes: %v", n, err)
+		}
+		conn.Close()
 	}
 }
 
