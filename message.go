@@ -481,13 +481,21 @@ func (e *encoder) encode(v any) ([]byte, error) {
 	e.buf.Reset()
 	if l, ok := v.(interface{ lend(*[]byte) }); ok {
 		l.lend(&e.scratch)
-		defer l.lend(nil)
+		defer func() {
+			l.lend(nil)
+			if cap(e.scratch) > maxKeptScratch {
+				e.scratch = nil // a head of megabytes: not kept for good
+			}
+		}()
 	}
 	if err := e.enc.Encode(v); err != nil {
 		return nil, err
 	}
 	return e.buf.Bytes(), nil
 }
+
+// maxKeptScratch bounds the buffer an encoder keeps for heads.
+const maxKeptScratch = 64 << 10
 
 // A decoder decodes the messages that an encoder wrote, one frame payload at
 // a time. It is owned by the reading goroutine.
