@@ -61,13 +61,9 @@ func init() {
 			io.Copy(conn, brw)
 		})
 		mux.HandleFunc("/vanish", func(w http.ResponseWriter, r *http.Request) {
-			conn, _, err := http.NewResponseController(w).Hijack()
-			if err != nil {
-				panic(err)
-			}
+			conn := switchProtocols(w)
 			defer conn.Close()
-			io.WriteString(conn, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: upg-echo\r\n\r\n")
-			_, err = io.Copy(io.Discard, conn)
+			_, err := io.Copy(io.Discard, conn)
 			mu.Lock()
 			lastErr = fmt.Sprint(err) // nil: EOF
 			mu.Unlock()
@@ -78,14 +74,10 @@ func init() {
 			fmt.Fprintf(w, "%s %v", lastErr, drainSaw)
 		})
 		mux.HandleFunc("/deadline", func(w http.ResponseWriter, r *http.Request) {
-			conn, _, err := http.NewResponseController(w).Hijack()
-			if err != nil {
-				panic(err)
-			}
+			conn := switchProtocols(w)
 			defer conn.Close()
-			io.WriteString(conn, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: upg-echo\r\n\r\n")
 			conn.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
-			_, err = conn.Read(make([]byte, 1))
+			_, err := conn.Read(make([]byte, 1))
 			fmt.Fprintf(conn, "%v", errors.Is(err, os.ErrDeadlineExceeded))
 		})
 		// Closes its conn with a last word when the ModuleFunc's ctx ends.
@@ -120,12 +112,8 @@ func init() {
 		mux.HandleFunc("/late", hijackLate)
 		// Says when its request's context ends, then echoes until EOF.
 		mux.HandleFunc("/outlive", func(w http.ResponseWriter, r *http.Request) {
-			conn, _, err := http.NewResponseController(w).Hijack()
-			if err != nil {
-				panic(err)
-			}
+			conn := switchProtocols(w)
 			defer conn.Close()
-			io.WriteString(conn, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: upg-echo\r\n\r\n")
 			<-r.Context().Done()
 			fmt.Fprintf(conn, "done: %v\n", context.Cause(r.Context()))
 			io.Copy(conn, conn)
@@ -427,6 +415,17 @@ func TestUpgradeHalfClose(t *testing.T) {
 		}
 		return false
 	})
+}
+
+// switchProtocols hijacks w's connection and writes the 101 of upg-echo
+// into it, as gorilla/websocket does.
+func switchProtocols(w http.ResponseWriter) net.Conn {
+	conn, _, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		panic(err)
+	}
+	io.WriteString(conn, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: upg-echo\r\n\r\n")
+	return conn
 }
 
 // hijackLate starts a response, flushes part of it, writes more, then
