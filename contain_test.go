@@ -5,6 +5,7 @@ package subproc
 // request the parent gives up costs it nothing more.
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -194,4 +195,37 @@ func TestContainGivenUpRequestReleased(t *testing.T) {
 	// among them: the child never saw it.
 	assert.LessOrEqual(t, forgotten, n)
 	assert.Greater(t, forgotten, n/2)
+}
+
+// TestContainMaxBytesReaderInFront: http.MaxBytesHandler in front of a
+// Handle, and bodies past its limit. When the parent's body pump crosses
+// the limit, the MaxBytesReader writes "Connection: close" into the
+// response's header map, from the pump's goroutine, while the exchange
+// writes the module's head into the same map: without the guard this is a
+// concurrent map write (a fatal error of the whole parent, which -race
+// reports). The module answers at once, or echoes what it gets.
+func TestContainMaxBytesReaderInFront(t *testing.T) {
+	h := startModule(t, "bench", Options{})
+	srv := httptest.NewServer(http.MaxBytesHandler(h, 4<<10))
+	defer srv.Close()
+	body := bytes.Repeat([]byte("m"), 256<<10)
+	var wg sync.WaitGroup
+	for i := range 40 {
+		wg.Go(func() {
+			path := "/small"
+			if i%2 == 1 {
+				path = "/echo"
+			}
+			res, err := srv.Client().Post(srv.URL+path, "application/octet-stream", bytes.NewReader(body))
+			if err != nil {
+				return // the server may close the connection before the upload ends
+			}
+			io.Copy(io.Discard, res.Body)
+			res.Body.Close()
+			assert.Less(t, res.StatusCode, 500, "POST %s past the limit: %s", path, res.Status)
+		})
+	}
+	wg.Wait()
+	status, _ := fetch(t, srv.URL+"/small")
+	assert.Equal(t, http.StatusOK, status, "the parent serves on")
 }

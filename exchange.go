@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"reflect"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -271,6 +272,7 @@ func (x *exchange) pumpClient(conn net.Conn, br *bufio.Reader, stop <-chan struc
 func (x *exchange) canceled() {
 	h, w := x.h, x.w
 	giveUp(x.ctx, x.c, x.s)
+	x.body.halt() // before w's header is written (see bodySender.guard)
 	if x.late() {
 		h.count(&h.stats.Timeouts)
 		if x.started {
@@ -301,6 +303,7 @@ func (x *exchange) failed(err error) (retry bool) {
 		}
 	}
 	if !x.started {
+		x.body.halt() // before w's header is written (see bodySender.guard)
 		h.count(&h.stats.BadGateway)
 		http.Error(x.w, fmt.Sprintf("subproc: module %q failed before it answered: %v; it is being restarted", h.name, err), http.StatusBadGateway)
 		return false
@@ -314,6 +317,7 @@ func (x *exchange) failed(err error) (retry bool) {
 // It reports whether the head was the final one.
 func (x *exchange) writeHead(ev event) (final bool) {
 	w := x.w
+	defer x.lockHeader()()
 	if ev.head.FullDuplex {
 		// Else net/http, at the first write of an HTTP/1 response,
 		// discards what is left of the request body, as it would for the
@@ -365,6 +369,36 @@ func (x *exchange) writeData(ev event) bool {
 	return true
 }
 
+// lockHeader returns once the body pump cannot write w's header, until the
+// function it returns is called. Only an http.MaxBytesReader does that (see
+// bodySender.guard); for any other body it returns at once. The pump's
+// read may be waiting for a client that sends slowly: then so does the
+// head, until the client sends more or the request ends. (Halting the pump
+// instead would leave the module's body without its end.)
+func (x *exchange) lockHeader() (unlock func()) {
+	b := x.body
+	if b == nil || !b.guard {
+		return func() {}
+	}
+	if !b.hdrMu.TryLock() {
+		// The pump is reading, perhaps waiting for a client that sends
+		// slowly: wait for its read, or for the request's end, which
+		// halts it.
+		locked := make(chan struct{})
+		go func() {
+			b.hdrMu.Lock()
+			close(locked)
+		}()
+		select {
+		case <-locked:
+		case <-x.ctx.Done():
+			b.halt()
+			<-locked
+		}
+	}
+	return b.hdrMu.Unlock
+}
+
 // writeTrailers sets the trailers of the response's end in w's header:
 // those announced in the head under their names, the others with
 // http.TrailerPrefix, as a handler in-process would.
@@ -384,6 +418,7 @@ func (x *exchange) writeTrailers(ev event) {
 func (x *exchange) abort(ev event) {
 	h := x.h
 	if ev.flags&flagTooLarge != 0 && !x.started {
+		x.body.halt() // before w's header is written (see bodySender.guard)
 		h.count(&h.stats.BadGateway)
 		http.Error(x.w, fmt.Sprintf("subproc: module %q: its response's head exceeds the %d bytes a message from the module can carry", h.name, maxHeadSize), http.StatusBadGateway)
 		return
@@ -407,12 +442,31 @@ type bodySender struct {
 	// after setting it, so that halt, having closed stop, finds it clear
 	// only if no read is under way or will start.
 	reading atomic.Bool
+
+	// guard is set, and hdrMu held by each read of r.Body, when r.Body is
+	// an http.MaxBytesReader of an HTTP/1 request: the read that crosses
+	// its limit writes "Connection: close" into the response's header
+	// map, from the pump's goroutine, which would race with the
+	// exchange writing the module's head there (a concurrent map write,
+	// fatal to the whole process). The exchange holds hdrMu while it
+	// writes the head (see lockHeader).
+	guard bool
+	hdrMu sync.Mutex
 }
+
+// isMaxBytesReader reports whether body is an http.MaxBytesReader, whose
+// type net/http does not export.
+func isMaxBytesReader(body io.ReadCloser) bool {
+	return reflect.TypeOf(body) == maxBytesReaderType
+}
+
+var maxBytesReaderType = reflect.TypeOf(http.MaxBytesReader(nil, http.NoBody, 0))
 
 // startBody starts sending r's body on stream s. rc is r's
 // ResponseController, used to interrupt a blocked read of the body.
 func startBody(c *child, s *stream, r *http.Request, rc *http.ResponseController) *bodySender {
 	b := &bodySender{c: c, s: s, r: r, rc: rc, stop: make(chan struct{}), done: make(chan struct{})}
+	b.guard = r.ProtoMajor == 1 && isMaxBytesReader(r.Body)
 	go b.pumpRequestBody()
 	return b
 }
@@ -482,7 +536,13 @@ func (b *bodySender) pumpRequestBody() {
 			n = len(*buf)
 		}
 		s.bodyTouched.Store(true)
+		if b.guard {
+			b.hdrMu.Lock()
+		}
 		m, rerr := r.Body.Read((*buf)[:n])
+		if b.guard {
+			b.hdrMu.Unlock()
+		}
 		sent += int64(m)
 		b.reading.Store(false)
 		switch {
