@@ -299,15 +299,7 @@ func (r *Results) Markdown() string {
 	fmt.Fprintf(&b, "- Rounds: %d, the peers interleaved (each round: %s), each peer with a fresh server process per round\n\n",
 		len(r.Rounds), strings.Join(peers, ", "))
 
-	b.WriteString("| Workload | Metric |")
-	for _, p := range peers {
-		fmt.Fprintf(&b, " %s |", p)
-	}
-	b.WriteString("\n|---|---|")
-	for range peers {
-		b.WriteString("---:|")
-	}
-	b.WriteString("\n")
+	tableHead(&b, "Metric", "---:", peers)
 	for _, mt := range metrics {
 		if !mt.table {
 			continue
@@ -325,15 +317,7 @@ func (r *Results) Markdown() string {
 
 	b.WriteString("\n## CPU per unit of work, by process\n\n")
 	b.WriteString("Median over the rounds, µs per request or message (ms per GB for the streams): the server process (parent), its descendants (child: for subproc the child and its watcher process) and the load generator.\n\n")
-	b.WriteString("| Workload | Unit |")
-	for _, p := range peers {
-		fmt.Fprintf(&b, " %s |", p)
-	}
-	b.WriteString("\n|---|---|")
-	for range peers {
-		b.WriteString("---|")
-	}
-	b.WriteString("\n")
+	tableHead(&b, "Unit", "---", peers)
 	cpuRow := func(key, workload, group, unit string) {
 		fmt.Fprintf(&b, "| %s | %s |", group, unit)
 		for _, p := range peers {
@@ -561,4 +545,18 @@ func sortedKeys(m map[string]string) []string {
 		}
 	}
 	return keys
+}
+
+// tableHead writes the head of a table whose columns are Workload, second,
+// and a column per peer, aligned as align ("---" or "---:").
+func tableHead(b *strings.Builder, second, align string, peers []string) {
+	fmt.Fprintf(b, "| Workload | %s |", second)
+	for _, p := range peers {
+		fmt.Fprintf(b, " %s |", p)
+	}
+	b.WriteString("\n|---|---|")
+	for range peers {
+		b.WriteString(align + "|")
+	}
+	b.WriteString("\n")
 }
