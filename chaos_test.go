@@ -50,7 +50,6 @@ package subproc
 // Scenario-specific figures follow the table.
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"errors"
@@ -807,31 +806,20 @@ func TestChaosParentDeath(t *testing.T) {
 	var slowest time.Duration
 	left := 0
 	for round := range rounds {
-		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-		cmd, stdin, stdout, stderr := startHelperParent(t, ctx, "TestChaosHelperParent", chaosHelperParentEnv)
+		p := startHelperParent(t, "TestChaosHelperParent", chaosHelperParentEnv)
 		var pids []int
-		ready := false
-		sc := bufio.NewScanner(stdout)
-		for !ready && sc.Scan() {
-			if v, ok := strings.CutPrefix(sc.Text(), "child-pid "); ok {
+		p.await("ready", func(l string) bool {
+			if v, ok := strings.CutPrefix(l, "child-pid "); ok {
 				pid, _ := strconv.Atoi(v)
 				pids = append(pids, pid)
 			}
-			ready = sc.Text() == "ready"
-		}
-		if !ready || len(pids) != 2 {
-			cmd.Process.Kill()
-			cmd.Wait()
-			cancel()
-			t.Fatalf("round %d: the helper parent did not get ready (pids %v); its stderr:\n%s", round, pids, stderr)
+			return l == "ready"
+		})
+		if len(pids) != 2 {
+			t.Fatalf("round %d: the helper parent got ready with child pids %v, want 2; its stderr:\n%s", round, pids, p.stderr)
 		}
 		f.sent.Add(19) // 9 requests in flight in each module, and the starving one
-		killed := time.Now()
-		cmd.Process.Signal(syscall.SIGKILL)
-		go io.Copy(io.Discard, stdout)
-		cmd.Wait()
-		stdin.Close()
-		cancel()
+		killed := p.kill()
 		var alive []int
 		for _, pid := range pids {
 			for !gone(pid) && time.Since(killed) < time.Second {

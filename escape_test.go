@@ -296,45 +296,11 @@ func TestEscapeHelperParent(t *testing.T) {
 func TestEscapeParentDeath(t *testing.T) {
 	for _, state := range []string{"running", "stopped", "starved"} {
 		t.Run(state, func(t *testing.T) {
-			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-			defer cancel()
-			cmd, stdin, stdout, stderr := startHelperParent(t, ctx, "TestEscapeHelperParent", escapeHelperParentEnv)
-			lines := make(chan string, 2)
-			readDone := make(chan struct{})
-			go func() {
-				defer close(readDone)
-				sc := bufio.NewScanner(stdout)
-				for sc.Scan() {
-					if strings.HasPrefix(sc.Text(), "pids ") || sc.Text() == "starved" {
-						lines <- sc.Text()
-					}
-				}
-			}()
-			waited := false
-			t.Cleanup(func() {
-				stdin.Close()
-				if !waited {
-					cmd.Process.Kill()
-					<-readDone
-					cmd.Wait()
-				}
-			})
-			await := func(what string) string {
-				t.Helper()
-				select {
-				case l := <-lines:
-					return l
-				case <-readDone:
-					t.Fatalf("the helper parent ended before it printed %s; its stderr:\n%s", what, stderr)
-				case <-time.After(30 * time.Second):
-					t.Fatalf("the helper parent printed no %s in 30s; its stderr:\n%s", what, stderr)
-				}
-				return ""
-			}
-
+			p := startHelperParent(t, "TestEscapeHelperParent", escapeHelperParentEnv)
+			pidsLine := p.await("pids", func(l string) bool { return strings.HasPrefix(l, "pids ") })
 			var pid int
 			var pids []int
-			for _, f := range strings.Fields(strings.TrimPrefix(await("pids"), "pids ")) {
+			for _, f := range strings.Fields(strings.TrimPrefix(pidsLine, "pids ")) {
 				p, err := strconv.Atoi(f)
 				require.NoError(t, err, "bad pid %q from the helper parent", f)
 				pids = append(pids, p)
@@ -345,21 +311,13 @@ func TestEscapeParentDeath(t *testing.T) {
 			escapeAssertAlive(t, append(pids, pid))
 			switch state {
 			case "stopped":
-				// A process of ours in the child's group keeps the group
-				// from being orphaned when the parent dies.
-				anchorGroup(t, pid)
-				require.NoError(t, syscall.Kill(pid, syscall.SIGSTOP))
-				waitFor(t, 10*time.Second, "the child to stop", func() bool { return procState(pid) == "T" })
+				escapeStop(t, pid)
 			case "starved":
-				io.WriteString(stdin, "starve\n")
-				await("starved")
+				io.WriteString(p.stdin, "starve\n")
+				p.await("starved", func(l string) bool { return l == "starved" })
 			}
 
-			killed := time.Now()
-			require.NoError(t, cmd.Process.Signal(syscall.SIGKILL))
-			<-readDone
-			waited = true
-			cmd.Wait()
+			killed := p.kill()
 			took := escapeAwaitGone(t, killed, pid, append(pids, pid))
 			t.Logf("the %s child and the processes it started were gone %v after their parent was killed", state, took)
 		})
@@ -591,38 +549,12 @@ func TestEscapeHelperParents(t *testing.T) {
 }
 
 // escapeParent drives a TestEscapeHelperParents process.
-type escapeParent struct {
-	t        *testing.T
-	cmd      *exec.Cmd
-	stdin    io.WriteCloser
-	stderr   *logSink
-	lines    chan string   // the lines it prints
-	readDone chan struct{} // closed when its stdout has ended
-}
+type escapeParent struct{ *helperParent }
 
 // startEscapeParent starts a TestEscapeHelperParents process, killed at
 // the test's end if the test did not kill it.
 func startEscapeParent(t *testing.T) *escapeParent {
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	t.Cleanup(cancel)
-	cmd, stdin, stdout, stderr := startHelperParent(t, ctx, "TestEscapeHelperParents", escapeHelpersEnv)
-	p := &escapeParent{t: t, cmd: cmd, stdin: stdin, stderr: stderr, lines: make(chan string, 16), readDone: make(chan struct{})}
-	go func() {
-		defer close(p.readDone)
-		sc := bufio.NewScanner(stdout)
-		for sc.Scan() {
-			p.lines <- sc.Text()
-		}
-	}()
-	t.Cleanup(func() {
-		stdin.Close()
-		if cmd.ProcessState == nil {
-			cmd.Process.Kill()
-			<-p.readDone
-			cmd.Wait()
-		}
-	})
-	return p
+	return &escapeParent{startHelperParent(t, "TestEscapeHelperParents", escapeHelpersEnv)}
 }
 
 // do sends a command and returns the fields of its answer, which must
@@ -630,23 +562,15 @@ func startEscapeParent(t *testing.T) *escapeParent {
 func (p *escapeParent) do(command, want string) []string {
 	p.t.Helper()
 	io.WriteString(p.stdin, command+"\n")
-	for {
-		select {
-		case l := <-p.lines:
-			f := strings.Fields(l)
-			if len(f) == 0 || f[0] != want && f[0] != "error" {
-				continue // the testing package's own lines
-			}
-			if f[0] == "error" {
-				p.t.Fatalf("the helper parent, told %q: %s; its stderr:\n%s", command, l, p.stderr)
-			}
-			return f[1:]
-		case <-p.readDone:
-			p.t.Fatalf("the helper parent ended before it answered %q; its stderr:\n%s", command, p.stderr)
-		case <-time.After(30 * time.Second):
-			p.t.Fatalf("the helper parent did not answer %q in 30s; its stderr:\n%s", command, p.stderr)
-		}
+	l := p.await(fmt.Sprintf("its answer to %q", command), func(l string) bool {
+		f := strings.Fields(l)
+		return len(f) > 0 && (f[0] == want || f[0] == "error")
+	})
+	f := strings.Fields(l)
+	if f[0] == "error" {
+		p.t.Fatalf("the helper parent, told %q: %s; its stderr:\n%s", command, l, p.stderr)
 	}
+	return f[1:]
 }
 
 // start starts a Handle of module in the helper parent and returns the
@@ -671,18 +595,6 @@ func (p *escapeParent) start(module string, children int) []int {
 		p.t.Fatalf("the helper parent started children %v, want %d", pids, children)
 	}
 	return pids
-}
-
-// kill kills the helper parent with SIGKILL and returns when.
-func (p *escapeParent) kill() time.Time {
-	p.t.Helper()
-	killed := time.Now()
-	if err := p.cmd.Process.Signal(syscall.SIGKILL); err != nil {
-		p.t.Fatal(err)
-	}
-	<-p.readDone
-	p.cmd.Wait()
-	return killed
 }
 
 // escapeStop stops the child pid, with a process of the test's in its

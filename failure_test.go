@@ -6,7 +6,6 @@ package subproc
 // below.
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -682,40 +681,10 @@ func TestFailOrphan(t *testing.T) {
 			name = "stopped child"
 		}
 		t.Run(name, func(t *testing.T) {
-			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-			defer cancel()
-			cmd, stdin, stdout, stderr := startHelperParent(t, ctx, "TestHelperParent", failHelperParentEnv)
-			pids := make(chan int, 1)
-			readDone := make(chan struct{})
-			go func() {
-				defer close(readDone)
-				sc := bufio.NewScanner(stdout)
-				for sc.Scan() {
-					if v, ok := strings.CutPrefix(sc.Text(), "child-pid "); ok {
-						if pid, err := strconv.Atoi(v); err == nil {
-							pids <- pid
-						}
-					}
-				}
-			}()
-			waited := false
-			t.Cleanup(func() {
-				stdin.Close()
-				if !waited {
-					cmd.Process.Kill()
-					<-readDone
-					cmd.Wait()
-				}
-			})
-
-			var pid int
-			select {
-			case pid = <-pids:
-			case <-readDone:
-				t.Fatalf("the helper parent ended without starting its child; its stderr:\n%s", stderr)
-			case <-time.After(30 * time.Second):
-				t.Fatalf("the helper parent printed no child pid in 30s; its stderr:\n%s", stderr)
-			}
+			p := startHelperParent(t, "TestHelperParent", failHelperParentEnv)
+			line := p.await("its child's pid", func(l string) bool { return strings.HasPrefix(l, "child-pid ") })
+			pid, err := strconv.Atoi(strings.TrimPrefix(line, "child-pid "))
+			require.NoError(t, err, "the helper parent printed %q", line)
 			t.Cleanup(func() {
 				if !gone(pid) {
 					syscall.Kill(pid, syscall.SIGKILL) // the test failed: leave nothing behind
@@ -724,21 +693,15 @@ func TestFailOrphan(t *testing.T) {
 			if stopped {
 				// When the parent dies, the kernel sends SIGHUP and SIGCONT to
 				// a process group that becomes orphaned with a stopped member,
-				// which would end the child without the parent-death signal.
-				// A process of ours in the child's group keeps the group from
-				// being orphaned, so that only the parent-death signal (or
-				// the child's watcher, which then kills the group) can end
-				// the stopped child.
-				anchorGroup(t, pid)
-				require.NoError(t, syscall.Kill(pid, syscall.SIGSTOP))
-				waitFor(t, 10*time.Second, "the child to stop", func() bool { return procState(pid) == "T" })
+				// which would end the child without the parent-death signal:
+				// escapeStop keeps the group from being orphaned, so that only
+				// the parent-death signal (or the child's watcher, which then
+				// kills the group) can end the stopped child.
+				escapeStop(t, pid)
 			}
 
-			killed := time.Now()
-			require.NoError(t, cmd.Process.Signal(syscall.SIGKILL))
-			<-readDone
-			waited = true
-			if err := cmd.Wait(); err == nil || !strings.Contains(err.Error(), "killed") {
+			killed := p.kill()
+			if err := p.waitErr; err == nil || !strings.Contains(err.Error(), "killed") {
 				t.Errorf("the helper parent ended with %v, want killed", err)
 			}
 			awaitGone(t, pid, 5*time.Second) // the child of the killed parent

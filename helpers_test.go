@@ -6,6 +6,7 @@ package subproc
 // only what is particular to its own modules.
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"errors"
@@ -391,21 +392,96 @@ func anchorGroup(t *testing.T, pgid int) *exec.Cmd {
 	return cmd
 }
 
+// A helperParent is this test binary run again as a parent of modules,
+// running one test that a helper-process test kills (see
+// startHelperParent).
+type helperParent struct {
+	t        *testing.T
+	cmd      *exec.Cmd
+	stdin    io.WriteCloser
+	stderr   *logSink
+	lines    chan string   // the lines it prints
+	quit     chan struct{} // closed once nobody reads lines any more
+	readDone chan struct{} // closed when its stdout has ended
+	waitErr  error         // how it ended, once kill returned
+	quitOnce sync.Once
+}
+
 // startHelperParent starts this test binary again, running only the test
-// named, with env set, as a parent process that a test can kill. The
-// caller reads its stdout and writes its stdin; its stderr is kept.
-func startHelperParent(t *testing.T, ctx context.Context, test, env string) (cmd *exec.Cmd, stdin io.WriteCloser, stdout io.ReadCloser, stderr *logSink) {
+// named, with env set, as a parent process that a test can kill. Its
+// stdout's lines arrive on lines, its stderr is kept; it is killed at the
+// test's end if the test did not kill it.
+func startHelperParent(t *testing.T, test, env string) *helperParent {
 	t.Helper()
-	cmd = exec.CommandContext(ctx, os.Args[0], "-test.run=^"+test+"$", "-test.count=1", "-test.timeout=60s")
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	t.Cleanup(cancel)
+	cmd := exec.CommandContext(ctx, os.Args[0], "-test.run=^"+test+"$", "-test.count=1", "-test.timeout=60s")
 	cmd.Env = append(os.Environ(), env+"=1")
-	stderr = newLogSink()
-	cmd.Stderr = stderr
+	p := &helperParent{t: t, cmd: cmd, stderr: newLogSink(), lines: make(chan string, 16), quit: make(chan struct{}), readDone: make(chan struct{})}
+	cmd.Stderr = p.stderr
 	cmd.WaitDelay = 10 * time.Second
 	var err error
-	stdin, err = cmd.StdinPipe()
+	p.stdin, err = cmd.StdinPipe()
 	require.NoError(t, err)
-	stdout, err = cmd.StdoutPipe()
+	stdout, err := cmd.StdoutPipe()
 	require.NoError(t, err)
 	require.NoError(t, cmd.Start())
-	return cmd, stdin, stdout, stderr
+	go func() {
+		defer close(p.readDone)
+		sc := bufio.NewScanner(stdout)
+		for sc.Scan() {
+			select {
+			case p.lines <- sc.Text():
+			case <-p.quit: // read on to the end, so that Wait returns
+			}
+		}
+	}()
+	t.Cleanup(func() {
+		p.stdin.Close()
+		if cmd.ProcessState == nil {
+			cmd.Process.Kill()
+			p.stopReading()
+			cmd.Wait()
+		}
+	})
+	return p
+}
+
+// await returns the first line the helper parent prints for which match
+// is true, skipping the others (the testing package's own among them). It
+// fails the test, naming what, if the helper parent ends first or prints
+// none in 30s.
+func (p *helperParent) await(what string, match func(line string) bool) string {
+	p.t.Helper()
+	timeout := time.After(30 * time.Second)
+	for {
+		select {
+		case l := <-p.lines:
+			if match(l) {
+				return l
+			}
+		case <-p.readDone:
+			p.t.Fatalf("the helper parent ended before it printed %s; its stderr:\n%s", what, p.stderr)
+		case <-timeout:
+			p.t.Fatalf("the helper parent printed no %s in 30s; its stderr:\n%s", what, p.stderr)
+		}
+	}
+}
+
+// kill kills the helper parent with SIGKILL, waits until it has ended,
+// keeping how in waitErr, and returns when it was killed.
+func (p *helperParent) kill() time.Time {
+	p.t.Helper()
+	killed := time.Now()
+	require.NoError(p.t, p.cmd.Process.Signal(syscall.SIGKILL))
+	p.stopReading()
+	p.waitErr = p.cmd.Wait()
+	return killed
+}
+
+// stopReading discards what the helper parent prints from now on, and
+// returns once its stdout has ended.
+func (p *helperParent) stopReading() {
+	p.quitOnce.Do(func() { close(p.quit) })
+	<-p.readDone
 }
