@@ -113,16 +113,9 @@ func (w *sendWindow) take(least, most int, cancel <-chan struct{}) (int, error) 
 func (w *sendWindow) takeEither(least, most int, cancel, cancel2 <-chan struct{}) (int, error) {
 	for {
 		w.mu.Lock()
-		if w.err != nil {
-			err := w.err
+		if n, ok, err := w.tryTakeLocked(least, most); ok {
 			w.mu.Unlock()
-			return 0, err
-		}
-		if w.credit >= least && w.credit > 0 {
-			n := min(most, w.credit)
-			w.credit -= n
-			w.mu.Unlock()
-			return n, nil
+			return n, err
 		}
 		if w.wake == nil {
 			// Most windows never wait: their channel is made when one
@@ -177,6 +170,11 @@ func (w *sendWindow) signal() {
 func (w *sendWindow) tryTake(least, most int) (int, bool, error) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
+	return w.tryTakeLocked(least, most)
+}
+
+// tryTakeLocked is tryTake with w.mu held.
+func (w *sendWindow) tryTakeLocked(least, most int) (int, bool, error) {
 	switch {
 	case w.err != nil:
 		return 0, true, w.err
