@@ -47,10 +47,10 @@ type hijackedConn struct {
 func newHijackedConn(s *server, id uint64, win *sendWindow, req *http.Request, release func()) *hijackedConn {
 	hc := &hijackedConn{c: s.conn, id: id, win: win, release: release}
 	hc.in = newBodyReader(func(n int) { s.sendWindowUpdate(id, n, hc.rdl.closed) }, nil, false, &s.flow)
-	hc.remote = parseAddr(req.RemoteAddr)
+	hc.remote = parseAddr("tcp", req.RemoteAddr)
 	hc.local, _ = req.Context().Value(http.LocalAddrContextKey).(net.Addr)
 	if hc.local == nil {
-		hc.local = stringAddr("") // the parent's ResponseWriter had no connection
+		hc.local = netAddr{network: "tcp"} // the parent's ResponseWriter had no connection
 	}
 	return hc
 }
@@ -282,21 +282,10 @@ func (d *connDeadline) close(err error) {
 	}
 }
 
-// parseAddr returns s ("host:port") as a *net.TCPAddr if it is an IP
-// address and port, else as an addr that reads as s.
-func parseAddr(s string) net.Addr {
-	if ap, err := netip.ParseAddrPort(s); err == nil {
-		return net.TCPAddrFromAddrPort(ap)
-	}
-	return stringAddr(s)
-}
-
-// parseLocalAddr returns the address that requestHead.LocalAddr carries:
-// its network, a space, and the address. An IP address and port is a
-// *net.TCPAddr, a unix socket's a *net.UnixAddr, anything else an addr
-// that reads as the parent's did.
-func parseLocalAddr(s string) net.Addr {
-	network, addr, _ := strings.Cut(s, " ")
+// parseAddr returns the address addr of network: a *net.TCPAddr for an IP
+// address and port, a *net.UnixAddr for a unix socket's, else an address
+// that reads as addr.
+func parseAddr(network, addr string) net.Addr {
 	switch network {
 	case "tcp", "tcp4", "tcp6":
 		if ap, err := netip.ParseAddrPort(addr); err == nil {
@@ -308,11 +297,12 @@ func parseLocalAddr(s string) net.Addr {
 	return netAddr{network, addr}
 }
 
-// A stringAddr is a TCP address known only by its string.
-type stringAddr string
-
-func (a stringAddr) Network() string { return "tcp" }
-func (a stringAddr) String() string  { return string(a) }
+// parseLocalAddr returns the address that requestHead.LocalAddr carries:
+// its network, a space, and the address.
+func parseLocalAddr(s string) net.Addr {
+	network, addr, _ := strings.Cut(s, " ")
+	return parseAddr(network, addr)
+}
 
 // A netAddr is an address known only by its network and string.
 type netAddr struct{ network, addr string }
