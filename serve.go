@@ -72,11 +72,10 @@ type startingRequest struct {
 type serverStream struct {
 	cancel context.CancelCauseFunc      // cancels the request's context
 	body   *bodyReader                  // nil for a request without a body
-	rw     *responseWriter              // &w
 	tunnel atomic.Pointer[hijackedConn] // set when the handler hijacks (see PROTOCOL.md)
 
 	// Allocated with the stream, as most requests need nothing else.
-	w   responseWriter
+	rw  responseWriter
 	url url.URL // the request's
 }
 
@@ -406,7 +405,6 @@ func (s *server) open(id uint64, flags uint8, head *requestHead) (startingReques
 		r.Body = st.body
 	}
 	req := r.WithContext(ctx)
-	st.rw = &st.w
 	st.rw.init(s.conn, id, req, head.ResponseHeader)
 	if st.body != nil {
 		st.body.deadline = st.rw.rdl.wait
@@ -503,7 +501,7 @@ func (s *server) serve(id uint64, st *serverStream, req *http.Request, h http.Ha
 			req.MultipartForm.RemoveAll()
 		}
 	}()
-	h.ServeHTTP(st.rw, req)
+	h.ServeHTTP(&st.rw, req)
 	st.rw.finish()
 }
 
