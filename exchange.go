@@ -167,7 +167,7 @@ func (x *exchange) tunnel() {
 			panic(http.ErrAbortHandler)
 		}
 		h.count(&h.stats.BadGateway)
-		http.Error(x.w, fmt.Sprintf("subproc: module %q hijacked the connection, which the parent cannot do here: %v", h.name, err), http.StatusBadGateway)
+		x.replyError(http.StatusBadGateway, " hijacked the connection, which the parent cannot do here: %v", err)
 		return
 	}
 	x.started = true
@@ -270,23 +270,31 @@ func (x *exchange) pumpClient(conn net.Conn, br *bufio.Reader, stop <-chan struc
 // away, or the deadline passed (504, or an abort once the response has
 // started).
 func (x *exchange) canceled() {
-	h, w := x.h, x.w
+	h := x.h
 	giveUp(x.ctx, x.c, x.s)
-	x.body.halt() // before w's header is written (see bodySender.guard)
 	if x.late() {
 		h.count(&h.stats.Timeouts)
 		if x.started {
 			panic(http.ErrAbortHandler)
 		}
-		http.Error(w, fmt.Sprintf("subproc: module %q did not answer before the request's deadline (%v)", h.name, context.Cause(x.ctx)), http.StatusGatewayTimeout)
+		x.replyError(http.StatusGatewayTimeout, " did not answer before the request's deadline (%v)", context.Cause(x.ctx))
 		return
 	}
 	if !x.started {
 		// Usually nobody reads this. But if the context ended with the
 		// client still there, it must not see an empty 200 that looks
 		// like the module's answer.
-		http.Error(w, fmt.Sprintf("subproc: module %q: request canceled: %v", h.name, context.Cause(x.ctx)), http.StatusServiceUnavailable)
+		x.replyError(http.StatusServiceUnavailable, ": request canceled: %v", context.Cause(x.ctx))
 	}
+}
+
+// replyError answers the request, whose response has not started, with
+// code and a text that names the module, "subproc: module %q", followed
+// by format. It halts the body pump first: an http.MaxBytesReader's read
+// could otherwise write w's header meanwhile (see bodySender.guard).
+func (x *exchange) replyError(code int, format string, args ...any) {
+	x.body.halt()
+	http.Error(x.w, fmt.Sprintf("subproc: module %q", x.h.name)+fmt.Sprintf(format, args...), code)
 }
 
 // failed ends an exchange whose stream failed with err (the child died, or
@@ -303,9 +311,8 @@ func (x *exchange) failed(err error) (retry bool) {
 		}
 	}
 	if !x.started {
-		x.body.halt() // before w's header is written (see bodySender.guard)
 		h.count(&h.stats.BadGateway)
-		http.Error(x.w, fmt.Sprintf("subproc: module %q failed before it answered: %v; it is being restarted", h.name, err), http.StatusBadGateway)
+		x.replyError(http.StatusBadGateway, " failed before it answered: %v; it is being restarted", err)
 		return false
 	}
 	h.count(&h.stats.Aborted)
@@ -418,9 +425,8 @@ func (x *exchange) writeTrailers(ev event) {
 func (x *exchange) abort(ev event) {
 	h := x.h
 	if ev.flags&flagTooLarge != 0 && !x.started {
-		x.body.halt() // before w's header is written (see bodySender.guard)
 		h.count(&h.stats.BadGateway)
-		http.Error(x.w, fmt.Sprintf("subproc: module %q: its response's head exceeds the %d bytes a message from the module can carry", h.name, maxHeadSize), http.StatusBadGateway)
+		x.replyError(http.StatusBadGateway, ": its response's head exceeds the %d bytes a message from the module can carry", maxHeadSize)
 		return
 	}
 	h.count(&h.stats.Aborted)
