@@ -883,8 +883,9 @@ type addrString struct {
 
 // localAddr returns the address of the connection r came on, in the parent
 // (http.LocalAddrContextKey), as its network, a space and its String: the
-// child's http.LocalAddrContextKey, and a hijacked conn's LocalAddr. The last one is kept, since almost every request comes
-// through the same listener: it costs no allocation then.
+// child's http.LocalAddrContextKey, and a hijacked conn's LocalAddr. The
+// last one is kept, since almost every request comes through the same
+// listener: it costs no allocation then.
 func (h *Handle) localAddr(r *http.Request) string {
 	a, ok := r.Context().Value(http.LocalAddrContextKey).(net.Addr)
 	if !ok {
