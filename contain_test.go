@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -228,4 +229,24 @@ func TestContainMaxBytesReaderInFront(t *testing.T) {
 	wg.Wait()
 	status, _ := fetch(t, srv.URL+"/small")
 	assert.Equal(t, http.StatusOK, status, "the parent serves on")
+}
+
+// TestContainMaxBytesReaderStalledUpload: behind http.MaxBytesHandler, a
+// client that stalls its upload keeps the body pump's read waiting, which
+// the module's head waits for (see bodySender.guard). The request's
+// deadline ends the wait: the request ends, counted as a timeout, instead
+// of holding its exchange for as long as the client stalls.
+func TestContainMaxBytesReaderStalledUpload(t *testing.T) {
+	h := startModule(t, "tr-mux", Options{RequestTimeout: 300 * time.Millisecond})
+	srv := httptest.NewServer(http.MaxBytesHandler(h, 1<<20))
+	defer srv.Close()
+	conn, err := net.Dial("tcp", srv.Listener.Addr().String())
+	require.NoError(t, err)
+	defer conn.Close()
+	// One line of a body of 100,000 bytes, then nothing. The module's
+	// /duplex answers at once, in full duplex.
+	fmt.Fprintf(conn, "POST /duplex HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nhello\n")
+	awaitStats(t, h, 20*time.Second, "the request to end at its deadline", func(s Stats) bool {
+		return s.Timeouts == 1 && s.InFlight == 0
+	})
 }
