@@ -316,8 +316,9 @@ func TestMarkdown(t *testing.T) {
 		"| (d) SIGKILL child → next 200 | median ms | n/a | 12.0 | failed | n/a | failed |",
 		"| (f) WebSocket echo 64 B, 64 connections | messages/s | 40,000 | 20,000 · 0.50× (0.50–0.50) | n/a | n/a | 30,000 · 0.75× (0.75–0.75) |",
 		"| (a) GET /small, 1 client | µs/request | parent 5, loadgen 3 | parent 20, child 10, loadgen 5 | failed | n/a | failed |",
-		"(f) WebSocket echo, 64 connections, subproc ≥ uds in messages/s: subproc 30,000, uds 20,000, subproc ÷ uds 1.50× (1.50–1.50): **met** (in 3 of 3 rounds)",
-		"(g) WebSocket stream, subproc ≥ 0.6× inproc: subproc 550 MB/s, 0.55× (0.55–0.55) inproc's: **not met** (in 0 of 3 rounds)",
+		"(a) GET /small, 1 client: p50 latency added to inproc's ≤ 60 µs: subproc 100, inproc 50; subproc − inproc +50 (+50 to +50): **met** (in 3 of 3 rounds)",
+		"(f) WebSocket echo, 64 connections: messages/s ≥ uds's: subproc 30,000, uds 20,000; subproc ÷ uds 1.50× (1.50–1.50): **met** (in 3 of 3 rounds)",
+		"(g) WebSocket stream: MB/s ≥ 0.6× inproc's: subproc 550, inproc 1,000; subproc ÷ inproc 0.55× (0.55–0.55): **not met** (in 0 of 3 rounds)",
 		"uds: restart times in ms, round 1: 9.0, 10.0, 11.0; round 2: 9.0, 10.0, 11.0; round 3: 9.0, 10.0, 11.0",
 		"round 2: uds: error: echo: boom",
 		"goplugin: ws is n/a: ",
@@ -384,6 +385,26 @@ func TestParseFlags(t *testing.T) {
 	}
 	_, err := parseFlags([]string{"-rounds", "-1"})
 	assert.ErrorContains(t, err, "-rounds")
+
+	cfg, err := parseFlags([]string{"-workloads", "small, restart"})
+	require.NoError(t, err)
+	assert.Equal(t, []string{"small", "restart"}, cfg.Workloads)
+	assert.True(t, cfg.measures("rss"), "rss is measured during small")
+	assert.False(t, cfg.runs("echo"))
+	_, err = parseFlags([]string{"-workloads", "small,nap"})
+	assert.ErrorContains(t, err, `unknown workload "nap"`)
+}
+
+// TestMarkdownWorkloads checks that the report leaves out the rows of the
+// workloads a run did not include, rather than calling them failed.
+func TestMarkdownWorkloads(t *testing.T) {
+	r := sampleResults()
+	r.Config.Workloads = []string{"small"}
+	md := r.Markdown()
+	assert.Contains(t, md, "| (a) GET /small, 1 client | req/s |")
+	assert.Contains(t, md, "| (e) peak RSS during (a), parent + child |")
+	assert.NotContains(t, md, "(b) POST /echo")
+	assert.NotContains(t, md, "(g) WebSocket stream")
 }
 
 // TestQuick runs every peer end to end, in two interleaved rounds, with

@@ -130,7 +130,7 @@ func runPeer(cfg Config, name string, round int) PeerResult {
 		return &r
 	}
 
-	if applies(name, "small") {
+	if applies(name, "small") && cfg.runs("small") {
 		sampler := startRSSSampler(srv.pid())
 		pr.Small1 = load("small", 1, 0, httpLoad(srv.addr, smallOp))
 		pr.Small64 = load("small", 64, 0, httpLoad(srv.addr, smallOp))
@@ -138,16 +138,16 @@ func runPeer(cfg Config, name string, round int) PeerResult {
 		step("rss: peak %.1f MiB over %d processes (VmHWM sum %.1f MiB)", rss.PeakMiB, rss.Processes, rss.HWMMiB)
 		pr.RSS = &rss
 	}
-	if applies(name, "echo") {
+	if applies(name, "echo") && cfg.runs("echo") {
 		body := echoBody(cfg.EchoBytes)
 		pr.Echo = load("echo", cfg.EchoClients, len(body), httpLoad(srv.addr, echoOp(body)))
 	}
-	if applies(name, "stream") {
+	if applies(name, "stream") && cfg.runs("stream") {
 		pr.Stream = stream("stream", func(n int64, meter *cpuMeter) (StreamResult, error) {
 			return runStream(srv.addr, n, cfg.StreamChunk, meter)
 		})
 	}
-	if applies(name, "ws") {
+	if applies(name, "ws") && cfg.runs("ws") {
 		msg := echoBody(cfg.WSEchoBytes)
 		pr.WSEcho1 = load("ws echo", 1, 0, wsEchoLoad(srv.addr, msg))
 		pr.WSEcho64 = load("ws echo", 64, 0, wsEchoLoad(srv.addr, msg))
@@ -155,7 +155,7 @@ func runPeer(cfg Config, name string, round int) PeerResult {
 			return runWSStream(srv.addr, n, cfg.StreamChunk, meter)
 		})
 	}
-	if applies(name, "restart") {
+	if applies(name, "restart") && cfg.runs("restart") {
 		r, err := runRestarts(srv.addr, cfg.Kills)
 		if err != nil {
 			fail("restart", err)

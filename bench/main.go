@@ -30,6 +30,7 @@ import (
 	"fmt"
 	"net/http"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
@@ -122,6 +123,26 @@ type Config struct {
 	StreamChunk int           `json:"stream_chunk"` // also the WebSocket stream's message size
 	Kills       int           `json:"kills"`
 	WSEchoBytes int           `json:"ws_echo_bytes"` // the WebSocket echo's message size
+	// Workloads, if not empty, limits the run to these of allWorkloads.
+	Workloads []string `json:"workloads,omitempty"`
+}
+
+// allWorkloads lists the workloads a peer runs, in order ("small" also
+// samples memory, for (e)).
+var allWorkloads = []string{"small", "echo", "stream", "ws", "restart"}
+
+// runs reports whether the run includes workload w.
+func (cfg Config) runs(w string) bool {
+	return len(cfg.Workloads) == 0 || slices.Contains(cfg.Workloads, w)
+}
+
+// measures reports whether the run measures the metrics of workload w,
+// which may be "rss", measured during "small".
+func (cfg Config) measures(w string) bool {
+	if w == "rss" {
+		w = "small"
+	}
+	return cfg.runs(w)
 }
 
 // allPeers lists the peers in the order they run and are reported.
@@ -138,6 +159,7 @@ func parseFlags(args []string) (Config, error) {
 	dur := fs.Duration("duration", 0, "length of each timed load (default 5s, quick 1s)")
 	stream := fs.Int64("stream-bytes", 0, "size of the /stream response and of the WebSocket stream (default 1 GiB, quick 64 MiB)")
 	kills := fs.Int("kills", 0, "SIGKILLs of the child for the restart workload (default 7, quick 3)")
+	workloads := fs.String("workloads", "", "comma-separated workloads to run (of "+strings.Join(allWorkloads, ", ")+"; default all)")
 	if err := fs.Parse(args); err != nil {
 		return Config{}, err
 	}
@@ -186,6 +208,16 @@ func parseFlags(args []string) (Config, error) {
 	}
 	if len(cfg.Peers) == 0 {
 		return Config{}, fmt.Errorf("no peers")
+	}
+	for _, w := range strings.Split(*workloads, ",") {
+		w = strings.TrimSpace(w)
+		if w == "" {
+			continue
+		}
+		if !slices.Contains(allWorkloads, w) {
+			return Config{}, fmt.Errorf("unknown workload %q (have %s)", w, strings.Join(allWorkloads, ", "))
+		}
+		cfg.Workloads = append(cfg.Workloads, w)
 	}
 	return cfg, nil
 }

@@ -301,7 +301,7 @@ func (r *Results) Markdown() string {
 
 	tableHead(&b, "Metric", "---:", peers)
 	for _, mt := range metrics {
-		if !mt.table {
+		if !mt.table || !c.measures(mt.workload) {
 			continue
 		}
 		fmt.Fprintf(&b, "| %s | %s |", mt.group, mt.label)
@@ -319,6 +319,9 @@ func (r *Results) Markdown() string {
 	b.WriteString("Median over the rounds, µs per request or message (ms per GB for the streams): the server process (parent), its descendants (child: for subproc the child and its watcher process) and the load generator.\n\n")
 	tableHead(&b, "Unit", "---", peers)
 	cpuRow := func(key, workload, group, unit string) {
+		if !c.measures(workload) {
+			return
+		}
 		fmt.Fprintf(&b, "| %s | %s |", group, unit)
 		for _, p := range peers {
 			fmt.Fprintf(&b, " %s |", r.cpuCell(key, workload, p))
@@ -352,40 +355,95 @@ func (r *Results) Markdown() string {
 	return b.String()
 }
 
-// goals states the WebSocket goals, each met or not: at 64 connections
-// subproc's messages/s at least uds's, and subproc's WebSocket stream at
-// least 0.6× inproc's.
+// A goal compares one metric of subproc's with another peer's, round by
+// round: as a ratio (subproc ÷ the other) or, if diff, as a difference
+// (subproc − the other), which must be at least (atLeast) or at most the
+// bound.
+type goal struct {
+	text    string // what is compared, for the report
+	key     string // the metric
+	peer    string // the other peer
+	diff    bool
+	atLeast bool
+	bound   float64
+}
+
+// issueGoals are the goals of the performance issue (see the README's
+// Performance section).
+var issueGoals = []goal{
+	{"(a) GET /small, 1 client: p50 latency added to inproc's ≤ 60 µs", "small1_p50", "inproc", true, false, 60},
+	{"(a) GET /small, 64 clients: req/s ≥ 0.75× inproc's", "small64_rps", "inproc", false, true, 0.75},
+	{"(a) GET /small, 64 clients: req/s ≥ 2× uds's", "small64_rps", "uds", false, true, 2},
+	{"(b) POST /echo: req/s ≥ 0.7× inproc's", "echo_rps", "inproc", false, true, 0.7},
+	{"(c) GET /stream: MB/s ≥ 0.55× inproc's", "stream_mbps", "inproc", false, true, 0.55},
+	{"(c) GET /stream: MB/s ≥ 0.9× pipe's", "stream_mbps", "pipe", false, true, 0.9},
+	{"(d) restart after SIGKILL: median ≤ uds's", "restart_ms", "uds", false, false, 1},
+	{"(e) peak RSS (sampled) ≤ 2× inproc's", "rss_mib", "inproc", false, false, 2},
+	{"(f) WebSocket echo, 64 connections: messages/s ≥ uds's", "wsecho64_rps", "uds", false, true, 1},
+	{"(g) WebSocket stream: MB/s ≥ 0.6× inproc's", "wsstream_mbps", "inproc", false, true, 0.6},
+}
+
+// goals states each of issueGoals that the run measured, met or not by
+// the median over the rounds, and in how many rounds.
 func (r *Results) goals() []string {
 	var out []string
-	verdict := func(ok bool, rounds, of int) string {
+	for _, g := range issueGoals {
+		m := metricByKey(g.key)
+		if !r.Config.measures(m.workload) {
+			continue
+		}
+		var xs []float64
+		for _, rd := range r.Rounds {
+			ps, po := rd.peer("subproc"), rd.peer(g.peer)
+			if ps == nil || po == nil {
+				continue
+			}
+			vs, ok1 := m.get(ps)
+			vo, ok2 := m.get(po)
+			switch {
+			case !ok1 || !ok2:
+			case g.diff:
+				xs = append(xs, vs-vo)
+			case vo != 0:
+				xs = append(xs, vs/vo)
+			}
+		}
+		if len(xs) == 0 {
+			continue
+		}
+		ok := func(x float64) bool {
+			if g.atLeast {
+				return x >= g.bound
+			}
+			return x <= g.bound
+		}
+		met := 0
+		for _, x := range xs {
+			if ok(x) {
+				met++
+			}
+		}
+		med, lo, hi := medianRange(xs)
+		var got string
+		if g.diff {
+			got = fmt.Sprintf("%+.0f (%+.0f to %+.0f)", med, lo, hi)
+		} else {
+			got = fmtRatio(med) + "×"
+			if len(xs) > 1 {
+				got += fmt.Sprintf(" (%s–%s)", fmtRatio(lo), fmtRatio(hi))
+			}
+		}
 		w := "not met"
-		if ok {
+		if ok(med) {
 			w = "met"
 		}
-		return fmt.Sprintf("**%s** (in %d of %d rounds)", w, rounds, of)
-	}
-	if rs, ok := r.pairRatios("wsecho64_rps", "subproc", "uds"); ok {
-		s := ratioSummary(rs)
-		met := 0
-		for _, x := range rs {
-			if x >= 1 {
-				met++
-			}
+		op := "÷"
+		if g.diff {
+			op = "−"
 		}
-		sub, _ := r.Summary["subproc"]["wsecho64_rps"]
-		uds, _ := r.Summary["uds"]["wsecho64_rps"]
-		out = append(out, fmt.Sprintf("(f) WebSocket echo, 64 connections, subproc ≥ uds in messages/s: subproc %s, uds %s, subproc ÷ uds %s: %s",
-			fmtInt(sub.Median), fmtInt(uds.Median), ratioText(s), verdict(s.Ratio >= 1, met, len(rs))))
-	}
-	if s, ok := r.Summary["subproc"]["wsstream_mbps"]; ok && len(s.Ratios) > 0 {
-		met := 0
-		for _, x := range s.Ratios {
-			if x >= 0.6 {
-				met++
-			}
-		}
-		out = append(out, fmt.Sprintf("(g) WebSocket stream, subproc ≥ 0.6× inproc: subproc %s MB/s, %s inproc's: %s",
-			fmtMB(s.Median), ratioText(s), verdict(s.Ratio >= 0.6, met, len(s.Ratios))))
+		out = append(out, fmt.Sprintf("%s: subproc %s, %s %s; subproc %s %s %s: **%s** (in %d of %d rounds)",
+			g.text, m.format(r.Summary["subproc"][g.key].Median), g.peer, m.format(r.Summary[g.peer][g.key].Median),
+			op, g.peer, got, w, met, len(xs)))
 	}
 	return out
 }
