@@ -22,5 +22,9 @@ func dup2(oldfd, newfd int) error {
 	return syscall.Dup2(oldfd, newfd)
 }
 
+// dropFileMappings does nothing: only Linux needs it (see its Linux
+// version) and has a way to find the mappings.
+func dropFileMappings() {}
+
 // growPipe does nothing: only Linux can resize a pipe.
 func growPipe(*os.File) {}
