@@ -55,6 +55,12 @@ type server struct {
 
 	flow flowBudget // the window growth of all request bodies (see flowBudget)
 
+	// The reading turn lent to the worker serving a request (see lend).
+	lendMu    sync.Mutex
+	lent      *serverStream // the request whose worker holds the turn, or nil
+	lendTimer *time.Timer   // ends the loan after lendFor; made by the first loan
+	endLoan   func()        // s.reclaim(nil), made once
+
 	mu      sync.Mutex // guards the fields below
 	handler http.Handler
 	streams map[uint64]*serverStream
@@ -86,7 +92,7 @@ func newServer(ctx context.Context, drain func(), c *conn, accept *acceptWord, h
 	if drain == nil {
 		drain = func() {}
 	}
-	return &server{
+	s := &server{
 		conn:     c,
 		ctx:      ctx,
 		drain:    drain,
@@ -96,6 +102,8 @@ func newServer(ctx context.Context, drain func(), c *conn, accept *acceptWord, h
 		work:     make(chan task),
 		readDone: make(chan error, 1),
 	}
+	s.endLoan = func() { s.reclaim(nil) }
+	return s
 }
 
 func (s *server) setHandler(h http.Handler) {
@@ -157,6 +165,11 @@ func (s *server) worker(t task) {
 		}
 		if r := t.r; r.st != nil {
 			s.serve(r.id, r.st, r.req, r.h)
+			if s.reclaim(r.st) {
+				// The turn was lent to this request, and is back: read on.
+				t = task{read: true}
+				continue
+			}
 		}
 		t = task{}
 		if s.idle.Add(1) > maxIdleWorkers {
@@ -174,11 +187,11 @@ func (s *server) worker(t task) {
 }
 
 // read reads and dispatches the parent's frames until one opens a request.
-// Then it hands the reading on to another worker and returns the request,
-// for the calling worker to serve: the handler starts without waiting for
-// another goroutine to be scheduled, which is most of a request's latency
-// in the child. When the reading ends, read reports why on readDone and
-// returns false.
+// Then it hands the reading on to another worker, or lends it to the
+// request (see lend), and returns the request, for the calling worker to
+// serve: the handler starts without waiting for another goroutine to be
+// scheduled, which is most of a request's latency in the child. When the
+// reading ends, read reports why on readDone and returns false.
 func (s *server) read() (startingRequest, bool) {
 	for {
 		hdr, err := s.fr.ReadHeader()
@@ -195,10 +208,60 @@ func (s *server) read() (startingRequest, bool) {
 			return startingRequest{}, false
 		}
 		if r.st != nil {
-			s.spawn(task{read: true})
+			if !s.lend(r.st, hdr.Flags) {
+				s.spawn(task{read: true})
+			}
 			return r, true
 		}
 	}
+}
+
+// lendFor bounds a loan of the reading turn (see lend): a handler that
+// runs longer hands the reading on, as one that would wait for the parent
+// does at once.
+const lendFor = 50 * time.Microsecond
+
+// lend lends the reading turn to the worker that is to serve st, a request
+// just read, and reports whether it did: when nothing else has arrived
+// from the parent and the request has no body. Its worker then reads on
+// once the handler returns, with no hand-off to another goroutine, whose
+// wake-up would cost the child about a third of its time per request. The
+// loan ends, and the reading goes to another worker, when the handler
+// would wait for a frame (for window credit, or after a hijack), or after
+// lendFor. Until then the parent's frames wait in the pipe.
+func (s *server) lend(st *serverStream, flags uint8) bool {
+	if flags&flagNoBody == 0 || s.fr.Buffered().Buffered() > 0 {
+		return false
+	}
+	s.lendMu.Lock()
+	defer s.lendMu.Unlock()
+	s.lent = st
+	if s.lendTimer == nil {
+		s.lendTimer = time.AfterFunc(lendFor, s.endLoan)
+	} else {
+		s.lendTimer.Reset(lendFor)
+	}
+	return true
+}
+
+// reclaim ends the loan of the reading turn to st (any loan, for nil) and
+// reports whether there was one. Called with st by the worker that served
+// st, it returns the turn to that worker, which must read on; called by
+// anything else (the loan's timer, a handler about to wait for the
+// parent), it gives the turn to another worker.
+func (s *server) reclaim(st *serverStream) bool {
+	s.lendMu.Lock()
+	if s.lent == nil || st != nil && s.lent != st {
+		s.lendMu.Unlock()
+		return false
+	}
+	s.lent = nil
+	s.lendTimer.Stop()
+	s.lendMu.Unlock()
+	if st == nil {
+		s.spawn(task{read: true})
+	}
+	return true
 }
 
 // openFrame reads a kindRequest frame's head and opens its request.
@@ -406,6 +469,7 @@ func (s *server) open(id uint64, flags uint8, head *requestHead) (startingReques
 	}
 	req := r.WithContext(ctx)
 	st.rw.init(s.conn, id, req, head.ResponseHeader)
+	st.rw.endLoan = s.endLoan
 	if st.body != nil {
 		st.body.deadline = st.rw.rdl.wait
 	}
@@ -439,6 +503,7 @@ func (s *server) baseContext(local string) context.Context {
 // returns its conn. It fails if the request body is not complete, or the
 // request is gone. The caller holds st.rw.mu.
 func (s *server) hijack(id uint64, st *serverStream, req *http.Request) (*hijackedConn, error) {
+	s.reclaim(nil) // the tunnel's bytes come in frames
 	if b := st.body; b != nil {
 		b.mu.Lock()
 		complete := b.err == io.EOF && len(b.chunks) == 0
@@ -539,6 +604,7 @@ type responseWriter struct {
 	err           error       // a failure to send; writes return it
 
 	hijack   func() (*hijackedConn, error) // turns the stream into a tunnel; nil if the parent cannot hijack; fixed
+	endLoan  func()                        // ends a loan of the reading turn (see server.lend); fixed
 	rdl, wdl connDeadline                  // http.ResponseController's read and write deadlines, before a hijack
 	hijacked bool                          // Hijack succeeded: the conn is the handler's, the writer is done
 }
@@ -746,7 +812,10 @@ func (w *responseWriter) sendBodyLocked(flags uint8, end *outFrame) error {
 		least, most := frameCost(min(w.n, 1)), frameCost(w.n)
 		credit, ok, err := w.win.tryTake(least, most)
 		if !ok {
-			// Only a wait needs the channels (and makes them).
+			// The credit comes in frames, which this goroutine may be
+			// the one to read (see server.lend). Only a wait needs the
+			// channels (and makes them).
+			w.endLoan()
 			credit, err = w.win.takeEither(least, most, w.req.Context().Done(), w.wdl.wait())
 		}
 		if err != nil {

@@ -283,3 +283,48 @@ func TestResponseGrowsPastSmallBuffer(t *testing.T) {
 	require.EqualValues(t, 200, st, "got %d, %d bytes; want 200, %d bytes", st, len(b), len(want))
 	require.Equal(t, b, want, "got %d, %d bytes; want 200, %d bytes", st, len(b), len(want))
 }
+
+// The worker that reads a request without a body serves it holding the
+// reading turn (see server.lend): a handler that then blocks on something
+// other than the parent must not keep the child from reading. Here the
+// first request's handler blocks until the test ends; the second request,
+// and a third after it, are served meanwhile, as is a ping.
+func TestLentTurnDoesNotStallReading(t *testing.T) {
+	release := make(chan struct{})
+	entered := make(chan struct{})
+	mux := http.NewServeMux()
+	mux.HandleFunc("/block", func(w http.ResponseWriter, r *http.Request) {
+		close(entered)
+		<-release // not the request's context: the parent sends nothing
+	})
+	mux.HandleFunc("/fast", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "fast") })
+	pp := newPipePair(t, mux)
+	defer close(release)
+
+	block := openRequest(t, pp.c, httptest.NewRequest("GET", "/block", nil))
+	<-entered
+	for i := range 2 {
+		fast := openRequest(t, pp.c, httptest.NewRequest("GET", "/fast", nil))
+		done := make(chan struct{})
+		var st int
+		var body []byte
+		go func() {
+			defer close(done)
+			st, body = readAll(t, pp.c, fast)
+		}()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			pp.kill() // so that the cleanup can end
+			t.Fatalf("request %d: no answer in 10 s while another handler blocks: the child stopped reading", i+2)
+		}
+		require.Equal(t, http.StatusOK, st)
+		require.Equal(t, "fast", string(body))
+	}
+	timeout := make(chan struct{})
+	timer := time.AfterFunc(10*time.Second, func() { close(timeout) })
+	defer timer.Stop()
+	_, err := pp.c.ping(timeout)
+	require.NoError(t, err, "ping while a handler blocks")
+	pp.c.forget(block)
+}
