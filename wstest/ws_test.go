@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"math/rand/v2"
 	"net/http"
 	"net/http/httptest"
@@ -198,7 +199,7 @@ var libraries = []struct {
 // ws:// URL.
 func start(t *testing.T, module string) (*subproc.Handle, string) {
 	t.Helper()
-	h, err := subproc.Start(context.Background(), module, subproc.Options{Stderr: testWriter{t}})
+	h, err := subproc.Start(context.Background(), module, subproc.Options{Stderr: testWriter{t}, Logger: slog.New(slog.NewTextHandler(testWriter{t}, nil))})
 	if err != nil {
 		t.Fatal(err)
 	}
