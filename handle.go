@@ -147,9 +147,13 @@ type Options struct {
 	// MemoryHigh is a child's resident memory, in bytes, past which it is
 	// replaced gracefully (see Restart); MemoryMax, past which it is
 	// killed at once and restarted like a crashed one. Memory is checked
-	// every HealthInterval. Zero means no limit. Unless Env sets
-	// GOMEMLIMIT, a child with a limit gets a GOMEMLIMIT of 90% of the
-	// lower one, so that the Go runtime collects before it is reached.
+	// every HealthInterval. Resident memory includes the pages of the
+	// program's binary that the child has touched; on Linux, those that
+	// package initialization touched leave it once the module is
+	// initialized, so that the limits bound mostly what the module uses.
+	// Zero means no limit. Unless Env sets GOMEMLIMIT, a child with a
+	// limit gets a GOMEMLIMIT of 90% of the lower one, so that the Go
+	// runtime collects before it is reached.
 	MemoryHigh int64
 	MemoryMax  int64
 
