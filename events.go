@@ -17,6 +17,10 @@ type Event struct {
 	Kind        EventKind // what happened
 	Pid         int       // the child it happened to; 0 for the module as a whole
 	Incarnation int
+	// Slot is the place in the pool (see Options.Children and Env.Slot)
+	// of the child it happened to, or of the child being started, whose
+	// supervisor posts the module's backoff and degraded states too.
+	Slot int
 	// Reason says why, as one of the fixed words "crash", "health",
 	// "memory", "max-requests", "lifetime", "stuck", "restart", "protocol",
 	// "shutdown" and "backoff". For ChildStarted it is why the child it

@@ -112,7 +112,7 @@ func (h *Handle) checkStuck(c *child) {
 	go c.send(outFrame{kind: kindStacks}, c.stopping)
 	err := fmt.Errorf("%d handlers ran on for more than Options.StuckTimeout (%v) after their requests ended", n, h.opts.StuckTimeout)
 	h.logf("child pid %d (incarnation %d) is stuck: %v; its goroutine stacks are in the module's log; replacing it", c.proc.Pid(), c.incarnation, err)
-	h.post(Event{Kind: ChildStuck, Pid: c.proc.Pid(), Incarnation: c.incarnation, Reason: "stuck", Err: err})
+	h.post(Event{Kind: ChildStuck, Pid: c.proc.Pid(), Incarnation: c.incarnation, Slot: c.slot, Reason: "stuck", Err: err})
 }
 
 // check health-checks c once, recording the outcome.
@@ -148,7 +148,7 @@ func (h *Handle) failedCheck(c *child, err error) bool {
 	c.failedChecks++
 	failed := c.failedChecks
 	h.mu.Unlock()
-	h.post(Event{Kind: ChildUnhealthy, Pid: c.proc.Pid(), Incarnation: c.incarnation, Reason: "health", Err: err})
+	h.post(Event{Kind: ChildUnhealthy, Pid: c.proc.Pid(), Incarnation: c.incarnation, Slot: c.slot, Reason: "health", Err: err})
 	if failed < h.opts.HealthFailures {
 		h.logf("health check %d of %d failed for child pid %d: %v", failed, h.opts.HealthFailures, c.proc.Pid(), err)
 		return true

@@ -335,6 +335,27 @@ func TestPoolRestartUnderLoad(t *testing.T) {
 			n := events.count(ChildRecycling, "restart")
 			assert.Equal(t, restarts*children, n)
 			assert.Equal(t, restarts*children, events.count(ChildExited, "restart"))
+			// Each slot's children started restarts+1 times, and every event
+			// of a child names its slot.
+			events.mu.Lock()
+			defer events.mu.Unlock()
+			starts := make([]int, children)
+			slotOf := map[int]int{}
+			for _, ev := range events.events {
+				if ev.Kind == ChildStarted {
+					require.Less(t, ev.Slot, children, "ChildStarted of pid %d: slot %d", ev.Pid, ev.Slot)
+					starts[ev.Slot]++
+					slotOf[ev.Pid] = ev.Slot
+				}
+			}
+			for slot, n := range starts {
+				assert.Equal(t, restarts+1, n, "children started in slot %d", slot)
+			}
+			for _, ev := range events.events {
+				if slot, ok := slotOf[ev.Pid]; ok {
+					assert.Equal(t, slot, ev.Slot, "%v of pid %d, which started in slot %d", ev.Kind, ev.Pid, slot)
+				}
+			}
 		})
 	}
 }

@@ -141,7 +141,7 @@ func (s *supervisor) serve(cp **child) (died bool) {
 // otherwise.
 func (s *supervisor) replace(old *child, ask replaceAsk) (*child, error) {
 	h := s.h
-	h.post(Event{Kind: ChildRecycling, Pid: old.proc.Pid(), Incarnation: old.incarnation, Reason: ask.reason})
+	h.post(Event{Kind: ChildRecycling, Pid: old.proc.Pid(), Incarnation: old.incarnation, Slot: old.slot, Reason: ask.reason})
 	ctx, cancel := context.WithCancel(h.life)
 	defer cancel()
 	if ask.ctx != nil {
@@ -156,7 +156,7 @@ func (s *supervisor) replace(old *child, ask replaceAsk) (*child, error) {
 		if h.life.Err() == nil {
 			var se *StartError
 			errors.As(err, &se)
-			h.post(Event{Kind: ChildExited, Reason: "crash", Err: err, Output: se.Output})
+			h.post(Event{Kind: ChildExited, Slot: s.slot, Reason: "crash", Err: err, Output: se.Output})
 		}
 		if ask.done != nil {
 			ask.done <- err
@@ -184,7 +184,7 @@ func (s *supervisor) restart(failures *int, why string) *child {
 		d := h.restartDelay(*failures)
 		if d > 0 {
 			h.logf("backing off: %d children in a row died within %v of starting, or failed to start; the next start is in %v", *failures, stableUptime, d)
-			h.post(Event{Kind: ModuleBackoff, Reason: "backoff", Delay: d})
+			h.post(Event{Kind: ModuleBackoff, Slot: s.slot, Reason: "backoff", Delay: d})
 		}
 		if !s.pause(d) {
 			return nil
@@ -203,7 +203,7 @@ func (s *supervisor) restart(failures *int, why string) *child {
 		h.logf("restart failed: %v", err)
 		var se *StartError
 		errors.As(err, &se)
-		h.post(Event{Kind: ChildExited, Reason: "crash", Err: err, Output: se.Output})
+		h.post(Event{Kind: ChildExited, Slot: s.slot, Reason: "crash", Err: err, Output: se.Output})
 		*failures++
 		h.mu.Lock()
 		h.lastExit = err.Error()
@@ -268,9 +268,9 @@ func (s *supervisor) retire(c *child) {
 	h.lastExit = reason
 	h.mu.Unlock()
 	h.logf("child pid %d (incarnation %d) ended: %s; restarting.%s", c.proc.Pid(), c.incarnation, reason, formatTail(logged))
-	h.post(Event{Kind: ChildExited, Pid: c.proc.Pid(), Incarnation: c.incarnation, Reason: word, Err: c.exitError(), Output: tail})
+	h.post(Event{Kind: ChildExited, Pid: c.proc.Pid(), Incarnation: c.incarnation, Slot: c.slot, Reason: word, Err: c.exitError(), Output: tail})
 	if degraded {
-		h.post(Event{Kind: ModuleDegraded, Reason: word})
+		h.post(Event{Kind: ModuleDegraded, Slot: c.slot, Reason: word})
 	}
 }
 
@@ -379,7 +379,7 @@ func (h *Handle) drain(c *child, reason string, grace time.Duration) {
 			reason = word
 		}
 	}
-	h.post(Event{Kind: ChildExited, Pid: c.proc.Pid(), Incarnation: c.incarnation, Reason: reason, Err: c.exitError(), Output: c.tail()})
+	h.post(Event{Kind: ChildExited, Pid: c.proc.Pid(), Incarnation: c.incarnation, Slot: c.slot, Reason: reason, Err: c.exitError(), Output: c.tail()})
 }
 
 // drainTimeout bounds how long the parent waits, after a child has been
@@ -452,7 +452,7 @@ func (h *Handle) startChild(ctx context.Context, slot int, why string) (*child, 
 		}
 		c.monitored = make(chan struct{})
 		go h.monitor(c)
-		h.post(Event{Kind: ChildStarted, Pid: proc.Pid(), Incarnation: incarnation, Reason: why})
+		h.post(Event{Kind: ChildStarted, Pid: proc.Pid(), Incarnation: incarnation, Slot: slot, Reason: why})
 		return c, nil
 	}
 	h.teardown(c)
