@@ -18,8 +18,8 @@ type Event struct {
 	Pid         int       // the child it happened to; 0 for the module as a whole
 	Incarnation int
 	// Slot is the place in the pool (see Options.Children and Env.Slot)
-	// of the child it happened to, or of the child being started, whose
-	// supervisor posts the module's backoff and degraded states too.
+	// of the child it happened to, or that was being started; for
+	// ModuleBackoff and ModuleDegraded, of the child whose end caused it.
 	Slot int
 	// Reason says why, as one of the fixed words "crash", "health",
 	// "memory", "max-requests", "lifetime", "stuck", "restart", "protocol",
