@@ -196,7 +196,7 @@ func runChild(name string) int {
 	// use) leave the child's resident set, so that MemoryHigh and MemoryMax
 	// count what the module uses; what it runs faults back in. It takes a
 	// millisecond or two, so it runs beside the first requests, not before.
-	go dropFileMappings()
+	go dropFileMappings(false)
 
 	err = <-readErr
 	cancel() // the requests' contexts, and the module's

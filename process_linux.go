@@ -2,6 +2,7 @@ package subproc
 
 import (
 	"bufio"
+	"io"
 	"os"
 	"strconv"
 	"strings"
@@ -57,43 +58,75 @@ func growPipe(f *os.File) {
 }
 
 // dropFileMappings unmaps, from this process's page tables, the pages of
-// the read-only file mappings (the program's text and read-only data, and
-// those of shared libraries) that are resident and unmodified, so that the
-// process's resident set no longer counts them; they stay in the page
-// cache, and what the process runs next faults back in (a minor fault per
-// 64 KiB or so, with no I/O). A re-executed program has run every
-// package's init function before Main, touching most of its binary: the
-// watcher, which goes on to run a few hundred bytes of code, calls it once
-// it is ready, and a child once its module is initialized, so that its
-// resident memory, which MemoryHigh and MemoryMax bound, is what the
-// module uses.
+// the program's binary (its text and read-only data; with everyFile, those
+// of every file, shared libraries included) that are resident and
+// unmodified, so that the process's resident set no longer counts them;
+// they stay in the page cache, and what the process runs next faults back
+// in (a minor fault per 64 KiB or so, with no I/O). A re-executed program
+// has run every package's init function before Main, touching most of its
+// binary: the watcher, which goes on to run a few hundred bytes of code,
+// calls it once it is ready, with everyFile, and a child once its module
+// is initialized, so that its resident memory, which MemoryHigh and
+// MemoryMax bound, is mostly what the module uses.
 //
-// A mapping that holds any modified (anonymous) page, such as a region the
-// dynamic loader relocated and then made read-only, is left alone:
-// dropping its pages would undo the changes. So are writable mappings and
-// those of devices.
-func dropFileMappings() {
+// A child drops only the binary's own mappings: the module's code, which
+// may run meanwhile, does not map or unmap them, nor make them writable
+// (but to patch its own code); in the watcher no other code runs. See
+// cleanMappings for the pages it keeps.
+func dropFileMappings(everyFile bool) {
+	if everyFile {
+		dropMappings(func(path string) bool { return strings.HasPrefix(path, "/") })
+		return
+	}
+	exe, err := os.Readlink("/proc/self/exe")
+	if err != nil {
+		return
+	}
+	dropMappings(func(path string) bool { return path == exe })
+}
+
+// dropMappings drops the pages of this process's clean mappings (see
+// cleanMappings) of the files for which isFile(path) is true.
+func dropMappings(isFile func(path string) bool) {
 	f, err := os.Open("/proc/self/smaps")
 	if err != nil {
 		return
 	}
-	defer f.Close()
-	var start, end uintptr
-	drop := false // the mapping being read is a candidate
-	flush := func() {
-		if drop && end > start {
-			syscall.Syscall(syscall.SYS_MADVISE, start, end-start, syscall.MADV_DONTNEED)
-		}
-		drop = false
+	ms := cleanMappings(f, isFile)
+	f.Close()
+	for _, m := range ms {
+		syscall.Syscall(syscall.SYS_MADVISE, m.start, m.end-m.start, syscall.MADV_DONTNEED)
 	}
-	sc := bufio.NewScanner(f)
+}
+
+// A mapping is a range of the address space, [start, end).
+type mapping struct{ start, end uintptr }
+
+// cleanMappings returns the mappings listed in smaps (in the format of
+// /proc/self/smaps) that are not writable, map a file for which
+// isFile(path) is true, and hold no page that the process modified: none
+// anonymous (a private copy of a file page, such as those of a region the
+// dynamic loader relocated and then made read-only), none swapped out
+// (such a copy that was), none of huge pages; and that are not locked or
+// of a device. Dropping the pages of any other mapping could lose data.
+func cleanMappings(smaps io.Reader, isFile func(path string) bool) []mapping {
+	var ms []mapping
+	var cur mapping
+	ok := false // cur is a candidate
+	flush := func() {
+		if ok && cur.end > cur.start {
+			ms = append(ms, cur)
+		}
+		ok = false
+	}
+	sc := bufio.NewScanner(smaps)
 	for sc.Scan() {
 		line := sc.Text()
 		fields := strings.Fields(line)
 		if len(fields) == 0 {
 			continue
 		}
-		if lo, hi, ok := strings.Cut(fields[0], "-"); ok && !strings.HasSuffix(fields[0], ":") {
+		if lo, hi, isRange := strings.Cut(fields[0], "-"); isRange && !strings.HasSuffix(fields[0], ":") {
 			// A mapping's first line: "start-end perms offset dev inode path".
 			flush()
 			s, err1 := strconv.ParseUint(lo, 16, 64)
@@ -101,14 +134,43 @@ func dropFileMappings() {
 			if err1 != nil || err2 != nil || len(fields) < 6 {
 				continue
 			}
-			start, end = uintptr(s), uintptr(e)
-			perms, path := fields[1], fields[5]
-			drop = strings.HasPrefix(path, "/") && !strings.HasPrefix(path, "/dev/") && !strings.Contains(perms, "w")
+			cur = mapping{uintptr(s), uintptr(e)}
+			ok = !strings.Contains(fields[1], "w") && isFile(mappedPath(line))
 			continue
 		}
-		if fields[0] == "Anonymous:" && (len(fields) < 2 || fields[1] != "0") {
-			drop = false
+		switch fields[0] {
+		case "Anonymous:", "Swap:", "Private_Hugetlb:", "Shared_Hugetlb:", "Locked:":
+			// (Not Private_Dirty: a file page is dirty until the file's
+			// writes reach the disk, as a binary just built is.)
+			if len(fields) < 2 || fields[1] != "0" {
+				ok = false
+			}
+		case "VmFlags:":
+			for _, fl := range fields[1:] {
+				switch fl {
+				case "ht", "io", "pf", "lo", "dd":
+					// Huge pages, I/O or raw page frames, locked, or not
+					// to be dumped: not ordinary file pages.
+					ok = false
+				}
+			}
 		}
 	}
 	flush()
+	return ms
+}
+
+// mappedPath returns the path at the end of a mapping's first line in
+// /proc/self/smaps, after its five other fields; it may hold spaces.
+func mappedPath(line string) string {
+	rest := line
+	for range 5 {
+		rest = strings.TrimLeft(rest, " \t")
+		i := strings.IndexAny(rest, " \t")
+		if i < 0 {
+			return ""
+		}
+		rest = rest[i:]
+	}
+	return strings.TrimLeft(rest, " \t")
 }

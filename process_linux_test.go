@@ -7,42 +7,107 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"unsafe"
 
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
 
 // TestDropFileMappings checks that dropFileMappings takes the pages of the
-// program's binary out of the resident set, and that it keeps the pages of
-// a read-only mapping that were modified before it was made read-only (as
-// the dynamic loader does with relocations): dropping those would bring
-// back the file's bytes.
+// program's binary out of the resident set, as a child does.
 func TestDropFileMappings(t *testing.T) {
+	before := statusKB(t, "RssFile:")
+	dropFileMappings(false)
+	after := statusKB(t, "RssFile:")
+	t.Logf("RssFile: %d kB before, %d kB after", before, after)
+	require.Less(t, after, before/2, "the binary's pages are still resident")
+}
+
+// TestDropMappingsKeepsModifiedPages drops the mappings of a file, two of
+// them read-only: one clean, one written before it was made read-only (as
+// the dynamic loader does with relocations). The clean one is dropped; the
+// written one keeps its bytes, which dropping would have turned back into
+// the file's.
+func TestDropMappingsKeepsModifiedPages(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "mapped")
 	require.NoError(t, os.WriteFile(path, make([]byte, 1<<16), 0o600))
 	f, err := os.Open(path)
 	require.NoError(t, err)
 	defer f.Close()
-	// A private mapping, written, then made read-only: "relocated".
-	m, err := syscall.Mmap(int(f.Fd()), 0, 1<<16, syscall.PROT_READ|syscall.PROT_WRITE, syscall.MAP_PRIVATE)
+	written, err := syscall.Mmap(int(f.Fd()), 0, 1<<16, syscall.PROT_READ|syscall.PROT_WRITE, syscall.MAP_PRIVATE)
 	require.NoError(t, err)
-	defer syscall.Munmap(m)
-	for i := range m {
-		m[i] = byte(i%251) + 1
+	defer syscall.Munmap(written)
+	for i := range written {
+		written[i] = byte(i%251) + 1
 	}
-	require.NoError(t, syscall.Mprotect(m, syscall.PROT_READ))
+	require.NoError(t, syscall.Mprotect(written, syscall.PROT_READ))
+	clean, err := syscall.Mmap(int(f.Fd()), 0, 1<<16, syscall.PROT_READ, syscall.MAP_PRIVATE)
+	require.NoError(t, err)
+	defer syscall.Munmap(clean)
+	sum := 0
+	for _, b := range clean {
+		sum += int(b) // fault it in
+	}
+	require.Zero(t, sum)
 
-	before := statusKB(t, "RssFile:")
-	dropFileMappings()
-	after := statusKB(t, "RssFile:")
-	t.Logf("RssFile: %d kB before, %d kB after", before, after)
-	require.Less(t, after, before/2, "the binary's pages are still resident")
+	isFile := func(p string) bool { return p == path }
+	smaps, err := os.Open("/proc/self/smaps")
+	require.NoError(t, err)
+	ms := cleanMappings(smaps, isFile)
+	smaps.Close()
+	require.Len(t, ms, 1, "clean mappings of the file: %v", ms)
+	assert.Equal(t, addrOf(clean), ms[0].start, "the clean mapping is the one to drop")
 
-	for i := range m {
-		if m[i] != byte(i%251)+1 {
-			t.Fatalf("byte %d of the modified read-only mapping is %d after dropFileMappings, want %d: its changes were dropped", i, m[i], byte(i%251)+1)
+	dropMappings(isFile)
+	for i := range written {
+		if written[i] != byte(i%251)+1 {
+			t.Fatalf("byte %d of the modified read-only mapping is %d after dropMappings, want %d: its changes were dropped", i, written[i], byte(i%251)+1)
 		}
 	}
 }
+
+// TestCleanMappings checks which mappings of /proc/self/smaps's format
+// cleanMappings picks: read-only mappings of the file whose every page is
+// an unmodified page of it.
+func TestCleanMappings(t *testing.T) {
+	const exe = "/opt/my app/server"
+	entry := func(rng, perms, path string, fields ...string) string {
+		s := rng + " " + perms + " 00000000 fd:01 1234                       " + path + "\n"
+		for _, f := range []string{"Size: 64 kB", "Rss: 64 kB", "Private_Clean: 64 kB", "Private_Dirty: 0 kB", "Anonymous: 0 kB", "Swap: 0 kB", "Private_Hugetlb: 0 kB", "Locked: 0 kB"} {
+			k, _, _ := strings.Cut(f, ":")
+			for _, o := range fields {
+				if strings.HasPrefix(o, k+":") {
+					f = o
+				}
+			}
+			s += f + "\n"
+		}
+		flags := "VmFlags: rd ex mr mw me"
+		for _, o := range fields {
+			if strings.HasPrefix(o, "VmFlags:") {
+				flags = o
+			}
+		}
+		return s + flags + "\n"
+	}
+	smaps := entry("1000-2000", "r-xp", exe) + // text: dropped
+		entry("2000-3000", "r--p", exe) + // read-only data: dropped
+		entry("3000-4000", "r--p", exe, "Anonymous: 4 kB") + // relocated
+		entry("4000-5000", "r--p", exe, "Swap: 8 kB") + // relocated, swapped out
+		entry("5000-6000", "r--p", exe, "Private_Dirty: 4 kB") + // dirty in the page cache (just built): dropped
+		entry("6000-7000", "rw-p", exe) + // data
+		entry("7000-8000", "r--p", exe, "VmFlags: rd mr mw me ht") +
+		entry("8000-9000", "r--p", exe, "Locked: 64 kB") +
+		entry("9000-a000", "r--p", "/usr/lib/libc.so.6") + // another file
+		entry("a000-b000", "r--p", "/opt/my app/server (deleted)") + // not the same path
+		entry("b000-c000", "r--p", "") + // anonymous
+		entry("c000-d000", "r-xp", exe)
+	got := cleanMappings(strings.NewReader(smaps), func(p string) bool { return p == exe })
+	assert.Equal(t, []mapping{{0x1000, 0x2000}, {0x2000, 0x3000}, {0x5000, 0x6000}, {0xc000, 0xd000}}, got)
+}
+
+// addrOf returns the address of b's first byte.
+func addrOf(b []byte) uintptr { return uintptr(unsafe.Pointer(&b[0])) }
 
 // statusKB returns a "kB" field of /proc/self/status.
 func statusKB(t *testing.T, field string) int {

@@ -24,7 +24,7 @@ func dup2(oldfd, newfd int) error {
 
 // dropFileMappings does nothing: only Linux needs it (see its Linux
 // version) and has a way to find the mappings.
-func dropFileMappings() {}
+func dropFileMappings(everyFile bool) {}
 
 // growPipe does nothing: only Linux can resize a pipe.
 func growPipe(*os.File) {}

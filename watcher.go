@@ -336,7 +336,7 @@ func runWatcher(ppid string) int {
 	// needs: the heap it left, and the pages of the binary (which stay in
 	// the page cache, shared with the parent and the children).
 	debug.FreeOSMemory()
-	dropFileMappings()
+	dropFileMappings(true)
 
 	self := syscall.Getpgrp()
 	groups := make(map[int]bool)
