@@ -59,6 +59,7 @@ type server struct {
 	lendMu    sync.Mutex
 	lent      *serverStream // the request whose worker holds the turn, or nil
 	lendTimer *time.Timer   // ends the loan after lendFor; made by the first loan
+	lendFor   time.Duration // the longest loan: defaultLendFor but in tests
 	endLoan   func()        // s.reclaim(nil), made once
 
 	mu      sync.Mutex // guards the fields below
@@ -101,6 +102,7 @@ func newServer(ctx context.Context, drain func(), c *conn, accept *acceptWord, h
 		streams:  make(map[uint64]*serverStream),
 		work:     make(chan task),
 		readDone: make(chan error, 1),
+		lendFor:  defaultLendFor,
 	}
 	s.endLoan = func() { s.reclaim(nil) }
 	return s
@@ -216,10 +218,10 @@ func (s *server) read() (startingRequest, bool) {
 	}
 }
 
-// lendFor bounds a loan of the reading turn (see lend): a handler that
-// runs longer hands the reading on, as one that would wait for the parent
-// does at once.
-const lendFor = 50 * time.Microsecond
+// defaultLendFor bounds a loan of the reading turn (see lend): a handler
+// that runs longer hands the reading on, as one that would wait for the
+// parent does at once.
+const defaultLendFor = 50 * time.Microsecond
 
 // lend lends the reading turn to the worker that is to serve st, a request
 // just read, and reports whether it did: when nothing else has arrived
@@ -228,7 +230,7 @@ const lendFor = 50 * time.Microsecond
 // wake-up would cost the child about a third of its time per request. The
 // loan ends, and the reading goes to another worker, when the handler
 // would wait for a frame (for window credit, or after a hijack), or after
-// lendFor. Until then the parent's frames wait in the pipe.
+// s.lendFor. Until then the parent's frames wait in the pipe.
 func (s *server) lend(st *serverStream, flags uint8) bool {
 	if flags&flagNoBody == 0 || s.fr.Buffered().Buffered() > 0 {
 		return false
@@ -237,9 +239,9 @@ func (s *server) lend(st *serverStream, flags uint8) bool {
 	defer s.lendMu.Unlock()
 	s.lent = st
 	if s.lendTimer == nil {
-		s.lendTimer = time.AfterFunc(lendFor, s.endLoan)
+		s.lendTimer = time.AfterFunc(s.lendFor, s.endLoan)
 	} else {
-		s.lendTimer.Reset(lendFor)
+		s.lendTimer.Reset(s.lendFor)
 	}
 	return true
 }

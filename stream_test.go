@@ -328,3 +328,39 @@ func TestLentTurnDoesNotStallReading(t *testing.T) {
 	require.NoError(t, err, "ping while a handler blocks")
 	pp.c.forget(block)
 }
+
+// The worker that reads a request without a body keeps the reading turn
+// while it serves it (see server.lend): no other worker reads meanwhile.
+// A request with a body hands the reading on at once, as its handler needs
+// the body's frames. The loan's time limit is raised so that a slow
+// machine cannot end it first.
+func TestBodylessRequestKeepsReadingTurn(t *testing.T) {
+	var srv *server
+	lent := make(chan bool, 1)
+	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		srv.lendMu.Lock()
+		lent <- srv.lent != nil
+		srv.lendMu.Unlock()
+		io.Copy(io.Discard, r.Body)
+	})
+	pp := newPipePair(t, h)
+	srv = pp.srv
+	srv.lendFor = time.Hour // before any request: the pipe orders it before lend reads it
+	for i, tc := range []struct {
+		body string
+		lent bool
+	}{{"", true}, {"", true}, {"some body", false}, {"", true}} {
+		var body io.Reader
+		if tc.body != "" {
+			body = strings.NewReader(tc.body)
+		}
+		s := openRequest(t, pp.c, httptest.NewRequest("POST", "/", body))
+		if tc.body != "" {
+			require.NoError(t, pp.c.send(outFrame{kind: kindData, id: s.id, data: []byte(tc.body)}, nil))
+			require.NoError(t, pp.c.send(outFrame{kind: kindEnd, id: s.id}, nil))
+		}
+		require.Equal(t, tc.lent, <-lent, "request %d (body %q): reading turn lent to its worker", i+1, tc.body)
+		st, _ := readAll(t, pp.c, s)
+		require.Equal(t, http.StatusOK, st)
+	}
+}
