@@ -196,37 +196,32 @@ func parseFlags(args []string) (Config, error) {
 	if *kills > 0 {
 		cfg.Kills = *kills
 	}
-	for _, p := range strings.Split(*peers, ",") {
-		p = strings.TrimSpace(p)
-		if p == "" {
-			continue
-		}
-		if !isPeer(p) {
-			return Config{}, fmt.Errorf("unknown peer %q (have %s)", p, strings.Join(allPeers, ", "))
-		}
-		cfg.Peers = append(cfg.Peers, p)
+	var err error
+	if cfg.Peers, err = parseList("peer", *peers, allPeers); err != nil {
+		return Config{}, err
 	}
 	if len(cfg.Peers) == 0 {
 		return Config{}, fmt.Errorf("no peers")
 	}
-	for _, w := range strings.Split(*workloads, ",") {
-		w = strings.TrimSpace(w)
-		if w == "" {
-			continue
-		}
-		if !slices.Contains(allWorkloads, w) {
-			return Config{}, fmt.Errorf("unknown workload %q (have %s)", w, strings.Join(allWorkloads, ", "))
-		}
-		cfg.Workloads = append(cfg.Workloads, w)
+	if cfg.Workloads, err = parseList("workload", *workloads, allWorkloads); err != nil {
+		return Config{}, err
 	}
 	return cfg, nil
 }
 
-func isPeer(name string) bool {
-	for _, p := range allPeers {
-		if p == name {
-			return true
+// parseList returns the comma-separated names in s, each of which must be
+// one of all (what names the kind, for the error).
+func parseList(what, s string, all []string) ([]string, error) {
+	var names []string
+	for _, n := range strings.Split(s, ",") {
+		n = strings.TrimSpace(n)
+		if n == "" {
+			continue
 		}
+		if !slices.Contains(all, n) {
+			return nil, fmt.Errorf("unknown %s %q (have %s)", what, n, strings.Join(all, ", "))
+		}
+		names = append(names, n)
 	}
-	return false
+	return names, nil
 }
