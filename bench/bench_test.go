@@ -393,6 +393,10 @@ func TestParseFlags(t *testing.T) {
 	assert.False(t, cfg.runs("echo"))
 	_, err = parseFlags([]string{"-workloads", "small,nap"})
 	assert.ErrorContains(t, err, `unknown workload "nap"`)
+	_, err = parseFlags([]string{"-peers", "inproc,nope"})
+	assert.ErrorContains(t, err, `unknown peer "nope"`)
+	_, err = parseFlags([]string{"-peers", " , "})
+	assert.ErrorContains(t, err, "no peers")
 }
 
 // TestMarkdownWorkloads checks that the report leaves out the rows of the
