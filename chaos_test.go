@@ -419,8 +419,8 @@ func chaosGarbageSeam(t *testing.T) {
 			case kindResponse:
 				got = append(got, fmt.Sprintf("head %d %v", ev.head.Status, ev.head.Header))
 			case kindData:
-				got = append(got, "data "+string((*ev.buf)[:ev.n]))
-				putChunk(ev.buf)
+				got = append(got, "data "+string(ev.data()))
+				ev.release()
 			default:
 				got = append(got, fmt.Sprintf("kind %d", ev.kind))
 			}

@@ -67,6 +67,11 @@ type conn struct {
 
 	fr  *frame.Reader // owned by the reading goroutine
 	dec *decoder      // owned by the reading goroutine
+
+	// sendRing, in a child, is where the bytes of kindData frames of at
+	// least ringMin bytes go while it has a free slot; nil for none, and
+	// in the parent. Its take is guarded by mu.
+	sendRing *bodyRing
 }
 
 func newConn(r io.Reader, w io.WriteCloser) *conn {
@@ -196,6 +201,18 @@ func (c *conn) appendLocked(f outFrame) error {
 		c.pending = append(c.pending, p...)
 		return nil
 	}
+	if c.sendRing != nil && f.kind == kindData && len(f.data) >= ringMin {
+		if i := c.sendRing.take(); i >= 0 {
+			copy(c.sendRing.slot(i), f.data)
+			var ref [8]byte
+			binary.BigEndian.PutUint32(ref[:4], uint32(i))
+			binary.BigEndian.PutUint32(ref[4:], uint32(len(f.data)))
+			c.pending = frame.AppendHeader(c.pending, kindDataRef, f.flags, f.id, len(ref))
+			c.pending = append(c.pending, ref[:]...)
+			putChunk(f.buf)
+			return nil
+		}
+	}
 	c.pending = frame.AppendHeader(c.pending, f.kind, f.flags, f.id, len(f.data))
 	c.pending = append(c.pending, f.data...)
 	putChunk(f.buf)
@@ -283,6 +300,7 @@ type child struct {
 	exitErr     error         // the process's exit status; read only after exited is closed
 	exitedAt    time.Time     // when it was reaped; read only after exited is closed
 	accept      *acceptWord   // fixed; the child's record of the requests it took
+	ring        *bodyRing     // fixed; where the child puts body chunks, nil for none (see bodyRing)
 	flow        *flowBudget   // fixed; the Handle's budget for response windows, shared by all its children
 	logs        sync.WaitGroup
 	source      *logcapture.Source // fixed; where its output goes, and its last lines
@@ -583,7 +601,7 @@ func (c *child) dispatch(hdr frame.Header, scratch *[]byte) error {
 		}
 		return nil
 
-	case kindResponse, kindData, kindEnd, kindAbort, kindHijack:
+	case kindResponse, kindData, kindDataRef, kindEnd, kindAbort, kindHijack:
 		s, err := c.lookup(hdr.ID, false)
 		if err != nil {
 			return err
@@ -604,6 +622,22 @@ func (c *child) dispatch(hdr frame.Header, scratch *[]byte) error {
 				putChunk(ev.buf)
 				return err
 			}
+		case kindDataRef:
+			if c.ring == nil || hdr.Len != 8 {
+				return &protocolError{"body chunk in shared memory, which this child was not given, or a malformed reference to one"}
+			}
+			var ref [8]byte
+			if err := c.fr.ReadPayload(ref[:]); err != nil {
+				return err
+			}
+			slot, n := binary.BigEndian.Uint32(ref[:4]), binary.BigEndian.Uint32(ref[4:])
+			if n == 0 || n > chunkSize {
+				return &protocolError{fmt.Sprintf("body chunk of %d bytes in shared memory, outside 1 to %d", n, chunkSize)}
+			}
+			if !c.ring.hold(slot) {
+				return &protocolError{fmt.Sprintf("body chunk in shared memory slot %d, which is not a slot or was not freed", slot)}
+			}
+			ev.kind, ev.ring, ev.slot, ev.n = kindData, c.ring, int(slot), int(n)
 		case kindEnd:
 			if hdr.Len > 0 {
 				var end bodyEnd
@@ -620,7 +654,7 @@ func (c *child) dispatch(hdr frame.Header, scratch *[]byte) error {
 		if s == nil {
 			// Given up (see forget): read, as the decoder must see every
 			// message, and dropped.
-			putChunk(ev.buf)
+			ev.release()
 			c.mu.Lock()
 			switch {
 			case hdr.Kind == kindHijack:

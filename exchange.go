@@ -65,8 +65,9 @@ type exchange struct {
 	deadline    time.Time
 	hasDeadline bool
 
-	declared map[string]bool // trailers announced in the response head
-	started  bool            // the final response head was written to w
+	declared    map[string]bool // trailers announced in the response head
+	started     bool            // the final response head was written to w
+	bodyWritten bool            // body bytes were written to w
 }
 
 // controller returns w's ResponseController.
@@ -99,7 +100,7 @@ func (x *exchange) run() (retry bool) {
 		if err == nil && x.hasDeadline && x.late() {
 			// What the child sent at its deadline, which has passed here
 			// too, comes too late: the request has timed out.
-			putChunk(ev.buf)
+			ev.release()
 			err = errCanceled
 		}
 		if err == errCanceled {
@@ -194,8 +195,8 @@ func (x *exchange) tunnel() {
 		}
 		switch ev.kind {
 		case kindData:
-			_, werr := conn.Write((*ev.buf)[:ev.n])
-			putChunk(ev.buf)
+			_, werr := conn.Write(ev.data())
+			ev.release()
 			if werr != nil {
 				x.endTunnel()
 				return
@@ -358,8 +359,21 @@ func (x *exchange) writeHead(ev event) (final bool) {
 // writeData writes a data frame's bytes to w and returns their credit to
 // the child. It reports false if the client is gone, the exchange given up.
 func (x *exchange) writeData(ev event) bool {
-	_, err := x.w.Write((*ev.buf)[:ev.n])
-	putChunk(ev.buf)
+	data := ev.data()
+	if ev.ring != nil && !x.bodyWritten {
+		// net/http sniffs a Content-Type from the first bytes written
+		// to a header that has none, and so would read shared memory,
+		// which the parent does not (see bodyRing): it reads a copy.
+		if _, typed := x.w.Header()["Content-Type"]; !typed {
+			private := getBuffer(ev.n)
+			data = (*private)[:copy(*private, data)]
+			ev.release()
+			ev.buf = private
+		}
+	}
+	x.bodyWritten = x.bodyWritten || ev.n > 0
+	_, err := x.w.Write(data)
+	ev.release()
 	if err != nil && !errors.Is(err, http.ErrBodyNotAllowed) {
 		// The client is gone.
 		giveUp(x.ctx, x.c, x.s)

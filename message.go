@@ -19,7 +19,7 @@ import (
 
 // protocolVersion is written in the preamble of both directions. Bump it
 // whenever a message or a frame kind changes meaning.
-const protocolVersion = 7
+const protocolVersion = 8
 
 // Frame kinds. PROTOCOL.md says which side may send which kind in each
 // state of a stream. Every frame carries a request id; kinds marked "id 0" are not
@@ -49,6 +49,7 @@ const (
 	kindDrain                     // parent → child, id 0: a drain began; cancel the ModuleFunc's context
 	kindStacks                    // parent → child, id 0: write every goroutine's stack to the module's log
 	kindHijack                    // child → parent: the handler hijacked the connection; the stream is a tunnel (see PROTOCOL.md)
+	kindDataRef                   // child → parent: kindData whose bytes are in a bodyRing slot; 4-byte big-endian slot, 4-byte big-endian length
 )
 
 // Frame flags.

@@ -94,7 +94,15 @@ func testChild(input []byte) *child {
 	// The input is all the child will ever write: it is as good as dead.
 	dead := &fakeProcess{exited: make(chan struct{})}
 	dead.Kill()
-	return newChild(&Handle{name: "garbage", opts: Options{Logger: discardLogger()}.withDefaults()}, 0, dead, newConn(bytes.NewReader(input), nopWriteCloser{io.Discard}), newLocalWord())
+	c := newChild(&Handle{name: "garbage", opts: Options{Logger: discardLogger()}.withDefaults()}, 0, dead, newConn(bytes.NewReader(input), nopWriteCloser{io.Discard}), newLocalWord())
+	c.ring = newLocalRing()
+	return c
+}
+
+// refFrame returns a kindDataRef frame for stream id naming n bytes in slot.
+func refFrame(id uint64, slot, n uint32) outFrame {
+	ref := binary.BigEndian.AppendUint32(nil, slot)
+	return outFrame{kind: kindDataRef, id: id, data: binary.BigEndian.AppendUint32(ref, n)}
 }
 
 type nopWriteCloser struct{ io.Writer }
@@ -143,6 +151,14 @@ func TestReadLoopRejectsBadInput(t *testing.T) {
 		{"pong never pinged", frames(outFrame{kind: kindPong, id: 5}), false},
 		{"random bytes", []byte("\x00\x00\x00\x05garbage and more garbage"), false},
 		{"reserved bits", append([]byte{0, 0, 0, 0, kindEnd, 0, 1, 0}, make([]byte, 8)...), false},
+		{"ring chunk before head", frames(refFrame(1, 0, 1)), false},
+		{"ring reference of the wrong size", frames(outFrame{kind: kindResponse, id: 1, msg: head}, outFrame{kind: kindDataRef, id: 1, data: []byte{0, 0, 0, 0}}), false},
+		{"ring slot out of range", frames(outFrame{kind: kindResponse, id: 1, msg: head}, refFrame(1, ringSlots, 1)), false},
+		{"ring slot far out of range", frames(outFrame{kind: kindResponse, id: 1, msg: head}, refFrame(1, 1<<31, 1)), false},
+		{"empty ring chunk", frames(outFrame{kind: kindResponse, id: 1, msg: head}, refFrame(1, 0, 0)), false},
+		{"oversized ring chunk", frames(outFrame{kind: kindResponse, id: 1, msg: head}, refFrame(1, 0, chunkSize+1)), false},
+		{"ring slot handed over twice", frames(outFrame{kind: kindResponse, id: 1, msg: head}, refFrame(1, 3, 10), refFrame(1, 3, 10)), false},
+		{"ring chunk after end", frames(outFrame{kind: kindResponse, id: 1, msg: head}, outFrame{kind: kindEnd, id: 1}, refFrame(1, 0, 1)), true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -160,7 +176,7 @@ func TestReadLoopRejectsBadInput(t *testing.T) {
 					require.True(t, errors.As(err, &pe), "pending request failed with %v, want the protocol error", err)
 					break
 				}
-				putChunk(ev.buf)
+				ev.release()
 				if ev.kind == kindEnd {
 					require.True(t, tt.completes, "the pending request completed")
 					break
@@ -198,6 +214,7 @@ func FuzzReadFrames(f *testing.F) {
 	f.Add(frames(outFrame{kind: kindResponse, id: 1, msg: head}, outFrame{kind: kindData, id: 1, data: []byte("hi")}, outFrame{kind: kindEnd, id: 1, msg: &bodyEnd{Trailer: http.Header{"X": {"y"}}}}))
 	f.Add(frames(outFrame{kind: kindWindow, id: 1, data: []byte{0, 0, 1, 0}}, outFrame{kind: kindPong, id: 1}, outFrame{kind: kindAbort, id: 1}))
 	f.Add(frames(outFrame{kind: kindResponse, id: 1, msg: &responseHead{Status: 103}}, outFrame{kind: kindResponse, id: 1, msg: head}))
+	f.Add(frames(outFrame{kind: kindResponse, id: 1, msg: head}, refFrame(1, 0, 100), refFrame(1, 1, chunkSize), refFrame(1, 0, 1), outFrame{kind: kindEnd, id: 1}))
 	f.Add([]byte("garbage"))
 	f.Fuzz(func(t *testing.T, input []byte) {
 		c := testChild(input)

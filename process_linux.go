@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"io"
 	"os"
+	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
@@ -55,6 +56,52 @@ func growPipe(f *os.File) {
 	sc.Control(func(fd uintptr) {
 		syscall.Syscall(syscall.SYS_FCNTL, fd, fSetPipeSize, pipeSize)
 	})
+}
+
+// memoryFile returns an anonymous file in memory (memfd_create(2)) that
+// can be sealed, or nil if the system cannot make one.
+func memoryFile() *os.File {
+	var sysMemfdCreate uintptr
+	switch runtime.GOARCH {
+	case "amd64":
+		sysMemfdCreate = 319
+	case "arm64", "riscv64", "loong64":
+		sysMemfdCreate = 279
+	default:
+		return nil
+	}
+	const mfdCloexec, mfdAllowSealing = 1, 2
+	name := []byte("subproc-shared\x00")
+	fd, _, errno := syscall.Syscall(sysMemfdCreate, uintptr(unsafe.Pointer(&name[0])), mfdCloexec|mfdAllowSealing, 0)
+	if errno != 0 {
+		return nil
+	}
+	return os.NewFile(fd, "subproc-shared")
+}
+
+// sealSize forbids f, a file from memoryFile, to shrink, and itself to get
+// more seals, so that a child that truncated it could not make the parent's
+// next access to the mapping fault (SIGBUS); it reports whether it could. A
+// file from elsewhere cannot be sealed.
+func sealSize(f *os.File) bool {
+	const fAddSeals, fSealSeal, fSealShrink = 1033, 1, 2
+	_, _, errno := syscall.Syscall(syscall.SYS_FCNTL, f.Fd(), fAddSeals, fSealSeal|fSealShrink)
+	return errno == 0
+}
+
+// allocateRing extends the shared file f, of one page, to hold a bodyRing
+// after its page, and reports whether it did. It does only for a file in
+// memory (tmpfs), whose pages are never written back to a disk, and
+// allocates the ring's memory now, so that a full file system fails here
+// rather than with SIGBUS at the child's first store into a slot.
+func allocateRing(f *os.File) bool {
+	const tmpfsMagic = 0x01021994
+	var st syscall.Statfs_t
+	if err := syscall.Fstatfs(int(f.Fd()), &st); err != nil || st.Type != tmpfsMagic {
+		return false
+	}
+	page := int64(os.Getpagesize())
+	return syscall.Fallocate(int(f.Fd()), 0, page, int64(ringSize())) == nil
 }
 
 // dropFileMappings unmaps, from this process's page tables, the pages of

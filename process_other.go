@@ -28,3 +28,14 @@ func dropFileMappings(everyFile bool) {}
 
 // growPipe does nothing: only Linux can resize a pipe.
 func growPipe(*os.File) {}
+
+// allocateRing reports false: the bodyRing is only for Linux, whose
+// shared memory is known to stay in memory (see its Linux version).
+func allocateRing(*os.File) bool { return false }
+
+// memoryFile returns nil: only Linux has anonymous memory files that can
+// be sealed.
+func memoryFile() *os.File { return nil }
+
+// sealSize reports false (see memoryFile).
+func sealSize(*os.File) bool { return false }

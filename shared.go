@@ -3,6 +3,7 @@ package subproc
 import (
 	"fmt"
 	"os"
+	"runtime"
 	"sync/atomic"
 	"syscall"
 	"unsafe"
@@ -27,26 +28,45 @@ func newLocalWord() *acceptWord {
 }
 
 // newSharedWord maps a new page of shared memory and returns the word in it,
-// with the file to pass to the child.
-func newSharedWord() (*acceptWord, *os.File, error) {
+// with the file to pass to the child. Where the system allows (see
+// sealSize and allocateRing), the file holds a bodyRing too, which it
+// returns; else the ring is nil.
+func newSharedWord() (*acceptWord, *bodyRing, *os.File, error) {
 	f, err := sharedMemory()
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
 	w, err := mapWord(int(f.Fd()))
 	if err != nil {
 		f.Close()
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
-	return w, f, nil
+	// The parent reads the ring's slots all the time: only a file that
+	// cannot shrink under it holds one.
+	var r *bodyRing
+	if sealSize(f) && allocateRing(f) {
+		if r, err = mapRing(int(f.Fd())); err != nil {
+			w.close()
+			f.Close()
+			return nil, nil, nil, err
+		}
+	}
+	return w, r, f, nil
 }
 
-// sharedMemory returns a file of one page to map: a temporary file,
+// sharedMemory returns a file of one page to map: an anonymous memory file
+// where the system has them (see memoryFile), else a temporary file,
 // removed at once, in /dev/shm (memory) where it exists, else in the
 // temporary directory. The page is written, not just sized, so that a full
 // file system fails here rather than with SIGBUS at the child's first store.
 func sharedMemory() (*os.File, error) {
 	page := make([]byte, os.Getpagesize())
+	if f := memoryFile(); f != nil {
+		if _, err := f.Write(page); err == nil {
+			return f, nil
+		}
+		f.Close()
+	}
 	var err error
 	for _, dir := range []string{"/dev/shm", os.TempDir()} {
 		var f *os.File
@@ -96,4 +116,108 @@ func (w *acceptWord) close() {
 		syscall.Munmap(w.mem)
 		w.mem = nil
 	}
+}
+
+// A bodyRing carries the child's larger body chunks to the parent in shared
+// memory, instead of through the pipe: the child copies a chunk into a free
+// slot and sends a kindDataRef frame naming the slot, and the parent writes
+// the slot's bytes to the client straight from the mapping, then frees the
+// slot. A chunk thus costs one copy into the ring, instead of a copy into the
+// pipe and one out of it, and no pipe pages to allocate and free.
+//
+// The parent trusts nothing it could read from the ring: it never reads a
+// slot's state, only stores it (to free the slot), keeps its own record of
+// the slots it holds, and checks every kindDataRef against that record. The
+// bytes of a slot are body bytes, which it copies to the client and does not
+// parse; a child that rewrites them while the parent copies them garbles
+// only its own response. When a slot is free, the child sends its chunk
+// through the pipe as before: the ring never makes a sender wait.
+//
+// The ring is the second part of the shared file whose first page holds the
+// acceptWord: a page of slot states, one word per cache line, then the
+// slots.
+type bodyRing struct {
+	mem   []byte                    // the mapping: the states' page, then the slots
+	state [ringSlots]*atomic.Uint32 // in mem: ringFree or ringTaken
+	next  int                       // child: where take looks first; guarded by the conn's mu
+	held  [ringSlots]atomic.Bool    // parent: the slots it holds, by its own record
+}
+
+const (
+	ringSlots = 16       // slots of chunkSize bytes: what a window fills
+	ringMin   = 16 << 10 // the smallest chunk worth a slot, whose return costs a store and a read of the state
+	ringFree  = 0        // a slot's state: the child may take it
+	ringTaken = 1        // the child has filled it; the parent frees it once done
+)
+
+// ringSize is the size of a ring's mapping.
+func ringSize() int { return os.Getpagesize() + ringSlots*chunkSize }
+
+// mapRing maps the ring that follows the acceptWord's page in the shared
+// file fd.
+func mapRing(fd int) (*bodyRing, error) {
+	page := os.Getpagesize()
+	mem, err := syscall.Mmap(fd, int64(page), ringSize(), syscall.PROT_READ|syscall.PROT_WRITE, syscall.MAP_SHARED)
+	if err != nil {
+		return nil, fmt.Errorf("mapping shared memory: %w", err)
+	}
+	return newRing(mem), nil
+}
+
+// newLocalRing returns a ring in anonymous memory, for tests that run both
+// sides in memory.
+func newLocalRing() *bodyRing {
+	mem, err := syscall.Mmap(-1, 0, ringSize(), syscall.PROT_READ|syscall.PROT_WRITE, syscall.MAP_ANON|syscall.MAP_SHARED)
+	if err != nil {
+		panic(err)
+	}
+	return newRing(mem)
+}
+
+// newRing returns the ring in mem, a mapping of ringSize bytes.
+func newRing(mem []byte) *bodyRing {
+	r := &bodyRing{mem: mem}
+	for i := range r.state {
+		r.state[i] = (*atomic.Uint32)(unsafe.Pointer(&mem[i*64]))
+	}
+	// The mapping outlives the child and the conn: the parent's events
+	// refer to the ring while they hold a slot, so it is unmapped once
+	// nothing refers to it.
+	runtime.AddCleanup(r, func(mem []byte) { syscall.Munmap(mem) }, mem)
+	return r
+}
+
+// slot returns slot i's bytes.
+func (r *bodyRing) slot(i int) []byte {
+	off := os.Getpagesize() + i*chunkSize
+	return r.mem[off : off+chunkSize : off+chunkSize]
+}
+
+// take, in the child, returns a free slot and marks it taken, or -1 if
+// the parent holds them all.
+func (r *bodyRing) take() int {
+	for k := range ringSlots {
+		i := (r.next + k) % ringSlots
+		if r.state[i].Load() == ringFree {
+			r.state[i].Store(ringTaken)
+			r.next = (i + 1) % ringSlots
+			return i
+		}
+	}
+	return -1
+}
+
+// hold, in the parent, records that the child handed it slot i, and reports
+// false if i is no slot or the parent holds it already: a child that breaks
+// the protocol.
+func (r *bodyRing) hold(i uint32) bool {
+	return i < ringSlots && r.held[i].CompareAndSwap(false, true)
+}
+
+// free, in the parent, gives slot i back to the child. The parent's record
+// changes first, so that the child, which may take the slot again as soon
+// as its state says so, cannot hand it over before the parent expects it.
+func (r *bodyRing) free(i int) {
+	r.held[i].Store(false)
+	r.state[i].Store(ringFree)
 }

@@ -571,9 +571,30 @@ type event struct {
 	kind    uint8
 	flags   uint8
 	head    *responseHead // kindResponse
-	buf     *[]byte       // kindData: a pooled chunk, owned by the receiver of the event
-	n       int           // kindData: bytes in buf
+	buf     *[]byte       // kindData: a pooled chunk, owned by the receiver of the event; nil if ring is set
+	ring    *bodyRing     // kindData: the ring whose slot holds the bytes, owned by the receiver of the event; nil if buf is set
+	slot    int           // kindData: ring's slot
+	n       int           // kindData: bytes in buf or slot
 	trailer http.Header   // kindEnd
+}
+
+// data returns a kindData event's bytes, which are valid until release.
+func (ev *event) data() []byte {
+	if ev.ring != nil {
+		return ev.ring.slot(ev.slot)[:ev.n]
+	}
+	return (*ev.buf)[:ev.n]
+}
+
+// release returns a kindData event's buffer, or ring slot, for reuse. It
+// does nothing for another event, or one released already.
+func (ev *event) release() {
+	if ev.ring != nil {
+		ev.ring.free(ev.slot)
+		ev.ring = nil
+	}
+	putChunk(ev.buf)
+	ev.buf = nil
 }
 
 // newStream returns a stream whose request body may start with credit bytes.
@@ -590,7 +611,7 @@ func newStream(id uint64, credit int) *stream {
 // push queues an event from the child. It returns an error, and queues
 // nothing, if the event breaks the protocol: a response after the final one,
 // body before the response, more body than the window, or too many events.
-// It takes ownership of ev.buf.
+// It takes ownership of ev's buffer or slot.
 func (s *stream) push(ev event) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -599,7 +620,7 @@ func (s *stream) push(ev event) error {
 		if err == nil && ev.kind == kindData {
 			s.recv.consume(frameCost(ev.n), false) // dropped
 		}
-		putChunk(ev.buf)
+		ev.release()
 		return err
 	}
 	s.events = append(s.events, ev)
@@ -703,8 +724,8 @@ func (s *stream) abandon() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.abandoned = true
-	for _, ev := range s.events {
-		putChunk(ev.buf)
+	for i := range s.events {
+		s.events[i].release()
 	}
 	s.events, s.queued = nil, 0
 	s.recv.release()

@@ -59,6 +59,10 @@ func newPipePairFlow(t *testing.T, handler http.Handler, limit int64, now func()
 	ctx, cancel := context.WithCancel(context.Background())
 	srv := newServer(ctx, nil, newConn(p2cR, c2pW), accept, handler)
 	srv.flow.limit, srv.flow.now = limit, now
+	// The chunks of 16 KiB and more go through a ring, as from a real
+	// child, while it has free slots.
+	c.ring = newLocalRing()
+	srv.sendRing = c.ring
 	srvDone := make(chan error, 1)
 	go c.writeLoop()
 	go srv.writeLoop()
@@ -132,8 +136,8 @@ func readAll(t *testing.T, c *child, s *stream) (status int, body []byte) {
 		case kindResponse:
 			status = ev.head.Status
 		case kindData:
-			body = append(body, (*ev.buf)[:ev.n]...)
-			putChunk(ev.buf)
+			body = append(body, ev.data()...)
+			ev.release()
 			if n := s.consume(ev.n); n > 0 {
 				c.sendWindowUpdate(s.id, n, nil)
 			}

@@ -412,7 +412,7 @@ func TestWindowStalledDoesNotStarveFast(t *testing.T) {
 			t.Fatalf("the stream ended with %d reserved of %d", b.reserved.Load(), b.limit)
 		}
 		if ev.kind == kindData {
-			putChunk(ev.buf)
+			ev.release()
 			if n := grown.consume(ev.n); n > 0 {
 				pp.c.sendWindowUpdate(grown.id, n, nil)
 			}
@@ -469,8 +469,8 @@ func TestResponseSendsWhatCreditAllows(t *testing.T) {
 		ev, err := s.next(timeout)
 		require.NoError(t, err, "after %d bytes of the body: %v (the child waits for credit the parent holds back)", len(body), err)
 		if ev.kind == kindData {
-			body = append(body, (*ev.buf)[:ev.n]...)
-			putChunk(ev.buf)
+			body = append(body, ev.data()...)
+			ev.release()
 			if n := s.consume(ev.n); n > 0 {
 				pp.c.sendWindowUpdate(s.id, n, nil)
 			}

@@ -1,0 +1,261 @@
+package subproc
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"runtime"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/fbbf71ac/subproc/internal/frame"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+func init() {
+	Register("ring", func(ctx context.Context, env *Env) (http.Handler, error) {
+		mux := http.NewServeMux()
+		// /big?bytes=N sends N bytes of ringPattern in flushed writes of
+		// 64 KiB.
+		mux.HandleFunc("GET /big", func(w http.ResponseWriter, r *http.Request) {
+			n, _ := strconv.Atoi(r.URL.Query().Get("bytes"))
+			w.Header().Set("Content-Type", "application/octet-stream")
+			p := ringPattern(chunkSize)
+			for off := 0; off < n; off += len(p) {
+				if _, err := w.Write(p[:min(len(p), n-off)]); err != nil {
+					return
+				}
+				w.(http.Flusher).Flush()
+			}
+		})
+		// /sniff sends a large first write of HTML and no Content-Type,
+		// which net/http sniffs.
+		mux.HandleFunc("GET /sniff", func(w http.ResponseWriter, r *http.Request) {
+			w.Write(append([]byte("<!DOCTYPE html><html><body>"), bytes.Repeat([]byte("x"), 32<<10)...))
+		})
+		return mux, nil
+	})
+}
+
+// ringPattern returns n bytes of a pattern that shows a misplaced chunk:
+// byte i is i mod 251, and chunks are of 64 KiB, not a multiple of 251.
+func ringPattern(n int) []byte {
+	p := make([]byte, n)
+	for i := range p {
+		p[i] = byte(i % 251)
+	}
+	return p
+}
+
+// heldSlots returns how many slots of r the parent holds.
+func heldSlots(r *bodyRing) int {
+	n := 0
+	for i := range r.held {
+		if r.held[i].Load() {
+			n++
+		}
+	}
+	return n
+}
+
+// The child takes only free slots, and none once the parent holds them all;
+// the parent holds a slot once, and the child may take it again once the
+// parent frees it.
+func TestBodyRing(t *testing.T) {
+	r := newLocalRing()
+	taken := map[int]bool{}
+	for range ringSlots {
+		i := r.take()
+		require.GreaterOrEqual(t, i, 0, "no slot free after %d taken", len(taken))
+		require.False(t, taken[i], "slot %d taken twice", i)
+		taken[i] = true
+		require.True(t, r.hold(uint32(i)), "the parent refuses slot %d, handed over once", i)
+	}
+	require.Equal(t, -1, r.take(), "a slot taken with all of them held by the parent")
+	require.False(t, r.hold(3), "the parent holds slot 3 twice")
+	require.False(t, r.hold(ringSlots), "the parent holds a slot past the last")
+	require.False(t, r.hold(1<<32-1), "the parent holds slot 2³²-1")
+
+	r.free(5)
+	require.Equal(t, 5, r.take(), "the slot the parent freed is not taken again")
+	require.True(t, r.hold(5), "the parent refuses slot 5, freed and handed over again")
+
+	// The slots do not overlap and are of a chunk each.
+	for i := range ringSlots {
+		s := r.slot(i)
+		require.Len(t, s, chunkSize)
+		s[0], s[len(s)-1] = byte(i), byte(i)
+	}
+	for i := range ringSlots {
+		s := r.slot(i)
+		require.Equal(t, []byte{byte(i), byte(i)}, []byte{s[0], s[len(s)-1]}, "slot %d was overwritten by another", i)
+	}
+}
+
+// A chunk that a child hands over in a slot arrives with the slot's bytes;
+// releasing it frees the slot for the child.
+func TestReadLoopRingChunk(t *testing.T) {
+	want := []byte("bytes in shared memory")
+	input := frames(outFrame{kind: kindResponse, id: 1, msg: &responseHead{Status: 200}}, refFrame(1, 5, uint32(len(want))), outFrame{kind: kindEnd, id: 1})
+	c := testChild(input)
+	copy(c.ring.slot(5), want)
+	c.ring.state[5].Store(ringTaken)
+	c.nextID = 1
+	s := newStream(1, window)
+	c.pending[1] = s
+	require.ErrorIs(t, c.readFrames(), io.EOF)
+
+	ev, err := s.next(nil)
+	require.NoError(t, err)
+	require.Equal(t, kindResponse, ev.kind)
+	ev, err = s.next(nil)
+	require.NoError(t, err)
+	require.Equal(t, kindData, ev.kind)
+	require.Equal(t, want, ev.data())
+	require.Equal(t, 1, heldSlots(c.ring), "the parent does not hold the chunk's slot")
+	ev.release()
+	require.Equal(t, 0, heldSlots(c.ring), "the parent holds the slot it released")
+	require.Equal(t, uint32(ringFree), c.ring.state[5].Load(), "the released slot is not free for the child")
+}
+
+// A child that was given no ring cannot hand over a slot.
+func TestReadLoopRingChunkWithoutRing(t *testing.T) {
+	c := testChild(frames(outFrame{kind: kindResponse, id: 1, msg: &responseHead{Status: 200}}, refFrame(1, 0, 1)))
+	c.ring = nil
+	c.nextID = 1
+	c.pending[1] = newStream(1, window)
+	var pe *protocolError
+	require.ErrorAs(t, c.readFrames(), &pe)
+}
+
+// The child puts a chunk of ringMin bytes or more in a free slot, and a
+// smaller one, or any once the parent holds every slot, in the pipe.
+func TestSendThroughRing(t *testing.T) {
+	var out bytes.Buffer
+	c := newConn(nil, nopWriteCloser{&out})
+	c.sendRing = newLocalRing()
+	big, small := ringPattern(ringMin), ringPattern(ringMin-1)
+	fr := frame.NewReader(&out, 1<<20)
+	preamble := true
+	send := func(data []byte) (kind uint8, payload []byte) {
+		t.Helper()
+		require.NoError(t, c.send(outFrame{kind: kindData, id: 7, data: data}, nil))
+		if preamble {
+			require.NoError(t, frame.ReadPreamble(fr.Buffered(), protocolVersion))
+			preamble = false
+		}
+		hdr, err := fr.ReadHeader()
+		require.NoError(t, err)
+		require.Equal(t, uint64(7), hdr.ID)
+		payload = make([]byte, hdr.Len)
+		require.NoError(t, fr.ReadPayload(payload))
+		return hdr.Kind, payload
+	}
+
+	kind, payload := send(small)
+	require.Equal(t, kindData, kind, "a chunk under ringMin did not go through the pipe")
+	require.Equal(t, small, payload)
+
+	for range ringSlots {
+		kind, payload = send(big)
+		require.Equal(t, kindDataRef, kind, "a chunk of ringMin bytes did not go through the ring")
+		slot, n := binary.BigEndian.Uint32(payload[:4]), binary.BigEndian.Uint32(payload[4:])
+		require.True(t, c.sendRing.hold(slot), "the child named slot %d, which it had named before", slot)
+		require.Equal(t, big, c.sendRing.slot(int(slot))[:n])
+	}
+	kind, payload = send(big)
+	require.Equal(t, kindData, kind, "with every slot held, a chunk did not go through the pipe")
+	require.Equal(t, big, payload)
+
+	c.sendRing.free(9)
+	kind, payload = send(big)
+	require.Equal(t, kindDataRef, kind, "a freed slot was not used")
+	require.Equal(t, uint32(9), binary.BigEndian.Uint32(payload[:4]))
+}
+
+// Through a real child, large chunks go through the ring and arrive
+// intact and in order, concurrently and one after another; net/http
+// sniffs the type of a body whose first chunk went through it; and every
+// slot comes back, from responses that completed and from those whose
+// client went away.
+func TestRingSlotsComeBack(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("only Linux children get a ring")
+	}
+	h := startModule(t, "ring", Options{})
+	srv := httptest.NewServer(h)
+	t.Cleanup(srv.Close)
+	h.mu.Lock()
+	ring := h.kids[0].ring
+	h.mu.Unlock()
+	require.NotNil(t, ring, "the child has no ring")
+
+	const size = 4<<20 + 123
+	want := make([]byte, 0, size)
+	for len(want) < size {
+		want = append(want, ringPattern(min(chunkSize, size-len(want)))...)
+	}
+	get := func() error {
+		res, err := http.Get(srv.URL + "/big?bytes=" + strconv.Itoa(size))
+		if err != nil {
+			return err
+		}
+		defer res.Body.Close()
+		body, err := io.ReadAll(res.Body)
+		if err != nil {
+			return err
+		}
+		if !bytes.Equal(body, want) {
+			return fmt.Errorf("body of %d bytes differs from the %d sent", len(body), len(want))
+		}
+		return nil
+	}
+	for range 4 {
+		require.NoError(t, get())
+	}
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for range 8 {
+		wg.Go(func() { errs <- get() })
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		require.NoError(t, err)
+	}
+
+	res, err := http.Get(srv.URL + "/sniff")
+	require.NoError(t, err)
+	io.Copy(io.Discard, res.Body)
+	res.Body.Close()
+	require.Equal(t, "text/html; charset=utf-8", res.Header.Get("Content-Type"))
+
+	// A client that stops reading leaves its chunks queued in the parent,
+	// in slots; when it goes away they come back.
+	for range 3 {
+		ctx, cancel := context.WithCancel(context.Background())
+		req, _ := http.NewRequestWithContext(ctx, "GET", srv.URL+"/big?bytes="+strconv.Itoa(1<<30), nil)
+		res, err := http.DefaultClient.Do(req)
+		require.NoError(t, err)
+		_, err = io.ReadFull(res.Body, make([]byte, 1<<20))
+		require.NoError(t, err)
+		require.Eventually(t, func() bool { return heldSlots(ring) > 0 }, 10*time.Second, time.Millisecond, "no chunk of a stalled response is held in a slot")
+		cancel()
+		_, err = io.Copy(io.Discard, res.Body)
+		require.True(t, errors.Is(err, context.Canceled), "reading a canceled response: %v", err)
+		res.Body.Close()
+	}
+	assert.Eventually(t, func() bool { return heldSlots(ring) == 0 }, 10*time.Second, time.Millisecond, "%d slots held with no response in flight", heldSlots(ring))
+	for i := range ringSlots {
+		assert.Equal(t, uint32(ringFree), ring.state[i].Load(), "slot %d is not free for the child", i)
+	}
+	require.NoError(t, get(), "after the slots came back")
+}
