@@ -626,8 +626,11 @@ func (c *child) dispatch(hdr frame.Header, scratch *[]byte) error {
 			if c.ring == nil || hdr.Len != 8 {
 				return &protocolError{"body chunk in shared memory, which this child was not given, or a malformed reference to one"}
 			}
-			var ref [8]byte
-			if err := c.fr.ReadPayload(ref[:]); err != nil {
+			if cap(*scratch) < 8 {
+				*scratch = make([]byte, 8)
+			}
+			ref := (*scratch)[:8] // a local array would escape to the heap
+			if err := c.fr.ReadPayload(ref); err != nil {
 				return err
 			}
 			slot, n := binary.BigEndian.Uint32(ref[:4]), binary.BigEndian.Uint32(ref[4:])
@@ -637,7 +640,7 @@ func (c *child) dispatch(hdr frame.Header, scratch *[]byte) error {
 			if !c.ring.hold(slot) {
 				return &protocolError{fmt.Sprintf("body chunk in shared memory slot %d, which is not a slot or was not freed", slot)}
 			}
-			ev.kind, ev.ring, ev.slot, ev.n = kindData, c.ring, int(slot), int(n)
+			ev.kind, ev.ring, ev.slot, ev.n = kindData, c.ring, int32(slot), int(n)
 		case kindEnd:
 			if hdr.Len > 0 {
 				var end bodyEnd

@@ -570,10 +570,10 @@ type stream struct {
 type event struct {
 	kind    uint8
 	flags   uint8
+	slot    int32         // kindData: ring's slot
 	head    *responseHead // kindResponse
 	buf     *[]byte       // kindData: a pooled chunk, owned by the receiver of the event; nil if ring is set
 	ring    *bodyRing     // kindData: the ring whose slot holds the bytes, owned by the receiver of the event; nil if buf is set
-	slot    int           // kindData: ring's slot
 	n       int           // kindData: bytes in buf or slot
 	trailer http.Header   // kindEnd
 }
@@ -581,7 +581,7 @@ type event struct {
 // data returns a kindData event's bytes, which are valid until release.
 func (ev *event) data() []byte {
 	if ev.ring != nil {
-		return ev.ring.slot(ev.slot)[:ev.n]
+		return ev.ring.slot(int(ev.slot))[:ev.n]
 	}
 	return (*ev.buf)[:ev.n]
 }
@@ -590,7 +590,7 @@ func (ev *event) data() []byte {
 // does nothing for another event, or one released already.
 func (ev *event) release() {
 	if ev.ring != nil {
-		ev.ring.free(ev.slot)
+		ev.ring.free(int(ev.slot))
 		ev.ring = nil
 	}
 	putChunk(ev.buf)
