@@ -68,9 +68,9 @@ type conn struct {
 	fr  *frame.Reader // owned by the reading goroutine
 	dec *decoder      // owned by the reading goroutine
 
-	// sendRing, in a child, is where the bytes of kindData frames of at
-	// least ringMin bytes go while it has a free slot; nil for none, and
-	// in the parent. Its take is guarded by mu.
+	// sendRing is where the bytes of kindData frames of at least ringMin
+	// bytes go while it has a free slot: the up ring in a child, the down
+	// ring in the parent; nil for none. Its take is guarded by mu.
 	sendRing *bodyRing
 }
 
@@ -263,6 +263,30 @@ func (c *conn) writeLoop() {
 	close(c.wdone)
 }
 
+// readRef reads the payload of a kindDataRef frame whose header is hdr,
+// into scratch, and returns the chunk it hands over in r, whose slot it
+// holds (see bodyRing.hold).
+func readRef(c *conn, hdr frame.Header, r *bodyRing, scratch *[]byte) (chunk, error) {
+	if r == nil || hdr.Len != 8 {
+		return chunk{}, &protocolError{"body chunk in shared memory, which there is none of, or a malformed reference to one"}
+	}
+	if cap(*scratch) < 8 {
+		*scratch = make([]byte, 8)
+	}
+	ref := (*scratch)[:8] // a local array would escape to the heap
+	if err := c.fr.ReadPayload(ref); err != nil {
+		return chunk{}, err
+	}
+	slot, n := binary.BigEndian.Uint32(ref[:4]), binary.BigEndian.Uint32(ref[4:])
+	if n == 0 || n > chunkSize {
+		return chunk{}, &protocolError{fmt.Sprintf("body chunk of %d bytes in shared memory, outside 1 to %d", n, chunkSize)}
+	}
+	if !r.hold(slot) {
+		return chunk{}, &protocolError{fmt.Sprintf("body chunk in shared memory slot %d, which is not a slot or was not freed", slot)}
+	}
+	return chunk{ring: r, slot: int32(slot), n: int(n)}, nil
+}
+
 // readMessage reads a payload of n bytes into scratch and decodes it into v.
 func (c *conn) readMessage(n uint32, scratch *[]byte, v any) error {
 	if cap(*scratch) < int(n) {
@@ -300,7 +324,7 @@ type child struct {
 	exitErr     error         // the process's exit status; read only after exited is closed
 	exitedAt    time.Time     // when it was reaped; read only after exited is closed
 	accept      *acceptWord   // fixed; the child's record of the requests it took
-	ring        *bodyRing     // fixed; where the child puts body chunks, nil for none (see bodyRing)
+	ring        *bodyRing     // fixed; the up ring, where the child puts body chunks, nil for none (see bodyRing)
 	flow        *flowBudget   // fixed; the Handle's budget for response windows, shared by all its children
 	logs        sync.WaitGroup
 	source      *logcapture.Source // fixed; where its output goes, and its last lines
@@ -617,30 +641,16 @@ func (c *child) dispatch(hdr frame.Header, scratch *[]byte) error {
 			if hdr.Len > chunkSize {
 				return &protocolError{fmt.Sprintf("body chunk of %d bytes exceeds %d", hdr.Len, chunkSize)}
 			}
-			ev.buf, ev.n = getBuffer(int(hdr.Len)), int(hdr.Len)
-			if err := c.fr.ReadPayload((*ev.buf)[:ev.n]); err != nil {
-				putChunk(ev.buf)
+			ev.chunk = chunk{buf: getBuffer(int(hdr.Len)), n: int(hdr.Len)}
+			if err := c.fr.ReadPayload(ev.data()); err != nil {
+				ev.release()
 				return err
 			}
 		case kindDataRef:
-			if c.ring == nil || hdr.Len != 8 {
-				return &protocolError{"body chunk in shared memory, which this child was not given, or a malformed reference to one"}
-			}
-			if cap(*scratch) < 8 {
-				*scratch = make([]byte, 8)
-			}
-			ref := (*scratch)[:8] // a local array would escape to the heap
-			if err := c.fr.ReadPayload(ref); err != nil {
+			if ev.chunk, err = readRef(c.conn, hdr, c.ring, scratch); err != nil {
 				return err
 			}
-			slot, n := binary.BigEndian.Uint32(ref[:4]), binary.BigEndian.Uint32(ref[4:])
-			if n == 0 || n > chunkSize {
-				return &protocolError{fmt.Sprintf("body chunk of %d bytes in shared memory, outside 1 to %d", n, chunkSize)}
-			}
-			if !c.ring.hold(slot) {
-				return &protocolError{fmt.Sprintf("body chunk in shared memory slot %d, which is not a slot or was not freed", slot)}
-			}
-			ev.kind, ev.ring, ev.slot, ev.n = kindData, c.ring, int32(slot), int(n)
+			ev.kind = kindData
 		case kindEnd:
 			if hdr.Len > 0 {
 				var end bodyEnd

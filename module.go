@@ -112,14 +112,14 @@ const (
 
 // runChild runs module name for the parent and returns the exit status.
 func runChild(name string) int {
-	in, out, logw, accept, ring, err := takeOverFDs()
+	in, out, logw, accept, rings, err := takeOverFDs()
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "subproc: this process was started with %s=%s set, but not by subproc.Start (%v), so it has no parent to serve.\n"+
 			"Unset %s to run the program normally.\n", envModule, name, err, envModule)
 		return exitMisused
 	}
 	c := newConn(in, out)
-	c.sendRing = ring
+	c.sendRing = rings.up
 	if err := frame.ReadPreamble(c.fr.Buffered(), protocolVersion); err != nil {
 		var ve *frame.VersionError
 		if errors.As(err, &ve) {
@@ -157,6 +157,7 @@ func runChild(name string) int {
 	moduleCtx, drain := context.WithCancel(ctx)
 	defer drain()
 	srv := newServer(ctx, drain, c, accept, nil)
+	srv.recvRing = rings.down
 	srv.stacks = logw
 	readErr := make(chan error, 1)
 	go func() {
@@ -237,26 +238,28 @@ func initModule(ctx context.Context, name string, env *Env) (h http.Handler, err
 
 // takeOverFDs moves the protocol off fds 0 and 1 and the log captures onto
 // fds 1 and 2. It returns the protocol's ends, Env.Logger's pipe, the
-// accept word and the body ring, if the parent gave one. It fails, touching nothing, if the fds Start sets up are
+// accept word and the body rings, if the parent gave them. It fails, touching nothing, if the fds Start sets up are
 // missing.
-func takeOverFDs() (in, out, logw *os.File, accept *acceptWord, ring *bodyRing, err error) {
+func takeOverFDs() (in, out, logw *os.File, accept *acceptWord, rings sharedRings, err error) {
 	var st syscall.Stat_t
 	for _, fd := range []int{0, 1, 2, fdStdout, fdLog, fdAccept} {
 		if err := syscall.Fstat(fd, &st); err != nil {
-			return nil, nil, nil, nil, nil, fmt.Errorf("file descriptor %d: %v", fd, err)
+			return nil, nil, nil, nil, sharedRings{}, fmt.Errorf("file descriptor %d: %v", fd, err)
 		}
 		if fd == 0 && st.Mode&syscall.S_IFMT != syscall.S_IFIFO {
-			return nil, nil, nil, nil, nil, errors.New("stdin is not a pipe")
+			return nil, nil, nil, nil, sharedRings{}, errors.New("stdin is not a pipe")
 		}
 	}
 	if accept, err = mapWord(fdAccept); err != nil {
-		return nil, nil, nil, nil, nil, err
+		return nil, nil, nil, nil, sharedRings{}, err
 	}
-	if syscall.Fstat(fdAccept, &st) == nil && st.Size == int64(os.Getpagesize()+ringSize()) {
-		// The parent gave this child a ring (see allocateRing). Without
-		// it, the child sends every chunk through the pipe, which the
-		// parent takes as well.
-		ring, _ = mapRing(fdAccept)
+	if syscall.Fstat(fdAccept, &st) == nil && st.Size == sharedSize() {
+		// The parent gave this child rings (see allocateRing). If it
+		// cannot map them, it fails: the parent may send chunks in the
+		// down ring.
+		if rings, err = mapRings(fdAccept); err != nil {
+			return nil, nil, nil, nil, sharedRings{}, err
+		}
 	}
 	dupe := func(fd int) (*os.File, error) {
 		syscall.ForkLock.RLock()
@@ -269,26 +272,26 @@ func takeOverFDs() (in, out, logw *os.File, accept *acceptWord, ring *bodyRing, 
 		return os.NewFile(uintptr(nfd), fmt.Sprintf("subproc-%d", fd)), nil
 	}
 	if in, err = dupe(0); err != nil {
-		return nil, nil, nil, nil, nil, err
+		return nil, nil, nil, nil, sharedRings{}, err
 	}
 	if out, err = dupe(1); err != nil {
-		return nil, nil, nil, nil, nil, err
+		return nil, nil, nil, nil, sharedRings{}, err
 	}
 	null, err := os.Open(os.DevNull)
 	if err != nil {
-		return nil, nil, nil, nil, nil, err
+		return nil, nil, nil, nil, sharedRings{}, err
 	}
 	defer null.Close()
 	if err := dup2(int(null.Fd()), 0); err != nil {
-		return nil, nil, nil, nil, nil, err
+		return nil, nil, nil, nil, sharedRings{}, err
 	}
 	if err := dup2(fdStdout, 1); err != nil {
-		return nil, nil, nil, nil, nil, err
+		return nil, nil, nil, nil, sharedRings{}, err
 	}
 	syscall.Close(fdStdout)
 	syscall.Close(fdAccept) // the mapping stays
 	syscall.CloseOnExec(fdLog)
-	return in, out, os.NewFile(fdLog, "subproc-log"), accept, ring, nil
+	return in, out, os.NewFile(fdLog, "subproc-log"), accept, rings, nil
 }
 
 // stopGrace bounds how long a child told to stop waits for handlers whose

@@ -55,7 +55,7 @@ type childPipes struct {
 	stderr    *os.File // what the module writes to fd 2
 	log       *os.File // Env.Logger's records
 	accept    *acceptWord
-	ring      *bodyRing // nil if the system has none (see allocateRing)
+	rings     sharedRings // nil rings if the system has none (see allocateRing)
 }
 
 func (p *childPipes) closeReaders() {
@@ -200,7 +200,7 @@ func (h *Handle) spawn(slot, incarnation int) (process, *childPipes, error) {
 	}
 	growPipe(parent[0]) // to the child
 	growPipe(parent[1]) // from the child
-	accept, ring, shm, err := newSharedWord()
+	accept, rings, shm, err := newSharedWord()
 	if err != nil {
 		for _, f := range parent {
 			f.Close()
@@ -208,7 +208,7 @@ func (h *Handle) spawn(slot, incarnation int) (process, *childPipes, error) {
 		return nil, nil, err
 	}
 	child = append(child, shm) // closed with the others: the mapping stays
-	p := &childPipes{toChild: parent[0], fromChild: parent[1], stdout: parent[2], stderr: parent[3], log: parent[4], accept: accept, ring: ring}
+	p := &childPipes{toChild: parent[0], fromChild: parent[1], stdout: parent[2], stderr: parent[3], log: parent[4], accept: accept, rings: rings}
 
 	cmd := exec.Command(exe)
 	cmd.Args = []string{os.Args[0]}

@@ -89,8 +89,8 @@ func sealSize(f *os.File) bool {
 	return errno == 0
 }
 
-// allocateRing extends the shared file f, of one page, to hold a bodyRing
-// after its page, and reports whether it did. It does only for a file in
+// allocateRing extends the shared file f, of one page, to hold two
+// bodyRings after its page (see sharedSize), and reports whether it did. It does only for a file in
 // memory (tmpfs), whose pages are never written back to a disk, and
 // allocates the ring's memory now, so that a full file system fails here
 // rather than with SIGBUS at the child's first store into a slot.
@@ -101,7 +101,7 @@ func allocateRing(f *os.File) bool {
 		return false
 	}
 	page := int64(os.Getpagesize())
-	return syscall.Fallocate(int(f.Fd()), 0, page, int64(ringSize())) == nil
+	return syscall.Fallocate(int(f.Fd()), 0, page, sharedSize()-page) == nil
 }
 
 // dropFileMappings unmaps, from this process's page tables, the pages of

@@ -3,6 +3,7 @@ package subproc
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -35,6 +36,29 @@ func init() {
 				}
 				w.(http.Flusher).Flush()
 			}
+		})
+		// /upload answers the SHA-256 of the request body; with
+		// ?wait, it answers 204 without reading the body once /release
+		// says so.
+		release := make(chan struct{})
+		mux.HandleFunc("POST /upload", func(w http.ResponseWriter, r *http.Request) {
+			if r.URL.Query().Has("wait") {
+				select {
+				case <-release:
+					w.WriteHeader(http.StatusNoContent)
+				case <-r.Context().Done():
+				}
+				return
+			}
+			h := sha256.New()
+			if _, err := io.Copy(h, r.Body); err != nil {
+				http.Error(w, err.Error(), http.StatusBadRequest)
+				return
+			}
+			fmt.Fprintf(w, "%x", h.Sum(nil))
+		})
+		mux.HandleFunc("POST /release", func(w http.ResponseWriter, r *http.Request) {
+			release <- struct{}{}
 		})
 		// /sniff sends a large first write of HTML and no Content-Type,
 		// which net/http sniffs.
@@ -253,9 +277,157 @@ func TestRingSlotsComeBack(t *testing.T) {
 		require.True(t, errors.Is(err, context.Canceled), "reading a canceled response: %v", err)
 		res.Body.Close()
 	}
-	assert.Eventually(t, func() bool { return heldSlots(ring) == 0 }, 10*time.Second, time.Millisecond, "%d slots held with no response in flight", heldSlots(ring))
-	for i := range ringSlots {
-		assert.Equal(t, uint32(ringFree), ring.state[i].Load(), "slot %d is not free for the child", i)
-	}
+	// Chunks the child sent before it saw the cancel are dropped as they
+	// come: once none is held or in flight, every slot is free.
+	assert.Eventually(t, func() bool { return heldSlots(ring) == 0 && takenSlots(ring) == 0 }, 10*time.Second, time.Millisecond,
+		"%d slots held, %d taken, with no response in flight", heldSlots(ring), takenSlots(ring))
 	require.NoError(t, get(), "after the slots came back")
+}
+
+// takenSlots returns how many slots of r the sender has taken and the
+// receiver has not freed.
+func takenSlots(r *bodyRing) int {
+	n := 0
+	for i := range r.state {
+		if r.state[i].Load() != ringFree {
+			n++
+		}
+	}
+	return n
+}
+
+// Request bodies go to a real child through its down ring, intact,
+// concurrently and one after another; the child frees every slot, from
+// bodies it read and from those of requests canceled before it read them.
+func TestDownRingSlotsComeBack(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("only Linux children get rings")
+	}
+	h := startModule(t, "ring", Options{})
+	srv := httptest.NewServer(h)
+	t.Cleanup(srv.Close)
+	h.mu.Lock()
+	ring := h.kids[0].sendRing
+	h.mu.Unlock()
+	require.NotNil(t, ring, "the child has no down ring")
+
+	body := bytes.Repeat(ringPattern(chunkSize), 64)
+	body = append(body, ringPattern(12345)...)
+	want := fmt.Sprintf("%x", sha256.Sum256(body))
+	post := func() error {
+		res, err := http.Post(srv.URL+"/upload", "application/octet-stream", bytes.NewReader(body))
+		if err != nil {
+			return err
+		}
+		defer res.Body.Close()
+		got, err := io.ReadAll(res.Body)
+		if err != nil {
+			return err
+		}
+		if res.StatusCode != http.StatusOK || string(got) != want {
+			return fmt.Errorf("%s: %q, want the body's hash %s", res.Status, got, want)
+		}
+		return nil
+	}
+	for range 4 {
+		require.NoError(t, post())
+	}
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for range 8 {
+		wg.Go(func() { errs <- post() })
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		require.NoError(t, err)
+	}
+	require.Equal(t, 0, takenSlots(ring), "slots not freed after every body was read")
+
+	// A body the handler has not read stays in the child, in slots, until
+	// the handler returns.
+	for range 3 {
+		ctx, cancel := context.WithCancel(context.Background())
+		req, _ := http.NewRequestWithContext(ctx, "POST", srv.URL+"/upload?wait", io.MultiReader(bytes.NewReader(body), untilDone{ctx}))
+		done := make(chan int, 1)
+		go func() {
+			res, err := http.DefaultClient.Do(req)
+			if err != nil {
+				done <- 0
+				return
+			}
+			res.Body.Close()
+			done <- res.StatusCode
+		}()
+		require.Eventually(t, func() bool { return takenSlots(ring) > 0 }, 10*time.Second, time.Millisecond, "no chunk of an unread body is in a slot")
+		res, err := http.Post(srv.URL+"/release", "", nil)
+		require.NoError(t, err)
+		res.Body.Close()
+		require.Equal(t, http.StatusNoContent, <-done)
+		cancel()
+	}
+	assert.Eventually(t, func() bool { return takenSlots(ring) == 0 }, 10*time.Second, time.Millisecond, "%d slots taken with no request in flight", takenSlots(ring))
+	require.NoError(t, post(), "after the slots came back")
+}
+
+// untilDone is a body part that sends nothing until its context ends: a
+// client that stops sending.
+type untilDone struct{ ctx context.Context }
+
+func (u untilDone) Read([]byte) (int, error) {
+	<-u.ctx.Done()
+	return 0, u.ctx.Err()
+}
+
+// The child reads a request body chunk from the down ring where the
+// parent put it, frees the slot once the handler has read it, and takes a
+// bad reference for a protocol error, as the parent does.
+func TestServerRingChunk(t *testing.T) {
+	want := []byte("request bytes in shared memory")
+	tests := []struct {
+		name string
+		ref  outFrame
+		ok   bool
+	}{
+		{"good", refFrame(1, 2, uint32(len(want))), true},
+		{"out of range", refFrame(1, ringSlots, 1), false},
+		{"empty", refFrame(1, 2, 0), false},
+		{"oversized", refFrame(1, 2, chunkSize+1), false},
+		{"wrong size", outFrame{kind: kindDataRef, id: 1, data: []byte{0, 0, 0, 2}}, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			srv := newServer(ctx, nil, newConn(bytes.NewReader(frames(tt.ref)), nopWriteCloser{io.Discard}), newLocalWord(), http.NotFoundHandler())
+			srv.recvRing = newLocalRing()
+			copy(srv.recvRing.slot(2), want)
+			srv.recvRing.state[2].Store(ringTaken)
+			r, err := srv.open(1, 0, &requestHead{Method: "POST", Path: "/", ContentLength: -1})
+			require.NoError(t, err)
+			defer r.st.cancel(nil)
+			hdr, err := srv.fr.ReadHeader()
+			require.NoError(t, err)
+			err = srv.dispatch(hdr, &srv.scratch)
+			if !tt.ok {
+				var pe *protocolError
+				require.ErrorAs(t, err, &pe)
+				return
+			}
+			require.NoError(t, err)
+			got := make([]byte, 100)
+			n, err := r.req.Body.Read(got)
+			require.NoError(t, err)
+			require.Equal(t, want, got[:n])
+			require.Equal(t, uint32(ringFree), srv.recvRing.state[2].Load(), "the slot read from is not free for the parent")
+			require.Equal(t, 0, heldSlots(srv.recvRing))
+		})
+	}
+
+	// A child without a down ring takes none.
+	srv := newServer(context.Background(), nil, newConn(bytes.NewReader(frames(refFrame(1, 0, 1))), nopWriteCloser{io.Discard}), newLocalWord(), http.NotFoundHandler())
+	hdr, err := srv.fr.ReadHeader()
+	require.NoError(t, err)
+	var pe *protocolError
+	require.ErrorAs(t, srv.dispatch(hdr, &srv.scratch), &pe)
 }

@@ -37,7 +37,8 @@ type server struct {
 	stacks io.Writer       // where dumpStacks writes; nil for nowhere
 	active sync.WaitGroup  // handlers running
 
-	accept *acceptWord // fixed; see open
+	accept   *acceptWord // fixed; see open
+	recvRing *bodyRing   // fixed; the down ring, where the parent puts body chunks, nil for none (see bodyRing)
 
 	work     chan task    // to an idle worker; unbuffered
 	idle     atomic.Int32 // workers waiting on work
@@ -266,6 +267,28 @@ func (s *server) reclaim(st *serverStream) bool {
 	return true
 }
 
+// push gives a chunk of the body of request id, or of the tunnel it became,
+// to its reader; it drops the chunk if there is none.
+func (s *server) push(id uint64, c chunk) error {
+	st := s.stream(id)
+	if st == nil {
+		c.release()
+		return nil
+	}
+	in := st.body
+	if t := st.tunnel.Load(); t != nil {
+		in = t.in
+	}
+	if in == nil {
+		c.release()
+		return nil
+	}
+	if err := in.push(c); err != nil {
+		return &protocolError{err.Error()}
+	}
+	return nil
+}
+
 // openFrame reads a kindRequest frame's head and opens its request.
 func (s *server) openFrame(hdr frame.Header) (startingRequest, error) {
 	s.head = requestHead{}
@@ -282,28 +305,19 @@ func (s *server) dispatch(hdr frame.Header, scratch *[]byte) error {
 		if hdr.Len > chunkSize {
 			return &protocolError{fmt.Sprintf("body chunk of %d bytes exceeds %d", hdr.Len, chunkSize)}
 		}
-		buf := getBuffer(int(hdr.Len))
-		if err := s.fr.ReadPayload((*buf)[:hdr.Len]); err != nil {
-			putChunk(buf)
+		c := chunk{buf: getBuffer(int(hdr.Len)), n: int(hdr.Len)}
+		if err := s.fr.ReadPayload(c.data()); err != nil {
+			c.release()
 			return err
 		}
-		st := s.stream(hdr.ID)
-		if st == nil {
-			putChunk(buf)
-			return nil
+		return s.push(hdr.ID, c)
+
+	case kindDataRef:
+		c, err := readRef(s.conn, hdr, s.recvRing, scratch)
+		if err != nil {
+			return err
 		}
-		in := st.body
-		if t := st.tunnel.Load(); t != nil {
-			in = t.in
-		}
-		if in == nil {
-			putChunk(buf)
-			return nil
-		}
-		if err := in.push(buf, int(hdr.Len)); err != nil {
-			return &protocolError{err.Error()}
-		}
-		return nil
+		return s.push(hdr.ID, c)
 
 	case kindEnd:
 		if hdr.Flags&flagBodyError != 0 {

@@ -27,31 +27,37 @@ func newLocalWord() *acceptWord {
 	return &acceptWord{v: new(atomic.Uint64)}
 }
 
+// sharedRings are the two bodyRings of a child, one per direction.
+type sharedRings struct {
+	up   *bodyRing // the child's response bodies, and its tunnels' bytes
+	down *bodyRing // the parent's request bodies, and the client's bytes in a tunnel
+}
+
 // newSharedWord maps a new page of shared memory and returns the word in it,
 // with the file to pass to the child. Where the system allows (see
-// sealSize and allocateRing), the file holds a bodyRing too, which it
-// returns; else the ring is nil.
-func newSharedWord() (*acceptWord, *bodyRing, *os.File, error) {
+// sealSize and allocateRing), the file holds bodyRings too, which it
+// returns; else they are nil.
+func newSharedWord() (*acceptWord, sharedRings, *os.File, error) {
 	f, err := sharedMemory()
 	if err != nil {
-		return nil, nil, nil, err
+		return nil, sharedRings{}, nil, err
 	}
 	w, err := mapWord(int(f.Fd()))
 	if err != nil {
 		f.Close()
-		return nil, nil, nil, err
+		return nil, sharedRings{}, nil, err
 	}
-	// The parent reads the ring's slots all the time: only a file that
-	// cannot shrink under it holds one.
-	var r *bodyRing
+	// The parent reads the rings' slots all the time: only a file that
+	// cannot shrink under it holds them.
+	var rings sharedRings
 	if sealSize(f) && allocateRing(f) {
-		if r, err = mapRing(int(f.Fd())); err != nil {
+		if rings, err = mapRings(int(f.Fd())); err != nil {
 			w.close()
 			f.Close()
-			return nil, nil, nil, err
+			return nil, sharedRings{}, nil, err
 		}
 	}
-	return w, r, f, nil
+	return w, rings, f, nil
 }
 
 // sharedMemory returns a file of one page to map: an anonymous memory file
@@ -118,50 +124,73 @@ func (w *acceptWord) close() {
 	}
 }
 
-// A bodyRing carries the child's larger body chunks to the parent in shared
-// memory, instead of through the pipe: the child copies a chunk into a free
-// slot and sends a kindDataRef frame naming the slot, and the parent writes
-// the slot's bytes to the client straight from the mapping, then frees the
-// slot. A chunk thus costs one copy into the ring, instead of a copy into the
-// pipe and one out of it, and no pipe pages to allocate and free.
+// A bodyRing carries one direction's larger body chunks in shared memory,
+// instead of through the pipe: the sender copies a chunk into a free slot
+// and sends a kindDataRef frame naming the slot, and the receiver uses the
+// slot's bytes where they are (the parent writes them to the client
+// straight from the mapping; the child's handler reads them from it), then
+// frees the slot. A chunk thus costs one copy into the ring, instead of a
+// copy into the pipe and one out of it, and no pipe pages to allocate and
+// free. A child has two: the up ring, from child to parent, and the down
+// ring, from parent to child (see sharedRings).
 //
-// The parent trusts nothing it could read from the ring: it never reads a
-// slot's state, only stores it (to free the slot), keeps its own record of
-// the slots it holds, and checks every kindDataRef against that record. The
-// bytes of a slot are body bytes, which it copies to the client and does not
-// parse; a child that rewrites them while the parent copies them garbles
-// only its own response. When a slot is free, the child sends its chunk
-// through the pipe as before: the ring never makes a sender wait.
+// The parent trusts nothing it reads from a ring. As the up ring's
+// receiver it never reads a slot's state, only stores it (to free the
+// slot), keeps its own record of the slots it holds, and checks every
+// kindDataRef against that record; the bytes of a slot are body bytes,
+// which it copies to the client and does not parse, and a child that
+// rewrites them while the parent copies them garbles only its own response.
+// As the down ring's sender it reads the states, whose one meaning is
+// which slot it may fill next: a child that lies about them garbles only
+// its own request bodies, or makes the parent use the pipe.
 //
-// The ring is the second part of the shared file whose first page holds the
-// acceptWord: a page of slot states, one word per cache line, then the
-// slots.
+// When no slot is free, the sender sends its chunk through the pipe as
+// before: a ring never makes a sender wait. A receiver that holds every
+// slot (a stream whose client stopped reading holds up to its window) thus
+// slows the others down to the pipe's speed, and stops none.
+//
+// The rings follow the acceptWord's page in the shared file: each is a
+// page of slot states, one word per cache line, then the slots.
 type bodyRing struct {
 	mem   []byte                    // the mapping: the states' page, then the slots
 	state [ringSlots]*atomic.Uint32 // in mem: ringFree or ringTaken
-	next  int                       // child: where take looks first; guarded by the conn's mu
-	held  [ringSlots]atomic.Bool    // parent: the slots it holds, by its own record
+	next  int                       // sender: where take looks first; guarded by the conn's mu
+	held  [ringSlots]atomic.Bool    // receiver: the slots it holds, by its own record
 }
 
 const (
 	ringSlots = 16       // slots of chunkSize bytes: what a window fills
 	ringMin   = 16 << 10 // the smallest chunk worth a slot, whose return costs a store and a read of the state
-	ringFree  = 0        // a slot's state: the child may take it
-	ringTaken = 1        // the child has filled it; the parent frees it once done
+	ringFree  = 0        // a slot's state: the sender may take it
+	ringTaken = 1        // the sender has filled it; the receiver frees it once done
 )
 
 // ringSize is the size of a ring's mapping.
 func ringSize() int { return os.Getpagesize() + ringSlots*chunkSize }
 
-// mapRing maps the ring that follows the acceptWord's page in the shared
+// sharedSize is the size of a shared file that holds the acceptWord and
+// two rings, the up ring first.
+func sharedSize() int64 { return int64(os.Getpagesize() + 2*ringSize()) }
+
+// mapRings maps the rings that follow the acceptWord's page in the shared
 // file fd.
-func mapRing(fd int) (*bodyRing, error) {
-	page := os.Getpagesize()
-	mem, err := syscall.Mmap(fd, int64(page), ringSize(), syscall.PROT_READ|syscall.PROT_WRITE, syscall.MAP_SHARED)
-	if err != nil {
-		return nil, fmt.Errorf("mapping shared memory: %w", err)
+func mapRings(fd int) (sharedRings, error) {
+	var rings sharedRings
+	for i, r := range []**bodyRing{&rings.up, &rings.down} {
+		off := int64(os.Getpagesize() + i*ringSize())
+		mem, err := syscall.Mmap(fd, off, ringSize(), syscall.PROT_READ|syscall.PROT_WRITE, syscall.MAP_SHARED)
+		if err != nil {
+			return sharedRings{}, fmt.Errorf("mapping shared memory: %w", err)
+		}
+		*r = newRing(mem)
 	}
-	return newRing(mem), nil
+	return rings, nil
+}
+
+// newLocalRings returns rings in anonymous memory, for tests that run both
+// sides in memory.
+func newLocalRings() sharedRings {
+	return sharedRings{up: newLocalRing(), down: newLocalRing()}
 }
 
 // newLocalRing returns a ring in anonymous memory, for tests that run both
@@ -180,9 +209,8 @@ func newRing(mem []byte) *bodyRing {
 	for i := range r.state {
 		r.state[i] = (*atomic.Uint32)(unsafe.Pointer(&mem[i*64]))
 	}
-	// The mapping outlives the child and the conn: the parent's events
-	// refer to the ring while they hold a slot, so it is unmapped once
-	// nothing refers to it.
+	// The mapping outlives the child and the conn: the chunks that hold
+	// a slot refer to the ring, which is unmapped once nothing does.
 	runtime.AddCleanup(r, func(mem []byte) { syscall.Munmap(mem) }, mem)
 	return r
 }
@@ -193,8 +221,8 @@ func (r *bodyRing) slot(i int) []byte {
 	return r.mem[off : off+chunkSize : off+chunkSize]
 }
 
-// take, in the child, returns a free slot and marks it taken, or -1 if
-// the parent holds them all.
+// take, in the sender, returns a free slot and marks it taken, or -1 if
+// the receiver holds them all.
 func (r *bodyRing) take() int {
 	for k := range ringSlots {
 		i := (r.next + k) % ringSlots
@@ -207,16 +235,17 @@ func (r *bodyRing) take() int {
 	return -1
 }
 
-// hold, in the parent, records that the child handed it slot i, and reports
-// false if i is no slot or the parent holds it already: a child that breaks
-// the protocol.
+// hold, in the receiver, records that the sender handed it slot i, and
+// reports false if i is no slot or the receiver holds it already: a sender
+// that breaks the protocol.
 func (r *bodyRing) hold(i uint32) bool {
 	return i < ringSlots && r.held[i].CompareAndSwap(false, true)
 }
 
-// free, in the parent, gives slot i back to the child. The parent's record
-// changes first, so that the child, which may take the slot again as soon
-// as its state says so, cannot hand it over before the parent expects it.
+// free, in the receiver, gives slot i back to the sender. The receiver's
+// record changes first, so that the sender, which may take the slot again
+// as soon as its state says so, cannot hand it over before the receiver
+// expects it.
 func (r *bodyRing) free(i int) {
 	r.held[i].Store(false)
 	r.state[i].Store(ringFree)

@@ -378,8 +378,7 @@ type bodyReader struct {
 	wake    chan struct{} // capacity 1; signalled on every change
 
 	mu     sync.Mutex // guards the fields below
-	chunks []*[]byte  // queued chunks; the first is read from off
-	lens   []int      // bytes in each queued chunk
+	chunks []chunk    // queued chunks; the first is read from off
 	off    int
 	queued int        // what the queued chunks cost against the window
 	recv   recvWindow // the window granted to the parent
@@ -409,22 +408,21 @@ func newBodyReader(grant func(int), trailer http.Header, expectContinue bool, bu
 // errBodyWindow reports a parent that sent more body than the window allows.
 var errBodyWindow = errors.New("request body exceeds the flow-control window")
 
-// push queues a chunk of n bytes. It takes ownership of buf.
-func (b *bodyReader) push(buf *[]byte, n int) error {
+// push queues a chunk, and takes ownership of it.
+func (b *bodyReader) push(c chunk) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if err := b.recv.receive(frameCost(n)); err != nil {
-		putChunk(buf)
+	if err := b.recv.receive(frameCost(c.n)); err != nil {
+		c.release()
 		return errBodyWindow
 	}
 	if b.closed || b.err != nil {
-		b.recv.consume(frameCost(n), false) // dropped: the parent need not get the credit back
-		putChunk(buf)
+		b.recv.consume(frameCost(c.n), false) // dropped: the parent need not get the credit back
+		c.release()
 		return nil
 	}
-	b.chunks = append(b.chunks, buf)
-	b.lens = append(b.lens, n)
-	b.queued += frameCost(n)
+	b.chunks = append(b.chunks, c)
+	b.queued += frameCost(c.n)
 	b.signal()
 	return nil
 }
@@ -498,15 +496,14 @@ func (b *bodyReader) read(p []byte, cancel <-chan struct{}) (int, error) {
 	}
 	n, consumed := 0, 0
 	for n < len(p) && len(b.chunks) > 0 {
-		c := (*b.chunks[0])[b.off:b.lens[0]]
-		k := copy(p[n:], c)
+		c := &b.chunks[0]
+		k := copy(p[n:], c.data()[b.off:])
 		n += k
 		b.off += k
-		if b.off == b.lens[0] {
-			consumed += frameCost(b.lens[0])
-			putChunk(b.chunks[0])
-			b.chunks[0] = nil
-			b.chunks, b.lens, b.off = b.chunks[1:], b.lens[1:], 0
+		if b.off == c.n {
+			consumed += frameCost(c.n)
+			c.release()
+			b.chunks, b.off = b.chunks[1:], 0
 		}
 	}
 	grant := 0
@@ -530,10 +527,10 @@ func (b *bodyReader) Close() error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.closed = true
-	for _, c := range b.chunks {
-		putChunk(c)
+	for i := range b.chunks {
+		b.chunks[i].release()
 	}
-	b.chunks, b.lens, b.queued = nil, nil, 0
+	b.chunks, b.queued = nil, 0
 	b.recv.release()
 	b.signal()
 	return nil
@@ -570,31 +567,40 @@ type stream struct {
 type event struct {
 	kind    uint8
 	flags   uint8
-	slot    int32         // kindData: ring's slot
 	head    *responseHead // kindResponse
-	buf     *[]byte       // kindData: a pooled chunk, owned by the receiver of the event; nil if ring is set
-	ring    *bodyRing     // kindData: the ring whose slot holds the bytes, owned by the receiver of the event; nil if buf is set
-	n       int           // kindData: bytes in buf or slot
+	chunk                 // kindData: the bytes, owned by the receiver of the event
 	trailer http.Header   // kindEnd
 }
 
-// data returns a kindData event's bytes, which are valid until release.
-func (ev *event) data() []byte {
-	if ev.ring != nil {
-		return ev.ring.slot(int(ev.slot))[:ev.n]
-	}
-	return (*ev.buf)[:ev.n]
+// A chunk is body bytes received in a kindData frame: in a pooled buffer,
+// or, from a kindDataRef, in a slot of a bodyRing.
+type chunk struct {
+	slot int32     // ring's slot
+	buf  *[]byte   // a pooled buffer; nil if ring is set
+	ring *bodyRing // the ring whose slot holds the bytes; nil if buf is set
+	n    int       // bytes in buf or slot
 }
 
-// release returns a kindData event's buffer, or ring slot, for reuse. It
-// does nothing for another event, or one released already.
-func (ev *event) release() {
-	if ev.ring != nil {
-		ev.ring.free(int(ev.slot))
-		ev.ring = nil
+// data returns the chunk's bytes, which are valid until release.
+func (c *chunk) data() []byte {
+	if c.ring != nil {
+		return c.ring.slot(int(c.slot))[:c.n]
 	}
-	putChunk(ev.buf)
-	ev.buf = nil
+	if c.buf == nil {
+		return nil
+	}
+	return (*c.buf)[:c.n]
+}
+
+// release returns the chunk's buffer, or ring slot, for reuse. It does
+// nothing for a chunk released already, or a zero one.
+func (c *chunk) release() {
+	if c.ring != nil {
+		c.ring.free(int(c.slot))
+		c.ring = nil
+	}
+	putChunk(c.buf)
+	c.buf = nil
 }
 
 // newStream returns a stream whose request body may start with credit bytes.

@@ -59,10 +59,11 @@ func newPipePairFlow(t *testing.T, handler http.Handler, limit int64, now func()
 	ctx, cancel := context.WithCancel(context.Background())
 	srv := newServer(ctx, nil, newConn(p2cR, c2pW), accept, handler)
 	srv.flow.limit, srv.flow.now = limit, now
-	// The chunks of 16 KiB and more go through a ring, as from a real
-	// child, while it has free slots.
-	c.ring = newLocalRing()
-	srv.sendRing = c.ring
+	// The chunks of 16 KiB and more go through rings, as with a real
+	// child, while they have free slots.
+	rings := newLocalRings()
+	c.ring, srv.sendRing = rings.up, rings.up
+	c.sendRing, srv.recvRing = rings.down, rings.down
 	srvDone := make(chan error, 1)
 	go c.writeLoop()
 	go srv.writeLoop()

@@ -405,7 +405,7 @@ func (h *Handle) startChild(ctx context.Context, slot int, why string) (*child, 
 	}
 	c := newChild(h, incarnation, proc, newConn(pipes.fromChild, pipes.toChild), pipes.accept)
 	c.pipes = pipes
-	c.ring = pipes.ring
+	c.ring, c.sendRing = pipes.rings.up, pipes.rings.down
 	c.slot = slot
 	c.source = h.capture.NewSource(h.sourceLabel(slot, proc.Pid()))
 	h.mu.Lock()

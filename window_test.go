@@ -242,7 +242,7 @@ func TestBodyWindowGrowth(t *testing.T) {
 	for range 64 {
 		for credit.Load() >= int64(frameCost(chunkSize)) {
 			credit.Add(-int64(frameCost(chunkSize)))
-			require.NoError(t, body.push(getChunk(), chunkSize))
+			require.NoError(t, body.push(chunk{buf: getChunk(), n: chunkSize}))
 		}
 		for {
 			body.mu.Lock()
@@ -259,14 +259,14 @@ func TestBodyWindowGrowth(t *testing.T) {
 	if r := b.reserved.Load(); r != window-initialWindow {
 		t.Fatalf("a fast body reserved %d, want %d", r, window-initialWindow)
 	}
-	require.NoError(t, body.push(getChunk(), chunkSize))
+	require.NoError(t, body.push(chunk{buf: getChunk(), n: chunkSize}))
 	body.Close()
 	require.Zero(t, b.reserved.Load(), "after Close: reserved %d, held %d", b.reserved.Load(), b.held.Load())
 	require.Zero(t, b.held.Load(), "after Close: reserved %d, held %d", b.reserved.Load(), b.held.Load())
 	// A parent that sends beyond its credit breaks the protocol.
 	body = newBodyReader(func(int) {}, nil, false, b)
-	body.push(getChunk(), chunkSize)
-	require.Error(t, body.push(getBuffer(1), 1), "a chunk beyond the window was accepted")
+	body.push(chunk{buf: getChunk(), n: chunkSize})
+	require.Error(t, body.push(chunk{buf: getBuffer(1), n: 1}), "a chunk beyond the window was accepted")
 	body.Close()
 }
 
