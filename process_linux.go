@@ -89,19 +89,14 @@ func sealSize(f *os.File) bool {
 	return errno == 0
 }
 
-// allocateRing extends the shared file f, of one page, to hold two
-// bodyRings after its page (see sharedSize), and reports whether it did. It does only for a file in
-// memory (tmpfs), whose pages are never written back to a disk, and
-// allocates the ring's memory now, so that a full file system fails here
-// rather than with SIGBUS at the child's first store into a slot.
+// allocateRing extends the shared file f, of one page and sealed against
+// shrinking (see sealSize), to hold two bodyRings after its page (see
+// sharedSize), and reports whether it did. A sealed file is a memfd, whose
+// pages are memory, allocated as they are first touched (so rings that
+// are never used cost nothing), and not bounded by a file system's size:
+// a store into a slot cannot fail with SIGBUS.
 func allocateRing(f *os.File) bool {
-	const tmpfsMagic = 0x01021994
-	var st syscall.Statfs_t
-	if err := syscall.Fstatfs(int(f.Fd()), &st); err != nil || st.Type != tmpfsMagic {
-		return false
-	}
-	page := int64(os.Getpagesize())
-	return syscall.Fallocate(int(f.Fd()), 0, page, sharedSize()-page) == nil
+	return f.Truncate(sharedSize()) == nil
 }
 
 // dropFileMappings unmaps, from this process's page tables, the pages of
