@@ -42,7 +42,18 @@ func giveUp(ctx context.Context, c *child, s *stream) {
 // request may go to the next child.
 func (h *Handle) proxy(w http.ResponseWriter, r *http.Request, c *child, s *stream) (retry bool) {
 	s.x = exchange{h: h, w: w, r: r, ctx: r.Context(), c: c, s: s}
-	return s.x.run()
+	returned := false
+	defer func() {
+		if !returned {
+			// A panic (an aborted response, or one of w's own): what
+			// is queued, and what the child sends later, is dropped, so
+			// that the ring slots it holds come back.
+			s.abandon()
+		}
+	}()
+	retry = s.x.run()
+	returned = true
+	return retry
 }
 
 // An exchange is one request's exchange with a child, in the parent: the
@@ -195,8 +206,7 @@ func (x *exchange) tunnel() {
 		}
 		switch ev.kind {
 		case kindData:
-			_, werr := conn.Write(ev.data())
-			ev.release()
+			werr := writeChunk(conn, &ev)
 			if werr != nil {
 				x.endTunnel()
 				return
@@ -359,6 +369,7 @@ func (x *exchange) writeHead(ev event) (final bool) {
 // writeData writes a data frame's bytes to w and returns their credit to
 // the child. It reports false if the client is gone, the exchange given up.
 func (x *exchange) writeData(ev event) bool {
+	defer ev.release() // if w panics; else it is released already
 	data := ev.data()
 	if ev.ring != nil && !x.bodyWritten {
 		// net/http sniffs a Content-Type from the first bytes written
@@ -388,6 +399,14 @@ func (x *exchange) writeData(ev event) bool {
 		x.controller().Flush()
 	}
 	return true
+}
+
+// writeChunk writes a kindData event's bytes to w and releases them, even
+// if w panics.
+func writeChunk(w io.Writer, ev *event) error {
+	defer ev.release()
+	_, err := w.Write(ev.data())
+	return err
 }
 
 // lockHeader returns once the body pump cannot write w's header, until the

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log"
 	"net/http"
 	"net/http/httptest"
 	"runtime"
@@ -430,4 +431,47 @@ func TestServerRingChunk(t *testing.T) {
 	require.NoError(t, err)
 	var pe *protocolError
 	require.ErrorAs(t, srv.dispatch(hdr, &srv.scratch), &pe)
+}
+
+// panicWriter is a ResponseWriter, as a middleware might wrap one, that
+// panics at its third write.
+type panicWriter struct {
+	http.ResponseWriter
+	writes int
+}
+
+func (w *panicWriter) Write(p []byte) (int, error) {
+	if w.writes++; w.writes == 3 {
+		panic(http.ErrAbortHandler)
+	}
+	return w.ResponseWriter.Write(p)
+}
+
+func (w *panicWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+// When the ResponseWriter panics in the middle of a response, the slots of
+// the chunks queued for it, and of those the child sends after, come back.
+func TestRingSlotsComeBackAfterPanic(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("only Linux children get a ring")
+	}
+	h := startModule(t, "ring", Options{})
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		h.ServeHTTP(&panicWriter{ResponseWriter: w}, r)
+	}))
+	srv.Config.ErrorLog = log.New(io.Discard, "", 0)
+	srv.Start()
+	t.Cleanup(srv.Close)
+	h.mu.Lock()
+	ring := h.kids[0].ring
+	h.mu.Unlock()
+	for range 5 {
+		res, err := http.Get(srv.URL + "/big?bytes=" + strconv.Itoa(8<<20))
+		require.NoError(t, err)
+		_, err = io.Copy(io.Discard, res.Body)
+		require.Error(t, err, "a response whose writer panicked was complete")
+		res.Body.Close()
+	}
+	assert.Eventually(t, func() bool { return heldSlots(ring) == 0 && takenSlots(ring) == 0 }, 10*time.Second, time.Millisecond,
+		"%d slots held, %d taken, with no response in flight", heldSlots(ring), takenSlots(ring))
 }
