@@ -238,8 +238,8 @@ func initModule(ctx context.Context, name string, env *Env) (h http.Handler, err
 
 // takeOverFDs moves the protocol off fds 0 and 1 and the log captures onto
 // fds 1 and 2. It returns the protocol's ends, Env.Logger's pipe, the
-// accept word and the body rings, if the parent gave them. It fails, touching nothing, if the fds Start sets up are
-// missing.
+// accept word and the body rings, if the parent gave them. It fails,
+// touching nothing, if the fds Start sets up are missing.
 func takeOverFDs() (in, out, logw *os.File, accept *acceptWord, rings sharedRings, err error) {
 	var st syscall.Stat_t
 	for _, fd := range []int{0, 1, 2, fdStdout, fdLog, fdAccept} {
