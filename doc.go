@@ -61,6 +61,12 @@
 // bodies of all of a module's requests together is at most 16 MiB plus 64
 // KiB per request in flight.
 //
+// On Linux, chunks of 16 KiB or more go through memory that parent and
+// child share, in two rings of 16 chunks per child, one each way, instead
+// of through the pipes: a chunk costs one copy instead of up to four. The
+// parent never parses what lives there and checks each reference to it,
+// so a module that overwrites it garbles only its own bodies.
+//
 // A message too large for the pipe's frames (8 MiB) fails its own request,
 // never the others: a request head that large gets 431 Request Header
 // Fields Too Large before it is sent, and a response whose head or

@@ -371,19 +371,26 @@ func (x *exchange) writeHead(ev event) (final bool) {
 func (x *exchange) writeData(ev event) bool {
 	defer ev.release() // if w panics; else it is released already
 	data := ev.data()
+	var err error
 	if ev.ring != nil && !x.bodyWritten {
-		// net/http sniffs a Content-Type from the first bytes written
-		// to a header that has none, and so would read shared memory,
-		// which the parent does not (see bodyRing): it reads a copy.
+		// net/http sniffs a Content-Type from the first bytes (at most
+		// sniffLen) written to a header that has none, and so would
+		// read shared memory, which the parent does not parse (see
+		// bodyRing): they are written first, from a copy. net/http
+		// buffers them, and copies what follows into the same buffer
+		// before it sniffs.
 		if _, typed := x.w.Header()["Content-Type"]; !typed {
-			private := getBuffer(ev.n)
-			data = (*private)[:copy(*private, data)]
-			ev.release()
-			ev.buf = private
+			private := getBuffer(sniffLen)
+			k := copy(*private, data[:min(len(data), sniffLen)])
+			_, err = x.w.Write((*private)[:k])
+			putChunk(private)
+			data = data[k:]
 		}
 	}
 	x.bodyWritten = x.bodyWritten || ev.n > 0
-	_, err := x.w.Write(data)
+	if err == nil && len(data) > 0 {
+		_, err = x.w.Write(data)
+	}
 	ev.release()
 	if err != nil && !errors.Is(err, http.ErrBodyNotAllowed) {
 		// The client is gone.
@@ -400,6 +407,10 @@ func (x *exchange) writeData(ev event) bool {
 	}
 	return true
 }
+
+// sniffLen is how many bytes of a body net/http reads to sniff its
+// Content-Type (http.DetectContentType).
+const sniffLen = 512
 
 // writeChunk writes a kindData event's bytes to w and releases them, even
 // if w panics.
