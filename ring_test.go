@@ -11,6 +11,7 @@ import (
 	"log"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"runtime"
 	"strconv"
 	"sync"
@@ -474,4 +475,57 @@ func TestRingSlotsComeBackAfterPanic(t *testing.T) {
 	}
 	assert.Eventually(t, func() bool { return heldSlots(ring) == 0 && takenSlots(ring) == 0 }, 10*time.Second, time.Millisecond,
 		"%d slots held, %d taken, with no response in flight", heldSlots(ring), takenSlots(ring))
+}
+
+// WriteTo, which io.Copy uses, writes a request body chunk by chunk,
+// from where a Read left off, through pooled buffers and ring slots alike,
+// freeing each slot and granting the parent its credit; it fails as Read
+// does after Close or at the read deadline.
+func TestBodyReaderWriteTo(t *testing.T) {
+	ring := newLocalRing()
+	var granted int
+	b := newBodyReader(func(n int) { granted += n }, nil, false, nil)
+	first := chunk{buf: getBuffer(5), n: 5}
+	copy(first.data(), "hello")
+	require.NoError(t, b.push(first))
+	copy(ring.slot(4), " ring ")
+	require.True(t, ring.hold(4))
+	require.NoError(t, b.push(chunk{ring: ring, slot: 4, n: 6}))
+	last := chunk{buf: getBuffer(5), n: 5}
+	copy(last.data(), "world")
+	require.NoError(t, b.push(last))
+	b.end(io.EOF, nil)
+
+	p := make([]byte, 2)
+	n, err := b.Read(p)
+	require.NoError(t, err)
+	require.Equal(t, "he", string(p[:n]))
+	var out bytes.Buffer
+	written, err := b.WriteTo(&out)
+	require.NoError(t, err, "WriteTo at the body's end")
+	require.Equal(t, "llo ring world", out.String())
+	require.Equal(t, int64(out.Len()), written)
+	require.Equal(t, 0, heldSlots(ring), "the slot written is still held")
+	require.Zero(t, granted, "credit granted for a body that has ended")
+	n, err = b.Read(p)
+	require.Equal(t, 0, n)
+	require.ErrorIs(t, err, io.EOF)
+
+	// A WriteTo that waits for more fails when the handler closes the body.
+	b = newBodyReader(func(n int) { granted += n }, nil, false, nil)
+	require.NoError(t, b.push(chunk{buf: getChunk(), n: chunkSize}))
+	done := make(chan error, 1)
+	go func() {
+		_, err := b.WriteTo(io.Discard)
+		done <- err
+	}()
+	b.Close()
+	require.ErrorIs(t, <-done, http.ErrBodyReadAfterClose)
+
+	expired := make(chan struct{})
+	close(expired)
+	b = newBodyReader(func(int) {}, nil, false, nil)
+	b.deadline = func() <-chan struct{} { return expired }
+	_, err = b.WriteTo(io.Discard)
+	require.ErrorIs(t, err, os.ErrDeadlineExceeded)
 }

@@ -466,6 +466,67 @@ func (b *bodyReader) Read(p []byte) (int, error) {
 
 // read is Read, giving up with errCanceled when cancel is closed.
 func (b *bodyReader) read(p []byte, cancel <-chan struct{}) (int, error) {
+	if err := b.waitLocked(cancel); err != nil {
+		return 0, err
+	}
+	n, consumed := 0, 0
+	for n < len(p) && len(b.chunks) > 0 {
+		c := &b.chunks[0]
+		k := copy(p[n:], c.data()[b.off:])
+		n += k
+		b.off += k
+		if b.off == c.n {
+			consumed += frameCost(c.n)
+			c.release()
+			b.chunks, b.off = b.chunks[1:], 0
+		}
+	}
+	b.consumeLocked(consumed)
+	return n, nil
+}
+
+// WriteTo writes the body to w until its end, chunk by chunk, as they
+// arrive: io.Copy calls it, which saves a copy into io.Copy's buffer. It
+// fails as Read does, or with w's error, and returns nil at the body's end.
+func (b *bodyReader) WriteTo(w io.Writer) (int64, error) {
+	var total int64
+	for {
+		var cancel <-chan struct{}
+		if b.deadline != nil {
+			cancel = b.deadline()
+		}
+		if err := b.waitLocked(cancel); err != nil {
+			switch err {
+			case io.EOF:
+				return total, nil
+			case errCanceled:
+				err = &net.OpError{Op: "read", Net: "tcp", Err: os.ErrDeadlineExceeded}
+			}
+			return total, err
+		}
+		c, off := b.chunks[0], b.off
+		b.chunks[0] = chunk{}
+		b.chunks, b.off = b.chunks[1:], 0
+		b.consumeLocked(frameCost(c.n))
+		n, err := writeChunkFrom(w, &c, off)
+		total += int64(n)
+		if err != nil {
+			return total, err
+		}
+	}
+}
+
+// writeChunkFrom writes c's bytes from off to w and releases c, even if w
+// panics.
+func writeChunkFrom(w io.Writer, c *chunk, off int) (int, error) {
+	defer c.release()
+	return w.Write(c.data()[off:])
+}
+
+// waitLocked waits until a chunk is queued, and returns with b.mu held;
+// else, with b.mu released, it returns the body's end or error, the
+// failure of a read after Close, or errCanceled when cancel is closed.
+func (b *bodyReader) waitLocked(cancel <-chan struct{}) error {
 	b.mu.Lock()
 	if b.expect {
 		// The parent sends nothing of an Expect: 100-continue body until
@@ -481,31 +542,25 @@ func (b *bodyReader) read(p []byte, cancel <-chan struct{}) (int, error) {
 		select {
 		case <-b.wake:
 		case <-cancel:
-			return 0, errCanceled
+			return errCanceled
 		}
 		b.mu.Lock()
 	}
 	if b.closed {
 		b.mu.Unlock()
-		return 0, http.ErrBodyReadAfterClose
+		return http.ErrBodyReadAfterClose
 	}
 	if len(b.chunks) == 0 {
 		err := b.err
 		b.mu.Unlock()
-		return 0, err
+		return err
 	}
-	n, consumed := 0, 0
-	for n < len(p) && len(b.chunks) > 0 {
-		c := &b.chunks[0]
-		k := copy(p[n:], c.data()[b.off:])
-		n += k
-		b.off += k
-		if b.off == c.n {
-			consumed += frameCost(c.n)
-			c.release()
-			b.chunks, b.off = b.chunks[1:], 0
-		}
-	}
+	return nil
+}
+
+// consumeLocked records that chunks costing consumed were taken from the
+// queue, releases b.mu, and grants the parent the credit due, if any.
+func (b *bodyReader) consumeLocked(consumed int) {
 	grant := 0
 	if consumed > 0 {
 		b.queued -= consumed
@@ -518,7 +573,6 @@ func (b *bodyReader) read(p []byte, cancel <-chan struct{}) (int, error) {
 	if grant > 0 {
 		b.grant(grant)
 	}
-	return n, nil
 }
 
 // Close discards what is queued and returns the window's growth to the
