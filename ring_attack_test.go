@@ -95,17 +95,7 @@ func init() {
 				stop = nil
 			}
 		})
-		mux.HandleFunc("GET /big", func(w http.ResponseWriter, r *http.Request) {
-			n, _ := strconv.Atoi(r.URL.Query().Get("bytes"))
-			w.Header().Set("Content-Type", "application/octet-stream")
-			p := ringPattern(chunkSize)
-			for off := 0; off < n; off += len(p) {
-				if _, err := w.Write(p[:min(len(p), n-off)]); err != nil {
-					return
-				}
-				w.(http.Flusher).Flush()
-			}
-		})
+		mux.HandleFunc("GET /big", bigHandler)
 		mux.HandleFunc("POST /upload", func(w http.ResponseWriter, r *http.Request) {
 			n, _ := io.Copy(io.Discard, r.Body)
 			fmt.Fprint(w, n)

@@ -26,19 +26,7 @@ import (
 func init() {
 	Register("ring", func(ctx context.Context, env *Env) (http.Handler, error) {
 		mux := http.NewServeMux()
-		// /big?bytes=N sends N bytes of ringPattern in flushed writes of
-		// 64 KiB.
-		mux.HandleFunc("GET /big", func(w http.ResponseWriter, r *http.Request) {
-			n, _ := strconv.Atoi(r.URL.Query().Get("bytes"))
-			w.Header().Set("Content-Type", "application/octet-stream")
-			p := ringPattern(chunkSize)
-			for off := 0; off < n; off += len(p) {
-				if _, err := w.Write(p[:min(len(p), n-off)]); err != nil {
-					return
-				}
-				w.(http.Flusher).Flush()
-			}
-		})
+		mux.HandleFunc("GET /big", bigHandler)
 		// /upload answers the SHA-256 of the request body; with
 		// ?wait, it answers 204 without reading the body once /release
 		// says so.
@@ -79,6 +67,57 @@ func ringPattern(n int) []byte {
 		p[i] = byte(i % 251)
 	}
 	return p
+}
+
+// startRingModule starts module ring behind a test server, and returns the
+// server and the child, which has rings; it skips the test where children
+// get none.
+func startRingModule(t *testing.T) (*httptest.Server, *child) {
+	t.Helper()
+	if runtime.GOOS != "linux" {
+		t.Skip("only Linux children get rings")
+	}
+	h := startModule(t, "ring", Options{})
+	srv := httptest.NewServer(h)
+	t.Cleanup(srv.Close)
+	h.mu.Lock()
+	c := h.kids[0]
+	h.mu.Unlock()
+	require.NotNil(t, c.ring, "the child has no up ring")
+	require.NotNil(t, c.sendRing, "the child has no down ring")
+	return srv, c
+}
+
+// inTurnAndAtOnce calls f 4 times in turn, then 8 times at once, and fails
+// the test if any call fails.
+func inTurnAndAtOnce(t *testing.T, f func() error) {
+	t.Helper()
+	for range 4 {
+		require.NoError(t, f())
+	}
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for range 8 {
+		wg.Go(func() { errs <- f() })
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		require.NoError(t, err)
+	}
+}
+
+// bigHandler sends bytes= bytes of ringPattern in flushed writes of 64 KiB.
+func bigHandler(w http.ResponseWriter, r *http.Request) {
+	n, _ := strconv.Atoi(r.URL.Query().Get("bytes"))
+	w.Header().Set("Content-Type", "application/octet-stream")
+	p := ringPattern(chunkSize)
+	for off := 0; off < n; off += len(p) {
+		if _, err := w.Write(p[:min(len(p), n-off)]); err != nil {
+			return
+		}
+		w.(http.Flusher).Flush()
+	}
 }
 
 // heldSlots returns how many slots of r the parent holds.
@@ -213,16 +252,8 @@ func TestSendThroughRing(t *testing.T) {
 // slot comes back, from responses that completed and from those whose
 // client went away.
 func TestRingSlotsComeBack(t *testing.T) {
-	if runtime.GOOS != "linux" {
-		t.Skip("only Linux children get a ring")
-	}
-	h := startModule(t, "ring", Options{})
-	srv := httptest.NewServer(h)
-	t.Cleanup(srv.Close)
-	h.mu.Lock()
-	ring := h.kids[0].ring
-	h.mu.Unlock()
-	require.NotNil(t, ring, "the child has no ring")
+	srv, c := startRingModule(t)
+	ring := c.ring
 
 	const size = 4<<20 + 123
 	want := make([]byte, 0, size)
@@ -244,19 +275,7 @@ func TestRingSlotsComeBack(t *testing.T) {
 		}
 		return nil
 	}
-	for range 4 {
-		require.NoError(t, get())
-	}
-	var wg sync.WaitGroup
-	errs := make(chan error, 8)
-	for range 8 {
-		wg.Go(func() { errs <- get() })
-	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		require.NoError(t, err)
-	}
+	inTurnAndAtOnce(t, get)
 
 	res, err := http.Get(srv.URL + "/sniff")
 	require.NoError(t, err)
@@ -302,16 +321,8 @@ func takenSlots(r *bodyRing) int {
 // concurrently and one after another; the child frees every slot, from
 // bodies it read and from those of requests canceled before it read them.
 func TestDownRingSlotsComeBack(t *testing.T) {
-	if runtime.GOOS != "linux" {
-		t.Skip("only Linux children get rings")
-	}
-	h := startModule(t, "ring", Options{})
-	srv := httptest.NewServer(h)
-	t.Cleanup(srv.Close)
-	h.mu.Lock()
-	ring := h.kids[0].sendRing
-	h.mu.Unlock()
-	require.NotNil(t, ring, "the child has no down ring")
+	srv, c := startRingModule(t)
+	ring := c.sendRing
 
 	body := bytes.Repeat(ringPattern(chunkSize), 64)
 	body = append(body, ringPattern(12345)...)
@@ -331,19 +342,7 @@ func TestDownRingSlotsComeBack(t *testing.T) {
 		}
 		return nil
 	}
-	for range 4 {
-		require.NoError(t, post())
-	}
-	var wg sync.WaitGroup
-	errs := make(chan error, 8)
-	for range 8 {
-		wg.Go(func() { errs <- post() })
-	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		require.NoError(t, err)
-	}
+	inTurnAndAtOnce(t, post)
 	require.Equal(t, 0, takenSlots(ring), "slots not freed after every body was read")
 
 	// A body the handler has not read stays in the child, in slots, until
