@@ -206,7 +206,7 @@ func (x *exchange) tunnel() {
 		}
 		switch ev.kind {
 		case kindData:
-			werr := writeChunk(conn, &ev)
+			_, werr := ev.writeTo(conn, 0)
 			if werr != nil {
 				x.endTunnel()
 				return
@@ -411,14 +411,6 @@ func (x *exchange) writeData(ev event) bool {
 // sniffLen is how many bytes of a body net/http reads to sniff its
 // Content-Type (http.DetectContentType).
 const sniffLen = 512
-
-// writeChunk writes a kindData event's bytes to w and releases them, even
-// if w panics.
-func writeChunk(w io.Writer, ev *event) error {
-	defer ev.release()
-	_, err := w.Write(ev.data())
-	return err
-}
 
 // lockHeader returns once the body pump cannot write w's header, until the
 // function it returns is called. Only an http.MaxBytesReader does that (see

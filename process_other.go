@@ -29,8 +29,8 @@ func dropFileMappings(everyFile bool) {}
 // growPipe does nothing: only Linux can resize a pipe.
 func growPipe(*os.File) {}
 
-// allocateRing reports false: the bodyRing is only for Linux, whose
-// shared memory is known to stay in memory (see its Linux version).
+// allocateRing reports false: the rings need a file sealed against
+// shrinking, which only Linux makes (see memoryFile).
 func allocateRing(*os.File) bool { return false }
 
 // memoryFile returns nil: only Linux has anonymous memory files that can

@@ -508,19 +508,12 @@ func (b *bodyReader) WriteTo(w io.Writer) (int64, error) {
 		b.chunks[0] = chunk{}
 		b.chunks, b.off = b.chunks[1:], 0
 		b.consumeLocked(frameCost(c.n))
-		n, err := writeChunkFrom(w, &c, off)
+		n, err := c.writeTo(w, off)
 		total += int64(n)
 		if err != nil {
 			return total, err
 		}
 	}
-}
-
-// writeChunkFrom writes c's bytes from off to w and releases c, even if w
-// panics.
-func writeChunkFrom(w io.Writer, c *chunk, off int) (int, error) {
-	defer c.release()
-	return w.Write(c.data()[off:])
 }
 
 // waitLocked waits until a chunk is queued, and returns with b.mu held;
@@ -644,6 +637,13 @@ func (c *chunk) data() []byte {
 		return nil
 	}
 	return (*c.buf)[:c.n]
+}
+
+// writeTo writes the chunk's bytes from off to w, then releases the chunk,
+// even if w panics.
+func (c *chunk) writeTo(w io.Writer, off int) (int, error) {
+	defer c.release()
+	return w.Write(c.data()[off:])
 }
 
 // release returns the chunk's buffer, or ring slot, for reuse. It does
