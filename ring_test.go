@@ -15,8 +15,10 @@ import (
 	"runtime"
 	"strconv"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/fbbf71ac/subproc/internal/frame"
 	"github.com/stretchr/testify/assert"
@@ -527,4 +529,86 @@ func TestBodyReaderWriteTo(t *testing.T) {
 	b.deadline = func() <-chan struct{} { return expired }
 	_, err = b.WriteTo(io.Discard)
 	require.ErrorIs(t, err, os.ErrDeadlineExceeded)
+}
+
+// ringRecorder is a ResponseWriter that records, for each write, its
+// length and whether its bytes lay in ring's memory.
+type ringRecorder struct {
+	h      http.Header
+	ring   *bodyRing
+	body   bytes.Buffer
+	lens   []int
+	shared []bool
+}
+
+func (w *ringRecorder) Header() http.Header { return w.h }
+func (w *ringRecorder) WriteHeader(int)     {}
+func (w *ringRecorder) Write(p []byte) (int, error) {
+	lo := uintptr(unsafe.Pointer(&w.ring.mem[0]))
+	at := uintptr(unsafe.Pointer(&p[0]))
+	w.lens = append(w.lens, len(p))
+	w.shared = append(w.shared, at >= lo && at < lo+uintptr(len(w.ring.mem)))
+	return w.body.Write(p)
+}
+
+// A body's first bytes from the ring, which net/http sniffs when the
+// header has no Content-Type, reach the ResponseWriter from a copy: the
+// parent's code never reads shared memory. The rest, and every byte of a
+// typed body, are written from the ring.
+func TestSniffedBytesAreCopied(t *testing.T) {
+	for _, typed := range []bool{false, true} {
+		c := testChild(nil)
+		s := newStream(1, window)
+		require.NoError(t, s.push(event{kind: kindResponse, head: &responseHead{Status: 200}}))
+		want := ringPattern(20000)
+		copy(c.ring.slot(3), want)
+		require.True(t, c.ring.hold(3))
+		require.NoError(t, s.push(event{kind: kindData, chunk: chunk{ring: c.ring, slot: 3, n: len(want)}}))
+		_, err := s.next(nil)
+		require.NoError(t, err)
+		ev, err := s.next(nil)
+		require.NoError(t, err)
+
+		w := &ringRecorder{h: http.Header{}, ring: c.ring}
+		if typed {
+			w.h.Set("Content-Type", "application/octet-stream")
+		}
+		x := &exchange{w: w, ctx: context.Background(), c: c, s: s}
+		require.True(t, x.writeData(ev))
+		require.Equal(t, want, w.body.Bytes())
+		require.Equal(t, 0, heldSlots(c.ring), "the slot was not freed")
+		if typed {
+			require.Equal(t, []int{len(want)}, w.lens)
+			require.Equal(t, []bool{true}, w.shared, "a typed body was copied")
+		} else {
+			require.Equal(t, []int{sniffLen, len(want) - sniffLen}, w.lens)
+			require.Equal(t, []bool{false, true}, w.shared, "the sniffed bytes came from shared memory, or the rest was copied")
+		}
+	}
+}
+
+// A child killed while the parent holds its slots, for a response whose
+// client stopped reading: the parent writes what it had from the dead
+// child's ring, still mapped, aborts the response, frees the slots, and the
+// next child, with rings of its own, serves.
+func TestRingOfAKilledChild(t *testing.T) {
+	srv, c := startRingModule(t)
+	res, err := http.Get(srv.URL + "/big?bytes=" + strconv.Itoa(1<<30))
+	require.NoError(t, err)
+	defer res.Body.Close()
+	_, err = io.ReadFull(res.Body, make([]byte, 1<<20))
+	require.NoError(t, err)
+	require.Eventually(t, func() bool { return heldSlots(c.ring) > 0 }, 10*time.Second, time.Millisecond, "no chunk of a stalled response is held in a slot")
+
+	require.NoError(t, syscall.Kill(c.proc.Pid(), syscall.SIGKILL))
+	n, err := io.Copy(io.Discard, res.Body)
+	require.Error(t, err, "the response of a killed child ended cleanly, after %d more bytes", n)
+	assert.Eventually(t, func() bool { return heldSlots(c.ring) == 0 }, 10*time.Second, time.Millisecond, "%d slots of the dead child held", heldSlots(c.ring))
+
+	res2, err := http.Get(srv.URL + "/big?bytes=" + strconv.Itoa(4<<20))
+	require.NoError(t, err)
+	defer res2.Body.Close()
+	n, err = io.Copy(io.Discard, res2.Body)
+	require.NoError(t, err)
+	require.Equal(t, int64(4<<20), n, "the next child's response")
 }
