@@ -266,7 +266,7 @@ func (c *conn) writeLoop() {
 // readRef reads the payload of a kindDataRef frame whose header is hdr,
 // into scratch, and returns the chunk it hands over in r, whose slot it
 // holds (see bodyRing.hold).
-func readRef(c *conn, hdr frame.Header, r *bodyRing, scratch *[]byte) (chunk, error) {
+func (c *conn) readRef(hdr frame.Header, r *bodyRing, scratch *[]byte) (chunk, error) {
 	if r == nil || hdr.Len != 8 {
 		return chunk{}, &protocolError{"body chunk in shared memory, which there is none of, or a malformed reference to one"}
 	}
@@ -647,7 +647,7 @@ func (c *child) dispatch(hdr frame.Header, scratch *[]byte) error {
 				return err
 			}
 		case kindDataRef:
-			if ev.chunk, err = readRef(c.conn, hdr, c.ring, scratch); err != nil {
+			if ev.chunk, err = c.readRef(hdr, c.ring, scratch); err != nil {
 				return err
 			}
 			ev.kind = kindData

@@ -313,7 +313,7 @@ func (s *server) dispatch(hdr frame.Header, scratch *[]byte) error {
 		return s.push(hdr.ID, c)
 
 	case kindDataRef:
-		c, err := readRef(s.conn, hdr, s.recvRing, scratch)
+		c, err := s.readRef(hdr, s.recvRing, scratch)
 		if err != nil {
 			return err
 		}
