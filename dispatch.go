@@ -34,7 +34,7 @@ type outFrame struct {
 	kind  uint8
 	flags uint8
 	id    uint64
-	msg   any     // if non-nil, gob-encoded as the payload
+	msg   any     // if non-nil, encoded as the payload (see encoder)
 	data  []byte  // the payload otherwise
 	buf   *[]byte // the pooled chunk holding data, released once copied
 }
@@ -192,9 +192,9 @@ func (c *conn) appendLocked(f outFrame) error {
 			return fmt.Errorf("encoding %T: %w", f.msg, err)
 		}
 		if len(p) > frame.MaxPayload {
-			// A head with megabytes of header fields: the gob stream
-			// now lacks a message the peer would need, so the conn
-			// can carry no more.
+			// A message of megabytes, which its sender should have
+			// refused (see maxHeadSize): a gob stream would now lack
+			// a message the peer needs, so the conn carries no more.
 			return fmt.Errorf("%T of %d bytes exceeds the limit of %d", f.msg, len(p), frame.MaxPayload)
 		}
 		c.pending = frame.AppendHeader(c.pending, f.kind, f.flags, f.id, len(p))

@@ -19,12 +19,14 @@ import (
 
 // protocolVersion is written in the preamble of both directions. Bump it
 // whenever a message or a frame kind changes meaning.
-const protocolVersion = 8
+const protocolVersion = 9
 
 // Frame kinds. PROTOCOL.md says which side may send which kind in each
 // state of a stream. Every frame carries a request id; kinds marked "id 0" are not
-// about a request. Payloads are gob-encoded messages, raw body bytes, or
-// nothing, as noted.
+// about a request. Payloads are messages, raw body bytes, or nothing, as
+// noted. The heads (requestHead, responseHead) encode themselves (see
+// wire.go); the other messages are gob-encoded, in one gob stream per
+// direction.
 //
 // A stream is one request's exchange. The parent opens it with kindRequest;
 // the child ends it with exactly one kindEnd or kindAbort, after which it
@@ -128,11 +130,9 @@ type ready struct {
 	Err string
 }
 
-// requestHead carries an *http.Request without its body. The URL is flattened
-// because url.Userinfo cannot be gob-encoded.
+// requestHead carries an *http.Request without its body, with the URL
+// flattened. It encodes itself (see wire.go).
 type requestHead struct {
-	wireScratch
-
 	Method     string
 	Scheme     string
 	Opaque     string
@@ -187,10 +187,9 @@ type tlsState struct {
 	DidResume          bool
 }
 
-// responseHead carries a response's status and header.
+// responseHead carries a response's status and header. It encodes itself
+// (see wire.go).
 type responseHead struct {
-	wireScratch
-
 	Status     int
 	Header     http.Header
 	Trailer    []string // declared trailer keys (the "Trailer" header, which is hop-by-hop)
@@ -466,9 +465,8 @@ func declaredTrailers(h http.Header) []string {
 // all the frames of a connection, so a type is described only the first time
 // it is sent. It is owned by the writing goroutine.
 type encoder struct {
-	buf     bytes.Buffer
-	enc     *gob.Encoder
-	scratch []byte // lent to the heads' GobEncode (see wireScratch)
+	buf bytes.Buffer
+	enc *gob.Encoder
 }
 
 func newEncoder() *encoder {
@@ -477,17 +475,22 @@ func newEncoder() *encoder {
 	return e
 }
 
+// A wireMessage encodes itself, and its encoding is the whole payload of
+// its frame: gob never sees it. The heads are (see wire.go).
+type wireMessage interface {
+	appendWire(b []byte) []byte
+	decodeWire(p []byte) error
+}
+
 // encode returns the payload for v, valid until the next call.
 func (e *encoder) encode(v any) ([]byte, error) {
+	if e.buf.Cap() > maxKeptBuffer {
+		e.buf = bytes.Buffer{} // after a head of megabytes: not kept for good
+	}
 	e.buf.Reset()
-	if l, ok := v.(interface{ lend(*[]byte) }); ok {
-		l.lend(&e.scratch)
-		defer func() {
-			l.lend(nil)
-			if cap(e.scratch) > maxKeptScratch {
-				e.scratch = nil // a head of megabytes: not kept for good
-			}
-		}()
+	if m, ok := v.(wireMessage); ok {
+		e.buf.Write(m.appendWire(e.buf.AvailableBuffer()))
+		return e.buf.Bytes(), nil
 	}
 	if err := e.enc.Encode(v); err != nil {
 		return nil, err
@@ -495,8 +498,9 @@ func (e *encoder) encode(v any) ([]byte, error) {
 	return e.buf.Bytes(), nil
 }
 
-// maxKeptScratch bounds the buffer an encoder keeps for heads.
-const maxKeptScratch = 64 << 10
+// maxKeptBuffer bounds the buffer an encoder keeps from one message to the
+// next.
+const maxKeptBuffer = 64 << 10
 
 // A decoder decodes the messages that an encoder wrote, one frame payload at
 // a time. It is owned by the reading goroutine.
@@ -514,11 +518,15 @@ func newDecoder() *decoder {
 // errGobFraming reports a payload whose gob message lengths do not add up.
 var errGobFraming = errors.New("gob message lengths do not match the frame")
 
-// decode decodes payload p into v, which must point to a zero value. The
-// payload must hold exactly the gob messages for one value: the lengths are
-// checked before gob sees them, so a corrupt length never makes gob allocate
-// more than the frame's size.
+// decode decodes payload p into v, which must point to a zero value. A
+// wireMessage decodes itself. Otherwise the payload must hold exactly the
+// gob messages for one value: the lengths are checked before gob sees
+// them, so a corrupt length never makes gob allocate more than the frame's
+// size.
 func (d *decoder) decode(p []byte, v any) error {
+	if m, ok := v.(wireMessage); ok {
+		return m.decodeWire(p)
+	}
 	if err := checkGobFraming(p); err != nil {
 		return err
 	}

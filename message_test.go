@@ -248,39 +248,38 @@ func TestHeadEncoding(t *testing.T) {
 	}
 	resp := &responseHead{Status: 418, Header: http.Header{"X": {"y"}}, Trailer: []string{"T"}, FullDuplex: true}
 	for _, tt := range []struct {
-		in  interface{ GobEncode() ([]byte, error) }
-		out interface{ GobDecode([]byte) error }
+		in  wireMessage
+		out wireMessage
 	}{
 		{req, new(requestHead)},
 		{resp, new(responseHead)},
 		{&requestHead{}, new(requestHead)},
 		{&responseHead{}, new(responseHead)},
 	} {
-		p, err := tt.in.GobEncode()
-		require.NoError(t, err)
-		require.NoError(t, tt.out.GobDecode(p), "%T", tt.in)
+		p := tt.in.appendWire(nil)
+		require.NoError(t, tt.out.decodeWire(p), "%T", tt.in)
 		assert.Equal(t, tt.in, tt.out, "round trip:\n got %+v\nwant %+v", tt.out, tt.in)
 		for n := range len(p) {
-			assert.Error(t, reflect.New(reflect.TypeOf(tt.out).Elem()).Interface().(interface{ GobDecode([]byte) error }).GobDecode(p[:n]), "%T: truncated to %d of %d bytes: no error", tt.in, n, len(p))
+			assert.Error(t, reflect.New(reflect.TypeOf(tt.out).Elem()).Interface().(wireMessage).decodeWire(p[:n]), "%T: truncated to %d of %d bytes: no error", tt.in, n, len(p))
 		}
-		assert.Error(t, tt.out.GobDecode(append(p, 0)), "%T: trailing byte: no error", tt.in)
+		assert.Error(t, tt.out.decodeWire(append(p, 0)), "%T: trailing byte: no error", tt.in)
 	}
 	// An empty ResponseHeader costs nothing on the wire; a flag that
 	// announces one and an empty header is malformed.
-	plain, _ := (&requestHead{Method: "GET", Path: "/"}).GobEncode()
-	empty, _ := (&requestHead{Method: "GET", Path: "/", ResponseHeader: http.Header{}}).GobEncode()
+	plain := (&requestHead{Method: "GET", Path: "/"}).appendWire(nil)
+	empty := (&requestHead{Method: "GET", Path: "/", ResponseHeader: http.Header{}}).appendWire(nil)
 	assert.Equal(t, plain, empty, "an empty ResponseHeader changes the encoding:\n%x\n%x", plain, empty)
 	flagged := append([]byte(nil), plain...)
 	flagged[1] |= headResponseHeader
 	flagged = binary.AppendUvarint(flagged, 0)
-	assert.Error(t, new(requestHead).GobDecode(flagged), "an announced ResponseHeader without keys: no error")
+	assert.Error(t, new(requestHead).decodeWire(flagged), "an announced ResponseHeader without keys: no error")
 
 	// A header that claims a billion keys in a few bytes.
 	huge := []byte{wireVersion, 0, 0x00}
 	huge = binary.AppendUvarint(huge[:2], 200) // status
 	huge = binary.AppendUvarint(huge, 1<<30)   // keys
 	allocs := testing.AllocsPerRun(10, func() {
-		require.Error(t, new(responseHead).GobDecode(huge), "a billion keys in 8 bytes: no error")
+		require.Error(t, new(responseHead).decodeWire(huge), "a billion keys in 8 bytes: no error")
 	})
 	assert.LessOrEqual(t, allocs, 2.0, "%v allocations to reject a huge count", allocs)
 }

@@ -15,17 +15,16 @@ import (
 // them is an error.
 func TestHeadPathValues(t *testing.T) {
 	in := &requestHead{Method: "GET", Path: "/pv/1/a", Pattern: "GET /pv/{id}/{rest...}", PathValues: []string{"id", "1", "rest", "a"}}
-	p, err := in.GobEncode()
-	require.NoError(t, err)
+	p := in.appendWire(nil)
 	var out requestHead
-	require.NoError(t, out.GobDecode(p))
+	require.NoError(t, out.decodeWire(p))
 	assert.Equal(t, in, &out, "round trip:\n got %+v\nwant %+v", out, *in)
 	for n := range len(p) {
-		assert.Error(t, new(requestHead).GobDecode(p[:n]), "truncated to %d of %d bytes: no error", n, len(p))
+		assert.Error(t, new(requestHead).decodeWire(p[:n]), "truncated to %d of %d bytes: no error", n, len(p))
 	}
 	assert.GreaterOrEqual(t, in.wireSize(), len(p), "wireSize below the encoding's size")
 
-	plain, _ := (&requestHead{Method: "GET", Path: "/"}).GobEncode()
+	plain := (&requestHead{Method: "GET", Path: "/"}).appendWire(nil)
 	head := newRequestHead(httptest.NewRequest("GET", "/", nil))
 	assert.Empty(t, head.Pattern, "a request that matched no pattern: Pattern")
 	assert.Nil(t, head.PathValues, "a request that matched no pattern: PathValues")
@@ -33,18 +32,18 @@ func TestHeadPathValues(t *testing.T) {
 		{Method: "GET", Path: "/", Pattern: "/x", PathValues: []string{"odd"}},
 		{Method: "GET", Path: "/", Pattern: "/x", PathValues: []string{"a", "1", "b"}},
 	} {
-		p, _ := bad.GobEncode()
-		assert.Error(t, new(requestHead).GobDecode(p), "PathValues %q: no error", bad.PathValues)
+		p := bad.appendWire(nil)
+		assert.Error(t, new(requestHead).decodeWire(p), "PathValues %q: no error", bad.PathValues)
 	}
 	// The flag, with an empty pattern. plain is the version, the flags
 	// (0, one byte) and the rest; headPattern's flags take two bytes.
 	require.Zero(t, plain[1], "test out of date: flags %#x, headPattern %#x", plain[1], headPattern)
 	require.Equal(t, 0x100, headPattern, "test out of date: flags %#x, headPattern %#x", plain[1], headPattern)
 	flagged := slices.Concat(plain[:1], []byte{0x80, 0x02}, plain[2:], []byte{0, 0}) // empty Pattern, no PathValues
-	assert.Error(t, new(requestHead).GobDecode(flagged), "an announced Pattern that is empty: no error")
+	assert.Error(t, new(requestHead).decodeWire(flagged), "an announced Pattern that is empty: no error")
 	flagged[len(flagged)-2] = 1 // Pattern "\x00"
 	flagged = append(flagged[:len(flagged)-1], 0, 0)
-	assert.NoError(t, new(requestHead).GobDecode(flagged), "the same with a pattern")
+	assert.NoError(t, new(requestHead).decodeWire(flagged), "the same with a pattern")
 }
 
 func TestPatternWildcards(t *testing.T) {

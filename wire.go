@@ -9,9 +9,11 @@ import (
 )
 
 // The request and response heads are the messages of every request, so
-// they encode themselves (gob's GobEncoder and GobDecoder) in a compact
-// binary form instead of through gob's reflection: varints, and strings and
-// lists prefixed with their length. Decoding copies the payload into one
+// they encode themselves (wireMessage), in a compact binary form that is
+// the whole payload of their frames, instead of going through gob, whose
+// reflection and per-message type and length prefixes cost more than the
+// encoding itself: varints, and strings and lists prefixed with their
+// length. Decoding copies the payload into one
 // string and slices every header key and value out of it, so that a head
 // costs a handful of allocations whatever its size; every count is checked
 // against the bytes left before anything is allocated for it.
@@ -188,9 +190,9 @@ const (
 	headHijackable     // requestHead: the parent can hijack the client's connection; a LocalAddr follows
 )
 
-// GobEncode encodes h for gob.
-func (h *requestHead) GobEncode() ([]byte, error) {
-	w := wireWriter{b: h.start(256)}
+// appendWire appends h's encoding to b.
+func (h *requestHead) appendWire(b []byte) []byte {
+	w := wireWriter{b: b}
 	w.uint(wireVersion)
 	var flags uint64
 	if h.ForceQuery {
@@ -249,11 +251,11 @@ func (h *requestHead) GobEncode() ([]byte, error) {
 		w.string(t.ServerName)
 		w.string(t.NegotiatedProtocol)
 	}
-	return h.keep(w.b), nil
+	return w.b
 }
 
-// GobDecode decodes what GobEncode encoded into h.
-func (h *requestHead) GobDecode(p []byte) error {
+// decodeWire decodes what appendWire encoded into h.
+func (h *requestHead) decodeWire(p []byte) error {
 	r := newWireReader(p)
 	if r.uint() != wireVersion {
 		return errBadHead
@@ -304,9 +306,9 @@ func (h *requestHead) GobDecode(p []byte) error {
 	return r.done()
 }
 
-// GobEncode encodes h for gob.
-func (h *responseHead) GobEncode() ([]byte, error) {
-	w := wireWriter{b: h.start(128)}
+// appendWire appends h's encoding to b.
+func (h *responseHead) appendWire(b []byte) []byte {
+	w := wireWriter{b: b}
 	w.uint(wireVersion)
 	var flags uint64
 	if h.FullDuplex {
@@ -316,11 +318,11 @@ func (h *responseHead) GobEncode() ([]byte, error) {
 	w.int(int64(h.Status))
 	w.header(h.Header)
 	w.strings(h.Trailer)
-	return h.keep(w.b), nil
+	return w.b
 }
 
-// GobDecode decodes what GobEncode encoded into h.
-func (h *responseHead) GobDecode(p []byte) error {
+// decodeWire decodes what appendWire encoded into h.
+func (h *responseHead) decodeWire(p []byte) error {
 	r := newWireReader(p)
 	if r.uint() != wireVersion {
 		return errBadHead
@@ -334,8 +336,8 @@ func (h *responseHead) GobDecode(p []byte) error {
 }
 
 // maxHeadSize bounds the encoding of a head, or of a message of trailers,
-// so that with gob's framing (and, the first time, its description of the
-// type) it fits in a frame. A sender checks it before it sends, with
+// so that it fits in a frame: trailers with gob's framing (and, the first
+// time, its description of the type). A sender checks it before it sends, with
 // wireSize's bound: a message too large for a frame fails its own request,
 // never the connection.
 const maxHeadSize = frame.MaxPayload - 4<<10
@@ -378,33 +380,4 @@ func (h *requestHead) wireSize() int {
 // wireSize bounds the size of h's encoding.
 func (h *responseHead) wireSize() int {
 	return 64 + headerSize(h.Header) + stringsSize(h.Trailer)
-}
-
-// A wireScratch lends a head's GobEncode a buffer that its encoder keeps
-// from one message to the next (see encoder.encode): gob copies what
-// GobEncode returns before Encode returns, so the buffer is free again
-// then, and a head costs no allocation to encode.
-type wireScratch struct {
-	buf *[]byte // lent for one Encode; nil otherwise
-}
-
-// lend makes GobEncode encode into *buf, and keep what it grew to there;
-// nil ends the loan.
-func (s *wireScratch) lend(buf *[]byte) { s.buf = buf }
-
-// start returns the buffer to encode into: the lent one, emptied, or a new
-// one of capacity size.
-func (s *wireScratch) start(size int) []byte {
-	if s.buf != nil {
-		return (*s.buf)[:0]
-	}
-	return make([]byte, 0, size)
-}
-
-// keep returns b, the encoding, having kept it as the lent buffer.
-func (s *wireScratch) keep(b []byte) []byte {
-	if s.buf != nil {
-		*s.buf = b
-	}
-	return b
 }
