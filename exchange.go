@@ -47,8 +47,10 @@ func (h *Handle) proxy(w http.ResponseWriter, r *http.Request, c *child, s *stre
 		if !returned {
 			// A panic (an aborted response, or one of w's own): what
 			// is queued, and what the child sends later, is dropped, so
-			// that the ring slots it holds come back.
-			s.abandon()
+			// that the ring slots it holds come back, and the handler's
+			// context is canceled, as the client's going away would:
+			// else it would wait for window credit for good.
+			giveUp(r.Context(), c, s)
 		}
 	}()
 	retry = s.x.run()

@@ -14,6 +14,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -917,4 +918,31 @@ func TestFailModulesIndependent(t *testing.T) {
 	if rest := failAwaitBody(t, failReadAll(held.Body), "fail-twin-b GET /hold"); rest.err != nil || string(rest.data) != "part2\n" {
 		t.Errorf("fail-twin-b's request in flight across fail-twin-a's kill: rest %q (%v), want %q", rest.data, rest.err, "part2\n")
 	}
+}
+
+// abortingWriter is a ResponseWriter that panics with http.ErrAbortHandler
+// at its first write, as a middleware's may.
+type abortingWriter struct{ http.ResponseWriter }
+
+func (w abortingWriter) Write([]byte) (int, error) { panic(http.ErrAbortHandler) }
+
+// A ResponseWriter that panics in the middle of a response ends the request
+// in the child too: the handler's context is canceled, as when the client
+// goes away, and the parent keeps no stream for it. (The parent used to
+// drop what the child sent and tell it nothing: the handler waited for
+// window credit, or here for its context, as long as the child lived.)
+func TestFailPanickingWriterCancelsHandler(t *testing.T) {
+	h := startModule(t, "fail-mod", failOpts(t, failConfig{}, Options{HealthInterval: time.Hour}))
+	func() {
+		defer func() { assert.Equal(t, http.ErrAbortHandler, recover(), "ServeHTTP's panic") }()
+		h.ServeHTTP(abortingWriter{httptest.NewRecorder()}, httptest.NewRequest("GET", "/stream", nil))
+	}()
+	h.mu.Lock()
+	c := h.kids[0]
+	h.mu.Unlock()
+	assert.Eventually(t, func() bool {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		return len(c.pending) == 0 && len(c.forgotten) == 0
+	}, 10*time.Second, time.Millisecond, "the child's handler still runs for a request whose writer panicked")
 }
