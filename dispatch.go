@@ -37,6 +37,7 @@ type outFrame struct {
 	msg   any     // if non-nil, encoded as the payload (see encoder)
 	data  []byte  // the payload otherwise
 	buf   *[]byte // the pooled chunk holding data, released once copied
+	slot  int     // for kindData: 1 + the slot of sendRing that holds data, which it starts; 0 for none (see conn.takeSlot)
 }
 
 // errConnClosed reports a send on a connection that stopped writing.
@@ -108,7 +109,7 @@ func (c *conn) sendFrames(fs []outFrame, cancel <-chan struct{}) error {
 		select {
 		case <-drained:
 		case <-cancel:
-			releaseFrames(fs)
+			c.releaseFrames(fs)
 			return errCanceled
 		}
 		c.mu.Lock()
@@ -116,14 +117,14 @@ func (c *conn) sendFrames(fs []outFrame, cancel <-chan struct{}) error {
 	if c.werr != nil {
 		err := c.werr
 		c.mu.Unlock()
-		releaseFrames(fs)
+		c.releaseFrames(fs)
 		return err
 	}
 	for i, f := range fs {
 		if err := c.appendLocked(f); err != nil {
 			c.werr = err
 			c.mu.Unlock()
-			releaseFrames(fs[i+1:])
+			c.releaseFrames(fs[i+1:])
 			return err
 		}
 	}
@@ -178,14 +179,39 @@ func (c *conn) writeLocked() error {
 	return c.werr
 }
 
-func releaseFrames(fs []outFrame) {
+// releaseFrames releases the chunks and slots of frames that will not be
+// sent.
+func (c *conn) releaseFrames(fs []outFrame) {
 	for _, f := range fs {
 		putChunk(f.buf)
+		if f.slot > 0 {
+			c.sendRing.untake(f.slot - 1)
+		}
 	}
 }
 
+// takeSlot takes a free slot of sendRing for the caller to fill and send
+// as a frame's slot, or to give back with untakeSlot; it returns -1 if
+// there is no ring or no free slot. The bytes then go without a copy.
+func (c *conn) takeSlot() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.sendRing == nil {
+		return -1
+	}
+	return c.sendRing.take()
+}
+
+// untakeSlot gives back slot i, taken with takeSlot and not sent.
+func (c *conn) untakeSlot(i int) { c.sendRing.untake(i) }
+
 // appendLocked appends f to the pending bytes and releases its chunk.
 func (c *conn) appendLocked(f outFrame) error {
+	if f.slot > 0 {
+		// Filled in place: only the reference goes.
+		c.pending = appendRef(c.pending, f.flags, f.id, f.slot-1, len(f.data))
+		return nil
+	}
 	if f.msg != nil {
 		p, err := c.enc.encode(f.msg)
 		if err != nil {
@@ -204,11 +230,7 @@ func (c *conn) appendLocked(f outFrame) error {
 	if c.sendRing != nil && f.kind == kindData && len(f.data) >= ringMin {
 		if i := c.sendRing.take(); i >= 0 {
 			copy(c.sendRing.slot(i), f.data)
-			var ref [8]byte
-			binary.BigEndian.PutUint32(ref[:4], uint32(i))
-			binary.BigEndian.PutUint32(ref[4:], uint32(len(f.data)))
-			c.pending = frame.AppendHeader(c.pending, kindDataRef, f.flags, f.id, len(ref))
-			c.pending = append(c.pending, ref[:]...)
+			c.pending = appendRef(c.pending, f.flags, f.id, i, len(f.data))
 			putChunk(f.buf)
 			return nil
 		}
@@ -217,6 +239,13 @@ func (c *conn) appendLocked(f outFrame) error {
 	c.pending = append(c.pending, f.data...)
 	putChunk(f.buf)
 	return nil
+}
+
+// appendRef appends a kindDataRef frame for the n bytes in slot i.
+func appendRef(b []byte, flags uint8, id uint64, i, n int) []byte {
+	b = frame.AppendHeader(b, kindDataRef, flags, id, 8)
+	b = binary.BigEndian.AppendUint32(b, uint32(i))
+	return binary.BigEndian.AppendUint32(b, uint32(n))
 }
 
 // sendWindowUpdate sends a window update of n bytes for stream id.

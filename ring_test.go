@@ -612,3 +612,65 @@ func TestRingOfAKilledChild(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, int64(4<<20), n, "the next child's response")
 }
+
+// A write of ringMin bytes or more goes straight into a slot of the up ring,
+// which the frame then hands over: the handler's bytes are copied once, not
+// into a buffer and again into a slot. Writes that span slots, small ones
+// between them, flushes and an unsent slot at a canceled request's end all
+// keep the body intact and give every slot back.
+func TestResponseWriterFillsSlots(t *testing.T) {
+	pattern := ringPattern(1 << 20)
+	writes := []int{40 << 10, 30 << 10, -1, 5 << 10, chunkSize, 100 << 10, 20 << 10} // -1: a flush
+	written, proceed := make(chan struct{}), make(chan struct{})
+	p := newPipePair(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		off := 0
+		for i, n := range writes {
+			if n < 0 {
+				w.(http.Flusher).Flush()
+				continue
+			}
+			if _, err := w.Write(pattern[off : off+n]); err != nil {
+				return
+			}
+			off += n
+			if i == 0 {
+				written <- struct{}{}
+				select {
+				case <-proceed:
+				case <-r.Context().Done():
+					return
+				}
+			}
+		}
+	}))
+	up := p.c.ring
+
+	// The first write is in a slot, before anything is sent.
+	s := openRequest(t, p.c, httptest.NewRequest("GET", "/", nil))
+	<-written
+	require.Equal(t, 1, takenSlots(up), "slots taken for a pending write of %d bytes", writes[0])
+	for i := range ringSlots {
+		if up.state[i].Load() == ringTaken {
+			require.Equal(t, pattern[:writes[0]], up.slot(i)[:writes[0]], "the pending bytes are not in the taken slot")
+		}
+	}
+	close(proceed)
+	status, body := readAll(t, p.c, s)
+	require.Equal(t, http.StatusOK, status)
+	want := 0
+	for _, n := range writes {
+		want += max(n, 0)
+	}
+	require.Equal(t, pattern[:want], body, "the body differs from what the handler wrote")
+	assert.Eventually(t, func() bool { return heldSlots(up) == 0 && takenSlots(up) == 0 }, 10*time.Second, time.Millisecond,
+		"after the response: %d slots held, %d taken", heldSlots(up), takenSlots(up))
+
+	// A request canceled while its bytes wait in a slot gives the slot back.
+	written, proceed = make(chan struct{}), make(chan struct{})
+	s = openRequest(t, p.c, httptest.NewRequest("GET", "/", nil))
+	<-written
+	require.Equal(t, 1, takenSlots(up))
+	giveUp(context.Background(), p.c, s)
+	assert.Eventually(t, func() bool { return takenSlots(up) == 0 }, 10*time.Second, time.Millisecond,
+		"a canceled request's pending slot is still taken")
+}

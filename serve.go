@@ -611,7 +611,8 @@ type responseWriter struct {
 	written       int64       // body bytes written by the handler
 	headSent      bool        // the final head has gone to the parent
 	unflushed     bool        // something went to the parent since the last flush
-	buf           *[]byte     // pending body bytes
+	buf           *[]byte     // pending body bytes, in a pooled buffer
+	slot          int         // or 1 + the slot of the up ring that holds them, filled in place; 0 for none (see bufBytes)
 	n             int         // bytes in buf
 	fullDuplex    bool        // the handler called EnableFullDuplex
 	informational int         // 1xx heads sent
@@ -723,9 +724,17 @@ func (w *responseWriter) Write(p []byte) (int, error) {
 	n := 0
 	for n < len(p) {
 		switch {
-		case w.buf == nil:
+		case w.buf == nil && w.slot == 0:
+			if len(p)-n >= ringMin {
+				// Enough for a slot: the bytes go in it, and the parent
+				// gets them where they are, with no copy on the way.
+				if i := w.c.takeSlot(); i >= 0 {
+					w.slot = i + 1
+					continue
+				}
+			}
 			w.buf = getBuffer(len(p) - n)
-		case w.n < len(*w.buf):
+		case w.n < len(w.bufBytes()):
 		case w.n < chunkSize:
 			// A small buffer is full: move to a chunk.
 			big := getChunk()
@@ -741,12 +750,33 @@ func (w *responseWriter) Write(p []byte) (int, error) {
 			}
 			continue
 		}
-		k := copy((*w.buf)[w.n:], p[n:])
+		k := copy(w.bufBytes()[w.n:], p[n:])
 		w.n += k
 		n += k
 		w.written += int64(k)
 	}
 	return n, nil
+}
+
+// bufBytes returns the buffer of the pending body bytes: a slot of the up
+// ring, a pooled buffer, or nil.
+func (w *responseWriter) bufBytes() []byte {
+	switch {
+	case w.slot > 0:
+		return w.c.sendRing.slot(w.slot - 1)
+	case w.buf != nil:
+		return *w.buf
+	}
+	return nil
+}
+
+// dropBufLocked drops the pending body bytes and releases their buffer.
+func (w *responseWriter) dropBufLocked() {
+	putChunk(w.buf)
+	if w.slot > 0 {
+		w.c.untakeSlot(w.slot - 1)
+	}
+	w.buf, w.slot, w.n = nil, 0, 0
 }
 
 // WriteString is Write for a string, without an allocation.
@@ -844,28 +874,32 @@ func (w *responseWriter) sendBodyLocked(flags uint8, end *outFrame) error {
 		if k := credit - frameOverhead; k < w.n {
 			// A part: it goes now, the rest stays at the front of the
 			// buffer. The frames are copied before sendFrames returns.
-			fs = append(fs, outFrame{kind: kindData, id: w.id, data: (*w.buf)[:k]})
+			b := w.bufBytes()
+			fs = append(fs, outFrame{kind: kindData, id: w.id, data: b[:k]})
 			if err := w.c.sendFrames(fs, nil); err != nil {
 				w.fail(err)
 			}
 			fs = fs[:0]
-			w.n = copy(*w.buf, (*w.buf)[k:w.n])
+			w.n = copy(b, b[k:w.n])
 			w.unflushed = true
 			continue
 		}
 		f := outFrame{kind: kindData, flags: flags, id: w.id}
-		if w.buf != nil {
+		switch {
+		case w.slot > 0 && w.n > 0:
+			f.data, f.slot = w.bufBytes()[:w.n], w.slot
+			w.slot = 0
+		case w.buf != nil:
 			f.data, f.buf = (*w.buf)[:w.n], w.buf
+			w.buf = nil
 		}
 		fs = append(fs, f)
-		w.buf, w.n = nil, 0
+		w.dropBufLocked() // a slot left empty; the bytes are the frame's
 		w.unflushed = flags&flagFlush == 0
 		break
 	}
 	if w.err != nil {
-		for _, f := range fs {
-			putChunk(f.buf)
-		}
+		w.c.releaseFrames(fs)
 		fs = fs[:0]
 	}
 	if end != nil {
@@ -892,8 +926,7 @@ func (w *responseWriter) tooLargeLocked(what string) error {
 	fmt.Fprintln(os.Stderr, err)
 	w.fail(err)
 	w.aborted = true
-	putChunk(w.buf)
-	w.buf, w.n = nil, 0
+	w.dropBufLocked()
 	w.c.send(outFrame{kind: kindAbort, flags: flagTooLarge, id: w.id}, nil)
 	return w.err
 }
@@ -945,8 +978,7 @@ func (w *responseWriter) finish() {
 		}
 	}
 	w.sendBodyLocked(0, &end)
-	putChunk(w.buf)
-	w.buf = nil
+	w.dropBufLocked()
 }
 
 // trailerLocked collects the trailers: the declared keys' values, and keys
@@ -984,8 +1016,7 @@ func (w *responseWriter) abort(always bool) {
 		return
 	}
 	w.done = true
-	putChunk(w.buf)
-	w.buf, w.n = nil, 0
+	w.dropBufLocked()
 	w.err = nil
 	if w.aborted || w.hijacked {
 		return // the stream is ended

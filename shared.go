@@ -235,6 +235,10 @@ func (r *bodyRing) take() int {
 	return -1
 }
 
+// untake, in the sender, gives back slot i, which take returned and which
+// was never handed to the receiver.
+func (r *bodyRing) untake(i int) { r.state[i].Store(ringFree) }
+
 // hold, in the receiver, records that the sender handed it slot i, and
 // reports false if i is no slot or the receiver holds it already: a sender
 // that breaks the protocol.
