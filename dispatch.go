@@ -37,7 +37,7 @@ type outFrame struct {
 	msg   any     // if non-nil, encoded as the payload (see encoder)
 	data  []byte  // the payload otherwise
 	buf   *[]byte // the pooled chunk holding data, released once copied
-	slot  int     // for kindData: 1 + the slot of sendRing that holds data, which it starts; 0 for none (see conn.takeSlot)
+	slot  int     // for kindData: 1 + the slot of sendRing whose first bytes are data, sent by reference; 0 for none (see conn.takeSlot)
 }
 
 // errConnClosed reports a send on a connection that stopped writing.
@@ -700,10 +700,7 @@ func (c *child) dispatch(hdr frame.Header, scratch *[]byte) error {
 			c.mu.Lock()
 			switch {
 			case hdr.Kind == kindHijack:
-				if c.forgottenTunnels == nil {
-					c.forgottenTunnels = make(map[uint64]bool)
-				}
-				c.forgottenTunnels[hdr.ID] = true
+				c.forgetTunnelLocked(hdr.ID)
 			case hdr.Kind == kindAbort || hdr.Kind == kindEnd && !c.forgottenTunnels[hdr.ID]:
 				delete(c.forgotten, hdr.ID)
 				delete(c.forgottenTunnels, hdr.ID)
@@ -713,6 +710,15 @@ func (c *child) dispatch(hdr frame.Header, scratch *[]byte) error {
 		}
 		if err := s.push(ev); err != nil {
 			return &protocolError{fmt.Sprintf("request %d: %v", hdr.ID, err)}
+		}
+		if hdr.Kind == kindHijack {
+			// Forgotten since the lookup, before s was a tunnel: forget
+			// saw none.
+			c.mu.Lock()
+			if _, ok := c.forgotten[hdr.ID]; ok {
+				c.forgetTunnelLocked(hdr.ID)
+			}
+			c.mu.Unlock()
 		}
 		if hdr.Kind == kindAbort || hdr.Kind == kindEnd && !s.tunneled() {
 			c.mu.Lock()
@@ -789,7 +795,19 @@ func (c *child) forget(s *stream) {
 	if c.pending[s.id] == s {
 		delete(c.pending, s.id)
 		c.forgotten[s.id] = time.Now()
+		if s.tunneled() {
+			// The hijack was read: the tunnel ends with kindAbort alone.
+			c.forgetTunnelLocked(s.id)
+		}
 	}
+}
+
+// forgetTunnelLocked records that the forgotten stream id is a tunnel.
+func (c *child) forgetTunnelLocked(id uint64) {
+	if c.forgottenTunnels == nil {
+		c.forgottenTunnels = make(map[uint64]bool)
+	}
+	c.forgottenTunnels[id] = true
 }
 
 // givenUpSince returns when the oldest request that the parent gave up

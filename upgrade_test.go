@@ -506,3 +506,45 @@ func TestLocalAddrReachesModule(t *testing.T) {
 		assert.Equal(t, srv.Listener.Addr().String(), body)
 	}
 }
+
+// A tunnel the parent gives up before it read the hijack (the client went
+// away, or the parent's own hijack failed) still ends as a tunnel: the
+// child's half-close (kindEnd) and then its close (kindAbort) are dropped,
+// and the child serves on. The parent used to forget such a stream as a
+// plain response, drop the half-close as its end, and take the close for
+// a message after the end: a protocol error, for which it killed the
+// child and every request in flight on it.
+func TestForgottenTunnelEndsAsTunnel(t *testing.T) {
+	hijacked, closeIt := make(chan struct{}), make(chan struct{})
+	done := make(chan struct{})
+	p := newPipePair(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/hijack" {
+			io.WriteString(w, "ok")
+			return
+		}
+		defer close(done)
+		conn, _, err := http.NewResponseController(w).Hijack()
+		if !assert.NoError(t, err, "Hijack") {
+			return
+		}
+		close(hijacked)
+		<-closeIt
+		conn.(interface{ CloseWrite() error }).CloseWrite()
+		conn.Close()
+	}))
+	r := httptest.NewRequest("GET", "/hijack", nil)
+	head := newRequestHead(r)
+	head.Hijackable, head.LocalAddr = true, "tcp 127.0.0.1:80"
+	s, err := p.c.open(r, head)
+	require.NoError(t, err)
+	<-hijacked
+	require.Eventually(t, s.tunneled, 10*time.Second, time.Millisecond, "the parent never read the hijack")
+	giveUp(context.Background(), p.c, s)
+	close(closeIt)
+	<-done
+
+	status, body := readAll(t, p.c, openRequest(t, p.c, httptest.NewRequest("GET", "/after", nil)))
+	assert.Equal(t, http.StatusOK, status)
+	assert.Equal(t, "ok", string(body))
+	assert.True(t, p.c.usable(), "the child is no longer usable: %v", p.c.doneErr())
+}
