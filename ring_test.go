@@ -616,15 +616,21 @@ func TestRingOfAKilledChild(t *testing.T) {
 // A write of ringMin bytes or more goes straight into a slot of the up ring,
 // which the frame then hands over: the handler's bytes are copied once, not
 // into a buffer and again into a slot. Writes that span slots, small ones
-// between them, flushes and an unsent slot at a canceled request's end all
-// keep the body intact and give every slot back.
+// between them and flushes keep the body intact and give every slot back;
+// so does a canceled request whose last bytes wait in a slot for window
+// credit that never comes.
 func TestResponseWriterFillsSlots(t *testing.T) {
 	pattern := ringPattern(1 << 20)
 	writes := []int{40 << 10, 30 << 10, -1, 5 << 10, chunkSize, 100 << 10, 20 << 10} // -1: a flush
+	stalled := []int{chunkSize, -1, 40 << 10}                                        // the window's worth, then a slot's
 	written, proceed := make(chan struct{}), make(chan struct{})
 	p := newPipePair(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ws, pause := writes, 0
+		if r.URL.Path == "/stalled" {
+			ws, pause = stalled, len(stalled)-1
+		}
 		off := 0
-		for i, n := range writes {
+		for i, n := range ws {
 			if n < 0 {
 				w.(http.Flusher).Flush()
 				continue
@@ -633,7 +639,7 @@ func TestResponseWriterFillsSlots(t *testing.T) {
 				return
 			}
 			off += n
-			if i == 0 {
+			if i == pause {
 				written <- struct{}{}
 				select {
 				case <-proceed:
@@ -644,10 +650,18 @@ func TestResponseWriterFillsSlots(t *testing.T) {
 		}
 	}))
 	up := p.c.ring
+	wait := func() {
+		t.Helper()
+		select {
+		case <-written:
+		case <-time.After(10 * time.Second):
+			t.Fatal("the handler never wrote")
+		}
+	}
 
 	// The first write is in a slot, before anything is sent.
 	s := openRequest(t, p.c, httptest.NewRequest("GET", "/", nil))
-	<-written
+	wait()
 	require.Equal(t, 1, takenSlots(up), "slots taken for a pending write of %d bytes", writes[0])
 	for i := range ringSlots {
 		if up.state[i].Load() == ringTaken {
@@ -665,12 +679,16 @@ func TestResponseWriterFillsSlots(t *testing.T) {
 	assert.Eventually(t, func() bool { return heldSlots(up) == 0 && takenSlots(up) == 0 }, 10*time.Second, time.Millisecond,
 		"after the response: %d slots held, %d taken", heldSlots(up), takenSlots(up))
 
-	// A request canceled while its bytes wait in a slot gives the slot back.
-	written, proceed = make(chan struct{}), make(chan struct{})
-	s = openRequest(t, p.c, httptest.NewRequest("GET", "/", nil))
-	<-written
-	require.Equal(t, 1, takenSlots(up))
+	// The first chunk spends the window and waits, unread, in the parent;
+	// the last bytes wait in a slot of their own for credit. Canceled,
+	// the handler returns, the parent drops the first and the child gives
+	// the second back.
+	proceed = make(chan struct{})
+	s = openRequest(t, p.c, httptest.NewRequest("GET", "/stalled", nil))
+	wait()
+	require.Eventually(t, func() bool { return heldSlots(up) == 1 }, 10*time.Second, time.Millisecond, "the first chunk never reached the parent")
+	require.Equal(t, 2, takenSlots(up), "slots taken: the one sent and the one pending")
 	giveUp(context.Background(), p.c, s)
-	assert.Eventually(t, func() bool { return takenSlots(up) == 0 }, 10*time.Second, time.Millisecond,
-		"a canceled request's pending slot is still taken")
+	assert.Eventually(t, func() bool { return heldSlots(up) == 0 && takenSlots(up) == 0 }, 10*time.Second, time.Millisecond,
+		"after the cancel: %d slots held, %d taken", heldSlots(up), takenSlots(up))
 }
