@@ -617,36 +617,39 @@ func TestRingOfAKilledChild(t *testing.T) {
 // which the frame then hands over: the handler's bytes are copied once, not
 // into a buffer and again into a slot. Writes that span slots, small ones
 // between them and flushes keep the body intact and give every slot back;
-// so does a canceled request whose last bytes wait in a slot for window
-// credit that never comes.
+// bytes that must wait for window credit wait in a buffer, not in a slot
+// the chunks in flight may need; and a slot left pending when the handler
+// panics is given back unsent.
 func TestResponseWriterFillsSlots(t *testing.T) {
 	pattern := ringPattern(1 << 20)
-	writes := []int{40 << 10, 30 << 10, -1, 5 << 10, chunkSize, 100 << 10, 20 << 10} // -1: a flush
-	stalled := []int{chunkSize, -1, 40 << 10}                                        // the window's worth, then a slot's
+	scripts := map[string][]int{ // bytes to write; -1 flushes, 0 pauses
+		"/":        {40 << 10, 0, 30 << 10, -1, 5 << 10, chunkSize, 100 << 10, 20 << 10},
+		"/stalled": {chunkSize, -1, 40 << 10, 0}, // the window's worth, then more
+		"/panic":   {40 << 10, 0},
+	}
 	written, proceed := make(chan struct{}), make(chan struct{})
 	p := newPipePair(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		ws, pause := writes, 0
-		if r.URL.Path == "/stalled" {
-			ws, pause = stalled, len(stalled)-1
-		}
 		off := 0
-		for i, n := range ws {
-			if n < 0 {
+		for _, n := range scripts[r.URL.Path] {
+			switch {
+			case n < 0:
 				w.(http.Flusher).Flush()
-				continue
-			}
-			if _, err := w.Write(pattern[off : off+n]); err != nil {
-				return
-			}
-			off += n
-			if i == pause {
+			case n == 0:
 				written <- struct{}{}
 				select {
 				case <-proceed:
 				case <-r.Context().Done():
 					return
 				}
+			default:
+				if _, err := w.Write(pattern[off : off+n]); err != nil {
+					return
+				}
+				off += n
 			}
+		}
+		if r.URL.Path == "/panic" {
+			panic(http.ErrAbortHandler)
 		}
 	}))
 	up := p.c.ring
@@ -658,37 +661,45 @@ func TestResponseWriterFillsSlots(t *testing.T) {
 			t.Fatal("the handler never wrote")
 		}
 	}
+	allFree := func(when string) {
+		t.Helper()
+		assert.Eventually(t, func() bool { return heldSlots(up) == 0 && takenSlots(up) == 0 }, 10*time.Second, time.Millisecond,
+			"%s: %d slots held, %d taken", when, heldSlots(up), takenSlots(up))
+	}
 
 	// The first write is in a slot, before anything is sent.
 	s := openRequest(t, p.c, httptest.NewRequest("GET", "/", nil))
 	wait()
-	require.Equal(t, 1, takenSlots(up), "slots taken for a pending write of %d bytes", writes[0])
+	first := scripts["/"][0]
+	require.Equal(t, 1, takenSlots(up), "slots taken for a pending write of %d bytes", first)
 	for i := range ringSlots {
 		if up.state[i].Load() == ringTaken {
-			require.Equal(t, pattern[:writes[0]], up.slot(i)[:writes[0]], "the pending bytes are not in the taken slot")
+			require.Equal(t, pattern[:first], up.slot(i)[:first], "the pending bytes are not in the taken slot")
 		}
 	}
-	close(proceed)
+	proceed <- struct{}{}
 	status, body := readAll(t, p.c, s)
 	require.Equal(t, http.StatusOK, status)
 	want := 0
-	for _, n := range writes {
+	for _, n := range scripts["/"] {
 		want += max(n, 0)
 	}
 	require.Equal(t, pattern[:want], body, "the body differs from what the handler wrote")
-	assert.Eventually(t, func() bool { return heldSlots(up) == 0 && takenSlots(up) == 0 }, 10*time.Second, time.Millisecond,
-		"after the response: %d slots held, %d taken", heldSlots(up), takenSlots(up))
+	allFree("after the response")
 
 	// The first chunk spends the window and waits, unread, in the parent;
-	// the last bytes wait in a slot of their own for credit. Canceled,
-	// the handler returns, the parent drops the first and the child gives
-	// the second back.
-	proceed = make(chan struct{})
+	// the bytes after it wait for credit outside the ring.
 	s = openRequest(t, p.c, httptest.NewRequest("GET", "/stalled", nil))
 	wait()
 	require.Eventually(t, func() bool { return heldSlots(up) == 1 }, 10*time.Second, time.Millisecond, "the first chunk never reached the parent")
-	require.Equal(t, 2, takenSlots(up), "slots taken: the one sent and the one pending")
+	require.Equal(t, 1, takenSlots(up), "slots taken: the chunk sent, and none for the bytes without credit")
 	giveUp(context.Background(), p.c, s)
-	assert.Eventually(t, func() bool { return heldSlots(up) == 0 && takenSlots(up) == 0 }, 10*time.Second, time.Millisecond,
-		"after the cancel: %d slots held, %d taken", heldSlots(up), takenSlots(up))
+	allFree("after the cancel")
+
+	// A handler that panics with its bytes in a slot: the slot comes back.
+	openRequest(t, p.c, httptest.NewRequest("GET", "/panic", nil))
+	wait()
+	require.Equal(t, 1, takenSlots(up), "slots taken for a pending write")
+	proceed <- struct{}{}
+	allFree("after the panic")
 }

@@ -725,9 +725,12 @@ func (w *responseWriter) Write(p []byte) (int, error) {
 	for n < len(p) {
 		switch {
 		case w.buf == nil && w.slot == 0:
-			if len(p)-n >= ringMin {
-				// Enough for a slot: the bytes go in it, and the parent
-				// gets them where they are, with no copy on the way.
+			if k := len(p) - n; k >= ringMin && w.win.has(frameCost(min(k, chunkSize))) {
+				// Enough for a slot, and the credit to send it: the
+				// bytes go in it, and the parent gets them where they
+				// are, with no copy on the way. (Bytes that wait for
+				// credit wait in a buffer, not in a slot that the chunks
+				// in flight before them may need.)
 				if i := w.c.takeSlot(); i >= 0 {
 					w.slot = i + 1
 					continue

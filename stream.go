@@ -147,6 +147,13 @@ func (w *sendWindow) add(n int) error {
 	return nil
 }
 
+// has reports whether the window holds at least n bytes of credit.
+func (w *sendWindow) has(n int) bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.credit >= n
+}
+
 // close makes every later take fail with err. The first error sticks.
 func (w *sendWindow) close(err error) {
 	w.mu.Lock()
