@@ -13,10 +13,10 @@ import (
 // the whole payload of their frames, instead of going through gob, whose
 // reflection and per-message type and length prefixes cost more than the
 // encoding itself: varints, and strings and lists prefixed with their
-// length. Decoding copies the payload into one
-// string and slices every header key and value out of it, so that a head
-// costs a handful of allocations whatever its size; every count is checked
-// against the bytes left before anything is allocated for it.
+// length. Decoding copies the payload into one string and slices every
+// header key and value out of it, so that a head costs a handful of
+// allocations whatever its size; every count is checked against the bytes
+// left before anything is allocated for it.
 
 // wireVersion opens a head's encoding; a head that does not start with it
 // is rejected.
