@@ -34,10 +34,12 @@ type outFrame struct {
 	kind  uint8
 	flags uint8
 	id    uint64
-	msg   any     // if non-nil, encoded as the payload (see encoder)
-	data  []byte  // the payload otherwise
-	buf   *[]byte // the pooled chunk holding data, released once copied
-	slot  int     // for kindData: 1 + the slot of sendRing whose first bytes are data, sent by reference; 0 for none (see conn.takeSlot)
+	msg   any    // if non-nil, encoded as the payload (see encoder)
+	data  []byte // the payload otherwise
+	// out holds data: a pooled buffer, released once data is copied, or,
+	// for kindData, a slot of sendRing that data starts, which goes by
+	// reference (see conn.takeSlot); zero for neither.
+	out chunk
 }
 
 // errConnClosed reports a send on a connection that stopped writing.
@@ -109,7 +111,7 @@ func (c *conn) sendFrames(fs []outFrame, cancel <-chan struct{}) error {
 		select {
 		case <-drained:
 		case <-cancel:
-			c.releaseFrames(fs)
+			releaseFrames(fs)
 			return errCanceled
 		}
 		c.mu.Lock()
@@ -117,14 +119,14 @@ func (c *conn) sendFrames(fs []outFrame, cancel <-chan struct{}) error {
 	if c.werr != nil {
 		err := c.werr
 		c.mu.Unlock()
-		c.releaseFrames(fs)
+		releaseFrames(fs)
 		return err
 	}
 	for i, f := range fs {
 		if err := c.appendLocked(f); err != nil {
 			c.werr = err
 			c.mu.Unlock()
-			c.releaseFrames(fs[i+1:])
+			releaseFrames(fs[i+1:])
 			return err
 		}
 	}
@@ -179,37 +181,32 @@ func (c *conn) writeLocked() error {
 	return c.werr
 }
 
-// releaseFrames releases the chunks and slots of frames that will not be
+// releaseFrames releases the buffers and slots of frames that will not be
 // sent.
-func (c *conn) releaseFrames(fs []outFrame) {
-	for _, f := range fs {
-		putChunk(f.buf)
-		if f.slot > 0 {
-			c.sendRing.untake(f.slot - 1)
-		}
+func releaseFrames(fs []outFrame) {
+	for i := range fs {
+		fs[i].out.release()
 	}
 }
 
-// takeSlot takes a free slot of sendRing for the caller to fill and send
-// as a frame's slot, or to give back with untakeSlot; it returns -1 if
+// takeSlot takes a free slot of sendRing, as an empty chunk, for the caller
+// to fill and send as a frame's out, or to release; it reports false if
 // there is no ring or no free slot. The bytes then go without a copy.
-func (c *conn) takeSlot() int {
+func (c *conn) takeSlot() (chunk, bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.sendRing == nil {
-		return -1
+		return chunk{}, false
 	}
-	return c.sendRing.take()
+	i := c.sendRing.take()
+	return chunk{ring: c.sendRing, slot: int32(i)}, i >= 0
 }
-
-// untakeSlot gives back slot i, taken with takeSlot and not sent.
-func (c *conn) untakeSlot(i int) { c.sendRing.untake(i) }
 
 // appendLocked appends f to the pending bytes and releases its chunk.
 func (c *conn) appendLocked(f outFrame) error {
-	if f.slot > 0 {
+	if f.out.ring != nil {
 		// Filled in place: only the reference goes.
-		c.pending = appendRef(c.pending, f.flags, f.id, f.slot-1, len(f.data))
+		c.pending = appendRef(c.pending, f.flags, f.id, int(f.out.slot), len(f.data))
 		return nil
 	}
 	if f.msg != nil {
@@ -231,13 +228,13 @@ func (c *conn) appendLocked(f outFrame) error {
 		if i := c.sendRing.take(); i >= 0 {
 			copy(c.sendRing.slot(i), f.data)
 			c.pending = appendRef(c.pending, f.flags, f.id, i, len(f.data))
-			putChunk(f.buf)
+			f.out.release()
 			return nil
 		}
 	}
 	c.pending = frame.AppendHeader(c.pending, f.kind, f.flags, f.id, len(f.data))
 	c.pending = append(c.pending, f.data...)
-	putChunk(f.buf)
+	f.out.release()
 	return nil
 }
 

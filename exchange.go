@@ -261,7 +261,7 @@ func (x *exchange) pumpClient(conn net.Conn, br *bufio.Reader, stop <-chan struc
 		case m < n:
 			s.win.add(n - m)
 		}
-		if m > 0 && c.send(outFrame{kind: kindData, id: s.id, data: (*buf)[:m], buf: buf}, stop) != nil {
+		if m > 0 && c.send(outFrame{kind: kindData, id: s.id, data: (*buf)[:m], out: chunk{buf: buf}}, stop) != nil {
 			return
 		}
 		switch {
@@ -598,7 +598,7 @@ func (b *bodySender) pumpRequestBody() {
 		var batch [2]outFrame
 		fs := batch[:0]
 		if m > 0 {
-			fs = append(fs, outFrame{kind: kindData, id: s.id, data: (*buf)[:m], buf: buf})
+			fs = append(fs, outFrame{kind: kindData, id: s.id, data: (*buf)[:m], out: chunk{buf: buf}})
 		} else {
 			putChunk(buf)
 		}

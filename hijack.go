@@ -348,7 +348,7 @@ func (w *responseWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	}
 	var prefix []byte
 	switch {
-	case w.headSent || w.n > 0:
+	case w.headSent || w.out.n > 0:
 		// The response has started: what the handler wrote goes to the
 		// client first, flushed, and the conn's bytes follow it, as they
 		// follow a flushed response in net/http.

@@ -611,9 +611,7 @@ type responseWriter struct {
 	written       int64       // body bytes written by the handler
 	headSent      bool        // the final head has gone to the parent
 	unflushed     bool        // something went to the parent since the last flush
-	buf           *[]byte     // pending body bytes, in a pooled buffer
-	slot          int         // or 1 + the slot of the up ring that holds them, filled in place; 0 for none (see bufBytes)
-	n             int         // bytes in buf
+	out           chunk       // the pending body bytes: in a pooled buffer, or in a slot of the up ring, filled in place
 	fullDuplex    bool        // the handler called EnableFullDuplex
 	informational int         // 1xx heads sent
 	done          bool        // the handler has returned, or panicked
@@ -724,26 +722,26 @@ func (w *responseWriter) Write(p []byte) (int, error) {
 	n := 0
 	for n < len(p) {
 		switch {
-		case w.buf == nil && w.slot == 0:
+		case w.out.buf == nil && w.out.ring == nil:
 			if k := len(p) - n; k >= ringMin && w.win.has(frameCost(min(k, chunkSize))) {
 				// Enough for a slot, and the credit to send it: the
 				// bytes go in it, and the parent gets them where they
 				// are, with no copy on the way. (Bytes that wait for
 				// credit wait in a buffer, not in a slot that the chunks
 				// in flight before them may need.)
-				if i := w.c.takeSlot(); i >= 0 {
-					w.slot = i + 1
+				if slot, ok := w.c.takeSlot(); ok {
+					w.out = slot
 					continue
 				}
 			}
-			w.buf = getBuffer(len(p) - n)
-		case w.n < len(w.bufBytes()):
-		case w.n < chunkSize:
+			w.out.buf = getBuffer(len(p) - n)
+		case w.out.n < len(w.out.space()):
+		case w.out.n < chunkSize:
 			// A small buffer is full: move to a chunk.
 			big := getChunk()
-			copy(*big, (*w.buf)[:w.n])
-			putChunk(w.buf)
-			w.buf = big
+			copy(*big, w.out.data())
+			putChunk(w.out.buf)
+			w.out.buf = big
 		default:
 			// A full chunk goes once more bytes follow it, so that a
 			// flush or the handler's return right after it travels
@@ -753,33 +751,18 @@ func (w *responseWriter) Write(p []byte) (int, error) {
 			}
 			continue
 		}
-		k := copy(w.bufBytes()[w.n:], p[n:])
-		w.n += k
+		k := copy(w.out.space()[w.out.n:], p[n:])
+		w.out.n += k
 		n += k
 		w.written += int64(k)
 	}
 	return n, nil
 }
 
-// bufBytes returns the buffer of the pending body bytes: a slot of the up
-// ring, a pooled buffer, or nil.
-func (w *responseWriter) bufBytes() []byte {
-	switch {
-	case w.slot > 0:
-		return w.c.sendRing.slot(w.slot - 1)
-	case w.buf != nil:
-		return *w.buf
-	}
-	return nil
-}
-
 // dropBufLocked drops the pending body bytes and releases their buffer.
 func (w *responseWriter) dropBufLocked() {
-	putChunk(w.buf)
-	if w.slot > 0 {
-		w.c.untakeSlot(w.slot - 1)
-	}
-	w.buf, w.slot, w.n = nil, 0, 0
+	w.out.release()
+	w.out.n = 0
 }
 
 // WriteString is Write for a string, without an allocation.
@@ -804,7 +787,7 @@ func (w *responseWriter) FlushError() error {
 	if !w.wroteHeader {
 		w.writeHeaderLocked(http.StatusOK)
 	}
-	if w.n == 0 && w.headSent && !w.unflushed {
+	if w.out.n == 0 && w.headSent && !w.unflushed {
 		return w.err
 	}
 	return w.sendBodyLocked(flagFlush, nil)
@@ -857,8 +840,8 @@ func (w *responseWriter) sendBodyLocked(flags uint8, end *outFrame) error {
 		w.headSent = true
 		fs = append(fs, outFrame{kind: kindResponse, id: w.id, msg: &responseHead{Status: w.status, Header: w.sent, Trailer: w.trailers, FullDuplex: w.fullDuplex}})
 	}
-	for w.err == nil && (w.n > 0 || flags != 0) {
-		least, most := frameCost(min(w.n, 1)), frameCost(w.n)
+	for w.err == nil && (w.out.n > 0 || flags != 0) {
+		least, most := frameCost(min(w.out.n, 1)), frameCost(w.out.n)
 		credit, ok, err := w.win.tryTake(least, most)
 		if !ok {
 			// The credit comes in frames, which this goroutine may be
@@ -874,35 +857,31 @@ func (w *responseWriter) sendBodyLocked(flags uint8, end *outFrame) error {
 			w.fail(err)
 			break
 		}
-		if k := credit - frameOverhead; k < w.n {
+		if k := credit - frameOverhead; k < w.out.n {
 			// A part: it goes now, the rest stays at the front of the
 			// buffer. The frames are copied before sendFrames returns.
-			b := w.bufBytes()
+			b := w.out.space()
 			fs = append(fs, outFrame{kind: kindData, id: w.id, data: b[:k]})
 			if err := w.c.sendFrames(fs, nil); err != nil {
 				w.fail(err)
 			}
 			fs = fs[:0]
-			w.n = copy(b, b[k:w.n])
+			w.out.n = copy(b, b[k:w.out.n])
 			w.unflushed = true
 			continue
 		}
 		f := outFrame{kind: kindData, flags: flags, id: w.id}
-		switch {
-		case w.slot > 0 && w.n > 0:
-			f.data, f.slot = w.bufBytes()[:w.n], w.slot
-			w.slot = 0
-		case w.buf != nil:
-			f.data, f.buf = (*w.buf)[:w.n], w.buf
-			w.buf = nil
+		if w.out.n > 0 {
+			f.data, f.out = w.out.data(), w.out
+			w.out = chunk{} // the frame's now
 		}
 		fs = append(fs, f)
-		w.dropBufLocked() // a slot left empty; the bytes are the frame's
+		w.dropBufLocked() // an empty buffer or slot
 		w.unflushed = flags&flagFlush == 0
 		break
 	}
 	if w.err != nil {
-		w.c.releaseFrames(fs)
+		releaseFrames(fs)
 		fs = fs[:0]
 	}
 	if end != nil {
@@ -937,7 +916,7 @@ func (w *responseWriter) tooLargeLocked(what string) error {
 // sendLocked sends a frame; a failure is remembered for later writes.
 func (w *responseWriter) sendLocked(f outFrame) {
 	if w.err != nil {
-		putChunk(f.buf)
+		f.out.release()
 		return
 	}
 	// No cancel: a failure here would hold back the final head, and an

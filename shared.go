@@ -235,10 +235,6 @@ func (r *bodyRing) take() int {
 	return -1
 }
 
-// untake, in the sender, gives back slot i, which take returned and which
-// was never handed to the receiver.
-func (r *bodyRing) untake(i int) { r.state[i].Store(ringFree) }
-
 // hold, in the receiver, records that the sender handed it slot i, and
 // reports false if i is no slot or the receiver holds it already: a sender
 // that breaks the protocol.
@@ -249,7 +245,8 @@ func (r *bodyRing) hold(i uint32) bool {
 // free, in the receiver, gives slot i back to the sender. The receiver's
 // record changes first, so that the sender, which may take the slot again
 // as soon as its state says so, cannot hand it over before the receiver
-// expects it.
+// expects it. The sender frees a slot it took and did not hand over: the
+// receiver's record of it, then, says it does not hold it already.
 func (r *bodyRing) free(i int) {
 	r.held[i].Store(false)
 	r.state[i].Store(ringFree)

@@ -626,8 +626,9 @@ type event struct {
 	trailer http.Header   // kindEnd
 }
 
-// A chunk is body bytes received in a kindData frame: in a pooled buffer,
-// or, from a kindDataRef, in a slot of a bodyRing.
+// A chunk is body bytes in a pooled buffer or in a slot of a bodyRing: as
+// received in a kindData frame (a slot from a kindDataRef), or as a sender
+// fills them (see conn.takeSlot).
 type chunk struct {
 	slot int32     // ring's slot
 	buf  *[]byte   // a pooled buffer; nil if ring is set
@@ -636,14 +637,17 @@ type chunk struct {
 }
 
 // data returns the chunk's bytes, which are valid until release.
-func (c *chunk) data() []byte {
+func (c *chunk) data() []byte { return c.space()[:c.n] }
+
+// space returns all of the chunk's buffer or slot: a sender fills it.
+func (c *chunk) space() []byte {
 	if c.ring != nil {
-		return c.ring.slot(int(c.slot))[:c.n]
+		return c.ring.slot(int(c.slot))
 	}
 	if c.buf == nil {
 		return nil
 	}
-	return (*c.buf)[:c.n]
+	return *c.buf
 }
 
 // writeTo writes the chunk's bytes from off to w, then releases the chunk,
