@@ -371,6 +371,11 @@ func TestWindowReleasedOnEveryEnd(t *testing.T) {
 // window.
 func TestWindowStalledDoesNotStarveFast(t *testing.T) {
 	const total = 8 << 20
+	// A window grows only while its stream has nothing queued as it
+	// returns credit. /paced?id= sends each chunk once the reader has
+	// taken the one before (see readPaced), so that the fast streams
+	// drain quickly however loaded the machine.
+	var paced sync.Map // id → chan struct{}
 	mux := http.NewServeMux()
 	mux.HandleFunc("/stream", func(w http.ResponseWriter, r *http.Request) {
 		p := bytes.Repeat([]byte("s"), chunkSize)
@@ -380,31 +385,69 @@ func TestWindowStalledDoesNotStarveFast(t *testing.T) {
 			}
 		}
 	})
+	mux.HandleFunc("/paced", func(w http.ResponseWriter, r *http.Request) {
+		next, _ := paced.Load(r.URL.Query().Get("id"))
+		p := bytes.Repeat([]byte("s"), chunkSize)
+		for n := 0; n < total; n += len(p) {
+			if n > 0 {
+				select {
+				case <-next.(chan struct{}):
+				case <-r.Context().Done():
+					return
+				}
+			}
+			if _, err := w.Write(p); err != nil {
+				return
+			}
+			w.(http.Flusher).Flush()
+		}
+	})
 	// A budget that one grown stream spends.
 	pp := newPipePairFlow(t, mux, window-initialWindow, frozenClock)
 	b := pp.c.flow
+	openPaced := func(id string) (*stream, chan struct{}) {
+		next := make(chan struct{}, 1)
+		paced.Store(id, next)
+		return openRequest(t, pp.c, httptest.NewRequest("GET", "/paced?id="+id, nil)), next
+	}
+	// taken returns the credit of a data event the reader has taken, and
+	// lets its stream's handler send the next chunk.
+	taken := func(s *stream, ev event, next chan struct{}) {
+		ev.release()
+		if n := s.consume(ev.n); n > 0 {
+			pp.c.sendWindowUpdate(s.id, n, nil)
+		}
+		select {
+		case next <- struct{}{}:
+		default:
+		}
+	}
+	readPaced := func(s *stream, next chan struct{}) (n int) {
+		for {
+			ev, err := s.next(nil)
+			require.NoError(t, err, "stream %d", s.id)
+			switch ev.kind {
+			case kindData:
+				n += ev.n
+				taken(s, ev, next)
+			case kindEnd:
+				return n
+			case kindAbort:
+				t.Fatalf("stream %d aborted", s.id)
+			}
+		}
+	}
 
 	stalled := openRequest(t, pp.c, httptest.NewRequest("GET", "/stream", nil))
 	waitFull(t, "stalled stream", heldOf(stalled), stalled.wake, initialWindow, frameCost(1))
 	require.Zero(t, b.reserved.Load(), "a stream stalled from the start reserved %d bytes of the budget", b.reserved.Load())
-	// A window grows only when its stream has nothing queued as it
-	// returns credit, which a loaded machine may deny a stream now and
-	// then: one of a few fast streams in turn must grow all the way.
-	var sizes []int
-	for range 5 {
-		fast := openRequest(t, pp.c, httptest.NewRequest("GET", "/stream", nil))
-		if _, body := readAll(t, pp.c, fast); len(body) != total {
-			t.Fatalf("fast stream: %d bytes, want %d", len(body), total)
-		}
-		require.Zero(t, b.reserved.Load(), "%d bytes still reserved with only a stalled stream left", b.reserved.Load())
-		if sizes = append(sizes, sizeOf(fast)); sizeOf(fast) == window {
-			break
-		}
-	}
-	require.Equal(t, window, sizes[len(sizes)-1], "the fast streams' windows grew to %v beside a stalled one, want %d", sizes, window)
+	fast, next := openPaced("fast")
+	require.Equal(t, total, readPaced(fast, next), "fast stream's bytes")
+	require.Zero(t, b.reserved.Load(), "%d bytes still reserved with only a stalled stream left", b.reserved.Load())
+	require.Equal(t, window, sizeOf(fast), "the fast stream's window grew to %d beside a stalled one, want %d", sizeOf(fast), window)
 
 	// A stream grows, spends the budget, then stalls.
-	grown := openRequest(t, pp.c, httptest.NewRequest("GET", "/stream", nil))
+	grown, grownNext := openPaced("grown")
 	for b.reserved.Load() < b.limit {
 		ev, err := grown.next(nil)
 		require.NoError(t, err)
@@ -412,21 +455,15 @@ func TestWindowStalledDoesNotStarveFast(t *testing.T) {
 			t.Fatalf("the stream ended with %d reserved of %d", b.reserved.Load(), b.limit)
 		}
 		if ev.kind == kindData {
-			ev.release()
-			if n := grown.consume(ev.n); n > 0 {
-				pp.c.sendWindowUpdate(grown.id, n, nil)
-			}
+			taken(grown, ev, grownNext)
 		}
 	}
-	fast := openRequest(t, pp.c, httptest.NewRequest("GET", "/stream", nil))
-	if _, body := readAll(t, pp.c, fast); len(body) != total {
-		t.Fatalf("fast stream with the budget spent: %d bytes, want %d", len(body), total)
-	}
+	fast, next = openPaced("fast2")
+	require.Equal(t, total, readPaced(fast, next), "fast stream's bytes with the budget spent")
 	require.Equal(t, initialWindow, sizeOf(fast), "the fast stream grew to %d with the budget spent", sizeOf(fast))
 	// The stalled streams finish.
-	for _, s := range []*stream{stalled, grown} {
-		readAll(t, pp.c, s)
-	}
+	readAll(t, pp.c, stalled)
+	readPaced(grown, grownNext)
 	require.Zero(t, b.reserved.Load(), "after every stream ended: %d reserved, %d held", b.reserved.Load(), b.held.Load())
 	require.Zero(t, b.held.Load(), "after every stream ended: %d reserved, %d held", b.reserved.Load(), b.held.Load())
 }
