@@ -400,18 +400,10 @@ func TestServerRingChunk(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			ctx, cancel := context.WithCancel(context.Background())
-			defer cancel()
-			srv := newServer(ctx, nil, newConn(bytes.NewReader(frames(tt.ref)), nopWriteCloser{io.Discard}), newLocalWord(), http.NotFoundHandler())
-			srv.recvRing = newLocalRing()
-			copy(srv.recvRing.slot(2), want)
-			srv.recvRing.state[2].Store(ringTaken)
-			r, err := srv.open(1, 0, &requestHead{Method: "POST", Path: "/", ContentLength: -1})
-			require.NoError(t, err)
-			defer r.st.cancel(nil)
-			hdr, err := srv.fr.ReadHeader()
-			require.NoError(t, err)
-			err = srv.dispatch(hdr, &srv.scratch)
+			ring := newLocalRing()
+			copy(ring.slot(2), want)
+			ring.state[2].Store(ringTaken)
+			r, err := dispatchToBody(t, tt.ref, ring)
 			if !tt.ok {
 				var pe *protocolError
 				require.ErrorAs(t, err, &pe)
@@ -422,8 +414,8 @@ func TestServerRingChunk(t *testing.T) {
 			n, err := r.req.Body.Read(got)
 			require.NoError(t, err)
 			require.Equal(t, want, got[:n])
-			require.Equal(t, uint32(ringFree), srv.recvRing.state[2].Load(), "the slot read from is not free for the parent")
-			require.Equal(t, 0, heldSlots(srv.recvRing))
+			require.Equal(t, uint32(ringFree), ring.state[2].Load(), "the slot read from is not free for the parent")
+			require.Equal(t, 0, heldSlots(ring))
 		})
 	}
 

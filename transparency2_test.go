@@ -298,6 +298,23 @@ func TestBodyErrorPayload(t *testing.T) {
 	}
 }
 
+// dispatchToBody gives a server that has request 1 open, with a body of
+// unknown length, the frame f, and returns the request and dispatch's
+// error. recv, if not nil, is the server's down ring.
+func dispatchToBody(t *testing.T, f outFrame, recv *bodyRing) (startingRequest, error) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	srv := newServer(ctx, nil, newConn(bytes.NewReader(frames(f)), nopWriteCloser{io.Discard}), newLocalWord(), http.NotFoundHandler())
+	srv.recvRing = recv
+	r, err := srv.open(1, 0, &requestHead{Method: "POST", Path: "/", ContentLength: -1})
+	require.NoError(t, err)
+	t.Cleanup(func() { r.st.cancel(nil) })
+	hdr, err := srv.fr.ReadHeader()
+	require.NoError(t, err)
+	return r, srv.dispatch(hdr, &srv.scratch)
+}
+
 // The child ends a request body with the error a body-error frame
 // describes, and takes a malformed one for a protocol error.
 func TestServerBodyError(t *testing.T) {
@@ -319,16 +336,7 @@ func TestServerBodyError(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			input := frames(outFrame{kind: kindEnd, flags: flagBodyError, id: 1, data: tt.payload})
-			ctx, cancel := context.WithCancel(context.Background())
-			defer cancel()
-			srv := newServer(ctx, nil, newConn(bytes.NewReader(input), nopWriteCloser{io.Discard}), newLocalWord(), http.NotFoundHandler())
-			r, err := srv.open(1, 0, &requestHead{Method: "POST", Path: "/", ContentLength: -1})
-			require.NoError(t, err)
-			defer r.st.cancel(nil)
-			hdr, err := srv.fr.ReadHeader()
-			require.NoError(t, err)
-			err = srv.dispatch(hdr, &srv.scratch)
+			r, err := dispatchToBody(t, outFrame{kind: kindEnd, flags: flagBodyError, id: 1, data: tt.payload}, nil)
 			var pe *protocolError
 			if tt.want == nil {
 				require.True(t, errors.As(err, &pe), "dispatch: %v, want a protocol error", err)
