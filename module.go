@@ -112,14 +112,14 @@ const (
 
 // runChild runs module name for the parent and returns the exit status.
 func runChild(name string) int {
-	in, out, logw, accept, rings, err := takeOverFDs()
+	fds, err := takeOverFDs()
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "subproc: this process was started with %s=%s set, but not by subproc.Start (%v), so it has no parent to serve.\n"+
 			"Unset %s to run the program normally.\n", envModule, name, err, envModule)
 		return exitMisused
 	}
-	c := newConn(in, out)
-	c.sendRing = rings.up
+	c := newConn(fds.in, fds.out)
+	c.sendRing = fds.rings.up
 	if err := frame.ReadPreamble(c.fr.Buffered(), protocolVersion); err != nil {
 		var ve *frame.VersionError
 		if errors.As(err, &ve) {
@@ -156,9 +156,9 @@ func runChild(name string) int {
 	defer cancel()
 	moduleCtx, drain := context.WithCancel(ctx)
 	defer drain()
-	srv := newServer(ctx, drain, c, accept, nil)
-	srv.recvRing = rings.down
-	srv.stacks = logw
+	srv := newServer(ctx, drain, c, fds.accept, nil)
+	srv.recvRing = fds.rings.down
+	srv.stacks = fds.log
 	readErr := make(chan error, 1)
 	go func() {
 		err := srv.readLoop()
@@ -182,7 +182,7 @@ func runChild(name string) int {
 		Slot:        hi.Slot,
 		Config:      hi.Config,
 		LogDir:      hi.LogDir,
-		Logger:      slog.New(slog.NewTextHandler(logw, &slog.HandlerOptions{AddSource: true})),
+		Logger:      slog.New(slog.NewTextHandler(fds.log, &slog.HandlerOptions{AddSource: true})),
 	}
 	h, err := initModule(moduleCtx, name, env)
 	if err != nil {
@@ -236,29 +236,37 @@ func initModule(ctx context.Context, name string, env *Env) (h http.Handler, err
 	return h, err
 }
 
+// childFDs is what a child is given by its parent, once takeOverFDs has
+// moved it out of the module's way.
+type childFDs struct {
+	in, out *os.File    // the protocol's ends
+	log     *os.File    // Env.Logger's pipe
+	accept  *acceptWord // the accept word
+	rings   sharedRings // the body rings, if the parent gave them
+}
+
 // takeOverFDs moves the protocol off fds 0 and 1 and the log captures onto
-// fds 1 and 2. It returns the protocol's ends, Env.Logger's pipe, the
-// accept word and the body rings, if the parent gave them. It fails,
-// touching nothing, if the fds Start sets up are missing.
-func takeOverFDs() (in, out, logw *os.File, accept *acceptWord, rings sharedRings, err error) {
+// fds 1 and 2, and returns what the parent gave. It fails, touching
+// nothing, if the fds Start sets up are missing.
+func takeOverFDs() (fds childFDs, err error) {
 	var st syscall.Stat_t
 	for _, fd := range []int{0, 1, 2, fdStdout, fdLog, fdAccept} {
 		if err := syscall.Fstat(fd, &st); err != nil {
-			return nil, nil, nil, nil, sharedRings{}, fmt.Errorf("file descriptor %d: %v", fd, err)
+			return childFDs{}, fmt.Errorf("file descriptor %d: %v", fd, err)
 		}
 		if fd == 0 && st.Mode&syscall.S_IFMT != syscall.S_IFIFO {
-			return nil, nil, nil, nil, sharedRings{}, errors.New("stdin is not a pipe")
+			return childFDs{}, errors.New("stdin is not a pipe")
 		}
 	}
-	if accept, err = mapWord(fdAccept); err != nil {
-		return nil, nil, nil, nil, sharedRings{}, err
+	if fds.accept, err = mapWord(fdAccept); err != nil {
+		return childFDs{}, err
 	}
 	if syscall.Fstat(fdAccept, &st) == nil && st.Size == sharedSize() {
 		// The parent gave this child rings (see allocateRing). If it
 		// cannot map them, it fails: the parent may send chunks in the
 		// down ring.
-		if rings, err = mapRings(fdAccept); err != nil {
-			return nil, nil, nil, nil, sharedRings{}, err
+		if fds.rings, err = mapRings(fdAccept); err != nil {
+			return childFDs{}, err
 		}
 	}
 	dupe := func(fd int) (*os.File, error) {
@@ -271,27 +279,28 @@ func takeOverFDs() (in, out, logw *os.File, accept *acceptWord, rings sharedRing
 		syscall.CloseOnExec(nfd)
 		return os.NewFile(uintptr(nfd), fmt.Sprintf("subproc-%d", fd)), nil
 	}
-	if in, err = dupe(0); err != nil {
-		return nil, nil, nil, nil, sharedRings{}, err
+	if fds.in, err = dupe(0); err != nil {
+		return childFDs{}, err
 	}
-	if out, err = dupe(1); err != nil {
-		return nil, nil, nil, nil, sharedRings{}, err
+	if fds.out, err = dupe(1); err != nil {
+		return childFDs{}, err
 	}
 	null, err := os.Open(os.DevNull)
 	if err != nil {
-		return nil, nil, nil, nil, sharedRings{}, err
+		return childFDs{}, err
 	}
 	defer null.Close()
 	if err := dup2(int(null.Fd()), 0); err != nil {
-		return nil, nil, nil, nil, sharedRings{}, err
+		return childFDs{}, err
 	}
 	if err := dup2(fdStdout, 1); err != nil {
-		return nil, nil, nil, nil, sharedRings{}, err
+		return childFDs{}, err
 	}
 	syscall.Close(fdStdout)
 	syscall.Close(fdAccept) // the mapping stays
 	syscall.CloseOnExec(fdLog)
-	return in, out, os.NewFile(fdLog, "subproc-log"), accept, rings, nil
+	fds.log = os.NewFile(fdLog, "subproc-log")
+	return fds, nil
 }
 
 // stopGrace bounds how long a child told to stop waits for handlers whose
