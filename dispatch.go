@@ -289,6 +289,24 @@ func (c *conn) writeLoop() {
 	close(c.wdone)
 }
 
+// readChunk reads the payload of a kindData or kindDataRef frame whose
+// header is hdr, and returns the body chunk it carries: in a pooled buffer,
+// or in the slot of r, the receiving ring, that a reference hands over.
+func (c *conn) readChunk(hdr frame.Header, r *bodyRing, scratch *[]byte) (chunk, error) {
+	if hdr.Kind == kindDataRef {
+		return c.readRef(hdr, r, scratch)
+	}
+	if hdr.Len > chunkSize {
+		return chunk{}, &protocolError{fmt.Sprintf("body chunk of %d bytes exceeds %d", hdr.Len, chunkSize)}
+	}
+	ch := chunk{buf: getBuffer(int(hdr.Len)), n: int(hdr.Len)}
+	if err := c.fr.ReadPayload(ch.data()); err != nil {
+		ch.release()
+		return chunk{}, err
+	}
+	return ch, nil
+}
+
 // readRef reads the payload of a kindDataRef frame whose header is hdr,
 // into scratch, and returns the chunk it hands over in r, whose slot it
 // holds (see bodyRing.hold).
@@ -663,17 +681,8 @@ func (c *child) dispatch(hdr frame.Header, scratch *[]byte) error {
 			if err := c.readMessage(hdr.Len, scratch, ev.head); err != nil {
 				return err
 			}
-		case kindData:
-			if hdr.Len > chunkSize {
-				return &protocolError{fmt.Sprintf("body chunk of %d bytes exceeds %d", hdr.Len, chunkSize)}
-			}
-			ev.chunk = chunk{buf: getBuffer(int(hdr.Len)), n: int(hdr.Len)}
-			if err := c.fr.ReadPayload(ev.data()); err != nil {
-				ev.release()
-				return err
-			}
-		case kindDataRef:
-			if ev.chunk, err = c.readRef(hdr, c.ring, scratch); err != nil {
+		case kindData, kindDataRef:
+			if ev.chunk, err = c.readChunk(hdr, c.ring, scratch); err != nil {
 				return err
 			}
 			ev.kind = kindData

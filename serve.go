@@ -301,19 +301,8 @@ func (s *server) openFrame(hdr frame.Header) (startingRequest, error) {
 // dispatch handles one frame of another kind than kindRequest (see read).
 func (s *server) dispatch(hdr frame.Header, scratch *[]byte) error {
 	switch hdr.Kind {
-	case kindData:
-		if hdr.Len > chunkSize {
-			return &protocolError{fmt.Sprintf("body chunk of %d bytes exceeds %d", hdr.Len, chunkSize)}
-		}
-		c := chunk{buf: getBuffer(int(hdr.Len)), n: int(hdr.Len)}
-		if err := s.fr.ReadPayload(c.data()); err != nil {
-			c.release()
-			return err
-		}
-		return s.push(hdr.ID, c)
-
-	case kindDataRef:
-		c, err := s.readRef(hdr, s.recvRing, scratch)
+	case kindData, kindDataRef:
+		c, err := s.readChunk(hdr, s.recvRing, scratch)
 		if err != nil {
 			return err
 		}
