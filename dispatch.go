@@ -72,8 +72,9 @@ type conn struct {
 	dec *decoder      // owned by the reading goroutine
 
 	// sendRing is where the bytes of kindData frames of at least ringMin
-	// bytes go while it has a free slot: the up ring in a child, the down
-	// ring in the parent; nil for none. Its take is guarded by mu.
+	// bytes go while it has a free slot, copied by appendLocked or filled
+	// in place (see takeSlot): the up ring in a child, the down ring in
+	// the parent; nil for none. Its take is guarded by mu.
 	sendRing *bodyRing
 }
 

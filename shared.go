@@ -126,6 +126,7 @@ func (w *acceptWord) close() {
 
 // A bodyRing carries one direction's larger body chunks in shared memory,
 // instead of through the pipe: the sender copies a chunk into a free slot
+// (or, in the child, a handler's write goes into one; see conn.takeSlot)
 // and sends a kindDataRef frame naming the slot, and the receiver uses the
 // slot's bytes where they are (the parent writes them to the client
 // straight from the mapping; the child's handler reads them from it), then
