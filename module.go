@@ -197,8 +197,11 @@ func runChild(name string) int {
 	// (every package's init function, most of which the module does not
 	// use) leave the child's resident set, so that MemoryHigh and MemoryMax
 	// count what the module uses; what it runs faults back in. It takes a
-	// millisecond or two, so it runs beside the first requests, not before.
-	go dropFileMappings(false)
+	// millisecond or two of a core, and its page faults and TLB flushes
+	// slow the process down meanwhile: run beside the first request after
+	// a restart, it delayed that request's answer by up to a millisecond.
+	// It waits for dropDelay, which the first requests take much less than.
+	time.AfterFunc(dropDelay, func() { dropFileMappings(false) })
 
 	err = <-readErr
 	cancel() // the requests' contexts, and the module's
@@ -216,6 +219,10 @@ func runChild(name string) int {
 		return exitFailed
 	}
 }
+
+// dropDelay is how long after it is ready a child drops the pages of its
+// binary (see runChild).
+const dropDelay = 250 * time.Millisecond
 
 // initModule runs the module's ModuleFunc, turning a panic into an error.
 func initModule(ctx context.Context, name string, env *Env) (h http.Handler, err error) {
