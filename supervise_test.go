@@ -27,6 +27,10 @@ type fakeBehaviour struct {
 	initErr  string        // fail the start with this init error
 	dieAfter time.Duration // if not zero: exit this long after ready
 	hang     bool          // after ready, read nothing more (health checks fail)
+	// holdStderr, if not nil, keeps the child's stderr open after its
+	// death until it is closed, as a process the module started and
+	// that outlived it would.
+	holdStderr <-chan struct{}
 }
 
 // fakeChildren launches fake children, each behaving as behave says for
@@ -90,13 +94,17 @@ func (f *fakeChildren) launch(slot, incarnation int) (process, *childPipes, erro
 	f.live.Add(1)
 	go func() {
 		defer f.live.Done()
-		defer close(p.exited)
-		defer func() {
-			for _, c := range child {
+		f.serve(p, child[0], child[1], accept, b)
+		for i, c := range child {
+			if i != 3 || b.holdStderr == nil {
 				c.Close()
 			}
-		}()
-		f.serve(p, child[0], child[1], accept, b)
+		}
+		close(p.exited)
+		if b.holdStderr != nil {
+			<-b.holdStderr
+			child[3].Close()
+		}
 	}()
 	return p, &childPipes{toChild: parent[0], fromChild: parent[1], stdout: parent[2], stderr: parent[3], log: parent[4], accept: accept}, nil
 }
@@ -174,6 +182,7 @@ func startFake(t *testing.T, f *fakeChildren, opts Options) (*Handle, error) {
 
 func TestSuperviseFake(t *testing.T) {
 	const maxDelay = 400 * time.Millisecond
+	stderrHeld := make(chan struct{}) // a fakeBehaviour.holdStderr, closed by its case's check
 	for _, tc := range []struct {
 		name   string
 		opts   Options
@@ -261,6 +270,28 @@ func TestSuperviseFake(t *testing.T) {
 			}
 			assert.Zero(t, events.count(ModuleDegraded, ""), "two slots served throughout")
 			assert.True(t, h.Ready())
+		},
+	}, {
+		// The dead child's teardown waits drainTimeout for its stderr;
+		// its replacement starts meanwhile, and its ChildStarted still
+		// follows the dead child's ChildExited.
+		name: "a restart does not wait for the dead child's teardown",
+		behave: func(slot, inc int) fakeBehaviour {
+			if inc == 0 {
+				return fakeBehaviour{dieAfter: 10 * time.Millisecond, holdStderr: stderrHeld}
+			}
+			return fakeBehaviour{}
+		},
+		check: func(t *testing.T, h *Handle, f *fakeChildren, events *eventLog) {
+			defer close(stderrHeld)
+			waitFor(t, 20*time.Second, "the second child's ChildStarted", func() bool {
+				return events.count(ChildStarted, "") >= 2
+			})
+			starts := f.startsOf()
+			exited := events.first(ChildExited)
+			assert.True(t, starts[1].at.Before(exited.Time), "the second child started %v after the first one's ChildExited", starts[1].at.Sub(exited.Time))
+			assert.GreaterOrEqual(t, exited.Time.Sub(starts[0].at), drainTimeout, "the first child's teardown waited for its stderr")
+			assert.Equal(t, []string{"ChildStarted ", "ChildExited crash", "ModuleDegraded crash", "ChildStarted crash"}, events.kinds())
 		},
 	}, {
 		name: "MaxRequests replaces a child without backoff",

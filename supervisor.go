@@ -64,16 +64,41 @@ func (s *supervisor) run(c *child) {
 		if !s.serve(&c) {
 			return
 		}
+		var early <-chan startResult
+		if failures == 0 || time.Since(c.readyAt) >= stableUptime {
+			// The restart is due at once (see restartDelay): it need
+			// not wait for the dead child's teardown.
+			early = s.startEarly()
+		}
 		s.retire(c)
 		if c.uptime() >= stableUptime {
 			failures = 0
 		}
 		failures++
 		_, why := c.endReason()
-		if c = s.restart(&failures, why); c == nil {
+		if c = s.restart(&failures, why, early); c == nil {
 			return
 		}
 	}
+}
+
+// A startResult is the outcome of a child's start.
+type startResult struct {
+	c   *child
+	err error
+}
+
+// startEarly starts the slot's next child in the background, for restart.
+// The child is ready, or has failed, when the result arrives; its
+// ChildStarted event is restart's to post, after the dead child's
+// ChildExited.
+func (s *supervisor) startEarly() <-chan startResult {
+	res := make(chan startResult, 1)
+	go func() {
+		c, err := s.h.launchChild(s.h.life, s.slot)
+		res <- startResult{c, err}
+	}()
+	return res
 }
 
 // serve waits while c serves the slot, replacing it when it is due for
@@ -177,19 +202,31 @@ func (s *supervisor) replace(old *child, ask replaceAsk) (*child, error) {
 
 // restart starts a child for the slot after its child died (why says
 // how, as an Event reason), with backoff, until one is ready or Shutdown
-// begins, when it returns nil.
-func (s *supervisor) restart(failures *int, why string) *child {
+// begins, when it returns nil. The first start is early's, if not nil (see
+// startEarly).
+func (s *supervisor) restart(failures *int, why string, early <-chan startResult) *child {
 	h := s.h
 	for {
-		d := h.restartDelay(*failures)
-		if d > 0 {
-			h.logf("backing off: %d children in a row died within %v of starting, or failed to start; the next start is in %v", *failures, stableUptime, d)
-			h.post(Event{Kind: ModuleBackoff, Slot: s.slot, Reason: "backoff", Delay: d})
+		var c *child
+		var err error
+		if early != nil {
+			s.pause(0)
+			r := <-early
+			early = nil
+			if c, err = r.c, r.err; err == nil {
+				h.postStarted(c, why)
+			}
+		} else {
+			d := h.restartDelay(*failures)
+			if d > 0 {
+				h.logf("backing off: %d children in a row died within %v of starting, or failed to start; the next start is in %v", *failures, stableUptime, d)
+				h.post(Event{Kind: ModuleBackoff, Slot: s.slot, Reason: "backoff", Delay: d})
+			}
+			if !s.pause(d) {
+				return nil
+			}
+			c, err = h.startChild(h.life, s.slot, why)
 		}
-		if !s.pause(d) {
-			return nil
-		}
-		c, err := h.startChild(h.life, s.slot, why)
 		if err == nil {
 			h.mu.Lock()
 			h.restarts++
@@ -395,6 +432,22 @@ const maxPidsKept = 256
 // child it follows had to go. On failure it leaves nothing running and
 // returns a *StartError.
 func (h *Handle) startChild(ctx context.Context, slot int, why string) (*child, error) {
+	c, err := h.launchChild(ctx, slot)
+	if err != nil {
+		return nil, err
+	}
+	h.postStarted(c, why)
+	return c, nil
+}
+
+// postStarted posts the ChildStarted event of c, which became ready.
+func (h *Handle) postStarted(c *child, why string) {
+	h.post(Event{Kind: ChildStarted, Pid: c.proc.Pid(), Incarnation: c.incarnation, Slot: c.slot, Reason: why})
+}
+
+// launchChild starts a child for the slot and waits until it is ready, as
+// startChild does, but posts no event.
+func (h *Handle) launchChild(ctx context.Context, slot int) (*child, error) {
 	h.mu.Lock()
 	incarnation := h.incarnation
 	h.incarnation++
@@ -453,7 +506,6 @@ func (h *Handle) startChild(ctx context.Context, slot int, why string) (*child, 
 		}
 		c.monitored = make(chan struct{})
 		go h.monitor(c)
-		h.post(Event{Kind: ChildStarted, Pid: proc.Pid(), Incarnation: incarnation, Slot: slot, Reason: why})
 		return c, nil
 	}
 	h.teardown(c)
