@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/fbbf71ac/subproc/internal/frame"
@@ -368,6 +369,9 @@ type child struct {
 	exited      chan struct{} // closed when waitLoop has reaped the process
 	exitErr     error         // the process's exit status; read only after exited is closed
 	exitedAt    time.Time     // when it was reaped; read only after exited is closed
+	dying       chan struct{} // closed when the exit word says the child is dying (see startExitWatch)
+	exitWatch   chan struct{} // closed when the exit word's watch has ended; nil if it never began
+	exitStop    atomic.Bool   // ends the exit word's watch
 	accept      *acceptWord   // fixed; the child's record of the requests it took
 	ring        *bodyRing     // fixed; the up ring, where the child puts body chunks, nil for none (see bodyRing)
 	flow        *flowBudget   // fixed; the Handle's budget for response windows, shared by all its children
@@ -420,6 +424,7 @@ func newChild(h *Handle, incarnation int, proc process, conn *conn, accept *acce
 		ready:       make(chan error, 1),
 		done:        make(chan struct{}),
 		exited:      make(chan struct{}),
+		dying:       make(chan struct{}),
 		recycle:     make(chan string, 1),
 		stopping:    make(chan struct{}),
 		pending:     make(map[uint64]*stream),
@@ -873,6 +878,33 @@ func (e *notDeliveredError) Unwrap() error { return e.err }
 
 // errChildExited reports a child whose pipe ended: it exited or closed it.
 var errChildExited = errors.New("the child exited")
+
+// startExitWatch starts a goroutine that closes dying when the child's exit
+// word reports its death (see waitExitWord), if the child armed the word.
+// It is called once, when the child is ready; the goroutine holds a thread
+// while it waits.
+func (c *child) startExitWatch() {
+	w := c.accept.exitWord()
+	if w == nil || w.Load() == 0 {
+		return
+	}
+	c.exitWatch = make(chan struct{})
+	go func() {
+		defer close(c.exitWatch)
+		if waitExitWord(w, &c.exitStop) {
+			close(c.dying)
+		}
+	}()
+}
+
+// stopExitWatch ends the exit word's watch, and waits for its end, once the
+// child is dead: before the shared page is unmapped.
+func (c *child) stopExitWatch() {
+	if c.exitWatch != nil {
+		stopExitWord(c.accept.exitWord(), &c.exitStop)
+		<-c.exitWatch
+	}
+}
 
 // waitLoop reaps the process and records its exit status.
 func (c *child) waitLoop() {

@@ -118,6 +118,9 @@ func runChild(name string) int {
 			"Unset %s to run the program normally.\n", envModule, name, err, envModule)
 		return exitMisused
 	}
+	if w := fds.accept.exitWord(); w != nil {
+		armExitWord(w) // if it cannot, the parent learns of a death from the pipe
+	}
 	c := newConn(fds.in, fds.out)
 	c.sendRing = fds.rings.up
 	if err := frame.ReadPreamble(c.fr.Buffered(), protocolVersion); err != nil {

@@ -113,6 +113,15 @@ func (w *acceptWord) raise(id uint64) {
 	}
 }
 
+// exitWord returns the exit word, which follows the accept word in the
+// shared page (see armExitWord), or nil for a word in this process.
+func (w *acceptWord) exitWord() *atomic.Uint32 {
+	if w.mem == nil {
+		return nil
+	}
+	return (*atomic.Uint32)(unsafe.Pointer(&w.mem[8]))
+}
+
 // load returns the id last stored.
 func (w *acceptWord) load() uint64 { return w.v.Load() }
 

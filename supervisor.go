@@ -95,6 +95,10 @@ type startResult struct {
 func (s *supervisor) startEarly() <-chan startResult {
 	res := make(chan startResult, 1)
 	go func() {
+		if err := s.h.life.Err(); err != nil {
+			res <- startResult{err: &StartError{Module: s.h.name, Err: err}} // shutting down: no start
+			return
+		}
 		c, err := s.h.launchChild(s.h.life, s.slot)
 		res <- startResult{c, err}
 	}()
@@ -103,8 +107,8 @@ func (s *supervisor) startEarly() <-chan startResult {
 
 // serve waits while c serves the slot, replacing it when it is due for
 // recycling or asked to. It returns true when the slot's child (c or a
-// replacement) has died, which it leaves in *c; false once Shutdown has
-// drained and stopped it.
+// replacement) has died or is dying, which it leaves in *c; false once
+// Shutdown has drained and stopped it.
 func (s *supervisor) serve(cp **child) (died bool) {
 	h := s.h
 	c := *cp
@@ -127,6 +131,12 @@ func (s *supervisor) serve(cp **child) (died bool) {
 		var ask replaceAsk
 		select {
 		case <-c.done:
+			return true
+		case <-c.dying:
+			// The child is dying (see armExitWord): its restart
+			// need not wait for its pipe to end. retire's teardown
+			// kills it first, which makes sure of the death that the
+			// child only claimed.
 			return true
 		case <-h.life.Done():
 			s.uninstall(c)
@@ -506,6 +516,7 @@ func (h *Handle) launchChild(ctx context.Context, slot int) (*child, error) {
 		}
 		c.monitored = make(chan struct{})
 		go h.monitor(c)
+		c.startExitWatch()
 		return c, nil
 	}
 	h.teardown(c)
@@ -548,6 +559,7 @@ func (h *Handle) copyLog(c *child, s logcapture.Stream, f *os.File) {
 func (h *Handle) teardown(c *child) {
 	c.proc.Kill()
 	<-c.exited
+	c.stopExitWatch()
 	drained := time.NewTimer(drainTimeout)
 	defer drained.Stop()
 	select {

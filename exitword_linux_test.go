@@ -1,0 +1,169 @@
+package subproc
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"fmt"
+	"net/http"
+	"os"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+func init() {
+	// exitword is a module that can lie in its exit word (see
+	// armExitWord), as only a hostile module would.
+	Register("exitword", func(ctx context.Context, env *Env) (http.Handler, error) {
+		mux := http.NewServeMux()
+		mux.HandleFunc("GET /pid", func(w http.ResponseWriter, r *http.Request) {
+			fmt.Fprint(w, os.Getpid())
+		})
+		// /set?v= stores v in the exit word and wakes its waiter.
+		mux.HandleFunc("GET /set", func(w http.ResponseWriter, r *http.Request) {
+			v, err := strconv.ParseUint(r.URL.Query().Get("v"), 0, 32)
+			if err == nil {
+				err = exitWordSet(uint32(v))
+			}
+			if err != nil {
+				http.Error(w, err.Error(), http.StatusInternalServerError)
+			}
+		})
+		return mux, nil
+	})
+}
+
+// exitWordSet stores v in this child's exit word, as a module could, by
+// writing to its own memory, and wakes the word's waiter.
+func exitWordSet(v uint32) error {
+	addr, err := exitWordAddr()
+	if err != nil {
+		return err
+	}
+	mem, err := os.OpenFile("/proc/self/mem", os.O_RDWR, 0)
+	if err != nil {
+		return err
+	}
+	defer mem.Close()
+	if _, err := mem.WriteAt(binary.NativeEndian.AppendUint32(nil, v), int64(addr)); err != nil {
+		return err
+	}
+	_, _, errno := syscall.Syscall6(syscall.SYS_FUTEX, addr, futexWake, 1, 0, 0, 0)
+	if errno != 0 {
+		return errno
+	}
+	return nil
+}
+
+// exitWordAddr finds this child's exit word: 8 bytes into its mapping of
+// the shared file's first page.
+func exitWordAddr() (uintptr, error) {
+	f, err := os.Open("/proc/self/maps")
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) < 6 || !strings.Contains(sc.Text(), "subproc-shared") {
+			continue
+		}
+		lo, hi, _ := strings.Cut(fields[0], "-")
+		start, err1 := strconv.ParseUint(lo, 16, 64)
+		end, err2 := strconv.ParseUint(hi, 16, 64)
+		off, err3 := strconv.ParseUint(fields[2], 16, 64)
+		if err1 == nil && err2 == nil && err3 == nil && off == 0 && end-start == uint64(os.Getpagesize()) {
+			return uintptr(start + 8), nil
+		}
+	}
+	return 0, fmt.Errorf("no mapping of the shared page in /proc/self/maps (%v)", sc.Err())
+}
+
+// startExitWord starts module exitword and returns its server and child,
+// whose exit word is armed and watched.
+func startExitWord(t *testing.T, opts Options) (*Handle, string, *child) {
+	t.Helper()
+	h := startModule(t, "exitword", opts)
+	srv := serve(t, h)
+	h.mu.Lock()
+	c := h.kids[0]
+	h.mu.Unlock()
+	require.NotNil(t, c.exitWatch, "the parent does not watch the child's exit word")
+	return h, srv.URL, c
+}
+
+// A killed child's exit word tells the parent it is dying, and the module
+// restarts.
+func TestExitWordReportsDeath(t *testing.T) {
+	var events eventLog
+	h, url, c := startExitWord(t, Options{OnEvent: events.add})
+	require.NoError(t, syscall.Kill(c.proc.Pid(), syscall.SIGKILL))
+	select {
+	case <-c.dying:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the exit word reported no death in 10s")
+	}
+	code, body := fetch(t, url+"/pid")
+	require.Equal(t, http.StatusOK, code, body)
+	assert.NotEqual(t, strconv.Itoa(c.proc.Pid()), body, "the dead child answered")
+	<-c.exited
+	assertReaped(t, c.proc.Pid())
+	assert.Equal(t, 1, events.count(ChildExited, "crash"))
+	assert.Equal(t, 1, h.Stats().Restarts)
+}
+
+// A child that claims in its exit word to be dying is killed, so that the
+// claim the parent acted on comes true, and the module restarts.
+func TestExitWordLieKills(t *testing.T) {
+	var events eventLog
+	_, url, c := startExitWord(t, Options{OnEvent: events.add})
+	// The lie ends the child: the request may not get its answer.
+	fetchErr(url+"/set?v="+strconv.Itoa(futexOwnerDied|futexWaiters|1), fetchTimeout)
+	select {
+	case <-c.exited:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the lying child still runs after 10s")
+	}
+	code, body := fetch(t, url+"/pid")
+	require.Equal(t, http.StatusOK, code, body)
+	assert.NotEqual(t, strconv.Itoa(c.proc.Pid()), body, "the lying child answered")
+	assert.Equal(t, 1, events.count(ChildExited, "crash"))
+}
+
+// A child that keeps changing its exit word, and waking the parent, makes
+// the parent stop watching the word after maxExitWordChanges, not spin;
+// it serves on, and its death is still seen, from its pipe.
+func TestExitWordChangesStopTheWatch(t *testing.T) {
+	_, url, c := startExitWord(t, Options{})
+	pid := strconv.Itoa(c.proc.Pid())
+	for i := 0; ; i++ {
+		select {
+		case <-c.exitWatch:
+		default:
+			// Each value differs from the one before: the waiter
+			// wakes to a change, or finds one as it goes to sleep.
+			require.Less(t, i, 10*maxExitWordChanges, "the parent still watches the exit word after %d changes", i)
+			code, body := fetch(t, url+"/set?v="+strconv.Itoa(futexWaiters|(2+i%2)))
+			require.Equal(t, http.StatusOK, code, body)
+			continue
+		}
+		break
+	}
+	select {
+	case <-c.dying:
+		t.Fatal("changes of the exit word were taken for a death")
+	default:
+	}
+	_, body := fetch(t, url+"/pid")
+	assert.Equal(t, pid, body, "the child that changed its word still serves")
+	require.NoError(t, syscall.Kill(c.proc.Pid(), syscall.SIGKILL))
+	_, body = fetch(t, url+"/pid")
+	assert.NotEqual(t, pid, body, "the dead child answered")
+}
