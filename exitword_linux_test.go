@@ -1,14 +1,12 @@
 package subproc
 
 import (
-	"bufio"
 	"context"
 	"encoding/binary"
 	"fmt"
 	"net/http"
 	"os"
 	"strconv"
-	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -64,26 +62,16 @@ func exitWordSet(v uint32) error {
 // exitWordAddr finds this child's exit word: 8 bytes into its mapping of
 // the shared file's first page.
 func exitWordAddr() (uintptr, error) {
-	f, err := os.Open("/proc/self/maps")
+	maps, err := sharedMappings()
 	if err != nil {
 		return 0, err
 	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		if len(fields) < 6 || !strings.Contains(sc.Text(), "subproc-shared") {
-			continue
-		}
-		lo, hi, _ := strings.Cut(fields[0], "-")
-		start, err1 := strconv.ParseUint(lo, 16, 64)
-		end, err2 := strconv.ParseUint(hi, 16, 64)
-		off, err3 := strconv.ParseUint(fields[2], 16, 64)
-		if err1 == nil && err2 == nil && err3 == nil && off == 0 && end-start == uint64(os.Getpagesize()) {
-			return uintptr(start + 8), nil
+	for _, m := range maps {
+		if m.offset == 0 && m.end-m.start == uint64(os.Getpagesize()) {
+			return uintptr(m.start + 8), nil
 		}
 	}
-	return 0, fmt.Errorf("no mapping of the shared page in /proc/self/maps (%v)", sc.Err())
+	return 0, fmt.Errorf("no mapping of the shared page among %v", maps)
 }
 
 // startExitWord starts module exitword and returns its server and child,
@@ -105,14 +93,7 @@ func TestExitWordReportsDeath(t *testing.T) {
 	var events eventLog
 	h, url, c := startExitWord(t, Options{OnEvent: events.add})
 	require.NoError(t, syscall.Kill(c.proc.Pid(), syscall.SIGKILL))
-	select {
-	case <-c.dying:
-	case <-time.After(10 * time.Second):
-		t.Fatal("the exit word reported no death in 10s")
-	}
-	code, body := fetch(t, url+"/pid")
-	require.Equal(t, http.StatusOK, code, body)
-	assert.NotEqual(t, strconv.Itoa(c.proc.Pid()), body, "the dead child answered")
+	awaitReplaced(t, url, c, c.dying, "the exit word reports the death")
 	<-c.exited
 	assertReaped(t, c.proc.Pid())
 	assert.Equal(t, 1, events.count(ChildExited, "crash"))
@@ -126,14 +107,7 @@ func TestExitWordLieKills(t *testing.T) {
 	_, url, c := startExitWord(t, Options{OnEvent: events.add})
 	// The lie ends the child: the request may not get its answer.
 	fetchErr(url+"/set?v="+strconv.Itoa(futexOwnerDied|futexWaiters|1), fetchTimeout)
-	select {
-	case <-c.exited:
-	case <-time.After(10 * time.Second):
-		t.Fatal("the lying child still runs after 10s")
-	}
-	code, body := fetch(t, url+"/pid")
-	require.Equal(t, http.StatusOK, code, body)
-	assert.NotEqual(t, strconv.Itoa(c.proc.Pid()), body, "the lying child answered")
+	awaitReplaced(t, url, c, c.exited, "the lying child ends")
 	assert.Equal(t, 1, events.count(ChildExited, "crash"))
 }
 
@@ -164,6 +138,19 @@ func TestExitWordChangesStopTheWatch(t *testing.T) {
 	_, body := fetch(t, url+"/pid")
 	assert.Equal(t, pid, body, "the child that changed its word still serves")
 	require.NoError(t, syscall.Kill(c.proc.Pid(), syscall.SIGKILL))
-	_, body = fetch(t, url+"/pid")
-	assert.NotEqual(t, pid, body, "the dead child answered")
+	awaitReplaced(t, url, c, c.exited, "the child ends")
+}
+
+// awaitReplaced waits for ended, which says what, and checks that another
+// child than c answers at url.
+func awaitReplaced(t *testing.T, url string, c *child, ended <-chan struct{}, what string) {
+	t.Helper()
+	select {
+	case <-ended:
+	case <-time.After(10 * time.Second):
+		t.Fatalf("waited 10s for %s", what)
+	}
+	code, body := fetch(t, url+"/pid")
+	require.Equal(t, http.StatusOK, code, body)
+	assert.NotEqual(t, strconv.Itoa(c.proc.Pid()), body, "the old child answered")
 }

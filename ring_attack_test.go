@@ -107,6 +107,7 @@ func init() {
 type sharedMapping struct {
 	name       string // as in /proc/self/map_files
 	start, end uint64
+	offset     uint64 // in the shared file
 }
 
 // sharedMappings returns this process's mappings of the memory it shares
@@ -127,10 +128,11 @@ func sharedMappings() ([]sharedMapping, error) {
 		lo, hi, _ := strings.Cut(fields[0], "-")
 		start, err1 := strconv.ParseUint(lo, 16, 64)
 		end, err2 := strconv.ParseUint(hi, 16, 64)
-		if err := errors.Join(err1, err2); err != nil {
+		offset, err3 := strconv.ParseUint(fields[2], 16, 64)
+		if err := errors.Join(err1, err2, err3); err != nil {
 			return nil, err
 		}
-		maps = append(maps, sharedMapping{name: fields[0], start: start, end: end})
+		maps = append(maps, sharedMapping{name: fields[0], start: start, end: end, offset: offset})
 	}
 	return maps, sc.Err()
 }
