@@ -4,12 +4,14 @@ import (
 	"context"
 	"encoding/binary"
 	"fmt"
+	"math"
 	"net/http"
 	"os"
 	"strconv"
 	"syscall"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -33,9 +35,29 @@ func init() {
 				http.Error(w, err.Error(), http.StatusInternalServerError)
 			}
 		})
+		// /requeue moves the exit word's waiters to a futex of this
+		// child's own, which nothing will wake, and answers how many it
+		// moved.
+		mux.HandleFunc("GET /requeue", func(w http.ResponseWriter, r *http.Request) {
+			addr, err := exitWordAddr()
+			if err != nil {
+				http.Error(w, err.Error(), http.StatusInternalServerError)
+				return
+			}
+			const futexRequeue = 3
+			n, _, errno := syscall.Syscall6(syscall.SYS_FUTEX, addr, futexRequeue, 0, math.MaxInt32, uintptr(unsafe.Pointer(&exitWordTrap)), 0)
+			if errno != 0 {
+				http.Error(w, errno.Error(), http.StatusInternalServerError)
+				return
+			}
+			fmt.Fprint(w, n)
+		})
 		return mux, nil
 	})
 }
+
+// exitWordTrap is the futex to which /requeue moves the exit word's waiters.
+var exitWordTrap uint32
 
 // exitWordSet stores v in this child's exit word, as a module could, by
 // writing to its own memory, and wakes the word's waiter.
@@ -139,6 +161,24 @@ func TestExitWordChangesStopTheWatch(t *testing.T) {
 	assert.Equal(t, pid, body, "the child that changed its word still serves")
 	require.NoError(t, syscall.Kill(c.proc.Pid(), syscall.SIGKILL))
 	awaitReplaced(t, url, c, c.exited, "the child ends")
+}
+
+// A child that hides the parent's waiter on its exit word, so that its
+// death wakes nobody, still gets its watch ended, and is restarted from its
+// pipe: its teardown waits for the watch at most exitWordPoll (the waiter
+// may then find the death in the word, too late to matter).
+func TestExitWordRequeueEndsTheWatch(t *testing.T) {
+	h, url, c := startExitWord(t, Options{})
+	// The waiter goes to sleep once the child is ready: poll until
+	// /requeue finds it there.
+	waitFor(t, 10*time.Second, "the waiter moved", func() bool {
+		code, body := fetch(t, url+"/requeue")
+		require.Equal(t, http.StatusOK, code, body)
+		return body == "1"
+	})
+	require.NoError(t, syscall.Kill(c.proc.Pid(), syscall.SIGKILL))
+	awaitReplaced(t, url, c, c.exitWatch, "the watch ends")
+	assert.Equal(t, 1, h.Stats().Restarts)
 }
 
 // awaitReplaced waits for ended, which says what, and checks that another
