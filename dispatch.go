@@ -368,7 +368,6 @@ type child struct {
 	done        chan struct{} // closed when readLoop returns: the child answers nothing more
 	exited      chan struct{} // closed when waitLoop has reaped the process
 	exitErr     error         // the process's exit status; read only after exited is closed
-	exitedAt    time.Time     // when it was reaped; read only after exited is closed
 	dying       chan struct{} // closed when the exit word says the child is dying (see startExitWatch)
 	exitWatch   chan struct{} // closed when the exit word's watch has ended; nil if it never began
 	exitStop    atomic.Bool   // ends the exit word's watch
@@ -860,15 +859,6 @@ func (c *child) tail() []string { return c.source.Tail() }
 // endChecks stops c's health checks: c has been told to stop.
 func (c *child) endChecks() { c.stopOnce.Do(func() { close(c.stopping) }) }
 
-// uptime returns how long c served: from the end of its handshake to its
-// exit. Call it after c has exited.
-func (c *child) uptime() time.Duration {
-	if c.readyAt.IsZero() {
-		return 0
-	}
-	return c.exitedAt.Sub(c.readyAt)
-}
-
 // A notDeliveredError fails a request that its child never read: the module
 // did not see it, so another child may take it.
 type notDeliveredError struct{ err error }
@@ -909,6 +899,5 @@ func (c *child) stopExitWatch() {
 // waitLoop reaps the process and records its exit status.
 func (c *child) waitLoop() {
 	c.exitErr = c.proc.Wait()
-	c.exitedAt = time.Now()
 	close(c.exited)
 }

@@ -64,17 +64,22 @@ func (s *supervisor) run(c *child) {
 		if !s.serve(&c) {
 			return
 		}
-		var early <-chan startResult
-		if failures == 0 || time.Since(c.readyAt) >= stableUptime {
-			// The restart is due at once (see restartDelay): it need
-			// not wait for the dead child's teardown.
-			early = s.startEarly()
-		}
-		s.retire(c)
-		if c.uptime() >= stableUptime {
+		// c has died, or is dying: it served this long.
+		if time.Since(c.readyAt) >= stableUptime {
 			failures = 0
 		}
 		failures++
+		var early <-chan startResult
+		if h := s.h; h.restartDelay(failures) == 0 {
+			// The restart need not wait for the dead child's
+			// teardown. The kill comes first, so that the child is
+			// dead, as its exit word may only claim, and so is its
+			// process group, whose processes may hold what the next
+			// child needs (a port, a lock).
+			c.proc.Kill()
+			early = s.startEarly()
+		}
+		s.retire(c)
 		_, why := c.endReason()
 		if c = s.restart(&failures, why, early); c == nil {
 			return
@@ -134,9 +139,9 @@ func (s *supervisor) serve(cp **child) (died bool) {
 			return true
 		case <-c.dying:
 			// The child is dying (see armExitWord): its restart
-			// need not wait for its pipe to end. retire's teardown
-			// kills it first, which makes sure of the death that the
-			// child only claimed.
+			// need not wait for its pipe to end. run kills it
+			// first, which makes sure of the death that the child
+			// only claimed.
 			return true
 		case <-h.life.Done():
 			s.uninstall(c)
