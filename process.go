@@ -70,7 +70,7 @@ type execProcess struct {
 	cmd *exec.Cmd // fixed
 
 	mu     sync.Mutex // guards reaped
-	reaped bool
+	reaped bool       // reaped, or a zombie about to be whose group Wait kills: Kill and Quit do nothing
 }
 
 func (p *execProcess) Pid() int { return p.cmd.Process.Pid }
@@ -90,6 +90,11 @@ func (p *execProcess) Wait() error {
 	pid := p.cmd.Process.Pid
 	zombie := awaitExit(pid)
 	if zombie {
+		// From here Kill has nothing left to do, and must not signal
+		// the group once the reaping below has freed its id.
+		p.mu.Lock()
+		p.reaped = true
+		p.mu.Unlock()
 		syscall.Kill(-pid, syscall.SIGKILL)
 		theWatcher.unregister(pid)
 	}
