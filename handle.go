@@ -149,7 +149,7 @@ type Options struct {
 	// killed at once and restarted like a crashed one. Memory is checked
 	// every HealthInterval. Resident memory includes the pages of the
 	// program's binary that the child has touched; on Linux, those that
-	// package initialization touched leave it once the module is
+	// package initialization touched leave it 50 ms after the module is
 	// initialized, so that the limits bound mostly what the module uses.
 	// Zero means no limit. Unless Env sets GOMEMLIMIT, a child with a
 	// limit gets a GOMEMLIMIT of 90% of the lower one, so that the Go

@@ -224,8 +224,10 @@ func runChild(name string) int {
 }
 
 // dropDelay is how long after it is ready a child drops the pages of its
-// binary (see runChild).
-const dropDelay = 250 * time.Millisecond
+// binary (see runChild): long enough for the requests that waited for it,
+// short enough that a health check (Options.HealthInterval) rarely counts
+// those pages against the memory limits.
+const dropDelay = 50 * time.Millisecond
 
 // initModule runs the module's ModuleFunc, turning a panic into an error.
 func initModule(ctx context.Context, name string, env *Env) (h http.Handler, err error) {
