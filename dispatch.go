@@ -212,18 +212,22 @@ func (c *conn) appendLocked(f outFrame) error {
 		return nil
 	}
 	if f.msg != nil {
-		p, err := c.enc.encode(f.msg)
-		if err != nil {
+		// Encoded in place, after a header whose length is set once the
+		// payload is there.
+		start := len(c.pending)
+		c.pending = frame.AppendHeader(c.pending, f.kind, f.flags, f.id, 0)
+		var err error
+		if c.pending, err = c.enc.appendPayload(c.pending, f.msg); err != nil {
+			c.pending = c.pending[:start]
 			return fmt.Errorf("encoding %T: %w", f.msg, err)
 		}
-		if len(p) > frame.MaxPayload {
+		if err := frame.SetLength(c.pending[start:]); err != nil {
 			// A message of megabytes, which its sender should have
 			// refused (see maxHeadSize): a gob stream would now lack
 			// a message the peer needs, so the conn carries no more.
-			return fmt.Errorf("%T of %d bytes exceeds the limit of %d", f.msg, len(p), frame.MaxPayload)
+			c.pending = c.pending[:start]
+			return fmt.Errorf("%T: %w", f.msg, err)
 		}
-		c.pending = frame.AppendHeader(c.pending, f.kind, f.flags, f.id, len(p))
-		c.pending = append(c.pending, p...)
 		return nil
 	}
 	if c.sendRing != nil && f.kind == kindData && len(f.data) >= ringMin {

@@ -482,21 +482,24 @@ type wireMessage interface {
 	decodeWire(p []byte) error
 }
 
-// encode returns the payload for v, valid until the next call.
-func (e *encoder) encode(v any) ([]byte, error) {
+// appendPayload appends the payload for v to b: a wireMessage's own
+// encoding, straight into b, or gob's, through the encoder's buffer.
+func (e *encoder) appendPayload(b []byte, v any) ([]byte, error) {
+	if m, ok := v.(wireMessage); ok {
+		return m.appendWire(b), nil
+	}
 	if e.buf.Cap() > maxKeptBuffer {
-		e.buf = bytes.Buffer{} // after a head of megabytes: not kept for good
+		e.buf = bytes.Buffer{} // after a message of megabytes: not kept for good
 	}
 	e.buf.Reset()
-	if m, ok := v.(wireMessage); ok {
-		e.buf.Write(m.appendWire(e.buf.AvailableBuffer()))
-		return e.buf.Bytes(), nil
-	}
 	if err := e.enc.Encode(v); err != nil {
-		return nil, err
+		return b, err
 	}
-	return e.buf.Bytes(), nil
+	return append(b, e.buf.Bytes()...), nil
 }
+
+// encode returns the payload for v, in a new slice.
+func (e *encoder) encode(v any) ([]byte, error) { return e.appendPayload(nil, v) }
 
 // maxKeptBuffer bounds the buffer an encoder keeps from one message to the
 // next.

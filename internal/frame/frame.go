@@ -83,6 +83,19 @@ func AppendHeader(dst []byte, kind, flags uint8, id uint64, n int) []byte {
 	return binary.BigEndian.AppendUint64(dst, id)
 }
 
+// SetLength sets the payload length in the header that starts frame, to
+// what follows the header: a caller that appends a header of length 0 and
+// then the payload learns the length only once it is appended. It fails if
+// the payload exceeds MaxPayload.
+func SetLength(frame []byte) error {
+	n := len(frame) - HeaderSize
+	if n > MaxPayload {
+		return fmt.Errorf("frame: payload of %d bytes exceeds the limit of %d", n, MaxPayload)
+	}
+	binary.BigEndian.PutUint32(frame, uint32(n))
+	return nil
+}
+
 // WritePreamble writes the magic string and version that start a stream.
 func WritePreamble(w io.Writer, version uint32) error {
 	var b [12]byte

@@ -145,6 +145,38 @@ func TestWriteFrameTooLargePanics(t *testing.T) {
 	NewWriter(io.Discard, 64).WriteFrame(1, 0, 1, make([]byte, MaxPayload+1))
 }
 
+// A header appended with length 0 and set once its payload follows reads
+// back as one frame with that payload; a payload over MaxPayload fails.
+func TestSetLength(t *testing.T) {
+	b := AppendPreamble(nil, 7)
+	start := len(b)
+	b = AppendHeader(b, 3, 1, 42, 0)
+	b = append(b, "payload"...)
+	if err := SetLength(b[start:]); err != nil {
+		t.Fatal(err)
+	}
+	r := NewReader(bytes.NewReader(b), 64)
+	if err := ReadPreamble(r.Buffered(), 7); err != nil {
+		t.Fatal(err)
+	}
+	hdr, err := r.ReadHeader()
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := make([]byte, hdr.Len)
+	if err := r.ReadPayload(p); err != nil {
+		t.Fatal(err)
+	}
+	if hdr.Kind != 3 || hdr.Flags != 1 || hdr.ID != 42 || string(p) != "payload" {
+		t.Fatalf("read %+v %q, want kind 3, flags 1, id 42, %q", hdr, p, "payload")
+	}
+	big := AppendHeader(nil, 3, 0, 1, 0)
+	big = append(big, make([]byte, MaxPayload+1)...)
+	if err := SetLength(big); err == nil {
+		t.Fatal("SetLength of an oversized payload did not fail")
+	}
+}
+
 func BenchmarkWriteReadFrame(b *testing.B) {
 	payload := make([]byte, 32<<10)
 	pr, pw := io.Pipe()
