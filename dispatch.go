@@ -201,7 +201,10 @@ func (c *conn) takeSlot() (chunk, bool) {
 		return chunk{}, false
 	}
 	i := c.sendRing.take()
-	return chunk{ring: c.sendRing, slot: int32(i)}, i >= 0
+	if i < 0 {
+		return chunk{}, false
+	}
+	return chunk{ring: c.sendRing, slot: int32(i)}, true
 }
 
 // appendLocked appends f to the pending bytes and releases its chunk.

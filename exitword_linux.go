@@ -52,10 +52,10 @@ var robustList struct {
 }
 
 // armExitWord, called once in the child, makes word a robust futex owned by
-// a thread that lives as long as the process, and reports whether it
-// could.
-func armExitWord(word *atomic.Uint32) bool {
-	armed := make(chan bool)
+// a thread that lives as long as the process, if it can: else the word
+// stays 0, and the parent does not watch it.
+func armExitWord(word *atomic.Uint32) {
+	armed := make(chan struct{})
 	go func() {
 		// Never unlocked: the thread must end only with the process.
 		// The goroutine never returns once the list is set, so that the
@@ -67,14 +67,14 @@ func armExitWord(word *atomic.Uint32) bool {
 		robustList.entry = uintptr(unsafe.Pointer(h))
 		_, _, errno := syscall.RawSyscall(syscall.SYS_SET_ROBUST_LIST, uintptr(unsafe.Pointer(h)), unsafe.Sizeof(*h), 0)
 		if errno != 0 {
-			armed <- false
+			close(armed)
 			return // and the thread ends with the goroutine, owning nothing
 		}
 		word.Store(uint32(syscall.Gettid()) & futexTIDMask)
-		armed <- true
+		close(armed)
 		select {}
 	}()
-	return <-armed
+	<-armed
 }
 
 // maxExitWordChanges bounds the wake-ups and changes of the exit word, other

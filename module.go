@@ -119,7 +119,7 @@ func runChild(name string) int {
 		return exitMisused
 	}
 	if w := fds.accept.exitWord(); w != nil {
-		armExitWord(w) // if it cannot, the parent learns of a death from the pipe
+		armExitWord(w)
 	}
 	c := newConn(fds.in, fds.out)
 	c.sendRing = fds.rings.up

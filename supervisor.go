@@ -225,7 +225,7 @@ func (s *supervisor) restart(failures *int, why string, early <-chan startResult
 		var c *child
 		var err error
 		if early != nil {
-			s.pause(0)
+			s.pause(0) // shows the start as due now, as a start without delay does
 			r := <-early
 			early = nil
 			if c, err = r.c, r.err; err == nil {
