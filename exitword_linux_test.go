@@ -102,9 +102,7 @@ func startExitWord(t *testing.T, opts Options) (*Handle, string, *child) {
 	t.Helper()
 	h := startModule(t, "exitword", opts)
 	srv := serve(t, h)
-	h.mu.Lock()
-	c := h.kids[0]
-	h.mu.Unlock()
+	c := firstChild(h)
 	require.NotNil(t, c.exitWatch, "the parent does not watch the child's exit word")
 	return h, srv.URL, c
 }

@@ -937,9 +937,7 @@ func TestFailPanickingWriterCancelsHandler(t *testing.T) {
 		defer func() { assert.Equal(t, http.ErrAbortHandler, recover(), "ServeHTTP's panic") }()
 		h.ServeHTTP(abortingWriter{httptest.NewRecorder()}, httptest.NewRequest("GET", "/stream", nil))
 	}()
-	h.mu.Lock()
-	c := h.kids[0]
-	h.mu.Unlock()
+	c := firstChild(h)
 	assert.Eventually(t, func() bool {
 		c.mu.Lock()
 		defer c.mu.Unlock()

@@ -64,6 +64,14 @@ func startModule(t *testing.T, name string, opts Options) *Handle {
 	return h
 }
 
+// firstChild returns the oldest child of h that is not reaped: for a pool
+// of one that has not restarted, its only child.
+func firstChild(h *Handle) *child {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.kids[0]
+}
+
 // assertReaped fails the test if a process with the pid still exists, even
 // as a zombie.
 func assertReaped(t *testing.T, pid int) {

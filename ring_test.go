@@ -82,9 +82,7 @@ func startRingModule(t *testing.T) (*httptest.Server, *child) {
 	h := startModule(t, "ring", Options{})
 	srv := httptest.NewServer(h)
 	t.Cleanup(srv.Close)
-	h.mu.Lock()
-	c := h.kids[0]
-	h.mu.Unlock()
+	c := firstChild(h)
 	require.NotNil(t, c.ring, "the child has no up ring")
 	require.NotNil(t, c.sendRing, "the child has no down ring")
 	return srv, c
@@ -456,9 +454,7 @@ func TestRingSlotsComeBackAfterPanic(t *testing.T) {
 	srv.Config.ErrorLog = log.New(io.Discard, "", 0)
 	srv.Start()
 	t.Cleanup(srv.Close)
-	h.mu.Lock()
-	ring := h.kids[0].ring
-	h.mu.Unlock()
+	ring := firstChild(h).ring
 	for range 5 {
 		res, err := http.Get(srv.URL + "/big?bytes=" + strconv.Itoa(8<<20))
 		require.NoError(t, err)
