@@ -90,9 +90,15 @@ func TestDecodeMapsNilWhenEmpty(t *testing.T) {
 	}
 }
 
-// Every map in a message is one that decode makes before gob sees it.
-func TestMessageMapsListed(t *testing.T) {
+// The messages that go through gob carry no map: gob sizes a map it
+// decodes by the entry count the message claims, before it reads one (a
+// message of a hundred bytes could claim four billion entries). (What the
+// parent reads from its child encodes itself: see wire.go.)
+func TestGobMessagesHaveNoMaps(t *testing.T) {
 	for _, v := range []any{new(hello), new(ready), new(requestHead), new(responseHead), new(bodyEnd)} {
+		if _, ok := v.(wireMessage); ok {
+			continue
+		}
 		maps := 0
 		var walk func(reflect.Type)
 		walk = func(typ reflect.Type) {
@@ -108,19 +114,7 @@ func TestMessageMapsListed(t *testing.T) {
 			}
 		}
 		walk(reflect.TypeOf(v).Elem())
-		m := messageMap(v)
-		if _, ok := v.(wireMessage); ok {
-			assert.Nil(t, m, "messageMap returns a map for %T, which decodes itself", v)
-			continue
-		}
-		switch {
-		case maps > 1:
-			t.Errorf("%T has %d maps; messageMap returns one", v, maps)
-		case maps == 1 && m == nil:
-			t.Errorf("%T has a map that messageMap does not return", v)
-		case maps == 0 && m != nil:
-			t.Errorf("messageMap returns a map for %T, which has none", v)
-		}
+		assert.Zero(t, maps, "%T, which gob decodes, has a map", v)
 	}
 }
 

@@ -19,14 +19,14 @@ import (
 
 // protocolVersion is written in the preamble of both directions. Bump it
 // whenever a message or a frame kind changes meaning.
-const protocolVersion = 9
+const protocolVersion = 10
 
 // Frame kinds. PROTOCOL.md says which side may send which kind in each
 // state of a stream. Every frame carries a request id; kinds marked "id 0" are not
 // about a request. Payloads are messages, raw body bytes, or nothing, as
-// noted. The heads (requestHead, responseHead) encode themselves (see
-// wire.go); the other messages are gob-encoded, in one gob stream per
-// direction.
+// noted. The heads (requestHead, responseHead), bodyEnd and ready encode
+// themselves (see wire.go); hello, which only the parent sends, is
+// gob-encoded.
 //
 // A stream is one request's exchange. The parent opens it with kindRequest;
 // the child ends it with exactly one kindEnd or kindAbort, after which it
@@ -100,6 +100,9 @@ const (
 	// maxInformational bounds the 1xx responses of one request. The child
 	// drops those beyond it; the parent treats more as a protocol error.
 	maxInformational = 32
+
+	// maxReadyErr bounds the ModuleFunc's error that ready carries.
+	maxReadyErr = 64 << 10
 )
 
 // growPeriod sets how fast a stream must drain for its window to grow: a
@@ -124,7 +127,8 @@ type hello struct {
 }
 
 // ready is the child's answer to hello: it is sent once the ModuleFunc has
-// returned. Err is the ModuleFunc's error, if it failed.
+// returned. Err is the ModuleFunc's error, if it failed, cut to
+// maxReadyErr bytes. It encodes itself (see wire.go).
 type ready struct {
 	Pid int
 	Err string
@@ -196,7 +200,8 @@ type responseHead struct {
 	FullDuplex bool     // the handler called EnableFullDuplex
 }
 
-// bodyEnd carries trailers at the end of a body.
+// bodyEnd carries trailers at the end of a body. It encodes itself (see
+// wire.go).
 type bodyEnd struct {
 	Trailer http.Header
 }
@@ -525,7 +530,9 @@ var errGobFraming = errors.New("gob message lengths do not match the frame")
 // wireMessage decodes itself. Otherwise the payload must hold exactly the
 // gob messages for one value: the lengths are checked before gob sees
 // them, so a corrupt length never makes gob allocate more than the frame's
-// size.
+// size. Only a child decodes gob, and only what its parent sent (hello):
+// the parent's messages carry no map, whose claimed size gob would allocate
+// before reading an entry (TestGobMessagesHaveNoMaps checks).
 func (d *decoder) decode(p []byte, v any) error {
 	if m, ok := v.(wireMessage); ok {
 		return m.decodeWire(p)
@@ -534,14 +541,7 @@ func (d *decoder) decode(p []byte, v any) error {
 		return err
 	}
 	d.src.p = p
-	m := messageMap(v)
-	if m != nil && *m == nil {
-		*m = http.Header{}
-	}
 	err := d.dec.Decode(v)
-	if m != nil && len(*m) == 0 {
-		*m = nil
-	}
 	rest := len(d.src.p)
 	d.src.p = nil
 	if err != nil {
@@ -549,24 +549,6 @@ func (d *decoder) decode(p []byte, v any) error {
 	}
 	if rest != 0 {
 		return fmt.Errorf("%d bytes left over after a message", rest)
-	}
-	return nil
-}
-
-// messageMap returns a pointer to the map field of a message, or nil.
-//
-// gob sizes a map it decodes into a nil field by the entry count the message
-// claims, before it reads a single entry (encoding/gob's decodeMap): a
-// message of a hundred bytes claiming four billion entries makes it allocate
-// gigabytes. Into a map that exists, it only adds the entries the message
-// really holds. So decode makes the map before decoding, and drops it again
-// if the message put nothing in it. Every map field of a message that gob
-// decodes by reflection must be listed here (TestMessageMapsListed checks);
-// the heads decode themselves (wire.go), by what they read.
-func messageMap(v any) *http.Header {
-	switch m := v.(type) {
-	case *bodyEnd:
-		return &m.Trailer
 	}
 	return nil
 }

@@ -9,6 +9,7 @@ import (
 	"net/http/httptest"
 	"net/url"
 	"reflect"
+	"runtime"
 	"strings"
 	"testing"
 
@@ -255,6 +256,10 @@ func TestHeadEncoding(t *testing.T) {
 		{resp, new(responseHead)},
 		{&requestHead{}, new(requestHead)},
 		{&responseHead{}, new(responseHead)},
+		{&bodyEnd{Trailer: http.Header{"X-Sum": {"1"}, "Y": {"a", ""}}}, new(bodyEnd)},
+		{&bodyEnd{}, new(bodyEnd)},
+		{&ready{Pid: 4321, Err: "module \"m\": no database"}, new(ready)},
+		{&ready{Pid: 1}, new(ready)},
 	} {
 		p := tt.in.appendWire(nil)
 		require.NoError(t, tt.out.decodeWire(p), "%T", tt.in)
@@ -282,6 +287,40 @@ func TestHeadEncoding(t *testing.T) {
 		require.Error(t, new(responseHead).decodeWire(huge), "a billion keys in 8 bytes: no error")
 	})
 	assert.LessOrEqual(t, allocs, 2.0, "%v allocations to reject a huge count", allocs)
+}
+
+// What a head costs decoded is bounded as its encoding is: a head of
+// empty values, a byte each on the wire and 16 decoded, is refused once its
+// decoded cost passes maxHeadSize, before decoding allocates much more than
+// the frame, and a head that the sender's check (headerSize) accepts is
+// never refused.
+func TestHeadDecodedCostBounded(t *testing.T) {
+	empties := func(n int) http.Header { return http.Header{"X": make([]string, n)} }
+	fits := (maxHeadSize - 64 - 2*listCost - keyCost - 1 - listCost) / itemCost
+	head := &responseHead{Status: 200, Header: empties(fits)}
+	require.LessOrEqual(t, head.wireSize(), maxHeadSize)
+	var got responseHead
+	require.NoError(t, got.decodeWire(head.appendWire(nil)), "a head of %d empty values, which its sender accepts", fits)
+	assert.Len(t, got.Header["X"], fits)
+
+	// Eight times as many values fit in a frame, for a sender that does
+	// not check.
+	over := &responseHead{Status: 200, Header: empties(8 * fits)}
+	p := over.appendWire(nil)
+	require.Less(t, len(p), frame.MaxPayload, "the test's head does not fit in a frame")
+	require.Greater(t, over.wireSize(), maxHeadSize, "the sender's check accepts the head")
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	err := new(responseHead).decodeWire(p)
+	runtime.ReadMemStats(&after)
+	require.ErrorIs(t, err, errHeadTooLarge)
+	allocated := after.TotalAlloc - before.TotalAlloc
+	assert.Less(t, allocated, uint64(2*maxHeadSize), "refusing a head of %d bytes allocated %d", len(p), allocated)
+
+	// The same for trailers.
+	end := &bodyEnd{Trailer: empties(8 * fits)}
+	require.ErrorIs(t, new(bodyEnd).decodeWire(end.appendWire(nil)), errHeadTooLarge)
 }
 
 // BenchmarkHeads measures encoding and decoding a typical request head and

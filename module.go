@@ -189,7 +189,11 @@ func runChild(name string) int {
 	}
 	h, err := initModule(moduleCtx, name, env)
 	if err != nil {
-		c.send(outFrame{kind: kindReady, msg: &ready{Pid: os.Getpid(), Err: err.Error()}}, nil)
+		msg := err.Error()
+		if len(msg) > maxReadyErr {
+			msg = msg[:maxReadyErr] + " [cut]"
+		}
+		c.send(outFrame{kind: kindReady, msg: &ready{Pid: os.Getpid(), Err: msg}}, nil)
 		c.stopWriting()
 		<-c.wdone
 		return exitFailed

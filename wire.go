@@ -17,13 +17,25 @@ import (
 // header key and value out of it, so that a head costs a handful of
 // allocations whatever its size; every count is checked against the bytes
 // left before anything is allocated for it.
+//
+// Every message the parent reads from a child encodes itself too (the
+// heads, the trailers of bodyEnd, ready): the parent never hands a child's
+// bytes to gob, which keeps every type a stream ever described for the
+// stream's life and is not made for hostile input. What a decoded message
+// costs in memory is bounded as its encoding is: each string in a list, each
+// list and each header key is charged what decoding it allocates (itemCost,
+// listCost, keyCost) on top of its bytes, and a message charged more than
+// maxHeadSize is refused. A one-byte empty header value costs 16 bytes
+// decoded; without the charge a head of 8 MiB on the wire could take 128
+// MiB. Senders check the same sum (stringsSize, headerSize), so a message
+// that a sender accepts is never refused by its receiver.
 
 // wireVersion opens a head's encoding; a head that does not start with it
 // is rejected.
 const wireVersion = 1
 
 // errBadHead reports a head whose encoding is malformed.
-var errBadHead = errors.New("malformed head")
+var errBadHead = errors.New("malformed encoding")
 
 // A wireWriter appends a head's encoding to a buffer.
 type wireWriter struct{ b []byte }
@@ -51,19 +63,45 @@ func (w *wireWriter) header(h http.Header) {
 	}
 }
 
+// What decoding allocates for a string in a list (its string header), a
+// list (a slice header) and a header key (its map entry, with the key's
+// string header and its values' slice header), besides their bytes. Each
+// is at least the most a varint takes, so that the sums that use them bound
+// the encoding as well.
+const (
+	itemCost = 16
+	listCost = 24
+	keyCost  = 48
+)
+
+// errHeadTooLarge reports a message that would cost more than maxHeadSize
+// once decoded.
+var errHeadTooLarge = errors.New("head or trailers exceed the size limit once decoded")
+
 // A wireReader decodes a head. After the first error every read returns a
 // zero value, and err holds the error.
 type wireReader struct {
-	s   string // the payload, copied once
-	off int
-	err error
+	s    string // the payload, copied once
+	off  int
+	cost int // what the lists and headers decoded so far cost (see itemCost)
+	err  error
 }
 
 func newWireReader(p []byte) *wireReader { return &wireReader{s: string(p)} }
 
-func (r *wireReader) fail() {
+func (r *wireReader) fail() { r.failWith(errBadHead) }
+
+func (r *wireReader) failWith(err error) {
 	if r.err == nil {
-		r.err = errBadHead
+		r.err = err
+	}
+}
+
+// charge adds n to what the message costs decoded, and fails once that
+// exceeds maxHeadSize.
+func (r *wireReader) charge(n int) {
+	if r.cost += n; r.cost > maxHeadSize {
+		r.failWith(errHeadTooLarge)
 	}
 }
 
@@ -121,13 +159,19 @@ func (r *wireReader) string() string {
 }
 
 func (r *wireReader) strings() []string {
+	r.charge(listCost)
 	n := r.count()
 	if n == 0 {
 		return nil
 	}
-	ss := make([]string, 0, min(n, capHint))
+	ss := make([]string, 0, r.capFor(n))
 	for range n {
-		ss = append(ss, r.string())
+		s := r.string()
+		r.charge(itemCost + len(s))
+		if r.err != nil {
+			return nil
+		}
+		ss = append(ss, s)
 	}
 	if r.err != nil {
 		return nil
@@ -135,12 +179,22 @@ func (r *wireReader) strings() []string {
 	return ss
 }
 
-// capHint bounds what a decoder allocates ahead of the items it has read.
+// capHint bounds the map entries a decoder allocates ahead of the keys it
+// has read.
 const capHint = 64
+
+// capFor returns the capacity to allocate for a list of n strings, which
+// count has checked against the bytes left: n, if the strings can all be
+// charged (see charge), so that a list is allocated once; else what can
+// be. It is at most 16 times the bytes left and at most maxHeadSize bytes.
+func (r *wireReader) capFor(n int) int {
+	return min(n, max(maxHeadSize-r.cost, 0)/itemCost+1)
+}
 
 // header reads a header: its values share one backing array, as in
 // http.Header.Clone.
 func (r *wireReader) header() http.Header {
+	r.charge(listCost)
 	n := r.count()
 	if n == 0 {
 		return nil
@@ -149,19 +203,22 @@ func (r *wireReader) header() http.Header {
 	var values []string
 	for range n {
 		k := r.string()
+		r.charge(keyCost + len(k) + listCost)
 		m := r.count()
 		if r.err != nil {
 			return nil
 		}
 		if cap(values)-len(values) < m {
-			values = make([]string, 0, max(min(m, capHint), 8))
+			values = make([]string, 0, max(r.capFor(m), 8))
 		}
 		start := len(values)
 		for range m {
-			values = append(values, r.string())
-		}
-		if r.err != nil {
-			return nil
+			v := r.string()
+			r.charge(itemCost + len(v))
+			if r.err != nil {
+				return nil
+			}
+			values = append(values, v)
 		}
 		h[k] = values[start:len(values):len(values)]
 	}
@@ -335,30 +392,76 @@ func (h *responseHead) decodeWire(p []byte) error {
 	return r.done()
 }
 
-// maxHeadSize bounds the encoding of a head, or of a message of trailers,
-// so that it fits in a frame: trailers with gob's framing (and, the first
-// time, its description of the type). A sender checks it before it sends, with
-// wireSize's bound: a message too large for a frame fails its own request,
-// never the connection.
+// appendWire appends e's encoding to b.
+func (e *bodyEnd) appendWire(b []byte) []byte {
+	w := wireWriter{b: b}
+	w.uint(wireVersion)
+	w.header(e.Trailer)
+	return w.b
+}
+
+// decodeWire decodes what appendWire encoded into e.
+func (e *bodyEnd) decodeWire(p []byte) error {
+	r := newWireReader(p)
+	if r.uint() != wireVersion {
+		return errBadHead
+	}
+	e.Trailer = r.header()
+	return r.done()
+}
+
+// appendWire appends m's encoding to b.
+func (m *ready) appendWire(b []byte) []byte {
+	w := wireWriter{b: b}
+	w.uint(wireVersion)
+	w.int(int64(m.Pid))
+	w.string(m.Err)
+	return w.b
+}
+
+// decodeWire decodes what appendWire encoded into m.
+func (m *ready) decodeWire(p []byte) error {
+	r := newWireReader(p)
+	if r.uint() != wireVersion {
+		return errBadHead
+	}
+	m.Pid = int(r.int())
+	m.Err = r.string()
+	return r.done()
+}
+
+// The messages a parent reads from its child.
+var (
+	_ wireMessage = (*ready)(nil)
+	_ wireMessage = (*responseHead)(nil)
+	_ wireMessage = (*bodyEnd)(nil)
+)
+
+// maxHeadSize bounds a head, or a message of trailers: its encoding, so
+// that it fits in a frame, and what it costs decoded (see wireReader.charge).
+// A sender checks it before it sends, with wireSize's bound: a message too
+// large fails its own request, never the connection.
 const maxHeadSize = frame.MaxPayload - 4<<10
 
 // varintMax is the most bytes a varint takes.
 const varintMax = binary.MaxVarintLen64
 
-// stringsSize bounds the encoding of a list of strings.
+// stringsSize bounds the encoding of a list of strings and is what its
+// receiver charges for it decoded.
 func stringsSize(ss []string) int {
-	n := varintMax
+	n := listCost
 	for _, s := range ss {
-		n += varintMax + len(s)
+		n += itemCost + len(s)
 	}
 	return n
 }
 
-// headerSize bounds the encoding of a header, by wireWriter or by gob.
+// headerSize bounds the encoding of a header and is what its receiver
+// charges for it decoded.
 func headerSize(h http.Header) int {
-	n := varintMax
+	n := listCost
 	for k, vs := range h {
-		n += varintMax + len(k) + stringsSize(vs)
+		n += keyCost + len(k) + stringsSize(vs)
 	}
 	return n
 }
