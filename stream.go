@@ -609,6 +609,7 @@ type stream struct {
 	queued    int        // what the kindData events cost against the window
 	recv      recvWindow // the response's window, granted to the child
 	informal  int        // 1xx response heads received
+	infoHeld  int        // what the queued 1xx heads cost (see informationalCost)
 	final     bool       // the final (non-1xx) response head has arrived
 	ended     bool       // kindEnd or kindAbort has arrived: the child is done with the stream (on a tunnel, kindAbort only)
 	tunnel    bool       // kindHijack has arrived: the stream carries a hijacked connection's bytes (see PROTOCOL.md)
@@ -694,12 +695,38 @@ func (s *stream) push(ev event) error {
 		ev.release()
 		return err
 	}
+	if n := informationalCost(ev); n > 0 {
+		if s.infoHeld > 0 && s.infoHeld+n > maxHeldInformational {
+			// The request's goroutine has not taken the earlier ones
+			// yet: the client is slow, or the handler sends 1xx heads
+			// faster than any client takes them. Informational, and
+			// dropped, as the child drops those past maxInformational.
+			ev.release()
+			return nil
+		}
+		s.infoHeld += n
+	}
 	s.events = append(s.events, ev)
 	if ev.kind == kindData {
 		s.queued += frameCost(ev.n)
 	}
 	s.signal()
 	return nil
+}
+
+// maxHeldInformational bounds what the 1xx heads that a stream holds cost
+// (see push): a handler may send maxInformational of them, each as large as
+// maxHeadSize, as fast as it likes, while the client reads nothing. A
+// stream holds at least one.
+const maxHeldInformational = 64 << 10
+
+// informationalCost returns what ev costs held if it is a 1xx head (bounded
+// by its size on the wire and decoded: see wireSize), else 0.
+func informationalCost(ev event) int {
+	if ev.kind != kindResponse || ev.head.Status >= 200 || ev.head.Status == http.StatusSwitchingProtocols {
+		return 0
+	}
+	return ev.head.wireSize()
 }
 
 // consume records that the request's goroutine has written a kindData event
@@ -798,7 +825,7 @@ func (s *stream) abandon() {
 	for i := range s.events {
 		s.events[i].release()
 	}
-	s.events, s.queued = nil, 0
+	s.events, s.queued, s.infoHeld = nil, 0, 0
 	s.recv.release()
 }
 
@@ -842,6 +869,8 @@ func (s *stream) next(cancel <-chan struct{}) (event, error) {
 			switch ev.kind {
 			case kindData:
 				s.queued -= frameCost(ev.n)
+			case kindResponse:
+				s.infoHeld -= informationalCost(ev)
 			case kindEnd, kindAbort:
 				// The last event: the response needs its window no more.
 				s.recv.release()

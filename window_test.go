@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
 
@@ -518,4 +519,40 @@ func TestResponseSendsWhatCreditAllows(t *testing.T) {
 	}
 	want := first + 3*chunkSize
 	require.Len(t, body, want, "body of %d bytes, want %d", len(body), want)
+}
+
+// The 1xx heads that a stream holds are bounded: a handler may send
+// maxInformational of them, each near maxHeadSize, while the request's
+// goroutine waits for a client that reads nothing. Past
+// maxHeldInformational the newer ones are dropped; the first, small ones,
+// and the final head never are.
+func TestInformationalHeadsHeldBounded(t *testing.T) {
+	info := func(values int) event {
+		return event{kind: kindResponse, head: &responseHead{Status: http.StatusEarlyHints, Header: http.Header{"Link": make([]string, values)}}}
+	}
+	large := maxHeadSize / itemCost / 2 // a head of about 4 MiB decoded
+
+	s := newStream(1, window)
+	for range 31 {
+		require.NoError(t, s.push(info(large)))
+	}
+	require.NoError(t, s.push(event{kind: kindResponse, head: &responseHead{Status: http.StatusOK}}))
+	require.Len(t, s.events, 2, "31 large 1xx heads and a final one: the first and the final are held")
+	assert.Equal(t, informationalCost(s.events[0]), s.infoHeld)
+	ev, err := s.next(nil)
+	require.NoError(t, err)
+	assert.Equal(t, http.StatusEarlyHints, ev.head.Status)
+	assert.Zero(t, s.infoHeld, "a 1xx head taken is no longer held")
+	ev, err = s.next(nil)
+	require.NoError(t, err)
+	assert.Equal(t, http.StatusOK, ev.head.Status)
+
+	// Small ones, as many as a handler may send, are all held.
+	s = newStream(2, window)
+	for range maxInformational {
+		require.NoError(t, s.push(info(8)))
+	}
+	assert.Len(t, s.events, maxInformational)
+	s.abandon()
+	assert.Zero(t, s.infoHeld)
 }
