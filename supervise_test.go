@@ -10,8 +10,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -31,6 +33,9 @@ type fakeBehaviour struct {
 	// death until it is closed, as a process the module started and
 	// that outlived it would.
 	holdStderr <-chan struct{}
+	// holdStdin, if not nil, keeps the read end of the child's stdin
+	// open, unread, after its death until it is closed.
+	holdStdin <-chan struct{}
 }
 
 // fakeChildren launches fake children, each behaving as behave says for
@@ -96,7 +101,7 @@ func (f *fakeChildren) launch(slot, incarnation int) (process, *childPipes, erro
 		defer f.live.Done()
 		f.serve(p, child[0], child[1], accept, b)
 		for i, c := range child {
-			if i != 3 || b.holdStderr == nil {
+			if !(i == 3 && b.holdStderr != nil || i == 0 && b.holdStdin != nil) {
 				c.Close()
 			}
 		}
@@ -104,6 +109,10 @@ func (f *fakeChildren) launch(slot, incarnation int) (process, *childPipes, erro
 		if b.holdStderr != nil {
 			<-b.holdStderr
 			child[3].Close()
+		}
+		if b.holdStdin != nil {
+			<-b.holdStdin
+			child[0].Close()
 		}
 	}()
 	return p, &childPipes{toChild: parent[0], fromChild: parent[1], stdout: parent[2], stderr: parent[3], log: parent[4], accept: accept}, nil
@@ -115,7 +124,9 @@ func (f *fakeChildren) serve(p *fakeProc, in, out *os.File, accept *acceptWord, 
 	// Whatever ends the child closes its pipes: the parent sees it die.
 	go func() {
 		<-p.kill
-		in.Close()
+		if b.holdStdin == nil {
+			in.Close()
+		}
 		out.Close()
 	}()
 	c := newConn(in, out)
@@ -183,6 +194,7 @@ func startFake(t *testing.T, f *fakeChildren, opts Options) (*Handle, error) {
 func TestSuperviseFake(t *testing.T) {
 	const maxDelay = 400 * time.Millisecond
 	stderrHeld := make(chan struct{}) // a fakeBehaviour.holdStderr, closed by its case's check
+	stdinHeld := make(chan struct{})  // a fakeBehaviour.holdStdin, likewise
 	for _, tc := range []struct {
 		name   string
 		opts   Options
@@ -291,6 +303,50 @@ func TestSuperviseFake(t *testing.T) {
 			exited := events.first(ChildExited)
 			assert.True(t, starts[1].at.Before(exited.Time), "the second child started %v after the first one's ChildExited", starts[1].at.Sub(exited.Time))
 			assert.GreaterOrEqual(t, exited.Time.Sub(starts[0].at), drainTimeout, "the first child's teardown waited for its stderr")
+			assert.Equal(t, []string{"ChildStarted ", "ChildExited crash", "ModuleDegraded crash", "ChildStarted crash"}, events.kinds())
+		},
+	}, {
+		// Requests wait in the parent's write to a child that reads
+		// nothing; the child dies, and its stdin stays open, unread. The
+		// teardown stops waiting for the write after drainTimeout, and the
+		// replacement is installed: the requests, which the dead child
+		// never took, are served by it.
+		name: "a dead child's stdin held open does not hang its teardown",
+		behave: func(slot, inc int) fakeBehaviour {
+			if inc == 0 {
+				return fakeBehaviour{hang: true, holdStdin: stdinHeld}
+			}
+			return fakeBehaviour{}
+		},
+		check: func(t *testing.T, h *Handle, f *fakeChildren, events *eventLog) {
+			defer close(stdinHeld)
+			srv := serve(t, h)
+			big := strings.Repeat("x", 200<<10) // 3 times the pipe
+			bodies := make(chan string, 2)
+			for range 2 {
+				go func() {
+					req, _ := http.NewRequest(http.MethodGet, srv.URL, nil)
+					req.Header.Set("X-Big", big)
+					res, err := http.DefaultClient.Do(req)
+					if err != nil {
+						bodies <- err.Error()
+						return
+					}
+					defer res.Body.Close()
+					b, _ := io.ReadAll(res.Body)
+					bodies <- fmt.Sprintf("%d %s", res.StatusCode, b)
+				}()
+			}
+			c := firstChild(h)
+			waitFor(t, 20*time.Second, "a write to the child blocked, with more frames behind it", func() bool {
+				c.conn.mu.Lock()
+				defer c.conn.mu.Unlock()
+				return c.writing && len(c.pending) > 0
+			})
+			c.proc.Kill()
+			for range 2 {
+				assert.Equal(t, "200 slot=0 inc=1", <-bodies)
+			}
 			assert.Equal(t, []string{"ChildStarted ", "ChildExited crash", "ModuleDegraded crash", "ChildStarted crash"}, events.kinds())
 		},
 	}, {

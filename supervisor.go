@@ -561,21 +561,34 @@ func (h *Handle) copyLog(c *child, s logcapture.Stream, f *os.File) {
 // teardown kills c if it still runs, reaps it, and waits for every goroutine
 // that served it. Requests still pending on c fail. It takes c off the
 // handle's list of children.
+//
+// Once c is reaped, every wait is bounded by drainTimeout in all: a process
+// that the module started may hold any of c's pipes open, and never read
+// or write them.
 func (h *Handle) teardown(c *child) {
 	c.proc.Kill()
 	<-c.exited
 	c.stopExitWatch()
-	drained := time.NewTimer(drainTimeout)
+	expired := make(chan struct{})
+	drained := time.AfterFunc(drainTimeout, func() { close(expired) })
 	defer drained.Stop()
 	select {
 	case <-c.done:
-	case <-drained.C:
+	case <-expired:
 		// Something else holds the child's stdout open; stop reading it.
 		c.pipes.fromChild.Close()
 		<-c.done
 	}
 	c.stopWriting()
-	<-c.wdone
+	select {
+	case <-c.wdone:
+	case <-expired:
+		// Something else holds the child's stdin open, and a sender's
+		// write, or writeLoop's last one, waits for room in the pipe: the
+		// close makes it fail.
+		c.pipes.toChild.Close()
+		<-c.wdone
+	}
 	logsDone := make(chan struct{})
 	go func() {
 		c.logs.Wait()
@@ -583,7 +596,7 @@ func (h *Handle) teardown(c *child) {
 	}()
 	select {
 	case <-logsDone:
-	case <-drained.C:
+	case <-expired:
 		c.pipes.closeReaders()
 		<-logsDone
 	}
