@@ -341,7 +341,7 @@ func TestSuperviseFake(t *testing.T) {
 			waitFor(t, 20*time.Second, "a write to the child blocked, with more frames behind it", func() bool {
 				c.conn.mu.Lock()
 				defer c.conn.mu.Unlock()
-				return c.writing && len(c.pending) > 0
+				return c.conn.writing && len(c.conn.pending) > 0
 			})
 			c.proc.Kill()
 			for range 2 {
