@@ -404,6 +404,10 @@ type child struct {
 
 	mu      sync.Mutex // guards the fields below
 	pending map[uint64]*stream
+	// running holds the streams whose request's goroutine is serving
+	// them, until it returns (see finished): those of pending, and those
+	// whose response the child has ended and the parent is still writing.
+	running map[*stream]struct{}
 	// forgotten holds the ids of streams the parent gave up before the
 	// child ended them (see forget): what arrives for them is dropped.
 	forgotten map[uint64]time.Time // when each was given up
@@ -434,6 +438,7 @@ func newChild(h *Handle, incarnation int, proc process, conn *conn, accept *acce
 		recycle:     make(chan string, 1),
 		stopping:    make(chan struct{}),
 		pending:     make(map[uint64]*stream),
+		running:     make(map[*stream]struct{}),
 		forgotten:   make(map[uint64]time.Time),
 		pings:       make(map[uint64]chan struct{}),
 	}
@@ -461,14 +466,39 @@ func (c *child) open(r *http.Request, head *requestHead) (*stream, error) {
 	s := newStream(c.nextID, credit)
 	s.recv.budget = c.flow
 	c.pending[s.id] = s
+	c.running[s] = struct{}{}
 	c.mu.Unlock()
 	if err := c.send(outFrame{kind: kindRequest, flags: flags, id: s.id, msg: head}, nil); err != nil {
+		c.finished(s)
 		c.mu.Lock()
 		delete(c.pending, s.id)
 		c.mu.Unlock()
 		return nil, err
 	}
 	return s, nil
+}
+
+// finished records that the request's goroutine is done with s.
+func (c *child) finished(s *stream) {
+	c.mu.Lock()
+	delete(c.running, s)
+	c.mu.Unlock()
+}
+
+// cutRunning cuts the writes to their clients of every request the child
+// serves (see stream.cutWrites): its drain has ended, and the requests
+// are canceled, those too whose response the child has ended and that
+// wait for a client that reads nothing.
+func (c *child) cutRunning() {
+	c.mu.Lock()
+	running := make([]*stream, 0, len(c.running))
+	for s := range c.running {
+		running = append(running, s)
+	}
+	c.mu.Unlock()
+	for _, s := range running {
+		s.cutWrites()
+	}
 }
 
 // hasBody reports whether r has a body to send to the child.

@@ -44,6 +44,11 @@ func (h *Handle) proxy(w http.ResponseWriter, r *http.Request, c *child, s *stre
 	s.x = exchange{h: h, w: w, r: r, ctx: r.Context(), c: c, s: s}
 	returned := false
 	defer func() {
+		s.disarmCut()
+		if s.x.stopCut != nil {
+			s.x.stopCut()
+		}
+		c.finished(s)
 		if !returned {
 			// A panic (an aborted response, or one of w's own): what
 			// is queued, and what the child sends later, is dropped, so
@@ -81,6 +86,11 @@ type exchange struct {
 	declared    map[string]bool // trailers announced in the response head
 	started     bool            // the final response head was written to w
 	bodyWritten bool            // body bytes were written to w
+	cutShort    bool            // a write to w failed after the stream was cut (see stream.cutWrites)
+
+	// stopCut, if not nil, stops the cut at the request's deadline (see
+	// startedResponse).
+	stopCut func() bool
 }
 
 // controller returns w's ResponseController.
@@ -133,6 +143,11 @@ func (x *exchange) run() (retry bool) {
 				return false
 			}
 		case kindEnd:
+			if x.cutShort {
+				// Cut at a drain's end: the client has not got it all.
+				x.h.count(&x.h.stats.Aborted)
+				panic(http.ErrAbortHandler)
+			}
 			x.writeTrailers(ev)
 			return false
 		case kindAbort:
@@ -185,9 +200,14 @@ func (x *exchange) tunnel() {
 		return
 	}
 	x.started = true
-	// The Server's timeouts no longer apply: the module's conn has
-	// deadlines of its own.
+	// The Server's timeouts no longer apply, nor the request's deadline:
+	// the module's conn has deadlines of its own.
+	if x.stopCut != nil {
+		x.stopCut()
+	}
 	conn.SetDeadline(time.Time{})
+	// The child's abort or failure, and the drain's end, still cut.
+	x.s.armCut(nil, conn)
 	stop := make(chan struct{}) // closed when the tunnel ends
 	up := make(chan struct{})   // closed when pumpClient returns
 	go func() {
@@ -293,6 +313,12 @@ func (x *exchange) canceled() {
 		x.replyError(http.StatusGatewayTimeout, " did not answer before the request's deadline (%v)", context.Cause(x.ctx))
 		return
 	}
+	if x.cutShort {
+		// A cut write (see stream.cutWrites) canceled the request, as
+		// net/http does at a failed write.
+		h.count(&h.stats.Aborted)
+		panic(http.ErrAbortHandler)
+	}
 	if !x.started {
 		// Usually nobody reads this. But if the context ended with the
 		// client still there, it must not see an empty 200 that looks
@@ -365,7 +391,22 @@ func (x *exchange) writeHead(ev event) (final bool) {
 	}
 	w.WriteHeader(ev.head.Status)
 	x.started = true
+	x.startedResponse()
 	return true
+}
+
+// startedResponse arms the stream's cut (see stream.cutWrites) once the
+// response has started, when a write may wait for the client: at the
+// request's deadline, if it has one, and at the child's failure or abort,
+// or the end of its drain, a write that waits for a client that reads
+// nothing fails, and the response ends aborted, as it would have without
+// the wait. (A response that has not started writes nothing that waits:
+// net/http buffers the head.)
+func (x *exchange) startedResponse() {
+	x.s.armCut(x.w, nil)
+	if x.hasDeadline {
+		x.stopCut = context.AfterFunc(x.ctx, x.s.cutWrites)
+	}
 }
 
 // writeData writes a data frame's bytes to w and returns their credit to
@@ -395,6 +436,17 @@ func (x *exchange) writeData(ev event) bool {
 	}
 	ev.release()
 	if err != nil && !errors.Is(err, http.ErrBodyNotAllowed) {
+		if x.late() {
+			x.canceled() // cut at the deadline: aborts
+			return false
+		}
+		if x.s.wasCut() {
+			// The stream's next events end the response: its abort, its
+			// failure, or, cut at a drain's end, whatever the stopped
+			// child sends last. No credit goes back meanwhile.
+			x.cutShort = true
+			return true
+		}
 		// The client is gone.
 		giveUp(x.ctx, x.c, x.s)
 		return false

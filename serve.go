@@ -937,6 +937,15 @@ func (w *responseWriter) finish() {
 		w.writeHeaderLocked(http.StatusOK)
 	}
 	w.done = true
+	if errors.Is(w.err, os.ErrDeadlineExceeded) && !w.aborted {
+		// A write timed out (SetWriteDeadline): in-process, net/http
+		// would close the connection, with the response cut short. So
+		// does the parent, at the abort, instead of going on writing
+		// what it holds to a client that may read nothing.
+		w.dropBufLocked()
+		w.c.send(outFrame{kind: kindAbort, id: w.id}, nil)
+		return
+	}
 	end := outFrame{kind: kindEnd, id: w.id}
 	if t := w.trailerLocked(); len(t) > 0 {
 		if n := headerSize(t); n > maxHeadSize {

@@ -616,6 +616,15 @@ type stream struct {
 	wclosed   bool       // on a tunnel, the child's kindEnd has arrived: it sends no more data
 	err       error      // the stream failed: the child can no longer answer
 	abandoned bool       // the request's goroutine has gone; what arrives is dropped
+
+	// What cutWrites interrupts, guarded by cutMu: the writes of the
+	// request's goroutine to its client, which wait for a client that
+	// reads slowly, or not at all, and then see nothing else.
+	cutMu   sync.Mutex
+	cutW    http.ResponseWriter // once the response has started: where it is written
+	cutConn net.Conn            // once the stream is a tunnel: the client's hijacked connection
+	cutAt   time.Time           // the write deadline cutWrites set; zero until it is called
+	cutOff  bool                // the request's goroutine is done with the client: nothing is cut
 }
 
 // An event is one message of a response, in the order the child sent it.
@@ -685,6 +694,24 @@ func newStream(id uint64, credit int) *stream {
 // body before the response, more body than the window, or too many events.
 // It takes ownership of ev's buffer or slot.
 func (s *stream) push(ev event) error {
+	err := s.pushEvent(ev)
+	if err == nil && ev.kind == kindAbort {
+		// The response ends aborted (a tunnel, when its handler closed
+		// its conn). What came before it still goes, to a client that
+		// takes it in time: a response flushed before a panic, a
+		// WebSocket's close message.
+		s.cutWritesAt(time.Now().Add(abortLinger))
+	}
+	return err
+}
+
+// abortLinger is how long what a response holds has to reach its client
+// once the child has aborted it or died: a client that reads nothing
+// would otherwise hold the parent's goroutine, and its admission, for ever.
+const abortLinger = time.Second
+
+// pushEvent is push without the cut.
+func (s *stream) pushEvent(ev event) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	err := s.checkLocked(ev)
@@ -807,12 +834,76 @@ func (s *stream) checkLocked(ev event) error {
 // The first error sticks.
 func (s *stream) fail(err error) {
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	if s.err == nil {
 		s.err = err
 		s.signal()
 	}
 	s.win.close(err)
+	s.mu.Unlock()
+	s.cutWritesAt(time.Now().Add(abortLinger)) // the response can only end aborted
+}
+
+// armCut records where the request's goroutine writes to its client, once
+// the response has started (w) or the stream has become a tunnel (conn):
+// what cutWrites interrupts. If the stream was cut already, it cuts again.
+func (s *stream) armCut(w http.ResponseWriter, conn net.Conn) {
+	s.cutMu.Lock()
+	defer s.cutMu.Unlock()
+	if s.cutOff {
+		return
+	}
+	s.cutW, s.cutConn = w, conn
+	if !s.cutAt.IsZero() {
+		s.interruptLocked()
+	}
+}
+
+// cutWrites makes the writes of the request's goroutine to its client
+// fail, the one that waits now and every later one, by a write deadline in
+// the past: the child's drain ended, or the request's deadline passed (at
+// the child's abort or death, cutWritesAt gives them abortLinger). The
+// goroutine then sees the stream's events, which end the response
+// aborted.
+func (s *stream) cutWrites() { s.cutWritesAt(time.Unix(1, 0)) }
+
+// cutWritesAt is cutWrites at deadline t, unless an earlier one was set.
+// Safe for concurrent use; once disarmCut has returned it does nothing, so
+// that it never touches a connection that has gone on to its next request.
+func (s *stream) cutWritesAt(t time.Time) {
+	s.cutMu.Lock()
+	defer s.cutMu.Unlock()
+	if s.cutOff || !s.cutAt.IsZero() && !t.Before(s.cutAt) {
+		return
+	}
+	s.cutAt = t
+	s.interruptLocked()
+}
+
+// interruptLocked sets the write deadline to cutAt; a ResponseWriter that
+// cannot take one (http.ErrNotSupported) is left as it is.
+func (s *stream) interruptLocked() {
+	switch {
+	case s.cutConn != nil:
+		s.cutConn.SetWriteDeadline(s.cutAt)
+	case s.cutW != nil:
+		http.NewResponseController(s.cutW).SetWriteDeadline(s.cutAt)
+	}
+}
+
+// wasCut reports whether cutWrites or cutWritesAt was called.
+func (s *stream) wasCut() bool {
+	s.cutMu.Lock()
+	defer s.cutMu.Unlock()
+	return !s.cutAt.IsZero()
+}
+
+// disarmCut ends what cutWrites may touch: the request's goroutine is done
+// with its client. It waits for a cut under way.
+func (s *stream) disarmCut() {
+	s.cutMu.Lock()
+	defer s.cutMu.Unlock()
+	s.cutOff = true
+	s.cutW, s.cutConn = nil, nil
 }
 
 // abandon drops what is queued and whatever arrives later, and returns the

@@ -393,8 +393,10 @@ func (h *Handle) drain(c *child, reason string, grace time.Duration) {
 	case <-idle:
 	case <-timeout:
 		wait = killGrace
+		c.cutRunning()
 	case <-h.kill:
 		wait = killGrace
+		c.cutRunning()
 	case <-c.done:
 	}
 	stopped := false // c was stopped by the drain, not ended by something else
@@ -418,6 +420,7 @@ func (h *Handle) drain(c *child, reason string, grace time.Duration) {
 			case <-kill:
 				kill = nil
 				t.Reset(killGrace)
+				c.cutRunning()
 			case <-t.C:
 				c.condemn(&killedError{"as it did not exit in time at the end of a drain", reason})
 				c.proc.Kill()

@@ -1,0 +1,178 @@
+package subproc
+
+// Clients that never read their responses may not hold the parent's
+// goroutines, admission places or Shutdown for ever. Where transparency is
+// in question, the same handler is served in-process by net/http beside
+// subproc.
+
+import (
+	"context"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+func init() {
+	Register("noread", func(ctx context.Context, env *Env) (http.Handler, error) { return noreadMux(), nil })
+}
+
+// noreadMux is the module of this file, served both in a child and
+// in-process.
+func noreadMux() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/ok", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") })
+	// A handler that protects itself against a client that never reads,
+	// as net/http lets it: with a write deadline.
+	mux.HandleFunc("/deadline", func(w http.ResponseWriter, r *http.Request) {
+		http.NewResponseController(w).SetWriteDeadline(time.Now().Add(300 * time.Millisecond))
+		writeMiB(w, 64)
+	})
+	// The same, on a hijacked connection (a WebSocket server that drops a
+	// client that does not read).
+	mux.HandleFunc("/tunnel-deadline", func(w http.ResponseWriter, r *http.Request) {
+		conn, _, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusNotImplemented)
+			return
+		}
+		defer conn.Close()
+		io.WriteString(conn, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: x\r\n\r\n")
+		conn.SetWriteDeadline(time.Now().Add(300 * time.Millisecond))
+		writeMiB(conn, 64)
+	})
+	// A large response, with no deadline of its own.
+	mux.HandleFunc("/big", func(w http.ResponseWriter, r *http.Request) { writeMiB(w, 64) })
+	return mux
+}
+
+// writeMiB writes n MiB to w, until a write fails.
+func writeMiB(w io.Writer, n int) {
+	buf := make([]byte, 64<<10)
+	for range n * 16 {
+		if _, err := w.Write(buf); err != nil {
+			return
+		}
+	}
+}
+
+// A noreadTarget is one way of serving noreadMux: in-process or through
+// subproc, counting the ServeHTTP calls under way.
+type noreadTarget struct {
+	name    string
+	srv     *httptest.Server
+	active  atomic.Int64 // ServeHTTP calls under way
+	started atomic.Int64 // ServeHTTP calls begun
+}
+
+// noreadTargets serves noreadMux in-process and through h, in that order,
+// on listeners with small send buffers.
+func noreadTargets(t *testing.T, h http.Handler) []*noreadTarget {
+	var ts []*noreadTarget
+	for _, x := range []struct {
+		name  string
+		inner http.Handler
+	}{{"in-process", noreadMux()}, {"subproc", h}} {
+		tg := &noreadTarget{name: x.name}
+		inner := x.inner
+		tg.srv = httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			tg.started.Add(1)
+			tg.active.Add(1)
+			defer tg.active.Add(-1)
+			inner.ServeHTTP(w, r)
+		}))
+		tg.srv.Listener = smallBufListener{tg.srv.Listener, 4096}
+		tg.srv.Start()
+		t.Cleanup(tg.srv.Close)
+		ts = append(ts, tg)
+	}
+	return ts
+}
+
+// dialNoRead sends a GET of path on a new connection to srv, with a small
+// receive buffer, and never reads.
+func dialNoRead(t *testing.T, srv *httptest.Server, path string) {
+	conn, err := net.Dial("tcp", srv.Listener.Addr().String())
+	require.NoError(t, err)
+	conn.(*net.TCPConn).SetReadBuffer(4096)
+	t.Cleanup(func() { conn.Close() })
+	_, err = io.WriteString(conn, "GET "+path+" HTTP/1.1\r\nHost: x\r\n\r\n")
+	require.NoError(t, err)
+}
+
+// A handler's write deadline frees it from a client that never reads, and
+// in-process that ends the request. Through subproc the parent's
+// ServeHTTP, blocked in its write to the client, ends too: else a few such
+// clients would hold every MaxInFlight place, a goroutine and a socket
+// each, for good. The same holds for a hijacked connection whose handler
+// closes it.
+func TestNoReadHandlerDeadlineEndsRequest(t *testing.T) {
+	h := startModule(t, "noread", Options{MaxInFlight: 2})
+	for _, path := range []string{"/deadline", "/tunnel-deadline"} {
+		for _, tg := range noreadTargets(t, h) {
+			dialNoRead(t, tg.srv, path)
+			dialNoRead(t, tg.srv, path)
+			waitFor(t, 10*time.Second, tg.name+" "+path+": both requests ended", func() bool {
+				return tg.started.Load() == 2 && tg.active.Load() == 0
+			})
+			code, body := fetch(t, tg.srv.URL+"/ok")
+			assert.Equal(t, http.StatusOK, code, "%s %s: %s", tg.name, path, body)
+		}
+	}
+}
+
+// A request's deadline (Options.RequestTimeout) ends it, though the parent
+// is blocked writing its response to a client that reads nothing: the
+// response is aborted, and counted as a timeout.
+func TestNoReadRequestTimeout(t *testing.T) {
+	h := startModule(t, "noread", Options{RequestTimeout: time.Second})
+	srv := serve(t, h)
+	dialNoRead(t, srv, "/big")
+	awaitStats(t, h, 20*time.Second, "the request timed out and ended", func(st Stats) bool {
+		return st.Timeouts == 1 && st.InFlight == 0
+	})
+}
+
+// When Shutdown's context ends, the requests in flight are canceled: the
+// parent's writes to clients that read nothing fail, those too whose
+// response the child had ended, and Shutdown returns.
+func TestNoReadShutdownCutShort(t *testing.T) {
+	h, err := Start(context.Background(), "noread", testOptions(t, Options{}))
+	require.NoError(t, err)
+	pids := h.pidsStarted()
+	tg := noreadTargets(t, h)[1]
+	dialNoRead(t, tg.srv, "/big")
+	waitFor(t, 10*time.Second, "the response to start", func() bool { return startedResponses(h) == 1 })
+	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+	defer cancel()
+	err = h.Shutdown(ctx)
+	require.ErrorIs(t, err, context.DeadlineExceeded)
+	waitFor(t, 10*time.Second, "the request's ServeHTTP to end", func() bool { return tg.active.Load() == 0 })
+	assert.Equal(t, uint64(1), h.Stats().Aborted)
+	for _, pid := range pids {
+		assertReaped(t, pid)
+	}
+}
+
+// startedResponses returns how many of the requests that h's first child
+// serves have a response that the parent has started writing.
+func startedResponses(h *Handle) int {
+	c := firstChild(h)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n := 0
+	for s := range c.running {
+		s.cutMu.Lock()
+		if s.cutW != nil {
+			n++
+		}
+		s.cutMu.Unlock()
+	}
+	return n
+}
