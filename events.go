@@ -2,6 +2,7 @@ package subproc
 
 import (
 	"fmt"
+	"runtime/debug"
 	"sync"
 	"time"
 )
@@ -142,7 +143,7 @@ func (q *eventQueue) run() {
 			q.logf("Options.OnEvent is too slow: %d events were dropped while %d waited for it", dropped, maxQueuedEvents)
 		}
 		for _, ev := range batch {
-			q.fn(ev)
+			q.deliver(ev)
 		}
 		if len(batch) == 0 {
 			if closed {
@@ -151,4 +152,16 @@ func (q *eventQueue) run() {
 			<-q.wake
 		}
 	}
+}
+
+// deliver calls the callback with ev. A panic in it is logged, with its
+// stack, and the next event is delivered: it must not end the program
+// from a goroutine its author cannot guard.
+func (q *eventQueue) deliver(ev Event) {
+	defer func() {
+		if v := recover(); v != nil {
+			q.logf("Options.OnEvent panicked on a %v event: %v\n%s", ev.Kind, v, debug.Stack())
+		}
+	}()
+	q.fn(ev)
 }

@@ -162,8 +162,9 @@ type Options struct {
 	// and degraded states, in the order they happened, from one goroutine
 	// of the Handle's. It never delays the module: events wait in a queue
 	// while it runs, and if it is so slow that 4096 of them wait, further
-	// events are dropped and the parent logs how many. Its last call
-	// happens before Shutdown returns.
+	// events are dropped and the parent logs how many. A panic in it is
+	// logged, and the next event delivered. Its last call happens before
+	// Shutdown returns, unless Shutdown's context ended first.
 	OnEvent func(Event)
 }
 
@@ -327,7 +328,8 @@ type Handle struct {
 	flow      flowBudget          // the window growth of the responses of every child (see flowBudget)
 	killOnce  sync.Once
 	drains    sync.WaitGroup             // drains of replaced children
-	done      chan struct{}              // closed when every supervisor and drain has returned and every child is reaped
+	reaped    chan struct{}              // closed when every supervisor and drain has returned and every child is reaped
+	done      chan struct{}              // closed after reaped, once OnEvent has had every event
 	admission *semaphore.Weighted        // fixed; nil without Options.MaxInFlight
 	queued    atomic.Int64               // requests waiting for admission
 	local     atomic.Pointer[addrString] // the last local address sent (see localAddr)
@@ -412,6 +414,7 @@ func start(ctx context.Context, name string, opts Options, launch launcher) (*Ha
 		spawns:    make(chan spawnRequest),
 		spawnDone: make(chan struct{}),
 		kill:      make(chan struct{}),
+		reaped:    make(chan struct{}),
 		done:      make(chan struct{}),
 		changed:   make(chan struct{}),
 	}
@@ -459,10 +462,11 @@ func (h *Handle) finish() {
 	close(h.spawns)
 	<-h.spawnDone
 	h.capture.Close()
-	h.events.close()
 	h.mu.Lock()
 	h.stopped = true
 	h.mu.Unlock()
+	close(h.reaped)
+	h.events.close()
 	close(h.done)
 }
 
@@ -752,13 +756,17 @@ func (h *Handle) Ready() bool {
 // WebSockets) can end, and in-flight requests run on until they end. Then
 // each child is told to exit. If ctx ends first, the contexts of the
 // requests still in flight are canceled in the children, which get a moment
-// (half a second) to exit before they are killed. Health checks go on during
-// the drain: a child that hangs is killed as at any other time, and its
-// drain ends.
+// (half a second) to exit before they are killed, and the parent's writes
+// of their responses fail, so that none waits on for a client that reads
+// nothing. Health checks go on during the drain: a child that hangs is
+// killed as at any other time, and its drain ends. A request in flight
+// may never end (a stream, or a client that reads nothing): give ctx a
+// deadline, as Close does.
 //
 // Shutdown returns when every child has been reaped and every goroutine of
-// the handle has returned: nil after a graceful stop, or an error wrapping
-// ctx's error after ctx ended. It may be called more than once, and
+// the handle has returned, OnEvent's for every event posted: nil after a
+// graceful stop, or an error wrapping ctx's error after ctx ended, then
+// without waiting for OnEvent. It may be called more than once, and
 // concurrently.
 func (h *Handle) Shutdown(ctx context.Context) error {
 	h.mu.Lock()
@@ -770,7 +778,7 @@ func (h *Handle) Shutdown(ctx context.Context) error {
 		return nil
 	case <-ctx.Done():
 		h.killOnce.Do(func() { close(h.kill) })
-		<-h.done
+		<-h.reaped // OnEvent, which may block, is not waited for
 		return fmt.Errorf("subproc: module %q: shutdown cut short, requests canceled: %w", h.name, ctx.Err())
 	}
 }
