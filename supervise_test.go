@@ -16,6 +16,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -36,6 +37,9 @@ type fakeBehaviour struct {
 	// holdStdin, if not nil, keeps the read end of the child's stdin
 	// open, unread, after its death until it is closed.
 	holdStdin <-chan struct{}
+	// holdStdout likewise keeps a copy of the write end of its protocol
+	// stdout.
+	holdStdout <-chan struct{}
 }
 
 // fakeChildren launches fake children, each behaving as behave says for
@@ -96,6 +100,18 @@ func (f *fakeChildren) launch(slot, incarnation int) (process, *childPipes, erro
 	p := &fakeProc{pid: 1_000_000 + int(fakePids.Add(1)), kill: make(chan struct{}), exited: make(chan struct{})}
 	accept := newLocalWord()
 	b := f.behave(slot, incarnation)
+	var held *os.File // a copy of the protocol stdout's write end, for holdStdout
+	if b.holdStdout != nil {
+		sc, err := child[1].SyscallConn()
+		if err != nil {
+			return nil, nil, err
+		}
+		sc.Control(func(fd uintptr) {
+			if nfd, err := syscall.Dup(int(fd)); err == nil {
+				held = os.NewFile(uintptr(nfd), "held stdout")
+			}
+		})
+	}
 	f.live.Add(1)
 	go func() {
 		defer f.live.Done()
@@ -113,6 +129,10 @@ func (f *fakeChildren) launch(slot, incarnation int) (process, *childPipes, erro
 		if b.holdStdin != nil {
 			<-b.holdStdin
 			child[0].Close()
+		}
+		if held != nil {
+			<-b.holdStdout
+			held.Close()
 		}
 	}()
 	return p, &childPipes{toChild: parent[0], fromChild: parent[1], stdout: parent[2], stderr: parent[3], log: parent[4], accept: accept}, nil
@@ -195,6 +215,7 @@ func TestSuperviseFake(t *testing.T) {
 	const maxDelay = 400 * time.Millisecond
 	stderrHeld := make(chan struct{}) // a fakeBehaviour.holdStderr, closed by its case's check
 	stdinHeld := make(chan struct{})  // a fakeBehaviour.holdStdin, likewise
+	bothHeld := make(chan struct{})   // holdStdout and holdStderr together
 	for _, tc := range []struct {
 		name   string
 		opts   Options
@@ -348,6 +369,27 @@ func TestSuperviseFake(t *testing.T) {
 				assert.Equal(t, "200 slot=0 inc=1", <-bodies)
 			}
 			assert.Equal(t, []string{"ChildStarted ", "ChildExited crash", "ModuleDegraded crash", "ChildStarted crash"}, events.kinds())
+		},
+	}, {
+		// Both the protocol's stdout and stderr stay open after the
+		// child's death: the teardown's waits for them share one
+		// drainTimeout, and end.
+		name: "a dead child's stdout and stderr held open do not hang its teardown",
+		behave: func(slot, inc int) fakeBehaviour {
+			if inc == 0 {
+				return fakeBehaviour{dieAfter: 10 * time.Millisecond, holdStdout: bothHeld, holdStderr: bothHeld}
+			}
+			return fakeBehaviour{}
+		},
+		check: func(t *testing.T, h *Handle, f *fakeChildren, events *eventLog) {
+			defer close(bothHeld)
+			waitFor(t, 20*time.Second, "the second child's ChildStarted", func() bool {
+				return events.count(ChildStarted, "") >= 2
+			})
+			exited := events.first(ChildExited)
+			took := exited.Time.Sub(f.startsOf()[0].at)
+			assert.GreaterOrEqual(t, took, drainTimeout, "the teardown waited for the pipes")
+			assert.Less(t, took, 2*drainTimeout+time.Second, "the teardown waited drainTimeout for each pipe")
 		},
 	}, {
 		name: "MaxRequests replaces a child without backoff",

@@ -143,6 +143,11 @@ func (s *supervisor) serve(cp **child) (died bool) {
 			// first, which makes sure of the death that the child
 			// only claimed.
 			return true
+		case <-c.exited:
+			// Reaped, while its pipe lives on: a process it started
+			// holds it (and, where there is no exit word, nothing
+			// else would tell).
+			return true
 		case <-h.life.Done():
 			s.uninstall(c)
 			h.drain(c, "shutdown", 0)
