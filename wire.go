@@ -34,11 +34,20 @@ import (
 // is rejected.
 const wireVersion = 1
 
-// errBadHead reports a head whose encoding is malformed.
+// errBadHead reports a message (a head, trailers, ready) whose encoding is
+// malformed.
 var errBadHead = errors.New("malformed encoding")
 
-// A wireWriter appends a head's encoding to a buffer.
+// A wireWriter appends a message's encoding to a buffer.
 type wireWriter struct{ b []byte }
+
+// newWireWriter returns a writer that appends to b a message's encoding,
+// which it opens with wireVersion.
+func newWireWriter(b []byte) wireWriter {
+	w := wireWriter{b: b}
+	w.uint(wireVersion)
+	return w
+}
 
 func (w *wireWriter) uint(v uint64) { w.b = binary.AppendUvarint(w.b, v) }
 func (w *wireWriter) int(v int64)   { w.b = binary.AppendVarint(w.b, v) }
@@ -87,7 +96,15 @@ type wireReader struct {
 	err  error
 }
 
-func newWireReader(p []byte) *wireReader { return &wireReader{s: string(p)} }
+// newWireReader returns a reader of the message encoded in p, which must
+// open with wireVersion (else every read fails).
+func newWireReader(p []byte) *wireReader {
+	r := &wireReader{s: string(p)}
+	if r.uint() != wireVersion {
+		r.fail()
+	}
+	return r
+}
 
 func (r *wireReader) fail() { r.failWith(errBadHead) }
 
@@ -249,8 +266,7 @@ const (
 
 // appendWire appends h's encoding to b.
 func (h *requestHead) appendWire(b []byte) []byte {
-	w := wireWriter{b: b}
-	w.uint(wireVersion)
+	w := newWireWriter(b)
 	var flags uint64
 	if h.ForceQuery {
 		flags |= headForceQuery
@@ -314,9 +330,6 @@ func (h *requestHead) appendWire(b []byte) []byte {
 // decodeWire decodes what appendWire encoded into h.
 func (h *requestHead) decodeWire(p []byte) error {
 	r := newWireReader(p)
-	if r.uint() != wireVersion {
-		return errBadHead
-	}
 	flags := r.uint()
 	h.ForceQuery = flags&headForceQuery != 0
 	h.OmitHost = flags&headOmitHost != 0
@@ -365,8 +378,7 @@ func (h *requestHead) decodeWire(p []byte) error {
 
 // appendWire appends h's encoding to b.
 func (h *responseHead) appendWire(b []byte) []byte {
-	w := wireWriter{b: b}
-	w.uint(wireVersion)
+	w := newWireWriter(b)
 	var flags uint64
 	if h.FullDuplex {
 		flags |= headFullDuplex
@@ -381,9 +393,6 @@ func (h *responseHead) appendWire(b []byte) []byte {
 // decodeWire decodes what appendWire encoded into h.
 func (h *responseHead) decodeWire(p []byte) error {
 	r := newWireReader(p)
-	if r.uint() != wireVersion {
-		return errBadHead
-	}
 	flags := r.uint()
 	h.FullDuplex = flags&headFullDuplex != 0
 	h.Status = int(r.int())
@@ -394,8 +403,7 @@ func (h *responseHead) decodeWire(p []byte) error {
 
 // appendWire appends e's encoding to b.
 func (e *bodyEnd) appendWire(b []byte) []byte {
-	w := wireWriter{b: b}
-	w.uint(wireVersion)
+	w := newWireWriter(b)
 	w.header(e.Trailer)
 	return w.b
 }
@@ -403,17 +411,13 @@ func (e *bodyEnd) appendWire(b []byte) []byte {
 // decodeWire decodes what appendWire encoded into e.
 func (e *bodyEnd) decodeWire(p []byte) error {
 	r := newWireReader(p)
-	if r.uint() != wireVersion {
-		return errBadHead
-	}
 	e.Trailer = r.header()
 	return r.done()
 }
 
 // appendWire appends m's encoding to b.
 func (m *ready) appendWire(b []byte) []byte {
-	w := wireWriter{b: b}
-	w.uint(wireVersion)
+	w := newWireWriter(b)
 	w.int(int64(m.Pid))
 	w.string(m.Err)
 	return w.b
@@ -422,9 +426,6 @@ func (m *ready) appendWire(b []byte) []byte {
 // decodeWire decodes what appendWire encoded into m.
 func (m *ready) decodeWire(p []byte) error {
 	r := newWireReader(p)
-	if r.uint() != wireVersion {
-		return errBadHead
-	}
 	m.Pid = int(r.int())
 	m.Err = r.string()
 	return r.done()
