@@ -580,34 +580,30 @@ func (h *Handle) teardown(c *child) {
 	expired := make(chan struct{})
 	drained := time.AfterFunc(drainTimeout, func() { close(expired) })
 	defer drained.Stop()
-	select {
-	case <-c.done:
-	case <-expired:
-		// Something else holds the child's stdout open; stop reading it.
-		c.pipes.fromChild.Close()
-		<-c.done
+	// await waits for done; once drainTimeout has passed, it calls force,
+	// which closes what done waits on, and waits on.
+	await := func(done <-chan struct{}, force func()) {
+		select {
+		case <-done:
+		case <-expired:
+			force()
+			<-done
+		}
 	}
+	// Something else may hold the child's stdout open; then the reader
+	// stops reading it.
+	await(c.done, func() { c.pipes.fromChild.Close() })
+	// Or its stdin, while a sender's write, or writeLoop's last one, waits
+	// for room in the pipe: the close makes it fail.
 	c.stopWriting()
-	select {
-	case <-c.wdone:
-	case <-expired:
-		// Something else holds the child's stdin open, and a sender's
-		// write, or writeLoop's last one, waits for room in the pipe: the
-		// close makes it fail.
-		c.pipes.toChild.Close()
-		<-c.wdone
-	}
+	await(c.wdone, func() { c.pipes.toChild.Close() })
+	// Or its output pipes.
 	logsDone := make(chan struct{})
 	go func() {
 		c.logs.Wait()
 		close(logsDone)
 	}()
-	select {
-	case <-logsDone:
-	case <-expired:
-		c.pipes.closeReaders()
-		<-logsDone
-	}
+	await(logsDone, c.pipes.closeReaders)
 	c.pipes.closeReaders()
 	c.accept.close() // readLoop, done, has read it
 	if c.monitored != nil {
