@@ -3,6 +3,7 @@ package subproc
 import (
 	"bytes"
 	"encoding/binary"
+	"encoding/gob"
 	"errors"
 	"io"
 	"net/http"
@@ -148,6 +149,9 @@ func TestReadLoopRejectsBadInput(t *testing.T) {
 		{"oversized chunk", frames(outFrame{kind: kindResponse, id: 1, msg: head}, outFrame{kind: kindData, id: 1, data: make([]byte, chunkSize+1)}), false},
 		{"window overrun", frames(append([]outFrame{{kind: kindResponse, id: 1, msg: head}}, repeatFrame(outFrame{kind: kindData, id: 1, data: make([]byte, chunkSize)}, window/chunkSize+1)...)...), false},
 		{"bad gob", frames(outFrame{kind: kindResponse, id: 1, data: []byte{3, 1, 2, 3}}), false},
+		// The parent decodes nothing of a child's with gob, which keeps
+		// every type a stream defines for the stream's life.
+		{"trailers in gob", frames(outFrame{kind: kindResponse, id: 1, msg: head}, outFrame{kind: kindEnd, id: 1, data: gobPayload(&bodyEnd{Trailer: http.Header{"X": {"y"}}})}), false},
 		{"window of the wrong size", frames(outFrame{kind: kindWindow, id: 1, data: []byte{1}}), false},
 		{"pong never pinged", frames(outFrame{kind: kindPong, id: 5}), false},
 		{"random bytes", []byte("\x00\x00\x00\x05garbage and more garbage"), false},
@@ -185,6 +189,16 @@ func TestReadLoopRejectsBadInput(t *testing.T) {
 			}
 		})
 	}
+}
+
+// gobPayload returns v gob-encoded, with the type's definition, as a gob
+// stream's first message carries it.
+func gobPayload(v any) []byte {
+	var b bytes.Buffer
+	if err := gob.NewEncoder(&b).Encode(v); err != nil {
+		panic(err)
+	}
+	return b.Bytes()
 }
 
 func repeatFrame(f outFrame, n int) []outFrame {
