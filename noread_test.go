@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -175,4 +176,46 @@ func startedResponses(h *Handle) int {
 		s.cutMu.Unlock()
 	}
 	return n
+}
+
+// A child killed while the parent writes its response to a client that
+// reads nothing: the write fails abortLinger later, and the response ends
+// aborted, though the client never reads.
+func TestNoReadChildKilled(t *testing.T) {
+	h := startModule(t, "noread", Options{})
+	tg := noreadTargets(t, h)[1]
+	dialNoRead(t, tg.srv, "/big")
+	waitFor(t, 10*time.Second, "the parent's write to the client to wait", stuckWriting(h))
+	pid := firstChild(h).proc.Pid()
+	require.NoError(t, syscall.Kill(pid, syscall.SIGKILL))
+	waitFor(t, 20*time.Second, "the request's ServeHTTP to end", func() bool { return tg.active.Load() == 0 })
+	assert.Equal(t, uint64(1), h.Stats().Aborted)
+}
+
+// stuckWriting returns a condition for waitFor: the one request that h's
+// first child serves waits in the parent's write to its client. The child
+// has spent its credit, the request's goroutine holds a chunk it has not
+// written, and nothing has moved for 40 polls (200 ms): the goroutine is
+// not between two writes, nor in one that the kernel's buffers still
+// take, but in one that waits for the client.
+func stuckWriting(h *Handle) func() bool {
+	last, still := int64(-1), 0
+	return func() bool {
+		c := firstChild(h)
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		for s := range c.running {
+			s.mu.Lock()
+			defer s.mu.Unlock()
+			r := s.recv
+			if r.received == r.granted && r.held > 0 && len(s.events) == 0 && r.received == last {
+				still++
+			} else {
+				still = 0
+			}
+			last = r.received
+			return still >= 40
+		}
+		return false
+	}
 }
