@@ -88,9 +88,11 @@ type exchange struct {
 	bodyWritten bool            // body bytes were written to w
 	cutShort    bool            // a write to w failed after the stream was cut (see stream.cutWrites)
 
-	// stopCut, if not nil, stops the cut at the request's deadline (see
-	// startedResponse).
-	stopCut func() bool
+	cutArmed bool // the stream's cut is armed (see armCut)
+	// stopCut, if not nil, stops the cut at the request's deadline, which
+	// closes deadlineCut once made (see armCut).
+	stopCut     func() bool
+	deadlineCut chan struct{}
 }
 
 // controller returns w's ResponseController.
@@ -310,6 +312,7 @@ func (x *exchange) canceled() {
 		if x.started {
 			panic(http.ErrAbortHandler)
 		}
+		x.reopenCut()
 		x.replyError(http.StatusGatewayTimeout, " did not answer before the request's deadline (%v)", context.Cause(x.ctx))
 		return
 	}
@@ -323,6 +326,7 @@ func (x *exchange) canceled() {
 		// Usually nobody reads this. But if the context ended with the
 		// client still there, it must not see an empty 200 that looks
 		// like the module's answer.
+		x.reopenCut()
 		x.replyError(http.StatusServiceUnavailable, ": request canceled: %v", context.Cause(x.ctx))
 	}
 }
@@ -379,6 +383,9 @@ func (x *exchange) writeHead(ev event) (final bool) {
 	dst := w.Header()
 	adoptHeader(dst, ev.head.Header) // decoded for this response alone
 	if ev.head.Status < 200 && ev.head.Status != http.StatusSwitchingProtocols {
+		// net/http writes a 1xx head to the client at once, and waits
+		// there for a client that reads nothing.
+		x.armCut()
 		w.WriteHeader(ev.head.Status)
 		return false
 	}
@@ -391,22 +398,45 @@ func (x *exchange) writeHead(ev event) (final bool) {
 	}
 	w.WriteHeader(ev.head.Status)
 	x.started = true
-	x.startedResponse()
+	x.armCut()
 	return true
 }
 
-// startedResponse arms the stream's cut (see stream.cutWrites) once the
-// response has started, when a write may wait for the client: at the
-// request's deadline, if it has one, and at the child's failure or abort,
-// or the end of its drain, a write that waits for a client that reads
-// nothing fails, and the response ends aborted, as it would have without
-// the wait. (A response that has not started writes nothing that waits:
-// net/http buffers the head.)
-func (x *exchange) startedResponse() {
+// armCut arms the stream's cut (see stream.cutWrites) once a write to w
+// may wait for the client: when the response has started, or a 1xx head
+// goes out. At the request's deadline, if it has one, and at the child's
+// failure or abort, or the end of its drain, a write that waits for a
+// client that reads nothing fails, and the response ends aborted (or
+// without its final head), as it would have without the wait. (Until
+// then nothing written waits: net/http buffers the final head.)
+func (x *exchange) armCut() {
+	if x.cutArmed {
+		return
+	}
+	x.cutArmed = true
 	x.s.armCut(x.w, nil)
 	if x.hasDeadline {
-		x.stopCut = context.AfterFunc(x.ctx, x.s.cutWrites)
+		cut := make(chan struct{})
+		x.deadlineCut = cut
+		x.stopCut = context.AfterFunc(x.ctx, func() {
+			x.s.cutWrites()
+			close(cut)
+		})
 	}
+}
+
+// reopenCut gives the error reply that follows a 1xx head, once the
+// request's context has ended, abortLinger to reach the client, after the
+// cut at the context's end is done: a client that reads gets the reply,
+// one that does not holds the parent no longer.
+func (x *exchange) reopenCut() {
+	if !x.cutArmed {
+		return
+	}
+	if x.stopCut != nil && !x.stopCut() {
+		<-x.deadlineCut
+	}
+	x.controller().SetWriteDeadline(time.Now().Add(abortLinger))
 }
 
 // writeData writes a data frame's bytes to w and returns their credit to

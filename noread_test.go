@@ -11,6 +11,9 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/http/httptrace"
+	"net/textproto"
+	"strings"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -47,6 +50,19 @@ func noreadMux() http.Handler {
 		io.WriteString(conn, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: x\r\n\r\n")
 		conn.SetWriteDeadline(time.Now().Add(300 * time.Millisecond))
 		writeMiB(conn, 64)
+	})
+	// A 1xx head larger than the sockets' buffers, then no answer until
+	// the request ends.
+	mux.HandleFunc("/informational", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("X-Pad", strings.Repeat("x", 1<<20))
+		w.WriteHeader(http.StatusEarlyHints)
+		<-r.Context().Done()
+	})
+	// A 1xx head, then no answer until the request ends.
+	mux.HandleFunc("/informational-late", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Link", "</style.css>; rel=preload")
+		w.WriteHeader(http.StatusEarlyHints)
+		<-r.Context().Done()
 	})
 	// A large response, with no deadline of its own.
 	mux.HandleFunc("/big", func(w http.ResponseWriter, r *http.Request) { writeMiB(w, 64) })
@@ -214,6 +230,79 @@ func stuckWriting(h *Handle) func() bool {
 				still = 0
 			}
 			last = r.received
+			return still >= 40
+		}
+		return false
+	}
+}
+
+// A 1xx head waits in the parent's write to a client that reads nothing,
+// as a response's body does: the request's deadline ends it (counted as a
+// timeout), and so does the death of the child, which had not answered
+// (a 502 that the client never reads).
+func TestNoReadInformational(t *testing.T) {
+	t.Run("deadline", func(t *testing.T) {
+		h := startModule(t, "noread", Options{RequestTimeout: time.Second})
+		tg := noreadTargets(t, h)[1]
+		dialNoRead(t, tg.srv, "/informational")
+		waitFor(t, 20*time.Second, "the request's ServeHTTP to end", func() bool {
+			return tg.started.Load() == 1 && tg.active.Load() == 0
+		})
+		assert.Equal(t, uint64(1), h.Stats().Timeouts)
+	})
+	t.Run("child killed", func(t *testing.T) {
+		h := startModule(t, "noread", Options{})
+		tg := noreadTargets(t, h)[1]
+		dialNoRead(t, tg.srv, "/informational")
+		waitFor(t, 10*time.Second, "the parent's write of the 1xx head to wait", stuckInformational(h))
+		require.NoError(t, syscall.Kill(firstChild(h).proc.Pid(), syscall.SIGKILL))
+		waitFor(t, 20*time.Second, "the request's ServeHTTP to end", func() bool { return tg.active.Load() == 0 })
+		assert.Equal(t, uint64(1), h.Stats().BadGateway)
+	})
+}
+
+// A client that reads gets the 1xx head and then the 504 of the request's
+// deadline, as through httputil.ReverseProxy: the cut of the parent's
+// writes at the deadline, armed by the 1xx head, does not take the 504.
+func TestInformationalThenTimeout(t *testing.T) {
+	h := startModule(t, "noread", Options{RequestTimeout: 500 * time.Millisecond})
+	srv := serve(t, h)
+	var got []int
+	trace := &httptrace.ClientTrace{Got1xxResponse: func(code int, _ textproto.MIMEHeader) error {
+		got = append(got, code)
+		return nil
+	}}
+	req, err := http.NewRequestWithContext(httptrace.WithClientTrace(context.Background(), trace), "GET", srv.URL+"/informational-late", nil)
+	require.NoError(t, err)
+	resp, err := srv.Client().Do(req)
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	require.NoError(t, err)
+	assert.Equal(t, []int{http.StatusEarlyHints}, got)
+	assert.Equal(t, http.StatusGatewayTimeout, resp.StatusCode, "%s", body)
+	assert.Contains(t, string(body), `module "noread"`)
+}
+
+// stuckInformational returns a condition for waitFor: the one request
+// that h's first child serves has had its 1xx head taken by the request's
+// goroutine, and nothing more for 40 polls (200 ms). The head is larger
+// than the sockets' buffers (see noreadTargets): its write waits for the
+// client.
+func stuckInformational(h *Handle) func() bool {
+	still := 0
+	return func() bool {
+		c := firstChild(h)
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		for s := range c.running {
+			s.mu.Lock()
+			defer s.mu.Unlock()
+			if s.informal == 1 && len(s.events) == 0 {
+				still++
+			} else {
+				still = 0
+			}
 			return still >= 40
 		}
 		return false
