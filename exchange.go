@@ -373,6 +373,9 @@ func (x *exchange) writeHead(ev event) (final bool) {
 		// discards what is left of the request body, as it would for the
 		// handler in-process.
 		x.controller().EnableFullDuplex()
+		if x.body != nil {
+			x.body.fullDuplex = true
+		}
 	}
 	// The module's header map started as w's (see
 	// requestHead.ResponseHeader); each head, 1xx or final, makes w's what
@@ -578,6 +581,10 @@ type bodySender struct {
 	// writes the head (see lockHeader).
 	guard bool
 	hdrMu sync.Mutex
+
+	// fullDuplex is set, by the exchange's goroutine, which alone calls
+	// halt, once the response is full duplex (see halt).
+	fullDuplex bool
 }
 
 // isMaxBytesReader reports whether body is an http.MaxBytesReader, whose
@@ -597,9 +604,28 @@ func startBody(c *child, s *stream, r *http.Request, rc *http.ResponseController
 	return b
 }
 
-// halt stops the sender and returns once it has stopped. It may be called
-// more than once, and on a nil *bodySender (no body), where it does
-// nothing.
+// halt stops the sender: once it returns, the sender sends nothing more.
+// It may be called more than once, and on a nil *bodySender (no body),
+// where it does nothing.
+//
+// A read of r.Body under way, which may wait for a client that sends the
+// rest of its body slowly or never, is interrupted by a read deadline in
+// the past. net/http then takes the connection for dead: it cancels the
+// connection's context, which the next request on it would inherit. So,
+// on HTTP/1, the deadline stays: net/http's own read of what is left of
+// the body, as it writes the response, fails too, and it closes the
+// connection after the response instead of reading another request from
+// it. (With full duplex net/http does not read there, but at the body's
+// close after the handler: there a failed read would leave the rest of
+// the body on the connection, to be read as the next request, so the
+// deadline is lifted, and net/http reads the rest, as in-process.)
+//
+// Behind a ResponseWriter that hides net/http's (one without Unwrap) the
+// read cannot be interrupted. halt then returns without waiting for it,
+// and the read ends when the client sends more or goes; net/http's
+// writing of the response head waits for it, as it would for its own
+// read of the body. Except for an http.MaxBytesReader's read, which may
+// write the response's header map (see guard): halt waits for that one.
 func (b *bodySender) halt() {
 	if b == nil {
 		return
@@ -610,14 +636,13 @@ func (b *bodySender) halt() {
 			<-b.done
 			return
 		}
-		// pumpRequestBody may be blocked reading the client's body, which nobody
-		// needs any more: a read deadline in the past wakes it.
-		b.rc.SetReadDeadline(time.Now())
+		if err := b.rc.SetReadDeadline(time.Now()); err != nil && !b.guard {
+			return
+		}
 		<-b.done
-		// Then lift it: net/http reads what is left of the body after
-		// the handler returns, and a failed read there would cancel the
-		// context of the connection's next request.
-		b.rc.SetReadDeadline(time.Time{})
+		if b.r.ProtoMajor != 1 || b.fullDuplex {
+			b.rc.SetReadDeadline(time.Time{})
+		}
 	})
 }
 
@@ -671,6 +696,14 @@ func (b *bodySender) pumpRequestBody() {
 		}
 		sent += int64(m)
 		b.reading.Store(false)
+		select {
+		case <-b.stop:
+			// Halted during the read (see halt): nothing more is sent,
+			// and the request may be over.
+			putChunk(buf)
+			return
+		default:
+		}
 		switch {
 		case m == 0:
 			s.win.add(credit) // no frame is sent

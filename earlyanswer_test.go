@@ -1,0 +1,125 @@
+package subproc
+
+// A module that answers before it has read its request's body, while the
+// client still sends it: the parent stops sending the body, and neither
+// the connection's next request nor the module's admission may pay for
+// it.
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+func init() {
+	Register("early", func(ctx context.Context, env *Env) (http.Handler, error) { return earlyMux(), nil })
+}
+
+// earlyMux is the module of this file, served both in a child and
+// in-process.
+func earlyMux() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/ignore", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ignored\n") })
+	// Reads the first 1000 bytes of the body and answers.
+	mux.HandleFunc("/read1000", func(w http.ResponseWriter, r *http.Request) {
+		n, err := io.ReadFull(r.Body, make([]byte, 1000))
+		fmt.Fprintf(w, "read %d %v\n", n, err)
+	})
+	return mux
+}
+
+// hideWriter is a middleware whose ResponseWriter wraps the server's
+// without Unwrap, as many logging and metrics middlewares do: the parent
+// cannot set the connection's deadlines through it.
+func hideWriter(h http.Handler) http.Handler {
+	type hidden struct{ http.ResponseWriter }
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { h.ServeHTTP(hidden{w}, r) })
+}
+
+// readResponse reads a response from br and returns its status and body.
+func readResponse(t *testing.T, br *bufio.Reader) (*http.Response, string) {
+	t.Helper()
+	res, err := http.ReadResponse(br, nil)
+	require.NoError(t, err)
+	defer res.Body.Close()
+	b, err := io.ReadAll(res.Body)
+	require.NoError(t, err)
+	return res, res.Status + " " + string(b)
+}
+
+// The module answers a POST after 1000 bytes of its 2000, and the client
+// sends the rest only then, then its next request: it gets the answer it
+// gets in-process, and so does its next request, on the same connection
+// or, where the answer says "Connection: close", on a new one. (The
+// parent's stop of its read of the body made net/http cancel the
+// connection's context, which the next request on it inherited: a 503.)
+func TestEarlyAnswerNextRequest(t *testing.T) {
+	h := startModule(t, "early", Options{})
+	for _, tc := range []struct {
+		name     string
+		h        http.Handler
+		answered func()
+	}{
+		{"in-process", earlyMux(), func() {}},
+		{"subproc", h, func() {
+			awaitStats(t, h, 15*time.Second, "the module's answer", func(st Stats) bool { return st.Requests >= 1 })
+		}},
+	} {
+		srv := httptest.NewServer(tc.h)
+		defer srv.Close()
+		conn, err := net.Dial("tcp", srv.Listener.Addr().String())
+		require.NoError(t, err)
+		defer conn.Close()
+		conn.SetDeadline(time.Now().Add(20 * time.Second))
+		io.WriteString(conn, "POST /read1000 HTTP/1.1\r\nHost: x\r\nContent-Length: 2000\r\n\r\n")
+		conn.Write(bytes.Repeat([]byte("b"), 1000))
+		tc.answered()
+		conn.Write(bytes.Repeat([]byte("b"), 1000))
+		br := bufio.NewReader(conn)
+		res, got := readResponse(t, br)
+		assert.Equal(t, "200 OK read 1000 <nil>\n", got, tc.name)
+		if res.Close {
+			conn, err = net.Dial("tcp", srv.Listener.Addr().String())
+			require.NoError(t, err)
+			defer conn.Close()
+			conn.SetDeadline(time.Now().Add(20 * time.Second))
+			br = bufio.NewReader(conn)
+		}
+		io.WriteString(conn, "GET /ignore HTTP/1.1\r\nHost: x\r\n\r\n")
+		_, got = readResponse(t, br)
+		assert.Equal(t, "200 OK ignored\n", got, "%s: the next request", tc.name)
+	}
+}
+
+// Behind a middleware that hides net/http's ResponseWriter, the parent
+// cannot interrupt its read of a body whose client has stopped sending:
+// its ServeHTTP returns all the same once the module has answered, so
+// that the module's only MaxInFlight place is free for the next client;
+// the stalled client gets its answer once it sends more.
+func TestEarlyAnswerBehindWrapper(t *testing.T) {
+	h := startModule(t, "early", Options{MaxInFlight: 1})
+	srv := serve(t, hideWriter(h))
+	conn, err := net.Dial("tcp", srv.Listener.Addr().String())
+	require.NoError(t, err)
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(20 * time.Second))
+	fmt.Fprintf(conn, "POST /read1000 HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n", 1<<20)
+	conn.Write(bytes.Repeat([]byte("b"), 1000))
+	waitFor(t, 15*time.Second, "the next client to be served, not shed", func() bool {
+		res, _, err := fetchErr(srv.URL+"/ignore", 5*time.Second)
+		return err == nil && res.StatusCode == http.StatusOK
+	})
+	conn.Write(bytes.Repeat([]byte("b"), 1000))
+	_, got := readResponse(t, bufio.NewReader(conn))
+	assert.Equal(t, "200 OK read 1000 <nil>\n", got)
+}
