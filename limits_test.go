@@ -108,6 +108,50 @@ func init() {
 
 var limitsSaw = make(chan string, 1)
 
+func init() {
+	// A ModuleFunc that takes 300 MiB, resident, and does not return.
+	Register("limits-initleak", func(ctx context.Context, env *Env) (http.Handler, error) {
+		for range 300 {
+			b := make([]byte, 1<<20)
+			for i := 0; i < len(b); i += 4096 {
+				b[i] = 1
+			}
+			limitsMu.Lock()
+			limitsHeld = append(limitsHeld, b)
+			limitsMu.Unlock()
+		}
+		<-ctx.Done()
+		return nil, ctx.Err()
+	})
+}
+
+// MemoryMax holds while a child starts: one whose ModuleFunc takes more is
+// killed at the next check, and Start fails saying so, instead of letting
+// it grow until StartTimeout.
+func TestLimitsMemoryWhileStarting(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("memory limits read /proc")
+	}
+	opts := testOptions(t, Options{MemoryMax: 100 << 20, HealthInterval: 100 * time.Millisecond, StartTimeout: 10 * time.Minute})
+	done := make(chan error, 1)
+	go func() {
+		h, err := Start(context.Background(), "limits-initleak", opts)
+		if h != nil {
+			h.Close()
+		}
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		var se *StartError
+		require.ErrorAs(t, err, &se)
+		assert.Contains(t, err.Error(), "MemoryMax")
+		assert.Equal(t, "memory", startFailure(err))
+	case <-time.After(time.Minute):
+		t.Fatal("a child past MemoryMax while it started was not killed within a minute")
+	}
+}
+
 // limitsStuckHandler is where a stuck handler's stack shows it stuck.
 //
 //go:noinline

@@ -201,7 +201,7 @@ func (s *supervisor) replace(old *child, ask replaceAsk) (*child, error) {
 		if h.life.Err() == nil {
 			var se *StartError
 			errors.As(err, &se)
-			h.post(Event{Kind: ChildExited, Slot: s.slot, Reason: "crash", Err: err, Output: se.Output})
+			h.post(Event{Kind: ChildExited, Slot: s.slot, Reason: startFailure(err), Err: err, Output: se.Output})
 		}
 		if ask.done != nil {
 			ask.done <- err
@@ -260,13 +260,23 @@ func (s *supervisor) restart(failures *int, why string, early <-chan startResult
 		h.logf("restart failed: %v", err)
 		var se *StartError
 		errors.As(err, &se)
-		h.post(Event{Kind: ChildExited, Slot: s.slot, Reason: "crash", Err: err, Output: se.Output})
+		h.post(Event{Kind: ChildExited, Slot: s.slot, Reason: startFailure(err), Err: err, Output: se.Output})
 		*failures++
 		h.mu.Lock()
 		h.lastExit = err.Error()
 		h.restarts++
 		h.mu.Unlock()
 	}
+}
+
+// startFailure returns the Event reason of a failed start: "memory" for a
+// child killed past MemoryMax before it was ready, else "crash".
+func startFailure(err error) string {
+	var ke *killedError
+	if errors.As(err, &ke) {
+		return ke.word
+	}
+	return "crash"
 }
 
 // restartDelay returns how long to wait before the next start, after the
@@ -509,16 +519,34 @@ func (h *Handle) launchChild(ctx context.Context, slot int) (*child, error) {
 
 	timer := time.NewTimer(h.opts.StartTimeout)
 	defer timer.Stop()
-	select {
-	case err = <-c.ready:
-	case <-c.exited:
-		// The child died; readLoop reports how once it reaches the end
-		// of the pipe.
-		err = <-c.ready
-	case <-timer.C:
-		err = ErrStartTimeout
-	case <-ctx.Done():
-		err = ctx.Err()
+	// MemoryMax holds from the fork: a ModuleFunc may take memory too.
+	var memoryCheck <-chan time.Time
+	if h.opts.MemoryMax > 0 {
+		t := time.NewTicker(h.opts.HealthInterval)
+		defer t.Stop()
+		memoryCheck = t.C
+	}
+wait:
+	for {
+		select {
+		case err = <-c.ready:
+		case <-c.exited:
+			// The child died; readLoop reports how once it reaches the
+			// end of the pipe.
+			err = <-c.ready
+		case <-timer.C:
+			err = ErrStartTimeout
+		case <-ctx.Done():
+			err = ctx.Err()
+		case <-memoryCheck:
+			m := c.proc.Memory()
+			if m <= h.opts.MemoryMax {
+				continue
+			}
+			err = &killedError{fmt.Sprintf("before it was ready, as its resident memory, %s, passed Options.MemoryMax, %s", inMiB(m), inMiB(h.opts.MemoryMax)), "memory"}
+			h.logf("child pid %d (incarnation %d) is killed %s", proc.Pid(), incarnation, err.(*killedError).reason)
+		}
+		break wait
 	}
 	if err == nil {
 		h.mu.Lock()
