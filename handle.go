@@ -557,7 +557,8 @@ var errShed = errors.New("subproc: too many requests")
 
 // admit reserves, for a request, one of the Options.MaxInFlight places,
 // waiting for one in the queue if it has room. It fails with errShed if
-// there is none in time, or errCanceled if ctx ends first. A request that
+// there is none in time, errCanceled if ctx ends first, or ErrClosed if
+// Shutdown begins first. A request that
 // was admitted must call unadmit.
 func (h *Handle) admit(ctx context.Context) error {
 	if h.admission == nil || h.admission.TryAcquire(1) {
@@ -570,9 +571,13 @@ func (h *Handle) admit(ctx context.Context) error {
 	defer h.queued.Add(-1)
 	wait, cancel := context.WithTimeout(ctx, h.opts.RestartWait)
 	defer cancel()
+	defer context.AfterFunc(h.life, cancel)() // Shutdown: no place will be served
 	if err := h.admission.Acquire(wait, 1); err != nil {
-		if ctx.Err() != nil {
+		switch {
+		case ctx.Err() != nil:
 			return errCanceled
+		case h.life.Err() != nil:
+			return ErrClosed
 		}
 		return errShed
 	}

@@ -407,6 +407,39 @@ func TestLimitsAdmission(t *testing.T) {
 	assert.EqualValues(t, n-inFlight-queued, shed.Load())
 }
 
+// A request waiting for a MaxInFlight place when Shutdown begins gets 503
+// at once, as one waiting for a child does, not after RestartWait; the one
+// in flight is served.
+func TestLimitsAdmissionQueueAtShutdown(t *testing.T) {
+	dir := t.TempDir()
+	h := startModule(t, "limits-mod", withConfig(t, drainConfig{Dir: dir}, Options{MaxInFlight: 1, MaxQueued: 1, RestartWait: 10 * time.Minute}))
+	srv := serve(t, h)
+	codes := make(chan int, 2)
+	get := func() {
+		res, _, err := fetchErr(srv.URL+"/slow", 5*time.Minute)
+		if !assert.NoError(t, err) {
+			codes <- 0
+			return
+		}
+		codes <- res.StatusCode
+	}
+	go get()
+	awaitStats(t, h, 10*time.Second, "the first request in flight", func(st Stats) bool { return st.InFlight == 1 })
+	go get()
+	waitFor(t, 10*time.Second, "the second request to queue", func() bool { return h.queued.Load() == 1 })
+	shut := make(chan error, 1)
+	go func() { shut <- h.Shutdown(context.Background()) }()
+	select {
+	case code := <-codes:
+		assert.Equal(t, http.StatusServiceUnavailable, code, "the queued request")
+	case <-time.After(time.Minute):
+		t.Fatal("the request queued for admission got no answer within a minute of Shutdown")
+	}
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "release"), nil, 0o644))
+	assert.Equal(t, http.StatusOK, <-codes, "the request in flight")
+	require.NoError(t, <-shut)
+}
+
 // A module leaking 50 MB/s with MemoryHigh 200 MB is replaced before it
 // passes 300 MB, again and again for a minute, with no failed request on
 // its other routes. Only with -chaos: TestLimitsMemory is its short form.
