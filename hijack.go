@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"runtime"
 	"strings"
 	"sync"
 	"time"
@@ -186,6 +187,46 @@ func (hc *hijackedConn) opError(op string, err error) error {
 }
 
 var _ net.Conn = (*hijackedConn)(nil)
+
+// A tunnelConn is what Hijack gives the handler: its hold on a
+// hijackedConn, which the server's table of streams holds too. A
+// tunnelConn that becomes unreachable without being closed (its handler
+// panicked, or returned and forgot it) closes its conn once the garbage
+// collector finds it so, as net/http's connection is closed when its
+// file descriptor is collected: else the client's connection, and what
+// the parent holds for it, would stay open for as long as the child
+// lives. Each method keeps the tunnelConn reachable while it runs.
+type tunnelConn struct{ hc *hijackedConn }
+
+// newTunnelConn returns the handler's hold on hc.
+func newTunnelConn(hc *hijackedConn) *tunnelConn {
+	tc := &tunnelConn{hc}
+	runtime.AddCleanup(tc, func(hc *hijackedConn) { hc.Close() }, hc)
+	return tc
+}
+
+func (tc *tunnelConn) Read(p []byte) (int, error) {
+	defer runtime.KeepAlive(tc)
+	return tc.hc.Read(p)
+}
+
+func (tc *tunnelConn) Write(p []byte) (int, error) {
+	defer runtime.KeepAlive(tc)
+	return tc.hc.Write(p)
+}
+
+// CloseWrite is hijackedConn.CloseWrite, as a *net.TCPConn has one.
+func (tc *tunnelConn) CloseWrite() error {
+	defer runtime.KeepAlive(tc)
+	return tc.hc.CloseWrite()
+}
+
+func (tc *tunnelConn) Close() error                       { return tc.hc.Close() }
+func (tc *tunnelConn) LocalAddr() net.Addr                { return tc.hc.LocalAddr() }
+func (tc *tunnelConn) RemoteAddr() net.Addr               { return tc.hc.RemoteAddr() }
+func (tc *tunnelConn) SetDeadline(t time.Time) error      { return tc.hc.SetDeadline(t) }
+func (tc *tunnelConn) SetReadDeadline(t time.Time) error  { return tc.hc.SetReadDeadline(t) }
+func (tc *tunnelConn) SetWriteDeadline(t time.Time) error { return tc.hc.SetWriteDeadline(t) }
 
 // A connDeadline is one deadline of a hijackedConn, or of a request's
 // ResponseController: a channel closed when it passes or the conn closes,
@@ -369,5 +410,6 @@ func (w *responseWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 			return nil, nil, err
 		}
 	}
-	return hc, bufio.NewReadWriter(bufio.NewReader(hc), bufio.NewWriter(hc)), nil
+	tc := newTunnelConn(hc)
+	return tc, bufio.NewReadWriter(bufio.NewReader(tc), bufio.NewWriter(tc)), nil
 }

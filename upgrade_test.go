@@ -13,6 +13,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"regexp"
+	"runtime"
 	"sync"
 	"syscall"
 	"testing"
@@ -110,6 +111,19 @@ func init() {
 			mu.Unlock()
 		})
 		mux.HandleFunc("/late", hijackLate)
+		// Hijack, answer 101, then panic, or return, leaving the conn
+		// open and unreachable.
+		mux.HandleFunc("/drop-panic", func(w http.ResponseWriter, r *http.Request) {
+			switchProtocols(w)
+			panic("upg: a bug after Hijack")
+		})
+		mux.HandleFunc("/drop-return", func(w http.ResponseWriter, r *http.Request) {
+			switchProtocols(w)
+		})
+		mux.HandleFunc("/gc", func(w http.ResponseWriter, r *http.Request) {
+			runtime.GC()
+			io.WriteString(w, "collected")
+		})
 		// Says when its request's context ends, then echoes until EOF.
 		mux.HandleFunc("/outlive", func(w http.ResponseWriter, r *http.Request) {
 			conn := switchProtocols(w)
@@ -547,4 +561,28 @@ func TestForgottenTunnelEndsAsTunnel(t *testing.T) {
 	assert.Equal(t, http.StatusOK, status)
 	assert.Equal(t, "ok", string(body))
 	assert.True(t, p.c.usable(), "the child is no longer usable: %v", p.c.doneErr())
+}
+
+// A hijacked conn that its handler drops without closing it (it panicked,
+// or returned and forgot it) is closed when the child's garbage collector
+// finds it unreachable, as net/http's connection is when its file
+// descriptor is collected: the client's connection closes, and the parent
+// no longer holds the request (else it held its goroutine, the socket and
+// a MaxInFlight place for as long as the child lived).
+func TestUpgradeDroppedConnClosed(t *testing.T) {
+	for _, path := range []string{"/drop-panic", "/drop-return"} {
+		t.Run(path, func(t *testing.T) {
+			h := startModule(t, "upg", Options{})
+			srv := serve(t, h)
+			conn, br, resp := upgDial(t, srv, path)
+			require.Equal(t, http.StatusSwitchingProtocols, resp.StatusCode)
+			awaitStats(t, h, 10*time.Second, "the tunnel in flight", func(st Stats) bool { return st.InFlight == 1 })
+			code, body := fetch(t, srv.URL+"/gc")
+			require.Equal(t, http.StatusOK, code, body)
+			conn.SetReadDeadline(time.Now().Add(20 * time.Second))
+			_, err := br.ReadByte()
+			assert.ErrorIs(t, err, io.EOF, "the client's connection after its conn was collected in the child")
+			awaitStats(t, h, 10*time.Second, "the tunnel's end", func(st Stats) bool { return st.InFlight == 0 })
+		})
+	}
 }
