@@ -469,13 +469,14 @@ func (s *server) open(id uint64, flags uint8, head *requestHead) (startingReques
 		r.Body = http.NoBody
 	} else {
 		expect := headerHasToken(r.Header["Expect"], "100-continue")
-		st.body = newBodyReader(func(n int) { s.sendWindowUpdate(id, n, ctx.Done()) }, r.Trailer, expect, &s.flow)
+		st.body = newBodyReader(func(n int) { s.sendWindowUpdate(id, n, ctx.Done()) }, nil, expect, &s.flow)
 		r.Body = st.body
 	}
 	req := r.WithContext(ctx)
 	st.rw.init(s.conn, id, req, head.ResponseHeader)
 	st.rw.endLoan = s.endLoan
 	if st.body != nil {
+		st.body.trailer = &req.Trailer
 		st.body.deadline = st.rw.rdl.wait
 	}
 	if head.Hijackable {

@@ -381,7 +381,7 @@ func (w *recvWindow) release() {
 // child's flowBudget, while the handler reads quickly.
 type bodyReader struct {
 	grant   func(n int)   // sends a window update to the parent; fixed
-	trailer http.Header   // the request's Trailer, filled at the end; fixed map
+	trailer *http.Header  // the request's Trailer field, merged into at the end (nil: none); fixed
 	wake    chan struct{} // capacity 1; signalled on every change
 
 	mu     sync.Mutex // guards the fields below
@@ -402,7 +402,7 @@ type bodyReader struct {
 // newBodyReader returns the body of a request whose window updates grant
 // sends, with growth from budget (nil: none). With expectContinue the
 // parent sends nothing until the first Read grants the initial window.
-func newBodyReader(grant func(int), trailer http.Header, expectContinue bool, budget *flowBudget) *bodyReader {
+func newBodyReader(grant func(int), trailer *http.Header, expectContinue bool, budget *flowBudget) *bodyReader {
 	b := &bodyReader{grant: grant, trailer: trailer, expect: expectContinue, wake: make(chan struct{}, 1)}
 	credit := initialWindow
 	if expectContinue {
@@ -435,16 +435,20 @@ func (b *bodyReader) push(c chunk) error {
 }
 
 // end ends the body with err (io.EOF for a complete body) and, for a
-// complete body, fills in the trailer values.
+// complete body, merges trailer into the request's, as net/http does:
+// every field the client sent, declared or not.
 func (b *bodyReader) end(err error, trailer http.Header) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.err != nil {
 		return
 	}
-	for k, v := range trailer {
-		if _, ok := b.trailer[k]; ok {
-			b.trailer[k] = v
+	if len(trailer) > 0 && b.trailer != nil {
+		if *b.trailer == nil {
+			*b.trailer = make(http.Header, len(trailer))
+		}
+		for k, v := range trailer {
+			(*b.trailer)[k] = v
 		}
 	}
 	b.err = err

@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"io"
 	"log"
+	"maps"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -754,6 +755,9 @@ func TestTransparencyRequest(t *testing.T) {
 		body    func() io.Reader // nil: no body
 		clen    int64            // Content-Length to send when body is set; -1 for chunked
 		trailer http.Header      // trailers to send after a chunked body
+		// undeclared are trailers sent too, but not declared in the
+		// request's Trailer header
+		undeclared http.Header
 	}{
 		{name: "GET", method: "GET", path: "/echo-request/plain"},
 		{name: "escaped slash in path", method: "GET", path: "/echo-request/a%2Fb/c%20d"},
@@ -785,6 +789,13 @@ func TestTransparencyRequest(t *testing.T) {
 		{name: "chunked with trailers", method: "POST", path: "/echo-request/trailers",
 			body: func() io.Reader { return chunked(strings.Repeat("x", 100<<10)) }, clen: -1,
 			trailer: http.Header{"X-Req-Trailer": {"after the body"}, "X-Sum": {"1", "2"}}},
+		// net/http gives the handler every trailer sent, declared or not.
+		{name: "chunked with undeclared trailers", method: "POST", path: "/echo-request/undeclared",
+			body: func() io.Reader { return chunked("body") }, clen: -1,
+			trailer: http.Header{"X-Declared": {"d"}}, undeclared: http.Header{"X-Undeclared": {"u"}}},
+		{name: "chunked with only undeclared trailers", method: "POST", path: "/echo-request/undeclared-only",
+			body: func() io.Reader { return chunked("body") }, clen: -1,
+			trailer: http.Header{}, undeclared: http.Header{"X-Undeclared": {"u"}}},
 		{name: "Expect 100-continue", method: "POST", path: "/echo-request/expect",
 			header: http.Header{"Expect": {"100-continue"}},
 			body:   func() io.Reader { return strings.NewReader("continue please") }, clen: 15},
@@ -813,7 +824,9 @@ func TestTransparencyRequest(t *testing.T) {
 					for k := range tt.trailer {
 						req.Trailer[k] = nil
 					}
-					req.Body = io.NopCloser(&trTrailerBody{r: body, req: req, set: tt.trailer})
+					set := tt.trailer.Clone()
+					maps.Copy(set, tt.undeclared)
+					req.Body = io.NopCloser(&trTrailerBody{r: body, req: req, set: set})
 				}
 				if tt.method == "HEAD" {
 					// A HEAD response has no body to carry the view;
@@ -847,8 +860,12 @@ func TestTransparencyRequest(t *testing.T) {
 			d := trDiff(views[0], views[1])
 			assert.Equal(t, "", d, "the handler sees a different request through subproc:%s", d)
 			// The reference itself must show what the case is about.
-			if tt.trailer != nil && !reflect.DeepEqual(views[0].Trailer, tt.trailer) {
-				t.Errorf("net/http handler saw trailers %v, want %v", views[0].Trailer, tt.trailer)
+			if tt.trailer != nil {
+				want := tt.trailer.Clone()
+				maps.Copy(want, tt.undeclared)
+				if !reflect.DeepEqual(views[0].Trailer, want) {
+					t.Errorf("net/http handler saw trailers %v, want %v", views[0].Trailer, want)
+				}
 			}
 		})
 	}
