@@ -582,6 +582,12 @@ type bodySender struct {
 	guard bool
 	hdrMu sync.Mutex
 
+	// sized is set if r.Body is net/http's own, which ends where
+	// r.ContentLength (> 0) says. A middleware's body (one that
+	// decompresses, say) may not, whatever r.ContentLength says: it is
+	// read to its EOF, as the module would read it in-process.
+	sized bool
+
 	// fullDuplex is set, by the exchange's goroutine, which alone calls
 	// halt, once the response is full duplex (see halt).
 	fullDuplex bool
@@ -595,11 +601,25 @@ func isMaxBytesReader(body io.ReadCloser) bool {
 
 var maxBytesReaderType = reflect.TypeOf(http.MaxBytesReader(nil, http.NoBody, 0))
 
+// isServerBody reports whether body is one of net/http's server's request
+// bodies, of HTTP/1 (with or without Expect: 100-continue) or HTTP/2,
+// whose types net/http does not export: such a body ends where the
+// request's ContentLength says. A name net/http no longer uses only costs
+// the end of such a body a wait for credit (see pumpRequestBody).
+func isServerBody(body io.ReadCloser) bool {
+	switch reflect.TypeOf(body).String() {
+	case "*http.body", "*http.expectContinueReader", "*http.http2requestBody":
+		return true
+	}
+	return false
+}
+
 // startBody starts sending r's body on stream s. rc is r's
 // ResponseController, used to interrupt a blocked read of the body.
 func startBody(c *child, s *stream, r *http.Request, rc *http.ResponseController) *bodySender {
 	b := &bodySender{c: c, s: s, r: r, rc: rc, stop: make(chan struct{}), done: make(chan struct{})}
 	b.guard = r.ProtoMajor == 1 && isMaxBytesReader(r.Body)
+	b.sized = r.ContentLength > 0 && isServerBody(r.Body)
 	go b.pumpRequestBody()
 	return b
 }
@@ -655,7 +675,7 @@ func (b *bodySender) pumpRequestBody() {
 	c, s, r := b.c, b.s, b.r
 	var sent int64 // body bytes read so far
 	for {
-		if r.ContentLength > 0 && sent >= r.ContentLength && len(r.Trailer) == 0 {
+		if b.sized && sent == r.ContentLength && len(r.Trailer) == 0 {
 			// The declared body is all sent, and net/http's ends there:
 			// the end costs no credit, so it goes without waiting for the
 			// child to return any (a body of one window would otherwise
@@ -677,8 +697,8 @@ func (b *bodySender) pumpRequestBody() {
 		default:
 		}
 		size := n
-		if left := r.ContentLength - sent; r.ContentLength > 0 && left < int64(size) {
-			size = max(1, int(left))
+		if left := r.ContentLength - sent; left > 0 && left < int64(size) {
+			size = int(left) // a hint: a body that is longer is read on
 		}
 		buf := getBuffer(size)
 		if len(*buf) < n {
