@@ -241,6 +241,28 @@ func TestSuperviseFake(t *testing.T) {
 			assert.GreaterOrEqual(t, events.count(ModuleBackoff, "backoff"), 4)
 		},
 	}, {
+		// A child that served, then was replaced gracefully, ends the
+		// crash loop before it: its replacement's single crash restarts
+		// at once.
+		name: "a child replaced after it served resets the backoff",
+		opts: Options{MaxRestartDelay: 2 * time.Second, HealthInterval: time.Hour},
+		behave: func(slot, inc int) fakeBehaviour {
+			if inc < 5 || inc == 6 {
+				return fakeBehaviour{dieAfter: 10 * time.Millisecond}
+			}
+			return fakeBehaviour{}
+		},
+		check: func(t *testing.T, h *Handle, f *fakeChildren, events *eventLog) {
+			awaitStats(t, h, 20*time.Second, "incarnation 5 running", runningInc(5))
+			time.Sleep(stableUptime) // incarnation 5 serves that long
+			backoffs := events.count(ModuleBackoff, "")
+			require.NoError(t, h.Restart(context.Background())) // to incarnation 6, which dies young
+			waitFor(t, 20*time.Second, "incarnation 7 to start", func() bool { return len(f.startsOf()) >= 8 })
+			starts := f.startsOf()
+			assert.Less(t, starts[7].at.Sub(starts[6].at), time.Second, "the delay before the restart after a single crash (2s without the reset)")
+			assert.Equal(t, backoffs, events.count(ModuleBackoff, ""), "backoff events after the single crash")
+		},
+	}, {
 		name: "a hung child is killed after its failed checks",
 		opts: Options{HealthInterval: 20 * time.Millisecond, HealthTimeout: 20 * time.Millisecond, HealthFailures: 3},
 		behave: func(slot, inc int) fakeBehaviour {
@@ -368,6 +390,8 @@ func TestSuperviseFake(t *testing.T) {
 			for range 2 {
 				assert.Equal(t, "200 slot=0 inc=1", <-bodies)
 			}
+			// OnEvent runs on its own goroutine: the answers may come first.
+			waitFor(t, 10*time.Second, "four events", func() bool { return len(events.kinds()) >= 4 })
 			assert.Equal(t, []string{"ChildStarted ", "ChildExited crash", "ModuleDegraded crash", "ChildStarted crash"}, events.kinds())
 		},
 	}, {

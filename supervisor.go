@@ -61,7 +61,7 @@ func jitter[T int | time.Duration](v T) T {
 func (s *supervisor) run(c *child) {
 	failures := 0 // children in a row that died young, or failed to start
 	for {
-		if !s.serve(&c) {
+		if !s.serve(&c, &failures) {
 			return
 		}
 		// c has died, or is dying: it served this long.
@@ -113,8 +113,10 @@ func (s *supervisor) startEarly() <-chan startResult {
 // serve waits while c serves the slot, replacing it when it is due for
 // recycling or asked to. It returns true when the slot's child (c or a
 // replacement) has died or is dying, which it leaves in *c; false once
-// Shutdown has drained and stopped it.
-func (s *supervisor) serve(cp **child) (died bool) {
+// Shutdown has drained and stopped it. A child replaced after it served
+// for stableUptime resets *failures: the module is healthy, and a crash
+// of its replacement is a single crash.
+func (s *supervisor) serve(cp **child, failures *int) (died bool) {
 	h := s.h
 	c := *cp
 	defer func() { *cp = c }()
@@ -163,6 +165,9 @@ func (s *supervisor) serve(cp **child) (died bool) {
 		nc, err := s.replace(c, ask)
 		switch {
 		case err == nil:
+			if time.Since(c.readyAt) >= stableUptime {
+				*failures = 0
+			}
 			c, retry, retries = nc, nil, 0
 			arm()
 		case h.life.Err() != nil:
