@@ -164,7 +164,10 @@ type Options struct {
 	// while it runs, and if it is so slow that 4096 of them wait, further
 	// events are dropped and the parent logs how many. A panic in it is
 	// logged, and the next event delivered. Its last call happens before
-	// Shutdown returns, unless Shutdown's context ended first.
+	// Shutdown returns, unless Shutdown's context ended first: so a
+	// Shutdown (or Close) called from OnEvent waits for OnEvent to return,
+	// that is for itself, until its context ends. To shut the module down
+	// on an event, call it from a goroutine of its own (go h.Close()).
 	OnEvent func(Event)
 }
 
