@@ -385,6 +385,7 @@ type child struct {
 	source      *logcapture.Source // fixed; where its output goes, and its last lines
 	slot        int                // fixed; the slot of the pool it fills
 	readyAt     time.Time          // when it became ready; written by startChild with h.mu held
+	retired     bool               // retire has run; only its slot's supervisor touches it
 	maxRequests uint64             // fixed once ready; its MaxRequests, jittered; 0 for none
 	recycle     chan string        // capacity 1; the reason it is due for recycling, sent once (see askRecycleLocked)
 	monitored   chan struct{}      // made once ready; closed when its health monitor has returned

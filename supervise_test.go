@@ -40,6 +40,8 @@ type fakeBehaviour struct {
 	// holdStdout likewise keeps a copy of the write end of its protocol
 	// stdout.
 	holdStdout <-chan struct{}
+	// readyAt, if not nil, holds the child's ready until it is closed.
+	readyAt <-chan struct{}
 }
 
 // fakeChildren launches fake children, each behaving as behave says for
@@ -163,6 +165,13 @@ func (f *fakeChildren) serve(p *fakeProc, in, out *os.File, accept *acceptWord, 
 		c.stopWriting()
 		<-c.wdone
 	}()
+	if b.readyAt != nil {
+		select {
+		case <-b.readyAt:
+		case <-p.kill:
+			return
+		}
+	}
 	if b.initErr != "" {
 		c.send(outFrame{kind: kindReady, msg: &ready{Pid: p.pid, Err: b.initErr}}, nil)
 		return
@@ -216,6 +225,8 @@ func TestSuperviseFake(t *testing.T) {
 	stderrHeld := make(chan struct{}) // a fakeBehaviour.holdStderr, closed by its case's check
 	stdinHeld := make(chan struct{})  // a fakeBehaviour.holdStdin, likewise
 	bothHeld := make(chan struct{})   // holdStdout and holdStderr together
+	replacementReady := make(chan struct{})
+	failingReady := make(chan struct{})
 	for _, tc := range []struct {
 		name   string
 		opts   Options
@@ -298,6 +309,60 @@ func TestSuperviseFake(t *testing.T) {
 			after := h.Stats().Children
 			assert.Equal(t, pidsOf(before), pidsOf(after))
 			assert.Equal(t, 1, events.count(ChildRecycling, "restart"), "the second slot is not tried after the first failed")
+		},
+	}, {
+		// The old child dies while its replacement starts: it is
+		// reported and counted as a crash at once, the module as
+		// degraded meanwhile, and the replacement takes the slot.
+		name: "a crash while the replacement starts",
+		behave: func(slot, inc int) fakeBehaviour {
+			if inc == 1 {
+				return fakeBehaviour{readyAt: replacementReady}
+			}
+			return fakeBehaviour{}
+		},
+		check: func(t *testing.T, h *Handle, f *fakeChildren, events *eventLog) {
+			old := firstChild(h)
+			restarted := make(chan error, 1)
+			go func() { restarted <- h.Restart(context.Background()) }()
+			waitFor(t, 10*time.Second, "the replacement to start", func() bool { return len(f.startsOf()) == 2 })
+			old.proc.Kill()
+			waitFor(t, 10*time.Second, "the crash's events", func() bool { return events.count(ModuleDegraded, "crash") == 1 })
+			st := h.Stats()
+			assert.Equal(t, "restarting", st.State)
+			assert.NotEmpty(t, st.LastExit)
+			close(replacementReady)
+			require.NoError(t, <-restarted)
+			awaitStats(t, h, 10*time.Second, "the replacement running", runningInc(1))
+			assert.Equal(t, 1, h.Stats().Restarts)
+			waitFor(t, 10*time.Second, "five events", func() bool { return len(events.kinds()) >= 5 })
+			assert.Equal(t, []string{"ChildStarted ", "ChildRecycling restart", "ChildExited crash", "ModuleDegraded crash", "ChildStarted restart"}, events.kinds())
+			assert.Equal(t, 2, len(f.startsOf()), "no other start")
+		},
+	}, {
+		// The same, but the replacement fails to start: the slot
+		// restarts, as after any death.
+		name: "a crash while the replacement starts, which fails",
+		behave: func(slot, inc int) fakeBehaviour {
+			if inc == 1 {
+				return fakeBehaviour{readyAt: failingReady, initErr: "no"}
+			}
+			return fakeBehaviour{}
+		},
+		check: func(t *testing.T, h *Handle, f *fakeChildren, events *eventLog) {
+			old := firstChild(h)
+			restarted := make(chan error, 1)
+			go func() { restarted <- h.Restart(context.Background()) }()
+			waitFor(t, 10*time.Second, "the replacement to start", func() bool { return len(f.startsOf()) == 2 })
+			old.proc.Kill()
+			waitFor(t, 10*time.Second, "the crash's events", func() bool { return events.count(ModuleDegraded, "crash") == 1 })
+			close(failingReady)
+			var se *StartError
+			require.ErrorAs(t, <-restarted, &se)
+			awaitStats(t, h, 10*time.Second, "the restarted child running", runningInc(2))
+			assert.Equal(t, 1, h.Stats().Restarts)
+			waitFor(t, 10*time.Second, "six events", func() bool { return len(events.kinds()) >= 6 })
+			assert.Equal(t, []string{"ChildStarted ", "ChildRecycling restart", "ChildExited crash", "ModuleDegraded crash", "ChildExited crash", "ChildStarted crash"}, events.kinds())
 		},
 	}, {
 		name: "one slot's crash loop stays in its slot",

@@ -70,7 +70,10 @@ func (s *supervisor) run(c *child) {
 		}
 		failures++
 		var early <-chan startResult
-		if h := s.h; h.restartDelay(failures) == 0 {
+		if c.retired {
+			// Retired already, as it died while its replacement
+			// started, which failed (see replace).
+		} else if h := s.h; h.restartDelay(failures) == 0 {
 			// The restart need not wait for the dead child's
 			// teardown. The kill comes first, so that the child is
 			// dead, as its exit word may only claim, and so is its
@@ -79,7 +82,9 @@ func (s *supervisor) run(c *child) {
 			c.proc.Kill()
 			early = s.startEarly()
 		}
-		s.retire(c)
+		if !c.retired {
+			s.retire(c)
+		}
 		_, why := c.endReason()
 		if c = s.restart(&failures, why, early); c == nil {
 			return
@@ -162,8 +167,12 @@ func (s *supervisor) serve(cp **child, failures *int) (died bool) {
 			ask = retryAsk
 		case ask = <-s.asks:
 		}
-		nc, err := s.replace(c, ask)
+		nc, gone, err := s.replace(c, ask)
 		switch {
+		case gone && err != nil:
+			// c died, and is retired, and its replacement failed: the
+			// slot restarts as after any death.
+			return true
 		case err == nil:
 			if time.Since(c.readyAt) >= stableUptime {
 				*failures = 0
@@ -189,7 +198,12 @@ func (s *supervisor) serve(cp **child, failures *int) (died bool) {
 // new child cannot start, old keeps serving. The ask's done, if any,
 // receives the outcome: at once for a failure, once old has stopped
 // otherwise.
-func (s *supervisor) replace(old *child, ask replaceAsk) (*child, error) {
+//
+// If old dies while the new child starts, it is retired at once, as a
+// crash (see retire), and the new child, once ready, takes the slot as a
+// restarted one would; replace reports old gone. If the new child then
+// fails to start too, the slot has no child.
+func (s *supervisor) replace(old *child, ask replaceAsk) (nc *child, oldGone bool, err error) {
 	h := s.h
 	h.post(Event{Kind: ChildRecycling, Pid: old.proc.Pid(), Incarnation: old.incarnation, Slot: old.slot, Reason: ask.reason})
 	ctx, cancel := context.WithCancel(h.life)
@@ -198,7 +212,27 @@ func (s *supervisor) replace(old *child, ask replaceAsk) (*child, error) {
 		stop := context.AfterFunc(ask.ctx, cancel)
 		defer stop()
 	}
-	nc, err := h.startChild(ctx, s.slot, ask.reason)
+	started := make(chan startResult, 1)
+	go func() {
+		c, err := h.startChild(ctx, s.slot, ask.reason)
+		started <- startResult{c, err}
+	}()
+	var r startResult
+	select {
+	case r = <-started:
+	case <-old.done:
+		oldGone = true
+	case <-old.dying:
+		oldGone = true
+	case <-old.exited:
+		oldGone = true
+	}
+	if oldGone {
+		old.proc.Kill() // as run does: the death is sure, its process group gone
+		s.retire(old)
+		r = <-started
+	}
+	nc, err = r.c, r.err
 	if err != nil {
 		if ask.ctx != nil && ask.ctx.Err() != nil {
 			err = &StartError{Module: h.name, Err: ask.ctx.Err()}
@@ -211,9 +245,18 @@ func (s *supervisor) replace(old *child, ask replaceAsk) (*child, error) {
 		if ask.done != nil {
 			ask.done <- err
 		}
-		return nil, err
+		return nil, oldGone, err
 	}
 	s.install(nc)
+	if oldGone {
+		h.mu.Lock()
+		h.restarts++
+		h.mu.Unlock()
+		if ask.done != nil {
+			ask.done <- nil
+		}
+		return nc, true, nil
+	}
 	h.drains.Add(1)
 	go func() {
 		defer h.drains.Done()
@@ -222,7 +265,7 @@ func (s *supervisor) replace(old *child, ask replaceAsk) (*child, error) {
 			ask.done <- nil
 		}
 	}()
-	return nc, nil
+	return nc, false, nil
 }
 
 // restart starts a child for the slot after its child died (why says
@@ -328,6 +371,7 @@ func (s *supervisor) pause(d time.Duration) bool {
 // ended.
 func (s *supervisor) retire(c *child) {
 	h := s.h
+	c.retired = true
 	degraded := s.uninstall(c)
 	h.teardown(c)
 	reason, word := c.endReason()
