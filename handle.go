@@ -730,13 +730,17 @@ func (h *Handle) checkOnce(ctx context.Context, c *child) (time.Duration, error)
 // child is new anyway.
 func (h *Handle) Restart(ctx context.Context) error {
 	for _, s := range h.slots {
-		done := make(chan error, 1)
+		ready, done := make(chan error, 1), make(chan error, 1)
 		select {
-		case s.asks <- replaceAsk{reason: "restart", ctx: ctx, done: done}:
+		case s.asks <- replaceAsk{reason: "restart", ctx: ctx, done: done, ready: ready}:
 		case <-h.life.Done():
 			return fmt.Errorf("%w: module %q was shut down; Restart has nothing to replace", ErrClosed, h.name)
 		case <-ctx.Done():
 			return fmt.Errorf("subproc: module %q: restart: %w", h.name, ctx.Err())
+		}
+		// The start ends soon after ctx does, with the *StartError.
+		if err := <-ready; err != nil {
+			return err
 		}
 		select {
 		case err := <-done:

@@ -365,6 +365,31 @@ func TestSuperviseFake(t *testing.T) {
 			assert.Equal(t, []string{"ChildStarted ", "ChildRecycling restart", "ChildExited crash", "ModuleDegraded crash", "ChildExited crash", "ChildStarted crash"}, events.kinds())
 		},
 	}, {
+		// Restart's context ends while the replacement starts: Restart
+		// returns the *StartError, the event says the restart ended it,
+		// not a crash, and the old child serves on.
+		name: "a restart whose context ends",
+		behave: func(slot, inc int) fakeBehaviour {
+			if inc == 1 {
+				return fakeBehaviour{readyAt: make(chan struct{})} // never ready
+			}
+			return fakeBehaviour{}
+		},
+		check: func(t *testing.T, h *Handle, f *fakeChildren, events *eventLog) {
+			ctx, cancel := context.WithCancel(context.Background())
+			restarted := make(chan error, 1)
+			go func() { restarted <- h.Restart(ctx) }()
+			waitFor(t, 10*time.Second, "the replacement to start", func() bool { return len(f.startsOf()) == 2 })
+			cancel()
+			err := <-restarted
+			var se *StartError
+			require.ErrorAs(t, err, &se)
+			assert.ErrorIs(t, err, context.Canceled)
+			waitFor(t, 10*time.Second, "three events", func() bool { return len(events.kinds()) >= 3 })
+			assert.Equal(t, []string{"ChildStarted ", "ChildRecycling restart", "ChildExited restart"}, events.kinds())
+			assert.Equal(t, 0, h.Stats().Incarnation, "the child serving")
+		},
+	}, {
 		name: "one slot's crash loop stays in its slot",
 		opts: Options{Children: 3, MaxRestartDelay: maxDelay},
 		behave: func(slot, inc int) fakeBehaviour {

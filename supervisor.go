@@ -36,6 +36,17 @@ type replaceAsk struct {
 	reason string          // the Event reason: "restart", "max-requests", …
 	ctx    context.Context // bounds the start of the replacement
 	done   chan error      // receives the outcome once the old child has stopped; capacity 1
+	// ready, if not nil, receives nil once the replacement is ready (or
+	// nothing was left to replace), or the start's error, before done;
+	// capacity 1.
+	ready chan error
+}
+
+// started reports the start's outcome to whoever asked, if anyone did.
+func (a replaceAsk) started(err error) {
+	if a.ready != nil {
+		a.ready <- err
+	}
 }
 
 // Restart backoff: see Options.MaxRestartDelay.
@@ -234,20 +245,24 @@ func (s *supervisor) replace(old *child, ask replaceAsk) (nc *child, oldGone boo
 	}
 	nc, err = r.c, r.err
 	if err != nil {
+		reason := startFailure(err)
 		if ask.ctx != nil && ask.ctx.Err() != nil {
-			err = &StartError{Module: h.name, Err: ask.ctx.Err()}
+			// The caller's context ended the start: no crash.
+			err, reason = &StartError{Module: h.name, Err: ask.ctx.Err()}, "restart"
 		}
 		if h.life.Err() == nil {
 			var se *StartError
 			errors.As(err, &se)
-			h.post(Event{Kind: ChildExited, Slot: s.slot, Reason: startFailure(err), Err: err, Output: se.Output})
+			h.post(Event{Kind: ChildExited, Slot: s.slot, Reason: reason, Err: err, Output: se.Output})
 		}
+		ask.started(err)
 		if ask.done != nil {
 			ask.done <- err
 		}
 		return nil, oldGone, err
 	}
 	s.install(nc)
+	ask.started(nil)
 	if oldGone {
 		h.mu.Lock()
 		h.restarts++
@@ -362,7 +377,8 @@ func (s *supervisor) pause(d time.Duration) bool {
 		case <-h.life.Done():
 			return false
 		case ask := <-s.asks:
-			ask.done <- nil // no child to replace: the next is new anyway
+			ask.started(nil) // no child to replace: the next is new anyway
+			ask.done <- nil
 		}
 	}
 }
