@@ -582,12 +582,6 @@ type bodySender struct {
 	guard bool
 	hdrMu sync.Mutex
 
-	// sized is set if r.Body is net/http's own, which ends where
-	// r.ContentLength (> 0) says. A middleware's body (one that
-	// decompresses, say) may not, whatever r.ContentLength says: it is
-	// read to its EOF, as the module would read it in-process.
-	sized bool
-
 	// fullDuplex is set, by the exchange's goroutine, which alone calls
 	// halt, once the response is full duplex (see halt).
 	fullDuplex bool
@@ -601,25 +595,12 @@ func isMaxBytesReader(body io.ReadCloser) bool {
 
 var maxBytesReaderType = reflect.TypeOf(http.MaxBytesReader(nil, http.NoBody, 0))
 
-// isServerBody reports whether body is one of net/http's server's request
-// bodies, of HTTP/1 (with or without Expect: 100-continue) or HTTP/2,
-// whose types net/http does not export: such a body ends where the
-// request's ContentLength says. A name net/http no longer uses only costs
-// the end of such a body a wait for credit (see pumpRequestBody).
-func isServerBody(body io.ReadCloser) bool {
-	switch reflect.TypeOf(body).String() {
-	case "*http.body", "*http.expectContinueReader", "*http.http2requestBody":
-		return true
-	}
-	return false
-}
 
 // startBody starts sending r's body on stream s. rc is r's
 // ResponseController, used to interrupt a blocked read of the body.
 func startBody(c *child, s *stream, r *http.Request, rc *http.ResponseController) *bodySender {
 	b := &bodySender{c: c, s: s, r: r, rc: rc, stop: make(chan struct{}), done: make(chan struct{})}
 	b.guard = r.ProtoMajor == 1 && isMaxBytesReader(r.Body)
-	b.sized = r.ContentLength > 0 && isServerBody(r.Body)
 	go b.pumpRequestBody()
 	return b
 }
@@ -674,20 +655,26 @@ func (b *bodySender) pumpRequestBody() {
 	defer close(b.done)
 	c, s, r := b.c, b.s, b.r
 	var sent int64 // body bytes read so far
+	peeked := false
 	for {
-		if b.sized && sent == r.ContentLength && len(r.Trailer) == 0 {
-			// The declared body is all sent, and net/http's ends there:
-			// the end costs no credit, so it goes without waiting for the
-			// child to return any (a body of one window would otherwise
-			// wait a round trip for it).
-			c.send(outFrame{kind: kindEnd, id: s.id}, b.stop)
-			return
+		// Once the declared body is all sent, a read of one byte, with
+		// no credit, looks for its end: the end costs no credit, so it
+		// goes without waiting for the child to return any (a body of
+		// one window would otherwise wait a round trip for it). A body
+		// that goes on past r.ContentLength (a middleware's, that
+		// decompresses, say) is read on to its EOF, as the module would
+		// read it in-process; that byte waits for credit.
+		peek := !peeked && r.ContentLength > 0 && sent == r.ContentLength && len(r.Trailer) == 0
+		var credit, n int
+		if peek {
+			peeked, n = true, 1
+		} else {
+			var err error
+			if credit, err = s.win.take(frameCost(1), frameCost(chunkSize), b.stop); err != nil {
+				return
+			}
+			n = credit - frameOverhead
 		}
-		credit, err := s.win.take(frameCost(1), frameCost(chunkSize), b.stop)
-		if err != nil {
-			return
-		}
-		n := credit - frameOverhead
 		b.reading.Store(true)
 		select {
 		case <-b.stop:
@@ -724,9 +711,18 @@ func (b *bodySender) pumpRequestBody() {
 			return
 		default:
 		}
+		if peek && m > 0 {
+			var err error
+			if credit, err = s.win.take(frameCost(m), frameCost(m), b.stop); err != nil {
+				putChunk(buf)
+				return
+			}
+		}
 		switch {
 		case m == 0:
-			s.win.add(credit) // no frame is sent
+			if credit > 0 {
+				s.win.add(credit) // no frame is sent
+			}
 		case m < n:
 			s.win.add(n - m)
 		}
