@@ -595,7 +595,6 @@ func isMaxBytesReader(body io.ReadCloser) bool {
 
 var maxBytesReaderType = reflect.TypeOf(http.MaxBytesReader(nil, http.NoBody, 0))
 
-
 // startBody starts sending r's body on stream s. rc is r's
 // ResponseController, used to interrupt a blocked read of the body.
 func startBody(c *child, s *stream, r *http.Request, rc *http.ResponseController) *bodySender {
