@@ -14,6 +14,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -101,25 +102,52 @@ func TestEarlyAnswerNextRequest(t *testing.T) {
 	}
 }
 
-// Behind a middleware that hides net/http's ResponseWriter, the parent
-// cannot interrupt its read of a body whose client has stopped sending:
-// its ServeHTTP returns all the same once the module has answered, so
-// that the module's only MaxInFlight place is free for the next client;
-// the stalled client gets its answer once it sends more.
+// activeBody is a middleware's request body that says whether a Read is
+// under way.
+type activeBody struct {
+	io.ReadCloser
+	active atomic.Bool
+}
+
+func (b *activeBody) Read(p []byte) (int, error) {
+	b.active.Store(true)
+	defer b.active.Store(false)
+	return b.ReadCloser.Read(p)
+}
+
+// Behind a middleware that hides net/http's ResponseWriter (and wraps the
+// body), the parent cannot interrupt its read of a body whose client has
+// stopped sending: once the module has answered, the module's only
+// MaxInFlight place is free for the next client all the same, while its
+// ServeHTTP waits for that read, as it may not return during one; the
+// stalled client gets its answer once it sends the rest, which net/http
+// then discards, as in-process.
 func TestEarlyAnswerBehindWrapper(t *testing.T) {
 	h := startModule(t, "early", Options{MaxInFlight: 1})
-	srv := serve(t, hideWriter(h))
+	readingAtReturn := make(chan bool, 1)
+	srv := serve(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/read1000" {
+			h.ServeHTTP(w, r)
+			return
+		}
+		body := &activeBody{ReadCloser: r.Body}
+		r.Body = body
+		hideWriter(h).ServeHTTP(w, r)
+		readingAtReturn <- body.active.Load()
+	}))
 	conn, err := net.Dial("tcp", srv.Listener.Addr().String())
 	require.NoError(t, err)
 	defer conn.Close()
 	conn.SetDeadline(time.Now().Add(20 * time.Second))
-	fmt.Fprintf(conn, "POST /read1000 HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n", 1<<20)
+	io.WriteString(conn, "POST /read1000 HTTP/1.1\r\nHost: x\r\nContent-Length: 4000\r\n\r\n")
 	conn.Write(bytes.Repeat([]byte("b"), 1000))
+	awaitStats(t, h, 15*time.Second, "the request in flight", func(st Stats) bool { return st.InFlight == 1 })
 	waitFor(t, 15*time.Second, "the next client to be served, not shed", func() bool {
 		res, _, err := fetchErr(srv.URL+"/ignore", 5*time.Second)
 		return err == nil && res.StatusCode == http.StatusOK
 	})
-	conn.Write(bytes.Repeat([]byte("b"), 1000))
+	conn.Write(bytes.Repeat([]byte("b"), 3000)) // the rest, which net/http discards
 	_, got := readResponse(t, bufio.NewReader(conn))
 	assert.Equal(t, "200 OK read 1000 <nil>\n", got)
+	assert.False(t, <-readingAtReturn, "ServeHTTP returned while it read the body")
 }

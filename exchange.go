@@ -88,11 +88,12 @@ type exchange struct {
 	bodyWritten bool            // body bytes were written to w
 	cutShort    bool            // a write to w failed after the stream was cut (see stream.cutWrites)
 
-	cutArmed bool // the stream's cut is armed (see armCut)
-	// stopCut, if not nil, stops the cut at the request's deadline, which
-	// closes deadlineCut once made (see armCut).
-	stopCut     func() bool
-	deadlineCut chan struct{}
+	placeFreed bool // the request's MaxInFlight place was given back early (see freePlace)
+
+	cut int // how the stream's cut is armed: cutNone, cutLenient, cutStrict (see armCut)
+	// stopCut, if not nil, stops the cut at the request's deadline (see
+	// armCut).
+	stopCut func() bool
 }
 
 // controller returns w's ResponseController.
@@ -117,6 +118,7 @@ func (x *exchange) late() bool {
 func (x *exchange) run() (retry bool) {
 	if hasBody(x.r) {
 		x.body = startBody(x.c, x.s, x.r, x.controller())
+		x.body.stalled = x.freePlace
 		defer x.body.halt()
 	}
 	x.deadline, x.hasDeadline = x.ctx.Deadline()
@@ -312,7 +314,6 @@ func (x *exchange) canceled() {
 		if x.started {
 			panic(http.ErrAbortHandler)
 		}
-		x.reopenCut()
 		x.replyError(http.StatusGatewayTimeout, " did not answer before the request's deadline (%v)", context.Cause(x.ctx))
 		return
 	}
@@ -326,7 +327,6 @@ func (x *exchange) canceled() {
 		// Usually nobody reads this. But if the context ended with the
 		// client still there, it must not see an empty 200 that looks
 		// like the module's answer.
-		x.reopenCut()
 		x.replyError(http.StatusServiceUnavailable, ": request canceled: %v", context.Cause(x.ctx))
 	}
 }
@@ -411,36 +411,42 @@ func (x *exchange) writeHead(ev event) (final bool) {
 // failure or abort, or the end of its drain, a write that waits for a
 // client that reads nothing fails, and the response ends aborted (or
 // without its final head), as it would have without the wait. (Until
-// then nothing written waits: net/http buffers the final head.)
+// then nothing written waits: net/http buffers the final head.) While
+// only 1xx heads went out, the cut at the deadline leaves the 504 that
+// follows abortLinger to reach the client: a deadline in the past would
+// fail it (over HTTP/2, reset the stream at once).
 func (x *exchange) armCut() {
-	if x.cutArmed {
+	if x.cut == cutNone {
+		x.s.armCut(x.w, nil)
+	}
+	want := cutLenient
+	if x.started {
+		want = cutStrict
+	}
+	if x.cut >= want {
 		return
 	}
-	x.cutArmed = true
-	x.s.armCut(x.w, nil)
-	if x.hasDeadline {
-		cut := make(chan struct{})
-		x.deadlineCut = cut
-		x.stopCut = context.AfterFunc(x.ctx, func() {
-			x.s.cutWrites()
-			close(cut)
-		})
+	prev := x.cut
+	x.cut = want
+	if !x.hasDeadline {
+		return
+	}
+	if prev == cutLenient && !x.stopCut() {
+		return // the lenient cut was made: it stands
+	}
+	if want == cutStrict {
+		x.stopCut = context.AfterFunc(x.ctx, x.s.cutWrites)
+	} else {
+		x.stopCut = context.AfterFunc(x.ctx, func() { x.s.cutWritesAt(time.Now().Add(abortLinger)) })
 	}
 }
 
-// reopenCut gives the error reply that follows a 1xx head, once the
-// request's context has ended, abortLinger to reach the client, after the
-// cut at the context's end is done: a client that reads gets the reply,
-// one that does not holds the parent no longer.
-func (x *exchange) reopenCut() {
-	if !x.cutArmed {
-		return
-	}
-	if x.stopCut != nil && !x.stopCut() {
-		<-x.deadlineCut
-	}
-	x.controller().SetWriteDeadline(time.Now().Add(abortLinger))
-}
+// What the cut at the request's deadline does (see armCut).
+const (
+	cutNone    = iota // not armed
+	cutLenient        // only 1xx heads went out: the writes get abortLinger
+	cutStrict         // the response started: the writes fail at once
+)
 
 // writeData writes a data frame's bytes to w and returns their credit to
 // the child. It reports false if the client is gone, the exchange given up.
@@ -543,6 +549,15 @@ func (x *exchange) writeTrailers(ev event) {
 	}
 }
 
+// freePlace gives the request's MaxInFlight place back before ServeHTTP
+// returns: it waits for a client, not for the module (see halt).
+func (x *exchange) freePlace() {
+	if !x.placeFreed {
+		x.placeFreed = true
+		x.h.unadmit()
+	}
+}
+
 // abort ends an exchange that the child aborted: 502 if its head was too
 // large to send and nothing was written, else an aborted response.
 func (x *exchange) abort(ev event) {
@@ -582,6 +597,11 @@ type bodySender struct {
 	guard bool
 	hdrMu sync.Mutex
 
+	// stalled, if not nil, is called by halt before it waits for a read
+	// that it cannot interrupt; set by the exchange's goroutine, which
+	// alone calls halt.
+	stalled func()
+
 	// fullDuplex is set, by the exchange's goroutine, which alone calls
 	// halt, once the response is full duplex (see halt).
 	fullDuplex bool
@@ -604,9 +624,9 @@ func startBody(c *child, s *stream, r *http.Request, rc *http.ResponseController
 	return b
 }
 
-// halt stops the sender: once it returns, the sender sends nothing more.
-// It may be called more than once, and on a nil *bodySender (no body),
-// where it does nothing.
+// halt stops the sender and returns once it has stopped. It may be called
+// more than once, and on a nil *bodySender (no body), where it does
+// nothing.
 //
 // A read of r.Body under way, which may wait for a client that sends the
 // rest of its body slowly or never, is interrupted by a read deadline in
@@ -621,11 +641,12 @@ func startBody(c *child, s *stream, r *http.Request, rc *http.ResponseController
 // deadline is lifted, and net/http reads the rest, as in-process.)
 //
 // Behind a ResponseWriter that hides net/http's (one without Unwrap) the
-// read cannot be interrupted. halt then returns without waiting for it,
-// and the read ends when the client sends more or goes; net/http's
-// writing of the response head waits for it, as it would for its own
-// read of the body. Except for an http.MaxBytesReader's read, which may
-// write the response's header map (see guard): halt waits for that one.
+// read cannot be interrupted. halt then waits for it, as ServeHTTP may
+// not return while it reads r.Body, until the client sends more or goes,
+// as net/http would wait for that client in-process, after the handler
+// returns, to discard what is left of the body. But first it calls
+// stalled, if set, which gives the request's MaxInFlight place back: the
+// module has answered, and the wait is the client's.
 func (b *bodySender) halt() {
 	if b == nil {
 		return
@@ -636,7 +657,11 @@ func (b *bodySender) halt() {
 			<-b.done
 			return
 		}
-		if err := b.rc.SetReadDeadline(time.Now()); err != nil && !b.guard {
+		if err := b.rc.SetReadDeadline(time.Now()); err != nil {
+			if b.stalled != nil {
+				b.stalled()
+			}
+			<-b.done
 			return
 		}
 		<-b.done

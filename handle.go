@@ -517,7 +517,12 @@ func (h *Handle) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		h.unavailable(w, r, err)
 		return
 	}
-	defer h.unadmit()
+	admitted := true // the place is ours to give back (see exchange.freePlace)
+	defer func() {
+		if admitted {
+			h.unadmit()
+		}
+	}()
 	var deadline *time.Timer // see acquire
 	defer func() {
 		if deadline != nil {
@@ -544,6 +549,9 @@ func (h *Handle) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			defer func() { h.release(c, s.answered()) }()
 			return h.proxy(w, r, c, s)
 		}()
+		if s.x.placeFreed {
+			admitted = false
+		}
 		if !retry {
 			return
 		}

@@ -45,6 +45,9 @@ type process interface {
 	Quit() bool
 	// Memory returns the process's resident memory in bytes; 0 if unknown.
 	Memory() int64
+	// AnonMemory is Memory without the pages of files (its binary's) and
+	// of shared memory: what the process allocated.
+	AnonMemory() int64
 }
 
 // childPipes are the parent's ends of a new child's pipes.

@@ -11,19 +11,36 @@ import (
 // Memory returns the process's resident memory in bytes, from /proc; 0 if
 // it cannot be read.
 func (p *execProcess) Memory() int64 {
+	resident, _ := p.statm()
+	return resident
+}
+
+// AnonMemory returns the process's resident memory that is neither a
+// file's nor shared, in bytes, from /proc; 0 if it cannot be read.
+func (p *execProcess) AnonMemory() int64 {
+	resident, shared := p.statm()
+	return max(0, resident-shared)
+}
+
+// statm returns the process's resident memory, and the part of it that
+// maps files or shared memory, in bytes, from /proc/<pid>/statm; zeros if
+// it cannot be read.
+func (p *execProcess) statm() (resident, shared int64) {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/statm", p.Pid()))
 	if err != nil {
-		return 0
+		return 0, 0
 	}
 	f := bytes.Fields(b)
-	if len(f) < 2 {
-		return 0
+	if len(f) < 3 {
+		return 0, 0
 	}
-	pages, err := strconv.ParseInt(string(f[1]), 10, 64)
-	if err != nil {
-		return 0
+	r, err1 := strconv.ParseInt(string(f[1]), 10, 64)
+	sh, err2 := strconv.ParseInt(string(f[2]), 10, 64)
+	if err1 != nil || err2 != nil {
+		return 0, 0
 	}
-	return pages * int64(os.Getpagesize())
+	page := int64(os.Getpagesize())
+	return r * page, sh * page
 }
 
 // Quit sends the process SIGQUIT, which makes a Go program write every

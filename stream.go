@@ -387,11 +387,12 @@ type bodyReader struct {
 	mu     sync.Mutex // guards the fields below
 	chunks []chunk    // queued chunks; the first is read from off
 	off    int
-	queued int        // what the queued chunks cost against the window
-	recv   recvWindow // the window granted to the parent
-	err    error      // returned once the queue is empty: io.EOF at the end
-	closed bool       // the handler closed the body, or returned
-	expect bool       // the parent waits for a first read before sending (Expect: 100-continue)
+	queued int         // what the queued chunks cost against the window
+	recv   recvWindow  // the window granted to the parent
+	err    error       // returned once the queue is empty: io.EOF at the end
+	ended  http.Header // the trailers that came with the end, until a read merges them
+	closed bool        // the handler closed the body, or returned
+	expect bool        // the parent waits for a first read before sending (Expect: 100-continue)
 
 	// deadline, if set, returns a channel closed when the handler's read
 	// deadline (http.ResponseController.SetReadDeadline) passes; fixed
@@ -435,22 +436,15 @@ func (b *bodyReader) push(c chunk) error {
 }
 
 // end ends the body with err (io.EOF for a complete body) and, for a
-// complete body, merges trailer into the request's, as net/http does:
-// every field the client sent, declared or not.
+// complete body, keeps trailer for the read that returns io.EOF to merge
+// into the request's (see waitLocked).
 func (b *bodyReader) end(err error, trailer http.Header) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.err != nil {
 		return
 	}
-	if len(trailer) > 0 && b.trailer != nil {
-		if *b.trailer == nil {
-			*b.trailer = make(http.Header, len(trailer))
-		}
-		for k, v := range trailer {
-			(*b.trailer)[k] = v
-		}
-	}
+	b.ended = trailer
 	b.err = err
 	b.signal()
 }
@@ -556,10 +550,28 @@ func (b *bodyReader) waitLocked(cancel <-chan struct{}) error {
 	}
 	if len(b.chunks) == 0 {
 		err := b.err
+		if err == io.EOF && b.ended != nil {
+			b.mergeTrailerLocked()
+		}
 		b.mu.Unlock()
 		return err
 	}
 	return nil
+}
+
+// mergeTrailerLocked merges the trailers that came with the body's end
+// into the request's, as net/http does in the read that returns io.EOF, on
+// the handler's goroutine: every field the client sent, declared or not.
+func (b *bodyReader) mergeTrailerLocked() {
+	if b.trailer != nil {
+		if *b.trailer == nil {
+			*b.trailer = make(http.Header, len(b.ended))
+		}
+		for k, v := range b.ended {
+			(*b.trailer)[k] = v
+		}
+	}
+	b.ended = nil
 }
 
 // consumeLocked records that chunks costing consumed were taken from the

@@ -25,11 +25,12 @@ type fakeProcess struct {
 	once   sync.Once
 }
 
-func (p *fakeProcess) Pid() int      { return 1 }
-func (p *fakeProcess) Wait() error   { <-p.exited; return nil }
-func (p *fakeProcess) Kill()         { p.once.Do(func() { close(p.exited) }) }
-func (p *fakeProcess) Quit() bool    { return false }
-func (p *fakeProcess) Memory() int64 { return 0 }
+func (p *fakeProcess) Pid() int          { return 1 }
+func (p *fakeProcess) Wait() error       { <-p.exited; return nil }
+func (p *fakeProcess) Kill()             { p.once.Do(func() { close(p.exited) }) }
+func (p *fakeProcess) Quit() bool        { return false }
+func (p *fakeProcess) Memory() int64     { return 0 }
+func (p *fakeProcess) AnonMemory() int64 { return 0 }
 
 // pipePair is a parent's child and a child's server joined by in-memory
 // pipes.

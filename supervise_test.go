@@ -74,11 +74,12 @@ type fakeProc struct {
 	exited chan struct{} // closed when the fake child's goroutine has ended
 }
 
-func (p *fakeProc) Pid() int      { return p.pid }
-func (p *fakeProc) Wait() error   { <-p.exited; return nil }
-func (p *fakeProc) Kill()         { p.once.Do(func() { close(p.kill) }) }
-func (p *fakeProc) Quit() bool    { return false }
-func (p *fakeProc) Memory() int64 { return 0 }
+func (p *fakeProc) Pid() int          { return p.pid }
+func (p *fakeProc) Wait() error       { <-p.exited; return nil }
+func (p *fakeProc) Kill()             { p.once.Do(func() { close(p.kill) }) }
+func (p *fakeProc) Quit() bool        { return false }
+func (p *fakeProc) Memory() int64     { return 0 }
+func (p *fakeProc) AnonMemory() int64 { return 0 }
 
 var fakePids atomic.Int64
 

@@ -225,7 +225,9 @@ func (s *supervisor) replace(old *child, ask replaceAsk) (nc *child, oldGone boo
 	}
 	started := make(chan startResult, 1)
 	go func() {
-		c, err := h.startChild(ctx, s.slot, ask.reason)
+		// Its ChildStarted is posted below, after old's ChildExited if
+		// old dies meanwhile.
+		c, err := h.launchChild(ctx, s.slot)
 		started <- startResult{c, err}
 	}()
 	var r startResult
@@ -261,6 +263,7 @@ func (s *supervisor) replace(old *child, ask replaceAsk) (nc *child, oldGone boo
 		}
 		return nil, oldGone, err
 	}
+	h.postStarted(nc, ask.reason)
 	s.install(nc)
 	ask.started(nil)
 	if oldGone {
@@ -585,6 +588,9 @@ func (h *Handle) launchChild(ctx context.Context, slot int) (*child, error) {
 	timer := time.NewTimer(h.opts.StartTimeout)
 	defer timer.Stop()
 	// MemoryMax holds from the fork: a ModuleFunc may take memory too.
+	// Until the child is ready, the pages of its binary that its package
+	// initialisation touched are still resident (it drops them once
+	// ready; see Options.MemoryHigh): only what it allocated counts.
 	var memoryCheck <-chan time.Time
 	if h.opts.MemoryMax > 0 {
 		t := time.NewTicker(h.opts.HealthInterval)
@@ -604,11 +610,11 @@ wait:
 		case <-ctx.Done():
 			err = ctx.Err()
 		case <-memoryCheck:
-			m := c.proc.Memory()
+			m := c.proc.AnonMemory()
 			if m <= h.opts.MemoryMax {
 				continue
 			}
-			err = &killedError{fmt.Sprintf("before it was ready, as its resident memory, %s, passed Options.MemoryMax, %s", inMiB(m), inMiB(h.opts.MemoryMax)), "memory"}
+			err = &killedError{fmt.Sprintf("before it was ready, as the memory it allocated, %s resident, passed Options.MemoryMax, %s", inMiB(m), inMiB(h.opts.MemoryMax)), "memory"}
 			h.logf("child pid %d (incarnation %d) is killed %s", proc.Pid(), incarnation, err.(*killedError).reason)
 		}
 		break wait
