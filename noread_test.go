@@ -215,7 +215,20 @@ func TestNoReadChildKilled(t *testing.T) {
 // not between two writes, nor in one that the kernel's buffers still
 // take, but in one that waits for the client.
 func stuckWriting(h *Handle) func() bool {
-	last, still := int64(-1), 0
+	last := int64(-1)
+	return stillFor(h, func(s *stream) bool {
+		r := s.recv
+		moved := r.received != last
+		last = r.received
+		return r.received == r.granted && r.held > 0 && len(s.events) == 0 && !moved
+	})
+}
+
+// stillFor returns a condition for waitFor: cond, called with the stream's
+// lock held, holds for the one request that h's first child serves at 40
+// polls in a row (200 ms).
+func stillFor(h *Handle, cond func(s *stream) bool) func() bool {
+	still := 0
 	return func() bool {
 		c := firstChild(h)
 		c.mu.Lock()
@@ -223,13 +236,11 @@ func stuckWriting(h *Handle) func() bool {
 		for s := range c.running {
 			s.mu.Lock()
 			defer s.mu.Unlock()
-			r := s.recv
-			if r.received == r.granted && r.held > 0 && len(s.events) == 0 && r.received == last {
+			if cond(s) {
 				still++
 			} else {
 				still = 0
 			}
-			last = r.received
 			return still >= 40
 		}
 		return false
@@ -262,26 +273,36 @@ func TestNoReadInformational(t *testing.T) {
 }
 
 // A client that reads gets the 1xx head and then the 504 of the request's
-// deadline, as through httputil.ReverseProxy: the cut of the parent's
-// writes at the deadline, armed by the 1xx head, does not take the 504.
+// deadline, as through httputil.ReverseProxy, over HTTP/1 and HTTP/2: the
+// cut of the parent's writes at the deadline, armed by the 1xx head,
+// leaves the 504 time to reach the client (a write deadline in the past
+// would fail it, and make net/http's HTTP/2 server reset the stream).
 func TestInformationalThenTimeout(t *testing.T) {
 	h := startModule(t, "noread", Options{RequestTimeout: 500 * time.Millisecond})
-	srv := serve(t, h)
-	var got []int
-	trace := &httptrace.ClientTrace{Got1xxResponse: func(code int, _ textproto.MIMEHeader) error {
-		got = append(got, code)
-		return nil
-	}}
-	req, err := http.NewRequestWithContext(httptrace.WithClientTrace(context.Background(), trace), "GET", srv.URL+"/informational-late", nil)
-	require.NoError(t, err)
-	resp, err := srv.Client().Do(req)
-	require.NoError(t, err)
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	require.NoError(t, err)
-	assert.Equal(t, []int{http.StatusEarlyHints}, got)
-	assert.Equal(t, http.StatusGatewayTimeout, resp.StatusCode, "%s", body)
-	assert.Contains(t, string(body), `module "noread"`)
+	for _, http2 := range []bool{false, true} {
+		srv := httptest.NewUnstartedServer(h)
+		srv.EnableHTTP2 = http2
+		srv.StartTLS()
+		defer srv.Close()
+		var got []int
+		trace := &httptrace.ClientTrace{Got1xxResponse: func(code int, _ textproto.MIMEHeader) error {
+			got = append(got, code)
+			return nil
+		}}
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		req, err := http.NewRequestWithContext(httptrace.WithClientTrace(ctx, trace), "GET", srv.URL+"/informational-late", nil)
+		require.NoError(t, err)
+		resp, err := srv.Client().Do(req)
+		require.NoError(t, err, "HTTP/2 %v", http2)
+		defer resp.Body.Close()
+		assert.Equal(t, map[bool]int{false: 1, true: 2}[http2], resp.ProtoMajor)
+		body, err := io.ReadAll(resp.Body)
+		require.NoError(t, err)
+		assert.Equal(t, []int{http.StatusEarlyHints}, got)
+		assert.Equal(t, http.StatusGatewayTimeout, resp.StatusCode, "%s", body)
+		assert.Contains(t, string(body), `module "noread"`)
+	}
 }
 
 // stuckInformational returns a condition for waitFor: the one request
@@ -290,21 +311,5 @@ func TestInformationalThenTimeout(t *testing.T) {
 // than the sockets' buffers (see noreadTargets): its write waits for the
 // client.
 func stuckInformational(h *Handle) func() bool {
-	still := 0
-	return func() bool {
-		c := firstChild(h)
-		c.mu.Lock()
-		defer c.mu.Unlock()
-		for s := range c.running {
-			s.mu.Lock()
-			defer s.mu.Unlock()
-			if s.informal == 1 && len(s.events) == 0 {
-				still++
-			} else {
-				still = 0
-			}
-			return still >= 40
-		}
-		return false
-	}
+	return stillFor(h, func(s *stream) bool { return s.informal == 1 && len(s.events) == 0 })
 }

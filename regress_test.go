@@ -10,9 +10,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"net/http/httptest"
-	"net/http/httptrace"
-	"net/textproto"
 	"runtime"
 	"sync"
 	"testing"
@@ -38,42 +35,7 @@ func regressMux() http.Handler {
 		io.Copy(io.Discard, r.Body)
 		fmt.Fprintf(w, "declared %d, X-T=%q\n", declared, r.Trailer.Get("X-T"))
 	})
-	// A 1xx head, then no answer until the request ends.
-	mux.HandleFunc("/informational-late", func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Link", "</style.css>; rel=preload")
-		w.WriteHeader(http.StatusEarlyHints)
-		<-r.Context().Done()
-	})
 	return mux
-}
-
-// TestInformationalThenTimeout over HTTP/2: after a 1xx head, the cut at
-// the request's deadline leaves the 504 time to reach the client (see
-// exchange.armCut); a write deadline in the past would make net/http's
-// HTTP/2 server reset the stream at once.
-func TestInformationalThenTimeoutHTTP2(t *testing.T) {
-	h := startModule(t, "regress", Options{RequestTimeout: 500 * time.Millisecond})
-	srv := httptest.NewUnstartedServer(h)
-	srv.EnableHTTP2 = true
-	srv.StartTLS()
-	defer srv.Close()
-	var got []int
-	trace := &httptrace.ClientTrace{Got1xxResponse: func(code int, _ textproto.MIMEHeader) error {
-		got = append(got, code)
-		return nil
-	}}
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	req, err := http.NewRequestWithContext(httptrace.WithClientTrace(ctx, trace), "GET", srv.URL+"/informational-late", nil)
-	require.NoError(t, err)
-	resp, err := srv.Client().Do(req)
-	require.NoError(t, err, "the 504 after the 1xx head")
-	defer resp.Body.Close()
-	assert.Equal(t, 2, resp.ProtoMajor)
-	body, err := io.ReadAll(resp.Body)
-	require.NoError(t, err)
-	assert.Equal(t, []int{http.StatusEarlyHints}, got)
-	assert.Equal(t, http.StatusGatewayTimeout, resp.StatusCode, "%s", body)
 }
 
 // The old child dies while its replacement starts, and its teardown takes

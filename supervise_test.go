@@ -204,6 +204,20 @@ func (f *fakeChildren) serve(p *fakeProc, in, out *os.File, accept *acceptWord, 
 	srv.active.Wait()
 }
 
+// killDuringReplacement starts h.Restart, kills the old child while its
+// replacement (the second start of f) starts, and waits for the crash's
+// ModuleDegraded. It returns Restart's outcome, to come.
+func killDuringReplacement(t *testing.T, h *Handle, f *fakeChildren, events *eventLog) <-chan error {
+	t.Helper()
+	old := firstChild(h)
+	restarted := make(chan error, 1)
+	go func() { restarted <- h.Restart(context.Background()) }()
+	waitFor(t, 10*time.Second, "the replacement to start", func() bool { return len(f.startsOf()) == 2 })
+	old.proc.Kill()
+	waitFor(t, 10*time.Second, "the crash's events", func() bool { return events.count(ModuleDegraded, "crash") == 1 })
+	return restarted
+}
+
 // startFake starts a Handle on fake children; it is shut down when the test
 // ends.
 func startFake(t *testing.T, f *fakeChildren, opts Options) (*Handle, error) {
@@ -323,12 +337,7 @@ func TestSuperviseFake(t *testing.T) {
 			return fakeBehaviour{}
 		},
 		check: func(t *testing.T, h *Handle, f *fakeChildren, events *eventLog) {
-			old := firstChild(h)
-			restarted := make(chan error, 1)
-			go func() { restarted <- h.Restart(context.Background()) }()
-			waitFor(t, 10*time.Second, "the replacement to start", func() bool { return len(f.startsOf()) == 2 })
-			old.proc.Kill()
-			waitFor(t, 10*time.Second, "the crash's events", func() bool { return events.count(ModuleDegraded, "crash") == 1 })
+			restarted := killDuringReplacement(t, h, f, events)
 			st := h.Stats()
 			assert.Equal(t, "restarting", st.State)
 			assert.NotEmpty(t, st.LastExit)
@@ -351,12 +360,7 @@ func TestSuperviseFake(t *testing.T) {
 			return fakeBehaviour{}
 		},
 		check: func(t *testing.T, h *Handle, f *fakeChildren, events *eventLog) {
-			old := firstChild(h)
-			restarted := make(chan error, 1)
-			go func() { restarted <- h.Restart(context.Background()) }()
-			waitFor(t, 10*time.Second, "the replacement to start", func() bool { return len(f.startsOf()) == 2 })
-			old.proc.Kill()
-			waitFor(t, 10*time.Second, "the crash's events", func() bool { return events.count(ModuleDegraded, "crash") == 1 })
+			restarted := killDuringReplacement(t, h, f, events)
 			close(failingReady)
 			var se *StartError
 			require.ErrorAs(t, <-restarted, &se)
