@@ -665,7 +665,9 @@ func (b *bodySender) halt() {
 			return
 		}
 		<-b.done
-		if b.r.ProtoMajor != 1 || b.fullDuplex {
+		if b.r.ProtoMajor != 1 || b.fullDuplex || !b.s.bodyTouched.Load() {
+			// (Without a read begun, nothing failed, and the request
+			// may go to the next child, whose pump must read.)
 			b.rc.SetReadDeadline(time.Time{})
 		}
 	})
