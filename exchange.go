@@ -90,7 +90,8 @@ type exchange struct {
 
 	placeFreed bool // the request's MaxInFlight place was given back early (see freePlace)
 
-	cut int // how the stream's cut is armed: cutNone, cutLenient, cutStrict (see armCut)
+	cutArmed    bool        // the stream's cut is armed (see armCut)
+	headWritten atomic.Bool // started, for cutAtDeadline's goroutine
 	// stopCut, if not nil, stops the cut at the request's deadline (see
 	// armCut).
 	stopCut func() bool
@@ -117,8 +118,7 @@ func (x *exchange) late() bool {
 // response that had started, as httputil.ReverseProxy does.
 func (x *exchange) run() (retry bool) {
 	if hasBody(x.r) {
-		x.body = startBody(x.c, x.s, x.r, x.controller())
-		x.body.stalled = x.freePlace
+		x.body = startBody(x.c, x.s, x.r, x.controller(), x.freePlace)
 		defer x.body.halt()
 	}
 	x.deadline, x.hasDeadline = x.ctx.Deadline()
@@ -411,42 +411,32 @@ func (x *exchange) writeHead(ev event) (final bool) {
 // failure or abort, or the end of its drain, a write that waits for a
 // client that reads nothing fails, and the response ends aborted (or
 // without its final head), as it would have without the wait. (Until
-// then nothing written waits: net/http buffers the final head.) While
-// only 1xx heads went out, the cut at the deadline leaves the 504 that
-// follows abortLinger to reach the client: a deadline in the past would
-// fail it (over HTTP/2, reset the stream at once).
+// then nothing written waits: net/http buffers the final head.)
 func (x *exchange) armCut() {
-	if x.cut == cutNone {
-		x.s.armCut(x.w, nil)
-	}
-	want := cutLenient
 	if x.started {
-		want = cutStrict
+		x.headWritten.Store(true)
 	}
-	if x.cut >= want {
+	if x.cutArmed {
 		return
 	}
-	prev := x.cut
-	x.cut = want
-	if !x.hasDeadline {
-		return
-	}
-	if prev == cutLenient && !x.stopCut() {
-		return // the lenient cut was made: it stands
-	}
-	if want == cutStrict {
-		x.stopCut = context.AfterFunc(x.ctx, x.s.cutWrites)
-	} else {
-		x.stopCut = context.AfterFunc(x.ctx, func() { x.s.cutWritesAt(time.Now().Add(abortLinger)) })
+	x.cutArmed = true
+	x.s.armCut(x.w, nil)
+	if x.hasDeadline {
+		x.stopCut = context.AfterFunc(x.ctx, x.cutAtDeadline)
 	}
 }
 
-// What the cut at the request's deadline does (see armCut).
-const (
-	cutNone    = iota // not armed
-	cutLenient        // only 1xx heads went out: the writes get abortLinger
-	cutStrict         // the response started: the writes fail at once
-)
+// cutAtDeadline is the cut at the request's deadline. While only 1xx
+// heads went out, it leaves the 504 that follows abortLinger to reach the
+// client: a deadline in the past would fail it (over HTTP/2, reset the
+// stream at once).
+func (x *exchange) cutAtDeadline() {
+	if x.headWritten.Load() {
+		x.s.cutWrites()
+		return
+	}
+	x.s.cutWritesAt(time.Now().Add(abortLinger))
+}
 
 // writeData writes a data frame's bytes to w and returns their credit to
 // the child. It reports false if the client is gone, the exchange given up.
@@ -598,8 +588,7 @@ type bodySender struct {
 	hdrMu sync.Mutex
 
 	// stalled, if not nil, is called by halt before it waits for a read
-	// that it cannot interrupt; set by the exchange's goroutine, which
-	// alone calls halt.
+	// that it cannot interrupt; fixed.
 	stalled func()
 
 	// fullDuplex is set, by the exchange's goroutine, which alone calls
@@ -616,9 +605,10 @@ func isMaxBytesReader(body io.ReadCloser) bool {
 var maxBytesReaderType = reflect.TypeOf(http.MaxBytesReader(nil, http.NoBody, 0))
 
 // startBody starts sending r's body on stream s. rc is r's
-// ResponseController, used to interrupt a blocked read of the body.
-func startBody(c *child, s *stream, r *http.Request, rc *http.ResponseController) *bodySender {
-	b := &bodySender{c: c, s: s, r: r, rc: rc, stop: make(chan struct{}), done: make(chan struct{})}
+// ResponseController, used to interrupt a blocked read of the body;
+// stalled, if not nil, is called when it cannot (see halt).
+func startBody(c *child, s *stream, r *http.Request, rc *http.ResponseController, stalled func()) *bodySender {
+	b := &bodySender{c: c, s: s, r: r, rc: rc, stalled: stalled, stop: make(chan struct{}), done: make(chan struct{})}
 	b.guard = r.ProtoMajor == 1 && isMaxBytesReader(r.Body)
 	go b.pumpRequestBody()
 	return b

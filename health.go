@@ -75,14 +75,20 @@ func (h *Handle) checkMemory(c *child) bool {
 	h.mu.Unlock()
 	switch {
 	case h.opts.MemoryMax > 0 && m > h.opts.MemoryMax:
-		err := &killedError{fmt.Sprintf("as its resident memory, %s, passed Options.MemoryMax, %s", inMiB(m), inMiB(h.opts.MemoryMax)), "memory"}
-		h.logf("child pid %d (incarnation %d) is killed %s", c.proc.Pid(), c.incarnation, err.reason)
-		c.condemn(err)
+		c.condemn(h.killedForMemory(c, m, "as its resident memory"))
 		return false
 	case high:
 		h.logf("child pid %d (incarnation %d) is replaced: its resident memory, %s, passed Options.MemoryHigh, %s", c.proc.Pid(), c.incarnation, inMiB(m), inMiB(h.opts.MemoryHigh))
 	}
 	return true
+}
+
+// killedForMemory logs that c is killed as what (its memory, as measured)
+// came to m, past Options.MemoryMax, and returns the error that says so.
+func (h *Handle) killedForMemory(c *child, m int64, what string) *killedError {
+	err := &killedError{fmt.Sprintf("%s, %s, passed Options.MemoryMax, %s", what, inMiB(m), inMiB(h.opts.MemoryMax)), "memory"}
+	h.logf("child pid %d (incarnation %d) is killed %s", c.proc.Pid(), c.incarnation, err.reason)
+	return err
 }
 
 // inMiB formats a number of bytes in MiB.

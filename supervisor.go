@@ -49,6 +49,14 @@ func (a replaceAsk) started(err error) {
 	}
 }
 
+// finished reports the replacement's outcome to whoever asked, if anyone
+// did.
+func (a replaceAsk) finished(err error) {
+	if a.done != nil {
+		a.done <- err
+	}
+}
+
 // Restart backoff: see Options.MaxRestartDelay.
 const minRestartDelay = 100 * time.Millisecond
 
@@ -81,19 +89,16 @@ func (s *supervisor) run(c *child) {
 		}
 		failures++
 		var early <-chan startResult
-		if c.retired {
-			// Retired already, as it died while its replacement
-			// started, which failed (see replace).
-		} else if h := s.h; h.restartDelay(failures) == 0 {
-			// The restart need not wait for the dead child's
-			// teardown. The kill comes first, so that the child is
-			// dead, as its exit word may only claim, and so is its
-			// process group, whose processes may hold what the next
-			// child needs (a port, a lock).
-			c.proc.Kill()
-			early = s.startEarly()
-		}
-		if !c.retired {
+		if !c.retired { // else it died while its replacement started, which failed (see replace)
+			if s.h.restartDelay(failures) == 0 {
+				// The restart need not wait for the dead child's
+				// teardown. The kill comes first, so that the child
+				// is dead, as its exit word may only claim, and so is
+				// its process group, whose processes may hold what
+				// the next child needs (a port, a lock).
+				c.proc.Kill()
+				early = s.startEarly()
+			}
 			s.retire(c)
 		}
 		_, why := c.endReason()
@@ -258,9 +263,7 @@ func (s *supervisor) replace(old *child, ask replaceAsk) (nc *child, oldGone boo
 			h.post(Event{Kind: ChildExited, Slot: s.slot, Reason: reason, Err: err, Output: se.Output})
 		}
 		ask.started(err)
-		if ask.done != nil {
-			ask.done <- err
-		}
+		ask.finished(err)
 		return nil, oldGone, err
 	}
 	h.postStarted(nc, ask.reason)
@@ -270,18 +273,14 @@ func (s *supervisor) replace(old *child, ask replaceAsk) (nc *child, oldGone boo
 		h.mu.Lock()
 		h.restarts++
 		h.mu.Unlock()
-		if ask.done != nil {
-			ask.done <- nil
-		}
+		ask.finished(nil)
 		return nc, true, nil
 	}
 	h.drains.Add(1)
 	go func() {
 		defer h.drains.Done()
 		h.drain(old, ask.reason, h.opts.ShutdownTimeout)
-		if ask.done != nil {
-			ask.done <- nil
-		}
+		ask.finished(nil)
 	}()
 	return nc, false, nil
 }
@@ -381,7 +380,7 @@ func (s *supervisor) pause(d time.Duration) bool {
 			return false
 		case ask := <-s.asks:
 			ask.started(nil) // no child to replace: the next is new anyway
-			ask.done <- nil
+			ask.finished(nil)
 		}
 	}
 }
@@ -614,8 +613,7 @@ wait:
 			if m <= h.opts.MemoryMax {
 				continue
 			}
-			err = &killedError{fmt.Sprintf("before it was ready, as the memory it allocated, %s resident, passed Options.MemoryMax, %s", inMiB(m), inMiB(h.opts.MemoryMax)), "memory"}
-			h.logf("child pid %d (incarnation %d) is killed %s", proc.Pid(), incarnation, err.(*killedError).reason)
+			err = h.killedForMemory(c, m, "before it was ready, as the memory it allocated")
 		}
 		break wait
 	}
