@@ -47,6 +47,17 @@ func hideWriter(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { h.ServeHTTP(hidden{w}, r) })
 }
 
+// dialRaw opens a connection to srv, closed when the test ends, on which
+// the test writes requests by hand; reads and writes fail after 20 s.
+func dialRaw(t *testing.T, srv *httptest.Server) net.Conn {
+	t.Helper()
+	conn, err := net.Dial("tcp", srv.Listener.Addr().String())
+	require.NoError(t, err)
+	t.Cleanup(func() { conn.Close() })
+	conn.SetDeadline(time.Now().Add(20 * time.Second))
+	return conn
+}
+
 // readResponse reads a response from br and returns its status and body.
 func readResponse(t *testing.T, br *bufio.Reader) (*http.Response, string) {
 	t.Helper()
@@ -78,10 +89,7 @@ func TestEarlyAnswerNextRequest(t *testing.T) {
 	} {
 		srv := httptest.NewServer(tc.h)
 		defer srv.Close()
-		conn, err := net.Dial("tcp", srv.Listener.Addr().String())
-		require.NoError(t, err)
-		defer conn.Close()
-		conn.SetDeadline(time.Now().Add(20 * time.Second))
+		conn := dialRaw(t, srv)
 		io.WriteString(conn, "POST /read1000 HTTP/1.1\r\nHost: x\r\nContent-Length: 2000\r\n\r\n")
 		conn.Write(bytes.Repeat([]byte("b"), 1000))
 		tc.answered()
@@ -90,10 +98,7 @@ func TestEarlyAnswerNextRequest(t *testing.T) {
 		res, got := readResponse(t, br)
 		assert.Equal(t, "200 OK read 1000 <nil>\n", got, tc.name)
 		if res.Close {
-			conn, err = net.Dial("tcp", srv.Listener.Addr().String())
-			require.NoError(t, err)
-			defer conn.Close()
-			conn.SetDeadline(time.Now().Add(20 * time.Second))
+			conn = dialRaw(t, srv)
 			br = bufio.NewReader(conn)
 		}
 		io.WriteString(conn, "GET /ignore HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -135,10 +140,7 @@ func TestEarlyAnswerBehindWrapper(t *testing.T) {
 		hideWriter(h).ServeHTTP(w, r)
 		readingAtReturn <- body.active.Load()
 	}))
-	conn, err := net.Dial("tcp", srv.Listener.Addr().String())
-	require.NoError(t, err)
-	defer conn.Close()
-	conn.SetDeadline(time.Now().Add(20 * time.Second))
+	conn := dialRaw(t, srv)
 	io.WriteString(conn, "POST /read1000 HTTP/1.1\r\nHost: x\r\nContent-Length: 4000\r\n\r\n")
 	conn.Write(bytes.Repeat([]byte("b"), 1000))
 	awaitStats(t, h, 15*time.Second, "the request in flight", func(st Stats) bool { return st.InFlight == 1 })

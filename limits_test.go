@@ -125,6 +125,48 @@ func init() {
 	})
 }
 
+func init() {
+	// A ModuleFunc that takes a while (it loads something, say) and
+	// little memory.
+	Register("limits-slowinit", func(ctx context.Context, env *Env) (http.Handler, error) {
+		select {
+		case <-time.After(1500 * time.Millisecond):
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+		return http.NotFoundHandler(), nil
+	})
+}
+
+// MemoryMax while a child starts counts what it allocated, not the pages of
+// its binary that its package initialisation touched, which it drops once
+// ready: a child whose ModuleFunc outlives HealthInterval starts, and runs,
+// under a MemoryMax a little above what it uses running.
+func TestLimitsMemoryWhileStartingIgnoresBinaryPages(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("memory limits read /proc")
+	}
+	h, err := Start(context.Background(), "limits-slowinit", testOptions(t, Options{}))
+	require.NoError(t, err)
+	c := firstChild(h)
+	var running int64
+	deadline := time.Now().Add(3 * time.Second)
+	for time.Now().Before(deadline) { // the highest it reads, once its pages were dropped
+		time.Sleep(100 * time.Millisecond)
+		running = max(running, c.proc.Memory())
+	}
+	require.NoError(t, h.Close())
+	limit := running + 3<<20
+	t.Logf("running: %d KiB; MemoryMax: %d KiB", running>>10, limit>>10)
+	h, err = Start(context.Background(), "limits-slowinit", testOptions(t, Options{MemoryMax: limit, HealthInterval: 100 * time.Millisecond, StartTimeout: time.Minute}))
+	require.NoError(t, err, "a child that runs %d KiB under MemoryMax", (limit-running)>>10)
+	defer h.Close()
+	awaitStats(t, h, 10*time.Second, "a check of the running child", func(st Stats) bool {
+		return len(st.Children) == 1 && st.Children[0].Memory > 0
+	})
+	assert.Less(t, h.Stats().Children[0].Memory, limit)
+}
+
 // MemoryMax holds while a child starts: one whose ModuleFunc takes more is
 // killed at the next check, and Start fails saying so, instead of letting
 // it grow until StartTimeout.
