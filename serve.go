@@ -938,11 +938,16 @@ func (w *responseWriter) finish() {
 		w.writeHeaderLocked(http.StatusOK)
 	}
 	w.done = true
-	if errors.Is(w.err, os.ErrDeadlineExceeded) && !w.aborted {
-		// A write timed out (SetWriteDeadline): in-process, net/http
-		// would close the connection, with the response cut short. So
-		// does the parent, at the abort, instead of going on writing
-		// what it holds to a client that may read nothing.
+	if (w.err != nil || w.req.Context().Err() != nil) && !w.aborted {
+		// A write failed, or could fail: in-process, net/http would
+		// have closed the connection, with the response cut short, and
+		// the client would see it cut. So does the parent, at the
+		// abort. A write that timed out (SetWriteDeadline) ends here;
+		// so does a handler that returned at its context's end, which,
+		// when the parent waits for its answer, means that this child
+		// is ending (its reads from the parent failed): an end would
+		// make what it wrote look whole. The parent, which does not wait
+		// for a request it canceled, drops the abort.
 		w.dropBufLocked()
 		w.c.send(outFrame{kind: kindAbort, id: w.id}, nil)
 		return

@@ -38,6 +38,7 @@ type pipePair struct {
 	c    *child
 	srv  *server
 	kill func() // ends both pipes, as the child's death does
+	end  func() // cancels the server's context, as a child does when its reads from the parent fail
 }
 
 // newPipePair connects a parent-side child to a server running handler, over
@@ -93,7 +94,7 @@ func newPipePairFlow(t *testing.T, handler http.Handler, limit int64, now func()
 		c2pW.CloseWithError(io.ErrUnexpectedEOF)
 		p2cR.CloseWithError(io.ErrClosedPipe)
 	}
-	return &pipePair{c: c, srv: srv, kill: kill}
+	return &pipePair{c: c, srv: srv, kill: kill, end: cancel}
 }
 
 // waitFull waits until a queue, whose cost queued reports and whose changes
@@ -156,6 +157,51 @@ func openRequest(t *testing.T, c *child, r *http.Request) *stream {
 	s, err := c.open(r, newRequestHead(r))
 	require.NoError(t, err)
 	return s
+}
+
+// A handler that returns at its context's end, which the child cancels when
+// it ends without the parent having canceled the request, aborts its
+// response: an end would make the part it wrote look whole to the client.
+// So does a handler that returns after a write failed.
+func TestHandlerCutByChildEndAborts(t *testing.T) {
+	for _, write := range []bool{false, true} {
+		t.Run(fmt.Sprintf("write after the end %v", write), func(t *testing.T) {
+			wrote := make(chan struct{})
+			werr := make(chan error, 1)
+			pp := newPipePair(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				io.WriteString(w, "part")
+				w.(http.Flusher).Flush()
+				close(wrote)
+				<-r.Context().Done()
+				if write {
+					_, err := io.WriteString(w, "rest")
+					werr <- err
+				}
+			}))
+			s := openRequest(t, pp.c, httptest.NewRequest("GET", "/", nil))
+			<-wrote
+			pp.end()
+			var kinds []uint8
+			var body []byte
+			for {
+				ev, err := s.next(nil)
+				require.NoError(t, err)
+				kinds = append(kinds, ev.kind)
+				if ev.kind == kindData {
+					body = append(body, ev.data()...)
+				}
+				ev.release()
+				if ev.kind == kindEnd || ev.kind == kindAbort {
+					break
+				}
+			}
+			require.Equal(t, []uint8{kindResponse, kindData, kindAbort}, kinds, "what the parent got")
+			require.Equal(t, "part", string(body))
+			if write {
+				require.Error(t, <-werr, "a write after the context's end")
+			}
+		})
+	}
 }
 
 // A response nobody reads stalls its handler after its initial window of
