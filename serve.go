@@ -875,7 +875,15 @@ func (w *responseWriter) sendBodyLocked(flags uint8, end *outFrame) error {
 		fs = fs[:0]
 	}
 	if end != nil {
-		fs = append(fs, *end) // the end goes out even after a failure, to release the stream
+		// The end goes out even after a failure, to release the stream;
+		// after a failure, as an abort: the bytes dropped would
+		// otherwise be missing from a response that looks whole.
+		if w.err != nil {
+			w.aborted = true
+			fs = append(fs, outFrame{kind: kindAbort, id: w.id})
+		} else {
+			fs = append(fs, *end)
+		}
 	}
 	if len(fs) == 0 {
 		return w.err

@@ -204,6 +204,33 @@ func TestHandlerCutByChildEndAborts(t *testing.T) {
 	}
 }
 
+// A handler that returns with its last chunk waiting for credit, which
+// the parent does not return, and a write deadline that passes during
+// that wait, aborts its response: the end would make it look whole
+// without that chunk. In-process, net/http would cut the connection.
+func TestFinishCutByWriteDeadlineAborts(t *testing.T) {
+	pp := newPipePair(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		http.NewResponseController(w).SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
+		w.Write(make([]byte, chunkSize)) // buffered
+		w.Write(make([]byte, chunkSize)) // sends the first, which takes the initial window
+	}))
+	s := openRequest(t, pp.c, httptest.NewRequest("GET", "/", nil))
+	var kinds []uint8
+	n := 0
+	for {
+		ev, err := s.next(nil) // no credit goes back
+		require.NoError(t, err)
+		kinds = append(kinds, ev.kind)
+		n += ev.n
+		ev.release()
+		if ev.kind == kindEnd || ev.kind == kindAbort {
+			break
+		}
+	}
+	require.Equal(t, []uint8{kindResponse, kindData, kindAbort}, kinds, "what the parent got")
+	require.Equal(t, chunkSize, n, "body bytes")
+}
+
 // A response nobody reads stalls its handler after its initial window of
 // bytes (its window never grows), and other requests on the same pipe go on.
 func TestResponseFlowControlBoundsBuffering(t *testing.T) {
