@@ -41,6 +41,14 @@ func init() {
 			_, err := io.WriteString(w, "body")
 			containLastError <- fmt.Sprint(err)
 		})
+		// /big-head-read answers with a head too large for a frame, then
+		// reads its body; /last-error then says how the read ended.
+		mux.HandleFunc("/big-head-read", func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("X-Big", containBig)
+			w.(http.Flusher).Flush()
+			_, err := io.Copy(io.Discard, r.Body)
+			containLastError <- fmt.Sprint(err)
+		})
 		mux.HandleFunc("/big-trailer", func(w http.ResponseWriter, r *http.Request) {
 			w.Header().Set("Trailer", "X-Big")
 			io.WriteString(w, "partial")
@@ -136,7 +144,19 @@ func TestContainOversizedResponseHead(t *testing.T) {
 	_, lastErr := fetch(t, srv.URL+"/last-error")
 	assert.Contains(t, lastErr, "exceeds", "the handler's write should have failed")
 
-	res, err := http.Get(srv.URL + "/big-trailer")
+	// The handler runs on after the 502: its body, which the client
+	// never ends, fails, as for a client gone, instead of waiting for
+	// ever.
+	pr, pw := io.Pipe()
+	defer pw.Close()
+	res, err := http.Post(srv.URL+"/big-head-read", "text/plain", pr)
+	require.NoError(t, err)
+	res.Body.Close()
+	assert.Equal(t, http.StatusBadGateway, res.StatusCode)
+	_, lastErr = fetch(t, srv.URL+"/last-error")
+	assert.Equal(t, errClientGone.Error(), lastErr, "the handler's read of its body")
+
+	res, err = http.Get(srv.URL + "/big-trailer")
 	require.NoError(t, err)
 	b, err := io.ReadAll(res.Body)
 	res.Body.Close()

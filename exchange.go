@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"reflect"
@@ -84,6 +85,7 @@ type exchange struct {
 	hasDeadline bool
 
 	declared    map[string]bool // trailers announced in the response head
+	header      http.Header     // w's header before the first 1xx head, if one came (see replyError)
 	started     bool            // the final response head was written to w
 	bodyWritten bool            // body bytes were written to w
 	cutShort    bool            // a write to w failed after the stream was cut (see stream.cutWrites)
@@ -323,20 +325,32 @@ func (x *exchange) canceled() {
 		h.count(&h.stats.Aborted)
 		panic(http.ErrAbortHandler)
 	}
-	if !x.started {
-		// Usually nobody reads this. But if the context ended with the
-		// client still there, it must not see an empty 200 that looks
-		// like the module's answer.
-		x.replyError(http.StatusServiceUnavailable, ": request canceled: %v", context.Cause(x.ctx))
+	if x.started {
+		// Usually nobody reads this either. But the context may end
+		// with the client still there (net/http cancels it when an
+		// HTTP/1 client half-closes its connection; a middleware may
+		// cancel it): it must see the response cut, not end as if
+		// whole. Not counted as Aborted: the module did nothing wrong.
+		panic(http.ErrAbortHandler)
 	}
+	// The same: not an empty 200 that looks like the module's answer.
+	x.replyError(http.StatusServiceUnavailable, ": request canceled: %v", context.Cause(x.ctx))
 }
 
 // replyError answers the request, whose response has not started, with
 // code and a text that names the module, "subproc: module %q", followed
 // by format. It halts the body pump first: an http.MaxBytesReader's read
 // could otherwise write w's header meanwhile (see bodySender.guard).
+// After a 1xx head, w's header is first what it was before that head:
+// the module's fields (a Set-Cookie, a Cache-Control) are not the
+// parent's answer's.
 func (x *exchange) replyError(code int, format string, args ...any) {
 	x.body.halt()
+	if x.header != nil {
+		dst := x.w.Header()
+		clear(dst)
+		maps.Copy(dst, x.header)
+	}
 	http.Error(x.w, fmt.Sprintf("subproc: module %q", x.h.name)+fmt.Sprintf(format, args...), code)
 }
 
@@ -367,6 +381,9 @@ func (x *exchange) failed(err error) (retry bool) {
 // It reports whether the head was the final one.
 func (x *exchange) writeHead(ev event) (final bool) {
 	w := x.w
+	if ev.head.Status >= 200 && !ev.head.FullDuplex && x.r.ProtoMajor == 1 && !x.r.Close {
+		x.body.beforeHead()
+	}
 	defer x.lockHeader()()
 	if ev.head.FullDuplex {
 		// Else net/http, at the first write of an HTTP/1 response,
@@ -384,6 +401,9 @@ func (x *exchange) writeHead(ev event) (final bool) {
 	announced := ev.head.Header["Trailer"] // hop-by-hop, but announces the trailers
 	removeHopByHop(ev.head.Header)
 	dst := w.Header()
+	if ev.head.Status < 200 && x.header == nil {
+		x.header = dst.Clone() // for replyError
+	}
 	adoptHeader(dst, ev.head.Header) // decoded for this response alone
 	if ev.head.Status < 200 && ev.head.Status != http.StatusSwitchingProtocols {
 		// net/http writes a 1xx head to the client at once, and waits
@@ -552,6 +572,12 @@ func (x *exchange) freePlace() {
 // large to send and nothing was written, else an aborted response.
 func (x *exchange) abort(ev event) {
 	h := x.h
+	if ev.flags&flagTooLarge != 0 {
+		// The handler runs on, its writes failing: its context ends
+		// and its body fails, as for a client gone, so that it does
+		// not wait for ever for a body the parent no longer sends.
+		x.c.send(outFrame{kind: kindCancel, id: x.s.id}, nil)
+	}
 	if ev.flags&flagTooLarge != 0 && !x.started {
 		h.count(&h.stats.BadGateway)
 		x.replyError(http.StatusBadGateway, ": its response's head exceeds the %d bytes a message from the module can carry", maxHeadSize)
@@ -568,9 +594,11 @@ type bodySender struct {
 	s    *stream
 	r    *http.Request
 	rc   *http.ResponseController // r's
-	stop chan struct{}            // closed by halt
+	stop chan struct{}            // closed by halt or close
 	done chan struct{}            // closed when pumpRequestBody returns
-	once sync.Once
+	once sync.Once                // halt's
+	// stopOnce closes stop.
+	stopOnce sync.Once
 
 	// reading is set while pumpRequestBody reads r.Body. It checks stop
 	// after setting it, so that halt, having closed stop, finds it clear
@@ -594,6 +622,9 @@ type bodySender struct {
 	// fullDuplex is set, by the exchange's goroutine, which alone calls
 	// halt, once the response is full duplex (see halt).
 	fullDuplex bool
+
+	closing atomic.Bool  // set by close
+	read    atomic.Int64 // bytes of r.Body read so far
 }
 
 // isMaxBytesReader reports whether body is an http.MaxBytesReader, whose
@@ -642,7 +673,7 @@ func (b *bodySender) halt() {
 		return
 	}
 	b.once.Do(func() {
-		close(b.stop)
+		b.stopOnce.Do(func() { close(b.stop) })
 		if !b.reading.Load() {
 			<-b.done
 			return
@@ -663,13 +694,59 @@ func (b *bodySender) halt() {
 	})
 }
 
+// beforeHead is called before the final head of an HTTP/1 response that is
+// not full duplex goes to w. net/http, as it writes that head, reads what
+// is left of the request body, up to 256 KiB, to discard it, as it would
+// for the handler in-process; the pump must not read then, or the two reads
+// share the body's bytes, and the module's body misses some and yet ends
+// as if whole. So, unless the body is all sent, the pump ends first, as
+// net/http's discard ends the body in-process: the module's later reads
+// fail with http.ErrBodyReadAfterClose. But net/http leaves to the handler
+// a body of known length of which 256 KiB or more is left: then it leaves
+// it to the pump too, as the response is made full duplex.
+func (b *bodySender) beforeHead() {
+	if b == nil {
+		return
+	}
+	select {
+	case <-b.done:
+		return // nothing reads r.Body any more
+	default:
+	}
+	if cl := b.r.ContentLength; cl > 0 && cl-b.read.Load() >= maxPostHandlerReadBytes && b.rc.EnableFullDuplex() == nil {
+		b.fullDuplex = true
+		return
+	}
+	b.close()
+}
+
+// maxPostHandlerReadBytes is net/http's: the most of a request body that
+// it discards as it writes the response's head.
+const maxPostHandlerReadBytes = 256 << 10
+
+// close stops the sender without waiting for it: a read under way goes
+// on, for net/http's discard may need what it reads (and an interrupted
+// read would cancel the request's context), but what it reads is dropped,
+// and the pump then ends the module's body, if it had not, with
+// http.ErrBodyReadAfterClose (see beforeHead). halt still waits for it.
+func (b *bodySender) close() {
+	b.closing.Store(true)
+	b.stopOnce.Do(func() { close(b.stop) })
+}
+
 // pumpRequestBody reads r's body and sends it to the child in data frames,
 // each within the credit the child granted, then its end (with trailers,
 // or saying how reading failed). It returns when the body is sent, the
 // sender is halted, or the child is gone.
 func (b *bodySender) pumpRequestBody() {
-	defer close(b.done)
 	c, s, r := b.c, b.s, b.r
+	ended := false // the body's end is sent
+	defer func() {
+		if !ended && b.closing.Load() {
+			c.send(outFrame{kind: kindEnd, flags: flagBodyError, id: s.id, data: []byte{bodyErrClosed}}, nil)
+		}
+		close(b.done)
+	}()
 	var sent int64 // body bytes read so far
 	peeked := false
 	for {
@@ -718,6 +795,7 @@ func (b *bodySender) pumpRequestBody() {
 			b.hdrMu.Unlock()
 		}
 		sent += int64(m)
+		b.read.Store(sent)
 		b.reading.Store(false)
 		select {
 		case <-b.stop:
@@ -768,6 +846,7 @@ func (b *bodySender) pumpRequestBody() {
 		}
 		switch {
 		case rerr == io.EOF:
+			ended = true
 			return
 		case rerr != nil:
 			select {
@@ -778,7 +857,7 @@ func (b *bodySender) pumpRequestBody() {
 				// the *http.MaxBytesError of a MaxBytesReader in front of
 				// the Handle, or saying that the client went away.
 				var p [maxBodyErrorLen]byte
-				c.send(outFrame{kind: kindEnd, flags: flagBodyError, id: s.id, data: appendBodyError(p[:0], rerr, r.Context().Err())}, b.stop)
+				ended = c.send(outFrame{kind: kindEnd, flags: flagBodyError, id: s.id, data: appendBodyError(p[:0], rerr, r.Context().Err())}, b.stop) == nil
 			}
 			return
 		}

@@ -139,6 +139,13 @@ func failModule(ctx context.Context, env *Env) (http.Handler, error) {
 	mux.HandleFunc("/exit", func(w http.ResponseWriter, r *http.Request) {
 		os.Exit(3)
 	})
+	// /hints-exit sends a 103 with header fields of its own, then dies.
+	mux.HandleFunc("/hints-exit", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Link", "</style.css>; rel=preload")
+		w.Header().Set("Cache-Control", "public, max-age=86400")
+		w.WriteHeader(http.StatusEarlyHints)
+		os.Exit(3)
+	})
 	// /block answers nothing until the request is canceled.
 	mux.HandleFunc("/block", func(w http.ResponseWriter, r *http.Request) {
 		touch("block")
@@ -293,6 +300,64 @@ func TestFailCrashNoticedAtOnce(t *testing.T) {
 	assert.Equal(t, fmt.Sprintf("inc=1 pid=%d", st.Pid), body, "GET /inc answered %q, not by the new child pid %d", body, st.Pid)
 	assert.Contains(t, st.LastExit, "exit status 3", "Stats().LastExit = %q, want it to mention exit status 3", st.LastExit)
 	assertReaped(t, pid0)
+}
+
+// The parent's 502 for a child that died after a 1xx head carries the
+// header the request came with, not the fields the module set for its 1xx
+// head: a Cache-Control on a gateway error would let a cache keep it.
+func TestFailAfterInformationalHead(t *testing.T) {
+	h := startModule(t, "fail-mod", failOpts(t, failConfig{}, Options{HealthInterval: time.Hour}))
+	srv := serve(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("X-Middleware", "yes")
+		h.ServeHTTP(w, r)
+	}))
+	res, body, err := fetchErr(srv.URL+"/hints-exit", 30*time.Second)
+	require.NoError(t, err)
+	assert.Equal(t, http.StatusBadGateway, res.StatusCode, "body %q", body)
+	assert.Equal(t, "yes", res.Header.Get("X-Middleware"))
+	assert.Empty(t, res.Header.Get("Cache-Control"))
+	assert.Empty(t, res.Header.Get("Link"))
+}
+
+// cancelOnWrite is a ResponseWriter that cancels the request's context
+// after the first write to it.
+type cancelOnWrite struct {
+	http.ResponseWriter
+	cancel context.CancelFunc
+}
+
+func (w cancelOnWrite) Write(p []byte) (int, error) {
+	defer w.cancel()
+	return w.ResponseWriter.Write(p)
+}
+
+func (w cancelOnWrite) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+// A response whose request's context ends after it started (a middleware
+// cancels it, or net/http does when an HTTP/1 client half-closes its
+// connection) is cut: the client, which may still be reading, sees it
+// fail, not end as if whole.
+func TestFailCanceledAfterStart(t *testing.T) {
+	h := startModule(t, "fail-mod", failOpts(t, failConfig{}, Options{HealthInterval: time.Hour}))
+	mw := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := context.WithCancel(r.Context())
+		defer cancel()
+		h.ServeHTTP(cancelOnWrite{w, cancel}, r.WithContext(ctx))
+	})
+	for _, http2 := range []bool{false, true} {
+		t.Run(fmt.Sprintf("HTTP/2 %v", http2), func(t *testing.T) {
+			srv := httptest.NewUnstartedServer(mw)
+			srv.EnableHTTP2 = http2
+			srv.StartTLS()
+			t.Cleanup(srv.Close)
+			res, err := srv.Client().Get(srv.URL + "/stream")
+			require.NoError(t, err)
+			defer res.Body.Close()
+			got, err := io.ReadAll(res.Body)
+			assert.Error(t, err, "the response read %q and ended", got)
+			assert.Equal(t, "partial\n", string(got))
+		})
+	}
 }
 
 func TestFailSIGKILLDuringRequest(t *testing.T) {

@@ -298,12 +298,16 @@ func (l *logSink) String() string {
 
 // await waits until the sink contains s, and reports whether it did within
 // timeout.
-func (l *logSink) await(s string, timeout time.Duration) bool {
+func (l *logSink) await(s string, timeout time.Duration) bool { return l.awaitN(s, 1, timeout) }
+
+// awaitN waits until the sink contains s n times, and reports whether it
+// did within timeout.
+func (l *logSink) awaitN(s string, n int, timeout time.Duration) bool {
 	timer := time.NewTimer(timeout)
 	defer timer.Stop()
 	for {
 		l.mu.Lock()
-		if strings.Contains(l.buf.String(), s) {
+		if strings.Count(l.buf.String(), s) >= n {
 			l.mu.Unlock()
 			return true
 		}
@@ -315,7 +319,7 @@ func (l *logSink) await(s string, timeout time.Duration) bool {
 		select {
 		case <-wrote:
 		case <-timer.C:
-			return strings.Contains(l.String(), s)
+			return strings.Count(l.String(), s) >= n
 		}
 	}
 }

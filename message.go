@@ -19,7 +19,7 @@ import (
 
 // protocolVersion is written in the preamble of both directions. Bump it
 // whenever a message or a frame kind changes meaning.
-const protocolVersion = 10
+const protocolVersion = 11
 
 // Frame kinds. PROTOCOL.md says which side may send which kind in each
 // state of a stream. Every frame carries a request id; kinds marked "id 0" are not
@@ -213,6 +213,7 @@ const (
 	bodyErrOther    = iota // anything else: the handler's read fails with io.ErrUnexpectedEOF
 	bodyErrTooLarge        // a *http.MaxBytesError: the handler's read fails with one, of the same Limit
 	bodyErrGone            // the client went away: the handler's read fails with errClientGone
+	bodyErrClosed          // net/http took the rest (see exchange.writeHead): the handler's read fails with http.ErrBodyReadAfterClose
 )
 
 // maxBodyErrorLen bounds the payload of a kindEnd with flagBodyError.
@@ -244,6 +245,8 @@ func parseBodyError(p []byte) (err error, ok bool) {
 		return io.ErrUnexpectedEOF, len(p) == 1
 	case bodyErrGone:
 		return errClientGone, len(p) == 1
+	case bodyErrClosed:
+		return http.ErrBodyReadAfterClose, len(p) == 1
 	case bodyErrTooLarge:
 		limit, n := binary.Uvarint(p[1:])
 		if n <= 0 || 1+n != len(p) || limit > math.MaxInt64 {

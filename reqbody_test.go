@@ -11,6 +11,9 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -19,12 +22,14 @@ import (
 )
 
 func init() {
-	Register("reqbody", func(ctx context.Context, env *Env) (http.Handler, error) { return reqbodyMux(), nil })
+	Register("reqbody", func(ctx context.Context, env *Env) (http.Handler, error) {
+		return reqbodyMux(func() { fmt.Fprintln(os.Stderr, "flushing") }), nil
+	})
 }
 
 // reqbodyMux is the module of this file, served both in a child and
-// in-process.
-func reqbodyMux() http.Handler {
+// in-process. /late calls flushing before it flushes.
+func reqbodyMux(flushing func()) http.Handler {
 	mux := http.NewServeMux()
 	// Reads the whole body and says how long it was, and what
 	// r.ContentLength said.
@@ -40,6 +45,21 @@ func reqbodyMux() http.Handler {
 		declared := len(r.Trailer)
 		io.Copy(io.Discard, r.Body)
 		fmt.Fprintf(w, "declared %d, X-T=%q\n", declared, r.Trailer.Get("X-T"))
+	})
+	// Reads 1 KiB of a trPattern body, answers and flushes, then reads
+	// the rest, as HTTP/1 handlers should not (see ResponseWriter's
+	// doc): the trailers say what it got.
+	mux.HandleFunc("/late", func(w http.ResponseWriter, r *http.Request) {
+		first := make([]byte, 1024)
+		io.ReadFull(r.Body, first)
+		w.Header().Set("Trailer", "X-Read, X-Got")
+		io.WriteString(w, "ok")
+		flushing()
+		w.(http.Flusher).Flush()
+		rest, err := io.ReadAll(r.Body)
+		w.Header().Set("X-Read", strconv.Itoa(len(rest)))
+		whole := bytes.Equal(append(first, rest...), trPattern(len(first)+len(rest)))
+		w.Header().Set("X-Got", fmt.Sprintf("%v, bytes the client's %v", err, whole))
 	})
 	return mux
 }
@@ -61,6 +81,66 @@ func gunzipBody(h http.Handler) http.Handler {
 	})
 }
 
+// A handler of an HTTP/1 request that answers, and flushes, after 1 KiB of
+// its body, then reads the rest, which the client sends only then: as
+// in-process, net/http leaves a body of which 256 KiB or more is left to
+// the handler, which reads it whole; it discards a shorter one as it writes
+// the head, and the handler's later read fails. (The parent's pump, had it
+// read on, would have shared the body's bytes with that discard, and the
+// module would have read a body with a gap that ended as if whole.)
+func TestRequestBodyReadAfterAnswer(t *testing.T) {
+	sink := newLogSink()
+	h := startModule(t, "reqbody", Options{Stderr: sink})
+	for _, tc := range []struct {
+		name string
+		n    int
+		want string
+	}{
+		{"1 MiB", 1 << 20, "<nil>, bytes the client's true"},
+		{"100 KiB", 100 << 10, http.ErrBodyReadAfterClose.Error() + ", bytes the client's true"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			flushing := make(chan struct{})
+			for _, tg := range []struct {
+				name     string
+				h        http.Handler
+				flushing func() bool // reports, within 10 s, that /late flushes
+			}{
+				{"in-process", reqbodyMux(func() { close(flushing) }), func() bool {
+					select {
+					case <-flushing:
+						return true
+					case <-time.After(10 * time.Second):
+						return false
+					}
+				}},
+				{"subproc", h, func() bool {
+					return sink.awaitN("flushing", strings.Count(sink.String(), "flushing")+1, 10*time.Second)
+				}},
+			} {
+				t.Run(tg.name, func(t *testing.T) {
+					body := trPattern(tc.n)
+					conn := dialRaw(t, serve(t, tg.h))
+					fmt.Fprintf(conn, "POST /late HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n", tc.n)
+					conn.Write(body[:1024])
+					require.True(t, tg.flushing(), "the handler did not answer")
+					_, err := conn.Write(body[1024:])
+					require.NoError(t, err)
+					res, err := http.ReadResponse(bufio.NewReader(conn), nil)
+					require.NoError(t, err)
+					got, err := io.ReadAll(res.Body)
+					require.NoError(t, err)
+					require.Equal(t, "ok", string(got))
+					assert.Equal(t, tc.want, res.Trailer.Get("X-Got"))
+					if tc.n >= maxPostHandlerReadBytes {
+						assert.Equal(t, strconv.Itoa(tc.n-1024), res.Trailer.Get("X-Read"))
+					}
+				})
+			}
+		})
+	}
+}
+
 // A body longer than r.ContentLength reaches the module whole, as the
 // handler in-process reads it: the parent had sent only r.ContentLength
 // bytes of it (rounded up to a buffer), and then its end.
@@ -73,7 +153,7 @@ func TestRequestBodyLongerThanContentLength(t *testing.T) {
 	for _, tg := range []struct {
 		name string
 		h    http.Handler
-	}{{"in-process", reqbodyMux()}, {"subproc", h}} {
+	}{{"in-process", reqbodyMux(func() {})}, {"subproc", h}} {
 		srv := serve(t, gunzipBody(tg.h))
 		req, err := http.NewRequest("POST", srv.URL, bytes.NewReader(z.Bytes()))
 		require.NoError(t, err)
