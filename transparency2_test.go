@@ -284,12 +284,13 @@ func TestBodyErrorPayload(t *testing.T) {
 		nil,
 		{bodyErrOther, 0},
 		{bodyErrGone, 0},
+		{bodyErrClosed, 0},
 		{bodyErrTooLarge},
 		{bodyErrTooLarge, 0x80},
 		{bodyErrTooLarge, 1, 0},
 		{bodyErrTooLarge, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01}, // 1<<64-1
 		{bodyErrTooLarge, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01},
-		{3},
+		{4},
 		{0xff},
 	} {
 		if err, ok := parseBodyError(p); ok {
@@ -329,6 +330,7 @@ func TestServerBodyError(t *testing.T) {
 		}},
 		{"gone", []byte{bodyErrGone}, func(err error) bool { return err == errClientGone }},
 		{"other", []byte{bodyErrOther}, func(err error) bool { return err == io.ErrUnexpectedEOF }},
+		{"closed", []byte{bodyErrClosed}, func(err error) bool { return err == http.ErrBodyReadAfterClose }},
 		{"empty", nil, nil},
 		{"unknown kind", []byte{42}, nil},
 		{"too long", make([]byte, maxBodyErrorLen+1), nil},
