@@ -216,9 +216,10 @@ func (x *exchange) tunnel() {
 	x.s.armCut(nil, conn)
 	stop := make(chan struct{}) // closed when the tunnel ends
 	up := make(chan struct{})   // closed when pumpClient returns
+	gone := make(chan struct{}) // closed by pumpClient if the client's connection failed
 	go func() {
 		defer close(up)
-		x.pumpClient(conn, brw.Reader, stop)
+		x.pumpClient(conn, brw.Reader, stop, gone)
 	}()
 	defer func() {
 		close(stop)
@@ -226,9 +227,11 @@ func (x *exchange) tunnel() {
 		<-up
 	}()
 	for {
-		ev, err := x.s.next(nil)
+		ev, err := x.s.next(gone)
 		if err != nil {
-			// The child died: its connections end with it.
+			// The child died: its connections end with it. Or the
+			// client's connection failed: the stream is abandoned, and
+			// the child's abort, which it drops, would never come.
 			x.s.abandon()
 			return
 		}
@@ -265,8 +268,8 @@ func (x *exchange) endTunnel() {
 // pumpClient copies what the client sends on its hijacked connection
 // (first what net/http had read ahead into br) to the child, within the
 // credit the child grants, then the end of it: kindEnd at EOF, kindCancel
-// if the read fails before stop is closed.
-func (x *exchange) pumpClient(conn net.Conn, br *bufio.Reader, stop <-chan struct{}) {
+// if the read fails before stop is closed, and then it closes gone.
+func (x *exchange) pumpClient(conn net.Conn, br *bufio.Reader, stop <-chan struct{}, gone chan<- struct{}) {
 	var src io.Reader = conn
 	if n := br.Buffered(); n > 0 {
 		src = io.MultiReader(io.LimitReader(br, int64(n)), conn)
@@ -299,6 +302,7 @@ func (x *exchange) pumpClient(conn net.Conn, br *bufio.Reader, stop <-chan struc
 			case <-stop: // the tunnel ended here
 			default:
 				x.endTunnel()
+				close(gone)
 			}
 			return
 		}

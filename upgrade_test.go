@@ -293,6 +293,27 @@ func TestUpgradeClientVanishes(t *testing.T) {
 	})
 }
 
+// TestUpgradeClientResets: a client that resets its idle upgraded
+// connection ends the tunnel, which gives back its MaxInFlight place.
+// (The parent, having given the stream up, dropped the child's abort that
+// it waited for: the tunnel held its place, a goroutine and a socket until
+// the child died.)
+func TestUpgradeClientResets(t *testing.T) {
+	h := startModule(t, "upg", Options{MaxInFlight: 1})
+	srv := httptest.NewServer(h)
+	defer srv.Close()
+	for i := range 3 {
+		conn, br, resp := upgDial(t, srv, "/echo")
+		require.Equal(t, http.StatusSwitchingProtocols, resp.StatusCode, "upgrade %d", i)
+		io.WriteString(conn, "ping")
+		_, err := io.ReadFull(br, make([]byte, 4))
+		require.NoError(t, err, "echo %d", i)
+		conn.(*net.TCPConn).SetLinger(0) // the close resets the connection
+		conn.Close()
+		waitFor(t, 20*time.Second, "the tunnel to end", func() bool { return h.Stats().InFlight == 0 })
+	}
+}
+
 // TestUpgradeDeadline: a hijacked conn's read deadline makes Read fail
 // with os.ErrDeadlineExceeded.
 func TestUpgradeDeadline(t *testing.T) {
