@@ -303,6 +303,40 @@ func garbageChild(input []byte) (*child, *stream, *stream) {
 // than a window of a stream, and never gives request 2 anything but what
 // the child sent for it. (message_test.go's TestReadLoopRejectsBadInput
 // covers each malformed message on its own; FuzzReadFrames, random input.)
+// A storm of requests that time out as their handlers return, at the
+// deadline they share, leaves no request counted as given up with a
+// handler running on: such an entry would count as stuck for good, and
+// make StuckTimeout recycle a healthy child. (The child's end could
+// come in between the parent's lookup of the stream and its give-up.)
+func TestChaosDeadlineStorm(t *testing.T) {
+	h := startModule(t, "fail-mod", failOpts(t, failConfig{}, Options{RequestTimeout: 5 * time.Millisecond, HealthInterval: time.Hour}))
+	srv := serve(t, h)
+	var next atomic.Int64
+	n := chaosN[int64](500, 12000)
+	var wg sync.WaitGroup
+	for range 8 {
+		wg.Go(func() {
+			for next.Add(1) <= n {
+				if res, err := srv.Client().Get(srv.URL + "/stream"); err == nil {
+					io.Copy(io.Discard, res.Body)
+					res.Body.Close()
+				}
+			}
+		})
+	}
+	wg.Wait()
+	waitFor(t, 20*time.Second, "no request given up with its handler running", func() bool {
+		h.mu.Lock()
+		defer h.mu.Unlock()
+		for _, c := range h.kids {
+			if _, n := c.givenUpSince(); n > 0 {
+				return false
+			}
+		}
+		return true
+	})
+}
+
 func TestChaosGarbage(t *testing.T) {
 	t.Run("seam", chaosGarbageSeam)
 	t.Run("child", chaosGarbageChild)

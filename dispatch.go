@@ -770,8 +770,14 @@ func (c *child) dispatch(hdr frame.Header, scratch *[]byte) error {
 			c.mu.Unlock()
 		}
 		if hdr.Kind == kindAbort || hdr.Kind == kindEnd && !s.tunneled() {
+			// The stream may have been forgotten since the lookup (its
+			// request given up at the deadline it shares with the
+			// handler): its handler has ended all the same, and an entry
+			// left in forgotten would count as stuck for good.
 			c.mu.Lock()
 			delete(c.pending, hdr.ID)
+			delete(c.forgotten, hdr.ID)
+			delete(c.forgottenTunnels, hdr.ID)
 			c.mu.Unlock()
 		}
 		return nil
