@@ -68,6 +68,12 @@ func (k EventKind) String() string {
 // new events are dropped, and the parent logs how many.
 const maxQueuedEvents = 4096
 
+// maxQueuedOutput bounds the bytes of Output that the events waiting for a
+// slow OnEvent hold: a child's last lines may be long (see
+// logcapture.Tail), and children may exit quickly. Beyond it, new events
+// are queued with their Output replaced by one line that says so.
+const maxQueuedOutput = 4 << 20
+
 // An eventQueue delivers events to a callback from one goroutine, in the
 // order they were posted, without ever blocking the poster.
 type eventQueue struct {
@@ -78,6 +84,7 @@ type eventQueue struct {
 
 	mu      sync.Mutex // guards the fields below
 	queue   []Event
+	output  int  // bytes of Output in queue
 	dropped int  // events dropped since the last report
 	closed  bool // close was called: post discards
 }
@@ -109,6 +116,14 @@ func (q *eventQueue) post(ev Event) {
 		q.dropped++
 		return
 	}
+	n := 0
+	for _, line := range ev.Output {
+		n += len(line)
+	}
+	if q.output+n > maxQueuedOutput {
+		ev.Output, n = []string{fmt.Sprintf("[%d bytes of output dropped: Options.OnEvent is too slow]", n)}, 0
+	}
+	q.output += n
 	q.queue = append(q.queue, ev)
 	select {
 	case q.wake <- struct{}{}:
@@ -137,7 +152,7 @@ func (q *eventQueue) run() {
 	for {
 		q.mu.Lock()
 		batch, dropped, closed := q.queue, q.dropped, q.closed
-		q.queue, q.dropped = nil, 0
+		q.queue, q.output, q.dropped = nil, 0, 0
 		q.mu.Unlock()
 		if dropped > 0 {
 			q.logf("Options.OnEvent is too slow: %d events were dropped while %d waited for it", dropped, maxQueuedEvents)

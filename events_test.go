@@ -4,7 +4,10 @@ package subproc
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
+	"slices"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -53,4 +56,45 @@ func TestOnEventPanicIsLogged(t *testing.T) {
 	assert.GreaterOrEqual(t, calls.Load(), int64(2), "ChildStarted and ChildExited")
 	assert.Contains(t, logs.String(), "Options.OnEvent panicked on a ChildStarted event: careless OnEvent")
 	assert.True(t, strings.Count(logs.String(), "Options.OnEvent panicked") >= 2, "every panic is logged:\n%s", logs)
+}
+
+// The events that wait for a slow OnEvent hold at most maxQueuedOutput
+// bytes of Output: beyond it, they come in order all the same, each with
+// one line for its Output that says how much was dropped. (Children that
+// exit quickly, with long last lines, made a blocked callback cost the
+// parent megabytes per exit.)
+func TestOnEventQueueBoundsOutput(t *testing.T) {
+	blocked, release := make(chan struct{}), make(chan struct{})
+	var got []Event
+	q := newEventQueue(func(ev Event) {
+		if ev.Reason == "first" {
+			close(blocked)
+			<-release
+		}
+		got = append(got, ev)
+	}, t.Logf)
+	q.post(Event{Reason: "first"})
+	<-blocked
+	line := strings.Repeat("x", 64<<10)
+	const n = 200 // 20 lines each: 250 MiB, were they all kept
+	for i := range n {
+		q.post(Event{Reason: strconv.Itoa(i), Output: slices.Repeat([]string{line}, 20)})
+	}
+	q.mu.Lock()
+	queued := q.output
+	q.mu.Unlock()
+	assert.LessOrEqual(t, queued, maxQueuedOutput, "bytes of Output queued")
+	close(release)
+	q.close()
+	require.Len(t, got, n+1)
+	kept := 0
+	for i, ev := range got[1:] {
+		require.Equal(t, strconv.Itoa(i), ev.Reason, "events in order")
+		if len(ev.Output) == 20 {
+			kept++
+		} else {
+			assert.Equal(t, []string{fmt.Sprintf("[%d bytes of output dropped: Options.OnEvent is too slow]", 20*len(line))}, ev.Output)
+		}
+	}
+	assert.Equal(t, maxQueuedOutput/(20*len(line)), kept, "events with their Output")
 }

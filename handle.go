@@ -162,7 +162,9 @@ type Options struct {
 	// and degraded states, in the order they happened, from one goroutine
 	// of the Handle's. It never delays the module: events wait in a queue
 	// while it runs, and if it is so slow that 4096 of them wait, further
-	// events are dropped and the parent logs how many. A panic in it is
+	// events are dropped and the parent logs how many; once those waiting
+	// hold 4 MiB of Output, further events come with one line of Output
+	// that says how much was dropped. A panic in it is
 	// logged, and the next event delivered. Its last call happens before
 	// Shutdown returns, unless Shutdown's context ended first: so a
 	// Shutdown (or Close) called from OnEvent waits for OnEvent to return,
