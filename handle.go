@@ -107,7 +107,11 @@ type Options struct {
 	// MaxRequests is how many requests a child answers before it is
 	// replaced gracefully (see Restart); zero means no limit. Each child's
 	// limit is lowered at random by up to 10%, so that the children of a
-	// pool are not all replaced at once.
+	// pool are not all replaced at once. A child due for replacement (by
+	// MaxRequests, MaxLifetime, MemoryHigh or a stuck handler) serves on
+	// until the child that its slot's last replacement replaced has
+	// drained, which takes up to ShutdownTimeout: a slot runs at most two
+	// children.
 	MaxRequests int
 
 	// MaxLifetime is how long a child serves before it is replaced

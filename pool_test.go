@@ -437,6 +437,63 @@ func TestPoolRecycling(t *testing.T) {
 	}
 }
 
+// A slot runs at most two children: a child due for recycling serves on
+// while the one its slot replaced last still drains, here held by a
+// response that waits (as for a client that reads nothing), and is
+// recycled once that drain is over. Each child gets a held request, then
+// one that it answers, its MaxRequests. (Each recycle started a child of its
+// own, each held until ShutdownTimeout: a child per held response.)
+func TestPoolRecyclingWaitsForDrain(t *testing.T) {
+	dir := t.TempDir()
+	var events eventLog
+	h := startModule(t, "pool-mod", withConfig(t, poolConfig{Dir: dir}, Options{
+		MaxRequests: 1, ShutdownTimeout: time.Minute, HealthInterval: time.Hour, OnEvent: events.add,
+	}))
+	srv := serve(t, h)
+	running := func(inc int) func() bool {
+		return func() bool {
+			for _, c := range h.Stats().Children {
+				if c.Incarnation == inc && c.State == "running" {
+					return true
+				}
+			}
+			return false
+		}
+	}
+	var incs []int
+	for i := range 4 {
+		res := failOpen(t, srv.URL+"/hold?file=release", "pid=")
+		line, err := readLine(res.Body)
+		require.NoError(t, err)
+		var pid, slot, inc int
+		_, err = fmt.Sscanf("pid="+line, "pid=%d slot=%d inc=%d", &pid, &slot, &inc)
+		require.NoError(t, err, line)
+		incs = append(incs, inc)
+		// A request answered: the child's MaxRequests.
+		code, _ := fetch(t, srv.URL+"/id")
+		require.Equal(t, http.StatusOK, code)
+		if i == 0 {
+			waitFor(t, 20*time.Second, "the first replacement", running(1))
+		}
+		assert.LessOrEqual(t, len(h.Stats().Children), 2, "children")
+	}
+	assert.Equal(t, []int{0, 1, 1, 1}, incs, "the incarnations that answered")
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "release"), nil, 0o644))
+	waitFor(t, 20*time.Second, "the recycle that was due", running(2))
+	exited0, recycling1 := -1, -1
+	events.mu.Lock()
+	for i, ev := range events.events {
+		switch {
+		case ev.Kind == ChildExited && ev.Incarnation == 0:
+			exited0 = i
+		case ev.Kind == ChildRecycling && ev.Incarnation == 1 && recycling1 < 0:
+			recycling1 = i
+		}
+	}
+	events.mu.Unlock()
+	assert.Less(t, exited0, recycling1, "the first child exits before the second is recycled: %v", events.kinds())
+}
+
 // OnEvent sees a module's life in order, from one goroutine; a callback
 // that blocks holds no request.
 func TestPoolEvents(t *testing.T) {

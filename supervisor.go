@@ -26,6 +26,11 @@ type supervisor struct {
 	slot int             // fixed
 	asks chan replaceAsk // Restart's asks for a replacement
 
+	// drained, if not nil, is closed when the drain of the child that
+	// the slot's last replacement replaced has ended. Owned by the
+	// supervisor's goroutine.
+	drained chan struct{}
+
 	// Guarded by h.mu.
 	cur     *child    // the child that takes the slot's requests; nil while none does
 	retryAt time.Time // while cur is nil: when the next start is due
@@ -156,8 +161,24 @@ func (s *supervisor) serve(cp **child, failures *int) (died bool) {
 	retryAsk := replaceAsk{}
 	retries := 0
 	for {
+		// A recycle that is due (the child's MaxRequests, MaxLifetime
+		// or MemoryHigh) waits for the drain of the child that the last
+		// one replaced: a drain can last ShutdownTimeout (a client that
+		// reads nothing), and recycles that did not wait would keep a
+		// child for each, without bound. Restart does not wait.
+		recycle, expireNow := c.recycle, expire
+		if s.drained != nil {
+			select {
+			case <-s.drained:
+				s.drained = nil
+			default:
+				recycle, expireNow = nil, nil
+			}
+		}
 		var ask replaceAsk
 		select {
+		case <-s.drained: // nil once it was seen closed
+			continue
 		case <-c.done:
 			return true
 		case <-c.dying:
@@ -175,9 +196,9 @@ func (s *supervisor) serve(cp **child, failures *int) (died bool) {
 			s.uninstall(c)
 			h.drain(c, "shutdown", 0)
 			return false
-		case <-expire:
+		case <-expireNow:
 			ask = replaceAsk{reason: "lifetime"}
-		case reason := <-c.recycle:
+		case reason := <-recycle:
 			ask = replaceAsk{reason: reason}
 		case <-retry:
 			ask = retryAsk
@@ -277,9 +298,12 @@ func (s *supervisor) replace(old *child, ask replaceAsk) (nc *child, oldGone boo
 		return nc, true, nil
 	}
 	h.drains.Add(1)
+	drained := make(chan struct{})
+	s.drained = drained
 	go func() {
 		defer h.drains.Done()
 		h.drain(old, ask.reason, h.opts.ShutdownTimeout)
+		close(drained)
 		ask.finished(nil)
 	}()
 	return nc, false, nil
