@@ -385,9 +385,6 @@ func (x *exchange) failed(err error) (retry bool) {
 // It reports whether the head was the final one.
 func (x *exchange) writeHead(ev event) (final bool) {
 	w := x.w
-	if ev.head.Status >= 200 && !ev.head.FullDuplex && x.r.ProtoMajor == 1 && !x.r.Close {
-		x.body.beforeHead()
-	}
 	defer x.lockHeader()()
 	if ev.head.FullDuplex {
 		// Else net/http, at the first write of an HTTP/1 response,
@@ -415,6 +412,9 @@ func (x *exchange) writeHead(ev event) (final bool) {
 		x.armCut()
 		w.WriteHeader(ev.head.Status)
 		return false
+	}
+	if !ev.head.FullDuplex && x.r.ProtoMajor == 1 && !x.r.Close && !headerHasToken(dst["Connection"], "close") && x.body.beforeHead() {
+		dst.Set("Connection", "close")
 	}
 	if len(ev.head.Trailer) > 0 {
 		x.declared = make(map[string]bool, len(ev.head.Trailer))
@@ -698,30 +698,35 @@ func (b *bodySender) halt() {
 	})
 }
 
-// beforeHead is called before the final head of an HTTP/1 response that is
-// not full duplex goes to w. net/http, as it writes that head, reads what
-// is left of the request body, up to 256 KiB, to discard it, as it would
-// for the handler in-process; the pump must not read then, or the two reads
-// share the body's bytes, and the module's body misses some and yet ends
-// as if whole. So, unless the body is all sent, the pump ends first, as
-// net/http's discard ends the body in-process: the module's later reads
-// fail with http.ErrBodyReadAfterClose. But net/http leaves to the handler
-// a body of known length of which 256 KiB or more is left: then it leaves
-// it to the pump too, as the response is made full duplex.
-func (b *bodySender) beforeHead() {
+// beforeHead is called, with the header locked (see lockHeader), before
+// the final head of an HTTP/1 response that is not full duplex goes to w,
+// unless net/http will close the connection after it anyway. net/http, as
+// it writes that head, reads what is left of the request body, up to 256
+// KiB, to discard it, as it would for the handler in-process; the pump must
+// not read then, or the two reads share the body's bytes, and the module's
+// body misses some and yet ends as if whole. So, unless the body is all
+// sent, the pump stops, as net/http's discard stops the body in-process:
+// the module's later reads fail with http.ErrBodyReadAfterClose. But
+// net/http leaves to the handler a body of known length of which 256 KiB or
+// more is left, and closes the connection after the response: then
+// beforeHead reports true, the caller sets "Connection: close", which keeps
+// net/http from the body, and the pump reads on. (Full duplex would too,
+// but net/http does not support it here: it would read the rest at the
+// handler's end, and then again for the next request.)
+func (b *bodySender) beforeHead() (closeConn bool) {
 	if b == nil {
-		return
+		return false
 	}
 	select {
 	case <-b.done:
-		return // nothing reads r.Body any more
+		return false // nothing reads r.Body any more
 	default:
 	}
-	if cl := b.r.ContentLength; cl > 0 && cl-b.read.Load() >= maxPostHandlerReadBytes && b.rc.EnableFullDuplex() == nil {
-		b.fullDuplex = true
-		return
+	if cl := b.r.ContentLength; cl > 0 && cl-b.read.Load() >= maxPostHandlerReadBytes {
+		return true
 	}
 	b.close()
+	return false
 }
 
 // maxPostHandlerReadBytes is net/http's: the most of a request body that
@@ -747,7 +752,7 @@ func (b *bodySender) pumpRequestBody() {
 	ended := false // the body's end is sent
 	defer func() {
 		if !ended && b.closing.Load() {
-			c.send(outFrame{kind: kindEnd, flags: flagBodyError, id: s.id, data: []byte{bodyErrClosed}}, nil)
+			c.send(outFrame{kind: kindEnd, flags: flagBodyError, id: s.id, data: []byte{bodyErrClosed}}, r.Context().Done())
 		}
 		close(b.done)
 	}()
