@@ -15,6 +15,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -31,6 +32,13 @@ func init() {
 func earlyMux() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/ignore", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ignored\n") })
+	// Answers in part, without reading the body, and waits for the
+	// request's end.
+	mux.HandleFunc("/partial", func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "partial\n")
+		w.(http.Flusher).Flush()
+		<-r.Context().Done()
+	})
 	// Reads the first 1000 bytes of the body and answers.
 	mux.HandleFunc("/read1000", func(w http.ResponseWriter, r *http.Request) {
 		n, err := io.ReadFull(r.Body, make([]byte, 1000))
@@ -152,4 +160,38 @@ func TestEarlyAnswerBehindWrapper(t *testing.T) {
 	_, got := readResponse(t, bufio.NewReader(conn))
 	assert.Equal(t, "200 OK read 1000 <nil>\n", got)
 	assert.False(t, <-readingAtReturn, "ServeHTTP returned while it read the body")
+}
+
+// A child killed once it answered in part, without reading it, a request
+// whose body the client still sends: the client sees the response cut, the
+// parent stops reading the body, the request leaves the Handle, and the
+// next child serves. (The body is of a known length, 1 MiB: net/http
+// leaves it alone as the head goes out. A shorter or chunked one it would
+// read there, to discard it, as in-process: the head would wait for the
+// client to send it.)
+func TestEarlyAnswerThenChildKilled(t *testing.T) {
+	h := startModule(t, "early", Options{})
+	srv := serve(t, h)
+	pr, pw := io.Pipe()
+	defer pw.Close()
+	go pw.Write(make([]byte, 1000)) // the rest never comes
+	req, err := http.NewRequest("POST", srv.URL+"/partial", pr)
+	require.NoError(t, err)
+	req.ContentLength = 1 << 20
+	res, err := srv.Client().Do(req)
+	require.NoError(t, err)
+	defer res.Body.Close()
+	br := bufio.NewReader(res.Body)
+	line, err := br.ReadString('\n')
+	require.NoError(t, err)
+	require.Equal(t, "partial\n", line)
+	pid := h.Stats().Pid
+	require.NoError(t, syscall.Kill(pid, syscall.SIGKILL))
+	rest, err := io.ReadAll(br)
+	assert.Error(t, err, "the response, cut by the child's death, read %q and ended", rest)
+	waitFor(t, 20*time.Second, "the request to leave the Handle", func() bool { return h.Stats().InFlight == 0 })
+	code, body := fetch(t, srv.URL+"/ignore")
+	assert.Equal(t, http.StatusOK, code)
+	assert.Equal(t, "ignored\n", body)
+	assertReaped(t, pid)
 }
