@@ -413,7 +413,9 @@ func (x *exchange) writeHead(ev event) (final bool) {
 		w.WriteHeader(ev.head.Status)
 		return false
 	}
-	if !ev.head.FullDuplex && x.r.ProtoMajor == 1 && !x.r.Close && !headerHasToken(dst["Connection"], "close") && x.body.beforeHead() {
+	// (net/http's test of the header, for the close it keeps the body
+	// from, is exactly this one: a "Close" does not count.)
+	if !ev.head.FullDuplex && x.r.ProtoMajor == 1 && !x.r.Close && dst.Get("Connection") != "close" && x.body.beforeHead() {
 		dst.Set("Connection", "close")
 	}
 	if len(ev.head.Trailer) > 0 {

@@ -91,22 +91,23 @@ func gunzipBody(h http.Handler) http.Handler {
 func TestRequestBodyReadAfterAnswer(t *testing.T) {
 	sink := newLogSink()
 	h := startModule(t, "reqbody", Options{Stderr: sink})
-	closing := func(h http.Handler) http.Handler { // a middleware that closes the connection
+	closing := func(h http.Handler, value string) http.Handler { // a middleware that closes the connection
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			w.Header().Set("Connection", "close")
+			w.Header().Set("Connection", value)
 			h.ServeHTTP(w, r)
 		})
 	}
 	for _, tc := range []struct {
 		name      string
 		n         int
-		closing   bool // a middleware sets "Connection: close": net/http discards nothing
+		closing   string // a middleware's Connection header: "close" keeps net/http from discarding, "Close" does not
 		want      string
 		wantClose bool // the response closes the connection
 	}{
-		{"1 MiB", 1 << 20, false, "<nil>, bytes the client's true", true},
-		{"100 KiB", 100 << 10, false, http.ErrBodyReadAfterClose.Error() + ", bytes the client's true", false},
-		{"100 KiB, Connection: close", 100 << 10, true, "<nil>, bytes the client's true", true},
+		{"1 MiB", 1 << 20, "", "<nil>, bytes the client's true", true},
+		{"100 KiB", 100 << 10, "", http.ErrBodyReadAfterClose.Error() + ", bytes the client's true", false},
+		{"100 KiB, Connection: close", 100 << 10, "close", "<nil>, bytes the client's true", true},
+		{"100 KiB, Connection: Close", 100 << 10, "Close", http.ErrBodyReadAfterClose.Error() + ", bytes the client's true", true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			flushing := make(chan struct{})
@@ -130,8 +131,8 @@ func TestRequestBodyReadAfterAnswer(t *testing.T) {
 				t.Run(tg.name, func(t *testing.T) {
 					body := trPattern(tc.n)
 					handler := tg.h
-					if tc.closing {
-						handler = closing(handler)
+					if tc.closing != "" {
+						handler = closing(handler, tc.closing)
 					}
 					conn := dialRaw(t, serve(t, handler))
 					fmt.Fprintf(conn, "POST /late HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n", tc.n)

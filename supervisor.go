@@ -161,18 +161,19 @@ func (s *supervisor) serve(cp **child, failures *int) (died bool) {
 	retryAsk := replaceAsk{}
 	retries := 0
 	for {
-		// A recycle that is due (the child's MaxRequests, MaxLifetime
-		// or MemoryHigh) waits for the drain of the child that the last
-		// one replaced: a drain can last ShutdownTimeout (a client that
+		// A recycle that is due (the child's MaxRequests, MaxLifetime,
+		// MemoryHigh or a stuck handler, or the retry of one whose
+		// replacement failed) waits for the drain of the child that the
+		// last one replaced: a drain can last ShutdownTimeout (a client that
 		// reads nothing), and recycles that did not wait would keep a
 		// child for each, without bound. Restart does not wait.
-		recycle, expireNow := c.recycle, expire
+		recycle, expireNow, retryNow := c.recycle, expire, retry
 		if s.drained != nil {
 			select {
 			case <-s.drained:
 				s.drained = nil
 			default:
-				recycle, expireNow = nil, nil
+				recycle, expireNow, retryNow = nil, nil, nil
 			}
 		}
 		var ask replaceAsk
@@ -200,7 +201,7 @@ func (s *supervisor) serve(cp **child, failures *int) (died bool) {
 			ask = replaceAsk{reason: "lifetime"}
 		case reason := <-recycle:
 			ask = replaceAsk{reason: reason}
-		case <-retry:
+		case <-retryNow:
 			ask = retryAsk
 		case ask = <-s.asks:
 		}
