@@ -415,7 +415,7 @@ func (x *exchange) writeHead(ev event) (final bool) {
 	}
 	// (net/http's test of the header, for the close it keeps the body
 	// from, is exactly this one: a "Close" does not count.)
-	if !ev.head.FullDuplex && x.r.ProtoMajor == 1 && !x.r.Close && dst.Get("Connection") != "close" && x.body.beforeHead() {
+	if x.body != nil && !ev.head.FullDuplex && x.r.ProtoMajor == 1 && !x.r.Close && dst.Get("Connection") != "close" && x.body.beforeHead() {
 		dst.Set("Connection", "close")
 	}
 	if len(ev.head.Trailer) > 0 {
@@ -582,7 +582,7 @@ func (x *exchange) abort(ev event) {
 		// The handler runs on, its writes failing: its context ends
 		// and its body fails, as for a client gone, so that it does
 		// not wait for ever for a body the parent no longer sends.
-		x.c.send(outFrame{kind: kindCancel, id: x.s.id}, nil)
+		giveUp(x.ctx, x.c, x.s)
 	}
 	if ev.flags&flagTooLarge != 0 && !x.started {
 		h.count(&h.stats.BadGateway)

@@ -47,7 +47,7 @@ type hijackedConn struct {
 // server by the caller, with release to unregister it.
 func newHijackedConn(s *server, id uint64, win *sendWindow, req *http.Request, release func()) *hijackedConn {
 	hc := &hijackedConn{c: s.conn, id: id, win: win, release: release}
-	hc.in = newBodyReader(func(n int) { s.sendWindowUpdate(id, n, hc.rdl.closed) }, nil, false, &s.flow)
+	hc.in = newBodyReader(func(n int) { s.sendWindowUpdate(id, n, hc.rdl.closed) }, false, &s.flow)
 	hc.remote = parseAddr("tcp", req.RemoteAddr)
 	hc.local, _ = req.Context().Value(http.LocalAddrContextKey).(net.Addr)
 	if hc.local == nil {

@@ -473,7 +473,7 @@ func TestRingSlotsComeBackAfterPanic(t *testing.T) {
 func TestBodyReaderWriteTo(t *testing.T) {
 	ring := newLocalRing()
 	var granted int
-	b := newBodyReader(func(n int) { granted += n }, nil, false, nil)
+	b := newBodyReader(func(n int) { granted += n }, false, nil)
 	first := chunk{buf: getBuffer(5), n: 5}
 	copy(first.data(), "hello")
 	require.NoError(t, b.push(first))
@@ -501,7 +501,7 @@ func TestBodyReaderWriteTo(t *testing.T) {
 	require.ErrorIs(t, err, io.EOF)
 
 	// A WriteTo that waits for more fails when the handler closes the body.
-	b = newBodyReader(func(n int) { granted += n }, nil, false, nil)
+	b = newBodyReader(func(n int) { granted += n }, false, nil)
 	require.NoError(t, b.push(chunk{buf: getChunk(), n: chunkSize}))
 	done := make(chan error, 1)
 	go func() {
@@ -513,7 +513,7 @@ func TestBodyReaderWriteTo(t *testing.T) {
 
 	expired := make(chan struct{})
 	close(expired)
-	b = newBodyReader(func(int) {}, nil, false, nil)
+	b = newBodyReader(func(int) {}, false, nil)
 	b.deadline = func() <-chan struct{} { return expired }
 	_, err = b.WriteTo(io.Discard)
 	require.ErrorIs(t, err, os.ErrDeadlineExceeded)

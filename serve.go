@@ -469,7 +469,7 @@ func (s *server) open(id uint64, flags uint8, head *requestHead) (startingReques
 		r.Body = http.NoBody
 	} else {
 		expect := headerHasToken(r.Header["Expect"], "100-continue")
-		st.body = newBodyReader(func(n int) { s.sendWindowUpdate(id, n, ctx.Done()) }, nil, expect, &s.flow)
+		st.body = newBodyReader(func(n int) { s.sendWindowUpdate(id, n, ctx.Done()) }, expect, &s.flow)
 		r.Body = st.body
 	}
 	req := r.WithContext(ctx)

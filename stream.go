@@ -381,7 +381,7 @@ func (w *recvWindow) release() {
 // child's flowBudget, while the handler reads quickly.
 type bodyReader struct {
 	grant   func(n int)   // sends a window update to the parent; fixed
-	trailer *http.Header  // the request's Trailer field, merged into at the end (nil: none); fixed
+	trailer *http.Header  // the request's Trailer field, merged into at the end (nil: none); set before the handler runs
 	wake    chan struct{} // capacity 1; signalled on every change
 
 	mu     sync.Mutex // guards the fields below
@@ -403,8 +403,8 @@ type bodyReader struct {
 // newBodyReader returns the body of a request whose window updates grant
 // sends, with growth from budget (nil: none). With expectContinue the
 // parent sends nothing until the first Read grants the initial window.
-func newBodyReader(grant func(int), trailer *http.Header, expectContinue bool, budget *flowBudget) *bodyReader {
-	b := &bodyReader{grant: grant, trailer: trailer, expect: expectContinue, wake: make(chan struct{}, 1)}
+func newBodyReader(grant func(int), expectContinue bool, budget *flowBudget) *bodyReader {
+	b := &bodyReader{grant: grant, expect: expectContinue, wake: make(chan struct{}, 1)}
 	credit := initialWindow
 	if expectContinue {
 		credit = 0

@@ -169,16 +169,12 @@ func (s *supervisor) serve(cp **child, failures *int) (died bool) {
 		// child for each, without bound. Restart does not wait.
 		recycle, expireNow, retryNow := c.recycle, expire, retry
 		if s.drained != nil {
-			select {
-			case <-s.drained:
-				s.drained = nil
-			default:
-				recycle, expireNow, retryNow = nil, nil, nil
-			}
+			recycle, expireNow, retryNow = nil, nil, nil
 		}
 		var ask replaceAsk
 		select {
-		case <-s.drained: // nil once it was seen closed
+		case <-s.drained: // nil: none under way
+			s.drained = nil
 			continue
 		case <-c.done:
 			return true

@@ -238,7 +238,7 @@ func TestBodyWindowGrowth(t *testing.T) {
 	b := &flowBudget{now: frozenClock}
 	var credit atomic.Int64
 	credit.Store(initialWindow)
-	body := newBodyReader(func(n int) { credit.Add(int64(n)) }, nil, false, b)
+	body := newBodyReader(func(n int) { credit.Add(int64(n)) }, false, b)
 	buf := make([]byte, chunkSize)
 	for range 64 {
 		for credit.Load() >= int64(frameCost(chunkSize)) {
@@ -265,7 +265,7 @@ func TestBodyWindowGrowth(t *testing.T) {
 	require.Zero(t, b.reserved.Load(), "after Close: reserved %d, held %d", b.reserved.Load(), b.held.Load())
 	require.Zero(t, b.held.Load(), "after Close: reserved %d, held %d", b.reserved.Load(), b.held.Load())
 	// A parent that sends beyond its credit breaks the protocol.
-	body = newBodyReader(func(int) {}, nil, false, b)
+	body = newBodyReader(func(int) {}, false, b)
 	body.push(chunk{buf: getChunk(), n: chunkSize})
 	require.Error(t, body.push(chunk{buf: getBuffer(1), n: 1}), "a chunk beyond the window was accepted")
 	body.Close()
