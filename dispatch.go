@@ -69,6 +69,11 @@ type conn struct {
 	enc     *encoder
 	werr    error // once set, nothing more is written: the pipe failed or is closed
 
+	// broken is closed, and failed set, when a write to the pipe has
+	// failed: what it held and whatever is sent later is lost.
+	broken chan struct{}
+	failed atomic.Bool
+
 	fr  *frame.Reader // owned by the reading goroutine
 	dec *decoder      // owned by the reading goroutine
 
@@ -83,6 +88,7 @@ func newConn(r io.Reader, w io.WriteCloser) *conn {
 	return &conn{
 		quit:    make(chan struct{}),
 		wdone:   make(chan struct{}),
+		broken:  make(chan struct{}),
 		w:       w,
 		pending: frame.AppendPreamble(make([]byte, 0, 4<<10), protocolVersion),
 		enc:     newEncoder(),
@@ -172,7 +178,9 @@ func (c *conn) writeLocked() error {
 			c.spare = nil
 		}
 		if err != nil {
-			c.werr = err
+			c.werr = err // so this is the loop's last write, and the pipe's
+			c.failed.Store(true)
+			close(c.broken)
 		}
 		if c.drained != nil {
 			close(c.drained)
@@ -507,11 +515,12 @@ func hasBody(r *http.Request) bool {
 	return r.Body != nil && r.Body != http.NoBody && (r.ContentLength != 0 || len(r.TransferEncoding) > 0)
 }
 
-// usable reports whether the child can take new requests.
+// usable reports whether the child can take new requests: it has not
+// failed, and the pipe to it has not (see pipeBroken).
 func (c *child) usable() bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.err == nil
+	return c.err == nil && !c.failed.Load()
 }
 
 // ping sends one ping and waits for its pong.

@@ -27,6 +27,9 @@ func (h *Handle) monitor(c *child) {
 			return
 		case <-c.stopping:
 			return // it answers nothing more
+		case <-c.broken:
+			h.pipeBroken(c)
+			return
 		case <-tick.C:
 		}
 		if !h.checkMemory(c) {
@@ -39,6 +42,30 @@ func (h *Handle) monitor(c *child) {
 			return
 		}
 	}
+}
+
+// pipeBroken handles c once a write to it has failed: the frames of that
+// write, among them perhaps a request's, and of every later one are lost,
+// so c takes no more requests (see usable). A child that exits closes its
+// end of the pipe a moment before it is reaped, and gets exitWait to be
+// found dead; one that lives on without it (it closed it, or put another
+// file in its place) has broken the protocol, and is killed, so that its
+// requests fail, or go to the next child if it had not taken them, and the
+// slot restarts, instead of waiting for health checks that fail.
+func (h *Handle) pipeBroken(c *child) {
+	t := time.NewTimer(exitWait)
+	defer t.Stop()
+	select {
+	case <-c.exited:
+		return
+	case <-c.done:
+		return
+	case <-t.C:
+	}
+	err := &protocolError{"the pipe to the child failed while the child lives on"}
+	c.condemn(err)
+	h.logf("child pid %d: %v; killing it (the module will restart)", c.proc.Pid(), err)
+	c.proc.Kill()
 }
 
 // quitGrace is how long a child killed for failing its health checks is
