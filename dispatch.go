@@ -474,6 +474,7 @@ func (c *child) open(r *http.Request, head *requestHead) (*stream, error) {
 	c.nextID++
 	s := newStream(c.nextID, credit)
 	s.recv.budget = c.flow
+	s.hijackOK = head.Hijackable
 	c.pending[s.id] = s
 	c.running[s] = struct{}{}
 	c.mu.Unlock()

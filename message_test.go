@@ -152,6 +152,9 @@ func TestReadLoopRejectsBadInput(t *testing.T) {
 		// The parent decodes nothing of a child's with gob, which keeps
 		// every type a stream defines for the stream's life.
 		{"trailers in gob", frames(outFrame{kind: kindResponse, id: 1, msg: head}, outFrame{kind: kindEnd, id: 1, data: gobPayload(&bodyEnd{Trailer: http.Header{"X": {"y"}}})}), false},
+		// An honest child's Hijack fails unless the request head said
+		// Hijackable (an HTTP/1 request whose ResponseWriter can hijack).
+		{"hijack of a request that cannot be hijacked", frames(outFrame{kind: kindHijack, id: 1}), false},
 		{"window of the wrong size", frames(outFrame{kind: kindWindow, id: 1, data: []byte{1}}), false},
 		{"pong never pinged", frames(outFrame{kind: kindPong, id: 5}), false},
 		{"random bytes", []byte("\x00\x00\x00\x05garbage and more garbage"), false},

@@ -630,6 +630,7 @@ type stream struct {
 	ended     bool       // kindEnd or kindAbort has arrived: the child is done with the stream (on a tunnel, kindAbort only)
 	tunnel    bool       // kindHijack has arrived: the stream carries a hijacked connection's bytes (see PROTOCOL.md)
 	wclosed   bool       // on a tunnel, the child's kindEnd has arrived: it sends no more data
+	hijackOK  bool       // fixed at open: the request was sent as hijackable (requestHead.Hijackable)
 	err       error      // the stream failed: the child can no longer answer
 	abandoned bool       // the request's goroutine has gone; what arrives is dropped
 
@@ -813,6 +814,10 @@ func (s *stream) checkLocked(ev event) error {
 	case kindHijack:
 		// Before the final head, or after it, the response started (see
 		// PROTOCOL.md, "Hijack in the child").
+		if !s.hijackOK {
+			// The child's Hijack fails for such a request.
+			return errors.New("hijack of a request the parent cannot hijack")
+		}
 		if s.tunnel {
 			return errors.New("second hijack")
 		}
