@@ -149,6 +149,21 @@ func (c *conn) sendFrames(fs []outFrame, cancel <-chan struct{}) error {
 	return nil
 }
 
+// queue appends f to what is pending without writing it: for a conn whose
+// writeLoop has not started, which then writes it after the preamble, on
+// its own goroutine. (A first message larger than the pipe holds would
+// otherwise hold its sender until the peer reads it, which a peer that
+// hangs before it reads anything never does.)
+func (c *conn) queue(f outFrame) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if err := c.appendLocked(f); err != nil {
+		c.werr = err
+		return err
+	}
+	return nil
+}
+
 // waitDrainedLocked returns a channel that is closed when the writer has
 // next written what was pending. It is made only when a sender must wait,
 // so that a write costs no allocation.

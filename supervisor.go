@@ -594,16 +594,20 @@ func (h *Handle) launchChild(ctx context.Context, slot int) (*child, error) {
 	go h.copyLog(c, logcapture.Log, pipes.log)
 	go h.copyLog(c, logcapture.Out, pipes.stdout)
 	go h.copyLog(c, logcapture.Err, pipes.stderr)
-	go c.waitLoop()
-	go c.writeLoop()
-	go c.readLoop()
-	c.send(outFrame{kind: kindHello, msg: &hello{
+	// The hello, which carries the Config, may be larger than the pipe
+	// holds: writeLoop writes it, so that a child that never reads it
+	// (frozen, or hung in an init function) holds nothing but writeLoop,
+	// until StartTimeout or ctx has teardown kill it.
+	c.queue(outFrame{kind: kindHello, msg: &hello{
 		Name:        h.name,
 		Incarnation: c.incarnation,
 		Slot:        slot,
 		Config:      h.opts.Config,
 		LogDir:      h.opts.LogDir,
-	}}, nil)
+	}})
+	go c.waitLoop()
+	go c.writeLoop()
+	go c.readLoop()
 
 	timer := time.NewTimer(h.opts.StartTimeout)
 	defer timer.Stop()
