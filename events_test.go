@@ -17,6 +17,20 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
+// A pool whose third child fails to start: Start fails, and stops the
+// two children that had started. OnEvent saw them start; it sees them
+// end. (It did not.)
+func TestOnEventStartFailureEndsStartedChildren(t *testing.T) {
+	var events eventLog
+	_, err := Start(context.Background(), "pool-mod", testOptions(t, withConfig(t, poolConfig{First: 2, RestartInitFail: true}, Options{
+		Children: 3, HealthInterval: time.Hour, OnEvent: events.add,
+	})))
+	var se *StartError
+	require.ErrorAs(t, err, &se)
+	require.Equal(t, 2, events.count(ChildStarted, ""), "events: %v", events.kinds())
+	assert.Equal(t, 2, events.count(ChildExited, "shutdown"), "events: %v", events.kinds())
+}
+
 // An OnEvent callback that blocks does not keep Shutdown past its
 // context.
 func TestOnEventBlockingDoesNotHoldShutdown(t *testing.T) {
