@@ -617,7 +617,11 @@ func (h *Handle) unavailable(w http.ResponseWriter, r *http.Request, err error) 
 		http.Error(w, fmt.Sprintf("subproc: module %q: the request's deadline passed before a child could take it (%v)", h.name, context.Cause(r.Context())), http.StatusGatewayTimeout)
 		return
 	}
-	h.count(&h.stats.Unavailable)
+	if err != errCanceled {
+		// Else the client went away (see exchange.canceled, which does
+		// not count it either).
+		h.count(&h.stats.Unavailable)
+	}
 	switch err {
 	case errShed:
 		w.Header().Set("Retry-After", "1")
@@ -728,7 +732,9 @@ func (h *Handle) checkOnce(ctx context.Context, c *child) (time.Duration, error)
 	// It counts as one of the supervisor's checks: the one that makes
 	// Options.HealthFailures in a row kills the child.
 	if !h.failedCheck(c, err) {
-		c.proc.Kill()
+		// As the periodic checks do: its stacks first (see killHung),
+		// without holding the caller for them.
+		go h.killHung(c)
 	}
 	return 0, fmt.Errorf("subproc: module %q: health check of child pid %d: %w", h.name, c.proc.Pid(), err)
 }

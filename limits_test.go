@@ -482,6 +482,83 @@ func TestLimitsAdmissionQueueAtShutdown(t *testing.T) {
 	require.NoError(t, <-shut)
 }
 
+// A client that leaves while its request waits for admission gets
+// nothing, and nothing was unavailable to it: no 503 is counted, as none
+// is for a client that leaves once a child has its request (see
+// exchange.canceled).
+func TestLimitsAdmissionQueuedClientLeaves(t *testing.T) {
+	dir := t.TempDir()
+	h := startModule(t, "limits-mod", withConfig(t, drainConfig{Dir: dir}, Options{MaxInFlight: 1, MaxQueued: 1, HealthInterval: time.Hour}))
+	left := make(chan struct{})
+	srv := serve(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/pid" {
+			defer close(left)
+		}
+		h.ServeHTTP(w, r)
+	}))
+	slow := make(chan int, 1)
+	go func() {
+		res, _, err := fetchErr(srv.URL+"/slow", time.Minute)
+		if err != nil {
+			slow <- 0
+			return
+		}
+		slow <- res.StatusCode
+	}()
+	awaitStats(t, h, 10*time.Second, "the first request in flight", func(st Stats) bool { return st.InFlight == 1 })
+	ctx, cancel := context.WithCancel(context.Background())
+	queued := make(chan error, 1)
+	go func() {
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, srv.URL+"/pid", nil)
+		res, err := srv.Client().Do(req)
+		if err == nil {
+			res.Body.Close()
+		}
+		queued <- err
+	}()
+	waitFor(t, 10*time.Second, "the second request to queue", func() bool { return h.queued.Load() == 1 })
+	cancel()
+	require.Error(t, <-queued, "the client left: it got no answer")
+	select {
+	case <-left:
+	case <-time.After(10 * time.Second):
+		t.Fatal("ServeHTTP of the request whose client left has not returned")
+	}
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "release"), nil, 0o644))
+	assert.Equal(t, http.StatusOK, <-slow, "the request in flight")
+	assert.Zero(t, h.Stats().Unavailable, "a 503 counted that no client got")
+}
+
+// A child that Handle.HealthCheck finds hung, on the check that makes
+// HealthFailures in a row, is killed as one the periodic checks find:
+// first asked for its goroutine stacks (SIGQUIT), so that its log shows
+// where it hung. (HealthCheck killed it at once, with SIGKILL.)
+func TestLimitsHealthCheckKillAsksForStacks(t *testing.T) {
+	dir := t.TempDir()
+	h := startModule(t, "limits-mod", Options{
+		LogDir: dir, HealthInterval: time.Hour, HealthTimeout: 100 * time.Millisecond, HealthFailures: 1,
+	})
+	srv := serve(t, h)
+	pid := containPid(t, srv.URL)
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, "GET", srv.URL+"/starve", nil)
+	if res, err := http.DefaultClient.Do(req); err == nil {
+		res.Body.Close()
+	}
+	// The hang takes hold once the handler's goroutines block.
+	waitFor(t, 10*time.Second, "a failed HealthCheck", func() bool {
+		_, err := h.HealthCheck(context.Background())
+		return err != nil
+	})
+	awaitStats(t, h, 30*time.Second, "the hung child replaced", func(st Stats) bool {
+		return st.State == "running" && st.Pid != 0 && strconv.Itoa(st.Pid) != pid
+	})
+	stderr, err := os.ReadFile(filepath.Join(dir, "limits-mod.err"))
+	require.NoError(t, err)
+	assert.Contains(t, string(stderr), "SIGQUIT", "the hung child's stderr should hold the runtime's dump")
+}
+
 // A module leaking 50 MB/s with MemoryHigh 200 MB is replaced before it
 // passes 300 MB, again and again for a minute, with no failed request on
 // its other routes. Only with -chaos: TestLimitsMemory is its short form.
