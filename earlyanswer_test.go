@@ -39,6 +39,12 @@ func earlyMux() http.Handler {
 		w.(http.Flusher).Flush()
 		<-r.Context().Done()
 	})
+	// Answers in part, without reading the body, and aborts.
+	mux.HandleFunc("/abort", func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "partial\n")
+		w.(http.Flusher).Flush()
+		panic(http.ErrAbortHandler)
+	})
 	// Reads the first 1000 bytes of the body and answers.
 	mux.HandleFunc("/read1000", func(w http.ResponseWriter, r *http.Request) {
 		n, err := io.ReadFull(r.Body, make([]byte, 1000))
@@ -160,6 +166,37 @@ func TestEarlyAnswerBehindWrapper(t *testing.T) {
 	_, got := readResponse(t, bufio.NewReader(conn))
 	assert.Equal(t, "200 OK read 1000 <nil>\n", got)
 	assert.False(t, <-readingAtReturn, "ServeHTTP returned while it read the body")
+}
+
+// The same, but the module aborts its answer: the request's MaxInFlight
+// place, given back once the module has answered, is not given back again
+// as ServeHTTP returns. (The abort's panic went past ServeHTTP's record of
+// the early release, and its deferred release gave the place back twice:
+// each such request raised the limit by one, until the semaphore panicked.)
+func TestEarlyAbortBehindWrapperFreesPlaceOnce(t *testing.T) {
+	h := startModule(t, "early", Options{MaxInFlight: 2, HealthInterval: time.Hour})
+	aborted := make(chan struct{})
+	srv := serve(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/abort" {
+			defer close(aborted)
+		}
+		hideWriter(h).ServeHTTP(w, r)
+	}))
+	hold := dialRaw(t, srv) // one place, held until the test ends
+	io.WriteString(hold, "GET /partial HTTP/1.1\r\nHost: x\r\n\r\n")
+	awaitStats(t, h, 15*time.Second, "the held request in flight", func(st Stats) bool { return st.InFlight == 1 })
+	conn := dialRaw(t, srv)
+	io.WriteString(conn, "POST /abort HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n") // and none of the body
+	awaitStats(t, h, 15*time.Second, "the abort", func(st Stats) bool { return st.Aborted == 1 })
+	conn.Close() // the parent's read of the body ends
+	select {
+	case <-aborted:
+	case <-time.After(15 * time.Second):
+		t.Fatal("ServeHTTP of the aborted request has not returned")
+	}
+	require.True(t, h.admission.TryAcquire(1), "the aborted request's place is free")
+	defer h.admission.Release(1)
+	assert.False(t, h.admission.TryAcquire(1), "the held request's place is free too: MaxInFlight 2 admits 3")
 }
 
 // A child killed once it answered in part, without reading it, a request

@@ -40,9 +40,10 @@ func giveUp(ctx context.Context, c *child, s *stream) {
 // proxy copies the request body to the child and the child's response to w.
 // It returns true, having written nothing, if the child died without reading
 // the request and before any of the request's body was consumed: then the
-// request may go to the next child.
-func (h *Handle) proxy(w http.ResponseWriter, r *http.Request, c *child, s *stream) (retry bool) {
-	s.x = exchange{h: h, w: w, r: r, ctx: r.Context(), c: c, s: s}
+// request may go to the next child. admitted is ServeHTTP's record that the
+// request holds its MaxInFlight place (see exchange.admitted).
+func (h *Handle) proxy(w http.ResponseWriter, r *http.Request, c *child, s *stream, admitted *bool) (retry bool) {
+	s.x = exchange{h: h, w: w, r: r, ctx: r.Context(), c: c, s: s, admitted: admitted}
 	returned := false
 	defer func() {
 		s.disarmCut()
@@ -90,7 +91,11 @@ type exchange struct {
 	bodyWritten bool            // body bytes were written to w
 	cutShort    bool            // a write to w failed after the stream was cut (see stream.cutWrites)
 
-	placeFreed bool // the request's MaxInFlight place was given back early (see freePlace)
+	// admitted is ServeHTTP's: set while the request holds its
+	// MaxInFlight place, which is ServeHTTP's to give back unless
+	// freePlace gave it back early. It outlives the exchange: a retried
+	// request's next exchange, and a panic's unwinding, see it.
+	admitted *bool
 
 	cutArmed    bool        // the stream's cut is armed (see armCut)
 	headWritten atomic.Bool // started, for cutAtDeadline's goroutine
@@ -568,8 +573,8 @@ func (x *exchange) writeTrailers(ev event) {
 // freePlace gives the request's MaxInFlight place back before ServeHTTP
 // returns: it waits for a client, not for the module (see halt).
 func (x *exchange) freePlace() {
-	if !x.placeFreed {
-		x.placeFreed = true
+	if *x.admitted {
+		*x.admitted = false
 		x.h.unadmit()
 	}
 }

@@ -525,7 +525,7 @@ func (h *Handle) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		h.unavailable(w, r, err)
 		return
 	}
-	admitted := true // the place is ours to give back (see exchange.freePlace)
+	admitted := true // the place is ours to give back, unless an exchange gave it back (see exchange.freePlace)
 	defer func() {
 		if admitted {
 			h.unadmit()
@@ -555,11 +555,8 @@ func (h *Handle) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		// request (see acceptWord): then proxy asks for a retry.
 		retry := func() bool {
 			defer func() { h.release(c, s.answered()) }()
-			return h.proxy(w, r, c, s)
+			return h.proxy(w, r, c, s, &admitted)
 		}()
-		if s.x.placeFreed {
-			admitted = false
-		}
 		if !retry {
 			return
 		}
