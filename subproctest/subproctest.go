@@ -246,23 +246,31 @@ func await(h *subproc.Handle, cond func(subproc.Stats) bool) bool {
 }
 
 // newest returns the newest running child of h: the one with the highest
-// incarnation in state "running".
+// incarnation among those that serve (see serving).
 func newest(h *subproc.Handle) (subproc.ChildStats, bool) {
 	var c subproc.ChildStats
 	found := false
 	for _, cs := range h.Stats().Children {
-		if cs.State == "running" && (!found || cs.Incarnation > c.Incarnation) {
+		if serving(cs) && (!found || cs.Incarnation > c.Incarnation) {
 			c, found = cs, true
 		}
 	}
 	return c, found
 }
 
+// serving reports whether cs takes the module's requests: "running", or
+// "unhealthy", which is a running child that failed its last health check.
+func serving(cs subproc.ChildStats) bool {
+	return cs.State == "running" || cs.State == "unhealthy"
+}
+
 // Kill kills the newest running child of h (the highest incarnation) with
 // SIGKILL, as a crash would, and waits until the child is reaped and a new
 // child, of a higher incarnation, runs in its slot. It fails the test
 // (t.Fatal) if h has no running child, or if no replacement runs within a
-// minute. Call it from the test's goroutine.
+// minute. Call it from the test's goroutine. A running child is one in
+// state "running" or "unhealthy" (it failed its last health check, and
+// still serves).
 //
 // The requests the child was serving fail as the module's requests fail at
 // a crash: 502 Bad Gateway, or an aborted response.
@@ -279,7 +287,7 @@ func Kill(t testing.TB, h *subproc.Handle) {
 		gone, next := true, false
 		for _, cs := range s.Children {
 			gone = gone && cs.Pid != c.Pid
-			next = next || (cs.Slot == c.Slot && cs.Incarnation > c.Incarnation && cs.State == "running")
+			next = next || (cs.Slot == c.Slot && cs.Incarnation > c.Incarnation && serving(cs))
 		}
 		return gone && next
 	}

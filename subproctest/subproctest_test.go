@@ -327,3 +327,26 @@ func procState(t *testing.T, pid int) byte {
 	s := string(b)
 	return s[strings.LastIndexByte(s, ')')+2]
 }
+
+// A child that failed a health check (it was frozen, and is thawed) is
+// still the module's serving child, shown "unhealthy" until a check
+// passes: Kill kills it. (It failed the test: "no running child".)
+func TestKillAfterAFailedCheck(t *testing.T) {
+	checkLeaks(t)
+	h := subproctest.Start(t, "greeter", subproc.Options{HealthInterval: time.Hour, HealthTimeout: 100 * time.Millisecond})
+	thaw := subproctest.Freeze(t, h)
+	if _, err := h.HealthCheck(context.Background()); err == nil {
+		t.Fatal("a frozen child answered a health check")
+	}
+	thaw()
+	if st := h.Stats(); len(st.Children) != 1 || st.Children[0].State != "unhealthy" {
+		t.Fatalf("after a failed check, children %+v; want one, unhealthy", st.Children)
+	}
+	f := &fakeT{TB: t}
+	if msg := f.run(func(t testing.TB) { subproctest.Kill(t, h) }); msg != "" {
+		t.Errorf("Kill failed the test: %s", msg)
+	}
+	if st := h.Stats(); len(st.Children) != 1 || st.Children[0].Incarnation != 1 || !strings.Contains(st.LastExit, "killed") {
+		t.Errorf("after Kill: %+v", st)
+	}
+}
