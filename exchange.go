@@ -247,7 +247,7 @@ func (x *exchange) tunnel() {
 				x.endTunnel()
 				return
 			}
-			if n := x.s.consume(ev.n); n > 0 {
+			if n := x.s.consumeCost(ev.charge()); n > 0 {
 				x.c.sendWindowUpdate(x.s.id, n, stop)
 			}
 		case kindEnd:
@@ -412,6 +412,12 @@ func (x *exchange) writeHead(ev event) (final bool) {
 	}
 	adoptHeader(dst, ev.head.Header) // decoded for this response alone
 	if ev.head.Status < 200 && ev.head.Status != http.StatusSwitchingProtocols {
+		if ev.head.Status == http.StatusContinue && x.body != nil && x.body.continued.Load() {
+			// The module's own 100, after its first read of the body
+			// made net/http send one: in-process that read would have
+			// sent none after it.
+			return false
+		}
 		// net/http writes a 1xx head to the client at once, and waits
 		// there for a client that reads nothing.
 		x.armCut()
@@ -513,7 +519,7 @@ func (x *exchange) writeData(ev event) bool {
 	}
 	// Credit goes back half a window at a time, with the window's growth
 	// while the stream drains quickly (see recvWindow.consume).
-	if n := x.s.consume(ev.n); n > 0 {
+	if n := x.s.consumeCost(ev.charge()); n > 0 {
 		x.c.sendWindowUpdate(x.s.id, n, x.ctx.Done())
 	}
 	if ev.flags&flagFlush != 0 {
@@ -616,15 +622,27 @@ type bodySender struct {
 	// only if no read is under way or will start.
 	reading atomic.Bool
 
-	// guard is set, and hdrMu held by each read of r.Body, when r.Body is
-	// an http.MaxBytesReader of an HTTP/1 request: the read that crosses
-	// its limit writes "Connection: close" into the response's header
-	// map, from the pump's goroutine, which would race with the
-	// exchange writing the module's head there (a concurrent map write,
-	// fatal to the whole process). The exchange holds hdrMu while it
-	// writes the head (see lockHeader).
+	// guard is set when reads of r.Body may write to w from the pump's
+	// goroutine (see maxBytes and expect), and those reads hold hdrMu.
+	// The exchange holds hdrMu while it writes a head (see lockHeader).
 	guard bool
 	hdrMu sync.Mutex
+
+	// maxBytes is set when r.Body is an http.MaxBytesReader of an HTTP/1
+	// request: the read that crosses its limit writes "Connection: close"
+	// into the response's header map, which would race with the exchange
+	// writing the module's head there (a concurrent map write, fatal to
+	// the whole process), so every read holds hdrMu. expect is set for an HTTP/1
+	// request with "Expect: 100-continue": net/http's first read of its
+	// body writes "100 Continue" into the connection, from the pump's
+	// goroutine, which would race with the exchange writing a 1xx head
+	// there (net/http's WriteHeader of a 1xx other than 100 does not
+	// exclude that write); so that first read holds hdrMu too. Both set
+	// guard.
+	maxBytes, expect bool
+	// continued is set, under hdrMu, once that first read has begun: net/http
+	// has written "100 Continue", or will not (a final head went first).
+	continued atomic.Bool
 
 	// stalled, if not nil, is called by halt before it waits for a read
 	// that it cannot interrupt; fixed.
@@ -646,12 +664,22 @@ func isMaxBytesReader(body io.ReadCloser) bool {
 
 var maxBytesReaderType = reflect.TypeOf(http.MaxBytesReader(nil, http.NoBody, 0))
 
+// isExpectContinueReader reports whether body is net/http's body of an
+// HTTP/1 request with "Expect: 100-continue", which writes "100 Continue"
+// at its first read; its type is not exported.
+func isExpectContinueReader(body io.ReadCloser) bool {
+	t := reflect.TypeOf(body)
+	return t != nil && t.Kind() == reflect.Pointer && t.Elem().Name() == "expectContinueReader" && t.Elem().PkgPath() == "net/http"
+}
+
 // startBody starts sending r's body on stream s. rc is r's
 // ResponseController, used to interrupt a blocked read of the body;
 // stalled, if not nil, is called when it cannot (see halt).
 func startBody(c *child, s *stream, r *http.Request, rc *http.ResponseController, stalled func()) *bodySender {
 	b := &bodySender{c: c, s: s, r: r, rc: rc, stalled: stalled, stop: make(chan struct{}), done: make(chan struct{})}
-	b.guard = r.ProtoMajor == 1 && isMaxBytesReader(r.Body)
+	b.maxBytes = r.ProtoMajor == 1 && isMaxBytesReader(r.Body)
+	b.expect = r.ProtoMajor == 1 && headerHasToken(r.Header["Expect"], "100-continue")
+	b.guard = b.maxBytes || b.expect
 	go b.pumpRequestBody()
 	return b
 }
@@ -765,6 +793,7 @@ func (b *bodySender) pumpRequestBody() {
 	}()
 	var sent int64 // body bytes read so far
 	peeked := false
+	continued := false // the first read of an Expect: 100-continue body is done
 	for {
 		// Once the declared body is all sent, a read of one byte, with
 		// no credit, looks for its end: the end costs no credit, so it
@@ -803,11 +832,32 @@ func (b *bodySender) pumpRequestBody() {
 			n = len(*buf)
 		}
 		s.bodyTouched.Store(true)
-		if b.guard {
+		hold := b.maxBytes || b.expect && !continued
+		if hold {
 			b.hdrMu.Lock()
 		}
+		if b.expect && !continued {
+			b.continued.Store(true)
+			if r.ContentLength > 0 && isExpectContinueReader(r.Body) {
+				// net/http's own body of known length: an empty read
+				// writes the "100 Continue" and returns without waiting
+				// for the client, which would hold back the heads
+				// meanwhile.
+				r.Body.Read((*buf)[:0])
+				continued = true
+				hold = b.maxBytes
+				if !hold {
+					b.hdrMu.Unlock()
+				}
+			}
+		}
 		m, rerr := r.Body.Read((*buf)[:n])
-		if b.guard {
+		if m > 0 || rerr != nil {
+			// Bytes of the body, or its end: the "100 Continue" went
+			// before them.
+			continued = true
+		}
+		if hold {
 			b.hdrMu.Unlock()
 		}
 		sent += int64(m)

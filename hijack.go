@@ -289,6 +289,22 @@ func (d *connDeadline) wait() <-chan struct{} {
 	return d.chLocked()
 }
 
+// passed reports whether the deadline has passed; false for none, or
+// for a closed conn.
+func (d *connDeadline) passed() bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.err != nil || d.ch == nil {
+		return false
+	}
+	select {
+	case <-d.ch:
+		return true
+	default:
+		return false
+	}
+}
+
 // cause says why a wait's channel was closed.
 func (d *connDeadline) cause() error {
 	d.mu.Lock()

@@ -19,7 +19,7 @@ import (
 
 // protocolVersion is written in the preamble of both directions. Bump it
 // whenever a message or a frame kind changes meaning.
-const protocolVersion = 11
+const protocolVersion = 12
 
 // Frame kinds. PROTOCOL.md says which side may send which kind in each
 // state of a stream. Every frame carries a request id; kinds marked "id 0" are not
@@ -180,6 +180,13 @@ type requestHead struct {
 	// in-process shares with the middleware that called it. Usually empty,
 	// and then it costs nothing on the wire (see wire.go).
 	ResponseHeader http.Header
+
+	// Form and PostForm are r.Form and r.PostForm when a middleware in
+	// front of the Handle parsed the form (r.ParseForm, r.FormValue,
+	// r.PostFormValue), which consumed the body: the child's request gets
+	// them, as the handler in-process would find them. nil when not
+	// parsed, and then they cost nothing on the wire.
+	Form, PostForm http.Header
 }
 
 // tlsState is the part of tls.ConnectionState that can cross a pipe.
@@ -387,6 +394,12 @@ func newRequestHead(r *http.Request) *requestHead {
 		h.Trailer = append(h.Trailer, k)
 	}
 	h.Pattern, h.PathValues = pathValues(r)
+	if r.Form != nil {
+		h.Form = http.Header(r.Form)
+	}
+	if r.PostForm != nil {
+		h.PostForm = http.Header(r.PostForm)
+	}
 	if s := r.TLS; s != nil {
 		h.TLS = &tlsState{
 			Version:            s.Version,
@@ -436,6 +449,12 @@ func (h *requestHead) request(u *url.URL) (http.Request, error) {
 		Close:            h.Close,
 		RemoteAddr:       h.RemoteAddr,
 		RequestURI:       h.RequestURI,
+	}
+	if h.Form != nil {
+		r.Form = url.Values(h.Form)
+	}
+	if h.PostForm != nil {
+		r.PostForm = url.Values(h.PostForm)
 	}
 	if len(h.Trailer) > 0 {
 		r.Trailer = make(http.Header, len(h.Trailer))

@@ -701,6 +701,9 @@ func (w *responseWriter) Write(p []byte) (int, error) {
 		return 0, http.ErrBodyNotAllowed
 	}
 	if w.clen >= 0 && w.written+int64(len(p)) > w.clen {
+		// Counted all the same, as net/http counts it: every later
+		// write fails too, and the response ends cut (see finish).
+		w.written += int64(len(p))
 		return 0, http.ErrContentLength
 	}
 	if w.err != nil {
@@ -823,6 +826,11 @@ func (w *responseWriter) EnableFullDuplex() error {
 func (w *responseWriter) sendBodyLocked(flags uint8, end *outFrame) error {
 	if w.aborted {
 		return w.err
+	}
+	if w.err == nil && w.wdl.passed() {
+		// As in-process, where every write to the connection fails once
+		// its write deadline has passed, whether or not it must wait.
+		w.fail(&net.OpError{Op: "write", Net: "tcp", Err: os.ErrDeadlineExceeded})
 	}
 	var batch [3]outFrame
 	fs := batch[:0]

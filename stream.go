@@ -386,6 +386,7 @@ type bodyReader struct {
 
 	mu     sync.Mutex // guards the fields below
 	chunks []chunk    // queued chunks; the first is read from off
+	costs  []int      // what each queued chunk costs against the window: several frames, when small ones were appended to it (see push)
 	off    int
 	queued int         // what the queued chunks cost against the window
 	recv   recvWindow  // the window granted to the parent
@@ -429,8 +430,24 @@ func (b *bodyReader) push(c chunk) error {
 		c.release()
 		return nil
 	}
-	b.chunks = append(b.chunks, c)
 	b.queued += frameCost(c.n)
+	if k := len(b.chunks); k > 0 && c.buf != nil {
+		// A small frame goes into the buffer of the one before, if it
+		// has room: else each would hold a pooled buffer of smallChunk
+		// bytes or more for the few bytes the parent read, 16 times what
+		// the window charges a one-byte frame.
+		last := &b.chunks[k-1]
+		if last.buf != nil && len(*last.buf)-last.n >= c.n {
+			copy((*last.buf)[last.n:], c.data())
+			last.n += c.n
+			b.costs[k-1] += frameCost(c.n)
+			c.release()
+			b.signal()
+			return nil
+		}
+	}
+	b.chunks = append(b.chunks, c)
+	b.costs = append(b.costs, frameCost(c.n))
 	b.signal()
 	return nil
 }
@@ -481,9 +498,9 @@ func (b *bodyReader) read(p []byte, cancel <-chan struct{}) (int, error) {
 		n += k
 		b.off += k
 		if b.off == c.n {
-			consumed += frameCost(c.n)
+			consumed += b.costs[0]
 			c.release()
-			b.chunks, b.off = b.chunks[1:], 0
+			b.chunks, b.costs, b.off = b.chunks[1:], b.costs[1:], 0
 		}
 	}
 	b.consumeLocked(consumed)
@@ -509,10 +526,10 @@ func (b *bodyReader) WriteTo(w io.Writer) (int64, error) {
 			}
 			return total, err
 		}
-		c, off := b.chunks[0], b.off
+		c, off, cost := b.chunks[0], b.off, b.costs[0]
 		b.chunks[0] = chunk{}
-		b.chunks, b.off = b.chunks[1:], 0
-		b.consumeLocked(frameCost(c.n))
+		b.chunks, b.costs, b.off = b.chunks[1:], b.costs[1:], 0
+		b.consumeLocked(cost)
 		n, err := c.writeTo(w, off)
 		total += int64(n)
 		if err != nil {
@@ -600,7 +617,7 @@ func (b *bodyReader) Close() error {
 	for i := range b.chunks {
 		b.chunks[i].release()
 	}
-	b.chunks, b.queued = nil, 0
+	b.chunks, b.costs, b.queued = nil, nil, 0
 	b.recv.release()
 	b.signal()
 	return nil
@@ -651,6 +668,17 @@ type event struct {
 	head    *responseHead // kindResponse
 	chunk                 // kindData: the bytes, owned by the receiver of the event
 	trailer http.Header   // kindEnd
+	// cost is what a kindData event costs against the window when it
+	// holds several frames (see stream.pushEvent); 0 for one frame.
+	cost int
+}
+
+// charge returns what a kindData event costs against the window.
+func (ev *event) charge() int {
+	if ev.cost > 0 {
+		return ev.cost
+	}
+	return frameCost(ev.n)
 }
 
 // A chunk is body bytes in a pooled buffer or in a slot of a bodyRing: as
@@ -750,10 +778,27 @@ func (s *stream) pushEvent(ev event) error {
 		}
 		s.infoHeld += n
 	}
-	s.events = append(s.events, ev)
 	if ev.kind == kindData {
 		s.queued += frameCost(ev.n)
+		if k := len(s.events); k > 0 && ev.buf != nil {
+			// Small frames that wait for a slow client are appended to
+			// the buffer of the one before, if it has room: else each
+			// would hold a pooled buffer of smallChunk bytes or more for
+			// the few bytes a flush sent, 16 times what the window
+			// charges a one-byte frame.
+			last := &s.events[k-1]
+			if last.kind == kindData && last.buf != nil && len(*last.buf)-last.n >= ev.n {
+				copy((*last.buf)[last.n:], ev.data())
+				last.cost = last.charge() + frameCost(ev.n)
+				last.n += ev.n
+				last.flags |= ev.flags
+				ev.release()
+				s.signal()
+				return nil
+			}
+		}
 	}
+	s.events = append(s.events, ev)
 	s.signal()
 	return nil
 }
@@ -779,10 +824,14 @@ func informationalCost(ev event) int {
 // nothing more is queued by then. Once the response's end has arrived, the
 // child needs no more credit: none is returned, which spares most responses
 // of more than half a window their only window update.
-func (s *stream) consume(n int) int {
+func (s *stream) consume(n int) int { return s.consumeCost(frameCost(n)) }
+
+// consumeCost is consume for an event that cost cost against the window
+// (see event.charge).
+func (s *stream) consumeCost(cost int) int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	grant := s.recv.consume(frameCost(n), len(s.events) == 0)
+	grant := s.recv.consume(cost, len(s.events) == 0)
 	if s.ended {
 		return 0
 	}
@@ -980,7 +1029,7 @@ func (s *stream) next(cancel <-chan struct{}) (event, error) {
 			}
 			switch ev.kind {
 			case kindData:
-				s.queued -= frameCost(ev.n)
+				s.queued -= ev.charge()
 			case kindResponse:
 				s.infoHeld -= informationalCost(ev)
 			case kindEnd, kindAbort:

@@ -262,6 +262,8 @@ const (
 	headDeadline       // requestHead: a Deadline follows
 	headPattern        // requestHead: a Pattern and its PathValues follow
 	headHijackable     // requestHead: the parent can hijack the client's connection; a LocalAddr follows
+	headForm           // requestHead: a Form follows (r.Form was parsed in the parent)
+	headPostForm       // requestHead: a PostForm follows
 )
 
 // appendWire appends h's encoding to b.
@@ -295,6 +297,12 @@ func (h *requestHead) appendWire(b []byte) []byte {
 	if h.Hijackable {
 		flags |= headHijackable
 	}
+	if h.Form != nil {
+		flags |= headForm
+	}
+	if h.PostForm != nil {
+		flags |= headPostForm
+	}
 	w.uint(flags)
 	for _, s := range []string{h.Method, h.Scheme, h.Opaque, h.User, h.URLHost, h.Path, h.RawPath, h.RawQuery, h.Fragment, h.Proto, h.Host, h.RemoteAddr, h.RequestURI} {
 		w.string(s)
@@ -317,6 +325,12 @@ func (h *requestHead) appendWire(b []byte) []byte {
 	}
 	if flags&headHijackable != 0 {
 		w.string(h.LocalAddr)
+	}
+	if flags&headForm != 0 {
+		w.header(h.Form)
+	}
+	if flags&headPostForm != 0 {
+		w.header(h.PostForm)
 	}
 	if t := h.TLS; t != nil {
 		w.uint(uint64(t.Version))
@@ -363,6 +377,16 @@ func (h *requestHead) decodeWire(p []byte) error {
 	}
 	if flags&headHijackable != 0 {
 		h.LocalAddr = r.string()
+	}
+	if flags&headForm != 0 {
+		if h.Form = r.header(); h.Form == nil {
+			h.Form = http.Header{} // parsed, and empty
+		}
+	}
+	if flags&headPostForm != 0 {
+		if h.PostForm = r.header(); h.PostForm == nil {
+			h.PostForm = http.Header{}
+		}
 	}
 	if flags&headTLS != 0 {
 		h.TLS = &tlsState{
@@ -470,6 +494,7 @@ func headerSize(h http.Header) int {
 // wireSize bounds the size of h's encoding.
 func (h *requestHead) wireSize() int {
 	n := 64 + stringsSize(h.TransferEncoding) + stringsSize(h.Trailer) + headerSize(h.Header) + headerSize(h.ResponseHeader)
+	n += headerSize(h.Form) + headerSize(h.PostForm)
 	n += varintMax + len(h.Pattern) + stringsSize(h.PathValues)
 	n += varintMax + len(h.LocalAddr)
 	for _, s := range []string{h.Method, h.Scheme, h.Opaque, h.User, h.URLHost, h.Path, h.RawPath, h.RawQuery, h.Fragment, h.Proto, h.Host, h.RemoteAddr, h.RequestURI} {
