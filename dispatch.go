@@ -69,10 +69,9 @@ type conn struct {
 	enc     *encoder
 	werr    error // once set, nothing more is written: the pipe failed or is closed
 
-	// broken is closed, and failed set, when a write to the pipe has
-	// failed: what it held and whatever is sent later is lost.
+	// broken is closed when a write to the pipe has failed: what it held
+	// and whatever is sent later is lost.
 	broken chan struct{}
-	failed atomic.Bool
 
 	fr  *frame.Reader // owned by the reading goroutine
 	dec *decoder      // owned by the reading goroutine
@@ -194,7 +193,6 @@ func (c *conn) writeLocked() error {
 		}
 		if err != nil {
 			c.werr = err // so this is the loop's last write, and the pipe's
-			c.failed.Store(true)
 			close(c.broken)
 		}
 		if c.drained != nil {
@@ -536,7 +534,15 @@ func hasBody(r *http.Request) bool {
 func (c *child) usable() bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.err == nil && !c.failed.Load()
+	if c.err != nil {
+		return false
+	}
+	select {
+	case <-c.broken:
+		return false
+	default:
+		return true
+	}
 }
 
 // ping sends one ping and waits for its pong.

@@ -349,7 +349,7 @@ func (x *exchange) canceled() {
 // replyError answers the request, whose response has not started, with
 // code and a text that names the module, "subproc: module %q", followed
 // by format. It halts the body pump first: an http.MaxBytesReader's read
-// could otherwise write w's header meanwhile (see bodySender.guard).
+// could otherwise write w's header meanwhile (see bodySender.hdrMu).
 // After a 1xx head, w's header is first what it was before that head:
 // the module's fields (a Set-Cookie, a Cache-Control) are not the
 // parent's answer's.
@@ -533,14 +533,15 @@ func (x *exchange) writeData(ev event) bool {
 const sniffLen = 512
 
 // lockHeader returns once the body pump cannot write w's header, until the
-// function it returns is called. Only an http.MaxBytesReader does that (see
-// bodySender.guard); for any other body it returns at once. The pump's
+// function it returns is called. Only an http.MaxBytesReader, and the
+// first read of an Expect: 100-continue body, do that (see
+// bodySender.hdrMu); for any other body it returns at once. The pump's
 // read may be waiting for a client that sends slowly: then so does the
 // head, until the client sends more or the request ends. (Halting the pump
 // instead would leave the module's body without its end.)
 func (x *exchange) lockHeader() (unlock func()) {
 	b := x.body
-	if b == nil || !b.guard {
+	if b == nil || !b.maxBytes && !b.expect {
 		return func() {}
 	}
 	if !b.hdrMu.TryLock() {
@@ -622,10 +623,9 @@ type bodySender struct {
 	// only if no read is under way or will start.
 	reading atomic.Bool
 
-	// guard is set when reads of r.Body may write to w from the pump's
-	// goroutine (see maxBytes and expect), and those reads hold hdrMu.
-	// The exchange holds hdrMu while it writes a head (see lockHeader).
-	guard bool
+	// hdrMu is held by the reads of r.Body that may write to w from the
+	// pump's goroutine (see maxBytes and expect), and by the exchange
+	// while it writes a head (see lockHeader).
 	hdrMu sync.Mutex
 
 	// maxBytes is set when r.Body is an http.MaxBytesReader of an HTTP/1
@@ -637,9 +637,12 @@ type bodySender struct {
 	// body writes "100 Continue" into the connection, from the pump's
 	// goroutine, which would race with the exchange writing a 1xx head
 	// there (net/http's WriteHeader of a 1xx other than 100 does not
-	// exclude that write); so that first read holds hdrMu too. Both set
-	// guard.
+	// exclude that write); so that first read holds hdrMu too.
 	maxBytes, expect bool
+	// expectPending is set, for the pump alone, until the first read of
+	// an Expect: 100-continue body has returned bytes or an error (see
+	// readBody).
+	expectPending bool
 	// continued is set, under hdrMu, once that first read has begun: net/http
 	// has written "100 Continue", or will not (a final head went first).
 	continued atomic.Bool
@@ -679,7 +682,7 @@ func startBody(c *child, s *stream, r *http.Request, rc *http.ResponseController
 	b := &bodySender{c: c, s: s, r: r, rc: rc, stalled: stalled, stop: make(chan struct{}), done: make(chan struct{})}
 	b.maxBytes = r.ProtoMajor == 1 && isMaxBytesReader(r.Body)
 	b.expect = r.ProtoMajor == 1 && headerHasToken(r.Header["Expect"], "100-continue")
-	b.guard = b.maxBytes || b.expect
+	b.expectPending = b.expect
 	go b.pumpRequestBody()
 	return b
 }
@@ -778,6 +781,44 @@ func (b *bodySender) close() {
 	b.stopOnce.Do(func() { close(b.stop) })
 }
 
+// readBody reads r.Body into p, holding hdrMu while the read may write to
+// w: every read of an http.MaxBytesReader, and the reads of an Expect:
+// 100-continue body until one returns bytes or an error (the "100
+// Continue" went before them).
+func (b *bodySender) readBody(p []byte) (int, error) {
+	r := b.r
+	if !b.maxBytes && !b.expectPending {
+		return r.Body.Read(p)
+	}
+	b.hdrMu.Lock()
+	locked := true
+	defer func() {
+		if locked {
+			b.hdrMu.Unlock()
+		}
+	}()
+	if b.expectPending {
+		b.continued.Store(true)
+		if r.ContentLength > 0 && isExpectContinueReader(r.Body) {
+			// net/http's own body of known length: an empty read
+			// writes the "100 Continue" and returns without waiting
+			// for the client, which would hold back the heads
+			// meanwhile.
+			r.Body.Read(p[:0])
+			b.expectPending = false
+			if !b.maxBytes {
+				b.hdrMu.Unlock()
+				locked = false
+			}
+		}
+	}
+	m, err := r.Body.Read(p)
+	if m > 0 || err != nil {
+		b.expectPending = false
+	}
+	return m, err
+}
+
 // pumpRequestBody reads r's body and sends it to the child in data frames,
 // each within the credit the child granted, then its end (with trailers,
 // or saying how reading failed). It returns when the body is sent, the
@@ -793,7 +834,6 @@ func (b *bodySender) pumpRequestBody() {
 	}()
 	var sent int64 // body bytes read so far
 	peeked := false
-	continued := false // the first read of an Expect: 100-continue body is done
 	for {
 		// Once the declared body is all sent, a read of one byte, with
 		// no credit, looks for its end: the end costs no credit, so it
@@ -832,34 +872,7 @@ func (b *bodySender) pumpRequestBody() {
 			n = len(*buf)
 		}
 		s.bodyTouched.Store(true)
-		hold := b.maxBytes || b.expect && !continued
-		if hold {
-			b.hdrMu.Lock()
-		}
-		if b.expect && !continued {
-			b.continued.Store(true)
-			if r.ContentLength > 0 && isExpectContinueReader(r.Body) {
-				// net/http's own body of known length: an empty read
-				// writes the "100 Continue" and returns without waiting
-				// for the client, which would hold back the heads
-				// meanwhile.
-				r.Body.Read((*buf)[:0])
-				continued = true
-				hold = b.maxBytes
-				if !hold {
-					b.hdrMu.Unlock()
-				}
-			}
-		}
-		m, rerr := r.Body.Read((*buf)[:n])
-		if m > 0 || rerr != nil {
-			// Bytes of the body, or its end: the "100 Continue" went
-			// before them.
-			continued = true
-		}
-		if hold {
-			b.hdrMu.Unlock()
-		}
+		m, rerr := b.readBody((*buf)[:n])
 		sent += int64(m)
 		b.read.Store(sent)
 		b.reading.Store(false)

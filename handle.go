@@ -448,7 +448,7 @@ func start(ctx context.Context, name string, opts Options, launch launcher) (*Ha
 			for _, c := range first[:i] {
 				h.teardown(c)
 				// Its ChildStarted was posted: so is its end.
-				h.post(Event{Kind: ChildExited, Pid: c.proc.Pid(), Incarnation: c.incarnation, Slot: c.slot, Reason: "shutdown", Err: c.exitError(), Output: c.tail()})
+				h.postExited(c, "shutdown", c.tail())
 			}
 			h.finish()
 			return nil, err

@@ -53,14 +53,13 @@ func (h *Handle) monitor(c *child) {
 // requests fail, or go to the next child if it had not taken them, and the
 // slot restarts, instead of waiting for health checks that fail.
 func (h *Handle) pipeBroken(c *child) {
-	t := time.NewTimer(exitWait)
-	defer t.Stop()
+	if c.awaitExit() {
+		return
+	}
 	select {
-	case <-c.exited:
-		return
 	case <-c.done:
-		return
-	case <-t.C:
+		return // its pipe ended too: readLoop sees to it
+	default:
 	}
 	err := &protocolError{"the pipe to the child failed while the child lives on"}
 	c.condemn(err)

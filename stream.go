@@ -431,20 +431,10 @@ func (b *bodyReader) push(c chunk) error {
 		return nil
 	}
 	b.queued += frameCost(c.n)
-	if k := len(b.chunks); k > 0 && c.buf != nil {
-		// A small frame goes into the buffer of the one before, if it
-		// has room: else each would hold a pooled buffer of smallChunk
-		// bytes or more for the few bytes the parent read, 16 times what
-		// the window charges a one-byte frame.
-		last := &b.chunks[k-1]
-		if last.buf != nil && len(*last.buf)-last.n >= c.n {
-			copy((*last.buf)[last.n:], c.data())
-			last.n += c.n
-			b.costs[k-1] += frameCost(c.n)
-			c.release()
-			b.signal()
-			return nil
-		}
+	if k := len(b.chunks); k > 0 && b.chunks[k-1].absorb(c) {
+		b.costs[k-1] += frameCost(c.n)
+		b.signal()
+		return nil
 	}
 	b.chunks = append(b.chunks, c)
 	b.costs = append(b.costs, frameCost(c.n))
@@ -714,6 +704,22 @@ func (c *chunk) writeTo(w io.Writer, off int) (int, error) {
 
 // release returns the chunk's buffer, or ring slot, for reuse. It does
 // nothing for a chunk released already, or a zero one.
+// absorb appends the bytes of d, a chunk queued after c, to c's buffer and
+// releases d, if both are in pooled buffers and c's has room; it reports
+// whether it did. Small frames that wait for a slow reader are so held in
+// one buffer: else each would hold a pooled buffer of smallChunk bytes or
+// more for its few bytes, 16 times what the window charges a one-byte
+// frame.
+func (c *chunk) absorb(d chunk) bool {
+	if c.buf == nil || d.buf == nil || len(*c.buf)-c.n < d.n {
+		return false
+	}
+	copy((*c.buf)[c.n:], d.data())
+	c.n += d.n
+	d.release()
+	return true
+}
+
 func (c *chunk) release() {
 	if c.ring != nil {
 		c.ring.free(int(c.slot))
@@ -780,19 +786,11 @@ func (s *stream) pushEvent(ev event) error {
 	}
 	if ev.kind == kindData {
 		s.queued += frameCost(ev.n)
-		if k := len(s.events); k > 0 && ev.buf != nil {
-			// Small frames that wait for a slow client are appended to
-			// the buffer of the one before, if it has room: else each
-			// would hold a pooled buffer of smallChunk bytes or more for
-			// the few bytes a flush sent, 16 times what the window
-			// charges a one-byte frame.
+		if k := len(s.events); k > 0 && s.events[k-1].kind == kindData {
 			last := &s.events[k-1]
-			if last.kind == kindData && last.buf != nil && len(*last.buf)-last.n >= ev.n {
-				copy((*last.buf)[last.n:], ev.data())
-				last.cost = last.charge() + frameCost(ev.n)
-				last.n += ev.n
+			if cost := last.charge(); last.absorb(ev.chunk) {
+				last.cost = cost + frameCost(ev.n)
 				last.flags |= ev.flags
-				ev.release()
 				s.signal()
 				return nil
 			}

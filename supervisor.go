@@ -423,7 +423,7 @@ func (s *supervisor) retire(c *child) {
 	h.lastExit = reason
 	h.mu.Unlock()
 	h.logf("child pid %d (incarnation %d) ended: %s; restarting.%s", c.proc.Pid(), c.incarnation, reason, formatTail(logged))
-	h.post(Event{Kind: ChildExited, Pid: c.proc.Pid(), Incarnation: c.incarnation, Slot: c.slot, Reason: word, Err: c.exitError(), Output: tail})
+	h.postExited(c, word, tail)
 	if degraded {
 		h.post(Event{Kind: ModuleDegraded, Slot: c.slot, Reason: word})
 	}
@@ -537,7 +537,7 @@ func (h *Handle) drain(c *child, reason string, grace time.Duration) {
 			reason = word
 		}
 	}
-	h.post(Event{Kind: ChildExited, Pid: c.proc.Pid(), Incarnation: c.incarnation, Slot: c.slot, Reason: reason, Err: c.exitError(), Output: c.tail()})
+	h.postExited(c, reason, c.tail())
 }
 
 // drainTimeout bounds how long the parent waits, after a child has been
@@ -564,6 +564,12 @@ func (h *Handle) startChild(ctx context.Context, slot int, why string) (*child, 
 // postStarted posts the ChildStarted event of c, which became ready.
 func (h *Handle) postStarted(c *child, why string) {
 	h.post(Event{Kind: ChildStarted, Pid: c.proc.Pid(), Incarnation: c.incarnation, Slot: c.slot, Reason: why})
+}
+
+// postExited posts the ChildExited of c, torn down, for reason (an Event
+// reason word), with its exit status and output.
+func (h *Handle) postExited(c *child, reason string, output []string) {
+	h.post(Event{Kind: ChildExited, Pid: c.proc.Pid(), Incarnation: c.incarnation, Slot: c.slot, Reason: reason, Err: c.exitError(), Output: output})
 }
 
 // launchChild starts a child for the slot and waits until it is ready, as
