@@ -40,10 +40,10 @@ func giveUp(ctx context.Context, c *child, s *stream) {
 // proxy copies the request body to the child and the child's response to w.
 // It returns true, having written nothing, if the child died without reading
 // the request and before any of the request's body was consumed: then the
-// request may go to the next child. admitted is ServeHTTP's record that the
-// request holds its MaxInFlight place (see exchange.admitted).
-func (h *Handle) proxy(w http.ResponseWriter, r *http.Request, c *child, s *stream, admitted *bool) (retry bool) {
-	s.x = exchange{h: h, w: w, r: r, ctx: r.Context(), c: c, s: s, admitted: admitted}
+// request may go to the next child. admitted says whether the request still
+// holds its MaxInFlight place (see exchange.placeFreed).
+func (h *Handle) proxy(w http.ResponseWriter, r *http.Request, c *child, s *stream, admitted bool) (retry bool) {
+	s.x = exchange{h: h, w: w, r: r, ctx: r.Context(), c: c, s: s, placeFreed: !admitted}
 	returned := false
 	defer func() {
 		s.disarmCut()
@@ -91,11 +91,11 @@ type exchange struct {
 	bodyWritten bool            // body bytes were written to w
 	cutShort    bool            // a write to w failed after the stream was cut (see stream.cutWrites)
 
-	// admitted is ServeHTTP's: set while the request holds its
-	// MaxInFlight place, which is ServeHTTP's to give back unless
-	// freePlace gave it back early. It outlives the exchange: a retried
-	// request's next exchange, and a panic's unwinding, see it.
-	admitted *bool
+	// placeFreed is set once the request does not hold its MaxInFlight
+	// place: freePlace gave it back early, or an earlier exchange of the
+	// request did (a retry). ServeHTTP reads it as proxy returns or
+	// panics, and then does not give the place back itself.
+	placeFreed bool
 
 	cutArmed    bool        // the stream's cut is armed (see armCut)
 	headWritten atomic.Bool // started, for cutAtDeadline's goroutine
@@ -580,8 +580,8 @@ func (x *exchange) writeTrailers(ev event) {
 // freePlace gives the request's MaxInFlight place back before ServeHTTP
 // returns: it waits for a client, not for the module (see halt).
 func (x *exchange) freePlace() {
-	if *x.admitted {
-		*x.admitted = false
+	if !x.placeFreed {
+		x.placeFreed = true
 		x.h.unadmit()
 	}
 }

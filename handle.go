@@ -554,8 +554,13 @@ func (h *Handle) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		// The same holds if the child dies before it takes the
 		// request (see acceptWord): then proxy asks for a retry.
 		retry := func() bool {
-			defer func() { h.release(c, s.answered()) }()
-			return h.proxy(w, r, c, s, &admitted)
+			defer func() {
+				h.release(c, s.answered())
+				if s.x.placeFreed { // also when proxy panics: an aborted response
+					admitted = false
+				}
+			}()
+			return h.proxy(w, r, c, s, admitted)
 		}()
 		if !retry {
 			return

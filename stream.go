@@ -653,20 +653,21 @@ type stream struct {
 
 // An event is one message of a response, in the order the child sent it.
 type event struct {
-	kind    uint8
-	flags   uint8
+	kind  uint8
+	flags uint8
+	// cost is what a kindData event costs against the window when it
+	// holds several frames (see stream.pushEvent); 0 for one frame. (An
+	// int32, in the padding after flags: streams hold four events inline.)
+	cost    int32
 	head    *responseHead // kindResponse
 	chunk                 // kindData: the bytes, owned by the receiver of the event
 	trailer http.Header   // kindEnd
-	// cost is what a kindData event costs against the window when it
-	// holds several frames (see stream.pushEvent); 0 for one frame.
-	cost int
 }
 
 // charge returns what a kindData event costs against the window.
 func (ev *event) charge() int {
 	if ev.cost > 0 {
-		return ev.cost
+		return int(ev.cost)
 	}
 	return frameCost(ev.n)
 }
@@ -789,7 +790,7 @@ func (s *stream) pushEvent(ev event) error {
 		if k := len(s.events); k > 0 && s.events[k-1].kind == kindData {
 			last := &s.events[k-1]
 			if cost := last.charge(); last.absorb(ev.chunk) {
-				last.cost = cost + frameCost(ev.n)
+				last.cost = int32(cost + frameCost(ev.n)) // at most a window
 				last.flags |= ev.flags
 				s.signal()
 				return nil

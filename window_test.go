@@ -353,7 +353,7 @@ func TestWindowReleasedOnEveryEnd(t *testing.T) {
 						panic(v)
 					}
 				}()
-				pp.c.h.proxy(w, r, pp.c, s, new(bool))
+				pp.c.h.proxy(w, r, pp.c, s, false)
 			}()
 			size := sizeOf(s)
 			require.Greater(t, size, initialWindow, "the stream's window never grew (%d): the test tests nothing", size)
