@@ -1,9 +1,13 @@
 package subproc
 
 import (
+	"bytes"
 	"fmt"
+	"runtime"
 	"runtime/debug"
+	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -81,6 +85,7 @@ type eventQueue struct {
 	logf func(string, ...any) // fixed; reports dropped events
 	wake chan struct{}        // capacity 1; signalled on post and on close
 	done chan struct{}        // closed when run has returned
+	gid  atomic.Uint64        // run's goroutine, for inCallback
 
 	mu      sync.Mutex // guards the fields below
 	queue   []Event
@@ -149,6 +154,7 @@ func (q *eventQueue) close() {
 
 func (q *eventQueue) run() {
 	defer close(q.done)
+	q.gid.Store(goroutineID())
 	for {
 		q.mu.Lock()
 		batch, dropped, closed := q.queue, q.dropped, q.closed
@@ -167,6 +173,27 @@ func (q *eventQueue) run() {
 			<-q.wake
 		}
 	}
+}
+
+// inCallback reports whether its caller runs on the callback's goroutine:
+// the callback itself, or what it called. Whoever waits for the queue to
+// end (see close) must not, there.
+func (q *eventQueue) inCallback() bool {
+	return q.fn != nil && q.gid.Load() == goroutineID()
+}
+
+// goroutineID returns the calling goroutine's id, which the runtime writes
+// at the head of its stack trace ("goroutine 18 [running]:"). It serves
+// only to recognise a goroutine, never to schedule one.
+func goroutineID() uint64 {
+	var buf [64]byte
+	b := buf[:runtime.Stack(buf[:], false)]
+	b = bytes.TrimPrefix(b, []byte("goroutine "))
+	if i := bytes.IndexByte(b, ' '); i > 0 {
+		b = b[:i]
+	}
+	id, _ := strconv.ParseUint(string(b), 10, 64)
+	return id
 }
 
 // deliver calls the callback with ev. A panic in it is logged, with its

@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -111,4 +112,41 @@ func TestOnEventQueueBoundsOutput(t *testing.T) {
 		}
 	}
 	assert.Equal(t, maxQueuedOutput/(20*len(line)), kept, "events with their Output")
+}
+
+// An OnEvent callback that shuts its handle down (Close on a crash) gets
+// a graceful stop.
+// (Shutdown waited for the callback to return: Close ran into its
+// ShutdownTimeout and killed the children, Shutdown(context.Background())
+// never returned.)
+func TestOnEventCanShutDown(t *testing.T) {
+	var hp atomic.Pointer[Handle]
+	var events eventLog
+	closed := make(chan error, 1)
+	h, err := Start(context.Background(), "fail-mod", testOptions(t, Options{
+		ShutdownTimeout: 5 * time.Second,
+		OnEvent: func(ev Event) {
+			events.add(ev)
+			if ev.Kind == ChildExited && ev.Reason == "crash" {
+				closed <- hp.Load().Close()
+			}
+		},
+	}))
+	require.NoError(t, err)
+	hp.Store(h)
+	pid := h.Stats().Pid
+	require.NoError(t, syscall.Kill(pid, syscall.SIGKILL))
+	select {
+	case err := <-closed:
+		require.NoError(t, err, "Close from OnEvent")
+	case <-time.After(30 * time.Second):
+		t.Fatalf("Close called from OnEvent has not returned; %+v", h.Stats())
+	}
+	require.NoError(t, h.Shutdown(context.Background()), "Shutdown waits for the callback's return")
+	assert.Equal(t, "stopped", h.Stats().State)
+	assertReaped(t, pid)
+	for _, c := range h.Stats().Children {
+		assertReaped(t, c.Pid)
+	}
+	assert.Equal(t, 1, events.count(ChildExited, "crash"), "events: %v", events.kinds())
 }

@@ -802,15 +802,21 @@ func (h *Handle) Ready() bool {
 // Shutdown returns when every child has been reaped and every goroutine of
 // the handle has returned, OnEvent's for every event posted: nil after a
 // graceful stop, or an error wrapping ctx's error after ctx ended, then
-// without waiting for OnEvent. It may be called more than once, and
+// without waiting for OnEvent. Called from OnEvent, it returns once every
+// child has been reaped, and the events posted meanwhile are delivered
+// after the callback returns. It may be called more than once, and
 // concurrently.
 func (h *Handle) Shutdown(ctx context.Context) error {
 	h.mu.Lock()
 	h.endLife()
 	h.notifyLocked()
 	h.mu.Unlock()
+	done := h.done
+	if h.events.inCallback() {
+		done = h.reaped // h.done waits for the callback to return
+	}
 	select {
-	case <-h.done:
+	case <-done:
 		return nil
 	case <-ctx.Done():
 		h.killOnce.Do(func() { close(h.kill) })
