@@ -282,6 +282,8 @@ type StartError struct {
 	Module string   // the module's name
 	Err    error    // what went wrong; the module's own error if its ModuleFunc failed
 	Output []string // the last lines the child wrote to its stderr, stdout and log
+
+	pid, incarnation int // the child that failed, if one was started: for its ChildExited
 }
 
 // Error says what failed, names the module, says what to do, and ends

@@ -19,6 +19,7 @@ import (
 	"os"
 	"os/exec"
 	"strconv"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -375,6 +376,13 @@ func (l *eventLog) kinds() []string {
 		ks = append(ks, ev.Kind.String()+" "+ev.Reason)
 	}
 	return ks
+}
+
+// all returns the events so far, in order.
+func (l *eventLog) all() []Event {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return slices.Clone(l.events)
 }
 
 // first returns the first event of kind.

@@ -376,6 +376,16 @@ func TestSuperviseFake(t *testing.T) {
 			assert.Equal(t, 1, h.Stats().Restarts)
 			waitFor(t, 10*time.Second, "six events", func() bool { return len(events.kinds()) >= 6 })
 			assert.Equal(t, []string{"ChildStarted ", "ChildRecycling restart", "ChildExited crash", "ModuleDegraded crash", "ChildExited crash", "ChildStarted crash"}, events.kinds())
+			var failed []Event
+			for _, ev := range events.all() {
+				if ev.Kind == ChildExited {
+					failed = append(failed, ev)
+				}
+			}
+			require.Len(t, failed, 2)
+			assert.Equal(t, 1, failed[1].Incarnation, "the failed replacement's exit")
+			assert.NotZero(t, failed[1].Pid, "the failed replacement's exit")
+			assert.NotEqual(t, failed[0].Pid, failed[1].Pid, "the two exits are of two children")
 		},
 	}, {
 		// Restart's context ends while the replacement starts: Restart
@@ -400,6 +410,9 @@ func TestSuperviseFake(t *testing.T) {
 			assert.ErrorIs(t, err, context.Canceled)
 			waitFor(t, 10*time.Second, "three events", func() bool { return len(events.kinds()) >= 3 })
 			assert.Equal(t, []string{"ChildStarted ", "ChildRecycling restart", "ChildExited restart"}, events.kinds())
+			exited := events.first(ChildExited)
+			assert.Equal(t, 1, exited.Incarnation, "the replacement's exit")
+			assert.NotZero(t, exited.Pid, "the replacement's exit")
 			assert.Equal(t, 0, h.Stats().Incarnation, "the child serving")
 		},
 	}, {

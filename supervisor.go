@@ -273,12 +273,14 @@ func (s *supervisor) replace(old *child, ask replaceAsk) (nc *child, oldGone boo
 		reason := startFailure(err)
 		if ask.ctx != nil && ask.ctx.Err() != nil {
 			// The caller's context ended the start: no crash.
-			err, reason = &StartError{Module: h.name, Err: ask.ctx.Err()}, "restart"
+			se := &StartError{Module: h.name, Err: ask.ctx.Err()}
+			if failed, ok := err.(*StartError); ok {
+				se.pid, se.incarnation = failed.pid, failed.incarnation
+			}
+			err, reason = se, "restart"
 		}
 		if h.life.Err() == nil {
-			var se *StartError
-			errors.As(err, &se)
-			h.post(Event{Kind: ChildExited, Slot: s.slot, Reason: reason, Err: err, Output: se.Output})
+			h.postStartFailed(s.slot, reason, err)
 		}
 		ask.started(err)
 		ask.finished(err)
@@ -344,9 +346,7 @@ func (s *supervisor) restart(failures *int, why string, early <-chan startResult
 			return nil
 		}
 		h.logf("restart failed: %v", err)
-		var se *StartError
-		errors.As(err, &se)
-		h.post(Event{Kind: ChildExited, Slot: s.slot, Reason: startFailure(err), Err: err, Output: se.Output})
+		h.postStartFailed(s.slot, startFailure(err), err)
 		*failures++
 		h.mu.Lock()
 		h.lastExit = err.Error()
@@ -572,6 +572,17 @@ func (h *Handle) postExited(c *child, reason string, output []string) {
 	h.post(Event{Kind: ChildExited, Pid: c.proc.Pid(), Incarnation: c.incarnation, Slot: c.slot, Reason: reason, Err: c.exitError(), Output: output})
 }
 
+// postStartFailed posts the ChildExited of a start for slot that failed
+// with err, a *StartError, for reason: the child's, if one was started.
+func (h *Handle) postStartFailed(slot int, reason string, err error) {
+	ev := Event{Kind: ChildExited, Slot: slot, Reason: reason, Err: err}
+	var se *StartError
+	if errors.As(err, &se) {
+		ev.Pid, ev.Incarnation, ev.Output = se.pid, se.incarnation, se.Output
+	}
+	h.post(ev)
+}
+
 // launchChild starts a child for the slot and waits until it is ready, as
 // startChild does, but posts no event.
 func (h *Handle) launchChild(ctx context.Context, slot int) (*child, error) {
@@ -675,7 +686,7 @@ wait:
 			err = fmt.Errorf("the child exited before it was ready (%v)", c.exitErr)
 		}
 	}
-	return nil, &StartError{Module: h.name, Err: err, Output: c.tail()}
+	return nil, &StartError{Module: h.name, Err: err, Output: c.tail(), pid: c.proc.Pid(), incarnation: c.incarnation}
 }
 
 // sourceLabel returns what marks the output of the child in slot with pid
