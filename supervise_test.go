@@ -243,6 +243,7 @@ func TestSuperviseFake(t *testing.T) {
 	replacementReady := make(chan struct{})
 	crashStderrHeld := make(chan struct{})
 	failingReady := make(chan struct{})
+	youngReady := make(chan struct{})
 	for _, tc := range []struct {
 		name   string
 		opts   Options
@@ -356,6 +357,26 @@ func TestSuperviseFake(t *testing.T) {
 			waitFor(t, 10*time.Second, "five events", func() bool { return len(events.kinds()) >= 5 })
 			assert.Equal(t, []string{"ChildStarted ", "ChildRecycling restart", "ChildExited crash", "ModuleDegraded crash", "ChildStarted restart"}, events.kinds())
 			assert.Equal(t, 2, len(f.startsOf()), "no other start")
+		},
+	}, {
+		// The old child dies while its replacement starts, and the
+		// replacement dies young: two deaths in a row, so the next start
+		// backs off. (The first death was not counted.)
+		name: "a crash while the replacement starts counts toward the backoff",
+		opts: Options{MaxRestartDelay: maxDelay},
+		behave: func(slot, inc int) fakeBehaviour {
+			if inc == 1 {
+				return fakeBehaviour{readyAt: youngReady, dieAfter: 10 * time.Millisecond}
+			}
+			return fakeBehaviour{}
+		},
+		check: func(t *testing.T, h *Handle, f *fakeChildren, events *eventLog) {
+			restarted := killDuringReplacement(t, h, f, events)
+			close(youngReady)
+			require.NoError(t, <-restarted)
+			awaitStats(t, h, 10*time.Second, "the third child running", runningInc(2))
+			require.Equal(t, 1, events.count(ModuleBackoff, "backoff"), "events: %v", events.kinds())
+			assert.Equal(t, minRestartDelay, events.first(ModuleBackoff).Delay)
 		},
 	}, {
 		// The same, but the replacement fails to start: the slot

@@ -211,6 +211,10 @@ func (s *supervisor) serve(cp **child, failures *int) (died bool) {
 			if time.Since(c.readyAt) >= stableUptime {
 				*failures = 0
 			}
+			if gone {
+				// c died, as run counts a death: nc is its restart.
+				*failures++
+			}
 			c, retry, retries = nc, nil, 0
 			arm()
 		case h.life.Err() != nil:
