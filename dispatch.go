@@ -412,6 +412,7 @@ type child struct {
 	monitored   chan struct{}      // made once ready; closed when its health monitor has returned
 	stopping    chan struct{}      // closed once it is told to stop: it answers no more checks
 	stopOnce    sync.Once
+	hung        chan struct{} // capacity 1; Handle.HealthCheck's word to the monitor that c must be killed
 
 	// Guarded by h.mu.
 	state        string        // "starting", "running", "draining", "exited"
@@ -459,6 +460,7 @@ func newChild(h *Handle, incarnation int, proc process, conn *conn, accept *acce
 		dying:       make(chan struct{}),
 		recycle:     make(chan string, 1),
 		stopping:    make(chan struct{}),
+		hung:        make(chan struct{}, 1),
 		pending:     make(map[uint64]*stream),
 		running:     make(map[*stream]struct{}),
 		forgotten:   make(map[uint64]time.Time),

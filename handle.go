@@ -736,9 +736,13 @@ func (h *Handle) checkOnce(ctx context.Context, c *child) (time.Duration, error)
 	// It counts as one of the supervisor's checks: the one that makes
 	// Options.HealthFailures in a row kills the child.
 	if !h.failedCheck(c, err) {
-		// As the periodic checks do: its stacks first (see killHung),
-		// without holding the caller for them.
-		go h.killHung(c)
+		// Its monitor kills it, as after its own checks: its stacks
+		// first (see killHung), without holding the caller for them.
+		// (A monitor that has returned did so because c is ending.)
+		select {
+		case c.hung <- struct{}{}:
+		default:
+		}
 	}
 	return 0, fmt.Errorf("subproc: module %q: health check of child pid %d: %w", h.name, c.proc.Pid(), err)
 }

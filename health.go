@@ -30,6 +30,9 @@ func (h *Handle) monitor(c *child) {
 		case <-c.broken:
 			h.pipeBroken(c)
 			return
+		case <-c.hung:
+			h.killHung(c) // Handle.HealthCheck's check was the last to fail
+			return
 		case <-tick.C:
 		}
 		if !h.checkMemory(c) {
