@@ -63,6 +63,11 @@ func (hc *hijackedConn) Read(p []byte) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
 	}
+	if hc.rdl.passed() {
+		// As a TCP conn's read fails once its deadline has passed, even
+		// with bytes waiting.
+		return 0, hc.opError("read", os.ErrDeadlineExceeded)
+	}
 	n, err := hc.in.read(p, hc.rdl.wait())
 	switch {
 	case err == errCanceled || err == http.ErrBodyReadAfterClose:
@@ -87,13 +92,21 @@ func (hc *hijackedConn) Write(p []byte) (int, error) {
 	}
 	n := 0
 	for n < len(p) {
+		if hc.wdl.passed() {
+			// As a TCP conn's write fails once its deadline has
+			// passed, not only one that must wait.
+			return n, hc.opError("write", os.ErrDeadlineExceeded)
+		}
 		cancel := hc.wdl.wait()
 		credit, err := hc.win.take(frameCost(1), frameCost(min(len(p)-n, chunkSize)), cancel)
 		if err == errCanceled {
 			return n, hc.opError("write", hc.wdl.cause())
 		}
 		if err != nil {
-			return n, hc.opError("write", errConnReset)
+			if err != net.ErrClosed { // Close's, as a TCP conn's write fails after Close
+				err = errConnReset
+			}
+			return n, hc.opError("write", err)
 		}
 		k := credit - frameOverhead
 		if err := hc.c.send(outFrame{kind: kindData, id: hc.id, data: p[n : n+k]}, nil); err != nil {
@@ -420,6 +433,7 @@ func (w *responseWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 		return nil, nil, err
 	}
 	w.hijacked = true
+	w.conn.Store(hc)
 	if len(prefix) > 0 {
 		if _, err := hc.Write(prefix); err != nil {
 			hc.Close()

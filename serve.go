@@ -78,9 +78,10 @@ type startingRequest struct {
 
 // A serverStream is one request being served in the child.
 type serverStream struct {
-	cancel context.CancelCauseFunc      // cancels the request's context
-	body   *bodyReader                  // nil for a request without a body
-	tunnel atomic.Pointer[hijackedConn] // set when the handler hijacks (see PROTOCOL.md)
+	cancel   context.CancelCauseFunc      // cancels the request's context
+	deadline time.Time                    // the request's deadline, zero for none; fixed
+	body     *bodyReader                  // nil for a request without a body
+	tunnel   atomic.Pointer[hijackedConn] // set when the handler hijacks (see PROTOCOL.md)
 
 	// Allocated with the stream, as most requests need nothing else.
 	rw  responseWriter
@@ -344,11 +345,20 @@ func (s *server) dispatch(hdr frame.Header, scratch *[]byte) error {
 
 	case kindCancel:
 		if st := s.stream(hdr.ID); st != nil {
-			var cause error // the client went away
-			if hdr.Flags&flagDeadline != 0 {
-				cause = errDeadline // the parent's deadline came first
+			switch {
+			case hdr.Flags&flagDeadline == 0:
+				st.cancel(nil) // the client went away
+			case st.deadline.IsZero():
+				st.cancel(errDeadline)
+			default:
+				// The context's own timer ends it at the same moment,
+				// and then its Err is context.DeadlineExceeded, as
+				// in-process; the parent's word often comes first (the
+				// child's timer may fire a millisecond late), and a
+				// cancel would make it context.Canceled. So the cancel
+				// is only the fallback, for a clock that lags.
+				time.AfterFunc(time.Until(st.deadline)+deadlineGrace, func() { st.cancel(errDeadline) })
 			}
-			st.cancel(cause)
 			if st.body != nil {
 				st.body.end(errClientGone, nil)
 			}
@@ -415,6 +425,11 @@ func (s *server) dumpStacks() {
 // Options.RequestTimeout's.
 var errDeadline = errors.New("subproc: the request's deadline passed (its context's in the parent, or Options.RequestTimeout)")
 
+// deadlineGrace is how long after a request's deadline the child cancels
+// its context, when the parent said the deadline passed and the context's
+// own timer has not ended it yet.
+const deadlineGrace = 20 * time.Millisecond
+
 // errClientGone is what a handler's body read returns once the client has
 // gone away: its connection was reset, or the parent's request ended,
 // while the body was still coming. It matches io.ErrUnexpectedEOF, as
@@ -459,7 +474,8 @@ func (s *server) open(id uint64, flags uint8, head *requestHead) (startingReques
 	if head.Deadline != 0 {
 		// The parent's request ends at the same moment, with a 504.
 		var stop context.CancelFunc
-		ctx, stop = context.WithDeadlineCause(ctx, time.Unix(0, head.Deadline), errDeadline)
+		st.deadline = time.Unix(0, head.Deadline)
+		ctx, stop = context.WithDeadlineCause(ctx, st.deadline, errDeadline)
 		st.cancel = func(cause error) {
 			cancel(cause)
 			stop()
@@ -612,6 +628,11 @@ type responseWriter struct {
 	endLoan  func()                        // ends a loan of the reading turn (see server.lend); fixed
 	rdl, wdl connDeadline                  // http.ResponseController's read and write deadlines, before a hijack
 	hijacked bool                          // Hijack succeeded: the conn is the handler's, the writer is done
+	// conn is the hijacked conn, once Hijack succeeded: the
+	// ResponseController's deadlines are then its, as in net/http, where
+	// they are the connection's. Not under mu: a deadline may be set to
+	// wake a write that waits, holding mu.
+	conn atomic.Pointer[hijackedConn]
 }
 
 // init prepares the zero w as the writer for the response to request id.
@@ -780,6 +801,13 @@ func (w *responseWriter) FlushError() error {
 	if !w.wroteHeader {
 		w.writeHeaderLocked(http.StatusOK)
 	}
+	if err := w.req.Context().Err(); err != nil && w.err == nil {
+		// The client went away, or the parent gave the request up: as
+		// Write does, and as net/http's flush to a connection that
+		// failed does, this flush fails, and so does every later one.
+		// (What it would send, the parent drops.)
+		w.fail(err)
+	}
 	if w.out.n == 0 && w.headSent && !w.unflushed {
 		return w.err
 	}
@@ -790,6 +818,9 @@ func (w *responseWriter) FlushError() error {
 // os.ErrDeadlineExceeded from t on, as net/http's does; the zero time
 // means none. http.ResponseController uses it.
 func (w *responseWriter) SetReadDeadline(t time.Time) error {
+	if hc := w.conn.Load(); hc != nil {
+		return hc.SetReadDeadline(t)
+	}
 	w.rdl.set(t)
 	return nil
 }
@@ -800,6 +831,9 @@ func (w *responseWriter) SetReadDeadline(t time.Time) error {
 // connection's write times out; the failure sticks. The zero time means
 // none. http.ResponseController uses it.
 func (w *responseWriter) SetWriteDeadline(t time.Time) error {
+	if hc := w.conn.Load(); hc != nil {
+		return hc.SetWriteDeadline(t)
+	}
 	w.wdl.set(t)
 	return nil
 }
