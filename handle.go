@@ -761,12 +761,19 @@ func (h *Handle) checkOnce(ctx context.Context, c *child) (time.Duration, error)
 func (h *Handle) Restart(ctx context.Context) error {
 	for _, s := range h.slots {
 		ready, done := make(chan error, 1), make(chan error, 1)
+		if err := ctx.Err(); err != nil {
+			// No new child can start: the same *StartError whether or
+			// not the slot's supervisor was free to take the ask.
+			return &StartError{Module: h.name, Err: err}
+		}
 		select {
 		case s.asks <- replaceAsk{reason: "restart", ctx: ctx, done: done, ready: ready}:
 		case <-h.life.Done():
 			return fmt.Errorf("%w: module %q was shut down; Restart has nothing to replace", ErrClosed, h.name)
 		case <-ctx.Done():
-			return fmt.Errorf("subproc: module %q: restart: %w", h.name, ctx.Err())
+			// The slot was busy (replacing or restarting its child)
+			// until ctx ended: its new child could not start in time.
+			return &StartError{Module: h.name, Err: ctx.Err()}
 		}
 		// The start ends soon after ctx does, with the *StartError.
 		if err := <-ready; err != nil {

@@ -139,7 +139,6 @@ func (h *Handle) checkStuck(c *child) {
 	h.mu.Lock()
 	reported := c.stuck
 	c.stuck = true
-	c.askRecycleLocked("stuck")
 	h.mu.Unlock()
 	if reported {
 		return
@@ -147,7 +146,12 @@ func (h *Handle) checkStuck(c *child) {
 	go c.send(outFrame{kind: kindStacks}, c.stopping)
 	err := fmt.Errorf("%d handlers ran on for more than Options.StuckTimeout (%v) after their requests ended", n, h.opts.StuckTimeout)
 	h.logf("child pid %d (incarnation %d) is stuck: %v; its goroutine stacks are in the module's log; replacing it", c.proc.Pid(), c.incarnation, err)
-	h.post(Event{Kind: ChildStuck, Pid: c.proc.Pid(), Incarnation: c.incarnation, Slot: c.slot, Reason: "stuck", Err: err})
+	h.post(Event{Kind: ChildStuck, Pid: c.proc.Pid(), Incarnation: c.incarnation, Slot: c.slot, Reason: "stuck", Err: err, Output: c.tail()})
+	// Only now: the supervisor posts the recycle's ChildRecycling, which
+	// must come after the ChildStuck that caused it.
+	h.mu.Lock()
+	c.askRecycleLocked("stuck")
+	h.mu.Unlock()
 }
 
 // check health-checks c once, recording the outcome.
@@ -183,13 +187,14 @@ func (h *Handle) failedCheck(c *child, err error) bool {
 	c.failedChecks++
 	failed := c.failedChecks
 	h.mu.Unlock()
-	h.post(Event{Kind: ChildUnhealthy, Pid: c.proc.Pid(), Incarnation: c.incarnation, Slot: c.slot, Reason: "health", Err: err})
+	tail := c.tail()
+	h.post(Event{Kind: ChildUnhealthy, Pid: c.proc.Pid(), Incarnation: c.incarnation, Slot: c.slot, Reason: "health", Err: err, Output: tail})
 	if failed < h.opts.HealthFailures {
 		h.logf("health check %d of %d failed for child pid %d: %v", failed, h.opts.HealthFailures, c.proc.Pid(), err)
 		return true
 	}
 	h.logf("child pid %d (incarnation %d) is unhealthy: %d health checks in a row failed (%v); killing it.%s",
-		c.proc.Pid(), c.incarnation, failed, err, formatTail(c.tail()))
+		c.proc.Pid(), c.incarnation, failed, err, formatTail(tail))
 	c.condemn(&killedError{fmt.Sprintf("after failing %d health checks in a row", failed), "health"})
 	return false
 }

@@ -349,6 +349,13 @@ func TestLimitsStuck(t *testing.T) {
 	runtime.ReadMemStats(&ms1)
 	t.Logf("%d stuck handlers: noticed %v after the last was given up; parent heap %s before, %s once the child was replaced", n, noticed.Round(time.Millisecond), inMiB(int64(ms0.HeapAlloc)), inMiB(int64(ms1.HeapAlloc)))
 	assert.Equal(t, 1, events.count(ChildRecycling, "stuck"))
+	var order []string
+	for _, ev := range events.all() {
+		if ev.Kind == ChildStuck || ev.Kind == ChildRecycling {
+			order = append(order, ev.Kind.String())
+		}
+	}
+	assert.Equal(t, []string{"ChildStuck", "ChildRecycling"}, order, "the recycle follows the ChildStuck that caused it")
 	log, err := os.ReadFile(filepath.Join(dir, "limits-mod.log"))
 	require.NoError(t, err)
 	assert.Contains(t, string(log), "limitsStuckHandler", "the stuck handlers' stacks should be in the module's log")

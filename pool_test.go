@@ -556,3 +556,18 @@ func TestPoolEnvAndDir(t *testing.T) {
 	_, body = fetch(t, srv.URL+"/env?k="+envModule)
 	assert.True(t, strings.HasPrefix(body, "\n"), "the module sees %s=%q", envModule, body)
 }
+
+// Restart with a context that has already ended returns the *StartError
+// its doc promises, as one whose context ends while the new child starts
+// does, and replaces nothing. (It returned a plain error.)
+func TestRestartWithEndedContext(t *testing.T) {
+	h := startModule(t, "pool-mod", Options{Children: 2, HealthInterval: time.Hour})
+	before := pidsOf(h.Stats().Children)
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	err := h.Restart(ctx)
+	var se *StartError
+	require.ErrorAs(t, err, &se)
+	assert.ErrorIs(t, err, context.Canceled)
+	assert.Equal(t, before, pidsOf(h.Stats().Children), "the children serving")
+}
