@@ -411,7 +411,7 @@ func (w *responseWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	switch {
 	case w.hijack == nil:
 		return nil, nil, fmt.Errorf("subproc: Hijack: the parent cannot hijack the client's connection (an HTTP/2 request, or a ResponseWriter that is not an http.Hijacker in front of the Handle): %w", http.ErrNotSupported)
-	case w.hijacked:
+	case w.hijacked():
 		return nil, nil, http.ErrHijacked
 	case w.done:
 		return nil, nil, errAfterHandler
@@ -432,7 +432,6 @@ func (w *responseWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	w.hijacked = true
 	w.conn.Store(hc)
 	if len(prefix) > 0 {
 		if _, err := hc.Write(prefix); err != nil {

@@ -14,15 +14,15 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
-// parDial sends an upgrade request for path and returns the conn and a reader
-// past the 101 head.
-func parDial(t *testing.T, tg parTarget, path string) (net.Conn, *bufio.Reader) {
+// parDial sends an upgrade request for path, followed by pipelined, and
+// returns the conn and a reader past the 101 head.
+func parDial(t *testing.T, tg parTarget, path, pipelined string) (net.Conn, *bufio.Reader) {
 	t.Helper()
 	c, err := net.Dial("tcp", strings.TrimPrefix(tg.url, "http://"))
 	require.NoError(t, err)
 	t.Cleanup(func() { c.Close() })
 	c.SetDeadline(time.Now().Add(20 * time.Second))
-	fmt.Fprintf(c, "GET %s HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: parity\r\n\r\n", path)
+	fmt.Fprintf(c, "GET %s HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: parity\r\n\r\n%s", path, pipelined)
 	br := bufio.NewReader(c)
 	res, err := http.ReadResponse(br, nil)
 	require.NoError(t, err, tg.name)
@@ -34,7 +34,7 @@ func TestParityHijackRCReadDeadlineAfter(t *testing.T) {
 	tgs := parTargets(t, false)
 	var outs []string
 	for _, tg := range tgs {
-		_, br := parDial(t, tg, "/hj-rdl-after")
+		_, br := parDial(t, tg, "/hj-rdl-after", "")
 		l, err := br.ReadString('\n')
 		require.NoError(t, err, tg.name)
 		outs = append(outs, l)
@@ -46,7 +46,7 @@ func TestParityHijackCloseWrite(t *testing.T) {
 	tgs := parTargets(t, false)
 	var outs []string
 	for i, tg := range tgs {
-		c, br := parDial(t, tg, fmt.Sprintf("/hj-closewrite?k=%d", i))
+		c, br := parDial(t, tg, fmt.Sprintf("/hj-closewrite?k=%d", i), "")
 		got, err := io.ReadAll(br)
 		assert.NoError(t, err, tg.name)
 		assert.Equal(t, "bye", string(got), tg.name)
@@ -63,7 +63,7 @@ func TestParityHijackCloseRead(t *testing.T) {
 	tgs := parTargets(t, false)
 	var outs []string
 	for i, tg := range tgs {
-		parDial(t, tg, fmt.Sprintf("/hj-close-read?k=%d", i))
+		parDial(t, tg, fmt.Sprintf("/hj-close-read?k=%d", i), "")
 		_, s, err := parGet(t, tg, fmt.Sprintf("/get?k=hj-close-read%d", i))
 		require.NoError(t, err)
 		outs = append(outs, s)
@@ -75,7 +75,7 @@ func TestParityHijackDeadlines(t *testing.T) {
 	tgs := parTargets(t, false)
 	var outs []string
 	for i, tg := range tgs {
-		c, br := parDial(t, tg, fmt.Sprintf("/hj-deadlines?k=%d", i))
+		c, br := parDial(t, tg, fmt.Sprintf("/hj-deadlines?k=%d", i), "")
 		l, err := br.ReadString('\n')
 		require.NoError(t, err, tg.name)
 		require.Equal(t, "send\n", l)
@@ -94,7 +94,7 @@ func TestParityHijackBigWriteClientCloses(t *testing.T) {
 	tgs := parTargets(t, false)
 	var outs []string
 	for i, tg := range tgs {
-		c, br := parDial(t, tg, fmt.Sprintf("/hj-big?k=%d", i))
+		c, br := parDial(t, tg, fmt.Sprintf("/hj-big?k=%d", i), "")
 		io.ReadFull(br, make([]byte, 3<<20))
 		c.Close()
 		_, s, err := parGet(t, tg, fmt.Sprintf("/get?k=hj-big%d", i))
@@ -108,7 +108,7 @@ func TestParityHijackReadDeadlinePassedWithDataQueued(t *testing.T) {
 	tgs := parTargets(t, false)
 	var outs []string
 	for _, tg := range tgs {
-		c, br := parDial(t, tg, "/hj-rdl-queued")
+		c, br := parDial(t, tg, "/hj-rdl-queued", "")
 		io.WriteString(c, "QR")
 		l, err := br.ReadString('\n')
 		require.NoError(t, err, tg.name)
@@ -121,7 +121,7 @@ func TestParityHijackRCWriteDeadlineAfter(t *testing.T) {
 	tgs := parTargets(t, false)
 	var outs []string
 	for _, tg := range tgs {
-		_, br := parDial(t, tg, "/hj-wdl-after")
+		_, br := parDial(t, tg, "/hj-wdl-after", "")
 		l, err := br.ReadString('\n')
 		require.NoError(t, err, tg.name)
 		outs = append(outs, l)
@@ -133,15 +133,7 @@ func TestParityHijackBufferedBytes(t *testing.T) {
 	tgs := parTargets(t, false)
 	var outs []string
 	for _, tg := range tgs {
-		c, err := net.Dial("tcp", strings.TrimPrefix(tg.url, "http://"))
-		require.NoError(t, err)
-		defer c.Close()
-		c.SetDeadline(time.Now().Add(20 * time.Second))
-		io.WriteString(c, "GET /hj-buffered HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: parity\r\n\r\nHELLO")
-		br := bufio.NewReader(c)
-		res, err := http.ReadResponse(br, nil)
-		require.NoError(t, err)
-		require.Equal(t, 101, res.StatusCode)
+		_, br := parDial(t, tg, "/hj-buffered", "HELLO")
 		l, err := br.ReadString('\n')
 		require.NoError(t, err)
 		outs = append(outs, l)
@@ -153,7 +145,7 @@ func TestParityHijackConcurrentClose(t *testing.T) {
 	tgs := parTargets(t, false)
 	var outs []string
 	for i, tg := range tgs {
-		c, _ := parDial(t, tg, fmt.Sprintf("/hj-race?k=%d", i))
+		c, _ := parDial(t, tg, fmt.Sprintf("/hj-race?k=%d", i), "")
 		go io.Copy(io.Discard, c)
 		go func() {
 			for {

@@ -158,13 +158,11 @@ func parMux() http.Handler {
 	// Hijack, then the ResponseController's deadlines.
 	mux.HandleFunc("/hj-rdl-after", func(w http.ResponseWriter, r *http.Request) {
 		rc := http.NewResponseController(w)
-		conn, _, err := rc.Hijack()
-		if err != nil {
-			http.Error(w, err.Error(), 500)
+		conn, _, ok := parSwitch(w, rc, "")
+		if !ok {
 			return
 		}
 		defer conn.Close()
-		io.WriteString(conn, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: parity\r\n\r\n")
 		serr := rc.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
 		done := make(chan error, 1)
 		go func() {
@@ -181,13 +179,11 @@ func parMux() http.Handler {
 		fmt.Fprintf(conn, "set=%v read=%s\n", serr, res)
 	})
 	mux.HandleFunc("/hj-closewrite", func(w http.ResponseWriter, r *http.Request) {
-		conn, _, err := http.NewResponseController(w).Hijack()
-		if err != nil {
-			http.Error(w, err.Error(), 500)
+		conn, _, ok := parSwitch(w, http.NewResponseController(w), "bye")
+		if !ok {
 			return
 		}
 		defer conn.Close()
-		io.WriteString(conn, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: parity\r\n\r\nbye")
 		cw, ok := conn.(interface{ CloseWrite() error })
 		if !ok {
 			parPut("hj-closewrite"+r.URL.Query().Get("k"), "no CloseWrite")
@@ -199,13 +195,11 @@ func parMux() http.Handler {
 		parPut("hj-closewrite"+r.URL.Query().Get("k"), fmt.Sprintf("closewrite=%v writeErr=%v read=%q readErr=%v", e1, ew != nil, got, er))
 	})
 	mux.HandleFunc("/hj-big", func(w http.ResponseWriter, r *http.Request) {
-		conn, _, err := http.NewResponseController(w).Hijack()
-		if err != nil {
-			http.Error(w, err.Error(), 500)
+		conn, _, ok := parSwitch(w, http.NewResponseController(w), "")
+		if !ok {
 			return
 		}
 		defer conn.Close()
-		io.WriteString(conn, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: parity\r\n\r\n")
 		buf := make([]byte, 1<<20)
 		var total int
 		var werr error
@@ -220,12 +214,10 @@ func parMux() http.Handler {
 		parPut("hj-big"+r.URL.Query().Get("k"), fmt.Sprintf("err=%v", werr != nil))
 	})
 	mux.HandleFunc("/hj-close-read", func(w http.ResponseWriter, r *http.Request) {
-		conn, _, err := http.NewResponseController(w).Hijack()
-		if err != nil {
-			http.Error(w, err.Error(), 500)
+		conn, _, ok := parSwitch(w, http.NewResponseController(w), "")
+		if !ok {
 			return
 		}
-		io.WriteString(conn, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: parity\r\n\r\n")
 		done := make(chan error, 1)
 		go func() {
 			_, err := conn.Read(make([]byte, 1))
@@ -248,13 +240,11 @@ func parMux() http.Handler {
 			res, parErrStr(werr), parErrStr(rerr), cerr != nil, derr != nil))
 	})
 	mux.HandleFunc("/hj-deadlines", func(w http.ResponseWriter, r *http.Request) {
-		conn, brw, err := http.NewResponseController(w).Hijack()
-		if err != nil {
-			http.Error(w, err.Error(), 500)
+		conn, brw, ok := parSwitch(w, http.NewResponseController(w), "")
+		if !ok {
 			return
 		}
 		defer conn.Close()
-		io.WriteString(conn, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: parity\r\n\r\n")
 		var out []string
 		conn.SetReadDeadline(time.Now().Add(-time.Second))
 		_, e := brw.Read(make([]byte, 1))
@@ -275,13 +265,11 @@ func parMux() http.Handler {
 		parPut("hj-deadlines"+r.URL.Query().Get("k"), fmt.Sprint(e))
 	})
 	mux.HandleFunc("/hj-rdl-queued", func(w http.ResponseWriter, r *http.Request) {
-		conn, _, err := http.NewResponseController(w).Hijack()
-		if err != nil {
-			http.Error(w, err.Error(), 500)
+		conn, _, ok := parSwitch(w, http.NewResponseController(w), "")
+		if !ok {
 			return
 		}
 		defer conn.Close()
-		io.WriteString(conn, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: parity\r\n\r\n")
 		b := make([]byte, 1)
 		_, e1 := io.ReadFull(conn, b) // "Q"; "R" came with it
 		conn.SetReadDeadline(time.Now().Add(-time.Second))
@@ -290,13 +278,11 @@ func parMux() http.Handler {
 	})
 	mux.HandleFunc("/hj-wdl-after", func(w http.ResponseWriter, r *http.Request) {
 		rc := http.NewResponseController(w)
-		conn, _, err := rc.Hijack()
-		if err != nil {
-			http.Error(w, err.Error(), 500)
+		conn, _, ok := parSwitch(w, rc, "")
+		if !ok {
 			return
 		}
 		defer conn.Close()
-		io.WriteString(conn, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: parity\r\n\r\n")
 		serr := rc.SetWriteDeadline(time.Now().Add(-time.Second))
 		_, werr := conn.Write([]byte("x"))
 		conn.SetWriteDeadline(time.Time{})
@@ -333,12 +319,10 @@ func parMux() http.Handler {
 		fmt.Fprintf(conn, "%q %v\n", b, err)
 	})
 	mux.HandleFunc("/hj-race", func(w http.ResponseWriter, r *http.Request) {
-		conn, _, err := http.NewResponseController(w).Hijack()
-		if err != nil {
-			http.Error(w, err.Error(), 500)
+		conn, _, ok := parSwitch(w, http.NewResponseController(w), "")
+		if !ok {
 			return
 		}
-		io.WriteString(conn, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: parity\r\n\r\n")
 		var wg sync.WaitGroup
 		var rerr, werr error
 		wg.Add(2)
@@ -372,6 +356,19 @@ func parMux() http.Handler {
 		io.WriteString(w, "b")
 	})
 	return mux
+}
+
+// parSwitch hijacks w's connection and answers 101, followed by after:
+// the start of every upgrade handler here. It reports false, having
+// answered 500, if the hijack failed.
+func parSwitch(w http.ResponseWriter, rc *http.ResponseController, after string) (net.Conn, *bufio.ReadWriter, bool) {
+	conn, brw, err := rc.Hijack()
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusInternalServerError)
+		return nil, nil, false
+	}
+	io.WriteString(conn, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: parity\r\n\r\n"+after)
+	return conn, brw, true
 }
 
 // parTarget is one server of the handler.

@@ -627,13 +627,16 @@ type responseWriter struct {
 	hijack   func() (*hijackedConn, error) // turns the stream into a tunnel; nil if the parent cannot hijack; fixed
 	endLoan  func()                        // ends a loan of the reading turn (see server.lend); fixed
 	rdl, wdl connDeadline                  // http.ResponseController's read and write deadlines, before a hijack
-	hijacked bool                          // Hijack succeeded: the conn is the handler's, the writer is done
-	// conn is the hijacked conn, once Hijack succeeded: the
-	// ResponseController's deadlines are then its, as in net/http, where
-	// they are the connection's. Not under mu: a deadline may be set to
-	// wake a write that waits, holding mu.
+	// conn is the hijacked conn, once Hijack succeeded: then it is the
+	// handler's, the writer is done (see hijacked), and the
+	// ResponseController's deadlines are the conn's, as in net/http, where
+	// they are the connection's. Atomic, not under mu: a deadline may be
+	// set to wake a write that waits, holding mu.
 	conn atomic.Pointer[hijackedConn]
 }
+
+// hijacked reports whether Hijack succeeded.
+func (w *responseWriter) hijacked() bool { return w.conn.Load() != nil }
 
 // init prepares the zero w as the writer for the response to request id.
 // Its header map starts as header, the parent's (see
@@ -658,7 +661,7 @@ func (w *responseWriter) WriteHeader(code int) {
 	}
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	if w.hijacked {
+	if w.hijacked() {
 		fmt.Fprintf(os.Stderr, "http: response.WriteHeader on hijacked connection from %s %s\n", w.req.Method, w.req.URL.Path)
 		return
 	}
@@ -709,7 +712,7 @@ func bodyAllowed(status int) bool {
 func (w *responseWriter) Write(p []byte) (int, error) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	if w.hijacked {
+	if w.hijacked() {
 		return 0, http.ErrHijacked
 	}
 	if w.done {
@@ -792,7 +795,7 @@ func (w *responseWriter) Flush() { w.FlushError() }
 func (w *responseWriter) FlushError() error {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	if w.hijacked {
+	if w.hijacked() {
 		return http.ErrHijacked
 	}
 	if w.done {
@@ -980,7 +983,7 @@ func (w *responseWriter) fail(err error) {
 func (w *responseWriter) finish() {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	if w.hijacked {
+	if w.hijacked() {
 		w.done = true // the stream is the conn's now
 		return
 	}
@@ -1054,7 +1057,7 @@ func (w *responseWriter) abort(always bool) {
 	w.done = true
 	w.dropBufLocked()
 	w.err = nil
-	if w.aborted || w.hijacked {
+	if w.aborted || w.hijacked() {
 		return // the stream is ended
 	}
 	if always || w.wroteHeader || w.headSent {
