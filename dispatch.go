@@ -402,6 +402,7 @@ type child struct {
 	accept      *acceptWord   // fixed; the child's record of the requests it took
 	ring        *bodyRing     // fixed; the up ring, where the child puts body chunks, nil for none (see bodyRing)
 	flow        *flowBudget   // fixed; the Handle's budget for response windows, shared by all its children
+	heads       *flowBudget   // fixed; the Handle's budget for large response heads and trailers (see headBudgetSize)
 	logs        sync.WaitGroup
 	source      *logcapture.Source // fixed; where its output goes, and its last lines
 	slot        int                // fixed; the slot of the pool it fills
@@ -451,6 +452,7 @@ func newChild(h *Handle, incarnation int, proc process, conn *conn, accept *acce
 		h:           h,
 		accept:      accept,
 		flow:        &h.flow,
+		heads:       &h.heads,
 		incarnation: incarnation,
 		proc:        proc,
 		conn:        conn,
@@ -488,7 +490,7 @@ func (c *child) open(r *http.Request, head *requestHead) (*stream, error) {
 	}
 	c.nextID++
 	s := newStream(c.nextID, credit)
-	s.recv.budget = c.flow
+	s.recv.budget, s.heads = c.flow, c.heads
 	s.hijackOK = head.Hijackable
 	c.pending[s.id] = s
 	c.running[s] = struct{}{}
@@ -750,13 +752,14 @@ func (c *child) dispatch(hdr frame.Header, scratch *[]byte) error {
 		if err != nil {
 			return err
 		}
-		ev := event{kind: hdr.Kind, flags: hdr.Flags}
+		ev := event{kind: hdr.Kind, flags: hdr.Flags &^ flagOverBudget}
 		switch hdr.Kind {
 		case kindResponse:
 			ev.head = new(responseHead)
 			if err := c.readMessage(hdr.Len, scratch, ev.head); err != nil {
 				return err
 			}
+			ev.cost = ev.head.cost
 		case kindData, kindDataRef:
 			if ev.chunk, err = c.readChunk(hdr, c.ring, scratch); err != nil {
 				return err
@@ -768,7 +771,7 @@ func (c *child) dispatch(hdr frame.Header, scratch *[]byte) error {
 				if err := c.readMessage(hdr.Len, scratch, &end); err != nil {
 					return err
 				}
-				ev.trailer = end.Trailer
+				ev.trailer, ev.cost = end.Trailer, end.cost
 			}
 		case kindAbort, kindHijack:
 			if hdr.Len != 0 {

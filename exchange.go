@@ -51,6 +51,7 @@ func (h *Handle) proxy(w http.ResponseWriter, r *http.Request, c *child, s *stre
 			s.x.stopCut()
 		}
 		c.finished(s)
+		defer s.releaseHeads() // after giveUp's abandon, below: nothing is charged later
 		if !returned {
 			// A panic (an aborted response, or one of w's own): what
 			// is queued, and what the child sends later, is dropped, so
@@ -412,6 +413,7 @@ func (x *exchange) writeHead(ev event) (final bool) {
 	}
 	adoptHeader(dst, ev.head.Header) // decoded for this response alone
 	if ev.head.Status < 200 && ev.head.Status != http.StatusSwitchingProtocols {
+		defer x.s.uncharge(ev)
 		if ev.head.Status == http.StatusContinue && x.body != nil && x.body.continued.Load() {
 			// The module's own 100, after its first read of the body
 			// made net/http send one: in-process that read would have
@@ -426,7 +428,7 @@ func (x *exchange) writeHead(ev event) (final bool) {
 	}
 	// (net/http's test of the header, for the close it keeps the body
 	// from, is exactly this one: a "Close" does not count.)
-	if x.body != nil && !ev.head.FullDuplex && x.r.ProtoMajor == 1 && !x.r.Close && dst.Get("Connection") != "close" && x.body.beforeHead() {
+	if x.body != nil && !ev.head.FullDuplex && x.r.ProtoMajor == 1 && !x.r.Close && dst.Get("Connection") != "close" && x.body.beforeHead(ev.head.KeepBody) {
 		dst.Set("Connection", "close")
 	}
 	if len(ev.head.Trailer) > 0 {
@@ -502,20 +504,7 @@ func (x *exchange) writeData(ev event) bool {
 	}
 	ev.release()
 	if err != nil && !errors.Is(err, http.ErrBodyNotAllowed) {
-		if x.late() {
-			x.canceled() // cut at the deadline: aborts
-			return false
-		}
-		if x.s.wasCut() {
-			// The stream's next events end the response: its abort, its
-			// failure, or, cut at a drain's end, whatever the stopped
-			// child sends last. No credit goes back meanwhile.
-			x.cutShort = true
-			return true
-		}
-		// The client is gone.
-		giveUp(x.ctx, x.c, x.s)
-		return false
+		return x.writeFailed()
 	}
 	// Credit goes back half a window at a time, with the window's growth
 	// while the stream drains quickly (see recvWindow.consume).
@@ -526,6 +515,25 @@ func (x *exchange) writeData(ev event) bool {
 		x.controller().Flush()
 	}
 	return true
+}
+
+// writeFailed handles a write to w that failed, and reports whether the
+// exchange goes on.
+func (x *exchange) writeFailed() bool {
+	if x.late() {
+		x.canceled() // cut at the deadline: aborts
+		return false
+	}
+	if x.s.wasCut() {
+		// The stream's next events end the response: its abort, its
+		// failure, or, cut at a drain's end, whatever the stopped
+		// child sends last. No credit goes back meanwhile.
+		x.cutShort = true
+		return true
+	}
+	// The client is gone.
+	giveUp(x.ctx, x.c, x.s)
+	return false
 }
 
 // sniffLen is how many bytes of a body net/http reads to sniff its
@@ -587,18 +595,25 @@ func (x *exchange) freePlace() {
 }
 
 // abort ends an exchange that the child aborted: 502 if its head was too
-// large to send and nothing was written, else an aborted response.
+// large to send, or for the module's head budget (flagOverBudget), and
+// nothing was written; else an aborted response.
 func (x *exchange) abort(ev event) {
 	h := x.h
-	if ev.flags&flagTooLarge != 0 {
+	if ev.flags&(flagTooLarge|flagOverBudget) != 0 {
 		// The handler runs on, its writes failing: its context ends
 		// and its body fails, as for a client gone, so that it does
 		// not wait for ever for a body the parent no longer sends.
 		giveUp(x.ctx, x.c, x.s)
 	}
-	if ev.flags&flagTooLarge != 0 && !x.started {
+	switch {
+	case x.started:
+	case ev.flags&flagTooLarge != 0:
 		h.count(&h.stats.BadGateway)
 		x.replyError(http.StatusBadGateway, ": its response's head exceeds the %d bytes a message from the module can carry", maxHeadSize)
+		return
+	case ev.flags&flagOverBudget != 0:
+		h.count(&h.stats.BadGateway)
+		x.replyError(http.StatusBadGateway, ": its response's head (%d bytes decoded) does not fit in the %d MiB that the parent holds of the module's heads larger than %d KiB, which its responses to slow clients hold now: make its heads smaller", ev.cost, headBudgetSize>>20, freeHeadCost>>10)
 		return
 	}
 	h.count(&h.stats.Aborted)
@@ -655,8 +670,7 @@ type bodySender struct {
 	// halt, once the response is full duplex (see halt).
 	fullDuplex bool
 
-	closing atomic.Bool  // set by close
-	read    atomic.Int64 // bytes of r.Body read so far
+	closing atomic.Bool // set by close
 }
 
 // isMaxBytesReader reports whether body is an http.MaxBytesReader, whose
@@ -743,27 +757,24 @@ func (b *bodySender) halt() {
 // KiB, to discard it, as it would for the handler in-process; the pump must
 // not read then, or the two reads share the body's bytes, and the module's
 // body misses some and yet ends as if whole. So, unless the body is all
-// sent, the pump stops, as net/http's discard stops the body in-process:
-// the module's later reads fail with http.ErrBodyReadAfterClose. But
-// net/http leaves to the handler a body of known length of which 256 KiB or
-// more is left, and closes the connection after the response: then
-// beforeHead reports true, the caller sets "Connection: close", which keeps
-// net/http from the body, and the pump reads on. (Full duplex would too,
-// but net/http does not support it here: it would read the rest at the
-// handler's end, and then again for the next request.)
-func (b *bodySender) beforeHead() (closeConn bool) {
-	if b == nil {
-		return false
+// sent, the pump stops, as net/http's discard stops the body in-process
+// (the child has closed the module's body already: see
+// responseWriter.keepsBody). But where net/http would leave the body to
+// the handler in-process and close the connection after the response, the
+// head says KeepBody: then beforeHead reports true, the caller sets
+// "Connection: close", which keeps net/http from the body, and the pump
+// reads on. (Full duplex would too, but net/http does not support it
+// here: it would read the rest at the handler's end, and then again for
+// the next request.)
+func (b *bodySender) beforeHead(keep bool) (closeConn bool) {
+	if keep {
+		return true
 	}
 	select {
 	case <-b.done:
-		return false // nothing reads r.Body any more
 	default:
+		b.close()
 	}
-	if cl := b.r.ContentLength; cl > 0 && cl-b.read.Load() >= maxPostHandlerReadBytes {
-		return true
-	}
-	b.close()
 	return false
 }
 
@@ -874,7 +885,6 @@ func (b *bodySender) pumpRequestBody() {
 		s.bodyTouched.Store(true)
 		m, rerr := b.readBody((*buf)[:n])
 		sent += int64(m)
-		b.read.Store(sent)
 		b.reading.Store(false)
 		select {
 		case <-b.stop:

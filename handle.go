@@ -337,6 +337,7 @@ type Handle struct {
 	endLife   context.CancelFunc  // fixed; called with mu held
 	kill      chan struct{}       // closed when a Shutdown's context ends: end the drains
 	flow      flowBudget          // the window growth of the responses of every child (see flowBudget)
+	heads     flowBudget          // the large heads and trailers of the responses of every child (see headBudgetSize)
 	killOnce  sync.Once
 	drains    sync.WaitGroup             // drains of replaced children
 	reaped    chan struct{}              // closed when every supervisor and drain has returned and every child is reaped
@@ -428,6 +429,7 @@ func start(ctx context.Context, name string, opts Options, launch launcher) (*Ha
 		reaped:    make(chan struct{}),
 		done:      make(chan struct{}),
 		changed:   make(chan struct{}),
+		heads:     flowBudget{limit: headBudgetSize},
 	}
 	h.events = newEventQueue(opts.OnEvent, h.logf)
 	if opts.MaxInFlight > 0 {

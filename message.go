@@ -19,7 +19,7 @@ import (
 
 // protocolVersion is written in the preamble of both directions. Bump it
 // whenever a message or a frame kind changes meaning.
-const protocolVersion = 12
+const protocolVersion = 13
 
 // Frame kinds. PROTOCOL.md says which side may send which kind in each
 // state of a stream. Every frame carries a request id; kinds marked "id 0" are not
@@ -61,6 +61,12 @@ const (
 	flagBodyError uint8 = 1 << 2 // kindEnd from the parent: reading the client's body failed; the payload says how (see appendBodyError)
 	flagTooLarge  uint8 = 1 << 3 // kindAbort: the response's head or trailers exceed maxHeadSize
 	flagDeadline  uint8 = 1 << 4 // kindCancel: the request's deadline passed
+
+	// flagOverBudget marks a kindAbort that the parent made itself, in
+	// place of a response head or trailers that its module's head budget
+	// could not hold (see stream.chargeHeadLocked). It is never on the
+	// wire: the parent clears it in what a child sends.
+	flagOverBudget uint8 = 1 << 7
 )
 
 // Sizes of the flow control, in bytes.
@@ -91,6 +97,22 @@ const (
 	// request bodies, is at most flowBudgetSize + initialWindow × the
 	// streams in flight. 16 fast streams can run at the full window at once.
 	flowBudgetSize = 16 << 20
+
+	// freeHeadCost is what a response head, or a message of trailers, may
+	// cost decoded (see wireReader.charge) and be held by the parent
+	// without a charge to the module's head budget: nearly every head.
+	freeHeadCost = 64 << 10
+
+	// headBudgetSize bounds what the larger heads and trailers that the
+	// parent holds of all of a module's responses cost decoded, together,
+	// from their arrival until their request's exchange ends: each is
+	// reserved from the module's head budget, and one that does not fit
+	// fails its response (see stream.chargeHeadLocked). With the heads
+	// every stream may hold free, what the parent holds of a module's
+	// heads is at most headBudgetSize + freeHeadCost × the streams in
+	// flight, however slowly their clients read. Two of the largest
+	// heads a frame carries fit.
+	headBudgetSize = 16 << 20
 
 	// frameOverhead is what a kindData frame costs against a window on top
 	// of its bytes, so that a window bounds the number of queued frames (a
@@ -205,12 +227,21 @@ type responseHead struct {
 	Header     http.Header
 	Trailer    []string // declared trailer keys (the "Trailer" header, which is hop-by-hop)
 	FullDuplex bool     // the handler called EnableFullDuplex
+	// KeepBody: the request is HTTP/1 and the handler may read its body
+	// on after this head, as net/http lets it when it closes the
+	// connection after the response instead of discarding the body (see
+	// responseWriter.keepsBody). False: the child has closed the body.
+	KeepBody bool
+
+	cost int32 // what the head cost decoded (see wireReader.charge); set by decodeWire, never sent
 }
 
 // bodyEnd carries trailers at the end of a body. It encodes itself (see
 // wire.go).
 type bodyEnd struct {
 	Trailer http.Header
+
+	cost int32 // what the trailers cost decoded (see wireReader.charge); set by decodeWire, never sent
 }
 
 // Kinds of request body failure. A kindEnd frame with flagBodyError

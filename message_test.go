@@ -280,6 +280,16 @@ func TestHeadEncoding(t *testing.T) {
 	} {
 		p := tt.in.appendWire(nil)
 		require.NoError(t, tt.out.decodeWire(p), "%T", tt.in)
+		// What a decoded message records it cost is the sum its sender
+		// checks (see wireReader.charge), and is not sent.
+		switch m := tt.out.(type) {
+		case *responseHead:
+			assert.Equal(t, headerSize(m.Header)+stringsSize(m.Trailer), int(m.cost))
+			m.cost = 0
+		case *bodyEnd:
+			assert.Equal(t, headerSize(m.Trailer), int(m.cost))
+			m.cost = 0
+		}
 		assert.Equal(t, tt.in, tt.out, "round trip:\n got %+v\nwant %+v", tt.out, tt.in)
 		for n := range len(p) {
 			assert.Error(t, reflect.New(reflect.TypeOf(tt.out).Elem()).Interface().(wireMessage).decodeWire(p[:n]), "%T: truncated to %d of %d bytes: no error", tt.in, n, len(p))

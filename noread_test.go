@@ -13,6 +13,7 @@ import (
 	"net/http/httptest"
 	"net/http/httptrace"
 	"net/textproto"
+	"runtime"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -66,8 +67,18 @@ func noreadMux() http.Handler {
 	})
 	// A large response, with no deadline of its own.
 	mux.HandleFunc("/big", func(w http.ResponseWriter, r *http.Request) { writeMiB(w, 64) })
+	// A final head of 2 MiB, flushed, then no more until the request
+	// ends.
+	mux.HandleFunc("/large-head", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("X-Pad", strings.Repeat("x", largeHead))
+		w.(http.Flusher).Flush()
+		<-r.Context().Done()
+	})
 	return mux
 }
+
+// largeHead is the size of /large-head's header field.
+const largeHead = 2 << 20
 
 // writeMiB writes n MiB to w, until a write fails.
 func writeMiB(w io.Writer, n int) {
@@ -114,13 +125,18 @@ func noreadTargets(t *testing.T, h http.Handler) []*noreadTarget {
 
 // dialNoRead sends a GET of path on a new connection to srv, with a small
 // receive buffer, and never reads.
-func dialNoRead(t *testing.T, srv *httptest.Server, path string) {
+func dialNoRead(t *testing.T, srv *httptest.Server, path string) { dialNoReadConn(t, srv, path) }
+
+// dialNoReadConn is dialNoRead, and returns the connection, which the
+// test's cleanup closes.
+func dialNoReadConn(t *testing.T, srv *httptest.Server, path string) net.Conn {
 	conn, err := net.Dial("tcp", srv.Listener.Addr().String())
 	require.NoError(t, err)
 	conn.(*net.TCPConn).SetReadBuffer(4096)
 	t.Cleanup(func() { conn.Close() })
 	_, err = io.WriteString(conn, "GET "+path+" HTTP/1.1\r\nHost: x\r\n\r\n")
 	require.NoError(t, err)
+	return conn
 }
 
 // A handler's write deadline frees it from a client that never reads, and
@@ -312,4 +328,69 @@ func TestInformationalThenTimeout(t *testing.T) {
 // client.
 func stuckInformational(h *Handle) func() bool {
 	return stillFor(h, func(s *stream) bool { return s.informal == 1 && len(s.events) == 0 })
+}
+
+// The heads a module's responses hold in the parent for clients that read
+// nothing have a ceiling for the module as a whole, not only per request
+// (see headBudgetSize): the heads past it fail their requests with 502
+// (which those clients never read either), and those held are returned to
+// the budget as their requests end.
+func TestNoReadLargeHeadsBounded(t *testing.T) {
+	const path = "/large-head"
+	h := startModule(t, "noread", Options{})
+	tg := noreadTargets(t, h)[1]
+	const clients = 20                 // 40 MiB of heads
+	fits := headBudgetSize / largeHead // at most: each costs a little more
+	before := heapAfterGC()
+	var conns []net.Conn
+	for i := range clients {
+		conns = append(conns, dialNoReadConn(t, tg.srv, path))
+		waitFor(t, 10*time.Second, "the request to be held or refused", func() bool {
+			return chargedHeads(h)+int(h.Stats().BadGateway) == i+1
+		})
+	}
+	held := chargedHeads(h)
+	assert.Positive(t, held)
+	assert.LessOrEqual(t, held, fits)
+	assert.Equal(t, uint64(clients-held), h.Stats().BadGateway, "the heads past the budget get 502")
+	waitFor(t, 10*time.Second, "the refused requests to end", func() bool { return tg.active.Load() == int64(held) })
+	assert.LessOrEqual(t, h.heads.reserved.Load(), int64(headBudgetSize))
+	grown := int64(heapAfterGC()) - int64(before)
+	assert.Less(t, grown, int64(headBudgetSize+8<<20), "the parent's heap grew by %d MiB", grown>>20)
+
+	for _, c := range conns {
+		c.Close()
+	}
+	waitFor(t, 20*time.Second, "the held requests to end", func() bool { return tg.active.Load() == 0 })
+	assert.Zero(t, h.heads.reserved.Load(), "what the requests reserved is returned")
+	res, err := tg.srv.Client().Get(tg.srv.URL + path)
+	require.NoError(t, err)
+	defer res.Body.Close()
+	assert.Equal(t, http.StatusOK, res.StatusCode, "a client that reads gets its large head")
+	assert.Len(t, res.Header.Get("X-Pad"), largeHead)
+}
+
+// chargedHeads returns how many of the requests that h's first child
+// serves hold a charge to the head budget.
+func chargedHeads(h *Handle) int {
+	c := firstChild(h)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n := 0
+	for s := range c.running {
+		s.mu.Lock()
+		if s.headsHeld > 0 {
+			n++
+		}
+		s.mu.Unlock()
+	}
+	return n
+}
+
+// heapAfterGC returns the bytes of the process's live heap.
+func heapAfterGC() uint64 {
+	runtime.GC()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	return ms.HeapAlloc
 }

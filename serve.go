@@ -491,6 +491,7 @@ func (s *server) open(id uint64, flags uint8, head *requestHead) (startingReques
 	req := r.WithContext(ctx)
 	st.rw.init(s.conn, id, req, head.ResponseHeader)
 	st.rw.endLoan = s.endLoan
+	st.rw.body = st.body
 	if st.body != nil {
 		st.body.trailer = &req.Trailer
 		st.body.deadline = st.rw.rdl.wait
@@ -607,6 +608,7 @@ type responseWriter struct {
 	req    *http.Request // fixed
 	win    sendWindow    // credit granted by the parent
 	header http.Header   // the handler's header map; fixed
+	body   *bodyReader   // the request's body, nil for none; fixed
 
 	mu            sync.Mutex  // guards the fields below
 	wroteHeader   bool        // the final status is chosen
@@ -701,6 +703,30 @@ func (w *responseWriter) writeHeaderLocked(code int) {
 	if n := headerSize(w.sent) + stringsSize(w.trailers); n > maxHeadSize {
 		w.tooLargeLocked(fmt.Sprintf("its head (about %d bytes)", n))
 	}
+}
+
+// keepsBody applies net/http's rule for the body of an HTTP/1 request as
+// its response's head goes out, unless the handler is in full-duplex mode
+// or there is no body: net/http leaves it to the handler when the
+// connection closes after the response (the request or the header says
+// "Connection: close", exactly that, as net/http tests it), when 256 KiB or
+// more of a body of known length is left, and for an Expect: 100-continue
+// body not read to its end; else it discards the rest, and the handler's
+// later reads fail (see bodyReader.answered). It reports true if the
+// handler may read on: the parent then closes the connection after the
+// response (a module's own Connection header is hop-by-hop, dropped in
+// the parent). Decided here, as the handler's write, not when the parent
+// gets the head: the client's bytes that arrive in between would else
+// reach a handler that in-process could not read them.
+func (w *responseWriter) keepsBody() bool {
+	r := w.req
+	switch {
+	case w.body == nil || w.fullDuplex || r.ProtoMajor != 1 || r.Close || r.ContentLength == 0:
+		return false
+	case w.sent.Get("Connection") == "close":
+		return true
+	}
+	return w.body.answered(r.ContentLength)
 }
 
 // bodyAllowed reports whether the status permits a body, as net/http's.
@@ -873,7 +899,7 @@ func (w *responseWriter) sendBodyLocked(flags uint8, end *outFrame) error {
 	fs := batch[:0]
 	if w.err == nil && !w.headSent {
 		w.headSent = true
-		fs = append(fs, outFrame{kind: kindResponse, id: w.id, msg: &responseHead{Status: w.status, Header: w.sent, Trailer: w.trailers, FullDuplex: w.fullDuplex}})
+		fs = append(fs, outFrame{kind: kindResponse, id: w.id, msg: &responseHead{Status: w.status, Header: w.sent, Trailer: w.trailers, FullDuplex: w.fullDuplex, KeepBody: w.keepsBody()}})
 	}
 	for w.err == nil && (w.out.n > 0 || flags != 0) {
 		least, most := frameCost(min(w.out.n, 1)), frameCost(w.out.n)

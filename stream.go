@@ -394,6 +394,9 @@ type bodyReader struct {
 	ended  http.Header // the trailers that came with the end, until a read merges them
 	closed bool        // the handler closed the body, or returned
 	expect bool        // the parent waits for a first read before sending (Expect: 100-continue)
+	taken  int64       // body bytes the handler has read
+
+	expectReq bool // fixed: the request asked for 100-continue
 
 	// deadline, if set, returns a channel closed when the handler's read
 	// deadline (http.ResponseController.SetReadDeadline) passes; fixed
@@ -405,7 +408,7 @@ type bodyReader struct {
 // sends, with growth from budget (nil: none). With expectContinue the
 // parent sends nothing until the first Read grants the initial window.
 func newBodyReader(grant func(int), expectContinue bool, budget *flowBudget) *bodyReader {
-	b := &bodyReader{grant: grant, expect: expectContinue, wake: make(chan struct{}, 1)}
+	b := &bodyReader{grant: grant, expect: expectContinue, expectReq: expectContinue, wake: make(chan struct{}, 1)}
 	credit := initialWindow
 	if expectContinue {
 		credit = 0
@@ -493,6 +496,7 @@ func (b *bodyReader) read(p []byte, cancel <-chan struct{}) (int, error) {
 			b.chunks, b.costs, b.off = b.chunks[1:], b.costs[1:], 0
 		}
 	}
+	b.taken += int64(n)
 	b.consumeLocked(consumed)
 	return n, nil
 }
@@ -519,6 +523,7 @@ func (b *bodyReader) WriteTo(w io.Writer) (int64, error) {
 		c, off, cost := b.chunks[0], b.off, b.costs[0]
 		b.chunks[0] = chunk{}
 		b.chunks, b.costs, b.off = b.chunks[1:], b.costs[1:], 0
+		b.taken += int64(c.n - off)
 		b.consumeLocked(cost)
 		n, err := c.writeTo(w, off)
 		total += int64(n)
@@ -598,6 +603,31 @@ func (b *bodyReader) consumeLocked(consumed int) {
 	}
 }
 
+// answered applies net/http's rule for the body of an HTTP/1 request, of
+// contentLength bytes (-1: unknown), as the head of its response goes out
+// and its handler is not in full-duplex mode (see net/http's
+// chunkWriter.writeHeader). It reports true if the handler may read on:
+// net/http lets it when 256 KiB or more of a body of known length is left,
+// and leaves an Expect: 100-continue body it has not read to its end, and
+// then closes the connection after the response. Otherwise it closes b,
+// as net/http discards what is left: later reads fail with
+// http.ErrBodyReadAfterClose, whatever arrives meanwhile.
+func (b *bodyReader) answered(contentLength int64) (keep bool) {
+	b.mu.Lock()
+	closed, complete, taken := b.closed, b.err == io.EOF && len(b.chunks) == 0, b.taken
+	b.mu.Unlock()
+	switch {
+	case closed:
+		return false
+	case b.expectReq:
+		return !complete // read to its end, it goes on returning io.EOF
+	case contentLength > 0 && contentLength-taken >= maxPostHandlerReadBytes:
+		return true
+	}
+	b.Close()
+	return false
+}
+
 // Close discards what is queued and returns the window's growth to the
 // budget; later reads fail.
 func (b *bodyReader) Close() error {
@@ -628,18 +658,20 @@ type stream struct {
 
 	mu        sync.Mutex // guards the fields below
 	events    []event
-	inline    [4]event   // events' first backing array: most responses fit
-	queued    int        // what the kindData events cost against the window
-	recv      recvWindow // the response's window, granted to the child
-	informal  int        // 1xx response heads received
-	infoHeld  int        // what the queued 1xx heads cost (see informationalCost)
-	final     bool       // the final (non-1xx) response head has arrived
-	ended     bool       // kindEnd or kindAbort has arrived: the child is done with the stream (on a tunnel, kindAbort only)
-	tunnel    bool       // kindHijack has arrived: the stream carries a hijacked connection's bytes (see PROTOCOL.md)
-	wclosed   bool       // on a tunnel, the child's kindEnd has arrived: it sends no more data
-	hijackOK  bool       // fixed at open: the request was sent as hijackable (requestHead.Hijackable)
-	err       error      // the stream failed: the child can no longer answer
-	abandoned bool       // the request's goroutine has gone; what arrives is dropped
+	inline    [4]event    // events' first backing array: most responses fit
+	queued    int         // what the kindData events cost against the window
+	recv      recvWindow  // the response's window, granted to the child
+	informal  int         // 1xx response heads received
+	infoHeld  int         // what the queued 1xx heads cost (see informationalCost)
+	heads     *flowBudget // fixed at open; the module's budget for large heads and trailers, nil for none (see chargeHeadLocked)
+	headsHeld int         // what the stream has reserved from heads
+	final     bool        // the final (non-1xx) response head has arrived
+	ended     bool        // kindEnd or kindAbort has arrived: the child is done with the stream (on a tunnel, kindAbort only)
+	tunnel    bool        // kindHijack has arrived: the stream carries a hijacked connection's bytes (see PROTOCOL.md)
+	wclosed   bool        // on a tunnel, the child's kindEnd has arrived: it sends no more data
+	hijackOK  bool        // fixed at open: the request was sent as hijackable (requestHead.Hijackable)
+	err       error       // the stream failed: the child can no longer answer
+	abandoned bool        // the request's goroutine has gone; what arrives is dropped
 
 	// What cutWrites interrupts, guarded by cutMu: the writes of the
 	// request's goroutine to its client, which wait for a client that
@@ -656,8 +688,11 @@ type event struct {
 	kind  uint8
 	flags uint8
 	// cost is what a kindData event costs against the window when it
-	// holds several frames (see stream.pushEvent); 0 for one frame. (An
-	// int32, in the padding after flags: streams hold four events inline.)
+	// holds several frames (see stream.pushEvent); 0 for one frame. For a
+	// kindResponse or kindEnd, what its head or trailers cost decoded (see
+	// stream.chargeHeadLocked); for an abort with flagOverBudget, what the
+	// head or trailers it replaced did. (An int32, in the padding after
+	// flags: streams hold four events inline.)
 	cost    int32
 	head    *responseHead // kindResponse
 	chunk                 // kindData: the bytes, owned by the receiver of the event
@@ -775,15 +810,21 @@ func (s *stream) pushEvent(ev event) error {
 		return err
 	}
 	if n := informationalCost(ev); n > 0 {
-		if s.infoHeld > 0 && s.infoHeld+n > maxHeldInformational {
+		if s.infoHeld > 0 && s.infoHeld+n > maxHeldInformational || !s.chargeHeadLocked(ev) {
 			// The request's goroutine has not taken the earlier ones
 			// yet: the client is slow, or the handler sends 1xx heads
-			// faster than any client takes them. Informational, and
+			// faster than any client takes them. Or the module's other
+			// responses hold its head budget. Informational, and
 			// dropped, as the child drops those past maxInformational.
 			ev.release()
 			return nil
 		}
 		s.infoHeld += n
+	} else if (ev.kind == kindResponse || ev.kind == kindEnd) && !s.chargeHeadLocked(ev) {
+		// The module's other responses hold its head budget, for
+		// clients that read slowly: this response fails (see
+		// exchange.abort), and its head or trailers are dropped.
+		ev = event{kind: kindAbort, flags: flagOverBudget, cost: ev.cost}
 	}
 	if ev.kind == kindData {
 		s.queued += frameCost(ev.n)
@@ -800,6 +841,49 @@ func (s *stream) pushEvent(ev event) error {
 	s.events = append(s.events, ev)
 	s.signal()
 	return nil
+}
+
+// chargeHeadLocked reserves what ev, a response head or trailers, cost
+// decoded from the module's head budget, if that is more than
+// freeHeadCost, for as long as the request's exchange may hold them: until
+// it has written a 1xx head (uncharge), else until it ends
+// (releaseHeads). It reports false, having reserved nothing, if the
+// budget cannot hold them.
+func (s *stream) chargeHeadLocked(ev event) bool {
+	n := int(ev.cost)
+	if n <= freeHeadCost || s.heads == nil {
+		return true
+	}
+	if !s.heads.reserve(n) {
+		return false
+	}
+	s.headsHeld += n
+	return true
+}
+
+// uncharge returns what chargeHeadLocked reserved for ev, a 1xx head that
+// the request's exchange has written, or dropped.
+func (s *stream) uncharge(ev event) {
+	n := int(ev.cost)
+	if n <= freeHeadCost || s.heads == nil {
+		return
+	}
+	s.mu.Lock()
+	s.headsHeld -= n
+	s.mu.Unlock()
+	s.heads.release(n)
+}
+
+// releaseHeads returns what the stream reserved from the head budget: its
+// exchange has ended, and holds its heads and trailers no more.
+func (s *stream) releaseHeads() {
+	s.mu.Lock()
+	n := s.headsHeld
+	s.headsHeld = 0
+	s.mu.Unlock()
+	if n > 0 {
+		s.heads.release(n)
+	}
 }
 
 // maxHeldInformational bounds what the 1xx heads that a stream holds cost

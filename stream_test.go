@@ -443,3 +443,63 @@ func TestBodylessRequestKeepsReadingTurn(t *testing.T) {
 		require.Equal(t, http.StatusOK, st)
 	}
 }
+
+// At its head, a handler of an HTTP/1 request that has not read its body
+// to its end loses the rest, as net/http discards it in-process: what the
+// parent sends later is not read, though the parent sent it before it got
+// the head. Unless 256 KiB or more of a body of known length is left, or
+// the header says "Connection: close": then the handler reads on, and the
+// head tells the parent to close the connection after the response.
+func TestBodyAtHead(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		n    int64
+		conn string
+		keep bool
+	}{
+		{"discarded", 100 << 10, "", false},
+		{"chunked, discarded", -1, "", false},
+		{"too much left", 1 << 20, "", true},
+		{"Connection: close", 100 << 10, "close", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			flushed, sent := make(chan struct{}), make(chan struct{})
+			release := sync.OnceFunc(func() { close(sent) })
+			got := make(chan error, 1)
+			pp := newPipePair(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				io.ReadFull(r.Body, make([]byte, 1024))
+				if tc.conn != "" {
+					w.Header().Set("Connection", tc.conn)
+				}
+				w.(http.Flusher).Flush()
+				close(flushed)
+				<-sent
+				_, err := io.ReadFull(r.Body, make([]byte, 1024))
+				got <- err
+			}))
+			r := httptest.NewRequest("POST", "/", strings.NewReader("x"))
+			r.ContentLength = tc.n
+			s := openRequest(t, pp.c, r)
+			t.Cleanup(func() { // before the pipes', if the test fails: the handler returns
+				release()
+				pp.c.send(outFrame{kind: kindEnd, id: s.id}, nil)
+			})
+			send := func(n int) {
+				require.NoError(t, pp.c.send(outFrame{kind: kindData, id: s.id, data: make([]byte, n)}, nil))
+			}
+			send(1024)
+			<-flushed
+			ev, err := s.next(nil)
+			require.NoError(t, err)
+			require.Equal(t, kindResponse, ev.kind)
+			require.Equal(t, tc.keep, ev.head.KeepBody)
+			send(2048)
+			release()
+			if tc.keep {
+				require.NoError(t, <-got)
+			} else {
+				require.ErrorIs(t, <-got, http.ErrBodyReadAfterClose)
+			}
+		})
+	}
+}

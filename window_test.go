@@ -556,3 +556,61 @@ func TestInformationalHeadsHeldBounded(t *testing.T) {
 	s.abandon()
 	assert.Zero(t, s.infoHeld)
 }
+
+// The heads and trailers that cost more than freeHeadCost decoded are
+// charged to the module's head budget while the exchange may hold them: a
+// final head or trailers that do not fit become an abort of their
+// response, a 1xx head that does not fit is dropped, and what was charged
+// comes back when a 1xx head is written or the exchange ends.
+func TestHeadBudgetCharges(t *testing.T) {
+	const free = freeHeadCost
+	b := &flowBudget{limit: 3 * free}
+	open := func(id uint64) *stream {
+		s := newStream(id, window)
+		s.heads = b
+		return s
+	}
+	head := func(status, cost int) event {
+		return event{kind: kindResponse, cost: int32(cost), head: &responseHead{Status: status}}
+	}
+
+	s1 := open(1)
+	require.NoError(t, s1.push(head(http.StatusOK, 2*free)))
+	assert.Equal(t, int64(2*free), b.reserved.Load(), "a large final head is charged")
+	s2 := open(2)
+	require.NoError(t, s2.push(head(http.StatusOK, free)))
+	assert.Equal(t, int64(2*free), b.reserved.Load(), "a head of freeHeadCost is not")
+
+	s3 := open(3)
+	require.NoError(t, s3.push(head(http.StatusEarlyHints, 2*free)))
+	assert.Empty(t, s3.events, "a 1xx head the budget cannot hold is dropped")
+	require.NoError(t, s3.push(head(http.StatusOK, 2*free)))
+	require.Len(t, s3.events, 1)
+	ev := s3.events[0]
+	assert.Equal(t, kindAbort, ev.kind, "a final head the budget cannot hold aborts its response")
+	assert.Equal(t, flagOverBudget, ev.flags)
+	assert.Equal(t, int32(2*free), ev.cost)
+	require.NoError(t, s3.push(event{kind: kindData, chunk: chunk{n: 10}}), "the child may go on sending")
+	require.NoError(t, s3.push(event{kind: kindEnd}))
+	assert.Equal(t, int64(2*free), b.reserved.Load())
+
+	require.NoError(t, s1.push(event{kind: kindEnd, cost: 2 * free, trailer: http.Header{"X": nil}}))
+	require.Len(t, s1.events, 2)
+	assert.Equal(t, kindAbort, s1.events[1].kind, "trailers the budget cannot hold abort their response")
+	assert.Equal(t, flagOverBudget, s1.events[1].flags)
+
+	s1.releaseHeads()
+	assert.Zero(t, b.reserved.Load(), "the exchange's end returns the charge")
+	s1.releaseHeads()
+	assert.Zero(t, b.reserved.Load(), "once")
+
+	s4 := open(4)
+	require.NoError(t, s4.push(head(http.StatusEarlyHints, 2*free)))
+	assert.Equal(t, int64(2*free), b.reserved.Load())
+	ev, err := s4.next(nil)
+	require.NoError(t, err)
+	s4.uncharge(ev)
+	assert.Zero(t, b.reserved.Load(), "a 1xx head written is no longer charged")
+	s4.releaseHeads()
+	assert.Zero(t, b.reserved.Load())
+}

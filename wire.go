@@ -264,6 +264,7 @@ const (
 	headHijackable     // requestHead: the parent can hijack the client's connection; a LocalAddr follows
 	headForm           // requestHead: a Form follows (r.Form was parsed in the parent)
 	headPostForm       // requestHead: a PostForm follows
+	headKeepBody       // responseHead
 )
 
 // appendWire appends h's encoding to b.
@@ -407,6 +408,9 @@ func (h *responseHead) appendWire(b []byte) []byte {
 	if h.FullDuplex {
 		flags |= headFullDuplex
 	}
+	if h.KeepBody {
+		flags |= headKeepBody
+	}
 	w.uint(flags)
 	w.int(int64(h.Status))
 	w.header(h.Header)
@@ -419,9 +423,11 @@ func (h *responseHead) decodeWire(p []byte) error {
 	r := newWireReader(p)
 	flags := r.uint()
 	h.FullDuplex = flags&headFullDuplex != 0
+	h.KeepBody = flags&headKeepBody != 0
 	h.Status = int(r.int())
 	h.Header = r.header()
 	h.Trailer = r.strings()
+	h.cost = int32(r.cost)
 	return r.done()
 }
 
@@ -436,6 +442,7 @@ func (e *bodyEnd) appendWire(b []byte) []byte {
 func (e *bodyEnd) decodeWire(p []byte) error {
 	r := newWireReader(p)
 	e.Trailer = r.header()
+	e.cost = int32(r.cost)
 	return r.done()
 }
 
