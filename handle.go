@@ -70,7 +70,8 @@ type Options struct {
 
 	// RestartWait bounds how long a request that finds no child to take it
 	// (the module restarts) waits for one, and how long a request waits in
-	// the admission queue (see MaxInFlight). After it, the request gets 503
+	// the admission queue (see MaxInFlight): both waits together, for a
+	// request that has both. After it, the request gets 503
 	// Service Unavailable with a Retry-After header. Zero means 10s; a
 	// negative value means requests do not wait.
 	RestartWait time.Duration
@@ -525,7 +526,8 @@ func (h *Handle) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if d, ok := r.Context().Deadline(); ok {
 		head.Deadline = d.UnixNano() // the handler's context in the child ends with ours
 	}
-	if err := h.admit(r.Context()); err != nil {
+	queuedAt, err := h.admit(r.Context())
+	if err != nil {
 		h.unavailable(w, r, err)
 		return
 	}
@@ -536,6 +538,11 @@ func (h *Handle) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 	}()
 	var deadline *time.Timer // see acquire
+	if !queuedAt.IsZero() {
+		// RestartWait bounds the whole wait: the queue's and then the
+		// child's.
+		deadline = time.NewTimer(max(0, h.opts.RestartWait-time.Since(queuedAt)))
+	}
 	defer func() {
 		if deadline != nil {
 			deadline.Stop()
@@ -584,29 +591,31 @@ var errShed = errors.New("subproc: too many requests")
 // waiting for one in the queue if it has room. It fails with errShed if
 // there is none in time, errCanceled if ctx ends first, or ErrClosed if
 // Shutdown begins first. A request that
-// was admitted must call unadmit.
-func (h *Handle) admit(ctx context.Context) error {
+// was admitted must call unadmit. If it had to wait, queuedAt is when it
+// began to: RestartWait bounds its wait for a child too (see acquire).
+func (h *Handle) admit(ctx context.Context) (queuedAt time.Time, err error) {
 	if h.admission == nil || h.admission.TryAcquire(1) {
-		return nil
+		return time.Time{}, nil
 	}
 	if h.queued.Add(1) > int64(h.opts.MaxQueued) {
 		h.queued.Add(-1)
-		return errShed
+		return time.Time{}, errShed
 	}
 	defer h.queued.Add(-1)
+	queuedAt = time.Now()
 	wait, cancel := context.WithTimeout(ctx, h.opts.RestartWait)
 	defer cancel()
 	defer context.AfterFunc(h.life, cancel)() // Shutdown: no place will be served
 	if err := h.admission.Acquire(wait, 1); err != nil {
 		switch {
 		case ctx.Err() != nil:
-			return errCanceled
+			return time.Time{}, errCanceled
 		case h.life.Err() != nil:
-			return ErrClosed
+			return time.Time{}, ErrClosed
 		}
-		return errShed
+		return time.Time{}, errShed
 	}
-	return nil
+	return queuedAt, nil
 }
 
 // unadmit gives back the place admit reserved.

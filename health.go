@@ -181,7 +181,15 @@ func (h *Handle) failedCheck(c *child, err error) bool {
 	select {
 	case <-c.done:
 		return true // dead already: its death, not the check, says why
+	case <-c.broken:
+		return true // its pipe failed: the monitor sees to it (see pipeBroken)
 	default:
+	}
+	c.mu.Lock()
+	ended := c.err != nil // its pipe ended (it is dying), or it was condemned
+	c.mu.Unlock()
+	if ended {
+		return true // the same: its end, not the check, says why
 	}
 	h.mu.Lock()
 	c.failedChecks++

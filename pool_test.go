@@ -571,3 +571,65 @@ func TestRestartWithEndedContext(t *testing.T) {
 	assert.ErrorIs(t, err, context.Canceled)
 	assert.Equal(t, before, pidsOf(h.Stats().Children), "the children serving")
 }
+
+// A recycle whose replacement keeps failing to start is retried with a
+// growing delay, while the old child serves on: each delay is a
+// ModuleBackoff, as after a crash (OnEvent sees every backoff).
+func TestPoolRecycleRetryBacksOff(t *testing.T) {
+	var events eventLog
+	h := startModule(t, "pool-mod", withConfig(t, poolConfig{RestartInitFail: true}, Options{
+		MaxLifetime: 200 * time.Millisecond, OnEvent: events.add, HealthInterval: time.Hour,
+	}))
+	waitFor(t, 30*time.Second, "three failed replacements", func() bool { return events.count(ChildExited, "") >= 3 })
+	failed := events.count(ChildExited, "")
+	assert.GreaterOrEqual(t, events.count(ModuleBackoff, "backoff"), failed-1, "%d replacements failed, each retried after a delay: %v", failed, events.kinds())
+	for _, ev := range events.all() {
+		if ev.Kind == ModuleBackoff {
+			assert.Positive(t, ev.Delay, "a backoff says how long")
+		}
+	}
+	assert.Equal(t, 0, h.Stats().Incarnation, "the first child serves on")
+}
+
+// A request queued for a MaxInFlight place waits at most RestartWait in
+// all: here its place frees, as the child serving the place dies, just
+// before RestartWait, and the replacement takes longer than that to
+// start. It gets its 503 at RestartWait, not after a second RestartWait
+// of waiting for a child.
+func TestAdmissionQueueWaitBoundsChildWait(t *testing.T) {
+	const wait = 2 * time.Second
+	h := startModule(t, "pool-mod", withConfig(t, poolConfig{Dir: t.TempDir(), RestartInitSleep: 3 * wait}, Options{
+		MaxInFlight: 1, MaxQueued: 1, RestartWait: wait, HealthInterval: time.Hour,
+	}))
+	srv := serve(t, h)
+	first := make(chan struct{})
+	go func() {
+		defer close(first)
+		res, _, err := fetchErr(srv.URL+"/hold?file=never", time.Minute)
+		if err == nil {
+			res.Body.Close()
+		}
+	}()
+	awaitStats(t, h, 10*time.Second, "the first request in flight", func(st Stats) bool { return st.InFlight == 1 })
+	type answer struct {
+		code int
+		took time.Duration
+	}
+	second := make(chan answer, 1)
+	go func() {
+		start := time.Now()
+		res, _, err := fetchErr(srv.URL+"/id", time.Minute)
+		if err != nil {
+			second <- answer{}
+			return
+		}
+		second <- answer{res.StatusCode, time.Since(start)}
+	}()
+	waitFor(t, 10*time.Second, "the second request to queue", func() bool { return h.queued.Load() == 1 })
+	time.Sleep(wait - 500*time.Millisecond) // the scenario: the place frees late in the wait
+	require.NoError(t, syscall.Kill(firstChild(h).proc.Pid(), syscall.SIGKILL))
+	<-first
+	a := <-second
+	assert.Equal(t, http.StatusServiceUnavailable, a.code)
+	assert.Less(t, a.took, wait+wait/2, "the queued request waited %v in all; RestartWait is %v", a.took, wait)
+}

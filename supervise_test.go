@@ -612,3 +612,25 @@ func pidsOf(cs []ChildStats) []int {
 	}
 	return pids
 }
+
+// A health check that fails because the child's pipe has ended (it is
+// dying, and its exit is not yet seen) says nothing of its health: it is
+// not counted, and no ChildUnhealthy is posted. (Such a dead child showed
+// "unhealthy" in Stats, and at HealthFailures the parent logged it as
+// unhealthy and killed it.)
+func TestFailedCheckOfEndedChild(t *testing.T) {
+	var events eventLog
+	c := testChild(nil)
+	h := c.h
+	h.events = newEventQueue(events.add, h.logf)
+	c.mu.Lock()
+	c.err = errChildExited
+	c.mu.Unlock()
+	for range h.opts.HealthFailures + 1 {
+		assert.True(t, h.failedCheck(c, errChildExited), "an ended child is not condemned by its checks")
+	}
+	assert.Zero(t, c.failedChecks)
+	h.events.close()
+	<-h.events.done
+	assert.Empty(t, events.all())
+}

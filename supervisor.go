@@ -225,7 +225,11 @@ func (s *supervisor) serve(cp **child, failures *int) (died bool) {
 			if ask.reason != "restart" {
 				// The recycling is still due: try again, backing off.
 				retries++
-				retry, retryAsk = time.After(h.restartDelay(retries+1)), replaceAsk{reason: ask.reason}
+				d := h.restartDelay(retries + 1)
+				// A delay before the next start: the module keeps
+				// failing to start, as after a crash (see restart).
+				h.post(Event{Kind: ModuleBackoff, Slot: s.slot, Reason: "backoff", Delay: d})
+				retry, retryAsk = time.After(d), replaceAsk{reason: ask.reason}
 			}
 		}
 	}
