@@ -434,7 +434,7 @@ type child struct {
 	running map[*stream]struct{}
 	// forgotten holds the ids of streams the parent gave up before the
 	// child ended them (see forget): what arrives for them is dropped.
-	forgotten map[uint64]time.Time // when each was given up
+	forgotten map[uint64]givenUp
 	// forgottenTunnels holds those of them that the child hijacked: a
 	// tunnel ends with kindAbort alone (see PROTOCOL.md). Nil until needed.
 	forgottenTunnels map[uint64]bool
@@ -465,7 +465,7 @@ func newChild(h *Handle, incarnation int, proc process, conn *conn, accept *acce
 		hung:        make(chan struct{}, 1),
 		pending:     make(map[uint64]*stream),
 		running:     make(map[*stream]struct{}),
-		forgotten:   make(map[uint64]time.Time),
+		forgotten:   make(map[uint64]givenUp),
 		pings:       make(map[uint64]chan struct{}),
 	}
 }
@@ -787,8 +787,7 @@ func (c *child) dispatch(hdr frame.Header, scratch *[]byte) error {
 			case hdr.Kind == kindHijack:
 				c.forgetTunnelLocked(hdr.ID)
 			case hdr.Kind == kindAbort || hdr.Kind == kindEnd && !c.forgottenTunnels[hdr.ID]:
-				delete(c.forgotten, hdr.ID)
-				delete(c.forgottenTunnels, hdr.ID)
+				c.dropForgottenLocked(hdr.ID)
 			}
 			c.mu.Unlock()
 			return nil
@@ -812,8 +811,7 @@ func (c *child) dispatch(hdr frame.Header, scratch *[]byte) error {
 			// left in forgotten would count as stuck for good.
 			c.mu.Lock()
 			delete(c.pending, hdr.ID)
-			delete(c.forgotten, hdr.ID)
-			delete(c.forgottenTunnels, hdr.ID)
+			c.dropForgottenLocked(hdr.ID)
 			c.mu.Unlock()
 		}
 		return nil
@@ -858,8 +856,9 @@ func (c *child) fail(err error, dead func() bool) {
 	err = c.err // a reason given first, by condemn, explains the end best
 	pending := c.pending
 	c.pending = map[uint64]*stream{}
-	clear(c.forgotten)
-	clear(c.forgottenTunnels)
+	for id := range c.forgotten {
+		c.dropForgottenLocked(id) // their handlers end with the child
+	}
 	c.mu.Unlock()
 	if len(pending) == 0 {
 		return
@@ -880,16 +879,42 @@ func (c *child) fail(err error, dead func() bool) {
 // forget releases stream s, which the request's goroutine has given up
 // before the child ended it: a handler that never returns then holds a map
 // entry in the parent, not the stream. What arrives for s is dropped.
-func (c *child) forget(s *stream) {
+//
+// release, if not nil, is called once the handler has ended (the child
+// ended the stream, or died): the request's MaxInFlight place, which the
+// handler holds until then, as it still runs in the child. forget reports
+// false, having called nothing, if s was not pending: the child had ended
+// it already.
+func (c *child) forget(s *stream, release func()) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.pending[s.id] == s {
-		delete(c.pending, s.id)
-		c.forgotten[s.id] = time.Now()
-		if s.tunneled() {
-			// The hijack was read: the tunnel ends with kindAbort alone.
-			c.forgetTunnelLocked(s.id)
-		}
+	if c.pending[s.id] != s {
+		return false
+	}
+	delete(c.pending, s.id)
+	c.forgotten[s.id] = givenUp{time.Now(), release}
+	if s.tunneled() {
+		// The hijack was read: the tunnel ends with kindAbort alone.
+		c.forgetTunnelLocked(s.id)
+	}
+	return true
+}
+
+// A givenUp is a stream in child.forgotten: when it was given up, and
+// what to call once its handler has ended (see forget).
+type givenUp struct {
+	at      time.Time
+	release func()
+}
+
+// dropForgottenLocked removes the forgotten stream id, whose handler has
+// ended, and calls its release. c.mu must be held.
+func (c *child) dropForgottenLocked(id uint64) {
+	g, ok := c.forgotten[id]
+	delete(c.forgotten, id)
+	delete(c.forgottenTunnels, id)
+	if ok && g.release != nil {
+		g.release()
 	}
 }
 
@@ -906,9 +931,9 @@ func (c *child) forgetTunnelLocked(id uint64) {
 func (c *child) givenUpSince() (oldest time.Time, n int) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	for _, t := range c.forgotten {
-		if oldest.IsZero() || t.Before(oldest) {
-			oldest = t
+	for _, g := range c.forgotten {
+		if oldest.IsZero() || g.at.Before(oldest) {
+			oldest = g.at
 		}
 	}
 	return oldest, len(c.forgotten)

@@ -27,9 +27,22 @@ import (
 
 // giveUp drops what the child sends for s from now on and tells the child
 // the request is gone, so that its handler's context is canceled.
+//
+// The request's MaxInFlight place, if it still holds it, goes to the
+// handler, which runs on in the child until it sees its context end: it
+// is given back once the handler has ended, or the child has (see forget),
+// so that clients that leave at once cannot make the child run more
+// handlers than MaxInFlight.
 func giveUp(ctx context.Context, c *child, s *stream) {
 	s.abandon()
-	c.forget(s)
+	var release func()
+	if x := &s.x; x.h != nil && !x.placeFreed && x.h.admission != nil {
+		x.placeFreed = true
+		release = x.h.unadmit
+	}
+	if !c.forget(s, release) && release != nil {
+		release() // the handler had ended
+	}
 	var flags uint8
 	if ctx.Err() == context.DeadlineExceeded {
 		flags = flagDeadline

@@ -124,7 +124,11 @@ type Options struct {
 	// zero means no cap. Requests beyond it wait, in the order they came,
 	// in a queue of MaxQueued for at most RestartWait; those that find the
 	// queue full, or wait in vain, get 503 Service Unavailable with
-	// Retry-After at once. Health checks never wait behind requests.
+	// Retry-After at once. Health checks never wait behind requests. A
+	// request whose client left, or whose deadline passed, is served until
+	// its handler returns: it keeps its place until then, or until its
+	// child ends (a handler that never returns makes the child stuck: see
+	// StuckTimeout).
 	MaxInFlight int
 
 	// MaxQueued is how many requests may wait beyond MaxInFlight; zero

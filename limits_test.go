@@ -4,6 +4,7 @@ package subproc
 // of a hung child, and admission, with real children of the limits- module.
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -16,6 +17,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -80,6 +82,13 @@ func init() {
 			case <-time.After(10 * time.Second):
 				http.Error(w, "nothing seen", http.StatusInternalServerError)
 			}
+		})
+		// /deaf says it has started, then never returns, whatever its
+		// context says.
+		mux.HandleFunc("/deaf", func(w http.ResponseWriter, r *http.Request) {
+			io.WriteString(w, "started\n")
+			w.(http.Flusher).Flush()
+			limitsStuckHandler()
 		})
 		// /stuck never returns, whatever its context says.
 		mux.HandleFunc("/stuck", func(w http.ResponseWriter, r *http.Request) {
@@ -623,4 +632,36 @@ func (r *statusRecorder) WriteHeader(code int) {
 		r.status = code
 	}
 	r.ResponseWriter.WriteHeader(code)
+}
+
+// MaxInFlight bounds the handlers that run in the child, not only the
+// requests whose clients wait: a handler that does not watch its context
+// keeps its request's place after its client has left, until it ends or
+// its child does. (The place came back as the client left: a client that
+// sent requests and left at once made the child run any number of them.)
+func TestLimitsAdmissionCountsAbandonedHandlers(t *testing.T) {
+	h := startModule(t, "limits-mod", Options{MaxInFlight: 2, RestartWait: 100 * time.Millisecond, HealthInterval: time.Hour, StuckTimeout: time.Hour})
+	srv := serve(t, h)
+	for range 2 {
+		ctx, cancel := context.WithCancel(context.Background())
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, srv.URL+"/deaf", nil)
+		require.NoError(t, err)
+		res, err := http.DefaultClient.Do(req)
+		require.NoError(t, err)
+		line, err := bufio.NewReader(res.Body).ReadString('\n')
+		require.NoError(t, err)
+		require.Equal(t, "started\n", line)
+		cancel() // the client leaves; the handler runs on
+		res.Body.Close()
+	}
+	awaitStats(t, h, 10*time.Second, "the abandoned requests to end in the parent", func(st Stats) bool { return st.InFlight == 0 })
+	status, _ := fetch(t, srv.URL+"/pid")
+	assert.Equal(t, http.StatusServiceUnavailable, status, "two handlers run in the child: no place is free")
+
+	// The child's end ends them: their places come back.
+	inc := h.Stats().Incarnation
+	require.NoError(t, syscall.Kill(firstChild(h).proc.Pid(), syscall.SIGKILL))
+	awaitStats(t, h, 20*time.Second, "the replacement", runningInc(inc+1))
+	status, _ = fetch(t, srv.URL+"/pid")
+	assert.Equal(t, http.StatusOK, status)
 }
