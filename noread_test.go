@@ -196,16 +196,24 @@ func TestNoReadShutdownCutShort(t *testing.T) {
 // startedResponses returns how many of the requests that h's first child
 // serves have a response that the parent has started writing.
 func startedResponses(h *Handle) int {
+	return countRunning(h, func(s *stream) bool {
+		s.cutMu.Lock()
+		defer s.cutMu.Unlock()
+		return s.cutW != nil
+	})
+}
+
+// countRunning returns how many of the requests that h's first child
+// serves satisfy cond, which is called with the child's lock held.
+func countRunning(h *Handle, cond func(s *stream) bool) int {
 	c := firstChild(h)
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	n := 0
 	for s := range c.running {
-		s.cutMu.Lock()
-		if s.cutW != nil {
+		if cond(s) {
 			n++
 		}
-		s.cutMu.Unlock()
 	}
 	return n
 }
@@ -373,18 +381,11 @@ func TestNoReadLargeHeadsBounded(t *testing.T) {
 // chargedHeads returns how many of the requests that h's first child
 // serves hold a charge to the head budget.
 func chargedHeads(h *Handle) int {
-	c := firstChild(h)
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	n := 0
-	for s := range c.running {
+	return countRunning(h, func(s *stream) bool {
 		s.mu.Lock()
-		if s.headsHeld > 0 {
-			n++
-		}
-		s.mu.Unlock()
-	}
-	return n
+		defer s.mu.Unlock()
+		return s.headsHeld > 0
+	})
 }
 
 // heapAfterGC returns the bytes of the process's live heap.
