@@ -628,6 +628,13 @@ func (x *exchange) abort(ev event) {
 		h.count(&h.stats.BadGateway)
 		x.replyError(http.StatusBadGateway, ": its response's head (%d bytes decoded) does not fit in the %d MiB that the parent holds of the module's heads larger than %d KiB, which its responses to slow clients hold now: make its heads smaller", ev.cost, headBudgetSize>>20, freeHeadCost>>10)
 		return
+	case x.s.cutAtOnce():
+		// The child's drain ended before its handler answered, and the
+		// handler returned as its context ended: as if the child had
+		// died then.
+		h.count(&h.stats.BadGateway)
+		x.replyError(http.StatusBadGateway, " did not answer before its child's drain ended (Shutdown's context, or Options.ShutdownTimeout for a replaced child)")
+		return
 	}
 	h.count(&h.stats.Aborted)
 	panic(http.ErrAbortHandler)

@@ -665,3 +665,26 @@ func TestLimitsAdmissionCountsAbandonedHandlers(t *testing.T) {
 	status, _ = fetch(t, srv.URL+"/pid")
 	assert.Equal(t, http.StatusOK, status)
 }
+
+// A request still unanswered when its child's drain ends gets 502, as when
+// the child dies before answering: its handler, whose context the drain's
+// end cancels, returns without writing, and the client would else see
+// its connection closed without a response.
+func TestDrainEndUnansweredIs502(t *testing.T) {
+	h := startModule(t, "limits-mod", Options{ShutdownTimeout: 200 * time.Millisecond, HealthInterval: time.Hour})
+	srv := serve(t, h)
+	got := make(chan int, 1)
+	go func() {
+		res, _, err := fetchErr(srv.URL+"/deadline", 20*time.Second)
+		if err != nil {
+			got <- 0
+			return
+		}
+		got <- res.StatusCode
+	}()
+	awaitStats(t, h, 10*time.Second, "the request in flight", func(st Stats) bool { return st.InFlight == 1 })
+	require.NoError(t, h.Restart(t.Context()))
+	assert.Equal(t, http.StatusBadGateway, <-got)
+	assert.Equal(t, uint64(1), h.Stats().BadGateway)
+	assert.Zero(t, h.Stats().Aborted)
+}

@@ -1017,7 +1017,19 @@ func (s *stream) armCut(w http.ResponseWriter, conn net.Conn) {
 // the child's abort or death, cutWritesAt gives them abortLinger). The
 // goroutine then sees the stream's events, which end the response
 // aborted.
-func (s *stream) cutWrites() { s.cutWritesAt(time.Unix(1, 0)) }
+func (s *stream) cutWrites() { s.cutWritesAt(cutNow) }
+
+// cutNow is the deadline cutWrites sets: one long past.
+var cutNow = time.Unix(1, 0)
+
+// cutAtOnce reports whether cutWrites cut the stream (at a drain's end,
+// or at the request's deadline once the response started), not only
+// cutWritesAt with abortLinger.
+func (s *stream) cutAtOnce() bool {
+	s.cutMu.Lock()
+	defer s.cutMu.Unlock()
+	return s.cutAt.Equal(cutNow)
+}
 
 // cutWritesAt is cutWrites at deadline t, unless an earlier one was set.
 // Safe for concurrent use; once disarmCut has returned it does nothing, so
