@@ -880,19 +880,19 @@ func (c *child) fail(err error, dead func() bool) {
 // before the child ended it: a handler that never returns then holds a map
 // entry in the parent, not the stream. What arrives for s is dropped.
 //
-// release, if not nil, is called once the handler has ended (the child
-// ended the stream, or died): the request's MaxInFlight place, which the
-// handler holds until then, as it still runs in the child. forget reports
-// false, having called nothing, if s was not pending: the child had ended
-// it already.
-func (c *child) forget(s *stream, release func()) bool {
+// With place, the request's MaxInFlight place goes with the entry: the
+// handler holds it while it runs on in the child, and it is given back
+// once the handler has ended (the child ended the stream, or died). forget
+// reports false, having taken nothing, if s was not pending: the child had
+// ended it already.
+func (c *child) forget(s *stream, place bool) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.pending[s.id] != s {
 		return false
 	}
 	delete(c.pending, s.id)
-	c.forgotten[s.id] = givenUp{time.Now(), release}
+	c.forgotten[s.id] = givenUp{time.Now(), place}
 	if s.tunneled() {
 		// The hijack was read: the tunnel ends with kindAbort alone.
 		c.forgetTunnelLocked(s.id)
@@ -901,20 +901,20 @@ func (c *child) forget(s *stream, release func()) bool {
 }
 
 // A givenUp is a stream in child.forgotten: when it was given up, and
-// what to call once its handler has ended (see forget).
+// whether it holds its request's MaxInFlight place (see forget).
 type givenUp struct {
-	at      time.Time
-	release func()
+	at    time.Time
+	place bool
 }
 
 // dropForgottenLocked removes the forgotten stream id, whose handler has
-// ended, and calls its release. c.mu must be held.
+// ended, and gives back the place it held. c.mu must be held.
 func (c *child) dropForgottenLocked(id uint64) {
-	g, ok := c.forgotten[id]
+	g := c.forgotten[id]
 	delete(c.forgotten, id)
 	delete(c.forgottenTunnels, id)
-	if ok && g.release != nil {
-		g.release()
+	if g.place {
+		c.h.unadmit()
 	}
 }
 

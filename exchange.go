@@ -35,13 +35,13 @@ import (
 // handlers than MaxInFlight.
 func giveUp(ctx context.Context, c *child, s *stream) {
 	s.abandon()
-	var release func()
-	if x := &s.x; x.h != nil && !x.placeFreed && x.h.admission != nil {
+	x := &s.x
+	place := x.h != nil && !x.placeFreed && x.h.admission != nil
+	if place {
 		x.placeFreed = true
-		release = x.h.unadmit
 	}
-	if !c.forget(s, release) && release != nil {
-		release() // the handler had ended
+	if !c.forget(s, place) && place {
+		x.h.unadmit() // the handler had ended
 	}
 	var flags uint8
 	if ctx.Err() == context.DeadlineExceeded {
@@ -517,7 +517,20 @@ func (x *exchange) writeData(ev event) bool {
 	}
 	ev.release()
 	if err != nil && !errors.Is(err, http.ErrBodyNotAllowed) {
-		return x.writeFailed()
+		if x.late() {
+			x.canceled() // cut at the deadline: aborts
+			return false
+		}
+		if x.s.wasCut() {
+			// The stream's next events end the response: its abort, its
+			// failure, or, cut at a drain's end, whatever the stopped
+			// child sends last. No credit goes back meanwhile.
+			x.cutShort = true
+			return true
+		}
+		// The client is gone.
+		giveUp(x.ctx, x.c, x.s)
+		return false
 	}
 	// Credit goes back half a window at a time, with the window's growth
 	// while the stream drains quickly (see recvWindow.consume).
@@ -528,25 +541,6 @@ func (x *exchange) writeData(ev event) bool {
 		x.controller().Flush()
 	}
 	return true
-}
-
-// writeFailed handles a write to w that failed, and reports whether the
-// exchange goes on.
-func (x *exchange) writeFailed() bool {
-	if x.late() {
-		x.canceled() // cut at the deadline: aborts
-		return false
-	}
-	if x.s.wasCut() {
-		// The stream's next events end the response: its abort, its
-		// failure, or, cut at a drain's end, whatever the stopped
-		// child sends last. No credit goes back meanwhile.
-		x.cutShort = true
-		return true
-	}
-	// The client is gone.
-	giveUp(x.ctx, x.c, x.s)
-	return false
 }
 
 // sniffLen is how many bytes of a body net/http reads to sniff its

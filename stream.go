@@ -850,8 +850,8 @@ func (s *stream) pushEvent(ev event) error {
 // (releaseHeads). It reports false, having reserved nothing, if the
 // budget cannot hold them.
 func (s *stream) chargeHeadLocked(ev event) bool {
-	n := int(ev.cost)
-	if n <= freeHeadCost || s.heads == nil {
+	n := s.headCharge(ev)
+	if n == 0 {
 		return true
 	}
 	if !s.heads.reserve(n) {
@@ -861,11 +861,21 @@ func (s *stream) chargeHeadLocked(ev event) bool {
 	return true
 }
 
+// headCharge returns what ev, a response head or trailers, is charged to
+// the head budget: what it cost decoded, if that is more than
+// freeHeadCost; else 0.
+func (s *stream) headCharge(ev event) int {
+	if n := int(ev.cost); n > freeHeadCost && s.heads != nil {
+		return n
+	}
+	return 0
+}
+
 // uncharge returns what chargeHeadLocked reserved for ev, a 1xx head that
 // the request's exchange has written, or dropped.
 func (s *stream) uncharge(ev event) {
-	n := int(ev.cost)
-	if n <= freeHeadCost || s.heads == nil {
+	n := s.headCharge(ev)
+	if n == 0 {
 		return
 	}
 	s.mu.Lock()

@@ -405,7 +405,7 @@ func TestLentTurnDoesNotStallReading(t *testing.T) {
 	defer timer.Stop()
 	_, err := pp.c.ping(timeout)
 	require.NoError(t, err, "ping while a handler blocks")
-	pp.c.forget(block, nil)
+	pp.c.forget(block, false)
 }
 
 // The worker that reads a request without a body keeps the reading turn
