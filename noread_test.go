@@ -395,3 +395,26 @@ func heapAfterGC() uint64 {
 	runtime.ReadMemStats(&ms)
 	return ms.HeapAlloc
 }
+
+// The heads held for clients that read nothing are returned to the budget
+// when their child is killed, too: the writes are cut abortLinger later,
+// the requests end aborted, and the replacement's large heads fit again.
+func TestNoReadLargeHeadsChildKilled(t *testing.T) {
+	h := startModule(t, "noread", Options{})
+	tg := noreadTargets(t, h)[1]
+	for i := range 3 {
+		dialNoReadConn(t, tg.srv, "/large-head")
+		waitFor(t, 10*time.Second, "the head to be held", func() bool { return chargedHeads(h) == i+1 })
+	}
+	require.Positive(t, h.heads.reserved.Load())
+	inc := h.Stats().Incarnation
+	require.NoError(t, syscall.Kill(firstChild(h).proc.Pid(), syscall.SIGKILL))
+	waitFor(t, 20*time.Second, "the held requests to end", func() bool { return tg.active.Load() == 0 })
+	assert.Zero(t, h.heads.reserved.Load(), "what the requests reserved is returned")
+	assert.Equal(t, uint64(3), h.Stats().Aborted)
+	awaitStats(t, h, 20*time.Second, "the replacement", runningInc(inc+1))
+	res, err := tg.srv.Client().Get(tg.srv.URL + "/large-head")
+	require.NoError(t, err)
+	defer res.Body.Close()
+	assert.Equal(t, http.StatusOK, res.StatusCode)
+}
