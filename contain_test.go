@@ -17,6 +17,7 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -269,4 +270,60 @@ func TestContainMaxBytesReaderStalledUpload(t *testing.T) {
 	awaitStats(t, h, 20*time.Second, "the request to end at its deadline", func(s Stats) bool {
 		return s.Timeouts == 1 && s.InFlight == 0
 	})
+}
+
+// A frozen child whose pipe is full holds no request whose client has
+// gone: a request waiting to send its head, and one waiting to send the
+// cancel of a request already sent, return as soon as their clients leave,
+// not when a health check (here never) kills the child.
+func TestFrozenFullPipeReleasesLeavingClients(t *testing.T) {
+	h := startModule(t, "contain-mod", Options{HealthInterval: time.Hour})
+	pid := h.Stats().Pid
+	require.NoError(t, syscall.Kill(pid, syscall.SIGSTOP))
+	// Registered after startModule's cleanup, so run before it: Shutdown
+	// need not wait for a frozen child.
+	t.Cleanup(func() { syscall.Kill(pid, syscall.SIGKILL) })
+	waitFor(t, 10*time.Second, "the child to stop", func() bool { return procState(pid) == "T" })
+
+	// Each POST's head, and the first window of its body, go to the pipe,
+	// until it holds pipeSize and maxPending bytes more wait in the conn.
+	c := firstChild(h)
+	backedUp := func() bool {
+		c.conn.mu.Lock()
+		defer c.conn.mu.Unlock()
+		return len(c.conn.pending) >= maxPending
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var served sync.WaitGroup
+	serveOne := func(method string, body io.Reader) {
+		served.Add(1)
+		go func() {
+			defer served.Done()
+			r := httptest.NewRequestWithContext(ctx, method, "/pid", body)
+			h.ServeHTTP(httptest.NewRecorder(), r)
+		}()
+	}
+	posts := 0
+	for ; !backedUp(); posts++ {
+		require.Less(t, posts, 4*pipeSize/chunkSize, "the conn never backed up")
+		serveOne(http.MethodPost, bytes.NewReader(make([]byte, chunkSize)))
+		waitFor(t, 10*time.Second, "the POST to be in flight", func() bool { return h.Stats().InFlight == posts+1 })
+	}
+	serveOne(http.MethodGet, nil) // its head waits for room
+	waitFor(t, 10*time.Second, "the GET to be in flight", func() bool { return h.Stats().InFlight == posts+1 })
+
+	cancel()
+	done := make(chan struct{})
+	go func() {
+		served.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		syscall.Kill(pid, syscall.SIGKILL) // lets the test end
+		<-done
+		t.Fatalf("%d POSTs and a GET to a frozen child with a full pipe were still in ServeHTTP 10s after their clients left", posts)
+	}
 }

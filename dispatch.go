@@ -6,8 +6,10 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/fbbf71ac/subproc/internal/frame"
@@ -55,6 +57,12 @@ var errConnClosed = errors.New("connection closed")
 // no hand-off to another goroutine, which would be most of a round trip's
 // latency; under load, the frames of many senders share a write. Frames
 // reach the pipe in the order they were appended.
+//
+// In the parent no sender waits for the child to read (see tryWrites): a
+// sender that finds the pipe full leaves the rest to writeLoop. A child
+// that reads nothing, frozen or hung, thus holds no request's goroutine:
+// each waits only while maxPending bytes are pending, and its cancel
+// ends that wait.
 type conn struct {
 	quit     chan struct{} // closed by stopWriting
 	quitOnce sync.Once
@@ -64,7 +72,8 @@ type conn struct {
 	w       io.WriteCloser
 	pending []byte        // frames not yet written
 	spare   []byte        // the buffer the writer last wrote, for reuse
-	writing bool          // a sender is writing pending to the pipe
+	writing bool          // a sender, or writeLoop, is writing pending to the pipe
+	handoff bool          // a sender found the pipe full: writing is writeLoop's (see writeLocked)
 	drained chan struct{} // made by a sender that must wait; closed, and cleared, when a writer has written what was pending
 	enc     *encoder
 	werr    error // once set, nothing more is written: the pipe failed or is closed
@@ -72,6 +81,12 @@ type conn struct {
 	// broken is closed when a write to the pipe has failed: what it held
 	// and whatever is sent later is lost.
 	broken chan struct{}
+
+	// try, if not nil, writes to the pipe without waiting (the parent's:
+	// see tryWrites); kick, of capacity 1, then tells writeLoop to write
+	// what a sender left in pending when the pipe was full.
+	try  *tryWriter
+	kick chan struct{}
 
 	fr  *frame.Reader // owned by the reading goroutine
 	dec *decoder      // owned by the reading goroutine
@@ -88,6 +103,7 @@ func newConn(r io.Reader, w io.WriteCloser) *conn {
 		quit:    make(chan struct{}),
 		wdone:   make(chan struct{}),
 		broken:  make(chan struct{}),
+		kick:    make(chan struct{}, 1),
 		w:       w,
 		pending: frame.AppendPreamble(make([]byte, 0, 4<<10), protocolVersion),
 		enc:     newEncoder(),
@@ -107,9 +123,10 @@ func (c *conn) send(f outFrame, cancel <-chan struct{}) error {
 // written; it fails, releasing the chunks of fs and sending none of them, if
 // the pipe had failed, the conn had stopped writing, or cancel is closed
 // first. Once it has taken the frames it returns nil: it may return before
-// they are in the pipe (another sender may be writing them), and a write
-// that fails after that is not reported to it. The caller may end up
-// writing to the pipe itself, which cancel does not interrupt.
+// they are in the pipe (another sender, or writeLoop, may be writing
+// them), and a write that fails after that is not reported to it. The
+// caller may end up writing to the pipe itself, which cancel does not
+// interrupt; in the parent that write never waits for the child.
 func (c *conn) sendFrames(fs []outFrame, cancel <-chan struct{}) error {
 	c.mu.Lock()
 	for c.werr == nil && len(c.pending) >= maxPending {
@@ -142,10 +159,31 @@ func (c *conn) sendFrames(fs []outFrame, cancel <-chan struct{}) error {
 		// are then in the pipe: the failure is not ours to report. The
 		// peer's end of the pipes reports it (for the parent, through the
 		// accept word), and later sends see it.
-		c.writeLocked()
+		c.writeLocked(false)
 	}
 	c.mu.Unlock()
 	return nil
+}
+
+// post sends f, a frame of a few bytes that the peer must get, such as a
+// cancel, even while maxPending bytes are pending: the caller bounds how
+// many it posts. It drops f if the pipe had failed or the conn had stopped
+// writing. It waits for the peer only where sendFrames would: never in
+// the parent.
+func (c *conn) post(f outFrame) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.werr != nil {
+		f.out.release()
+		return
+	}
+	if err := c.appendLocked(f); err != nil {
+		c.werr = err
+		return
+	}
+	if !c.writing {
+		c.writeLocked(false)
+	}
 }
 
 // queue appends f to what is pending without writing it: for a conn whose
@@ -175,14 +213,38 @@ func (c *conn) waitDrainedLocked() <-chan struct{} {
 
 // writeLocked writes what is pending, and what others append meanwhile,
 // until nothing is. c.mu is held, but not while writing to the pipe.
-func (c *conn) writeLocked() error {
+//
+// Unless wait is set (writeLoop's writes), a conn with try writes without
+// waiting: if the pipe is full, what is left stays pending, first, and
+// writeLocked hands the writing to writeLoop (handoff) and returns.
+func (c *conn) writeLocked(wait bool) error {
 	c.writing = true
 	for len(c.pending) > 0 && c.werr == nil {
 		out := c.pending
 		c.pending = c.spare[:0]
 		c.mu.Unlock()
-		_, err := c.w.Write(out)
+		var n int
+		var err error
+		if c.try != nil && !wait {
+			n, err = c.try.write(out)
+		} else {
+			n, err = c.w.Write(out)
+		}
 		c.mu.Lock()
+		if err == nil && n < len(out) {
+			rest := append(out[:0], out[n:]...)
+			c.spare, c.pending = c.pending[:0], append(rest, c.pending...)
+			if c.drained != nil {
+				close(c.drained) // waiters look again: there may be room
+				c.drained = nil
+			}
+			c.handoff = true // writing stays set: it is writeLoop's
+			select {
+			case c.kick <- struct{}{}:
+			default:
+			}
+			return nil
+		}
 		if cap(out) <= 2*maxPending { // keep a buffer of reasonable size
 			c.spare = out[:0]
 		} else {
@@ -202,6 +264,60 @@ func (c *conn) writeLocked() error {
 	}
 	c.writing = false
 	return c.werr
+}
+
+// A tryWriter writes to a pipe that is in non-blocking mode, once, without
+// waiting for room (see conn.try): what does not fit is for a later write.
+type tryWriter struct {
+	rc  syscall.RawConn
+	fn  func(fd uintptr) bool // attempt, bound once: a write allocates nothing
+	p   []byte                // the attempt's bytes, and what it did
+	n   int
+	err error
+}
+
+// tryWrites makes c write to f, the parent's end of a pipe to a child,
+// without waiting for the child to read (see conn.try). The pipe is f from
+// os.Pipe, which is in non-blocking mode.
+func (c *conn) tryWrites(f *os.File) {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return
+	}
+	t := &tryWriter{rc: rc}
+	t.fn = t.attempt
+	c.try = t
+}
+
+// write writes what of p the pipe has room for, and returns how much;
+// only a failed write returns an error.
+func (t *tryWriter) write(p []byte) (int, error) {
+	t.p = p
+	err := t.rc.Write(t.fn)
+	n := t.n
+	if err == nil {
+		err = t.err
+	}
+	t.p, t.err = nil, nil
+	return n, err
+}
+
+func (t *tryWriter) attempt(fd uintptr) bool {
+	for {
+		n, err := syscall.Write(int(fd), t.p)
+		switch err {
+		case syscall.EINTR:
+			continue
+		case syscall.EAGAIN:
+			n, err = 0, nil
+		case nil:
+		default:
+			n = 0
+			err = &os.PathError{Op: "write", Path: "pipe", Err: err}
+		}
+		t.n, t.err = n, err
+		return true // done: no waiting for room
+	}
 }
 
 // releaseFrames releases the buffers and slots of frames that will not be
@@ -293,24 +409,38 @@ func (c *conn) flush() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if !c.writing {
-		c.writeLocked()
+		c.writeLocked(true)
 	}
 }
 
-// writeLoop writes the preamble, unless a sender already has; then it
-// waits for stopWriting, writes what is pending, closes the pipe, and closes
-// wdone. Later sends fail with errConnClosed.
+// writeLoop writes the preamble, unless a sender already has, and then
+// what senders hand it (see writeLocked), until stopWriting; then it
+// writes what is pending, closes the pipe, and closes wdone. Later sends
+// fail with errConnClosed.
 func (c *conn) writeLoop() {
 	c.flush()
-	<-c.quit
-	c.mu.Lock()
-	for c.writing {
-		drained := c.waitDrainedLocked()
-		c.mu.Unlock()
-		<-drained
+	for quit := false; !quit; {
+		select {
+		case <-c.kick:
+		case <-c.quit:
+			quit = true
+		}
 		c.mu.Lock()
+		for quit && c.writing && !c.handoff {
+			drained := c.waitDrainedLocked()
+			c.mu.Unlock()
+			<-drained
+			c.mu.Lock()
+		}
+		if c.handoff {
+			c.handoff = false
+			c.writeLocked(true)
+		}
+		if !quit {
+			c.mu.Unlock()
+		}
 	}
-	c.writeLocked()
+	c.writeLocked(true)
 	if c.werr == nil {
 		c.werr = errConnClosed
 	}
@@ -471,7 +601,8 @@ func newChild(h *Handle, incarnation int, proc process, conn *conn, accept *acce
 }
 
 // open registers a new stream for r and sends its head. It fails without
-// sending anything if the child can take no more requests.
+// sending anything if the child can take no more requests, or with
+// errCanceled if r's context ends while the pipe is backed up.
 func (c *child) open(r *http.Request, head *requestHead) (*stream, error) {
 	credit := initialWindow
 	// The child decides from the header it is sent, so decide from that.
@@ -495,7 +626,7 @@ func (c *child) open(r *http.Request, head *requestHead) (*stream, error) {
 	c.pending[s.id] = s
 	c.running[s] = struct{}{}
 	c.mu.Unlock()
-	if err := c.send(outFrame{kind: kindRequest, flags: flags, id: s.id, msg: head}, nil); err != nil {
+	if err := c.send(outFrame{kind: kindRequest, flags: flags, id: s.id, msg: head}, r.Context().Done()); err != nil {
 		c.finished(s)
 		c.mu.Lock()
 		delete(c.pending, s.id)

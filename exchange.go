@@ -47,7 +47,9 @@ func giveUp(ctx context.Context, c *child, s *stream) {
 	if ctx.Err() == context.DeadlineExceeded {
 		flags = flagDeadline
 	}
-	c.send(outFrame{kind: kindCancel, flags: flags, id: s.id}, nil)
+	// Posted: a child that reads nothing would otherwise hold the
+	// request's goroutine, whose client has gone, until it is killed.
+	c.post(outFrame{kind: kindCancel, flags: flags, id: s.id})
 }
 
 // proxy copies the request body to the child and the child's response to w.
@@ -281,7 +283,7 @@ func (x *exchange) tunnel() {
 // stream; what it sends until then is dropped.
 func (x *exchange) endTunnel() {
 	x.s.abandon()
-	x.c.send(outFrame{kind: kindCancel, id: x.s.id}, nil)
+	x.c.post(outFrame{kind: kindCancel, id: x.s.id}) // see giveUp
 }
 
 // pumpClient copies what the client sends on its hijacked connection

@@ -559,6 +559,12 @@ func (h *Handle) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		s, err := c.open(r, head)
+		if err == errCanceled {
+			// The client went away while the child's pipe was backed up.
+			h.release(c, false)
+			h.unavailable(w, r, err)
+			return
+		}
 		if err != nil {
 			// The child had died before the request could be sent:
 			// nothing of it reached the module, so the next child may

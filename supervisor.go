@@ -602,7 +602,9 @@ func (h *Handle) launchChild(ctx context.Context, slot int) (*child, error) {
 	if err != nil {
 		return nil, &StartError{Module: h.name, Err: err}
 	}
-	c := newChild(h, incarnation, proc, newConn(pipes.fromChild, pipes.toChild), pipes.accept)
+	conn := newConn(pipes.fromChild, pipes.toChild)
+	conn.tryWrites(pipes.toChild)
+	c := newChild(h, incarnation, proc, conn, pipes.accept)
 	c.pipes = pipes
 	c.ring, c.sendRing = pipes.rings.up, pipes.rings.down
 	c.slot = slot
