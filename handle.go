@@ -883,8 +883,11 @@ type Stats struct {
 
 	Children []ChildStats // one per child started and not yet reaped, oldest first
 
-	// Counters since Start.
-	Requests    uint64 // requests answered by a child
+	// Counters since Start. Requests counts the requests whose handler
+	// ended in a child while the parent still waited for it, with the
+	// response whole or aborted: a request in Aborted or Timeouts is in
+	// Requests too if its handler ended in time.
+	Requests    uint64 // requests whose handler a child ran to its end
 	BadGateway  uint64 // 502s: the child died before answering
 	Unavailable uint64 // 503s: no child in time, shed, or shut down
 	Timeouts    uint64 // 504s and aborts by RequestTimeout
@@ -900,7 +903,7 @@ type ChildStats struct {
 	State        string
 	Started      time.Time     // when it became ready
 	InFlight     int           // requests it is serving
-	Requests     uint64        // requests it has answered
+	Requests     uint64        // requests it has answered, as Stats.Requests counts them (this is what MaxRequests counts)
 	Memory       int64         // resident bytes at the last check; 0 if unknown
 	LastHealth   time.Duration // round trip of its last successful health check
 	FailedChecks int           // health checks failed in a row (Handle.HealthCheck's too)
