@@ -534,11 +534,13 @@ func TestFailRestartBackoff(t *testing.T) {
 func TestFailHangDetected(t *testing.T) {
 	const mark = "fail-hang-marker-7f3a"
 	logs := newLogSink()
+	var events eventLog
 	h := startModule(t, "fail-mod", failOpts(t, failConfig{}, Options{
 		HealthInterval: 50 * time.Millisecond,
 		HealthTimeout:  100 * time.Millisecond,
 		HealthFailures: 3,
 		Logger:         slog.New(slog.NewTextHandler(logs, nil)),
+		OnEvent:        events.add,
 	}))
 	srv := serve(t, h)
 	pid0 := h.Stats().Pid
@@ -571,6 +573,12 @@ func TestFailHangDetected(t *testing.T) {
 		t.Errorf("the parent's log does not say the child was unhealthy:\n%s", log)
 	} else if !strings.Contains(record, mark) {
 		t.Errorf("the parent's record of the unhealthy child lacks the module's last line %q:\n%s", mark, record)
+	}
+	// So do the events that say it.
+	waitFor(t, 10*time.Second, "ChildExited to reach OnEvent", func() bool { return events.count(ChildExited, "") > 0 })
+	for _, kind := range []EventKind{ChildUnhealthy, ChildExited} {
+		ev := events.first(kind)
+		assert.Contains(t, strings.Join(ev.Output, "\n"), "stderr before SIGSTOP: "+mark, "%v's Output", kind)
 	}
 	if code, body := fetch(t, srv.URL+"/inc"); code != http.StatusOK || !strings.HasPrefix(body, "inc=1 ") {
 		t.Errorf("GET /inc after the restart: %d %q, want 200 from incarnation 1", code, body)

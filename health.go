@@ -143,10 +143,13 @@ func (h *Handle) checkStuck(c *child) {
 	if reported {
 		return
 	}
-	go c.send(outFrame{kind: kindStacks}, c.stopping)
+	// The event carries what the module wrote before it was found stuck;
+	// the stacks, which it writes next, go to its log.
+	tail := c.tail()
+	c.post(outFrame{kind: kindStacks})
 	err := fmt.Errorf("%d handlers ran on for more than Options.StuckTimeout (%v) after their requests ended", n, h.opts.StuckTimeout)
 	h.logf("child pid %d (incarnation %d) is stuck: %v; its goroutine stacks are in the module's log; replacing it", c.proc.Pid(), c.incarnation, err)
-	h.post(Event{Kind: ChildStuck, Pid: c.proc.Pid(), Incarnation: c.incarnation, Slot: c.slot, Reason: "stuck", Err: err, Output: c.tail()})
+	h.post(Event{Kind: ChildStuck, Pid: c.proc.Pid(), Incarnation: c.incarnation, Slot: c.slot, Reason: "stuck", Err: err, Output: tail})
 	// Only now: the supervisor posts the recycle's ChildRecycling, which
 	// must come after the ChildStuck that caused it.
 	h.mu.Lock()

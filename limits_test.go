@@ -92,6 +92,7 @@ func init() {
 		})
 		// /stuck never returns, whatever its context says.
 		mux.HandleFunc("/stuck", func(w http.ResponseWriter, r *http.Request) {
+			limitsStuckOnce.Do(func() { fmt.Fprintln(os.Stderr, limitsStuckLine) })
 			limitsStuckHandler()
 		})
 		// /slow waits for <Dir>/release.
@@ -202,6 +203,11 @@ func TestLimitsMemoryWhileStarting(t *testing.T) {
 		t.Fatal("a child past MemoryMax while it started was not killed within a minute")
 	}
 }
+
+// limitsStuckLine is what the first /stuck writes to stderr, in the child.
+const limitsStuckLine = "limits-mod: a request is in /stuck"
+
+var limitsStuckOnce sync.Once
 
 // limitsStuckHandler is where a stuck handler's stack shows it stuck.
 //
@@ -365,6 +371,7 @@ func TestLimitsStuck(t *testing.T) {
 		}
 	}
 	assert.Equal(t, []string{"ChildStuck", "ChildRecycling"}, order, "the recycle follows the ChildStuck that caused it")
+	assert.Contains(t, events.first(ChildStuck).Output, "err: "+limitsStuckLine, "ChildStuck's Output: what the module wrote before it was found stuck")
 	log, err := os.ReadFile(filepath.Join(dir, "limits-mod.log"))
 	require.NoError(t, err)
 	assert.Contains(t, string(log), "limitsStuckHandler", "the stuck handlers' stacks should be in the module's log")
