@@ -699,21 +699,13 @@ func (c *child) ping(timeout <-chan struct{}) (time.Duration, error) {
 		c.mu.Unlock()
 	}()
 	start := time.Now()
-	// The ping is sent from a goroutine of its own: a sender may end up
-	// writing to the pipe, and a child that is hung with its pipe full
-	// would then hold the health check in that write.
-	sent := make(chan error, 1)
-	go func() { sent <- c.send(outFrame{kind: kindPing, id: seq}, timeout) }()
-	select {
-	case err := <-sent:
-		if err != nil {
-			if err == errCanceled {
-				err = errPingTimeout
-			}
-			return 0, err
+	// A child that is hung with its pipe full holds the ping until
+	// timeout, no longer: the parent's writes never wait for the child.
+	if err := c.send(outFrame{kind: kindPing, id: seq}, timeout); err != nil {
+		if err == errCanceled {
+			err = errPingTimeout
 		}
-	case <-timeout:
-		return 0, errPingTimeout
+		return 0, err
 	}
 	select {
 	case <-pong:

@@ -489,10 +489,9 @@ func (h *Handle) drain(c *child, reason string, grace time.Duration) {
 	c.state = "draining"
 	idle := c.idleLocked()
 	h.mu.Unlock()
-	// Sent from goroutines of their own, as a sender may end up writing
-	// to the pipe: a hung child with a full pipe must not hold the drain
-	// in that write.
-	go c.send(outFrame{kind: kindDrain}, h.kill)
+	// Posted, as is the stop below: a hung child with a full pipe must
+	// not hold the drain.
+	c.post(outFrame{kind: kindDrain})
 	var timeout <-chan time.Time
 	if grace > 0 {
 		t := time.NewTimer(grace)
@@ -516,10 +515,8 @@ func (h *Handle) drain(c *child, reason string, grace time.Duration) {
 	default:
 		stopped = true
 		c.endChecks()
-		go func() {
-			c.send(outFrame{kind: kindStop}, h.kill)
-			c.stopWriting() // writeLoop flushes, then closes the child's stdin
-		}()
+		c.post(outFrame{kind: kindStop})
+		c.stopWriting() // writeLoop flushes, then closes the child's stdin
 		t := time.NewTimer(wait)
 		defer t.Stop()
 		kill := h.kill
