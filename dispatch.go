@@ -96,6 +96,9 @@ type conn struct {
 	// in place (see takeSlot): the up ring in a child, the down ring in
 	// the parent; nil for none. Its take is guarded by mu.
 	sendRing *bodyRing
+	// readSlots counts the slots of sendRing taken by takeReadSlot whose
+	// reads have not returned.
+	readSlots atomic.Int32
 }
 
 func newConn(r io.Reader, w io.WriteCloser) *conn {
@@ -343,6 +346,30 @@ func (c *conn) takeSlot() (chunk, bool) {
 	}
 	return chunk{ring: c.sendRing, slot: int32(i)}, true
 }
+
+// maxReadSlots is how many of sendRing's slots reads from clients may
+// hold at once (see takeReadSlot).
+const maxReadSlots = ringSlots / 2
+
+// takeReadSlot is takeSlot for a read from a client straight into the
+// slot: the caller calls readSlotDone once that read returns. A client
+// decides how long such a read takes, so at most maxReadSlots slots wait
+// in reads: clients that stall their bodies cannot take the ring from the
+// other requests.
+func (c *conn) takeReadSlot() (chunk, bool) {
+	if c.readSlots.Add(1) > maxReadSlots {
+		c.readSlots.Add(-1)
+		return chunk{}, false
+	}
+	slot, ok := c.takeSlot()
+	if !ok {
+		c.readSlots.Add(-1)
+	}
+	return slot, ok
+}
+
+// readSlotDone ends a read into a slot from takeReadSlot.
+func (c *conn) readSlotDone() { c.readSlots.Add(-1) }
 
 // appendLocked appends f to the pending bytes and releases its chunk.
 func (c *conn) appendLocked(f outFrame) error {

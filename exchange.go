@@ -686,6 +686,12 @@ type bodySender struct {
 	// halt, once the response is full duplex (see halt).
 	fullDuplex bool
 
+	// slow is set, for the pump alone, while the body's last read
+	// returned less than a slot's worth though it had room for more:
+	// the client sends slowly, and its next read does not hold a slot
+	// while it waits (see conn.takeReadSlot).
+	slow bool
+
 	closing atomic.Bool // set by close
 }
 
@@ -892,28 +898,44 @@ func (b *bodySender) pumpRequestBody() {
 		if left := r.ContentLength - sent; left > 0 && left < int64(size) {
 			size = int(left) // a hint: a body that is longer is read on
 		}
-		buf := getBuffer(size)
-		if len(*buf) < n {
-			s.win.add(n - len(*buf))
-			credit -= n - len(*buf)
-			n = len(*buf)
+		// A read that may fill a slot reads into one, unless the
+		// client's last read showed it sends slowly: the bytes then go
+		// to the child where they are, with no copy on the way.
+		var out chunk
+		if size >= ringMin && !b.slow {
+			out, _ = c.conn.takeReadSlot()
+		}
+		if out.ring == nil {
+			out.buf = getBuffer(size)
+		}
+		space := out.space()
+		if len(space) < n {
+			s.win.add(n - len(space))
+			credit -= n - len(space)
+			n = len(space)
 		}
 		s.bodyTouched.Store(true)
-		m, rerr := b.readBody((*buf)[:n])
+		m, rerr := b.readBody(space[:n])
+		if out.ring != nil {
+			c.conn.readSlotDone()
+		}
+		// (A body's first read returns what net/http had read ahead
+		// with the head, which says nothing of the client.)
+		b.slow = sent > 0 && !peek && m < ringMin && m < n && rerr == nil
 		sent += int64(m)
 		b.reading.Store(false)
 		select {
 		case <-b.stop:
 			// Halted during the read (see halt): nothing more is sent,
 			// and the request may be over.
-			putChunk(buf)
+			out.release()
 			return
 		default:
 		}
 		if peek && m > 0 {
 			var err error
 			if credit, err = s.win.take(frameCost(m), frameCost(m), b.stop); err != nil {
-				putChunk(buf)
+				out.release()
 				return
 			}
 		}
@@ -928,9 +950,9 @@ func (b *bodySender) pumpRequestBody() {
 		var batch [2]outFrame
 		fs := batch[:0]
 		if m > 0 {
-			fs = append(fs, outFrame{kind: kindData, id: s.id, data: (*buf)[:m], out: chunk{buf: buf}})
+			fs = append(fs, outFrame{kind: kindData, id: s.id, data: space[:m], out: out})
 		} else {
-			putChunk(buf)
+			out.release()
 		}
 		if rerr == io.EOF {
 			// net/http's bodies report the end with the last bytes: both

@@ -15,6 +15,7 @@ import (
 	"runtime"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -31,8 +32,10 @@ func init() {
 		mux.HandleFunc("GET /big", bigHandler)
 		// /upload answers the SHA-256 of the request body; with
 		// ?wait, it answers 204 without reading the body once /release
-		// says so.
+		// says so. /uploaded answers how many body bytes /upload has
+		// read in all.
 		release := make(chan struct{})
+		var uploaded atomic.Int64
 		mux.HandleFunc("POST /upload", func(w http.ResponseWriter, r *http.Request) {
 			if r.URL.Query().Has("wait") {
 				select {
@@ -43,11 +46,14 @@ func init() {
 				return
 			}
 			h := sha256.New()
-			if _, err := io.Copy(h, r.Body); err != nil {
+			if _, err := io.Copy(io.MultiWriter(h, countWriter{&uploaded}), r.Body); err != nil {
 				http.Error(w, err.Error(), http.StatusBadRequest)
 				return
 			}
 			fmt.Fprintf(w, "%x", h.Sum(nil))
+		})
+		mux.HandleFunc("GET /uploaded", func(w http.ResponseWriter, r *http.Request) {
+			fmt.Fprint(w, uploaded.Load())
 		})
 		mux.HandleFunc("POST /release", func(w http.ResponseWriter, r *http.Request) {
 			release <- struct{}{}
@@ -59,6 +65,14 @@ func init() {
 		})
 		return mux, nil
 	})
+}
+
+// A countWriter adds the length of each write to n.
+type countWriter struct{ n *atomic.Int64 }
+
+func (w countWriter) Write(p []byte) (int, error) {
+	w.n.Add(int64(len(p)))
+	return len(p), nil
 }
 
 // ringPattern returns n bytes of a pattern that shows a misplaced chunk:
@@ -369,6 +383,64 @@ func TestDownRingSlotsComeBack(t *testing.T) {
 	}
 	assert.Eventually(t, func() bool { return takenSlots(ring) == 0 }, 10*time.Second, time.Millisecond, "%d slots taken with no request in flight", takenSlots(ring))
 	require.NoError(t, post(), "after the slots came back")
+}
+
+// The parent reads a request body from the client straight into a slot
+// of the down ring, but reads that wait for clients hold at most
+// maxReadSlots slots: uploads that stall after a fast start cannot take the
+// ring from the other requests.
+func TestStalledUploadsLeaveTheRing(t *testing.T) {
+	srv, c := startRingModule(t)
+	ring := c.sendRing
+
+	// Each stalled upload sends 40 KiB at once, which the handler reads
+	// (its slots come back), and then nothing: the parent's next read,
+	// with room for a slot's worth, waits in a slot, or, once
+	// maxReadSlots reads wait in slots, in a buffer of its own.
+	const stalled = ringSlots + 4
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer cancel()
+	for range stalled {
+		req, err := http.NewRequestWithContext(ctx, "POST", srv.URL+"/upload", io.MultiReader(bytes.NewReader(ringPattern(40<<10)), untilDone{ctx}))
+		require.NoError(t, err)
+		wg.Go(func() {
+			if res, err := http.DefaultClient.Do(req); err == nil {
+				res.Body.Close()
+			}
+		})
+	}
+	uploaded := func() int {
+		res, err := http.Get(srv.URL + "/uploaded")
+		if err != nil {
+			return -1
+		}
+		defer res.Body.Close()
+		b, _ := io.ReadAll(res.Body)
+		n, _ := strconv.Atoi(string(b))
+		return n
+	}
+	require.Eventually(t, func() bool { return uploaded() == stalled*40<<10 }, 20*time.Second, 5*time.Millisecond,
+		"the handlers read %d bytes of the stalled uploads, want %d", uploaded(), stalled*40<<10)
+	require.Eventually(t, func() bool { return c.conn.readSlots.Load() == maxReadSlots && takenSlots(ring) == maxReadSlots }, 10*time.Second, time.Millisecond,
+		"%d reads wait in slots and %d slots are taken, want %d (the cap) of each", c.conn.readSlots.Load(), takenSlots(ring), maxReadSlots)
+	require.Never(t, func() bool { return c.conn.readSlots.Load() > maxReadSlots || takenSlots(ring) > maxReadSlots }, 200*time.Millisecond, time.Millisecond,
+		"more than %d slots held while %d uploads stall", maxReadSlots, stalled)
+
+	// The other requests still have the rest of the ring.
+	body := bytes.Repeat(ringPattern(chunkSize), 8)
+	res, err := http.Post(srv.URL+"/upload", "application/octet-stream", bytes.NewReader(body))
+	require.NoError(t, err)
+	got, err := io.ReadAll(res.Body)
+	res.Body.Close()
+	require.NoError(t, err)
+	require.Equal(t, fmt.Sprintf("%x", sha256.Sum256(body)), string(got))
+
+	cancel()
+	wg.Wait()
+	assert.Eventually(t, func() bool { return takenSlots(ring) == 0 && c.conn.readSlots.Load() == 0 }, 10*time.Second, time.Millisecond,
+		"%d slots taken, %d reads in slots, once the stalled uploads have gone", takenSlots(ring), c.conn.readSlots.Load())
 }
 
 // untilDone is a body part that sends nothing until its context ends: a
