@@ -37,6 +37,13 @@ type CPUUse struct {
 	ChildSec float64 `json:"child_s"`
 	// Children is how many descendants ChildSec sums: 0 for inproc.
 	Children int `json:"children"`
+	// StealPct is the share of the machine's CPU time (all its CPUs,
+	// from /proc/stat) that the hypervisor gave to other guests while
+	// this machine wanted it, and OtherPct the share that processes
+	// other than the three measured here used: what disturbed the load.
+	// Both are -1 where /proc/stat cannot be read.
+	StealPct float64 `json:"steal_pct"`
+	OtherPct float64 `json:"other_pct"`
 }
 
 // cpuMeter reads the CPU time used so far by the load generator (this
@@ -58,14 +65,54 @@ func newCPUMeter(pid int) *cpuMeter {
 // cpuReading is the CPU time used so far, as cpuMeter.read returns it.
 type cpuReading struct {
 	loadgen, parent, child time.Duration
+	machine                machineTime
 	err                    error // a process could not be read
+}
+
+// machineTime is the first line of /proc/stat: the CPU time of all the
+// machine's CPUs so far, in clock ticks.
+type machineTime struct {
+	total, busy, steal int64 // busy: user, nice, system, irq, softirq
+	ok                 bool
+}
+
+// readMachine reads /proc/stat's first line; ok is false if it cannot.
+func readMachine() machineTime {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return machineTime{}
+	}
+	return parseMachine(b)
+}
+
+// parseMachine parses the "cpu" line that /proc/stat starts with: user
+// nice system idle iowait irq softirq steal (guest time is in user).
+func parseMachine(b []byte) machineTime {
+	line, _, _ := bytes.Cut(b, []byte("\n"))
+	f := bytes.Fields(line)
+	if len(f) < 9 || string(f[0]) != "cpu" {
+		return machineTime{}
+	}
+	var v [8]int64
+	for i := range v {
+		n, err := strconv.ParseInt(string(f[i+1]), 10, 64)
+		if err != nil {
+			return machineTime{}
+		}
+		v[i] = n
+	}
+	m := machineTime{busy: v[0] + v[1] + v[2] + v[5] + v[6], steal: v[7], ok: true}
+	for _, n := range v {
+		m.total += n
+	}
+	return m
 }
 
 // read returns the CPU time used so far. A process that has ended (or
 // whose pid now names another process, which a vanished parent pid
 // betrays) makes the reading an error.
 func (m *cpuMeter) read() cpuReading {
-	var r cpuReading
+	r := cpuReading{machine: readMachine()}
 	var ru syscall.Rusage
 	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
 		r.err = fmt.Errorf("getrusage: %w", err)
@@ -105,12 +152,21 @@ func (m *cpuMeter) between(a, b cpuReading) (*CPUUse, string) {
 			return nil, r.err.Error()
 		}
 	}
-	return &CPUUse{
+	u := &CPUUse{
 		LoadgenSec: (b.loadgen - a.loadgen).Seconds(),
 		ParentSec:  (b.parent - a.parent).Seconds(),
 		ChildSec:   (b.child - a.child).Seconds(),
 		Children:   len(m.children),
-	}, ""
+		StealPct:   -1,
+		OtherPct:   -1,
+	}
+	if total := b.machine.total - a.machine.total; a.machine.ok && b.machine.ok && total > 0 {
+		tick := clockTick.Seconds()
+		ours := (u.LoadgenSec + u.ParentSec + u.ChildSec) / tick
+		u.StealPct = 100 * float64(b.machine.steal-a.machine.steal) / float64(total)
+		u.OtherPct = max(0, 100*(float64(b.machine.busy-a.machine.busy)-ours)/float64(total))
+	}
+	return u, ""
 }
 
 // procCPU returns the CPU time (utime + stime) that process pid has

@@ -475,6 +475,11 @@ func (r *Results) notes() []string {
 		}
 	}
 	for _, rd := range r.Rounds {
+		if n := rd.noise(); n != "" {
+			notes = append(notes, fmt.Sprintf("round %d: %s", rd.Round, n))
+		}
+	}
+	for _, rd := range r.Rounds {
 		for i := range rd.Peers {
 			p := &rd.Peers[i]
 			for _, l := range timedLoads {
@@ -500,6 +505,46 @@ func (r *Results) notes() []string {
 		}
 	}
 	return notes
+}
+
+// noise says how much of the machine's CPU time, at most over the round's
+// timed loads, the hypervisor stole and other processes used, and where:
+// "" if no load measured it.
+func (rd *Round) noise() string {
+	var steal, other struct {
+		pct   float64
+		where string
+	}
+	steal.pct, other.pct = -1, -1
+	see := func(c *CPUUse, peer, group string) {
+		if c == nil {
+			return
+		}
+		if c.StealPct > steal.pct {
+			steal.pct, steal.where = c.StealPct, peer+", "+group
+		}
+		if c.OtherPct > other.pct {
+			other.pct, other.where = c.OtherPct, peer+", "+group
+		}
+	}
+	for i := range rd.Peers {
+		p := &rd.Peers[i]
+		for _, l := range timedLoads {
+			if lr := l.get(p); lr != nil {
+				see(lr.CPU, p.Name, l.group)
+			}
+		}
+		for _, st := range timedStreams {
+			if sr := st.get(p); sr != nil {
+				see(sr.CPU, p.Name, st.group)
+			}
+		}
+	}
+	if steal.pct < 0 {
+		return ""
+	}
+	return fmt.Sprintf("the machine's CPU time during a timed load: at most %.1f %% stolen by the hypervisor (%s), at most %.1f %% used by other processes (%s)",
+		steal.pct, steal.where, other.pct, other.where)
 }
 
 // writeResults writes results.md, results.json and results.svg to dir.
