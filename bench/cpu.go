@@ -39,11 +39,12 @@ type CPUUse struct {
 	Children int `json:"children"`
 	// StealPct is the share of the machine's CPU time (all its CPUs,
 	// from /proc/stat) that the hypervisor gave to other guests while
-	// this machine wanted it, and OtherPct the share that processes
-	// other than the three measured here used: what disturbed the load.
-	// Both are -1 where /proc/stat cannot be read.
+	// this machine wanted it: what disturbed the load from outside. It
+	// is -1 where /proc/stat cannot be read. (The share that other
+	// processes used cannot be told from /proc/stat, whose busy ticks are
+	// sampled: they missed a sixth of what the measured processes used,
+	// as exactly counted, at one client.)
 	StealPct float64 `json:"steal_pct"`
-	OtherPct float64 `json:"other_pct"`
 }
 
 // cpuMeter reads the CPU time used so far by the load generator (this
@@ -72,8 +73,8 @@ type cpuReading struct {
 // machineTime is the first line of /proc/stat: the CPU time of all the
 // machine's CPUs so far, in clock ticks.
 type machineTime struct {
-	total, busy, steal int64 // busy: user, nice, system, irq, softirq
-	ok                 bool
+	total, steal int64
+	ok           bool
 }
 
 // readMachine reads /proc/stat's first line; ok is false if it cannot.
@@ -101,7 +102,7 @@ func parseMachine(b []byte) machineTime {
 		}
 		v[i] = n
 	}
-	m := machineTime{busy: v[0] + v[1] + v[2] + v[5] + v[6], steal: v[7], ok: true}
+	m := machineTime{steal: v[7], ok: true}
 	for _, n := range v {
 		m.total += n
 	}
@@ -158,13 +159,9 @@ func (m *cpuMeter) between(a, b cpuReading) (*CPUUse, string) {
 		ChildSec:   (b.child - a.child).Seconds(),
 		Children:   len(m.children),
 		StealPct:   -1,
-		OtherPct:   -1,
 	}
 	if total := b.machine.total - a.machine.total; a.machine.ok && b.machine.ok && total > 0 {
-		tick := clockTick.Seconds()
-		ours := (u.LoadgenSec + u.ParentSec + u.ChildSec) / tick
 		u.StealPct = 100 * float64(b.machine.steal-a.machine.steal) / float64(total)
-		u.OtherPct = max(0, 100*(float64(b.machine.busy-a.machine.busy)-ours)/float64(total))
 	}
 	return u, ""
 }

@@ -107,7 +107,7 @@ func runPeer(cfg Config, name string, round int) PeerResult {
 		if c == nil {
 			return "CPU not measured"
 		}
-		return fmt.Sprintf("CPU %s: parent %.0f, child %.0f, loadgen %.0f; machine: steal %.1f %%, others %.1f %%", unit, c.ParentSec/units*1e6, c.ChildSec/units*1e6, c.LoadgenSec/units*1e6, c.StealPct, c.OtherPct)
+		return fmt.Sprintf("CPU %s: parent %.0f, child %.0f, loadgen %.0f; steal %.1f %% of the machine", unit, c.ParentSec/units*1e6, c.ChildSec/units*1e6, c.LoadgenSec/units*1e6, c.StealPct)
 	}
 	load := func(what string, clients int, bodyBytes int, newConn func(time.Time) loadConn) *LoadResult {
 		r := runLoad(clients, cfg.Warmup, cfg.Duration, bodyBytes, newCPUMeter(srv.pid()), newConn)

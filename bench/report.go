@@ -508,23 +508,12 @@ func (r *Results) notes() []string {
 }
 
 // noise says how much of the machine's CPU time, at most over the round's
-// timed loads, the hypervisor stole and other processes used, and where:
-// "" if no load measured it.
+// timed loads, the hypervisor stole, and where: "" if no load measured it.
 func (rd *Round) noise() string {
-	var steal, other struct {
-		pct   float64
-		where string
-	}
-	steal.pct, other.pct = -1, -1
+	steal, where := -1.0, ""
 	see := func(c *CPUUse, peer, group string) {
-		if c == nil {
-			return
-		}
-		if c.StealPct > steal.pct {
-			steal.pct, steal.where = c.StealPct, peer+", "+group
-		}
-		if c.OtherPct > other.pct {
-			other.pct, other.where = c.OtherPct, peer+", "+group
+		if c != nil && c.StealPct > steal {
+			steal, where = c.StealPct, peer+", "+group
 		}
 	}
 	for i := range rd.Peers {
@@ -540,11 +529,10 @@ func (rd *Round) noise() string {
 			}
 		}
 	}
-	if steal.pct < 0 {
+	if steal < 0 {
 		return ""
 	}
-	return fmt.Sprintf("the machine's CPU time during a timed load: at most %.1f %% stolen by the hypervisor (%s), at most %.1f %% used by other processes (%s)",
-		steal.pct, steal.where, other.pct, other.where)
+	return fmt.Sprintf("at most %.1f %% of the machine's CPU time during a timed load was stolen by the hypervisor (%s)", steal, where)
 }
 
 // writeResults writes results.md, results.json and results.svg to dir.
