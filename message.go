@@ -309,6 +309,17 @@ var hopHeaders = []string{
 	"Upgrade",
 }
 
+// hasHopByHop reports whether h has a hop-by-hop field: one of hopHeaders,
+// Connection among them, which names any others.
+func hasHopByHop(h http.Header) bool {
+	for _, f := range hopHeaders {
+		if _, ok := h[f]; ok {
+			return true
+		}
+	}
+	return false
+}
+
 // upgradeType returns the protocol a request asks to upgrade to: its
 // Upgrade header if Connection lists "upgrade", else "".
 func upgradeType(h http.Header) string {
@@ -381,16 +392,17 @@ func headerHasToken(values []string, token string) bool {
 	return false
 }
 
-// newRequestHead describes r for the child. The request's header is cloned
-// and its hop-by-hop headers removed; "Te: trailers" survives, as it does
-// through httputil.ReverseProxy.
+// newRequestHead describes r for the child. Its header is the request's
+// without the hop-by-hop fields: r.Header itself where it has none, which
+// the head then only reads, else a copy; "Te: trailers" survives, as it
+// does through httputil.ReverseProxy.
 func newRequestHead(r *http.Request) *requestHead {
 	h := &requestHead{
 		Method:           r.Method,
 		Proto:            r.Proto,
 		ProtoMajor:       r.ProtoMajor,
 		ProtoMinor:       r.ProtoMinor,
-		Header:           r.Header.Clone(),
+		Header:           r.Header,
 		Host:             r.Host,
 		ContentLength:    r.ContentLength,
 		TransferEncoding: r.TransferEncoding,
@@ -409,17 +421,18 @@ func newRequestHead(r *http.Request) *requestHead {
 			h.User = u.User.String()
 		}
 	}
-	teTrailers := headerHasToken(r.Header["Te"], "trailers")
-	upgrade := upgradeType(r.Header)
-	removeHopByHop(h.Header)
-	if teTrailers {
-		h.Header.Set("Te", "trailers")
-	}
-	if upgrade != "" {
-		// As httputil.ReverseProxy forwards an upgrade: the module
-		// decides whether to switch protocols.
-		h.Header.Set("Connection", "Upgrade")
-		h.Header.Set("Upgrade", upgrade)
+	if hasHopByHop(r.Header) {
+		h.Header = r.Header.Clone()
+		removeHopByHop(h.Header)
+		if headerHasToken(r.Header["Te"], "trailers") {
+			h.Header.Set("Te", "trailers")
+		}
+		if upgrade := upgradeType(r.Header); upgrade != "" {
+			// As httputil.ReverseProxy forwards an upgrade: the
+			// module decides whether to switch protocols.
+			h.Header.Set("Connection", "Upgrade")
+			h.Header.Set("Upgrade", upgrade)
+		}
 	}
 	for k := range r.Trailer {
 		h.Trailer = append(h.Trailer, k)
