@@ -411,18 +411,7 @@ func TestStalledUploadsLeaveTheRing(t *testing.T) {
 			}
 		})
 	}
-	uploaded := func() int {
-		res, err := http.Get(srv.URL + "/uploaded")
-		if err != nil {
-			return -1
-		}
-		defer res.Body.Close()
-		b, _ := io.ReadAll(res.Body)
-		n, _ := strconv.Atoi(string(b))
-		return n
-	}
-	require.Eventually(t, func() bool { return uploaded() == stalled*40<<10 }, 20*time.Second, 5*time.Millisecond,
-		"the handlers read %d bytes of the stalled uploads, want %d", uploaded(), stalled*40<<10)
+	awaitUploaded(t, srv, stalled*40<<10)
 	require.Eventually(t, func() bool { return c.conn.readSlots.Load() == maxReadSlots && takenSlots(ring) == maxReadSlots }, 10*time.Second, time.Millisecond,
 		"%d reads wait in slots and %d slots are taken, want %d (the cap) of each", c.conn.readSlots.Load(), takenSlots(ring), maxReadSlots)
 	require.Never(t, func() bool { return c.conn.readSlots.Load() > maxReadSlots || takenSlots(ring) > maxReadSlots }, 200*time.Millisecond, time.Millisecond,
@@ -441,6 +430,80 @@ func TestStalledUploadsLeaveTheRing(t *testing.T) {
 	wg.Wait()
 	assert.Eventually(t, func() bool { return takenSlots(ring) == 0 && c.conn.readSlots.Load() == 0 }, 10*time.Second, time.Millisecond,
 		"%d slots taken, %d reads in slots, once the stalled uploads have gone", takenSlots(ring), c.conn.readSlots.Load())
+}
+
+// A child killed while the parent's reads of stalled uploads wait in its
+// down ring's slots: each read is cut, its slot given back to the dead
+// ring (still mapped while a read may write to it), each request answered
+// 502 while its client still has not sent the rest, and the next child
+// serves an upload whole.
+func TestStalledUploadsChildKilled(t *testing.T) {
+	srv, c := startRingModule(t)
+	ring := c.sendRing
+
+	const stalled = ringSlots + 4
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	statuses := make(chan int, stalled)
+	for range stalled {
+		req, err := http.NewRequestWithContext(ctx, "POST", srv.URL+"/upload", io.MultiReader(bytes.NewReader(ringPattern(40<<10)), untilDone{ctx}))
+		require.NoError(t, err)
+		go func() {
+			res, err := http.DefaultClient.Do(req)
+			if err != nil {
+				statuses <- -1
+				return
+			}
+			res.Body.Close()
+			statuses <- res.StatusCode
+		}()
+	}
+	// Every request is the child's (none would be retried on the next),
+	// and the cap's worth of reads waits in slots.
+	awaitUploaded(t, srv, stalled*40<<10)
+	require.Eventually(t, func() bool { return c.conn.readSlots.Load() == maxReadSlots && takenSlots(ring) == maxReadSlots }, 10*time.Second, time.Millisecond,
+		"%d reads wait in slots and %d slots are taken, want %d of each", c.conn.readSlots.Load(), takenSlots(ring), maxReadSlots)
+
+	require.NoError(t, syscall.Kill(c.proc.Pid(), syscall.SIGKILL))
+	// The clients still send nothing: what ends their requests is the
+	// child's death.
+	for range stalled {
+		select {
+		case code := <-statuses:
+			assert.Equal(t, http.StatusBadGateway, code, "a stalled upload whose child was killed")
+		case <-time.After(20 * time.Second):
+			t.Fatalf("a stalled upload still waits, 20 s after its child was killed (%d reads in slots)", c.conn.readSlots.Load())
+		}
+	}
+	assert.Zero(t, c.conn.readSlots.Load(), "reads of the dead child's uploads still in slots")
+	assert.Eventually(t, func() bool { return takenSlots(ring) == 0 }, 10*time.Second, time.Millisecond,
+		"%d slots of the dead child's down ring taken", takenSlots(ring))
+
+	body := bytes.Repeat(ringPattern(chunkSize), 8)
+	res, err := http.Post(srv.URL+"/upload", "application/octet-stream", bytes.NewReader(body))
+	require.NoError(t, err)
+	got, err := io.ReadAll(res.Body)
+	res.Body.Close()
+	require.NoError(t, err)
+	require.Equal(t, fmt.Sprintf("%x", sha256.Sum256(body)), string(got), "the next child's upload")
+}
+
+// awaitUploaded waits until the ring module's /upload handlers have read
+// want bytes of request bodies in all.
+func awaitUploaded(t *testing.T, srv *httptest.Server, want int) {
+	t.Helper()
+	uploaded := func() int {
+		res, err := http.Get(srv.URL + "/uploaded")
+		if err != nil {
+			return -1
+		}
+		defer res.Body.Close()
+		b, _ := io.ReadAll(res.Body)
+		n, _ := strconv.Atoi(string(b))
+		return n
+	}
+	require.Eventually(t, func() bool { return uploaded() == want }, 20*time.Second, 5*time.Millisecond,
+		"the handlers read %d bytes of the uploads, want %d", uploaded(), want)
 }
 
 // untilDone is a body part that sends nothing until its context ends: a
