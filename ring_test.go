@@ -398,36 +398,17 @@ func TestStalledUploadsLeaveTheRing(t *testing.T) {
 	// with room for a slot's worth, waits in a slot, or, once
 	// maxReadSlots reads wait in slots, in a buffer of its own.
 	const stalled = ringSlots + 4
-	ctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	defer wg.Wait()
-	defer cancel()
-	for range stalled {
-		req, err := http.NewRequestWithContext(ctx, "POST", srv.URL+"/upload", io.MultiReader(bytes.NewReader(ringPattern(40<<10)), untilDone{ctx}))
-		require.NoError(t, err)
-		wg.Go(func() {
-			if res, err := http.DefaultClient.Do(req); err == nil {
-				res.Body.Close()
-			}
-		})
-	}
-	awaitUploaded(t, srv, stalled*40<<10)
-	require.Eventually(t, func() bool { return c.conn.readSlots.Load() == maxReadSlots && takenSlots(ring) == maxReadSlots }, 10*time.Second, time.Millisecond,
-		"%d reads wait in slots and %d slots are taken, want %d (the cap) of each", c.conn.readSlots.Load(), takenSlots(ring), maxReadSlots)
+	statuses, cancel := stallUploads(t, srv, c, stalled)
 	require.Never(t, func() bool { return c.conn.readSlots.Load() > maxReadSlots || takenSlots(ring) > maxReadSlots }, 200*time.Millisecond, time.Millisecond,
 		"more than %d slots held while %d uploads stall", maxReadSlots, stalled)
 
 	// The other requests still have the rest of the ring.
-	body := bytes.Repeat(ringPattern(chunkSize), 8)
-	res, err := http.Post(srv.URL+"/upload", "application/octet-stream", bytes.NewReader(body))
-	require.NoError(t, err)
-	got, err := io.ReadAll(res.Body)
-	res.Body.Close()
-	require.NoError(t, err)
-	require.Equal(t, fmt.Sprintf("%x", sha256.Sum256(body)), string(got))
+	uploadWhole(t, srv)
 
 	cancel()
-	wg.Wait()
+	for range stalled {
+		<-statuses
+	}
 	assert.Eventually(t, func() bool { return takenSlots(ring) == 0 && c.conn.readSlots.Load() == 0 }, 10*time.Second, time.Millisecond,
 		"%d slots taken, %d reads in slots, once the stalled uploads have gone", takenSlots(ring), c.conn.readSlots.Load())
 }
@@ -442,27 +423,7 @@ func TestStalledUploadsChildKilled(t *testing.T) {
 	ring := c.sendRing
 
 	const stalled = ringSlots + 4
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	statuses := make(chan int, stalled)
-	for range stalled {
-		req, err := http.NewRequestWithContext(ctx, "POST", srv.URL+"/upload", io.MultiReader(bytes.NewReader(ringPattern(40<<10)), untilDone{ctx}))
-		require.NoError(t, err)
-		go func() {
-			res, err := http.DefaultClient.Do(req)
-			if err != nil {
-				statuses <- -1
-				return
-			}
-			res.Body.Close()
-			statuses <- res.StatusCode
-		}()
-	}
-	// Every request is the child's (none would be retried on the next),
-	// and the cap's worth of reads waits in slots.
-	awaitUploaded(t, srv, stalled*40<<10)
-	require.Eventually(t, func() bool { return c.conn.readSlots.Load() == maxReadSlots && takenSlots(ring) == maxReadSlots }, 10*time.Second, time.Millisecond,
-		"%d reads wait in slots and %d slots are taken, want %d of each", c.conn.readSlots.Load(), takenSlots(ring), maxReadSlots)
+	statuses, _ := stallUploads(t, srv, c, stalled) // the test's cleanup ends them
 
 	require.NoError(t, syscall.Kill(c.proc.Pid(), syscall.SIGKILL))
 	// The clients still send nothing: what ends their requests is the
@@ -479,19 +440,34 @@ func TestStalledUploadsChildKilled(t *testing.T) {
 	assert.Eventually(t, func() bool { return takenSlots(ring) == 0 }, 10*time.Second, time.Millisecond,
 		"%d slots of the dead child's down ring taken", takenSlots(ring))
 
-	body := bytes.Repeat(ringPattern(chunkSize), 8)
-	res, err := http.Post(srv.URL+"/upload", "application/octet-stream", bytes.NewReader(body))
-	require.NoError(t, err)
-	got, err := io.ReadAll(res.Body)
-	res.Body.Close()
-	require.NoError(t, err)
-	require.Equal(t, fmt.Sprintf("%x", sha256.Sum256(body)), string(got), "the next child's upload")
+	uploadWhole(t, srv) // on the next child
 }
 
-// awaitUploaded waits until the ring module's /upload handlers have read
-// want bytes of request bodies in all.
-func awaitUploaded(t *testing.T, srv *httptest.Server, want int) {
+// stallUploads starts n uploads to the ring module's /upload on child c
+// that each send 40 KiB and then nothing until cancel is called. It
+// returns once their handlers have read the 40 KiB (every request is c's,
+// and none could be retried on another child) and the cap's worth of the
+// parent's reads waits in slots of c's down ring. Each upload sends its
+// response's status to the channel, or -1 if it got none. The test's
+// cleanup calls cancel too.
+func stallUploads(t *testing.T, srv *httptest.Server, c *child, n int) (statuses <-chan int, cancel func()) {
 	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	ch := make(chan int, n)
+	for range n {
+		req, err := http.NewRequestWithContext(ctx, "POST", srv.URL+"/upload", io.MultiReader(bytes.NewReader(ringPattern(40<<10)), untilDone{ctx}))
+		require.NoError(t, err)
+		go func() {
+			res, err := http.DefaultClient.Do(req)
+			if err != nil {
+				ch <- -1
+				return
+			}
+			res.Body.Close()
+			ch <- res.StatusCode
+		}()
+	}
 	uploaded := func() int {
 		res, err := http.Get(srv.URL + "/uploaded")
 		if err != nil {
@@ -502,8 +478,25 @@ func awaitUploaded(t *testing.T, srv *httptest.Server, want int) {
 		n, _ := strconv.Atoi(string(b))
 		return n
 	}
-	require.Eventually(t, func() bool { return uploaded() == want }, 20*time.Second, 5*time.Millisecond,
-		"the handlers read %d bytes of the uploads, want %d", uploaded(), want)
+	require.Eventually(t, func() bool { return uploaded() == n*40<<10 }, 20*time.Second, 5*time.Millisecond,
+		"the handlers read %d bytes of the stalled uploads, want %d", uploaded(), n*40<<10)
+	ring := c.sendRing
+	require.Eventually(t, func() bool { return c.conn.readSlots.Load() == maxReadSlots && takenSlots(ring) == maxReadSlots }, 10*time.Second, time.Millisecond,
+		"%d reads wait in slots and %d slots are taken, want %d (the cap) of each", c.conn.readSlots.Load(), takenSlots(ring), maxReadSlots)
+	return ch, cancel
+}
+
+// uploadWhole uploads 8 chunks to the ring module's /upload and checks
+// that the handler read them all, in order.
+func uploadWhole(t *testing.T, srv *httptest.Server) {
+	t.Helper()
+	body := bytes.Repeat(ringPattern(chunkSize), 8)
+	res, err := http.Post(srv.URL+"/upload", "application/octet-stream", bytes.NewReader(body))
+	require.NoError(t, err)
+	got, err := io.ReadAll(res.Body)
+	res.Body.Close()
+	require.NoError(t, err)
+	require.Equal(t, fmt.Sprintf("%x", sha256.Sum256(body)), string(got), "the SHA-256 of the upload as the handler read it")
 }
 
 // untilDone is a body part that sends nothing until its context ends: a
