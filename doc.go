@@ -150,9 +150,17 @@
 //
 // The child is the running binary, started again with its path as its only
 // argument, in Options.Dir (the parent's working directory by default) with
-// Options.Env (the parent's environment by default) and one variable of
-// subproc's, which Main removes before module code runs. It inherits no
-// other file descriptor than the pipes Main takes over.
+// Options.Env (the parent's environment by default) and variables of
+// subproc's, which Main removes before module code runs. It keeps no other
+// file descriptor than the pipes Main takes over. Go opens every file with
+// close-on-exec, but a process can hold some without it, inherited from
+// its own parent (a socket-activation listener) or opened by C code: on
+// Linux the parent lists those it holds at its first Start, and Main
+// closes them in each child before the ModuleFunc runs (package init
+// functions, which run before Main, still see them), as the watcher does:
+// a module cannot accept the parent's clients on an inherited listener.
+// One that the parent opens without close-on-exec after its first Start is
+// not listed, and a child inherits it.
 //
 // # Processes
 //

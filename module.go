@@ -118,6 +118,9 @@ func runChild(name string) int {
 			"Unset %s to run the program normally.\n", envModule, name, err, envModule)
 		return exitMisused
 	}
+	// The module gets none of the parent's files but those Start gives.
+	closeInheritedFDs(os.Getenv(envInherited))
+	os.Unsetenv(envInherited)
 	if w := fds.accept.exitWord(); w != nil {
 		armExitWord(w)
 	}

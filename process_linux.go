@@ -2,6 +2,7 @@ package subproc
 
 import (
 	"bufio"
+	"fmt"
 	"io"
 	"os"
 	"runtime"
@@ -215,4 +216,60 @@ func mappedPath(line string) string {
 		rest = rest[i:]
 	}
 	return strings.TrimLeft(rest, " \t")
+}
+
+// inheritedFDs describes this process's file descriptors, from 3 up, that a
+// process it starts inherits though nobody passes them: those without
+// close-on-exec. Go opens none, but a process can get them from its own
+// parent (a socket-activation listener, a shell's redirection) or from C
+// code. Each is "fd:dev:inode", the list comma-separated; "" if there are
+// none.
+func inheritedFDs() string {
+	d, err := os.Open("/proc/self/fd")
+	if err != nil {
+		return ""
+	}
+	names, _ := d.Readdirnames(-1)
+	d.Close()
+	var b strings.Builder
+	for _, name := range names {
+		fd, err := strconv.Atoi(name)
+		if err != nil || fd < 3 || closeOnExec(fd) {
+			continue
+		}
+		var st syscall.Stat_t
+		if syscall.Fstat(fd, &st) != nil {
+			continue // closed since, or the directory read above
+		}
+		if b.Len() > 0 {
+			b.WriteByte(',')
+		}
+		fmt.Fprintf(&b, "%d:%d:%d", fd, uint64(st.Dev), uint64(st.Ino))
+	}
+	return b.String()
+}
+
+// closeOnExec reports whether fd has close-on-exec set, or is not open.
+func closeOnExec(fd int) bool {
+	flags, _, errno := syscall.Syscall(syscall.SYS_FCNTL, uintptr(fd), syscall.F_GETFD, 0)
+	return errno != 0 || flags&syscall.FD_CLOEXEC != 0
+}
+
+// closeInheritedFDs closes, in a child or the watcher, the file descriptors
+// that spec (the parent's inheritedFDs) names and that are still the files
+// it named, without close-on-exec: not those the exec put in their place
+// (fds 3 to 5 are the protocol's), nor those a package's init opened since
+// under a number the parent freed meanwhile, which are other files.
+func closeInheritedFDs(spec string) {
+	for item := range strings.SplitSeq(spec, ",") {
+		var fd int
+		var dev, ino uint64
+		if _, err := fmt.Sscanf(item, "%d:%d:%d", &fd, &dev, &ino); err != nil || fd < 3 || closeOnExec(fd) {
+			continue
+		}
+		var st syscall.Stat_t
+		if syscall.Fstat(fd, &st) == nil && uint64(st.Dev) == dev && uint64(st.Ino) == ino {
+			syscall.Close(fd)
+		}
+	}
 }

@@ -1,6 +1,7 @@
 package subproc
 
 import (
+	"net/http"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -123,4 +124,63 @@ func statusKB(t *testing.T, field string) int {
 	}
 	t.Fatalf("no %s in /proc/self/status", field)
 	return 0
+}
+
+// A child and the watcher get none of the parent's files but those Start
+// gives them: descriptors the parent has without close-on-exec, which Go
+// never opens but a process can inherit (here a listening socket, as
+// socket activation passes one, and a file), stay the parent's alone. A
+// module that inherited the parent's listener could accept its clients.
+func TestChildInheritsNoStrayFiles(t *testing.T) {
+	sock, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM, 0) // no SOCK_CLOEXEC
+	require.NoError(t, err)
+	defer syscall.Close(sock)
+	require.NoError(t, syscall.Bind(sock, &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}))
+	require.NoError(t, syscall.Listen(sock, 1))
+	file, err := syscall.Open(filepath.Join(t.TempDir(), "stray"), syscall.O_RDWR|syscall.O_CREAT, 0o600) // no O_CLOEXEC
+	require.NoError(t, err)
+	defer syscall.Close(file)
+	strays := map[string]int{}
+	for _, fd := range []int{sock, file} {
+		require.False(t, closeOnExec(fd), "fd %d has close-on-exec", fd)
+		link, err := os.Readlink("/proc/self/fd/" + strconv.Itoa(fd))
+		require.NoError(t, err)
+		strays[link] = fd
+	}
+	// The parent lists its strays at its first start of a process (see
+	// strayFDs), which an earlier test made: list them anew.
+	defer func(cached func() string) { strayFDs = cached }(strayFDs)
+	strayFDs = inheritedFDs
+	openIn := func(pid int) []string {
+		ents, err := os.ReadDir("/proc/" + strconv.Itoa(pid) + "/fd")
+		require.NoError(t, err)
+		var found []string
+		for _, e := range ents {
+			if link, err := os.Readlink("/proc/" + strconv.Itoa(pid) + "/fd/" + e.Name()); err == nil {
+				if _, ok := strays[link]; ok {
+					found = append(found, e.Name()+" → "+link)
+				}
+			}
+		}
+		return found
+	}
+
+	// A watcher started now, as one is after its predecessor was killed.
+	theWatcher.mu.Lock()
+	if theWatcher.cmd != nil {
+		theWatcher.dropLocked()
+	}
+	err = theWatcher.startLocked()
+	theWatcher.mu.Unlock()
+	require.NoError(t, err)
+
+	h := startModule(t, "bench", Options{})
+	status, _ := fetch(t, serve(t, h).URL+"/small")
+	require.Equal(t, http.StatusOK, status, "the child serves")
+	assert.Empty(t, openIn(firstChild(h).proc.Pid()), "the parent's stray files open in the child")
+	assert.Empty(t, openIn(theWatcher.pid()), "the parent's stray files open in the watcher")
+	for link, fd := range strays {
+		assert.False(t, closeOnExec(fd), "the parent's fd %d (%s) was closed or changed", fd, link)
+	}
+	assert.Empty(t, os.Getenv(envInherited), "the parent's environment changed")
 }

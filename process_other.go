@@ -39,3 +39,10 @@ func memoryFile() *os.File { return nil }
 
 // sealSize reports false (see memoryFile).
 func sealSize(*os.File) bool { return false }
+
+// inheritedFDs reports none: only Linux lists a process's descriptors (see
+// its Linux version).
+func inheritedFDs() string { return "" }
+
+// closeInheritedFDs does nothing; see inheritedFDs.
+func closeInheritedFDs(string) {}

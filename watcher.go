@@ -93,12 +93,13 @@ import (
 // Cost: one process per parent process, started at the first spawn and
 // left running until the parent ends (it then exits by itself), with
 // GOMAXPROCS=1, its working directory at /, and none of the parent's files
-// open but its stdin and, as in any process the parent starts, those
-// without close-on-exec. Once ready it drops the pages of the binary that
-// the program's initialization touched (see dropFileMappings): for the
-// benchmark's binary about 4 MiB stays resident, half of it its heap and
-// runtime, against 14 MiB without. The parent holds two file descriptors for it: the
-// pipe's write end and the watcher's pidfd (os.Process).
+// open but its stdin (on Linux; elsewhere those without close-on-exec
+// too, as in any process the parent starts: see strayFDs). Once ready it
+// drops the pages of the binary that the program's initialization touched
+// (see dropFileMappings): for the benchmark's binary about 4 MiB stays
+// resident, half of it its heap and runtime, against 14 MiB without. The
+// parent holds two file descriptors for it: the pipe's write end and the
+// watcher's pidfd (os.Process).
 
 // Environment variable that makes Main run as the watcher (see
 // runWatcher); its value is the parent's pid.
@@ -242,6 +243,9 @@ func (wc *watcherConn) startLocked() error {
 	// The parent's environment, for the package init functions that run
 	// before Main; GOMAXPROCS=1, as the watcher needs one thread.
 	cmd.Env = append(os.Environ(), envWatcher+"="+strconv.Itoa(os.Getpid()), "GOMAXPROCS=1")
+	if fds := strayFDs(); fds != "" {
+		cmd.Env = append(cmd.Env, envInherited+"="+fds)
+	}
 	cmd.Dir = "/" // so that it keeps no directory of the parent's busy
 	cmd.Stdin = r
 	cmd.Stdout, cmd.Stderr = readyW, readyW // what it says before it is ready goes in the error
@@ -325,6 +329,8 @@ func runWatcher(ppid string) int {
 	if hello, _ := in.ReadString('\n'); hello != watcherHello(pid) {
 		return misused(fmt.Sprintf("its stdin does not begin with %q", watcherHello(pid)))
 	}
+	closeInheritedFDs(os.Getenv(envInherited))
+	os.Unsetenv(envInherited)
 	os.Stdout.WriteString(watcherReady)
 	// The parent stops reading them: nothing must be written there any more.
 	if null, err := os.OpenFile(os.DevNull, os.O_WRONLY, 0); err == nil {
