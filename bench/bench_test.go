@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"encoding/xml"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -283,6 +284,13 @@ func sampleResults() *Results {
 			{Name: "pipe", Stream: &StreamResult{Bytes: 1e9, MBPerSec: 1500 * scale}, NotApplicable: notApplicable["pipe"]},
 			{Name: "subproc", Small1: load(10000*scale, 100, 300, nil), WSEcho64: load(30000*scale, 2000, 7000, nil), WSStream: &StreamResult{Bytes: 1e9, MBPerSec: 550 * scale}},
 		}}
+		if i == 3 {
+			// uds's /small with 1 client was timed three times, the kept
+			// timing losing 7.5 % of the machine.
+			stolen := *udsCPU
+			stolen.StealPct = 7.5
+			rd.Peers[1].Small1.CPU, rd.Peers[1].Small1.Timings = &stolen, 3
+		}
 		if i == 2 {
 			rd.Peers[1].Echo = nil // failed in round 2
 			rd.Peers[1].Errors = []string{"echo: boom"}
@@ -291,7 +299,7 @@ func sampleResults() *Results {
 	}
 	r := &Results{
 		Machine: Machine{Date: "2026-01-02T03:04:05Z", GoVersion: "go1.26", CPUModel: "Test <CPU> & co", NumCPU: 2, GOMAXPROCS: 2},
-		Config:  Config{Rounds: 3, Warmup: time.Second, Duration: 5 * time.Second, EchoBytes: 64 << 10, EchoClients: 16, StreamBytes: 1 << 30, StreamChunk: 64 << 10, Kills: 3, WSEchoBytes: 64},
+		Config:  Config{Rounds: 3, MaxSteal: 5, Warmup: time.Second, Duration: 5 * time.Second, EchoBytes: 64 << 10, EchoClients: 16, StreamBytes: 1 << 30, StreamChunk: 64 << 10, Kills: 3, WSEchoBytes: 64},
 		Rounds:  []Round{round(1, 1, 0.25), round(2, 0.5, 0.2), round(3, 1.5, 0.3)},
 	}
 	r.summarize()
@@ -347,12 +355,62 @@ func TestMarkdown(t *testing.T) {
 		"(g) WebSocket stream: MB/s ≥ 0.6× inproc's: subproc 550, inproc 1,000; subproc ÷ inproc 0.55× (0.55–0.55): **not met** (in 0 of 3 rounds)",
 		"uds: restart times in ms, round 1: 9.0, 10.0, 11.0; round 2: 9.0, 10.0, 11.0; round 3: 9.0, 10.0, 11.0",
 		"round 2: uds: error: echo: boom",
+		"round 3: at most 7.5 % of the machine's CPU time during a timed load was stolen by the hypervisor (uds, (a) GET /small, 1 client); timed again for more than 5 % stolen, the least disturbed timing kept: uds, (a) GET /small, 1 client: 3 timings",
 		"goplugin: ws is n/a: ",
 		"Rounds: 3, the peers interleaved (each round: inproc, uds, goplugin, pipe, subproc)",
 		"GOMAXPROCS 2",
 	} {
 		assert.Contains(t, md, want)
 	}
+}
+
+// TestRetime checks that a load during which the hypervisor stole more
+// than -max-steal is timed again, at most -retimes more times, and that
+// the least disturbed timing is kept.
+func TestRetime(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		maxSteal float64
+		retimes  int
+		steals   []float64 // of each timing, in order (-1: not measured)
+		n        int       // timings run
+		kept     int       // index of the timing kept
+	}{
+		{"quiet", 5, 2, []float64{1}, 1, 0},
+		{"disturbed then quiet", 5, 2, []float64{30, 4}, 2, 1},
+		{"always disturbed: the least", 5, 2, []float64{30, 12, 25}, 3, 1},
+		{"no retimes", 5, 0, []float64{30}, 1, 0},
+		{"off", 0, 2, []float64{30}, 1, 0},
+		{"not measured", 5, 2, []float64{-1}, 1, 0},
+		{"exactly the bound", 5, 2, []float64{5}, 1, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := Config{MaxSteal: tc.maxSteal, Retimes: tc.retimes}
+			var ran, notes int
+			step := func(string, ...any) { notes++ }
+			got, n, err := retime(cfg, step, func() (int, *CPUUse, error) {
+				i := ran
+				ran++
+				require.Less(t, i, len(tc.steals), "timed once too often")
+				if tc.steals[i] < 0 {
+					return i, nil, nil
+				}
+				return i, &CPUUse{StealPct: tc.steals[i]}, nil
+			})
+			require.NoError(t, err)
+			assert.Equal(t, tc.n, n, "timings")
+			assert.Equal(t, tc.n, ran)
+			assert.Equal(t, tc.kept, got, "timing kept")
+			assert.Equal(t, tc.n-1, notes, "one line per timing taken again")
+		})
+	}
+
+	boom := errors.New("boom")
+	_, n, err := retime(Config{MaxSteal: 5, Retimes: 2}, func(string, ...any) {}, func() (int, *CPUUse, error) {
+		return 0, &CPUUse{StealPct: 50}, boom
+	})
+	assert.ErrorIs(t, err, boom)
+	assert.Equal(t, 1, n, "an error ends the timings")
 }
 
 // TestSVG checks that the chart is well-formed XML with escaped text, a
@@ -412,7 +470,21 @@ func TestParseFlags(t *testing.T) {
 	_, err := parseFlags([]string{"-rounds", "-1"})
 	assert.ErrorContains(t, err, "-rounds")
 
-	cfg, err := parseFlags([]string{"-workloads", "small, restart"})
+	cfg, err := parseFlags(nil)
+	require.NoError(t, err)
+	assert.Equal(t, 5.0, cfg.MaxSteal)
+	assert.Equal(t, 2, cfg.Retimes)
+	cfg, err = parseFlags([]string{"-quick"})
+	require.NoError(t, err)
+	assert.Equal(t, 0, cfg.Retimes, "a smoke test times each load once")
+	cfg, err = parseFlags([]string{"-quick", "-retimes", "1", "-max-steal", "10"})
+	require.NoError(t, err)
+	assert.Equal(t, 1, cfg.Retimes)
+	assert.Equal(t, 10.0, cfg.MaxSteal)
+	_, err = parseFlags([]string{"-max-steal", "101"})
+	assert.ErrorContains(t, err, "-max-steal")
+
+	cfg, err = parseFlags([]string{"-workloads", "small, restart"})
 	require.NoError(t, err)
 	assert.Equal(t, []string{"small", "restart"}, cfg.Workloads)
 	assert.True(t, cfg.measures("rss"), "rss is measured during small")

@@ -219,6 +219,9 @@ type LoadResult struct {
 	// not measured; CPUError says why not, if it could not be.
 	CPU      *CPUUse `json:"cpu,omitempty"`
 	CPUError string  `json:"cpu_error,omitempty"`
+	// Timings is how many times the load was timed (see Config.MaxSteal);
+	// these figures are the least disturbed timing's.
+	Timings int `json:"timings,omitempty"`
 }
 
 // A loadConn is one connection of a timed load, used by one goroutine.
@@ -423,6 +426,8 @@ type StreamResult struct {
 	// be.
 	CPU      *CPUUse `json:"cpu,omitempty"`
 	CPUError string  `json:"cpu_error,omitempty"`
+	// Timings is as LoadResult's.
+	Timings int `json:"timings,omitempty"`
 }
 
 // timeStream times fetch, which must return the bytes it received, and

@@ -475,7 +475,7 @@ func (r *Results) notes() []string {
 		}
 	}
 	for _, rd := range r.Rounds {
-		if n := rd.noise(); n != "" {
+		if n := rd.noise(r.Config.MaxSteal); n != "" {
 			notes = append(notes, fmt.Sprintf("round %d: %s", rd.Round, n))
 		}
 	}
@@ -508,31 +508,41 @@ func (r *Results) notes() []string {
 }
 
 // noise says how much of the machine's CPU time, at most over the round's
-// timed loads, the hypervisor stole, and where: "" if no load measured it.
-func (rd *Round) noise() string {
+// timed loads (the timings kept), the hypervisor stole, and where, and
+// which loads were timed again for stealing more than maxSteal percent: ""
+// if no load measured it.
+func (rd *Round) noise(maxSteal float64) string {
 	steal, where := -1.0, ""
-	see := func(c *CPUUse, peer, group string) {
+	var retimed []string
+	see := func(c *CPUUse, timings int, peer, group string) {
 		if c != nil && c.StealPct > steal {
 			steal, where = c.StealPct, peer+", "+group
+		}
+		if timings > 1 {
+			retimed = append(retimed, fmt.Sprintf("%s, %s: %d timings", peer, group, timings))
 		}
 	}
 	for i := range rd.Peers {
 		p := &rd.Peers[i]
 		for _, l := range timedLoads {
 			if lr := l.get(p); lr != nil {
-				see(lr.CPU, p.Name, l.group)
+				see(lr.CPU, lr.Timings, p.Name, l.group)
 			}
 		}
 		for _, st := range timedStreams {
 			if sr := st.get(p); sr != nil {
-				see(sr.CPU, p.Name, st.group)
+				see(sr.CPU, sr.Timings, p.Name, st.group)
 			}
 		}
 	}
 	if steal < 0 {
 		return ""
 	}
-	return fmt.Sprintf("at most %.1f %% of the machine's CPU time during a timed load was stolen by the hypervisor (%s)", steal, where)
+	n := fmt.Sprintf("at most %.1f %% of the machine's CPU time during a timed load was stolen by the hypervisor (%s)", steal, where)
+	if len(retimed) > 0 {
+		n += fmt.Sprintf("; timed again for more than %g %% stolen, the least disturbed timing kept: %s", maxSteal, strings.Join(retimed, "; "))
+	}
+	return n
 }
 
 // writeResults writes results.md, results.json and results.svg to dir.
