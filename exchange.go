@@ -686,6 +686,10 @@ type bodySender struct {
 	// halt, once the response is full duplex (see halt).
 	fullDuplex bool
 
+	// slots is set when r.Body is the server's own reader (serverBody):
+	// only then may the pump read into a slot. Fixed.
+	slots bool
+
 	// slow is set, for the pump alone, while the body's last read
 	// returned less than a slot's worth though it had room for more:
 	// the client sends slowly, and its next read does not hold a slot
@@ -711,6 +715,41 @@ func isExpectContinueReader(body io.ReadCloser) bool {
 	return t != nil && t.Kind() == reflect.Pointer && t.Elem().Name() == "expectContinueReader" && t.Elem().PkgPath() == "net/http"
 }
 
+// serverBody reports whether body is an HTTP server's own reader of a
+// request body, maybe behind http.MaxBytesReader: net/http's for HTTP/1
+// (with "Expect: 100-continue" or not) and HTTP/2, or golang.org/x/net/http2's.
+// Those copy the client's bytes into p and do nothing else with it. Only
+// their p may be a slot of the down ring, which the child maps too: any
+// other reader (a middleware's) may use all of p as scratch space, as
+// io.Reader allows, and leave there bytes the child must not see (the
+// plaintext of a reader that encrypts in place), or read p back after its
+// read (a tee to an audit log, a checksum), when the child may have
+// rewritten it.
+func serverBody(body io.ReadCloser) bool {
+	v := reflect.ValueOf(body)
+	for v.Kind() == reflect.Pointer && !v.IsNil() {
+		t := v.Type().Elem()
+		var inner string // the field of a wrapper that holds what it wraps
+		switch {
+		case t.PkgPath() == "net/http" && (t.Name() == "body" || t.Name() == "http2requestBody"),
+			t.PkgPath() == "golang.org/x/net/http2" && t.Name() == "requestBody":
+			return true
+		case t.PkgPath() == "net/http" && t.Name() == "expectContinueReader":
+			inner = "readCloser"
+		case t.PkgPath() == "net/http" && t.Name() == "maxBytesReader":
+			inner = "r"
+		default:
+			return false
+		}
+		f := v.Elem().FieldByName(inner)
+		if f.Kind() != reflect.Interface || f.IsNil() {
+			return false
+		}
+		v = f.Elem()
+	}
+	return false
+}
+
 // startBody starts sending r's body on stream s. rc is r's
 // ResponseController, used to interrupt a blocked read of the body;
 // stalled, if not nil, is called when it cannot (see halt).
@@ -719,6 +758,7 @@ func startBody(c *child, s *stream, r *http.Request, rc *http.ResponseController
 	b.maxBytes = r.ProtoMajor == 1 && isMaxBytesReader(r.Body)
 	b.expect = r.ProtoMajor == 1 && headerHasToken(r.Header["Expect"], "100-continue")
 	b.expectPending = b.expect
+	b.slots = serverBody(r.Body)
 	go b.pumpRequestBody()
 	return b
 }
@@ -899,10 +939,11 @@ func (b *bodySender) pumpRequestBody() {
 			size = int(left) // a hint: a body that is longer is read on
 		}
 		// A read that may fill a slot reads into one, unless the
-		// client's last read showed it sends slowly: the bytes then go
-		// to the child where they are, with no copy on the way.
+		// client's last read showed it sends slowly or the body's reader
+		// is not the server's (see serverBody): the bytes then go to the
+		// child where they are, with no copy on the way.
 		var out chunk
-		if size >= ringMin && !b.slow {
+		if size >= ringMin && b.slots && !b.slow {
 			out, _ = c.conn.takeReadSlot()
 		}
 		if out.ring == nil {

@@ -459,7 +459,7 @@ func stallUploads(t *testing.T, srv *httptest.Server, c *child, n int) (statuses
 		req, err := http.NewRequestWithContext(ctx, "POST", srv.URL+"/upload", io.MultiReader(bytes.NewReader(ringPattern(40<<10)), untilDone{ctx}))
 		require.NoError(t, err)
 		go func() {
-			res, err := http.DefaultClient.Do(req)
+			res, err := srv.Client().Do(req)
 			if err != nil {
 				ch <- -1
 				return
@@ -469,7 +469,7 @@ func stallUploads(t *testing.T, srv *httptest.Server, c *child, n int) (statuses
 		}()
 	}
 	uploaded := func() int {
-		res, err := http.Get(srv.URL + "/uploaded")
+		res, err := srv.Client().Get(srv.URL + "/uploaded")
 		if err != nil {
 			return -1
 		}
@@ -484,6 +484,63 @@ func stallUploads(t *testing.T, srv *httptest.Server, c *child, n int) (statuses
 	require.Eventually(t, func() bool { return c.conn.readSlots.Load() == maxReadSlots && takenSlots(ring) == maxReadSlots }, 10*time.Second, time.Millisecond,
 		"%d reads wait in slots and %d slots are taken, want %d (the cap) of each", c.conn.readSlots.Load(), takenSlots(ring), maxReadSlots)
 	return ch, cancel
+}
+
+// Behind a ResponseWriter that hides net/http's (no Unwrap), the reads of
+// stalled uploads that wait in slots of a killed child cannot be cut: they
+// hold the dead child's ring while the next child serves, and once their
+// clients go, every slot and the cap's count come back.
+func TestStalledUploadsBehindWrapperChildKilled(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("only Linux children get rings")
+	}
+	h := startModule(t, "ring", Options{})
+	type hidden struct{ http.ResponseWriter }
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		h.ServeHTTP(hidden{w}, r)
+	}))
+	t.Cleanup(srv.Close)
+	c := firstChild(h)
+	ring := c.sendRing
+
+	const stalled = ringSlots + 4
+	statuses, cancel := stallUploads(t, srv, c, stalled)
+	require.NoError(t, syscall.Kill(c.proc.Pid(), syscall.SIGKILL))
+	awaitStats(t, h, 20*time.Second, "a new child", runningInc(1))
+	assert.Equal(t, int32(maxReadSlots), c.conn.readSlots.Load(), "reads that wait in the dead child's ring, which nothing can cut")
+	uploadWhole(t, srv) // the next child serves meanwhile
+
+	cancel()
+	for range stalled {
+		<-statuses
+	}
+	assert.Eventually(t, func() bool { return c.conn.readSlots.Load() == 0 && takenSlots(ring) == 0 }, 10*time.Second, time.Millisecond,
+		"%d slots taken, %d reads in slots, once the stalled uploads have gone", takenSlots(ring), c.conn.readSlots.Load())
+}
+
+// HTTP/2 bodies are read into slots too (stallUploads checks it), and a
+// child killed while such reads wait there: each read is cut, each request
+// gets 502, and the slots and the cap's count come back.
+func TestStalledUploadsHTTP2ChildKilled(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("only Linux children get rings")
+	}
+	h := startModule(t, "ring", Options{})
+	srv := httptest.NewUnstartedServer(h)
+	srv.EnableHTTP2 = true
+	srv.StartTLS()
+	t.Cleanup(srv.Close)
+	c := firstChild(h)
+	ring := c.sendRing
+
+	const stalled = ringSlots + 4
+	stallUploads(t, srv, c, stalled) // the test's cleanup ends them
+	require.NoError(t, syscall.Kill(c.proc.Pid(), syscall.SIGKILL))
+	// (Go's HTTP/2 client returns no response while its request's body
+	// blocks: the parent's count of 502s is what shows them.)
+	awaitStats(t, h, 20*time.Second, "502 for every stalled upload", func(st Stats) bool { return st.BadGateway == stalled })
+	assert.Eventually(t, func() bool { return c.conn.readSlots.Load() == 0 && takenSlots(ring) == 0 }, 10*time.Second, time.Millisecond,
+		"%d slots taken, %d reads in slots", takenSlots(ring), c.conn.readSlots.Load())
 }
 
 // uploadWhole uploads 8 chunks to the ring module's /upload and checks

@@ -1,0 +1,279 @@
+//go:build linux
+
+package subproc
+
+import (
+	"bytes"
+	"context"
+	"crypto/aes"
+	"crypto/cipher"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// The parent reads a request body into a slot of the down ring only when
+// the body's reader is the server's own (serverBody). A middleware's
+// reader may use all of p as scratch space, or read it back, and the
+// child maps the slot: these tests are what a hostile module would see or
+// change otherwise.
+
+func init() {
+	// slot-peeker is a hostile module that looks for given bytes in the
+	// memory it shares with the parent, through /proc/self/mem. GET
+	// /peek?m=<hex> answers "found" or "no"; POST /upload?m=<hex> answers
+	// whether the body it was sent contains them, and its length.
+	Register("slot-peeker", func(ctx context.Context, env *Env) (http.Handler, error) {
+		mux := http.NewServeMux()
+		mux.HandleFunc("GET /peek", func(w http.ResponseWriter, r *http.Request) {
+			marker, err := hex.DecodeString(r.URL.Query().Get("m"))
+			if err != nil || len(marker) == 0 {
+				http.Error(w, "bad marker", http.StatusBadRequest)
+				return
+			}
+			found, err := sharedMemoryHolds(marker)
+			switch {
+			case err != nil:
+				http.Error(w, err.Error(), http.StatusInternalServerError)
+			case found:
+				fmt.Fprint(w, "found")
+			default:
+				fmt.Fprint(w, "no")
+			}
+		})
+		mux.HandleFunc("POST /upload", func(w http.ResponseWriter, r *http.Request) {
+			marker, _ := hex.DecodeString(r.URL.Query().Get("m"))
+			b, err := io.ReadAll(r.Body)
+			if err != nil {
+				http.Error(w, err.Error(), http.StatusBadRequest)
+				return
+			}
+			fmt.Fprintf(w, "%v %d", bytes.Contains(b, marker), len(b))
+		})
+		return mux, nil
+	})
+}
+
+// sharedMemoryHolds reports whether the memory this process shares with
+// its parent holds marker.
+func sharedMemoryHolds(marker []byte) (bool, error) {
+	maps, err := sharedMappings()
+	if err != nil {
+		return false, err
+	}
+	if len(maps) == 0 {
+		return false, fmt.Errorf("no shared mapping")
+	}
+	mem, err := os.Open("/proc/self/mem")
+	if err != nil {
+		return false, err
+	}
+	defer mem.Close()
+	for _, m := range maps {
+		buf := make([]byte, m.end-m.start)
+		if _, err := mem.ReadAt(buf, int64(m.start)); err != nil {
+			return false, err
+		}
+		if bytes.Contains(buf, marker) {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+// gatedReader is the server's reader of a body as a middleware's reader
+// sees it, with a pause: after its first read that returns bytes, it
+// closes reached and waits for gate before it returns. The bytes it read
+// are then in the caller's p, before the caller does anything with them.
+type gatedReader struct {
+	r       io.Reader
+	reached chan struct{}
+	gate    <-chan struct{}
+	paused  bool
+}
+
+func (g *gatedReader) Read(p []byte) (int, error) {
+	n, err := g.r.Read(p)
+	if n > 0 && !g.paused {
+		g.paused = true
+		close(g.reached)
+		<-g.gate
+	}
+	return n, err
+}
+
+// A parent middleware that encrypts request bodies before a module sees
+// them, with a reader that works in place (crypto/cipher.StreamReader
+// XORs p after its inner read): the plaintext is in p between the two,
+// and p must not be memory the child can read.
+func TestRingWrappedBodyScratchUnshared(t *testing.T) {
+	h := startModule(t, "slot-peeker", Options{})
+	require.NotNil(t, firstChild(h).sendRing, "the child has no down ring")
+
+	marker := make([]byte, 32)
+	rand.Read(marker)
+	key := make([]byte, 32)
+	rand.Read(key)
+	block, err := aes.NewCipher(key)
+	require.NoError(t, err)
+	reached, gate := make(chan struct{}), make(chan struct{})
+	var openGate sync.Once
+	t.Cleanup(func() { openGate.Do(func() { close(gate) }) })
+
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodPost {
+			inner := &gatedReader{r: r.Body, reached: reached, gate: gate}
+			r.Body = struct {
+				io.Reader
+				io.Closer
+			}{cipher.StreamReader{S: cipher.NewCTR(block, make([]byte, aes.BlockSize)), R: inner}, r.Body}
+		}
+		h.ServeHTTP(w, r)
+	}))
+	t.Cleanup(srv.Close)
+
+	plain := bytes.Repeat(marker, (256<<10)/len(marker))
+	m := hex.EncodeToString(marker)
+	answer := make(chan string, 1)
+	go func() {
+		res, err := http.Post(srv.URL+"/upload?m="+m, "application/octet-stream", bytes.NewReader(plain))
+		if err != nil {
+			answer <- err.Error()
+			return
+		}
+		b, _ := io.ReadAll(res.Body)
+		res.Body.Close()
+		answer <- string(b)
+	}()
+
+	select {
+	case <-reached:
+	case <-time.After(20 * time.Second):
+		t.Fatal("the parent never read the upload")
+	}
+	_, seen := fetch(t, srv.URL+"/peek?m="+m) // while the plaintext is in p
+	openGate.Do(func() { close(gate) })
+	assert.Equal(t, fmt.Sprintf("false %d", len(plain)), <-answer, "the module's body: the ciphertext, whole")
+	assert.Equal(t, "no", seen, "the module found the plaintext of an encrypted upload in the memory it shares with the parent")
+}
+
+// A parent middleware that reads a body back after each read (a tee to an
+// audit log or a checksum) sees what the client sent, even while the
+// child scribbles over all the memory it shares with the parent.
+func TestRingWrappedBodyReadBack(t *testing.T) {
+	h := startModule(t, "ring-attacker", Options{})
+	require.NotNil(t, firstChild(h).sendRing, "the child has no down ring")
+	sent := bytes.Repeat(ringPattern(chunkSize), 64)
+	var (
+		mu          sync.Mutex
+		teed, wrong int
+	)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodPost && r.URL.Path == "/upload" {
+			var seen bytes.Buffer
+			r.Body = struct {
+				io.Reader
+				io.Closer
+			}{io.TeeReader(r.Body, &seen), r.Body}
+			defer func() {
+				mu.Lock()
+				defer mu.Unlock()
+				teed += seen.Len()
+				if !bytes.Equal(seen.Bytes(), sent[:seen.Len()]) {
+					wrong++
+				}
+			}()
+		}
+		h.ServeHTTP(w, r)
+	}))
+	t.Cleanup(srv.Close)
+
+	res, err := http.Post(srv.URL+"/scribble", "", nil)
+	require.NoError(t, err)
+	res.Body.Close()
+	require.Equal(t, http.StatusOK, res.StatusCode)
+	t.Cleanup(func() {
+		if res, err := http.Post(srv.URL+"/stop", "", nil); err == nil {
+			res.Body.Close()
+		}
+	})
+	for range 8 {
+		res, err := http.Post(srv.URL+"/upload", "application/octet-stream", bytes.NewReader(sent))
+		if err == nil { // (the scribbled states may cost the child its life)
+			io.Copy(io.Discard, res.Body)
+			res.Body.Close()
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	require.Positive(t, teed, "the middleware read nothing")
+	assert.Zero(t, wrong, "uploads that the parent's own middleware read otherwise than the client sent them (of %d bytes teed)", teed)
+}
+
+// serverBody knows the server's readers of a request body, over HTTP/1,
+// with Expect: 100-continue, over HTTP/2 and behind http.MaxBytesReader,
+// and nothing else. Were a Go release to rename them, the parent would
+// copy every body once more, and this test would say so.
+func TestServerBody(t *testing.T) {
+	got := make(chan [2]bool, 1)
+	handler := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		own := serverBody(r.Body)
+		limited := serverBody(http.MaxBytesReader(w, r.Body, 1<<20))
+		got <- [2]bool{own, limited}
+		io.Copy(io.Discard, r.Body)
+	})
+	h1 := httptest.NewServer(handler)
+	t.Cleanup(h1.Close)
+	h2 := httptest.NewUnstartedServer(handler)
+	h2.EnableHTTP2 = true
+	h2.StartTLS()
+	t.Cleanup(h2.Close)
+
+	for _, tc := range []struct {
+		name   string
+		srv    *httptest.Server
+		expect bool
+		length int64 // -1: chunked
+	}{
+		{"HTTP/1", h1, false, 5},
+		{"HTTP/1 chunked", h1, false, -1},
+		{"HTTP/1 Expect", h1, true, 5},
+		{"HTTP/2", h2, false, 5},
+		{"HTTP/2 Expect", h2, true, 5},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			req, err := http.NewRequest("POST", tc.srv.URL, io.NopCloser(strings.NewReader("hello")))
+			require.NoError(t, err)
+			req.ContentLength = tc.length
+			if tc.expect {
+				req.Header.Set("Expect", "100-continue")
+			}
+			res, err := tc.srv.Client().Do(req)
+			require.NoError(t, err)
+			res.Body.Close()
+			assert.Equal(t, [2]bool{true, true}, <-got, "the server's body, and behind MaxBytesReader")
+		})
+	}
+
+	wrapped := struct {
+		io.Reader
+		io.Closer
+	}{strings.NewReader("x"), io.NopCloser(nil)}
+	assert.False(t, serverBody(wrapped), "a middleware's reader")
+	assert.False(t, serverBody(http.MaxBytesReader(httptest.NewRecorder(), wrapped, 10)), "MaxBytesReader over a middleware's reader")
+	assert.False(t, serverBody(http.NoBody))
+	assert.False(t, serverBody(nil))
+	var nilBody *struct{ io.ReadCloser }
+	assert.False(t, serverBody(nilBody))
+}
