@@ -3,6 +3,7 @@ package subproc
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -258,6 +259,9 @@ func (x *exchange) tunnel() {
 		}
 		switch ev.kind {
 		case kindData:
+			if !plainConn(conn) {
+				ev.unshare()
+			}
 			_, werr := ev.writeTo(conn, 0)
 			if werr != nil {
 				x.endTunnel()
@@ -496,6 +500,9 @@ func (x *exchange) cutAtDeadline() {
 // the child. It reports false if the client is gone, the exchange given up.
 func (x *exchange) writeData(ev event) bool {
 	defer ev.release() // if w panics; else it is released already
+	if ev.ring != nil && !serverWriter(x.w) {
+		ev.unshare()
+	}
 	data := ev.data()
 	var err error
 	if ev.ring != nil && !x.bodyWritten {
@@ -746,6 +753,41 @@ func serverBody(body io.ReadCloser) bool {
 			return false
 		}
 		v = f.Elem()
+	}
+	return false
+}
+
+// serverWriter reports whether w is an HTTP server's own ResponseWriter:
+// net/http's, for HTTP/1 or HTTP/2, or golang.org/x/net/http2's. Those
+// copy what they are given, and the parent hands them the bytes of an up
+// ring's slot as they are (the first bytes of a body whose type net/http
+// sniffs aside: see writeData). Any other writer, a middleware's, may
+// read what it is given (to compress it, hash it, look into it) while the
+// child rewrites it, and so sees bytes other than those it passes on: it
+// gets a private copy.
+func serverWriter(w http.ResponseWriter) bool {
+	t := reflect.TypeOf(w)
+	if t == nil || t.Kind() != reflect.Pointer {
+		return false
+	}
+	t = t.Elem()
+	switch t.PkgPath() {
+	case "net/http":
+		return t.Name() == "response" || t.Name() == "http2responseWriter"
+	case "golang.org/x/net/http2":
+		return t.Name() == "responseWriter"
+	}
+	return false
+}
+
+// plainConn reports whether a hijacked connection is the server's own, a
+// socket or TLS over one, which copies what it writes; a middleware's
+// conn gets a private copy of a slot's bytes, as a middleware's
+// ResponseWriter does (see serverWriter).
+func plainConn(c net.Conn) bool {
+	switch c.(type) {
+	case *net.TCPConn, *net.UnixConn, *tls.Conn:
+		return true
 	}
 	return false
 }

@@ -100,6 +100,25 @@ func init() {
 			n, _ := io.Copy(io.Discard, r.Body)
 			fmt.Fprint(w, n)
 		})
+		mux.HandleFunc("GET /tunnel", func(w http.ResponseWriter, r *http.Request) {
+			// Hijacks the connection, writes a 101 and then ?bytes= of
+			// ringPattern in chunks, and closes it.
+			n, _ := strconv.Atoi(r.URL.Query().Get("bytes"))
+			conn, brw, err := http.NewResponseController(w).Hijack()
+			if err != nil {
+				http.Error(w, err.Error(), http.StatusInternalServerError)
+				return
+			}
+			defer conn.Close()
+			brw.WriteString("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: bytes\r\n\r\n")
+			brw.Flush()
+			p := ringPattern(chunkSize)
+			for off := 0; off < n; off += len(p) {
+				if _, err := conn.Write(p[:min(len(p), n-off)]); err != nil {
+					return
+				}
+			}
+		})
 		return mux, nil
 	})
 }

@@ -3,19 +3,24 @@
 package subproc
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/aes"
 	"crypto/cipher"
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/hex"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -219,6 +224,153 @@ func TestRingWrappedBodyReadBack(t *testing.T) {
 	defer mu.Unlock()
 	require.Positive(t, teed, "the middleware read nothing")
 	assert.Zero(t, wrong, "uploads that the parent's own middleware read otherwise than the client sent them (of %d bytes teed)", teed)
+}
+
+// snapshotWriter is a parent middleware's ResponseWriter that looks at
+// what it is given, as one that compresses or hashes a body would: it
+// counts the writes whose bytes changed while it held them.
+type snapshotWriter struct {
+	http.ResponseWriter
+	changed *atomic.Int32
+}
+
+func (w snapshotWriter) Write(p []byte) (int, error) {
+	snap := bytes.Clone(p)
+	n, err := w.ResponseWriter.Write(p)
+	if !bytes.Equal(snap, p) {
+		w.changed.Add(1)
+	}
+	return n, err
+}
+
+func (w snapshotWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	conn, brw, err := http.NewResponseController(w.ResponseWriter).Hijack()
+	if err != nil {
+		return nil, nil, err
+	}
+	return snapshotConn{conn, w.changed}, brw, nil
+}
+
+// snapshotConn is snapshotWriter's hijacked connection, a middleware's
+// wrapper of the server's.
+type snapshotConn struct {
+	net.Conn
+	changed *atomic.Int32
+}
+
+func (c snapshotConn) Write(p []byte) (int, error) {
+	snap := bytes.Clone(p)
+	n, err := c.Conn.Write(p)
+	if !bytes.Equal(snap, p) {
+		c.changed.Add(1)
+	}
+	return n, err
+}
+
+// scribbling starts ring-attacker's scribble over the memory its child
+// shares with the parent, behind a server whose handler is wrap(h), and
+// returns the server.
+func scribbling(t *testing.T, wrap func(http.Handler) http.Handler) *httptest.Server {
+	t.Helper()
+	h := startModule(t, "ring-attacker", Options{})
+	require.NotNil(t, firstChild(h).ring, "the child has no up ring")
+	srv := httptest.NewServer(wrap(h))
+	t.Cleanup(srv.Close)
+	res, err := http.Post(srv.URL+"/scribble", "", nil)
+	require.NoError(t, err)
+	res.Body.Close()
+	require.Equal(t, http.StatusOK, res.StatusCode)
+	t.Cleanup(func() {
+		if res, err := http.Post(srv.URL+"/stop", "", nil); err == nil {
+			res.Body.Close()
+		}
+	})
+	return srv
+}
+
+// A parent middleware's ResponseWriter that looks at the bytes it is given
+// sees them stay as they were while it holds them, however the child
+// scribbles over the memory it shares with the parent: it gets a private
+// copy of an up ring's slot, which net/http's own writer need not.
+func TestRingWrappedWriterSeesWhatItSends(t *testing.T) {
+	var changed atomic.Int32
+	srv := scribbling(t, func(h http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			h.ServeHTTP(snapshotWriter{w, &changed}, r)
+		})
+	})
+	got := 0
+	for range 8 {
+		res, err := http.Get(srv.URL + "/big?bytes=" + strconv.Itoa(4<<20))
+		if err != nil { // (the scribbled states may cost the child its life)
+			continue
+		}
+		n, _ := io.Copy(io.Discard, res.Body)
+		res.Body.Close()
+		got += int(n)
+	}
+	require.Positive(t, got, "no response got through")
+	assert.Zero(t, changed.Load(), "writes whose bytes changed while the middleware's writer held them (of %d bytes received)", got)
+}
+
+// The same for a middleware's wrapper of a hijacked connection: a tunnel
+// writes it a private copy of a slot's bytes.
+func TestRingWrappedConnSeesWhatItSends(t *testing.T) {
+	var changed atomic.Int32
+	srv := scribbling(t, func(h http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			h.ServeHTTP(snapshotWriter{w, &changed}, r)
+		})
+	})
+	got := 0
+	for range 8 {
+		conn, err := net.Dial("tcp", srv.Listener.Addr().String())
+		require.NoError(t, err)
+		fmt.Fprintf(conn, "GET /tunnel?bytes=%d HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: bytes\r\n\r\n", 4<<20)
+		n, _ := io.Copy(io.Discard, conn)
+		conn.Close()
+		got += int(n)
+	}
+	require.Positive(t, got, "no tunnel got through")
+	assert.Zero(t, changed.Load(), "writes whose bytes changed while the middleware's conn held them (of %d bytes received)", got)
+}
+
+// serverWriter and plainConn know the server's own ResponseWriters (HTTP/1
+// and HTTP/2) and connections, and nothing else.
+func TestServerWriter(t *testing.T) {
+	got := make(chan bool, 1)
+	handler := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		got <- serverWriter(w)
+	})
+	h1 := httptest.NewServer(handler)
+	t.Cleanup(h1.Close)
+	h2 := httptest.NewUnstartedServer(handler)
+	h2.EnableHTTP2 = true
+	h2.StartTLS()
+	t.Cleanup(h2.Close)
+	for _, srv := range []*httptest.Server{h1, h2} {
+		res, err := srv.Client().Get(srv.URL)
+		require.NoError(t, err)
+		res.Body.Close()
+		assert.True(t, <-got, "net/http's writer, HTTP/%d", res.ProtoMajor)
+	}
+	assert.False(t, serverWriter(httptest.NewRecorder()))
+	assert.False(t, serverWriter(snapshotWriter{}))
+	assert.False(t, serverWriter(nil))
+
+	a, b := net.Pipe()
+	defer a.Close()
+	defer b.Close()
+	assert.False(t, plainConn(a), "a pipe")
+	assert.False(t, plainConn(snapshotConn{}), "a middleware's conn")
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer l.Close()
+	c, err := net.Dial("tcp", l.Addr().String())
+	require.NoError(t, err)
+	defer c.Close()
+	assert.True(t, plainConn(c), "TCP")
+	assert.True(t, plainConn(tls.Client(c, &tls.Config{})), "TLS over TCP")
 }
 
 // serverBody knows the server's readers of a request body, over HTTP/1,

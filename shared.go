@@ -150,9 +150,13 @@ func (w *acceptWord) close() {
 // kindDataRef against that record; the bytes of a slot are body bytes,
 // which it copies to the client and does not parse, and a child that
 // rewrites them while the parent copies them garbles only its own response.
+// Only the HTTP server's own writer and connection get a slot's bytes; a
+// middleware's, which may look at them, gets a copy (see serverWriter).
 // As the down ring's sender it reads the states, whose one meaning is
 // which slot it may fill next: a child that lies about them garbles only
-// its own request bodies, or makes the parent use the pipe.
+// its own request bodies, or makes the parent use the pipe. It reads a
+// client's body into a slot only through the server's own reader (see
+// serverBody).
 //
 // When no slot is free, the sender sends its chunk through the pipe as
 // before: a ring never makes a sender wait. A receiver that holds every

@@ -738,8 +738,6 @@ func (c *chunk) writeTo(w io.Writer, off int) (int, error) {
 	return w.Write(c.data()[off:])
 }
 
-// release returns the chunk's buffer, or ring slot, for reuse. It does
-// nothing for a chunk released already, or a zero one.
 // absorb appends the bytes of d, a chunk queued after c, to c's buffer and
 // releases d, if both are in pooled buffers and c's has room; it reports
 // whether it did. Small frames that wait for a slow reader are so held in
@@ -756,6 +754,23 @@ func (c *chunk) absorb(d chunk) bool {
 	return true
 }
 
+// unshare moves the chunk's bytes out of a ring's slot, which the other
+// process can read and write, into a pooled buffer, and gives the slot
+// back. The parent does so before it hands the bytes to a writer that may
+// do more than copy them (see serverWriter and plainConn). It does nothing
+// for a chunk in a buffer.
+func (c *chunk) unshare() {
+	if c.ring == nil {
+		return
+	}
+	b := getBuffer(c.n)
+	copy(*b, c.data())
+	c.ring.free(int(c.slot))
+	c.ring, c.buf = nil, b
+}
+
+// release returns the chunk's buffer, or ring slot, for reuse. It does
+// nothing for a chunk released already, or a zero one.
 func (c *chunk) release() {
 	if c.ring != nil {
 		c.ring.free(int(c.slot))
