@@ -89,6 +89,17 @@ func serve(t *testing.T, h http.Handler) *httptest.Server {
 	return srv
 }
 
+// serveHTTP2 starts an HTTPS server for h that speaks HTTP/2 to the
+// client its Client returns, and closes it when the test ends.
+func serveHTTP2(t *testing.T, h http.Handler) *httptest.Server {
+	t.Helper()
+	srv := httptest.NewUnstartedServer(h)
+	srv.EnableHTTP2 = true
+	srv.StartTLS()
+	t.Cleanup(srv.Close)
+	return srv
+}
+
 // fetch GETs url on the test goroutine, within fetchTimeout, and returns
 // the status and body; a transport error fails the test. Goroutines other
 // than the test's use fetchErr.

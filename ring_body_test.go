@@ -177,41 +177,30 @@ func TestRingWrappedBodyScratchUnshared(t *testing.T) {
 // audit log or a checksum) sees what the client sent, even while the
 // child scribbles over all the memory it shares with the parent.
 func TestRingWrappedBodyReadBack(t *testing.T) {
-	h := startModule(t, "ring-attacker", Options{})
-	require.NotNil(t, firstChild(h).sendRing, "the child has no down ring")
 	sent := bytes.Repeat(ringPattern(chunkSize), 64)
 	var (
 		mu          sync.Mutex
 		teed, wrong int
 	)
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.Method == http.MethodPost && r.URL.Path == "/upload" {
-			var seen bytes.Buffer
-			r.Body = struct {
-				io.Reader
-				io.Closer
-			}{io.TeeReader(r.Body, &seen), r.Body}
-			defer func() {
-				mu.Lock()
-				defer mu.Unlock()
-				teed += seen.Len()
-				if !bytes.Equal(seen.Bytes(), sent[:seen.Len()]) {
-					wrong++
-				}
-			}()
-		}
-		h.ServeHTTP(w, r)
-	}))
-	t.Cleanup(srv.Close)
-
-	res, err := http.Post(srv.URL+"/scribble", "", nil)
-	require.NoError(t, err)
-	res.Body.Close()
-	require.Equal(t, http.StatusOK, res.StatusCode)
-	t.Cleanup(func() {
-		if res, err := http.Post(srv.URL+"/stop", "", nil); err == nil {
-			res.Body.Close()
-		}
+	srv := scribbling(t, func(h http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if r.Method == http.MethodPost && r.URL.Path == "/upload" {
+				var seen bytes.Buffer
+				r.Body = struct {
+					io.Reader
+					io.Closer
+				}{io.TeeReader(r.Body, &seen), r.Body}
+				defer func() {
+					mu.Lock()
+					defer mu.Unlock()
+					teed += seen.Len()
+					if !bytes.Equal(seen.Bytes(), sent[:seen.Len()]) {
+						wrong++
+					}
+				}()
+			}
+			h.ServeHTTP(w, r)
+		})
 	})
 	for range 8 {
 		res, err := http.Post(srv.URL+"/upload", "application/octet-stream", bytes.NewReader(sent))
@@ -235,10 +224,16 @@ type snapshotWriter struct {
 }
 
 func (w snapshotWriter) Write(p []byte) (int, error) {
+	return snapshotWrite(w.ResponseWriter.Write, p, w.changed)
+}
+
+// snapshotWrite returns write(p), and counts in changed a p whose bytes
+// changed during the call.
+func snapshotWrite(write func([]byte) (int, error), p []byte, changed *atomic.Int32) (int, error) {
 	snap := bytes.Clone(p)
-	n, err := w.ResponseWriter.Write(p)
+	n, err := write(p)
 	if !bytes.Equal(snap, p) {
-		w.changed.Add(1)
+		changed.Add(1)
 	}
 	return n, err
 }
@@ -259,12 +254,7 @@ type snapshotConn struct {
 }
 
 func (c snapshotConn) Write(p []byte) (int, error) {
-	snap := bytes.Clone(p)
-	n, err := c.Conn.Write(p)
-	if !bytes.Equal(snap, p) {
-		c.changed.Add(1)
-	}
-	return n, err
+	return snapshotWrite(c.Conn.Write, p, c.changed)
 }
 
 // scribbling starts ring-attacker's scribble over the memory its child
@@ -274,6 +264,7 @@ func scribbling(t *testing.T, wrap func(http.Handler) http.Handler) *httptest.Se
 	t.Helper()
 	h := startModule(t, "ring-attacker", Options{})
 	require.NotNil(t, firstChild(h).ring, "the child has no up ring")
+	require.NotNil(t, firstChild(h).sendRing, "the child has no down ring")
 	srv := httptest.NewServer(wrap(h))
 	t.Cleanup(srv.Close)
 	res, err := http.Post(srv.URL+"/scribble", "", nil)
@@ -288,51 +279,51 @@ func scribbling(t *testing.T, wrap func(http.Handler) http.Handler) *httptest.Se
 	return srv
 }
 
-// A parent middleware's ResponseWriter that looks at the bytes it is given
-// sees them stay as they were while it holds them, however the child
-// scribbles over the memory it shares with the parent: it gets a private
-// copy of an up ring's slot, which net/http's own writer need not.
+// A parent middleware's ResponseWriter, or its wrapper of a hijacked
+// connection, that looks at the bytes it is given sees them stay as they
+// were while it holds them, however the child scribbles over the memory it
+// shares with the parent: it gets a private copy of an up ring's slot,
+// which the server's own writer and connection need not.
 func TestRingWrappedWriterSeesWhatItSends(t *testing.T) {
-	var changed atomic.Int32
-	srv := scribbling(t, func(h http.Handler) http.Handler {
-		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			h.ServeHTTP(snapshotWriter{w, &changed}, r)
+	for _, tc := range []struct {
+		name    string
+		receive func(url, addr string) int // bytes received, 4 MiB sent
+	}{
+		{"response", func(url, _ string) int {
+			res, err := http.Get(url + "/big?bytes=" + strconv.Itoa(4<<20))
+			if err != nil { // (the scribbled states may cost the child its life)
+				return 0
+			}
+			defer res.Body.Close()
+			n, _ := io.Copy(io.Discard, res.Body)
+			return int(n)
+		}},
+		{"tunnel", func(_, addr string) int {
+			conn, err := net.Dial("tcp", addr)
+			if err != nil {
+				return 0
+			}
+			defer conn.Close()
+			fmt.Fprintf(conn, "GET /tunnel?bytes=%d HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: bytes\r\n\r\n", 4<<20)
+			n, _ := io.Copy(io.Discard, conn)
+			return int(n)
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var changed atomic.Int32
+			srv := scribbling(t, func(h http.Handler) http.Handler {
+				return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+					h.ServeHTTP(snapshotWriter{w, &changed}, r)
+				})
+			})
+			got := 0
+			for range 8 {
+				got += tc.receive(srv.URL, srv.Listener.Addr().String())
+			}
+			require.Positive(t, got, "nothing got through")
+			assert.Zero(t, changed.Load(), "writes whose bytes changed while the middleware held them (of %d bytes received)", got)
 		})
-	})
-	got := 0
-	for range 8 {
-		res, err := http.Get(srv.URL + "/big?bytes=" + strconv.Itoa(4<<20))
-		if err != nil { // (the scribbled states may cost the child its life)
-			continue
-		}
-		n, _ := io.Copy(io.Discard, res.Body)
-		res.Body.Close()
-		got += int(n)
 	}
-	require.Positive(t, got, "no response got through")
-	assert.Zero(t, changed.Load(), "writes whose bytes changed while the middleware's writer held them (of %d bytes received)", got)
-}
-
-// The same for a middleware's wrapper of a hijacked connection: a tunnel
-// writes it a private copy of a slot's bytes.
-func TestRingWrappedConnSeesWhatItSends(t *testing.T) {
-	var changed atomic.Int32
-	srv := scribbling(t, func(h http.Handler) http.Handler {
-		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			h.ServeHTTP(snapshotWriter{w, &changed}, r)
-		})
-	})
-	got := 0
-	for range 8 {
-		conn, err := net.Dial("tcp", srv.Listener.Addr().String())
-		require.NoError(t, err)
-		fmt.Fprintf(conn, "GET /tunnel?bytes=%d HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: bytes\r\n\r\n", 4<<20)
-		n, _ := io.Copy(io.Discard, conn)
-		conn.Close()
-		got += int(n)
-	}
-	require.Positive(t, got, "no tunnel got through")
-	assert.Zero(t, changed.Load(), "writes whose bytes changed while the middleware's conn held them (of %d bytes received)", got)
 }
 
 // serverWriter and plainConn know the server's own ResponseWriters (HTTP/1
@@ -342,12 +333,7 @@ func TestServerWriter(t *testing.T) {
 	handler := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		got <- serverWriter(w)
 	})
-	h1 := httptest.NewServer(handler)
-	t.Cleanup(h1.Close)
-	h2 := httptest.NewUnstartedServer(handler)
-	h2.EnableHTTP2 = true
-	h2.StartTLS()
-	t.Cleanup(h2.Close)
+	h1, h2 := serve(t, handler), serveHTTP2(t, handler)
 	for _, srv := range []*httptest.Server{h1, h2} {
 		res, err := srv.Client().Get(srv.URL)
 		require.NoError(t, err)
@@ -385,12 +371,7 @@ func TestServerBody(t *testing.T) {
 		got <- [2]bool{own, limited}
 		io.Copy(io.Discard, r.Body)
 	})
-	h1 := httptest.NewServer(handler)
-	t.Cleanup(h1.Close)
-	h2 := httptest.NewUnstartedServer(handler)
-	h2.EnableHTTP2 = true
-	h2.StartTLS()
-	t.Cleanup(h2.Close)
+	h1, h2 := serve(t, handler), serveHTTP2(t, handler)
 
 	for _, tc := range []struct {
 		name   string

@@ -526,10 +526,7 @@ func TestStalledUploadsHTTP2ChildKilled(t *testing.T) {
 		t.Skip("only Linux children get rings")
 	}
 	h := startModule(t, "ring", Options{})
-	srv := httptest.NewUnstartedServer(h)
-	srv.EnableHTTP2 = true
-	srv.StartTLS()
-	t.Cleanup(srv.Close)
+	srv := serveHTTP2(t, h)
 	c := firstChild(h)
 	ring := c.sendRing
 

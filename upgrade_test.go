@@ -356,10 +356,7 @@ func TestUpgradeDrain(t *testing.T) {
 // TestUpgradeHTTP2: Hijack fails for an HTTP/2 request, as in-process.
 func TestUpgradeHTTP2(t *testing.T) {
 	h := startModule(t, "upg", Options{})
-	srv := httptest.NewUnstartedServer(h)
-	srv.EnableHTTP2 = true
-	srv.StartTLS()
-	defer srv.Close()
+	srv := serveHTTP2(t, h)
 	res, err := srv.Client().Get(srv.URL + "/h2")
 	if err != nil {
 		t.Fatal(err)
