@@ -106,7 +106,11 @@ type exchange struct {
 	header      http.Header     // w's header before the first 1xx head, if one came (see replyError)
 	started     bool            // the final response head was written to w
 	bodyWritten bool            // body bytes were written to w
-	cutShort    bool            // a write to w failed after the stream was cut (see stream.cutWrites)
+	// writerChecked is set once the exchange has looked whether w is the
+	// server's own writer, which may be handed a slot's bytes (see
+	// serverWriter), and set directWriter if it is.
+	writerChecked, directWriter bool
+	cutShort                    bool // a write to w failed after the stream was cut (see stream.cutWrites)
 
 	// placeFreed is set once the request does not hold its MaxInFlight
 	// place: freePlace gave it back early, or an earlier exchange of the
@@ -142,7 +146,7 @@ func (x *exchange) late() bool {
 // response that had started, as httputil.ReverseProxy does.
 func (x *exchange) run() (retry bool) {
 	if hasBody(x.r) {
-		x.body = startBody(x.c, x.s, x.r, x.controller(), x.freePlace)
+		x.body = startBody(x.c, x.s, x.r, x.w, x.controller(), x.freePlace)
 		defer x.body.halt()
 	}
 	x.deadline, x.hasDeadline = x.ctx.Deadline()
@@ -500,7 +504,10 @@ func (x *exchange) cutAtDeadline() {
 // the child. It reports false if the client is gone, the exchange given up.
 func (x *exchange) writeData(ev event) bool {
 	defer ev.release() // if w panics; else it is released already
-	if ev.ring != nil && !serverWriter(x.w) {
+	if ev.ring != nil && !x.writerChecked {
+		x.writerChecked, x.directWriter = true, serverWriter(x.w)
+	}
+	if ev.ring != nil && !x.directWriter {
 		ev.unshare()
 	}
 	data := ev.data()
@@ -757,36 +764,74 @@ func serverBody(body io.ReadCloser) bool {
 	return false
 }
 
-// serverWriter reports whether w is an HTTP server's own ResponseWriter:
-// net/http's, for HTTP/1 or HTTP/2, or golang.org/x/net/http2's. Those
-// copy what they are given, and the parent hands them the bytes of an up
-// ring's slot as they are (the first bytes of a body whose type net/http
-// sniffs aside: see writeData). Any other writer, a middleware's, may
-// read what it is given (to compress it, hash it, look into it) while the
-// child rewrites it, and so sees bytes other than those it passes on: it
-// gets a private copy.
+// serverWriter reports whether w is an HTTP server's own ResponseWriter
+// (not a middleware's) over a connection of its own (see serverConn). Those
+// copy what they are given, or hand it to the kernel, and the parent hands
+// them the bytes of an up ring's slot as they are (the first bytes of a
+// body whose type net/http sniffs aside: see writeData). Any other writer
+// may read what it is given (to compress it, hash it, look into it) while
+// the child rewrites it, and so see bytes other than those it passes on:
+// it gets a private copy.
 func serverWriter(w http.ResponseWriter) bool {
-	t := reflect.TypeOf(w)
-	if t == nil || t.Kind() != reflect.Pointer {
-		return false
-	}
-	t = t.Elem()
-	switch t.PkgPath() {
-	case "net/http":
-		return t.Name() == "response" || t.Name() == "http2responseWriter"
-	case "golang.org/x/net/http2":
-		return t.Name() == "responseWriter"
-	}
-	return false
+	_, own := serverConn(w)
+	return own
 }
+
+// serverConn reports whether w, or a ResponseWriter it wraps (Unwrap, as
+// http.ResponseController follows it), is an HTTP server's own: net/http's
+// for HTTP/1 or HTTP/2, or golang.org/x/net/http2's. If it is, and its
+// connection is one that handles slot memory only as the kernel or TLS
+// does, ok is set, and own if w is that writer itself. HTTP/2 copies what
+// it writes into its frames, and reads frames into buffers of its own;
+// HTTP/1 writes a large body straight to the listener's connection and
+// reads a body straight from it, which must then be plainConn: a user's
+// listener may give connections of its own (a byte logger, a capture).
+func serverConn(w http.ResponseWriter) (ok, own bool) {
+	for own = true; ; own = false {
+		v := reflect.ValueOf(w)
+		if v.Kind() == reflect.Pointer && !v.IsNil() {
+			t := v.Type().Elem()
+			switch {
+			case t.PkgPath() == "net/http" && t.Name() == "response":
+				c := v.Elem().FieldByName("conn")
+				if c.Kind() != reflect.Pointer || c.IsNil() {
+					return false, false
+				}
+				rwc := c.Elem().FieldByName("rwc")
+				if rwc.Kind() != reflect.Interface || rwc.IsNil() {
+					return false, false
+				}
+				switch rwc.Elem().Type() {
+				case tcpConnType, unixConnType, tlsConnType:
+					return true, own
+				}
+				return false, false
+			case t.PkgPath() == "net/http" && t.Name() == "http2responseWriter",
+				t.PkgPath() == "golang.org/x/net/http2" && t.Name() == "responseWriter":
+				return true, own
+			}
+		}
+		u, ok := w.(interface{ Unwrap() http.ResponseWriter })
+		if !ok {
+			return false, false
+		}
+		w = u.Unwrap()
+	}
+}
+
+var (
+	tcpConnType  = reflect.TypeFor[*net.TCPConn]()
+	unixConnType = reflect.TypeFor[*net.UnixConn]()
+	tlsConnType  = reflect.TypeFor[*tls.Conn]()
+)
 
 // plainConn reports whether a hijacked connection is the server's own, a
 // socket or TLS over one, which copies what it writes; a middleware's
 // conn gets a private copy of a slot's bytes, as a middleware's
 // ResponseWriter does (see serverWriter).
 func plainConn(c net.Conn) bool {
-	switch c.(type) {
-	case *net.TCPConn, *net.UnixConn, *tls.Conn:
+	switch reflect.TypeOf(c) {
+	case tcpConnType, unixConnType, tlsConnType:
 		return true
 	}
 	return false
@@ -795,12 +840,15 @@ func plainConn(c net.Conn) bool {
 // startBody starts sending r's body on stream s. rc is r's
 // ResponseController, used to interrupt a blocked read of the body;
 // stalled, if not nil, is called when it cannot (see halt).
-func startBody(c *child, s *stream, r *http.Request, rc *http.ResponseController, stalled func()) *bodySender {
+func startBody(c *child, s *stream, r *http.Request, w http.ResponseWriter, rc *http.ResponseController, stalled func()) *bodySender {
 	b := &bodySender{c: c, s: s, r: r, rc: rc, stalled: stalled, stop: make(chan struct{}), done: make(chan struct{})}
 	b.maxBytes = r.ProtoMajor == 1 && isMaxBytesReader(r.Body)
 	b.expect = r.ProtoMajor == 1 && headerHasToken(r.Header["Expect"], "100-continue")
 	b.expectPending = b.expect
 	b.slots = serverBody(r.Body)
+	if b.slots {
+		b.slots, _ = serverConn(w)
+	}
 	go b.pumpRequestBody()
 	return b
 }

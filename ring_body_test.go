@@ -23,6 +23,7 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -326,6 +327,103 @@ func TestRingWrappedWriterSeesWhatItSends(t *testing.T) {
 	}
 }
 
+// wrapListener is a user's listener (proxy protocol, accounting, a
+// byte logger) whose conns are a user's net.Conn around the TCP socket.
+type wrapListener struct {
+	net.Listener
+	wrap func(net.Conn) net.Conn
+}
+
+func (l wrapListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return l.wrap(c), nil
+}
+
+// inRing reports whether p starts inside one of rs' mappings.
+func inRing(p []byte, rs ...*bodyRing) bool {
+	if len(p) == 0 {
+		return false
+	}
+	a := uintptr(unsafe.Pointer(&p[0]))
+	for _, r := range rs {
+		if r == nil {
+			continue
+		}
+		lo := uintptr(unsafe.Pointer(&r.mem[0]))
+		if a >= lo && a < lo+uintptr(len(r.mem)) {
+			return true
+		}
+	}
+	return false
+}
+
+// ringSpyConn counts the Reads and Writes whose p is ring memory.
+type ringSpyConn struct {
+	net.Conn
+	rings         []*bodyRing
+	reads, writes *atomic.Int32
+	changed       *atomic.Int32
+}
+
+func (c *ringSpyConn) Read(p []byte) (int, error) {
+	if inRing(p, c.rings...) {
+		c.reads.Add(1)
+	}
+	return c.Conn.Read(p)
+}
+
+func (c *ringSpyConn) Write(p []byte) (int, error) {
+	if inRing(p, c.rings...) {
+		c.writes.Add(1)
+	}
+	return snapshotWrite(c.Conn.Write, p, c.changed)
+}
+
+// An HTTP/1 server on a user's listener, whose connections are the user's:
+// net/http's own ResponseWriter writes a large body straight to the
+// connection, and its own body reads straight from it, so neither may be
+// handed slot memory (serverConn). (TLS and HTTP/2 copy into buffers of
+// their own.)
+func TestRingListenerConnGetsNoSlots(t *testing.T) {
+	h := startModule(t, "ring-attacker", Options{})
+	c := firstChild(h)
+	require.NotNil(t, c.ring)
+	require.NotNil(t, c.sendRing)
+	var reads, writes, changed atomic.Int32 // (changed is snapshotWrite's)
+	srv := httptest.NewUnstartedServer(h)
+	srv.Listener = wrapListener{srv.Listener, func(nc net.Conn) net.Conn {
+		return &ringSpyConn{nc, []*bodyRing{c.ring, c.sendRing}, &reads, &writes, &changed}
+	}}
+	srv.Start()
+	t.Cleanup(srv.Close)
+
+	// Download: up-ring slots written to the user's conn.
+	res, err := http.Get(srv.URL + "/big?bytes=" + strconv.Itoa(4<<20))
+	require.NoError(t, err)
+	n, _ := io.Copy(io.Discard, res.Body)
+	res.Body.Close()
+	require.EqualValues(t, 4<<20, n)
+
+	// Upload: the user's conn reads into down-ring slots.
+	sent := bytes.Repeat(ringPattern(chunkSize), 64)
+	res, err = http.Post(srv.URL+"/upload", "application/octet-stream", bytes.NewReader(sent))
+	require.NoError(t, err)
+	io.Copy(io.Discard, res.Body)
+	res.Body.Close()
+
+	assert.Zero(t, writes.Load(), "writes of up-ring slot memory to the listener's connection, which is user code")
+	assert.Zero(t, reads.Load(), "reads by the listener's connection, which is user code, into down-ring slots")
+}
+
+// unwrapWriter is a middleware's writer that net/http's ResponseController
+// can see through.
+type unwrapWriter struct{ http.ResponseWriter }
+
+func (w unwrapWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
 // serverWriter and plainConn know the server's own ResponseWriters (HTTP/1
 // and HTTP/2) and connections, and nothing else.
 func TestServerWriter(t *testing.T) {
@@ -340,6 +438,22 @@ func TestServerWriter(t *testing.T) {
 		res.Body.Close()
 		assert.True(t, <-got, "net/http's writer, HTTP/%d", res.ProtoMajor)
 	}
+
+	// Behind a middleware's writer, the server's own is found through
+	// Unwrap (for the body's reads), but the middleware's gets no slot.
+	type wrapped struct{ http.ResponseWriter }
+	conns := make(chan [2]bool, 1)
+	mw := serve(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ok, own := serverConn(w)
+		hiddenOK, _ := serverConn(wrapped{w})
+		viaOK, viaOwn := serverConn(unwrapWriter{w})
+		assert.Equal(t, [2]bool{true, true}, [2]bool{ok, own}, "net/http's writer")
+		assert.False(t, hiddenOK, "behind a writer without Unwrap")
+		assert.Equal(t, [2]bool{true, false}, [2]bool{viaOK, viaOwn}, "behind a writer with Unwrap")
+		conns <- [2]bool{serverWriter(unwrapWriter{w}), serverWriter(wrapped{w})}
+	}))
+	_, _ = fetch(t, mw.URL)
+	assert.Equal(t, [2]bool{false, false}, <-conns, "middlewares' writers get no slot")
 	assert.False(t, serverWriter(httptest.NewRecorder()))
 	assert.False(t, serverWriter(snapshotWriter{}))
 	assert.False(t, serverWriter(nil))

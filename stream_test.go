@@ -295,7 +295,8 @@ func TestRequestFlowControlBoundsBuffering(t *testing.T) {
 	req := httptest.NewRequest("POST", "/upload", countingReader{strings.NewReader(strings.Repeat("y", total)), &read})
 	req.ContentLength = total
 	s := openRequest(t, pp.c, req)
-	body := startBody(pp.c, s, req, http.NewResponseController(httptest.NewRecorder()), nil)
+	rec := httptest.NewRecorder()
+	body := startBody(pp.c, s, req, rec, http.NewResponseController(rec), nil)
 	defer body.halt()
 
 	// The child receives a window of body and no more: its handler reads
