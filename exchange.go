@@ -725,8 +725,14 @@ var maxBytesReaderType = reflect.TypeOf(http.MaxBytesReader(nil, http.NoBody, 0)
 // HTTP/1 request with "Expect: 100-continue", which writes "100 Continue"
 // at its first read; its type is not exported.
 func isExpectContinueReader(body io.ReadCloser) bool {
-	t := reflect.TypeOf(body)
-	return t != nil && t.Kind() == reflect.Pointer && t.Elem().Name() == "expectContinueReader" && t.Elem().PkgPath() == "net/http"
+	return pointerTo(reflect.TypeOf(body), "net/http", "expectContinueReader")
+}
+
+// pointerTo reports whether t is a pointer to the type named name in the
+// package at path pkg: for the types of net/http and x/net/http2 that they
+// do not export.
+func pointerTo(t reflect.Type, pkg, name string) bool {
+	return t != nil && t.Kind() == reflect.Pointer && t.Elem().Name() == name && t.Elem().PkgPath() == pkg
 }
 
 // serverBody reports whether body is an HTTP server's own reader of a
@@ -742,15 +748,15 @@ func isExpectContinueReader(body io.ReadCloser) bool {
 func serverBody(body io.ReadCloser) bool {
 	v := reflect.ValueOf(body)
 	for v.Kind() == reflect.Pointer && !v.IsNil() {
-		t := v.Type().Elem()
+		t := v.Type()
 		var inner string // the field of a wrapper that holds what it wraps
 		switch {
-		case t.PkgPath() == "net/http" && (t.Name() == "body" || t.Name() == "http2requestBody"),
-			t.PkgPath() == "golang.org/x/net/http2" && t.Name() == "requestBody":
+		case pointerTo(t, "net/http", "body"), pointerTo(t, "net/http", "http2requestBody"),
+			pointerTo(t, "golang.org/x/net/http2", "requestBody"):
 			return true
-		case t.PkgPath() == "net/http" && t.Name() == "expectContinueReader":
+		case pointerTo(t, "net/http", "expectContinueReader"):
 			inner = "readCloser"
-		case t.PkgPath() == "net/http" && t.Name() == "maxBytesReader":
+		case t == maxBytesReaderType:
 			inner = "r"
 		default:
 			return false
@@ -790,24 +796,18 @@ func serverConn(w http.ResponseWriter) (ok, own bool) {
 	for own = true; ; own = false {
 		v := reflect.ValueOf(w)
 		if v.Kind() == reflect.Pointer && !v.IsNil() {
-			t := v.Type().Elem()
-			switch {
-			case t.PkgPath() == "net/http" && t.Name() == "response":
+			switch t := v.Type(); {
+			case pointerTo(t, "net/http", "response"):
 				c := v.Elem().FieldByName("conn")
 				if c.Kind() != reflect.Pointer || c.IsNil() {
 					return false, false
 				}
 				rwc := c.Elem().FieldByName("rwc")
-				if rwc.Kind() != reflect.Interface || rwc.IsNil() {
+				if rwc.Kind() != reflect.Interface || rwc.IsNil() || !plainConnTypes[rwc.Elem().Type()] {
 					return false, false
 				}
-				switch rwc.Elem().Type() {
-				case tcpConnType, unixConnType, tlsConnType:
-					return true, own
-				}
-				return false, false
-			case t.PkgPath() == "net/http" && t.Name() == "http2responseWriter",
-				t.PkgPath() == "golang.org/x/net/http2" && t.Name() == "responseWriter":
+				return true, own
+			case pointerTo(t, "net/http", "http2responseWriter"), pointerTo(t, "golang.org/x/net/http2", "responseWriter"):
 				return true, own
 			}
 		}
@@ -819,23 +819,20 @@ func serverConn(w http.ResponseWriter) (ok, own bool) {
 	}
 }
 
-var (
-	tcpConnType  = reflect.TypeFor[*net.TCPConn]()
-	unixConnType = reflect.TypeFor[*net.UnixConn]()
-	tlsConnType  = reflect.TypeFor[*tls.Conn]()
-)
+// plainConnTypes are the connections that handle what they are given as
+// the kernel does, or as TLS does, which copies it into records of its own
+// (see plainConn).
+var plainConnTypes = map[reflect.Type]bool{
+	reflect.TypeFor[*net.TCPConn]():  true,
+	reflect.TypeFor[*net.UnixConn](): true,
+	reflect.TypeFor[*tls.Conn]():     true,
+}
 
 // plainConn reports whether a hijacked connection is the server's own, a
 // socket or TLS over one, which copies what it writes; a middleware's
 // conn gets a private copy of a slot's bytes, as a middleware's
 // ResponseWriter does (see serverWriter).
-func plainConn(c net.Conn) bool {
-	switch reflect.TypeOf(c) {
-	case tcpConnType, unixConnType, tlsConnType:
-		return true
-	}
-	return false
-}
+func plainConn(c net.Conn) bool { return plainConnTypes[reflect.TypeOf(c)] }
 
 // startBody starts sending r's body on stream s. rc is r's
 // ResponseController, used to interrupt a blocked read of the body;

@@ -119,8 +119,7 @@ func runChild(name string) int {
 		return exitMisused
 	}
 	// The module gets none of the parent's files but those Start gives.
-	closeInheritedFDs(os.Getenv(envInherited))
-	os.Unsetenv(envInherited)
+	closeStrayFDs()
 	if w := fds.accept.exitWord(); w != nil {
 		armExitWord(w)
 	}

@@ -33,6 +33,23 @@ const envInherited = "SUBPROC_INHERITED"
 // closes a listed descriptor only if it is still the file listed.
 var strayFDs = sync.OnceValue(inheritedFDs)
 
+// withStrayFDs returns env with envInherited naming the strayFDs, if there
+// are any, for a child or the watcher to close (closeStrayFDs).
+func withStrayFDs(env []string) []string {
+	if fds := strayFDs(); fds != "" {
+		return append(env, envInherited+"="+fds)
+	}
+	return env
+}
+
+// closeStrayFDs closes, in a child or the watcher, the descriptors that
+// the parent listed in envInherited (see withStrayFDs), and unsets it, so
+// that the processes the module starts do not see it.
+func closeStrayFDs() {
+	closeInheritedFDs(os.Getenv(envInherited))
+	os.Unsetenv(envInherited)
+}
+
 // File descriptors of the child, besides stdin and stdout (the protocol) and
 // stderr (captured as the module's stderr).
 const (
@@ -251,9 +268,7 @@ func (h *Handle) spawn(slot, incarnation int) (process, *childPipes, error) {
 		p.closeReaders()
 		accept.close()
 	}
-	if fds := strayFDs(); fds != "" {
-		cmd.Env = append(cmd.Env, envInherited+"="+fds)
-	}
+	cmd.Env = withStrayFDs(cmd.Env)
 	req := spawnRequest{cmd: cmd, errc: make(chan error, 1)}
 	h.spawns <- req
 	if err := <-req.errc; err != nil {

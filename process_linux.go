@@ -234,25 +234,30 @@ func inheritedFDs() string {
 	var b strings.Builder
 	for _, name := range names {
 		fd, err := strconv.Atoi(name)
-		if err != nil || fd < 3 || closeOnExec(fd) {
+		if err != nil || fd < 3 {
 			continue
 		}
-		var st syscall.Stat_t
-		if syscall.Fstat(fd, &st) != nil {
-			continue // closed since, or the directory read above
+		dev, ino, ok := inheritable(fd)
+		if !ok {
+			continue // close-on-exec, closed since, or the directory read above
 		}
 		if b.Len() > 0 {
 			b.WriteByte(',')
 		}
-		fmt.Fprintf(&b, "%d:%d:%d", fd, uint64(st.Dev), uint64(st.Ino))
+		fmt.Fprintf(&b, "%d:%d:%d", fd, dev, ino)
 	}
 	return b.String()
 }
 
-// closeOnExec reports whether fd has close-on-exec set, or is not open.
-func closeOnExec(fd int) bool {
+// inheritable reports whether fd is open without close-on-exec, and the
+// device and inode of its file if it is.
+func inheritable(fd int) (dev, ino uint64, ok bool) {
 	flags, _, errno := syscall.Syscall(syscall.SYS_FCNTL, uintptr(fd), syscall.F_GETFD, 0)
-	return errno != 0 || flags&syscall.FD_CLOEXEC != 0
+	var st syscall.Stat_t
+	if errno != 0 || flags&syscall.FD_CLOEXEC != 0 || syscall.Fstat(fd, &st) != nil {
+		return 0, 0, false
+	}
+	return uint64(st.Dev), uint64(st.Ino), true
 }
 
 // closeInheritedFDs closes, in a child or the watcher, the file descriptors
@@ -264,11 +269,10 @@ func closeInheritedFDs(spec string) {
 	for item := range strings.SplitSeq(spec, ",") {
 		var fd int
 		var dev, ino uint64
-		if _, err := fmt.Sscanf(item, "%d:%d:%d", &fd, &dev, &ino); err != nil || fd < 3 || closeOnExec(fd) {
+		if _, err := fmt.Sscanf(item, "%d:%d:%d", &fd, &dev, &ino); err != nil || fd < 3 {
 			continue
 		}
-		var st syscall.Stat_t
-		if syscall.Fstat(fd, &st) == nil && uint64(st.Dev) == dev && uint64(st.Ino) == ino {
+		if d, i, ok := inheritable(fd); ok && d == dev && i == ino {
 			syscall.Close(fd)
 		}
 	}

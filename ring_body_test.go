@@ -23,7 +23,6 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
-	"unsafe"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -340,24 +339,6 @@ func (l wrapListener) Accept() (net.Conn, error) {
 		return nil, err
 	}
 	return l.wrap(c), nil
-}
-
-// inRing reports whether p starts inside one of rs' mappings.
-func inRing(p []byte, rs ...*bodyRing) bool {
-	if len(p) == 0 {
-		return false
-	}
-	a := uintptr(unsafe.Pointer(&p[0]))
-	for _, r := range rs {
-		if r == nil {
-			continue
-		}
-		lo := uintptr(unsafe.Pointer(&r.mem[0]))
-		if a >= lo && a < lo+uintptr(len(r.mem)) {
-			return true
-		}
-	}
-	return false
 }
 
 // ringSpyConn counts the Reads and Writes whose p is ring memory.

@@ -682,11 +682,27 @@ type ringRecorder struct {
 func (w *ringRecorder) Header() http.Header { return w.h }
 func (w *ringRecorder) WriteHeader(int)     {}
 func (w *ringRecorder) Write(p []byte) (int, error) {
-	lo := uintptr(unsafe.Pointer(&w.ring.mem[0]))
-	at := uintptr(unsafe.Pointer(&p[0]))
 	w.lens = append(w.lens, len(p))
-	w.shared = append(w.shared, at >= lo && at < lo+uintptr(len(w.ring.mem)))
+	w.shared = append(w.shared, inRing(p, w.ring))
 	return w.body.Write(p)
+}
+
+// inRing reports whether p starts inside one of rs' mappings.
+func inRing(p []byte, rs ...*bodyRing) bool {
+	if len(p) == 0 {
+		return false
+	}
+	a := uintptr(unsafe.Pointer(&p[0]))
+	for _, r := range rs {
+		if r == nil {
+			continue
+		}
+		lo := uintptr(unsafe.Pointer(&r.mem[0]))
+		if a >= lo && a < lo+uintptr(len(r.mem)) {
+			return true
+		}
+	}
+	return false
 }
 
 // A body's first bytes from the ring, which net/http sniffs when the

@@ -243,9 +243,7 @@ func (wc *watcherConn) startLocked() error {
 	// The parent's environment, for the package init functions that run
 	// before Main; GOMAXPROCS=1, as the watcher needs one thread.
 	cmd.Env = append(os.Environ(), envWatcher+"="+strconv.Itoa(os.Getpid()), "GOMAXPROCS=1")
-	if fds := strayFDs(); fds != "" {
-		cmd.Env = append(cmd.Env, envInherited+"="+fds)
-	}
+	cmd.Env = withStrayFDs(cmd.Env)
 	cmd.Dir = "/" // so that it keeps no directory of the parent's busy
 	cmd.Stdin = r
 	cmd.Stdout, cmd.Stderr = readyW, readyW // what it says before it is ready goes in the error
@@ -329,8 +327,7 @@ func runWatcher(ppid string) int {
 	if hello, _ := in.ReadString('\n'); hello != watcherHello(pid) {
 		return misused(fmt.Sprintf("its stdin does not begin with %q", watcherHello(pid)))
 	}
-	closeInheritedFDs(os.Getenv(envInherited))
-	os.Unsetenv(envInherited)
+	closeStrayFDs()
 	os.Stdout.WriteString(watcherReady)
 	// The parent stops reading them: nothing must be written there any more.
 	if null, err := os.OpenFile(os.DevNull, os.O_WRONLY, 0); err == nil {
