@@ -399,11 +399,45 @@ func TestRingListenerConnGetsNoSlots(t *testing.T) {
 	assert.Zero(t, reads.Load(), "reads by the listener's connection, which is user code, into down-ring slots")
 }
 
-// unwrapWriter is a middleware's writer that net/http's ResponseController
-// can see through.
-type unwrapWriter struct{ http.ResponseWriter }
-
-func (w unwrapWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+// writeData hands a slot's bytes as they are to net/http's own writer over
+// a socket (TestSniffedBytesAreCopied checks what directWriter does), and
+// copies them for a middleware's writer; the client gets the same body
+// either way.
+func TestWriteDataDirectOnlyToServerWriter(t *testing.T) {
+	want := ringPattern(40 << 10)
+	for _, tc := range []struct {
+		name   string
+		wrap   func(http.ResponseWriter) http.ResponseWriter
+		direct bool
+	}{
+		{"net/http's", func(w http.ResponseWriter) http.ResponseWriter { return w }, true},
+		{"a middleware's", func(w http.ResponseWriter) http.ResponseWriter { return unwrapWriter{w} }, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			direct := make(chan bool, 1)
+			srv := serve(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				c := testChild(nil)
+				s := newStream(1, window)
+				require.NoError(t, s.push(event{kind: kindResponse, head: &responseHead{Status: 200}}))
+				copy(c.ring.slot(3), want)
+				require.True(t, c.ring.hold(3))
+				require.NoError(t, s.push(event{kind: kindData, chunk: chunk{ring: c.ring, slot: 3, n: len(want)}}))
+				_, err := s.next(nil)
+				require.NoError(t, err)
+				ev, err := s.next(nil)
+				require.NoError(t, err)
+				x := &exchange{w: tc.wrap(w), ctx: r.Context(), c: c, s: s}
+				require.True(t, x.writeData(ev))
+				assert.Zero(t, heldSlots(c.ring), "the slot was not freed")
+				direct <- x.directWriter
+			}))
+			status, body := fetch(t, srv.URL)
+			require.Equal(t, http.StatusOK, status)
+			assert.Equal(t, string(want), body)
+			assert.Equal(t, tc.direct, <-direct, "written from the slot")
+		})
+	}
+}
 
 // serverWriter and plainConn know the server's own ResponseWriters (HTTP/1
 // and HTTP/2) and connections, and nothing else.

@@ -393,7 +393,7 @@ func TestStalledUploadsLeaveTheRing(t *testing.T) {
 	srv, c := startRingModule(t)
 	ring := c.sendRing
 
-	// Each stalled upload sends 40 KiB at once, which the handler reads
+	// Each stalled upload sends stallBytes at once, which the handler reads
 	// (its slots come back), and then nothing: the parent's next read,
 	// with room for a slot's worth, waits in a slot, or, once
 	// maxReadSlots reads wait in slots, in a buffer of its own.
@@ -443,9 +443,18 @@ func TestStalledUploadsChildKilled(t *testing.T) {
 	uploadWhole(t, srv) // on the next child
 }
 
+// stallBytes is what a stalled upload sends first: two HTTP/2 frames of
+// 16 KiB, so that over HTTP/2 too no read of it returns less than ringMin,
+// which would mark the client slow and keep its next read out of the slots
+// (see bodySender.slow), and less than the stream's first window by more
+// than ringMin, so that the next read has the credit to wait in a slot.
+// (With 40 KiB, whose last frame is 8 KiB, TestStalledUploadsHTTP2ChildKilled
+// failed about once in 4 full runs.)
+const stallBytes = 32 << 10
+
 // stallUploads starts n uploads to the ring module's /upload on child c
-// that each send 40 KiB and then nothing until cancel is called. It
-// returns once their handlers have read the 40 KiB (every request is c's,
+// that each send stallBytes and then nothing until cancel is called. It
+// returns once their handlers have read those (every request is c's,
 // and none could be retried on another child) and the cap's worth of the
 // parent's reads waits in slots of c's down ring. Each upload sends its
 // response's status to the channel, or -1 if it got none. The test's
@@ -456,7 +465,7 @@ func stallUploads(t *testing.T, srv *httptest.Server, c *child, n int) (statuses
 	t.Cleanup(cancel)
 	ch := make(chan int, n)
 	for range n {
-		req, err := http.NewRequestWithContext(ctx, "POST", srv.URL+"/upload", io.MultiReader(bytes.NewReader(ringPattern(40<<10)), untilDone{ctx}))
+		req, err := http.NewRequestWithContext(ctx, "POST", srv.URL+"/upload", io.MultiReader(bytes.NewReader(ringPattern(stallBytes)), untilDone{ctx}))
 		require.NoError(t, err)
 		go func() {
 			res, err := srv.Client().Do(req)
@@ -478,8 +487,8 @@ func stallUploads(t *testing.T, srv *httptest.Server, c *child, n int) (statuses
 		n, _ := strconv.Atoi(string(b))
 		return n
 	}
-	require.Eventually(t, func() bool { return uploaded() == n*40<<10 }, 20*time.Second, 5*time.Millisecond,
-		"the handlers read %d bytes of the stalled uploads, want %d", uploaded(), n*40<<10)
+	require.Eventually(t, func() bool { return uploaded() == n*stallBytes }, 20*time.Second, 5*time.Millisecond,
+		"the handlers read %d bytes of the stalled uploads, want %d", uploaded(), n*stallBytes)
 	ring := c.sendRing
 	require.Eventually(t, func() bool { return c.conn.readSlots.Load() == maxReadSlots && takenSlots(ring) == maxReadSlots }, 10*time.Second, time.Millisecond,
 		"%d reads wait in slots and %d slots are taken, want %d (the cap) of each", c.conn.readSlots.Load(), takenSlots(ring), maxReadSlots)
@@ -687,6 +696,12 @@ func (w *ringRecorder) Write(p []byte) (int, error) {
 	return w.body.Write(p)
 }
 
+// unwrapWriter is a middleware's writer that net/http's ResponseController
+// can see through.
+type unwrapWriter struct{ http.ResponseWriter }
+
+func (w unwrapWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
 // inRing reports whether p starts inside one of rs' mappings.
 func inRing(p []byte, rs ...*bodyRing) bool {
 	if len(p) == 0 {
@@ -749,10 +764,31 @@ func TestSniffedBytesAreCopied(t *testing.T) {
 
 // A child killed while the parent holds its slots, for a response whose
 // client stopped reading: the parent writes what it had from the dead
-// child's ring, still mapped, aborts the response, frees the slots, and the
-// next child, with rings of its own, serves.
+// child's ring, still mapped (to a middleware's writer, from copies), aborts
+// the response, frees the slots, and the next child, with rings of its
+// own, serves.
 func TestRingOfAKilledChild(t *testing.T) {
-	srv, c := startRingModule(t)
+	t.Run("net/http's writer", func(t *testing.T) {
+		srv, c := startRingModule(t)
+		killWhileSlotsHeld(t, srv, c)
+	})
+	t.Run("a middleware's writer", func(t *testing.T) {
+		// It gets copies of the slots (see serverWriter): the slots it
+		// holds are those queued for it.
+		_, c := startRingModule(t)
+		srv := serve(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			c.h.ServeHTTP(unwrapWriter{w}, r)
+		}))
+		killWhileSlotsHeld(t, srv, c)
+	})
+}
+
+// killWhileSlotsHeld stalls a large response of the ring module from
+// child c through srv until the parent holds some of c's slots, kills c,
+// and checks that the response ends cut, the slots come back, and the
+// next child serves a response whole.
+func killWhileSlotsHeld(t *testing.T, srv *httptest.Server, c *child) {
+	t.Helper()
 	res, err := http.Get(srv.URL + "/big?bytes=" + strconv.Itoa(1<<30))
 	require.NoError(t, err)
 	defer res.Body.Close()
