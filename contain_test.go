@@ -50,6 +50,18 @@ func init() {
 			_, err := io.Copy(io.Discard, r.Body)
 			containLastError <- fmt.Sprint(err)
 		})
+		// /big-head-later is /big-head-read, but answers only once
+		// /release is asked for, without reading its body before.
+		mux.HandleFunc("/big-head-later", func(w http.ResponseWriter, r *http.Request) {
+			<-containRelease
+			w.Header().Set("X-Big", containBig)
+			w.(http.Flusher).Flush()
+			_, err := io.Copy(io.Discard, r.Body)
+			containLastError <- fmt.Sprint(err)
+		})
+		mux.HandleFunc("/release", func(w http.ResponseWriter, r *http.Request) {
+			containRelease <- struct{}{}
+		})
 		mux.HandleFunc("/big-trailer", func(w http.ResponseWriter, r *http.Request) {
 			w.Header().Set("Trailer", "X-Big")
 			io.WriteString(w, "partial")
@@ -80,6 +92,9 @@ func init() {
 
 // containLastError is, in the child, what /big-head's write returned.
 var containLastError = make(chan string, 1)
+
+// containRelease lets /big-head-later answer.
+var containRelease = make(chan struct{})
 
 // containPid fetches the pid of the child that serves url.
 func containPid(t *testing.T, url string) string {
@@ -157,6 +172,38 @@ func TestContainOversizedResponseHead(t *testing.T) {
 	_, lastErr = fetch(t, srv.URL+"/last-error")
 	assert.Equal(t, errClientGone.Error(), lastErr, "the handler's read of its body")
 
+	// The same when the parent's 502 finds its pump waiting for the
+	// child's credit, not in a read that halt could interrupt, and the
+	// client, which sent more than a window, sends no more for now: the
+	// 502 is not held back for the rest of the body, as net/http would
+	// hold it, to discard the rest, unless the connection closes after it.
+	pr, pw = io.Pipe()
+	defer pw.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, "POST", srv.URL+"/big-head-later", pr)
+	require.NoError(t, err)
+	done := make(chan *http.Response, 1)
+	go func() {
+		res, err := srv.Client().Do(req)
+		assert.NoError(t, err, "the 502 should come without the rest of the body")
+		done <- res
+	}()
+	_, err = pw.Write(make([]byte, chunkSize+1))
+	require.NoError(t, err)
+	c := firstChild(h)
+	require.Eventually(t, func() bool { return bodyPumpWaitsForCredit(c) }, 10*time.Second, time.Millisecond,
+		"the body pump never waited for credit")
+	fetch(t, srv.URL+"/release")
+	if res := <-done; res != nil {
+		res.Body.Close()
+		assert.Equal(t, http.StatusBadGateway, res.StatusCode)
+		assert.True(t, res.Close, "the connection should close after the 502")
+	}
+	pw.Close()
+	_, lastErr = fetch(t, srv.URL+"/last-error")
+	assert.Equal(t, errClientGone.Error(), lastErr, "the handler's read of its body")
+
 	res, err = http.Get(srv.URL + "/big-trailer")
 	require.NoError(t, err)
 	b, err := io.ReadAll(res.Body)
@@ -169,6 +216,22 @@ func TestContainOversizedResponseHead(t *testing.T) {
 
 	assert.Equal(t, pid, containPid(t, srv.URL), "the child was replaced")
 	assert.Zero(t, h.Stats().Restarts)
+}
+
+// bodyPumpWaitsForCredit reports whether one of c's streams has a request
+// body whose pump has spent its credit and waits for more.
+func bodyPumpWaitsForCredit(c *child) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, s := range c.pending {
+		s.win.mu.Lock()
+		waits := s.win.credit == 0 && s.win.wake != nil
+		s.win.mu.Unlock()
+		if waits {
+			return true
+		}
+	}
+	return false
 }
 
 // A Config too large for the child's first message fails Start at once.

@@ -377,12 +377,23 @@ func (x *exchange) canceled() {
 // After a 1xx head, w's header is first what it was before that head:
 // the module's fields (a Set-Cookie, a Cache-Control) are not the
 // parent's answer's.
+//
+// Over HTTP/1, an answer to a request whose body is not all read says
+// "Connection: close". net/http would otherwise, before it writes the
+// answer's head, read what is left of the body, up to 256 KiB, to discard
+// it; and a client that sends the rest slowly, or only once it has the
+// answer, would hold the answer back, for ever if it never sends. (Unless
+// halt interrupted a read under way: then net/http's read fails at once.
+// Whether a read was under way is the pump's timing, not the client's.)
 func (x *exchange) replyError(code int, format string, args ...any) {
 	x.body.halt()
+	dst := x.w.Header()
 	if x.header != nil {
-		dst := x.w.Header()
 		clear(dst)
 		maps.Copy(dst, x.header)
+	}
+	if x.body != nil && !x.body.whole && x.r.ProtoMajor == 1 {
+		dst.Set("Connection", "close")
 	}
 	http.Error(x.w, fmt.Sprintf("subproc: module %q", x.h.name)+fmt.Sprintf(format, args...), code)
 }
@@ -711,6 +722,10 @@ type bodySender struct {
 	slow bool
 
 	closing atomic.Bool // set by close
+
+	// whole is set by the pump, before it returns, once it has read the
+	// body to its end: after halt it may be read.
+	whole bool
 }
 
 // isMaxBytesReader reports whether body is an http.MaxBytesReader, whose
@@ -1101,7 +1116,7 @@ func (b *bodySender) pumpRequestBody() {
 		}
 		switch {
 		case rerr == io.EOF:
-			ended = true
+			ended, b.whole = true, true
 			return
 		case rerr != nil:
 			select {
