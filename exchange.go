@@ -714,6 +714,10 @@ type bodySender struct {
 	// slots is set when r.Body is the server's own reader (serverBody):
 	// only then may the pump read into a slot. Fixed.
 	slots bool
+	// limited is set when r.Body is behind an http.MaxBytesReader, whose
+	// reads into a slot ask for no more than it lets through (see
+	// inspectBody). Fixed.
+	limited bool
 
 	// slow is set, for the pump alone, while the body's last read
 	// returned less than a slot's worth though it had room for more:
@@ -761,6 +765,18 @@ func pointerTo(t reflect.Type, pkg, name string) bool {
 // read (a tee to an audit log, a checksum), when the child may have
 // rewritten it.
 func serverBody(body io.ReadCloser) bool {
+	own, _ := inspectBody(body)
+	return own
+}
+
+// inspectBody reports whether body is an HTTP server's own reader (see
+// serverBody), and, if it is behind http.MaxBytesReaders, the fewest bytes
+// that they still let through, or -1 if there are none. A read into p of
+// a MaxBytesReader that has n bytes left reads up to n+1 into p, the last
+// to see whether the body goes past n: so a read into a slot must ask for
+// no more than n, or the child sees a byte that the limit keeps from it.
+func inspectBody(body io.ReadCloser) (own bool, left int64) {
+	left = -1
 	v := reflect.ValueOf(body)
 	for v.Kind() == reflect.Pointer && !v.IsNil() {
 		t := v.Type()
@@ -768,21 +784,26 @@ func serverBody(body io.ReadCloser) bool {
 		switch {
 		case pointerTo(t, "net/http", "body"), pointerTo(t, "net/http", "http2requestBody"),
 			pointerTo(t, "golang.org/x/net/http2", "requestBody"):
-			return true
+			return true, left
 		case pointerTo(t, "net/http", "expectContinueReader"):
 			inner = "readCloser"
 		case t == maxBytesReaderType:
 			inner = "r"
+			if n := v.Elem().FieldByName("n"); n.Kind() == reflect.Int64 && (left < 0 || n.Int() < left) {
+				left = n.Int()
+			} else if n.Kind() != reflect.Int64 {
+				return false, -1 // not the net/http this was written for
+			}
 		default:
-			return false
+			return false, -1
 		}
 		f := v.Elem().FieldByName(inner)
 		if f.Kind() != reflect.Interface || f.IsNil() {
-			return false
+			return false, -1
 		}
 		v = f.Elem()
 	}
-	return false
+	return false, -1
 }
 
 // serverWriter reports whether w is an HTTP server's own ResponseWriter
@@ -857,7 +878,9 @@ func startBody(c *child, s *stream, r *http.Request, w http.ResponseWriter, rc *
 	b.maxBytes = r.ProtoMajor == 1 && isMaxBytesReader(r.Body)
 	b.expect = r.ProtoMajor == 1 && headerHasToken(r.Header["Expect"], "100-continue")
 	b.expectPending = b.expect
-	b.slots = serverBody(r.Body)
+	var left int64
+	b.slots, left = inspectBody(r.Body)
+	b.limited = left >= 0
 	if b.slots {
 		b.slots, _ = serverConn(w)
 	}
@@ -1045,13 +1068,21 @@ func (b *bodySender) pumpRequestBody() {
 		// is not the server's (see serverBody): the bytes then go to the
 		// child where they are, with no copy on the way.
 		var out chunk
-		if size >= ringMin && b.slots && !b.slow {
+		room := n // the most that a read into a slot may ask for
+		if b.limited {
+			_, left := inspectBody(r.Body)
+			room = int(min(int64(n), left))
+		}
+		if size >= ringMin && room >= ringMin && b.slots && !b.slow {
 			out, _ = c.conn.takeReadSlot()
 		}
 		if out.ring == nil {
 			out.buf = getBuffer(size)
 		}
 		space := out.space()
+		if out.ring != nil {
+			space = space[:min(len(space), room)]
+		}
 		if len(space) < n {
 			s.win.add(n - len(space))
 			credit -= n - len(space)

@@ -215,6 +215,47 @@ func TestRingWrappedBodyReadBack(t *testing.T) {
 	assert.Zero(t, wrong, "uploads that the parent's own middleware read otherwise than the client sent them (of %d bytes teed)", teed)
 }
 
+// Behind a parent's http.MaxBytesReader, whose read asks its reader for
+// one byte more than the limit lets through, to see whether the body goes
+// past it, no byte past the limit lands in memory the child maps: the
+// module sees the body cut at the limit, and nothing of what follows.
+func TestRingMaxBytesReaderLimitUnshared(t *testing.T) {
+	h := startModule(t, "slot-peeker", Options{})
+	require.NotNil(t, firstChild(h).sendRing, "the child has no down ring")
+	const limit = 24 << 10
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		r.Body = http.MaxBytesReader(w, r.Body, limit)
+		h.ServeHTTP(w, r)
+	}))
+	t.Cleanup(srv.Close)
+
+	body := make([]byte, limit+4<<10)
+	rand.Read(body)
+	within := hex.EncodeToString(body[limit-16 : limit])
+	past := hex.EncodeToString(body[limit-15 : limit+1]) // its last byte is past the limit
+	// The request in one write, which a loopback connection delivers
+	// whole: after the bytes that net/http reads with the head, the next
+	// read of the body finds all the rest, and asks for what the limit
+	// lets through, plus one.
+	conn, err := net.Dial("tcp", srv.Listener.Addr().String())
+	require.NoError(t, err)
+	defer conn.Close()
+	req := fmt.Appendf(nil, "POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n", len(body))
+	_, err = conn.Write(append(req, body...))
+	require.NoError(t, err)
+	res, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	require.NoError(t, err)
+	answer, _ := io.ReadAll(res.Body)
+	res.Body.Close()
+	assert.Equal(t, http.StatusBadRequest, res.StatusCode)
+	assert.Contains(t, string(answer), "too large", "the module's read of its body")
+
+	_, seen := fetch(t, srv.URL+"/peek?m="+within)
+	require.Equal(t, "found", seen, "the body's last bytes within the limit were not read into a slot: the test shows nothing")
+	_, seen = fetch(t, srv.URL+"/peek?m="+past)
+	assert.Equal(t, "no", seen, "the byte past the limit is in memory the child maps")
+}
+
 // snapshotWriter is a parent middleware's ResponseWriter that looks at
 // what it is given, as one that compresses or hashes a body would: it
 // counts the writes whose bytes changed while it held them.
@@ -490,14 +531,16 @@ func TestServerWriter(t *testing.T) {
 
 // serverBody knows the server's readers of a request body, over HTTP/1,
 // with Expect: 100-continue, over HTTP/2 and behind http.MaxBytesReader,
-// and nothing else. Were a Go release to rename them, the parent would
-// copy every body once more, and this test would say so.
+// and nothing else, and what MaxBytesReaders let through. Were a Go
+// release to rename them, the parent would copy every body once more, or
+// read past a limit into a slot, and this test would say so.
 func TestServerBody(t *testing.T) {
 	got := make(chan [2]bool, 1)
 	handler := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		own := serverBody(r.Body)
-		limited := serverBody(http.MaxBytesReader(w, r.Body, 1<<20))
-		got <- [2]bool{own, limited}
+		own, unlimited := inspectBody(r.Body)
+		inner := http.MaxBytesReader(w, r.Body, 1<<20)
+		limited, left := inspectBody(http.MaxBytesReader(w, inner, 2<<20))
+		got <- [2]bool{own && unlimited == -1, limited && left == 1<<20}
 		io.Copy(io.Discard, r.Body)
 	})
 	h1, h2 := serve(t, handler), serveHTTP2(t, handler)
@@ -524,7 +567,7 @@ func TestServerBody(t *testing.T) {
 			res, err := tc.srv.Client().Do(req)
 			require.NoError(t, err)
 			res.Body.Close()
-			assert.Equal(t, [2]bool{true, true}, <-got, "the server's body, and behind MaxBytesReader")
+			assert.Equal(t, [2]bool{true, true}, <-got, "the server's body, and behind MaxBytesReaders, the least they let through")
 		})
 	}
 
