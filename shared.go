@@ -156,7 +156,8 @@ func (w *acceptWord) close() {
 // which slot it may fill next: a child that lies about them garbles only
 // its own request bodies, or makes the parent use the pipe. It reads a
 // client's body into a slot only through the server's own reader (see
-// serverBody).
+// serverBody), and never past what an http.MaxBytesReader in front of it
+// lets through (see inspectBody).
 //
 // When no slot is free, the sender sends its chunk through the pipe as
 // before: a ring never makes a sender wait. A receiver that holds every
