@@ -120,7 +120,10 @@
 // Options.ShutdownTimeout for a replaced child), when their contexts are
 // canceled in the child and, half a second later, the child is killed.
 // Health checks go on during a drain, so a child that hangs while draining
-// is killed, and Shutdown always returns.
+// is killed, and Shutdown returns whatever the child does, once the
+// requests in flight end. A request that never ends (a stream whose handler
+// ignores the ModuleFunc's context, to a client that reads on) holds a
+// Shutdown whose context has no deadline, as it holds http.Server's.
 //
 // # Limits
 //
