@@ -714,9 +714,9 @@ type bodySender struct {
 	// slots is set when r.Body is the server's own reader (serverBody):
 	// only then may the pump read into a slot. Fixed.
 	slots bool
-	// limited is set when r.Body is behind an http.MaxBytesReader, whose
-	// reads into a slot ask for no more than it lets through (see
-	// inspectBody). Fixed.
+	// limited is set when the pump may read into slots and r.Body is
+	// behind an http.MaxBytesReader: a read into a slot asks for no more
+	// than it lets through (see serverBody). Fixed.
 	limited bool
 
 	// slow is set, for the pump alone, while the body's last read
@@ -764,18 +764,13 @@ func pointerTo(t reflect.Type, pkg, name string) bool {
 // plaintext of a reader that encrypts in place), or read p back after its
 // read (a tee to an audit log, a checksum), when the child may have
 // rewritten it.
-func serverBody(body io.ReadCloser) bool {
-	own, _ := inspectBody(body)
-	return own
-}
-
-// inspectBody reports whether body is an HTTP server's own reader (see
-// serverBody), and, if it is behind http.MaxBytesReaders, the fewest bytes
-// that they still let through, or -1 if there are none. A read into p of
-// a MaxBytesReader that has n bytes left reads up to n+1 into p, the last
-// to see whether the body goes past n: so a read into a slot must ask for
-// no more than n, or the child sees a byte that the limit keeps from it.
-func inspectBody(body io.ReadCloser) (own bool, left int64) {
+//
+// left is the fewest bytes that the http.MaxBytesReaders in front of body
+// still let through, or -1 if there are none. A MaxBytesReader with n bytes
+// left reads up to n+1 into p, the last to see whether the body goes past
+// n: so a read into a slot must ask for no more than n, or the child sees
+// a byte that the limit keeps from it.
+func serverBody(body io.ReadCloser) (own bool, left int64) {
 	left = -1
 	v := reflect.ValueOf(body)
 	for v.Kind() == reflect.Pointer && !v.IsNil() {
@@ -789,10 +784,12 @@ func inspectBody(body io.ReadCloser) (own bool, left int64) {
 			inner = "readCloser"
 		case t == maxBytesReaderType:
 			inner = "r"
-			if n := v.Elem().FieldByName("n"); n.Kind() == reflect.Int64 && (left < 0 || n.Int() < left) {
-				left = n.Int()
-			} else if n.Kind() != reflect.Int64 {
+			n := v.Elem().FieldByName("n")
+			if n.Kind() != reflect.Int64 {
 				return false, -1 // not the net/http this was written for
+			}
+			if left < 0 || n.Int() < left {
+				left = n.Int()
 			}
 		default:
 			return false, -1
@@ -879,11 +876,11 @@ func startBody(c *child, s *stream, r *http.Request, w http.ResponseWriter, rc *
 	b.expect = r.ProtoMajor == 1 && headerHasToken(r.Header["Expect"], "100-continue")
 	b.expectPending = b.expect
 	var left int64
-	b.slots, left = inspectBody(r.Body)
-	b.limited = left >= 0
+	b.slots, left = serverBody(r.Body)
 	if b.slots {
 		b.slots, _ = serverConn(w)
 	}
+	b.limited = b.slots && left >= 0
 	go b.pumpRequestBody()
 	return b
 }
@@ -1070,7 +1067,7 @@ func (b *bodySender) pumpRequestBody() {
 		var out chunk
 		room := n // the most that a read into a slot may ask for
 		if b.limited {
-			_, left := inspectBody(r.Body)
+			_, left := serverBody(r.Body)
 			room = int(min(int64(n), left))
 		}
 		if size >= ringMin && room >= ringMin && b.slots && !b.slow {

@@ -457,16 +457,7 @@ func TestWriteDataDirectOnlyToServerWriter(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			direct := make(chan bool, 1)
 			srv := serve(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-				c := testChild(nil)
-				s := newStream(1, window)
-				require.NoError(t, s.push(event{kind: kindResponse, head: &responseHead{Status: 200}}))
-				copy(c.ring.slot(3), want)
-				require.True(t, c.ring.hold(3))
-				require.NoError(t, s.push(event{kind: kindData, chunk: chunk{ring: c.ring, slot: 3, n: len(want)}}))
-				_, err := s.next(nil)
-				require.NoError(t, err)
-				ev, err := s.next(nil)
-				require.NoError(t, err)
+				c, s, ev := slotDataEvent(t, want)
 				x := &exchange{w: tc.wrap(w), ctx: r.Context(), c: c, s: s}
 				require.True(t, x.writeData(ev))
 				assert.Zero(t, heldSlots(c.ring), "the slot was not freed")
@@ -537,9 +528,9 @@ func TestServerWriter(t *testing.T) {
 func TestServerBody(t *testing.T) {
 	got := make(chan [2]bool, 1)
 	handler := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		own, unlimited := inspectBody(r.Body)
+		own, unlimited := serverBody(r.Body)
 		inner := http.MaxBytesReader(w, r.Body, 1<<20)
-		limited, left := inspectBody(http.MaxBytesReader(w, inner, 2<<20))
+		limited, left := serverBody(http.MaxBytesReader(w, inner, 2<<20))
 		got <- [2]bool{own && unlimited == -1, limited && left == 1<<20}
 		io.Copy(io.Discard, r.Body)
 	})
@@ -571,14 +562,18 @@ func TestServerBody(t *testing.T) {
 		})
 	}
 
+	own := func(body io.ReadCloser) bool {
+		own, _ := serverBody(body)
+		return own
+	}
 	wrapped := struct {
 		io.Reader
 		io.Closer
 	}{strings.NewReader("x"), io.NopCloser(nil)}
-	assert.False(t, serverBody(wrapped), "a middleware's reader")
-	assert.False(t, serverBody(http.MaxBytesReader(httptest.NewRecorder(), wrapped, 10)), "MaxBytesReader over a middleware's reader")
-	assert.False(t, serverBody(http.NoBody))
-	assert.False(t, serverBody(nil))
+	assert.False(t, own(wrapped), "a middleware's reader")
+	assert.False(t, own(http.MaxBytesReader(httptest.NewRecorder(), wrapped, 10)), "MaxBytesReader over a middleware's reader")
+	assert.False(t, own(http.NoBody))
+	assert.False(t, own(nil))
 	var nilBody *struct{ io.ReadCloser }
-	assert.False(t, serverBody(nilBody))
+	assert.False(t, own(nilBody))
 }

@@ -727,6 +727,24 @@ func inRing(p []byte, rs ...*bodyRing) bool {
 	return false
 }
 
+// slotDataEvent returns a test child, a stream of it whose response head
+// has been taken, and the stream's next event: a chunk of data, want, in
+// slot 3 of the child's up ring, which the parent holds.
+func slotDataEvent(t *testing.T, want []byte) (*child, *stream, event) {
+	t.Helper()
+	c := testChild(nil)
+	s := newStream(1, window)
+	require.NoError(t, s.push(event{kind: kindResponse, head: &responseHead{Status: 200}}))
+	copy(c.ring.slot(3), want)
+	require.True(t, c.ring.hold(3))
+	require.NoError(t, s.push(event{kind: kindData, chunk: chunk{ring: c.ring, slot: 3, n: len(want)}}))
+	_, err := s.next(nil)
+	require.NoError(t, err)
+	ev, err := s.next(nil)
+	require.NoError(t, err)
+	return c, s, ev
+}
+
 // A body's first bytes from the ring, which net/http sniffs when the
 // header has no Content-Type, reach the ResponseWriter from a copy: the
 // parent's code never reads shared memory. The rest, and every byte of a
@@ -734,17 +752,8 @@ func inRing(p []byte, rs ...*bodyRing) bool {
 func TestSniffedBytesAreCopied(t *testing.T) {
 	for _, tc := range []struct{ typed, direct bool }{{false, true}, {true, true}, {true, false}} {
 		typed := tc.typed
-		c := testChild(nil)
-		s := newStream(1, window)
-		require.NoError(t, s.push(event{kind: kindResponse, head: &responseHead{Status: 200}}))
 		want := ringPattern(20000)
-		copy(c.ring.slot(3), want)
-		require.True(t, c.ring.hold(3))
-		require.NoError(t, s.push(event{kind: kindData, chunk: chunk{ring: c.ring, slot: 3, n: len(want)}}))
-		_, err := s.next(nil)
-		require.NoError(t, err)
-		ev, err := s.next(nil)
-		require.NoError(t, err)
+		c, s, ev := slotDataEvent(t, want)
 
 		w := &ringRecorder{h: http.Header{}, ring: c.ring}
 		if typed {

@@ -157,7 +157,7 @@ func (w *acceptWord) close() {
 // its own request bodies, or makes the parent use the pipe. It reads a
 // client's body into a slot only through the server's own reader (see
 // serverBody), and never past what an http.MaxBytesReader in front of it
-// lets through (see inspectBody).
+// lets through.
 //
 // When no slot is free, the sender sends its chunk through the pipe as
 // before: a ring never makes a sender wait. A receiver that holds every
