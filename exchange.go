@@ -220,13 +220,13 @@ func (x *exchange) tunnel() {
 	x.body.halt() // the child hijacks only once the body is complete
 	conn, brw, err := x.controller().Hijack()
 	if err != nil {
-		x.endTunnel()
 		if x.started {
 			// The response the handler started went out: the client can
-			// only see it end.
+			// only see it end. (proxy gives the stream up.)
 			h.count(&h.stats.Aborted)
 			panic(http.ErrAbortHandler)
 		}
+		giveUp(x.ctx, x.c, x.s) // the handler's conn fails
 		h.count(&h.stats.BadGateway)
 		x.replyError(http.StatusBadGateway, " hijacked the connection, which the parent cannot do here: %v", err)
 		return
@@ -243,9 +243,18 @@ func (x *exchange) tunnel() {
 	stop := make(chan struct{}) // closed when the tunnel ends
 	up := make(chan struct{})   // closed when pumpClient returns
 	gone := make(chan struct{}) // closed by pumpClient if the client's connection failed
+	// The client's connection failed, seen by either goroutine: the
+	// stream is given up, as a request whose client went away. The
+	// handler's conn fails, and the child's kindAbort, when it comes,
+	// drops the parent's last record of the tunnel; until then that
+	// record counts as a handler running on (see checkStuck), and holds
+	// the request's MaxInFlight place. The parent holds no more for it:
+	// a child that never sends the abort is found stuck, it does not
+	// grow the parent.
+	end := sync.OnceFunc(func() { giveUp(x.ctx, x.c, x.s) })
 	go func() {
 		defer close(up)
-		x.pumpClient(conn, brw.Reader, stop, gone)
+		x.pumpClient(conn, brw.Reader, stop, gone, end)
 	}()
 	defer func() {
 		close(stop)
@@ -256,8 +265,8 @@ func (x *exchange) tunnel() {
 		ev, err := x.s.next(gone)
 		if err != nil {
 			// The child died: its connections end with it. Or the
-			// client's connection failed: the stream is abandoned, and
-			// the child's abort, which it drops, would never come.
+			// client's connection failed, and pumpClient gave the
+			// stream up: the child's abort would never reach it.
 			x.s.abandon()
 			return
 		}
@@ -268,7 +277,7 @@ func (x *exchange) tunnel() {
 			}
 			_, werr := ev.writeTo(conn, 0)
 			if werr != nil {
-				x.endTunnel()
+				end()
 				return
 			}
 			if n := x.s.consumeCost(ev.charge()); n > 0 {
@@ -286,19 +295,11 @@ func (x *exchange) tunnel() {
 	}
 }
 
-// endTunnel tells the child that the client's connection is gone: its
-// handler's conn fails. The child answers with kindAbort, which removes the
-// stream; what it sends until then is dropped.
-func (x *exchange) endTunnel() {
-	x.s.abandon()
-	x.c.post(outFrame{kind: kindCancel, id: x.s.id}) // see giveUp
-}
-
 // pumpClient copies what the client sends on its hijacked connection
 // (first what net/http had read ahead into br) to the child, within the
-// credit the child grants, then the end of it: kindEnd at EOF, kindCancel
-// if the read fails before stop is closed, and then it closes gone.
-func (x *exchange) pumpClient(conn net.Conn, br *bufio.Reader, stop <-chan struct{}, gone chan<- struct{}) {
+// credit the child grants, then the end of it: kindEnd at EOF; if the read
+// fails before stop is closed, it calls end, and then it closes gone.
+func (x *exchange) pumpClient(conn net.Conn, br *bufio.Reader, stop <-chan struct{}, gone chan<- struct{}, end func()) {
 	var src io.Reader = conn
 	if n := br.Buffered(); n > 0 {
 		src = io.MultiReader(io.LimitReader(br, int64(n)), conn)
@@ -330,7 +331,7 @@ func (x *exchange) pumpClient(conn net.Conn, br *bufio.Reader, stop <-chan struc
 			select {
 			case <-stop: // the tunnel ended here
 			default:
-				x.endTunnel()
+				end()
 				close(gone)
 			}
 			return

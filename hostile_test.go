@@ -4,7 +4,10 @@ package subproc
 
 import (
 	"context"
+	"encoding/binary"
 	"fmt"
+	"io"
+	"net"
 	"net/http"
 	"os"
 	"strconv"
@@ -14,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fbbf71ac/subproc/internal/frame"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -53,6 +57,23 @@ func init() {
 			}
 			fmt.Fprintf(w, "deafened fd %d", fd)
 		})
+		// GET /drop-aborts puts a filter between the child and its
+		// protocol pipe to the parent: every frame goes through but
+		// kindAbort, which is dropped. (Installed while the child sends
+		// nothing else, but a pong: a frame is one write.)
+		mux.HandleFunc("GET /drop-aborts", func(w http.ResponseWriter, r *http.Request) {
+			if err := hostileDropAborts(); err != nil {
+				http.Error(w, err.Error(), http.StatusTeapot)
+				return
+			}
+			io.WriteString(w, "dropping aborts")
+		})
+		// GET /tunnel answers 101 and echoes on the hijacked conn.
+		mux.HandleFunc("GET /tunnel", func(w http.ResponseWriter, r *http.Request) {
+			conn := switchProtocols(w)
+			defer conn.Close()
+			io.Copy(conn, conn)
+		})
 		return mux, nil
 	})
 }
@@ -91,6 +112,101 @@ func hostileProtocolInFD() (int, error) {
 		return 0, fmt.Errorf("%d candidates for the protocol pipe's read end: %v", len(found), found)
 	}
 	return found[0], nil
+}
+
+// hostileDropAborts makes, in a child, the frames it writes to the parent
+// go through a pipe to a goroutine that passes them on, but kindAbort.
+func hostileDropAborts() error {
+	fd, err := chaosProtocolFD()
+	if err != nil {
+		return err
+	}
+	saved, err := syscall.Dup(fd)
+	if err != nil {
+		return err
+	}
+	var p [2]int
+	if err := syscall.Pipe2(p[:], syscall.O_CLOEXEC); err != nil {
+		return err
+	}
+	out := os.NewFile(uintptr(saved), "protocol") // non-blocking, as fd
+	in := os.NewFile(uintptr(p[0]), "filter")
+	if err := syscall.Dup3(p[1], fd, syscall.O_CLOEXEC); err != nil {
+		return err
+	}
+	syscall.Close(p[1])
+	go func() {
+		hdr := make([]byte, frame.HeaderSize)
+		for {
+			if _, err := io.ReadFull(in, hdr); err != nil {
+				return
+			}
+			msg := make([]byte, frame.HeaderSize+int(binary.BigEndian.Uint32(hdr)))
+			copy(msg, hdr)
+			if _, err := io.ReadFull(in, msg[frame.HeaderSize:]); err != nil {
+				return
+			}
+			if hdr[4] == kindAbort {
+				continue
+			}
+			if _, err := out.Write(msg); err != nil {
+				return
+			}
+		}
+	}()
+	return nil
+}
+
+// A child that never ends a tunnel (here its filter drops every kindAbort,
+// which its handler's conn sends as it closes) costs the parent no more
+// than a record for each tunnel whose client went away. The parent gives
+// the tunnel up as the client's connection fails, as it gives up a request
+// whose client went away; the handler, which seems to run on, makes the
+// child stuck, and the child is replaced. The parent used to keep each
+// such stream pending, with its ResponseWriter and buffers, for as long as
+// the child lived, and stuck detection did not see it.
+func TestHostileChildKeepsTunnels(t *testing.T) {
+	var events eventLog
+	h := startModule(t, "hostile-mod", Options{
+		LogDir:         t.TempDir(), // for the stacks of the stuck child
+		StuckTimeout:   time.Second,
+		HealthInterval: 100 * time.Millisecond,
+		OnEvent:        events.add,
+	})
+	srv := serve(t, h)
+	status, body := fetch(t, srv.URL+"/pid")
+	require.Equal(t, http.StatusOK, status, body)
+	first := body
+	status, body = fetch(t, srv.URL+"/drop-aborts")
+	require.Equal(t, http.StatusOK, status, body)
+	c := firstChild(h)
+	counts := func() (pending, forgotten int) {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		return len(c.pending), len(c.forgotten)
+	}
+	const n = 5
+	for i := range n {
+		conn, br, resp := upgDial(t, srv, "/tunnel")
+		require.Equal(t, http.StatusSwitchingProtocols, resp.StatusCode, "upgrade %d", i)
+		io.WriteString(conn, "ping")
+		_, err := io.ReadFull(br, make([]byte, 4))
+		require.NoError(t, err, "echo %d", i)
+		conn.(*net.TCPConn).SetLinger(0) // the close resets the connection
+		conn.Close()
+	}
+	waitFor(t, 20*time.Second, "the tunnels given up", func() bool {
+		pending, forgotten := counts()
+		return pending == 0 && forgotten == n
+	})
+	waitFor(t, 30*time.Second, "ChildStuck", func() bool { return events.count(ChildStuck, "stuck") == 1 })
+	assert.Contains(t, events.first(ChildStuck).Err.Error(), fmt.Sprintf("%d handlers ran on", n))
+	awaitStats(t, h, 30*time.Second, "the child replaced, the tunnels' places given back", func(st Stats) bool {
+		return st.InFlight == 0 && len(st.Children) == 1 && st.Children[0].State == "running" && st.Children[0].Pid != c.proc.Pid()
+	})
+	status, body = fetch(t, srv.URL+"/pid")
+	require.Equal(t, http.StatusOK, status, body)
+	assert.NotEqual(t, first, body, "the stuck child was replaced")
 }
 
 // A child whose end of the pipe from the parent is gone, while the child
