@@ -118,6 +118,14 @@ type exchange struct {
 	// panics, and then does not give the place back itself.
 	placeFreed bool
 
+	// done ends the exchange's waits for the child: the request
+	// context's Done, or, once that ended and the exchange waits on for
+	// the module's response all the same (see stayOn), graceOver, closed
+	// by grace.
+	done      <-chan struct{}
+	graceOver chan struct{}
+	grace     *time.Timer
+
 	cutArmed    bool        // the stream's cut is armed (see armCut)
 	headWritten atomic.Bool // started, for cutAtDeadline's goroutine
 	// stopCut, if not nil, stops the cut at the request's deadline (see
@@ -150,8 +158,14 @@ func (x *exchange) run() (retry bool) {
 		defer x.body.halt()
 	}
 	x.deadline, x.hasDeadline = x.ctx.Deadline()
+	x.done = x.ctx.Done()
+	defer func() {
+		if x.grace != nil {
+			x.grace.Stop()
+		}
+	}()
 	for {
-		ev, err := x.s.next(x.ctx.Done())
+		ev, err := x.s.next(x.done)
 		if err == nil && x.hasDeadline && x.late() {
 			// What the child sent at its deadline, which has passed here
 			// too, comes too late: the request has timed out.
@@ -159,8 +173,14 @@ func (x *exchange) run() (retry bool) {
 			err = errCanceled
 		}
 		if err == errCanceled {
+			if x.stayOn() {
+				continue
+			}
 			x.canceled()
 			return false
+		}
+		if x.grace != nil && x.grace.Stop() {
+			x.grace.Reset(x.graceLeft()) // the module answers: wait on
 		}
 		if err != nil {
 			return x.failed(err)
@@ -339,6 +359,46 @@ func (x *exchange) pumpClient(conn net.Conn, br *bufio.Reader, stop <-chan struc
 	}
 }
 
+// cancelGrace is how long the parent waits for each next message of a
+// module's response once the request's context has ended, not at its
+// deadline (see exchange.stayOn).
+const cancelGrace = time.Second
+
+// stayOn answers the end of the request's context before its deadline by
+// waiting on for the module's response, which net/http delivers
+// in-process: the client may still read it. net/http cancels the context
+// of an HTTP/1 request whose client half-closed its connection (as
+// "nc -N", HTTP/1.0 tools and some proxies do once they have sent the
+// request), and a middleware may cancel it. The handler's context ends
+// (kindCancel with flagMayRead); its writes go on. A client that has gone
+// for good fails the first write that reaches it (see writeData), and
+// the request is given up then. The parent waits for each next message
+// of the module no longer than cancelGrace, and not past the request's
+// deadline: then run gives the request up (see canceled). A module whose
+// handler honours its context, as most do, ends its response at once.
+//
+// stayOn reports false, having done nothing, if the exchange must end
+// now: the deadline passed, the grace is over, or a cut write (see
+// stream.cutWrites) canceled the request.
+func (x *exchange) stayOn() bool {
+	if x.graceOver != nil || x.cutShort || x.late() || x.ctx.Err() != context.Canceled {
+		return false
+	}
+	over := make(chan struct{})
+	x.graceOver, x.done = over, over
+	x.grace = time.AfterFunc(x.graceLeft(), func() { close(over) })
+	x.c.post(outFrame{kind: kindCancel, flags: flagMayRead, id: x.s.id})
+	return true
+}
+
+// graceLeft returns how long stayOn waits for the module's next message.
+func (x *exchange) graceLeft() time.Duration {
+	if x.hasDeadline {
+		return min(cancelGrace, time.Until(x.deadline))
+	}
+	return cancelGrace
+}
+
 // canceled ends an exchange whose request's context ended: the client went
 // away, or the deadline passed (504, or an abort once the response has
 // started).
@@ -360,14 +420,17 @@ func (x *exchange) canceled() {
 		panic(http.ErrAbortHandler)
 	}
 	if x.started {
-		// Usually nobody reads this either. But the context may end
-		// with the client still there (net/http cancels it when an
-		// HTTP/1 client half-closes its connection; a middleware may
-		// cancel it): it must see the response cut, not end as if
-		// whole. Not counted as Aborted: the module did nothing wrong.
+		// Usually nobody reads this either. But the client may still be
+		// there (see stayOn), and the module stopped answering: it must
+		// see the response cut, not end as if whole. Not counted as
+		// Aborted: the client left first.
 		panic(http.ErrAbortHandler)
 	}
 	// The same: not an empty 200 that looks like the module's answer.
+	if x.graceOver != nil {
+		x.replyError(http.StatusServiceUnavailable, ": request canceled (%v), and no answer from the module came in the %v after", context.Cause(x.ctx), cancelGrace)
+		return
+	}
 	x.replyError(http.StatusServiceUnavailable, ": request canceled: %v", context.Cause(x.ctx))
 }
 
@@ -496,7 +559,9 @@ func (x *exchange) armCut() {
 	x.cutArmed = true
 	x.s.armCut(x.w, nil)
 	if x.hasDeadline {
-		x.stopCut = context.AfterFunc(x.ctx, x.cutAtDeadline)
+		// At the deadline, not at an earlier end of the context: the
+		// client may still read then (see stayOn).
+		x.stopCut = time.AfterFunc(time.Until(x.deadline), x.cutAtDeadline).Stop
 	}
 }
 
@@ -563,7 +628,7 @@ func (x *exchange) writeData(ev event) bool {
 	// Credit goes back half a window at a time, with the window's growth
 	// while the stream drains quickly (see recvWindow.consume).
 	if n := x.s.consumeCost(ev.charge()); n > 0 {
-		x.c.sendWindowUpdate(x.s.id, n, x.ctx.Done())
+		x.c.sendWindowUpdate(x.s.id, n, x.done)
 	}
 	if ev.flags&flagFlush != 0 {
 		x.controller().Flush()
@@ -598,7 +663,7 @@ func (x *exchange) lockHeader() (unlock func()) {
 		}()
 		select {
 		case <-locked:
-		case <-x.ctx.Done():
+		case <-x.done:
 			b.halt()
 			<-locked
 		}

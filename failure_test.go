@@ -6,6 +6,7 @@ package subproc
 // below.
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -13,6 +14,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -129,6 +131,7 @@ func failModule(ctx context.Context, env *Env) (http.Handler, error) {
 			os.WriteFile(filepath.Join(cfg.Dir, name), nil, 0o644)
 		}
 	}
+	unsilence := make(chan struct{})
 	mux := http.NewServeMux()
 	mux.HandleFunc("/inc", func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintf(w, "inc=%d pid=%d", env.Incarnation, os.Getpid())
@@ -150,6 +153,26 @@ func failModule(ctx context.Context, env *Env) (http.Handler, error) {
 	mux.HandleFunc("/block", func(w http.ResponseWriter, r *http.Request) {
 		touch("block")
 		<-r.Context().Done()
+	})
+	// /silent ignores its context, and answers nothing until /unsilence,
+	// or 30s.
+	mux.HandleFunc("/silent", func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-unsilence:
+		case <-time.After(30 * time.Second):
+		}
+	})
+	mux.HandleFunc("/unsilence", func(w http.ResponseWriter, r *http.Request) {
+		close(unsilence)
+	})
+	// /silent-after-head starts its response, then is /silent.
+	mux.HandleFunc("/silent-after-head", func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "partial\n")
+		w.(http.Flusher).Flush()
+		select {
+		case <-unsilence:
+		case <-time.After(30 * time.Second):
+		}
 	})
 	// /stream starts its response, then waits for the request's end.
 	mux.HandleFunc("/stream", func(w http.ResponseWriter, r *http.Request) {
@@ -335,8 +358,9 @@ func (w cancelOnWrite) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
 // A response whose request's context ends after it started (a middleware
 // cancels it, or net/http does when an HTTP/1 client half-closes its
-// connection) is cut: the client, which may still be reading, sees it
-// fail, not end as if whole.
+// connection) ends as its handler ends it, as in-process: the client, which
+// may still be reading, gets what the handler wrote, whole. (It used to be
+// cut: the child failed the handler's writes once its context ended.)
 func TestFailCanceledAfterStart(t *testing.T) {
 	h := startModule(t, "fail-mod", failOpts(t, failConfig{}, Options{HealthInterval: time.Hour}))
 	mw := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -354,10 +378,59 @@ func TestFailCanceledAfterStart(t *testing.T) {
 			require.NoError(t, err)
 			defer res.Body.Close()
 			got, err := io.ReadAll(res.Body)
-			assert.Error(t, err, "the response read %q and ended", got)
+			assert.NoError(t, err, "the response read %q and failed", got)
 			assert.Equal(t, "partial\n", string(got))
 		})
 	}
+}
+
+// halfClosedGet sends a GET for path to addr, half-closes the connection,
+// and returns what the server sends until it closes its side, with the
+// error that ended the read of the response's body.
+func halfClosedGet(t *testing.T, addr, path string) (*http.Response, string, error) {
+	t.Helper()
+	conn, err := net.Dial("tcp", addr)
+	require.NoError(t, err)
+	t.Cleanup(func() { conn.Close() })
+	conn.SetDeadline(time.Now().Add(30 * time.Second))
+	fmt.Fprintf(conn, "GET %s HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n", path)
+	require.NoError(t, conn.(*net.TCPConn).CloseWrite())
+	res, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	require.NoError(t, err, "GET %s: reading the response head", path)
+	b, err := io.ReadAll(res.Body)
+	return res, string(b), err
+}
+
+// A client that half-closed its connection reads on (see
+// TestParityContextHalfClosedClient), but a module that ignores its
+// context and answers nothing holds the parent no longer than the grace
+// after the context's end: the client then gets a 503 that says so, or,
+// if the response had started, sees it cut. The requests are given up,
+// their handlers counted as running on (see Options.StuckTimeout).
+func TestFailHalfClosedClientSilentModule(t *testing.T) {
+	h := startModule(t, "fail-mod", failOpts(t, failConfig{}, Options{HealthInterval: time.Hour}))
+	srv := serve(t, h)
+	addr := srv.Listener.Addr().String()
+
+	start := time.Now()
+	res, body, err := halfClosedGet(t, addr, "/silent")
+	waited := time.Since(start)
+	require.NoError(t, err)
+	assert.Equal(t, http.StatusServiceUnavailable, res.StatusCode, body)
+	assert.Contains(t, body, fmt.Sprintf("request canceled (context canceled), and no answer from the module came in the %v after", cancelGrace))
+	assert.GreaterOrEqual(t, waited, cancelGrace, "the 503 came before the grace was over")
+
+	res, body, err = halfClosedGet(t, addr, "/silent-after-head")
+	assert.Equal(t, http.StatusOK, res.StatusCode)
+	assert.Equal(t, "partial\n", body)
+	assert.ErrorIs(t, err, io.ErrUnexpectedEOF, "the started response should be cut")
+
+	c := firstChild(h)
+	_, n := c.givenUpSince()
+	assert.Equal(t, 2, n, "the requests whose handlers run on should be given up")
+	code, body := fetch(t, srv.URL+"/unsilence")
+	require.Equal(t, http.StatusOK, code, body)
+	waitFor(t, 10*time.Second, "the handlers' ends", func() bool { _, n := c.givenUpSince(); return n == 0 })
 }
 
 func TestFailSIGKILLDuringRequest(t *testing.T) {

@@ -61,6 +61,7 @@ const (
 	flagBodyError uint8 = 1 << 2 // kindEnd from the parent: reading the client's body failed; the payload says how (see appendBodyError)
 	flagTooLarge  uint8 = 1 << 3 // kindAbort: the response's head or trailers exceed maxHeadSize
 	flagDeadline  uint8 = 1 << 4 // kindCancel: the request's deadline passed
+	flagMayRead   uint8 = 1 << 5 // kindCancel: the request's context ended, but its client may still read the response (see responseWriter.stay)
 
 	// flagOverBudget marks a kindAbort that the parent made itself, in
 	// place of a response head or trailers that its module's head budget

@@ -3,8 +3,11 @@ package subproc
 import (
 	"context"
 	"fmt"
+	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
+	"regexp"
 	"testing"
 	"time"
 
@@ -81,4 +84,28 @@ func TestParityContextDeadline(t *testing.T) {
 	for s := range counts["subproc"] {
 		assert.Contains(t, s, "err=context deadline exceeded", "subproc: %v", counts["subproc"])
 	}
+}
+
+// A client that half-closes its connection once it has sent its request
+// (as "nc -N" and HTTP/1.0 tools do) reads the handler's answer, as
+// in-process: net/http cancels the request's context at the half-close,
+// but delivers what the handler writes after. The parent used to answer
+// 503 "request canceled" itself.
+func TestParityContextHalfClosedClient(t *testing.T) {
+	tgs := parTargets(t, false)
+	var outs []string
+	for _, tg := range tgs {
+		conn, err := net.Dial("tcp", tg.srv.Listener.Addr().String())
+		require.NoError(t, err)
+		defer conn.Close()
+		conn.SetDeadline(time.Now().Add(30 * time.Second))
+		_, err = io.WriteString(conn, "GET /answer-at-end HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n")
+		require.NoError(t, err)
+		require.NoError(t, conn.(*net.TCPConn).CloseWrite())
+		b, err := io.ReadAll(conn)
+		require.NoError(t, err, "%s: reading the answer", tg.name)
+		outs = append(outs, regexp.MustCompile(`\r\nDate: [^\r]*`).ReplaceAllString(string(b), ""))
+	}
+	require.Contains(t, outs[0], "err=context canceled", "in-process, the half-close cancels the context")
+	assert.Equal(t, outs[0], outs[1])
 }

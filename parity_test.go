@@ -147,6 +147,18 @@ func parMux() http.Handler {
 		<-r.Context().Done()
 		parPut(k, fmt.Sprintf("err=%v cause=%v", r.Context().Err(), context.Cause(r.Context())))
 	})
+	// Answers once its context ends (or after 10s): what a client that
+	// half-closed its connection reads.
+	mux.HandleFunc("/answer-at-end", func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-r.Context().Done():
+		case <-time.After(10 * time.Second):
+		}
+		time.Sleep(50 * time.Millisecond) // the answer comes later than the cancel
+		w.Header().Set("X-Answer", "late")
+		_, err := fmt.Fprintf(w, "err=%v cause=%v\n", r.Context().Err(), context.Cause(r.Context()))
+		fmt.Fprintf(w, "first write: %v\n", err)
+	})
 	mux.HandleFunc("/get", func(w http.ResponseWriter, r *http.Request) {
 		select {
 		case v := <-parSlot(r.URL.Query().Get("k")):

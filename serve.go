@@ -345,6 +345,14 @@ func (s *server) dispatch(hdr frame.Header, scratch *[]byte) error {
 
 	case kindCancel:
 		if st := s.stream(hdr.ID); st != nil {
+			if hdr.Flags&flagMayRead != 0 {
+				// The context ends, the response goes on, until a
+				// kindCancel without the flag.
+				st.rw.stayOn(s.ctx)
+				st.cancel(nil)
+				return s.fr.Discard(int(hdr.Len))
+			}
+			st.rw.leave()
 			switch {
 			case hdr.Flags&flagDeadline == 0:
 				st.cancel(nil) // the client went away
@@ -485,7 +493,7 @@ func (s *server) open(id uint64, flags uint8, head *requestHead) (startingReques
 		r.Body = http.NoBody
 	} else {
 		expect := headerHasToken(r.Header["Expect"], "100-continue")
-		st.body = newBodyReader(func(n int) { s.sendWindowUpdate(id, n, ctx.Done()) }, expect, &s.flow)
+		st.body = newBodyReader(func(n int) { s.sendWindowUpdate(id, n, st.rw.stopC()) }, expect, &s.flow)
 		r.Body = st.body
 	}
 	req := r.WithContext(ctx)
@@ -535,7 +543,7 @@ func (s *server) hijack(id uint64, st *serverStream, req *http.Request) (*hijack
 			return nil, errors.New("subproc: Hijack before the request body was read to its end: read it all first")
 		}
 	}
-	if err := req.Context().Err(); err != nil {
+	if err := st.rw.stopped(); err != nil {
 		return nil, fmt.Errorf("subproc: Hijack: the request is gone: %w", err)
 	}
 	hc := newHijackedConn(s, id, &st.rw.win, req, func() {
@@ -550,7 +558,7 @@ func (s *server) hijack(id uint64, st *serverStream, req *http.Request) (*hijack
 		hc.reset()
 		return nil, err
 	}
-	if req.Context().Err() != nil {
+	if st.rw.stopped() != nil {
 		// The parent's kindCancel came in between: it found no tunnel to
 		// reset.
 		hc.reset()
@@ -629,12 +637,72 @@ type responseWriter struct {
 	hijack   func() (*hijackedConn, error) // turns the stream into a tunnel; nil if the parent cannot hijack; fixed
 	endLoan  func()                        // ends a loan of the reading turn (see server.lend); fixed
 	rdl, wdl connDeadline                  // http.ResponseController's read and write deadlines, before a hijack
+	// stay is set when the request's context ended but its client may
+	// still read (kindCancel with flagMayRead: an HTTP/1 client that
+	// half-closed its connection, or a middleware in the parent that
+	// canceled the context): in-process, net/http delivers what a handler
+	// writes then, and so do the writes here (see stopped), until the
+	// parent cancels for good (leave). Set by the reading goroutine before
+	// it cancels the context.
+	stay atomic.Pointer[stay]
 	// conn is the hijacked conn, once Hijack succeeded: then it is the
 	// handler's, the writer is done (see hijacked), and the
 	// ResponseController's deadlines are the conn's, as in net/http, where
 	// they are the connection's. Atomic, not under mu: a deadline may be
 	// set to wake a write that waits, holding mu.
 	conn atomic.Pointer[hijackedConn]
+}
+
+// A stay keeps a response going after its request's context ended (see
+// responseWriter.stay).
+type stay struct {
+	base context.Context // the server's: its end (the child ends) ends the stay
+	done chan struct{}   // closed by leave
+	once sync.Once
+}
+
+// stayOn keeps the response going after the request's context ends, which
+// the caller does next, until leave or the end of base.
+func (w *responseWriter) stayOn(base context.Context) {
+	w.stay.CompareAndSwap(nil, &stay{base: base, done: make(chan struct{})})
+}
+
+// leave ends a stay: the handler's writes fail, as the request's context
+// has ended.
+func (w *responseWriter) leave() {
+	if st := w.stay.Load(); st != nil {
+		st.once.Do(func() { close(st.done) })
+	}
+}
+
+// stopped returns why the handler's writes fail: the request's context
+// ended (the client went away, the parent gave the request up, or this
+// child is ending), unless a stay keeps the response going; nil if they
+// do not.
+func (w *responseWriter) stopped() error {
+	err := w.req.Context().Err()
+	if err == nil {
+		return nil
+	}
+	st := w.stay.Load()
+	if st == nil {
+		return err
+	}
+	select {
+	case <-st.done:
+		return err
+	default:
+		return st.base.Err()
+	}
+}
+
+// stopC returns a channel closed once the handler's writes fail (see
+// stopped); its end may have come before the stay did.
+func (w *responseWriter) stopC() <-chan struct{} {
+	if st := w.stay.Load(); st != nil {
+		return st.done
+	}
+	return w.req.Context().Done()
 }
 
 // hijacked reports whether Hijack succeeded.
@@ -759,7 +827,7 @@ func (w *responseWriter) Write(p []byte) (int, error) {
 	if w.err != nil {
 		return 0, w.err
 	}
-	if err := w.req.Context().Err(); err != nil {
+	if err := w.stopped(); err != nil {
 		return 0, err
 	}
 	n := 0
@@ -830,7 +898,7 @@ func (w *responseWriter) FlushError() error {
 	if !w.wroteHeader {
 		w.writeHeaderLocked(http.StatusOK)
 	}
-	if err := w.req.Context().Err(); err != nil && w.err == nil {
+	if err := w.stopped(); err != nil && w.err == nil {
 		// The client went away, or the parent gave the request up: as
 		// Write does, and as net/http's flush to a connection that
 		// failed does, this flush fails, and so does every later one.
@@ -909,12 +977,9 @@ func (w *responseWriter) sendBodyLocked(flags uint8, end *outFrame) error {
 			// the one to read (see server.lend). Only a wait needs the
 			// channels (and makes them).
 			w.endLoan()
-			credit, err = w.win.takeEither(least, most, w.req.Context().Done(), w.wdl.wait())
+			credit, err = w.takeCredit(least, most)
 		}
 		if err != nil {
-			if err == errCanceled && w.req.Context().Err() == nil {
-				err = &net.OpError{Op: "write", Net: "tcp", Err: os.ErrDeadlineExceeded}
-			}
 			w.fail(err)
 			break
 		}
@@ -968,6 +1033,28 @@ func (w *responseWriter) sendBodyLocked(flags uint8, end *outFrame) error {
 	return w.err
 }
 
+// takeCredit waits for window credit, as sendWindow.takeEither, until the
+// handler's writes fail (see stopped) or the write deadline passes.
+func (w *responseWriter) takeCredit(least, most int) (int, error) {
+	for {
+		stop := w.stopC()
+		credit, err := w.win.takeEither(least, most, stop, w.wdl.wait())
+		if err != errCanceled {
+			return credit, err
+		}
+		if err := w.stopped(); err != nil {
+			return 0, err
+		}
+		select {
+		case <-stop:
+			// The context's end woke the wait, and a stay came with
+			// it: wait on.
+		default:
+			return 0, &net.OpError{Op: "write", Net: "tcp", Err: os.ErrDeadlineExceeded}
+		}
+	}
+}
+
 // tooLargeLocked fails a response whose head or trailers, described by
 // what, exceed maxHeadSize: it ends the stream with kindAbort, which the
 // parent answers with 502 Bad Gateway if nothing was sent yet, else by
@@ -997,8 +1084,8 @@ func (w *responseWriter) sendLocked(f outFrame) {
 
 func (w *responseWriter) fail(err error) {
 	if w.err == nil {
-		if ctxErr := w.req.Context().Err(); ctxErr != nil {
-			err = ctxErr
+		if stopErr := w.stopped(); stopErr != nil {
+			err = stopErr
 		}
 		w.err = err
 	}
@@ -1017,7 +1104,7 @@ func (w *responseWriter) finish() {
 		w.writeHeaderLocked(http.StatusOK)
 	}
 	w.done = true
-	if (w.err != nil || w.req.Context().Err() != nil) && !w.aborted {
+	if (w.err != nil || w.stopped() != nil) && !w.aborted {
 		// A write failed, or could fail: in-process, net/http would
 		// have closed the connection, with the response cut short, and
 		// the client would see it cut. So does the parent, at the

@@ -312,6 +312,7 @@ func TestWindowReleasedOnEveryEnd(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			reached := make(chan struct{}) // the handler has written before
 			var once sync.Once
+			release := make(chan struct{}) // ends a handler that hangs
 			handler := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 				p := bytes.Repeat([]byte("w"), chunkSize)
 				for n := 0; ; n += len(p) {
@@ -322,6 +323,15 @@ func TestWindowReleasedOnEveryEnd(t *testing.T) {
 							return
 						case abort:
 							panic(http.ErrAbortHandler)
+						case cancel:
+							if r.Context().Err() != nil {
+								// Its writes would go on reaching w,
+								// which reads on (see
+								// exchange.stayOn): it hangs, and the
+								// parent gives the request up.
+								<-release
+								return
+							}
 						}
 					}
 					if _, err := w.Write(p); err != nil {
@@ -330,6 +340,7 @@ func TestWindowReleasedOnEveryEnd(t *testing.T) {
 				}
 			})
 			pp := newPipePairFlow(t, handler, 0, frozenClock)
+			t.Cleanup(func() { close(release) }) // before pp's
 			ctx, stop := context.WithCancel(context.Background())
 			defer stop()
 			r := httptest.NewRequest("GET", "/", nil).WithContext(ctx)
