@@ -1036,13 +1036,17 @@ func (c *child) fail(err error, dead func() bool) {
 // reports false, having taken nothing, if s was not pending: the child had
 // ended it already.
 func (c *child) forget(s *stream, place bool) bool {
+	at := s.x.ended // the request's context's end, if it came first (see exchange.stayOn)
+	if at.IsZero() {
+		at = time.Now()
+	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.pending[s.id] != s {
 		return false
 	}
 	delete(c.pending, s.id)
-	c.forgotten[s.id] = givenUp{time.Now(), place}
+	c.forgotten[s.id] = givenUp{at, place}
 	if s.tunneled() {
 		// The hijack was read: the tunnel ends with kindAbort alone.
 		c.forgetTunnelLocked(s.id)

@@ -125,6 +125,15 @@ type exchange struct {
 	done      <-chan struct{}
 	graceOver chan struct{}
 	grace     *time.Timer
+	graceHeld bool      // grace was stopped before it fired (see holdGrace)
+	ended     time.Time // when stayOn first saw the context's end: StuckTimeout counts from it
+	// graceReads is the body pump's reads as the grace began (see
+	// pumping).
+	graceReads int64
+	// noBody is set once the final head is written if nothing the module
+	// writes after it can reach the client: a HEAD request's, or a status
+	// without a body (net/http drops such writes).
+	noBody bool
 
 	cutArmed    bool        // the stream's cut is armed (see armCut)
 	headWritten atomic.Bool // started, for cutAtDeadline's goroutine
@@ -165,7 +174,15 @@ func (x *exchange) run() (retry bool) {
 		}
 	}()
 	for {
+		x.resumeGrace()
 		ev, err := x.s.next(x.done)
+		if err == nil && x.graceOver == nil && x.ctx.Err() != nil && !(x.started && x.noBody) {
+			// The context ended while what the child sent waited: the
+			// stay begins now, so that what follows does not take its
+			// end for the request's (x.done).
+			x.stayOn()
+		}
+		x.holdGrace()
 		if err == nil && x.hasDeadline && x.late() {
 			// What the child sent at its deadline, which has passed here
 			// too, comes too late: the request has timed out.
@@ -173,14 +190,17 @@ func (x *exchange) run() (retry bool) {
 			err = errCanceled
 		}
 		if err == errCanceled {
+			if x.started && x.noBody && !x.late() {
+				// The client has all it can get: the rest would be
+				// dropped. Given up, not cut.
+				giveUp(x.ctx, x.c, x.s)
+				return false
+			}
 			if x.stayOn() {
 				continue
 			}
 			x.canceled()
 			return false
-		}
-		if x.grace != nil && x.grace.Stop() {
-			x.grace.Reset(x.graceLeft()) // the module answers: wait on
 		}
 		if err != nil {
 			return x.failed(err)
@@ -189,6 +209,11 @@ func (x *exchange) run() (retry bool) {
 		case kindResponse:
 			if !x.writeHead(ev) {
 				continue // a 1xx head
+			}
+			if x.noBody && x.graceOver != nil {
+				// As at a cancel once the head is out (above).
+				giveUp(x.ctx, x.c, x.s)
+				return false
 			}
 		case kindData:
 			if !x.writeData(ev) {
@@ -372,23 +397,73 @@ const cancelGrace = time.Second
 // request), and a middleware may cancel it. The handler's context ends
 // (kindCancel with flagMayRead); its writes go on. A client that has gone
 // for good fails the first write that reaches it (see writeData), and
-// the request is given up then. The parent waits for each next message
-// of the module no longer than cancelGrace, and not past the request's
-// deadline: then run gives the request up (see canceled). A module whose
-// handler honours its context, as most do, ends its response at once.
+// the request is given up then; so is a response none of whose body can
+// reach the client (noBody), once its head is out. The parent waits for
+// each next message of the module no longer than cancelGrace, and not
+// past the request's deadline: then run gives the request up (see
+// canceled). The grace counts the module's silence only: not the time
+// the parent spends writing to a client that reads slowly (see
+// holdGrace), nor the time the client still sends the request's body,
+// which the module may wait for. A module whose handler honours its
+// context, as most do, ends its response at once.
 //
-// stayOn reports false, having done nothing, if the exchange must end
-// now: the deadline passed, the grace is over, or a cut write (see
-// stream.cutWrites) canceled the request.
+// stayOn is called at each end of the wait: it reports false, having
+// done nothing, if the exchange must end now: the deadline passed, the
+// grace is over, or a cut write (see stream.cutWrites) canceled the
+// request.
 func (x *exchange) stayOn() bool {
-	if x.graceOver != nil || x.cutShort || x.late() || x.ctx.Err() != context.Canceled {
+	if x.cutShort || x.late() || x.ctx.Err() != context.Canceled {
 		return false
+	}
+	if x.graceOver != nil && !x.pumping() {
+		return false // the grace is over
+	}
+	if x.graceOver == nil {
+		x.ended = time.Now()
+		x.c.post(outFrame{kind: kindCancel, flags: flagMayRead, id: x.s.id})
 	}
 	over := make(chan struct{})
 	x.graceOver, x.done = over, over
 	x.grace = time.AfterFunc(x.graceLeft(), func() { close(over) })
-	x.c.post(outFrame{kind: kindCancel, flags: flagMayRead, id: x.s.id})
+	if x.body != nil {
+		x.graceReads = x.body.reads.Load()
+	}
 	return true
+}
+
+// pumping reports whether the client still sends the request's body and
+// the module takes it: the body pump waits for the client now, or has
+// read some of the body since the grace began. (A pump that waits for a
+// child that reads nothing, frozen, or for credit from a module that
+// takes nothing, is not.)
+func (x *exchange) pumping() bool {
+	b := x.body
+	if b == nil {
+		return false
+	}
+	select {
+	case <-b.done:
+		return false
+	default:
+		return b.reading.Load() || b.reads.Load() != x.graceReads
+	}
+}
+
+// holdGrace stops the grace's clock (see stayOn) while the parent handles
+// what the module sent, which may mean a long write to a client that
+// reads slowly; resumeGrace starts it again, anew, as run waits for the
+// module once more. A grace that was over before holdGrace stays over.
+func (x *exchange) holdGrace() {
+	if x.grace != nil {
+		x.graceHeld = x.grace.Stop()
+	}
+}
+
+func (x *exchange) resumeGrace() {
+	if x.graceHeld {
+		x.graceHeld = false
+		x.grace.Reset(x.graceLeft())
+	}
 }
 
 // graceLeft returns how long stayOn waits for the module's next message.
@@ -538,6 +613,7 @@ func (x *exchange) writeHead(ev event) (final bool) {
 	}
 	w.WriteHeader(ev.head.Status)
 	x.started = true
+	x.noBody = x.r.Method == http.MethodHead || !bodyAllowed(ev.head.Status)
 	x.armCut()
 	return true
 }
@@ -744,6 +820,9 @@ type bodySender struct {
 	// after setting it, so that halt, having closed stop, finds it clear
 	// only if no read is under way or will start.
 	reading atomic.Bool
+	// reads counts the reads of r.Body that returned bytes: the client
+	// sends, and the module takes them (see exchange.pumping).
+	reads atomic.Int64
 
 	// hdrMu is held by the reads of r.Body that may write to w from the
 	// pump's goroutine (see maxBytes and expect), and by the exchange
@@ -1160,6 +1239,9 @@ func (b *bodySender) pumpRequestBody() {
 		// with the head, which says nothing of the client.)
 		b.slow = sent > 0 && !peek && m < ringMin && m < n && rerr == nil
 		sent += int64(m)
+		if m > 0 {
+			b.reads.Add(1)
+		}
 		b.reading.Store(false)
 		select {
 		case <-b.stop:

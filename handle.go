@@ -146,11 +146,12 @@ type Options struct {
 	// deadline, which reaches the child all the same.
 	RequestTimeout time.Duration
 
-	// StuckTimeout is how long a handler may run on after the parent gave
-	// its request up (the client left, or the deadline passed; for a
-	// client that may still read, see the README's Cancellation, once no
-	// answer came for a second after the context's end) before its
-	// child counts as stuck: the child's goroutine stacks are written to
+	// StuckTimeout is how long a handler may run on after its request's
+	// context ended (the client left, or the deadline passed), and the
+	// parent gave the request up (at once, or, for a client that may still
+	// read, once the module no longer answers: see the README's
+	// Cancellation), before its child counts as stuck: the child's
+	// goroutine stacks are written to
 	// the module's log, a ChildStuck event is posted, and the child is
 	// replaced gracefully. Zero means 10s; a negative value, never.
 	StuckTimeout time.Duration

@@ -590,6 +590,9 @@ func (s *server) serve(id uint64, st *serverStream, req *http.Request, h http.Ha
 			s.mu.Unlock()
 		}
 		st.cancel(nil)
+		if p := st.rw.stay.Load(); p != nil {
+			p.stop()
+		}
 		if st.body != nil {
 			st.body.Close()
 		}
@@ -659,19 +662,26 @@ type stay struct {
 	base context.Context // the server's: its end (the child ends) ends the stay
 	done chan struct{}   // closed by leave
 	once sync.Once
+	stop func() bool // stops the leave at base's end; called as the handler ends
 }
+
+func (st *stay) leave() { st.once.Do(func() { close(st.done) }) }
 
 // stayOn keeps the response going after the request's context ends, which
 // the caller does next, until leave or the end of base.
 func (w *responseWriter) stayOn(base context.Context) {
-	w.stay.CompareAndSwap(nil, &stay{base: base, done: make(chan struct{})})
+	st := &stay{base: base, done: make(chan struct{})}
+	st.stop = context.AfterFunc(base, st.leave)
+	if !w.stay.CompareAndSwap(nil, st) {
+		st.stop()
+	}
 }
 
 // leave ends a stay: the handler's writes fail, as the request's context
 // has ended.
 func (w *responseWriter) leave() {
 	if st := w.stay.Load(); st != nil {
-		st.once.Do(func() { close(st.done) })
+		st.leave()
 	}
 }
 
