@@ -136,14 +136,7 @@ func TestCancelHalfClosedSlowReader(t *testing.T) {
 func TestCancelHeadGivenUp(t *testing.T) {
 	var ev eventLog
 	h := startModule(t, "cancel-mod", Options{HealthInterval: 100 * time.Millisecond, StuckTimeout: 300 * time.Millisecond, OnEvent: ev.add, LogDir: t.TempDir()})
-	var inServe atomic.Int32
-	srv := serve(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		inServe.Add(1)
-		defer inServe.Add(-1)
-		h.ServeHTTP(w, r)
-	}))
-	conn, err := net.Dial("tcp", srv.Listener.Addr().String())
-	require.NoError(t, err)
+	inServe, conn := servedConn(t, h)
 	fmt.Fprintf(conn, "HEAD /trickle?on=1 HTTP/1.1\r\nHost: example.com\r\n\r\n")
 	res, err := http.ReadResponse(bufio.NewReader(conn), &http.Request{Method: "HEAD"})
 	require.NoError(t, err)
@@ -155,11 +148,11 @@ func TestCancelHeadGivenUp(t *testing.T) {
 	waitFor(t, 10*time.Second, "ChildStuck", func() bool { return ev.count(ChildStuck, "") == 1 })
 }
 
-// The same trickle to a GET whose client closed its connection is given
-// up within a few writes: the first that reaches the client fails.
-func TestCancelGoneClientGivenUp(t *testing.T) {
-	h := startModule(t, "cancel-mod", Options{HealthInterval: time.Hour})
-	var inServe atomic.Int32
+// servedConn serves h and returns a connection to it, and how many
+// requests are in h.ServeHTTP.
+func servedConn(t *testing.T, h *Handle) (*atomic.Int32, net.Conn) {
+	t.Helper()
+	inServe := new(atomic.Int32)
 	srv := serve(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		inServe.Add(1)
 		defer inServe.Add(-1)
@@ -167,6 +160,15 @@ func TestCancelGoneClientGivenUp(t *testing.T) {
 	}))
 	conn, err := net.Dial("tcp", srv.Listener.Addr().String())
 	require.NoError(t, err)
+	t.Cleanup(func() { conn.Close() })
+	return inServe, conn
+}
+
+// The same trickle to a GET whose client closed its connection is given
+// up within a few writes: the first that reaches the client fails.
+func TestCancelGoneClientGivenUp(t *testing.T) {
+	h := startModule(t, "cancel-mod", Options{HealthInterval: time.Hour})
+	inServe, conn := servedConn(t, h)
 	fmt.Fprintf(conn, "GET /trickle?on=1 HTTP/1.1\r\nHost: example.com\r\n\r\n")
 	res, err := http.ReadResponse(bufio.NewReader(conn), nil)
 	require.NoError(t, err)

@@ -7,7 +7,6 @@ import (
 	"encoding/binary"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"strconv"
@@ -187,13 +186,7 @@ func TestHostileChildKeepsTunnels(t *testing.T) {
 	}
 	const n = 5
 	for i := range n {
-		conn, br, resp := upgDial(t, srv, "/tunnel")
-		require.Equal(t, http.StatusSwitchingProtocols, resp.StatusCode, "upgrade %d", i)
-		io.WriteString(conn, "ping")
-		_, err := io.ReadFull(br, make([]byte, 4))
-		require.NoError(t, err, "echo %d", i)
-		conn.(*net.TCPConn).SetLinger(0) // the close resets the connection
-		conn.Close()
+		upgEchoReset(t, srv, "/tunnel", i)
 	}
 	waitFor(t, 20*time.Second, "the tunnels given up", func() bool {
 		pending, forgotten := counts()

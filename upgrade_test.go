@@ -170,6 +170,19 @@ func init() {
 	})
 }
 
+// upgEchoReset upgrades a connection to srv's path, an echo, checks one
+// echo (the i-th of the test), then resets the connection.
+func upgEchoReset(t *testing.T, srv *httptest.Server, path string, i int) {
+	t.Helper()
+	conn, br, resp := upgDial(t, srv, path)
+	require.Equal(t, http.StatusSwitchingProtocols, resp.StatusCode, "upgrade %d", i)
+	io.WriteString(conn, "ping")
+	_, err := io.ReadFull(br, make([]byte, 4))
+	require.NoError(t, err, "echo %d", i)
+	conn.(*net.TCPConn).SetLinger(0) // the close resets the connection
+	conn.Close()
+}
+
 // upgDial sends an upgrade request for path to srv and returns the
 // connection, its reader, and the response head.
 func upgDial(t *testing.T, srv *httptest.Server, path string) (net.Conn, *bufio.Reader, *http.Response) {
@@ -303,13 +316,7 @@ func TestUpgradeClientResets(t *testing.T) {
 	srv := httptest.NewServer(h)
 	defer srv.Close()
 	for i := range 3 {
-		conn, br, resp := upgDial(t, srv, "/echo")
-		require.Equal(t, http.StatusSwitchingProtocols, resp.StatusCode, "upgrade %d", i)
-		io.WriteString(conn, "ping")
-		_, err := io.ReadFull(br, make([]byte, 4))
-		require.NoError(t, err, "echo %d", i)
-		conn.(*net.TCPConn).SetLinger(0) // the close resets the connection
-		conn.Close()
+		upgEchoReset(t, srv, "/echo", i)
 		waitFor(t, 20*time.Second, "the tunnel to end", func() bool { return h.Stats().InFlight == 0 })
 	}
 }
