@@ -66,14 +66,13 @@ func cancelModule(ctx context.Context, env *Env) (http.Handler, error) { return 
 // slowHalfClosedGet sends GET path, half-closes, and reads the answer slowly
 // (4 KiB every 100 ms, with a small receive buffer): it returns how many
 // body bytes arrived and the error that ended the read.
-func slowHalfClosedGet(t *testing.T, addr, path string) (int, error) {
-	conn, err := net.Dial("tcp", addr)
-	require.NoError(t, err)
+func slowHalfClosedGet(addr, path string) (int, error) {
+	conn, err := halfClosedConn(addr, path)
+	if err != nil {
+		return 0, err
+	}
 	defer conn.Close()
-	conn.(*net.TCPConn).SetReadBuffer(4096)
-	conn.SetDeadline(time.Now().Add(30 * time.Second))
-	fmt.Fprintf(conn, "GET %s HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n", path)
-	require.NoError(t, conn.(*net.TCPConn).CloseWrite())
+	conn.SetReadBuffer(4096)
 	br := bufio.NewReaderSize(conn, 4096)
 	res, err := http.ReadResponse(br, nil)
 	if err != nil {
@@ -115,10 +114,10 @@ func TestCancelHalfClosedSlowReader(t *testing.T) {
 	}
 	inC := make(chan out, 1)
 	go func() {
-		n, err := slowHalfClosedGet(t, in.Listener.Addr().String(), "/big?n="+strconv.Itoa(n))
+		n, err := slowHalfClosedGet(in.Listener.Addr().String(), "/big?n="+strconv.Itoa(n))
 		inC <- out{n, err}
 	}()
-	gotSP, errSP := slowHalfClosedGet(t, sp.Listener.Addr().String(), "/big?n="+strconv.Itoa(n))
+	gotSP, errSP := slowHalfClosedGet(sp.Listener.Addr().String(), "/big?n="+strconv.Itoa(n))
 	o := <-inC
 	require.NoError(t, o.err, "in-process")
 	require.Equal(t, n, o.n, "in-process the half-closed slow client reads it all")

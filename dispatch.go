@@ -1034,12 +1034,9 @@ func (c *child) fail(err error, dead func() bool) {
 // handler holds it while it runs on in the child, and it is given back
 // once the handler has ended (the child ended the stream, or died). forget
 // reports false, having taken nothing, if s was not pending: the child had
-// ended it already.
-func (c *child) forget(s *stream, place bool) bool {
-	at := s.x.ended // the request's context's end, if it came first (see exchange.stayOn)
-	if at.IsZero() {
-		at = time.Now()
-	}
+// ended it already. at is when the request's context ended: stuck
+// detection counts from it (see givenUpSince).
+func (c *child) forget(s *stream, place bool, at time.Time) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.pending[s.id] != s {

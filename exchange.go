@@ -41,7 +41,11 @@ func giveUp(ctx context.Context, c *child, s *stream) {
 	if place {
 		x.placeFreed = true
 	}
-	if !c.forget(s, place) && place {
+	at := x.ended // the context's end, if stayOn saw it first: StuckTimeout counts from it
+	if at.IsZero() {
+		at = time.Now()
+	}
+	if !c.forget(s, place, at) && place {
 		x.h.unadmit() // the handler had ended
 	}
 	var flags uint8
@@ -118,11 +122,10 @@ type exchange struct {
 	// panics, and then does not give the place back itself.
 	placeFreed bool
 
-	// done ends the exchange's waits for the child: the request
-	// context's Done, or, once that ended and the exchange waits on for
-	// the module's response all the same (see stayOn), graceOver, closed
-	// by grace.
-	done      <-chan struct{}
+	// graceOver, once the request's context has ended and the exchange
+	// waits on for the module's response all the same (see stayOn), is
+	// closed by grace when the module has been silent too long; nil
+	// before.
 	graceOver chan struct{}
 	grace     *time.Timer
 	graceHeld bool      // grace was stopped before it fired (see holdGrace)
@@ -167,7 +170,6 @@ func (x *exchange) run() (retry bool) {
 		defer x.body.halt()
 	}
 	x.deadline, x.hasDeadline = x.ctx.Deadline()
-	x.done = x.ctx.Done()
 	defer func() {
 		if x.grace != nil {
 			x.grace.Stop()
@@ -175,11 +177,11 @@ func (x *exchange) run() (retry bool) {
 	}()
 	for {
 		x.resumeGrace()
-		ev, err := x.s.next(x.done)
-		if err == nil && x.graceOver == nil && x.ctx.Err() != nil && !(x.started && x.noBody) {
+		ev, err := x.s.next(x.done())
+		if err == nil && x.graceOver == nil && x.ctx.Err() != nil {
 			// The context ended while what the child sent waited: the
 			// stay begins now, so that what follows does not take its
-			// end for the request's (x.done).
+			// end for the request's (see done).
 			x.stayOn()
 		}
 		x.holdGrace()
@@ -190,12 +192,6 @@ func (x *exchange) run() (retry bool) {
 			err = errCanceled
 		}
 		if err == errCanceled {
-			if x.started && x.noBody && !x.late() {
-				// The client has all it can get: the rest would be
-				// dropped. Given up, not cut.
-				giveUp(x.ctx, x.c, x.s)
-				return false
-			}
 			if x.stayOn() {
 				continue
 			}
@@ -211,8 +207,7 @@ func (x *exchange) run() (retry bool) {
 				continue // a 1xx head
 			}
 			if x.noBody && x.graceOver != nil {
-				// As at a cancel once the head is out (above).
-				giveUp(x.ctx, x.c, x.s)
+				x.canceled() // nothing more can reach the client
 				return false
 			}
 		case kindData:
@@ -409,10 +404,10 @@ const cancelGrace = time.Second
 //
 // stayOn is called at each end of the wait: it reports false, having
 // done nothing, if the exchange must end now: the deadline passed, the
-// grace is over, or a cut write (see stream.cutWrites) canceled the
-// request.
+// grace is over, nothing more can reach the client, or a cut write (see
+// stream.cutWrites) canceled the request.
 func (x *exchange) stayOn() bool {
-	if x.cutShort || x.late() || x.ctx.Err() != context.Canceled {
+	if x.cutShort || x.noBody || x.late() || x.ctx.Err() != context.Canceled {
 		return false
 	}
 	if x.graceOver != nil && !x.pumping() {
@@ -423,7 +418,7 @@ func (x *exchange) stayOn() bool {
 		x.c.post(outFrame{kind: kindCancel, flags: flagMayRead, id: x.s.id})
 	}
 	over := make(chan struct{})
-	x.graceOver, x.done = over, over
+	x.graceOver = over
 	x.grace = time.AfterFunc(x.graceLeft(), func() { close(over) })
 	if x.body != nil {
 		x.graceReads = x.body.reads.Load()
@@ -466,6 +461,15 @@ func (x *exchange) resumeGrace() {
 	}
 }
 
+// done returns the channel that ends the exchange's waits for the child:
+// the request context's Done, until stayOn makes it graceOver.
+func (x *exchange) done() <-chan struct{} {
+	if x.graceOver != nil {
+		return x.graceOver
+	}
+	return x.ctx.Done()
+}
+
 // graceLeft returns how long stayOn waits for the module's next message.
 func (x *exchange) graceLeft() time.Duration {
 	if x.hasDeadline {
@@ -493,6 +497,11 @@ func (x *exchange) canceled() {
 		// net/http does at a failed write.
 		h.count(&h.stats.Aborted)
 		panic(http.ErrAbortHandler)
+	}
+	if x.noBody {
+		// The client has all it can get: what the module would send
+		// next, net/http would drop. Given up, not cut.
+		return
 	}
 	if x.started {
 		// Usually nobody reads this either. But the client may still be
@@ -704,7 +713,7 @@ func (x *exchange) writeData(ev event) bool {
 	// Credit goes back half a window at a time, with the window's growth
 	// while the stream drains quickly (see recvWindow.consume).
 	if n := x.s.consumeCost(ev.charge()); n > 0 {
-		x.c.sendWindowUpdate(x.s.id, n, x.done)
+		x.c.sendWindowUpdate(x.s.id, n, x.done())
 	}
 	if ev.flags&flagFlush != 0 {
 		x.controller().Flush()
@@ -739,7 +748,7 @@ func (x *exchange) lockHeader() (unlock func()) {
 		}()
 		select {
 		case <-locked:
-		case <-x.done:
+		case <-x.done():
 			b.halt()
 			<-locked
 		}

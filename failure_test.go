@@ -384,17 +384,34 @@ func TestFailCanceledAfterStart(t *testing.T) {
 	}
 }
 
+// halfClosedConn dials addr, sends a GET for path that asks to close the
+// connection after its response, and half-closes the connection, as
+// "nc -N" does: the server reads EOF after the request.
+func halfClosedConn(addr, path string) (*net.TCPConn, error) {
+	conn, err := net.Dial("tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	c := conn.(*net.TCPConn)
+	c.SetDeadline(time.Now().Add(30 * time.Second))
+	if _, err = fmt.Fprintf(c, "GET %s HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n", path); err == nil {
+		err = c.CloseWrite()
+	}
+	if err != nil {
+		c.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
 // halfClosedGet sends a GET for path to addr, half-closes the connection,
 // and returns what the server sends until it closes its side, with the
 // error that ended the read of the response's body.
 func halfClosedGet(t *testing.T, addr, path string) (*http.Response, string, error) {
 	t.Helper()
-	conn, err := net.Dial("tcp", addr)
+	conn, err := halfClosedConn(addr, path)
 	require.NoError(t, err)
 	t.Cleanup(func() { conn.Close() })
-	conn.SetDeadline(time.Now().Add(30 * time.Second))
-	fmt.Fprintf(conn, "GET %s HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n", path)
-	require.NoError(t, conn.(*net.TCPConn).CloseWrite())
 	res, err := http.ReadResponse(bufio.NewReader(conn), nil)
 	require.NoError(t, err, "GET %s: reading the response head", path)
 	b, err := io.ReadAll(res.Body)

@@ -114,7 +114,8 @@ func hostileProtocolInFD() (int, error) {
 }
 
 // hostileDropAborts makes, in a child, the frames it writes to the parent
-// go through a pipe to a goroutine that passes them on, but kindAbort.
+// go through a pipe to a goroutine that passes them on, but kindAbort. The
+// goroutine lives as long as the child.
 func hostileDropAborts() error {
 	fd, err := chaosProtocolFD()
 	if err != nil {

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"regexp"
@@ -95,13 +94,9 @@ func TestParityContextHalfClosedClient(t *testing.T) {
 	tgs := parTargets(t, false)
 	var outs []string
 	for _, tg := range tgs {
-		conn, err := net.Dial("tcp", tg.srv.Listener.Addr().String())
+		conn, err := halfClosedConn(tg.srv.Listener.Addr().String(), "/answer-at-end")
 		require.NoError(t, err)
 		defer conn.Close()
-		conn.SetDeadline(time.Now().Add(30 * time.Second))
-		_, err = io.WriteString(conn, "GET /answer-at-end HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n")
-		require.NoError(t, err)
-		require.NoError(t, conn.(*net.TCPConn).CloseWrite())
 		b, err := io.ReadAll(conn)
 		require.NoError(t, err, "%s: reading the answer", tg.name)
 		outs = append(outs, regexp.MustCompile(`\r\nDate: [^\r]*`).ReplaceAllString(string(b), ""))

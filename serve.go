@@ -659,18 +659,18 @@ type responseWriter struct {
 // A stay keeps a response going after its request's context ended (see
 // responseWriter.stay).
 type stay struct {
-	base context.Context // the server's: its end (the child ends) ends the stay
-	done chan struct{}   // closed by leave
+	done chan struct{} // closed by leave
 	once sync.Once
-	stop func() bool // stops the leave at base's end; called as the handler ends
+	stop func() bool // stops the leave at the server's end; called as the handler ends
 }
 
 func (st *stay) leave() { st.once.Do(func() { close(st.done) }) }
 
 // stayOn keeps the response going after the request's context ends, which
-// the caller does next, until leave or the end of base.
+// the caller does next, until leave or the end of base, the server's
+// context (this child ends).
 func (w *responseWriter) stayOn(base context.Context) {
-	st := &stay{base: base, done: make(chan struct{})}
+	st := &stay{done: make(chan struct{})}
 	st.stop = context.AfterFunc(base, st.leave)
 	if !w.stay.CompareAndSwap(nil, st) {
 		st.stop()
@@ -694,16 +694,14 @@ func (w *responseWriter) stopped() error {
 	if err == nil {
 		return nil
 	}
-	st := w.stay.Load()
-	if st == nil {
-		return err
+	if st := w.stay.Load(); st != nil {
+		select {
+		case <-st.done:
+		default:
+			return nil
+		}
 	}
-	select {
-	case <-st.done:
-		return err
-	default:
-		return st.base.Err()
-	}
+	return err
 }
 
 // stopC returns a channel closed once the handler's writes fail (see

@@ -406,7 +406,7 @@ func TestLentTurnDoesNotStallReading(t *testing.T) {
 	defer timer.Stop()
 	_, err := pp.c.ping(timeout)
 	require.NoError(t, err, "ping while a handler blocks")
-	pp.c.forget(block, false)
+	pp.c.forget(block, false, time.Now())
 }
 
 // The worker that reads a request without a body keeps the reading turn
